@@ -1,0 +1,5 @@
+import sys
+
+from energyc.cli import main
+
+sys.exit(main())

@@ -1,0 +1,37 @@
+"""Reverse-mode differentiation over the op table.
+
+``vjp(graph, out, seed, wrt)`` adds to ``graph`` the nodes computing ``sum(seed * d out / d w)``
+for each ``w`` in ``wrt``: a walk in reverse topological order that asks each op's VJP rule
+(:mod:`energyc.ir.ops`) for its inputs' contributions and sums them. Applied to the energy it gives
+``dE/dx``; applied again to the update graph it gives the layer's backward (second derivatives of E).
+"""
+
+from __future__ import annotations
+
+from energyc.ir.graph import Graph
+from energyc.ir.ops import OPS, add_all
+
+
+def vjp(graph: Graph, out: int, seed: int, wrt: list[int]) -> dict[int, int | None]:
+    """Return ``{w: grad node or None}``; ``None`` where ``out`` does not depend on ``w``."""
+    region = graph.ancestors([out])
+    # nodes on a path from some w to out
+    depends: set[int] = set()
+    for n in sorted(region):
+        node = graph.node(n)
+        if n in wrt or any(u in depends for u in node.inputs):
+            depends.add(n)
+    contributions: dict[int, list[int]] = {out: [seed]}
+    grads: dict[int, int] = {}
+    for n in sorted(depends, reverse=True):
+        terms = contributions.pop(n, None)
+        if not terms:
+            continue
+        g = add_all(graph, terms)
+        grads[n] = g
+        node = graph.node(n)
+        for pos, du in OPS[node.op].vjp(graph, n, node, g):
+            u = node.inputs[pos]
+            if u in depends:
+                contributions.setdefault(u, []).append(du)
+    return {w: grads.get(w) for w in wrt}

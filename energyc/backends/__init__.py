@@ -1,0 +1,1 @@
+"""Backends turn graphs into code. The graph code never imports a backend."""

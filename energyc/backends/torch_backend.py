@@ -1,0 +1,183 @@
+"""The torch backend: print a graph region as a straight-line torch function.
+
+Each op prints itself here (one ``_emit_<op>`` per op, see :data:`EMITTERS`). Values keep the
+graph's canonical axis order, so broadcasting an argument only inserts ``None`` indices; contractions
+print as ``torch.einsum``; masks are boolean (T, T) tensors built once per function.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import sympy
+
+from energyc.backends.torch_printer import TorchPrinter
+from energyc.ir.graph import Graph, Node
+from energyc.ir.ops import ARG_SYMBOLS, describe_mask
+
+SIZE_NAMES = {"b": "B", "i": "T", "j": "T"}
+
+
+@dataclass
+class Emitter:
+    """Prints nodes of ``graph``. ``names`` maps node ids to the expressions that denote them."""
+
+    graph: Graph
+    names: dict[int, str]
+    letters: dict[str, str]
+    lines: list[str] = field(default_factory=list)
+    masks: dict[tuple, str] = field(default_factory=dict)
+    mask_lines: list[str] = field(default_factory=list)
+
+    def size(self, axis: str) -> str:
+        return SIZE_NAMES.get(axis, axis)
+
+    def align(self, nid: int, to_axes: tuple[str, ...]) -> str:
+        """The expression of node ``nid`` indexed so that it broadcasts against ``to_axes``."""
+        name = self.names[nid]
+        axes = self.graph.node(nid).axes
+        if not axes or axes == to_axes:
+            return name
+        assert set(axes) <= set(to_axes), (axes, to_axes)
+        index = [":" if a in axes else "None" for a in to_axes]
+        while index and index[-1] == ":":
+            index.pop()
+        return f"{name}[{', '.join(index)}]"
+
+    def mask(self, mask: tuple, to_axes: tuple[str, ...]) -> str:
+        if mask not in self.masks:
+            name = "mask_" + "_".join(str(m) for m in mask)
+            w = mask[1] if mask[0] == "window" else 0
+            self.masks[mask] = name
+            self.mask_lines.append(
+                f"{name} = _rt.context_mask({mask[0]!r}, T, {w}, x.device)  "
+                f"# {{{describe_mask(mask)}}}"
+            )
+        name = self.masks[mask]
+        index = [":" if a in ("i", "j") else "None" for a in to_axes]
+        while index and index[-1] == ":":
+            index.pop()
+        if index == [":", ":"]:
+            return name
+        return f"{name}[{', '.join(index)}]"
+
+    def print_body(self, body: sympy.Expr, args: list[int], out_axes: tuple[str, ...]) -> str:
+        names = {ARG_SYMBOLS[k].name: self.align(a, out_axes) for k, a in enumerate(args)}
+        tensor_symbols = set(ARG_SYMBOLS[: len(args)])
+        names.update({d: d for d in self.graph.dims})
+        names.update({"B": "B", "T": "T"})
+        printer = TorchPrinter(names, tensor_symbols)
+        return printer.doprint(body)
+
+    def emit(self, nid: int, var: str) -> None:
+        node = self.graph.node(nid)
+        expr = EMITTERS[node.op](self, nid, node)
+        if expr is None:
+            return
+        self.names[nid] = var
+        comment = f"# ({', '.join(node.axes)})" if node.axes else "# scalar"
+        self.lines.append(f"{var} = {expr}  {comment}")
+
+
+def _emit_leaf(em: Emitter, nid: int, node: Node) -> None:
+    return None  # inputs, params and hypers are arguments; their names are preset
+
+
+def _emit_const(em: Emitter, nid: int, node: Node) -> None:
+    em.names[nid] = f"({em.print_body(node.attr('value'), [], ())})"
+    return None
+
+
+def _emit_offset(em: Emitter, nid: int, node: Node) -> str:
+    return "_rt.token_offset(T, x.dtype, x.device)"
+
+
+def _emit_contract(em: Emitter, nid: int, node: Node) -> str:
+    subs = []
+    for u in node.inputs:
+        subs.append("".join(em.letters[a] for a in em.graph.node(u).axes))
+    out = "".join(em.letters[a] for a in node.axes)
+    args = ", ".join(em.names[u] for u in node.inputs)
+    return f'torch.einsum("{",".join(subs)}->{out}", {args})'
+
+
+def _emit_pointwise(em: Emitter, nid: int, node: Node) -> str:
+    return em.print_body(node.attr("body"), list(node.inputs), node.axes)
+
+
+def _emit_reduce(em: Emitter, nid: int, node: Node) -> str:
+    (u,) = node.inputs
+    in_axes = em.graph.node(u).axes
+    dims = tuple(in_axes.index(a) for a in node.attr("axes"))
+    dim = dims[0] if len(dims) == 1 else dims
+    mask = node.attr("mask")
+    src = em.names[u]
+    if mask is not None and mask != ("all",):
+        m = em.mask(mask, in_axes)
+        if node.attr("kind") == "lse":
+            return f"_rt.masked_logsumexp({src}, {m}, dim={dim})"
+        return f"torch.where({m}, {src}, 0).sum(dim={dim})"
+    if node.attr("kind") == "lse":
+        return f"torch.logsumexp({src}, dim={dim})"
+    return f"{src}.sum(dim={dim})"
+
+
+def _emit_mask(em: Emitter, nid: int, node: Node) -> str:
+    (u,) = node.inputs
+    return f"torch.where({em.mask(node.attr('mask'), node.axes)}, {em.align(u, node.axes)}, 0)"
+
+
+def _emit_broadcast(em: Emitter, nid: int, node: Node) -> str:
+    (u,) = node.inputs
+    sizes = ", ".join(em.size(a) for a in node.axes)
+    return f"{em.align(u, node.axes)}.expand({sizes})"
+
+
+def _emit_relabel(em: Emitter, nid: int, node: Node) -> None:
+    em.names[nid] = em.names[node.inputs[0]]  # the same tensor seen in another token role
+    return None
+
+
+EMITTERS = {
+    "input": _emit_leaf,
+    "param": _emit_leaf,
+    "hyper": _emit_leaf,
+    "const": _emit_const,
+    "offset": _emit_offset,
+    "contract": _emit_contract,
+    "pointwise": _emit_pointwise,
+    "reduce": _emit_reduce,
+    "mask": _emit_mask,
+    "broadcast": _emit_broadcast,
+    "relabel": _emit_relabel,
+}
+
+
+def einsum_letters(dims: tuple[str, ...]) -> dict[str, str]:
+    """One einsum letter per axis: b, i, j, then each dim's lower-case initial when free."""
+    letters = {"b": "b", "i": "i", "j": "j"}
+    taken = set(letters.values())
+    for d in dims:
+        c = d[0].lower()
+        if c in taken or not c.isalpha():
+            c = next(ch for ch in "abcdefghklmnopqrstuvwxyz" if ch not in taken)
+        letters[d] = c
+        taken.add(c)
+    return letters
+
+
+def full_output(em: Emitter, nid: int | None, axes: tuple[str, ...], order: tuple[str, ...]) -> str:
+    """Expression of ``nid`` expanded to ``axes`` (canonical) and permuted to ``order``."""
+    if nid is None:
+        return "None"
+    node_axes = em.graph.node(nid).axes
+    expr = em.names[nid]
+    if node_axes != axes:
+        if not node_axes:
+            expr = f"torch.as_tensor({expr}).expand({', '.join(em.size(a) for a in axes)})"
+        else:
+            expr = f"{em.align(nid, axes)}.expand({', '.join(em.size(a) for a in axes)})"
+    if tuple(order) != tuple(axes):
+        perm = ", ".join(str(axes.index(a)) for a in order)
+        expr = f"{expr}.permute({perm})"
+    return expr

@@ -1,0 +1,150 @@
+"""Print SymPy expressions as torch code.
+
+Sub-expressions that involve a tensor argument print with ``torch.*`` functions; constant
+sub-expressions (numbers and dim sizes) print with ``math.*``, so ``1 / sqrt(K)`` stays a Python
+float. Each element-wise function of :mod:`energyc.ir.functions` brings its own torch spelling.
+"""
+
+from __future__ import annotations
+
+import sympy
+from sympy.printing.pycode import PythonCodePrinter
+
+from energyc.ir.functions import EnergyFunction
+
+# SymPy function -> torch function (tensor arguments); math fallbacks come from PythonCodePrinter.
+TORCH_FUNCTIONS = {
+    "exp": "torch.exp",
+    "log": "torch.log",
+    "tanh": "torch.tanh",
+    "sinh": "torch.sinh",
+    "cosh": "torch.cosh",
+    "sin": "torch.sin",
+    "cos": "torch.cos",
+    "tan": "torch.tan",
+    "atan": "torch.atan",
+    "erf": "torch.erf",
+    "erfc": "torch.erfc",
+    "Abs": "torch.abs",
+    "sign": "torch.sign",
+    "asinh": "torch.asinh",
+}
+
+
+class TorchPrinter(PythonCodePrinter):
+    """``names`` maps symbols (arguments, dims, sizes) to the code that denotes them."""
+
+    def __init__(self, names: dict[str, str], tensor_symbols: set[sympy.Symbol]):
+        super().__init__({"fully_qualified_modules": True, "standard": "python3"})
+        self.names = names
+        self.tensor_names = {s.name for s in tensor_symbols}
+
+    def _is_tensor(self, expr: sympy.Basic) -> bool:
+        return any(s.name in self.tensor_names for s in expr.free_symbols)
+
+    def _print_Symbol(self, expr):
+        if expr.name in self.names:
+            return self.names[expr.name]
+        raise KeyError(f"no name for symbol {expr}")
+
+    def _print_Rational(self, expr):
+        return f"({expr.p} / {expr.q})"
+
+    def _print_Half(self, expr):
+        return "0.5"
+
+    def _print_Float(self, expr):
+        return repr(float(expr))
+
+    def _print_Pi(self, expr):
+        return "math.pi"
+
+    def _print_Exp1(self, expr):
+        return "math.e"
+
+    def _print_Function(self, expr):
+        if isinstance(expr, EnergyFunction):
+            arg = self._print(expr.args[0])
+            if type(expr).torch and self._is_tensor(expr):
+                fmt = type(expr).torch
+                wrap = "{0}." in fmt or "{0} " in fmt
+                return fmt.format(f"({arg})" if wrap and not _atomic(arg) else arg)
+            return self._print(type(expr).definition(expr.args[0]))
+        return super()._print_Function(expr)
+
+    def _print_known_func(self, expr):
+        name = type(expr).__name__
+        if self._is_tensor(expr) and name in TORCH_FUNCTIONS:
+            return f"{TORCH_FUNCTIONS[name]}({', '.join(self._print(a) for a in expr.args)})"
+        return super()._print_known_func(expr)
+
+    _print_exp = _print_log = _print_tanh = _print_sinh = _print_cosh = _print_known_func
+    _print_sin = _print_cos = _print_tan = _print_atan = _print_erf = _print_known_func
+    _print_erfc = _print_Abs = _print_sign = _print_asinh = _print_known_func
+
+    def _print_Pow(self, expr, rational=False):
+        base, e = expr.args
+        if self._is_tensor(expr):
+            b = self.parenthesize(base, sympy.printing.precedence.PRECEDENCE["Pow"])
+            if e == sympy.S.Half:
+                return f"torch.sqrt({self._print(base)})"
+            if e == -sympy.S.Half:
+                return f"torch.rsqrt({self._print(base)})"
+            if e == -1:
+                return f"1 / {b}"
+            if e.is_Integer and e < 0:
+                return f"1 / {b}**{-e}"
+            ex = self.parenthesize(e, sympy.printing.precedence.PRECEDENCE["Pow"])
+            return f"{b}**{ex}"
+        return super()._print_Pow(expr, rational=rational)
+
+    def _print_Piecewise(self, expr):
+        if not self._is_tensor(expr):
+            return super()._print_Piecewise(expr)
+        out = None
+        for value, cond in reversed(expr.args):
+            v = self._print(value)
+            if cond == sympy.true:
+                out = v
+            else:
+                out = f"torch.where({self._print(cond)}, {v}, {out if out is not None else 'math.nan'})"
+        return out
+
+    def _print_Relational(self, expr):
+        op = {"==": "==", "!=": "!=", "<": "<", "<=": "<=", ">": ">", ">=": ">="}[expr.rel_op]
+        return f"({self._print(expr.lhs)} {op} {self._print(expr.rhs)})"
+
+    def _print_And(self, expr):
+        return " & ".join(f"({self._print(a)})" for a in expr.args)
+
+    def _print_Or(self, expr):
+        return " | ".join(f"({self._print(a)})" for a in expr.args)
+
+    def _print_Max(self, expr):
+        if not self._is_tensor(expr):
+            return super()._print_Max(expr)
+        return self._minmax(expr, "torch.maximum", "torch.clamp_min")
+
+    def _print_Min(self, expr):
+        if not self._is_tensor(expr):
+            return super()._print_Min(expr)
+        return self._minmax(expr, "torch.minimum", "torch.clamp_max")
+
+    def _minmax(self, expr, fn: str, clamp: str) -> str:
+        tensors = [a for a in expr.args if self._is_tensor(a)]
+        consts = [a for a in expr.args if not self._is_tensor(a)]
+        out = self._print(tensors[0])
+        for t in tensors[1:]:
+            out = f"{fn}({out}, {self._print(t)})"
+        for c in consts:
+            out = f"{clamp}({out}, {self._print(c)})"
+        return out
+
+    def _print_Heaviside(self, expr):
+        arg = self._print(expr.args[0])
+        h0 = expr.args[1] if len(expr.args) > 1 else sympy.S.Half
+        return f"torch.heaviside({arg}, torch.tensor({float(h0)!r}, dtype=({arg}).dtype))"
+
+
+def _atomic(code: str) -> bool:
+    return code.replace("_", "").replace(".", "").isalnum()

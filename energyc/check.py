@@ -1,0 +1,282 @@
+"""Property checks of a compiled layer against torch.autograd (shared by tests and `energyc check`).
+
+For drawn dims, batch, tokens, values, hyperparameters and layer settings (float64):
+
+* ``forward``: the layer equals ``x - eta P grad E`` (steps times), grad E by torch.autograd on
+  the independent evaluation of E in :mod:`energyc.reference`;
+* ``backward``: the generated backward equals torch.autograd double backward, for x and every
+  parameter (learned hyperparameters and preconditioner parameters included);
+* ``causal``: for conditional energies whose context sets only look back, perturbing tokens after
+  t leaves outputs up to t unchanged;
+* ``descent``: a small step lowers each token's conditional energy (the total, for joint ones).
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from types import ModuleType
+
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from energyc.compiler import CompiledLayer, compile_file
+from energyc.loader import load
+from energyc.reference import evaluate_energy, reference_step
+from energyc.render import render_files, write_package
+from energyc.tolerances import tolerance
+
+CHECKS = ("forward", "backward", "causal", "descent")
+LOOK_BACK = {"causal", "strict", "window"}
+
+
+def import_generated(layer: CompiledLayer, outdir: str | None = None) -> ModuleType:
+    """Render ``layer`` into a fresh directory and import it under a private name."""
+    outdir = outdir or tempfile.mkdtemp(prefix="energyc-check-")
+    path = write_package(render_files(layer, layer.file.path), outdir, layer.name)
+    name = f"_energyc_check_{layer.name}_{abs(hash(outdir))}"
+    spec = importlib.util.spec_from_file_location(
+        name, os.path.join(path, "__init__.py"), submodule_search_locations=[path]
+    )
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def context_sets(layer: CompiledLayer) -> set[str]:
+    g = layer.energy
+    return {g.node(n).attr("mask")[0] for n in g.live()
+            if g.node(n).op == "reduce" and g.node(n).attr("mask") is not None}
+
+
+def is_causal(layer: CompiledLayer) -> bool:
+    sets = context_sets(layer)
+    return not layer.decl.joint and sets <= LOOK_BACK
+
+
+@dataclass
+class Case:
+    """One drawn configuration."""
+
+    dims: dict[str, int]
+    batch: int
+    tokens: int
+    seed: int
+    scale: float
+    hypers: dict[str, float]
+    eta: float
+    steps: int
+    precond: str
+    context: str
+
+
+def cases(layer: CompiledLayer, max_dim: int = 5, max_tokens: int = 6):
+    """Hypothesis strategy of :class:`Case` for ``layer``."""
+    dim_names = list(layer.dims)
+    hyper_defaults = {}
+    for h in layer.hypers:
+        hyper_defaults[h.name] = h.default
+
+    @st.composite
+    def draw(draw_fn):
+        dims = {d: draw_fn(st.integers(1, max_dim)) for d in dim_names}
+        hypers = {}
+        for name, default in hyper_defaults.items():
+            if default is None:
+                base = 1.0
+            else:
+                base = float(default.subs({s: dims[s.name] for s in default.free_symbols}))
+            factor = draw_fn(st.floats(0.5, 2.0))
+            hypers[name] = base * factor if base != 0 else factor - 1.0
+        return Case(
+            dims=dims,
+            batch=draw_fn(st.integers(1, 3)),
+            tokens=draw_fn(st.integers(1, max_tokens)),
+            seed=draw_fn(st.integers(0, 2**31 - 1)),
+            scale=draw_fn(st.floats(0.3, 1.5)),
+            hypers=hypers,
+            eta=draw_fn(st.floats(0.05, 1.0)),
+            steps=draw_fn(st.integers(1, 2)) if layer.decl.steps == 1 else layer.decl.steps,
+            precond=draw_fn(st.sampled_from(["identity", "diagonal", "dplr"])),
+            context=draw_fn(st.sampled_from(["current", "input"])),
+        )
+
+    return draw()
+
+
+def build(layer: CompiledLayer, module: ModuleType, case: Case, dtype=torch.float64):
+    torch.manual_seed(case.seed)
+    kwargs = dict(case.dims)
+    kwargs.update(case.hypers)
+    state_dim = layer.state_dim
+    lay = module.Layer(**kwargs, eta=case.eta, steps=case.steps, precond=case.precond,
+                       precond_rank=2, context=case.context, dtype=dtype)
+    with torch.no_grad():
+        for p in lay.parameters():
+            p.add_(0.1 * torch.randn_like(p))  # break symmetric inits (P starts at identity)
+    x = case.scale * torch.randn(case.batch, case.tokens, case.dims[state_dim], dtype=dtype)
+    return lay, x
+
+
+def _close(name: str, actual: torch.Tensor, expected: torch.Tensor) -> float:
+    rtol, atol = tolerance(expected.dtype)
+    err = (actual - expected).abs()
+    bound = atol + rtol * expected.abs()
+    if not bool((err <= bound).all()):
+        worst = float((err - bound).max())
+        raise AssertionError(f"{name}: max abs error {float(err.max()):.3e} exceeds the float "
+                             f"tolerance (rtol={rtol}, atol={atol}) by {worst:.3e}")
+    return float(err.max()) if err.numel() else 0.0
+
+
+def check_forward(layer: CompiledLayer, module: ModuleType, case: Case) -> float:
+    lay, x = build(layer, module, case)
+    with torch.no_grad():
+        y = lay(x)
+    expected = reference_step(layer, lay, x, create_graph=False).detach()
+    return _close("forward", y, expected)
+
+
+def check_backward(layer: CompiledLayer, module: ModuleType, case: Case) -> float:
+    lay, x = build(layer, module, case)
+    x = x.requires_grad_(True)
+    params = [x] + [p for p in lay.parameters()]
+    names = ["x"] + [n for n, _ in lay.named_parameters()]
+    w = torch.randn(x.shape, dtype=x.dtype, generator=torch.Generator().manual_seed(case.seed))
+    got = torch.autograd.grad((lay(x) * w).sum(), params, allow_unused=True)
+    expected = torch.autograd.grad((reference_step(layer, lay, x, create_graph=True) * w).sum(),
+                                   params, allow_unused=True)
+    worst = 0.0
+    for name, a, b in zip(names, got, expected):
+        if b is None:
+            b = torch.zeros_like(a) if a is not None else None
+        if a is None:
+            a = torch.zeros_like(b)
+        if b is None:
+            continue
+        worst = max(worst, _close(f"backward d/d{name}", a, b))
+    return worst
+
+
+def check_causal(layer: CompiledLayer, module: ModuleType, case: Case) -> float:
+    if not is_causal(layer) or case.tokens < 2:
+        return 0.0
+    lay, x = build(layer, module, case)
+    t = case.seed % (case.tokens - 1)
+    x2 = x.clone()
+    x2[:, t + 1:] += torch.randn_like(x2[:, t + 1:])
+    with torch.no_grad():
+        y1, y2 = lay(x), lay(x2)
+    return _close(f"causal (tokens <= {t})", y2[:, : t + 1], y1[:, : t + 1])
+
+
+def check_descent(layer: CompiledLayer, module: ModuleType, case: Case) -> float:
+    lay, x = build(layer, module, case)
+    lay.config = (1.0, 1, case.precond, "current")
+    with torch.no_grad():
+        g = lay(x) - x  # = -P grad E at eta = 1
+        step = 1e-4 / (1.0 + float(g.abs().max()))
+        y = x + step * g
+        if layer.decl.joint:
+            before, after = lay.energy(x), lay.energy(y)
+            drop = before - after
+            ok = drop > 0
+            scale_ok = g.abs().amax(dim=(1, 2)) < 1e-12  # a stationary state cannot descend
+        else:
+            before = lay.energy(x, x, per_token=True)
+            after = lay.energy(y, x, per_token=True)
+            drop = before - after
+            ok = drop > 0
+            scale_ok = g.abs().amax(dim=2) < 1e-12  # a stationary token cannot descend
+    bad = ~(ok | scale_ok)
+    if bool(bad.any()):
+        raise AssertionError(f"descent: a step of size {step:.2e} raised the energy of "
+                             f"{int(bad.sum())} token(s) (max rise {float((-drop).max()):.3e})")
+    return float(drop.min())
+
+
+CHECK_FUNCTIONS = {"forward": check_forward, "backward": check_backward,
+                   "causal": check_causal, "descent": check_descent}
+
+
+@dataclass
+class Result:
+    layer: str
+    check: str
+    examples: int = 0
+    worst: float = 0.0
+    error: str = ""
+    skipped: str = ""
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def status(self) -> str:
+        if self.error:
+            return "FAIL"
+        return "skip" if self.skipped else "ok"
+
+
+def run_check(layer: CompiledLayer, module: ModuleType, check: str, max_examples: int,
+              derandomize: bool = True) -> Result:
+    result = Result(layer.name, check)
+    if check == "causal" and not is_causal(layer):
+        result.skipped = "not causal" if not layer.decl.joint else "joint energy"
+        return result
+    fn = CHECK_FUNCTIONS[check]
+
+    @settings(max_examples=max_examples, deadline=None, derandomize=derandomize, database=None,
+              suppress_health_check=list(HealthCheck), print_blob=False)
+    @given(cases(layer))
+    def prop(case: Case) -> None:
+        with torch.random.fork_rng():
+            err = fn(layer, module, case)
+        result.examples += 1
+        if check != "descent":
+            result.worst = max(result.worst, err)
+
+    try:
+        prop()
+    except AssertionError as exc:
+        result.error = str(exc).splitlines()[0]
+    return result
+
+
+def check_file(path: str, thorough: bool = False, log=print) -> list[Result]:
+    """Run every check on every layer of the energy file; return the results."""
+    layers = compile_file(load(path))
+    n = 100 if thorough else 12
+    results = []
+    with tempfile.TemporaryDirectory(prefix="energyc-check-") as tmp:
+        for layer in layers:
+            module = import_generated(layer, tmp)
+            for check in CHECKS:
+                log(f"  {layer.name}: {check} ...")
+                results.append(run_check(layer, module, check, n, derandomize=not thorough))
+    return results
+
+
+def format_results(results: list[Result]) -> str:
+    rows = [("layer", "check", "examples", "max abs err", "status")]
+    for r in results:
+        worst = "" if r.check == "descent" or r.skipped else f"{r.worst:.2e}"
+        status = r.status + (f" ({r.skipped})" if r.skipped else "") + (
+            f": {r.error}" if r.error else "")
+        rows.append((r.layer, r.check, str(r.examples), worst, status))
+    widths = [max(len(row[k]) for row in rows) for k in range(4)]
+    lines = []
+    for k, row in enumerate(rows):
+        lines.append("  ".join(c.ljust(w) for c, w in zip(row[:4], widths)) + "  " + row[4])
+        if k == 0:
+            lines.append("  ".join("-" * w for w in widths) + "  " + "-" * 6)
+    passed = sum(r.status == "ok" for r in results)
+    failed = sum(r.status == "FAIL" for r in results)
+    skipped = sum(r.status == "skip" for r in results)
+    lines.append(f"{passed} passed, {failed} failed, {skipped} skipped")
+    return "\n".join(lines)
+

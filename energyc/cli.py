@@ -1,0 +1,147 @@
+"""The command line: ``energyc compile | inspect | check``."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+from energyc.errors import EnergyError
+
+
+def _compile(args: argparse.Namespace) -> int:
+    from energyc.build import compile_path
+
+    log = (lambda m: None) if args.quiet else (lambda m: print(m, flush=True))
+    for path in args.files:
+        compile_path(path, args.outdir, log=log)
+    return 0
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    from energyc.compiler import compile_file, split
+    from energyc.inspect import format_energy, format_graph, to_dot
+    from energyc.loader import load
+
+    layers = compile_file(load(args.file))
+    for layer in layers:
+        print(f"layer {layer.name}  (state dim {layer.state_dim}; dims {', '.join(layer.dims)};"
+              f" params {', '.join(p.name for p in layer.params) or '-'};"
+              f" hypers {', '.join(h.name for h in layer.hypers) or '-'})")
+        print(f"  E_i = {format_energy(layer.energy, 'energy')}")
+        sp = split(layer.step, ["grad"], ["grad_g"])
+        graphs = {"energy": layer.energy, "step": layer.step}
+        if args.graph in ("energy", "all"):
+            print(format_graph(layer.energy, "\nenergy graph:"))
+        if args.graph in ("step", "all"):
+            print(format_graph(layer.step, "\nstep graph (forward dE/dx and its VJP):"))
+        print(f"\n  forward: {len(sp.forward)} nodes; backward: {len(sp.backward)} nodes; "
+              f"saved for backward: {len(sp.saved)}")
+        if args.dot:
+            for name, graph in graphs.items():
+                path = _suffixed(args.dot, layer.name, name, len(layers))
+                with open(path, "w", encoding="utf-8") as fh:
+                    fh.write(to_dot(graph, f"{layer.name}_{name}"))
+                print(f"  wrote {path}")
+        if args.png:
+            for name, graph in graphs.items():
+                path = _suffixed(args.png, layer.name, name, len(layers))
+                _draw_png(graph, path, f"{layer.name}: {name}")
+                print(f"  wrote {path}")
+    return 0
+
+
+def _suffixed(path: str, layer: str, graph: str, n_layers: int) -> str:
+    root, ext = os.path.splitext(path)
+    return f"{root}.{layer if n_layers > 1 else ''}{'.' if n_layers > 1 else ''}{graph}{ext}"
+
+
+def _draw_png(graph, path: str, title: str) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        import networkx as nx
+    except ImportError:
+        raise EnergyError("--png needs matplotlib (pip install matplotlib); --dot needs nothing",
+                          "--png") from None
+    from energyc.ir.ops import OPS
+
+    live = graph.live()
+    sub = graph.nx.subgraph(live)
+    layers: dict[int, int] = {}
+    for n in live:
+        layers[n] = 1 + max((layers[u] for u in graph.node(n).inputs), default=-1)
+    for n in live:
+        sub.nodes[n]["layer"] = layers[n]
+    pos = nx.multipartite_layout(sub, subset_key="layer", align="horizontal")
+    pos = {n: (xy[0], -xy[1]) for n, xy in pos.items()}
+    labels = {n: f"{OPS[graph.node(n).op].describe(graph.node(n))[:28]}\n"
+                 f"({','.join(graph.node(n).axes)})" for n in live}
+    fig, ax = plt.subplots(figsize=(max(8, len(live) * 0.5), max(6, max(layers.values()) * 0.9)))
+    nx.draw_networkx(sub, pos, ax=ax, labels=labels, node_size=300, font_size=6,
+                     node_color="#cde", arrows=True)
+    ax.set_title(title)
+    ax.axis("off")
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+
+
+def _check(args: argparse.Namespace) -> int:
+    from energyc.check import check_file, format_results
+
+    t0 = time.perf_counter()
+    print(f"checking {args.file} ({'thorough' if args.thorough else 'quick'}: "
+          f"{100 if args.thorough else 12} drawn examples per check, float64)", flush=True)
+    results = check_file(args.file, thorough=args.thorough,
+                         log=lambda m: print(m, flush=True))
+    print(format_results(results))
+    print(f"({time.perf_counter() - t0:.1f}s)")
+    return 1 if any(r.status == "FAIL" for r in results) else 0
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="energyc",
+        description="Compile energy functions into Transformer layers (descent steps on E).",
+    )
+    sub = p.add_subparsers(dest="command", required=True)
+    c = sub.add_parser("compile", help="generate a PyTorch package per layer of an energy file",
+                       description="Generate OUTDIR/<layer>/ (an nn.Module and its autograd "
+                                   "Function) for each layer declared in FILE.")
+    c.add_argument("files", nargs="+", metavar="FILE", help="energy file(s)")
+    c.add_argument("-o", "--outdir", default="generated", help="output folder (default generated)")
+    c.add_argument("-q", "--quiet", action="store_true", help="print nothing on success")
+    c.set_defaults(fn=_compile)
+    i = sub.add_parser("inspect", help="print a layer's graphs (ops, shapes); draw them",
+                       description="Print the energy and the derived step graph of each layer.")
+    i.add_argument("file", metavar="FILE")
+    i.add_argument("--graph", choices=["none", "energy", "step", "all"], default="all",
+                   help="which graphs to print (default all)")
+    i.add_argument("--dot", metavar="PATH", help="write Graphviz DOT file(s)")
+    i.add_argument("--png", metavar="PATH", help="draw PNG picture(s) (needs matplotlib)")
+    i.set_defaults(fn=_inspect)
+    k = sub.add_parser("check", help="property-check generated layers against torch.autograd",
+                       description="Compile FILE and compare each layer's forward and backward "
+                                   "with torch.autograd on drawn inputs (Hypothesis); check "
+                                   "causality and descent. Prints a table; exit 1 on failure.")
+    k.add_argument("file", metavar="FILE")
+    k.add_argument("--thorough", action="store_true",
+                   help="100 random examples per check instead of 12 reproducible ones")
+    k.set_defaults(fn=_check)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except EnergyError as exc:
+        print(f"energyc: error: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,197 @@
+"""From a declared layer to the graphs the backends print.
+
+The layer's step is ``x <- x - eta * P * g`` with ``g = dE/dx`` (the state's role(s) only; the
+context role ``xbar`` is held fixed). Three graphs are built, all with the same machinery:
+
+* ``energy``: the per-token energy ``E_i`` (for ``Layer.energy``);
+* ``step``:   forward output ``grad = dE/dx`` and, on top of it, the VJP of ``grad`` w.r.t. ``x``,
+  ``xbar``, every parameter and every learned hyperparameter, seeded by an upstream ``grad_g``.
+  Those are the second derivatives of E, derived symbolically by applying :func:`vjp` twice;
+* ``precond[kind]``: ``u = P g`` and its VJP, for each preconditioner kind.
+
+Each graph then runs through the pass pipeline. :func:`split` decides which nodes belong to the
+forward function, which to the backward, and which forward values the backward needs (saved).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import sympy
+
+from energyc.autodiff import vjp
+from energyc.dsl import EnergyFile, HyperDecl, LayerDecl, ParamDecl
+from energyc.errors import CompileError, EnergyError
+from energyc.ir.graph import Graph
+from energyc.ir import ops
+from energyc.passes import run_pipeline
+
+LEAF_OPS = ("input", "param", "hyper", "const", "offset")
+
+
+@dataclass
+class CompiledLayer:
+    decl: LayerDecl
+    dims: tuple[str, ...]
+    state_dim: str
+    params: list[ParamDecl]
+    hypers: list[HyperDecl]
+    energy: Graph
+    step: Graph
+    precond: dict[str, Graph]
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return self.decl.name
+
+    @property
+    def file(self) -> EnergyFile:
+        return self.decl.file
+
+
+def _energy_subgraph(decl: LayerDecl) -> tuple[Graph, int]:
+    src = decl.file.graph
+    g = Graph(src.dims)
+    order = sorted(src.ancestors([decl.energy]))
+    mapping: dict[int, int] = {}
+    for n in order:
+        node = src.node(n)
+        mapping[n] = g.add(node.op, [mapping[u] for u in node.inputs], where=node.where,
+                           **dict(node.attrs))
+    return g, mapping[decl.energy]
+
+
+def _leaves(graph: Graph, op: str) -> dict[str, int]:
+    return {graph.node(n).attr("name"): n for n in graph.ids() if graph.node(n).op == op}
+
+
+def differentiate(graph: Graph, out_name: str, upstream: str, wrt: dict[str, int]) -> Graph:
+    """Add the VJP of output ``out_name`` w.r.t. ``wrt``, seeded by a new input ``upstream``."""
+    out = graph.outputs[out_name]
+    seed = graph.add("input", name=upstream, axes=graph.node(out).axes)
+    grads = vjp(graph, out, seed, list(wrt.values()))
+    for name, w in wrt.items():
+        if grads[w] is not None:
+            graph.outputs[f"grad_{name}"] = grads[w]
+    return graph
+
+
+def compile_layer(decl: LayerDecl, verify: bool = False) -> CompiledLayer:
+    """Build and optimise the energy, step and preconditioner graphs of one layer."""
+    t0 = time.perf_counter()
+    f = decl.file
+    energy, e_node = _energy_subgraph(decl)
+    energy.outputs["energy"] = e_node
+    params = [p for name, p in f.params.items() if name in _leaves(energy, "param")]
+    hypers = [h for name, h in f.hypers.items() if name in _leaves(energy, "hyper")]
+    used_dims = set()
+    for n in energy.live():
+        used_dims.update(a for a in energy.node(n).axes if a not in ("b", "i", "j"))
+    for p in params:
+        used_dims.update(p.dims)
+    dims = tuple(d for d in f.dims if d in used_dims or d == f.state_dim)
+    for d in dims:
+        if d != f.state_dim and not any(d in p.dims for p in params):
+            raise EnergyError(f"dim {d} has no size: no parameter uses it", f.dim_where.get(d))
+    if verify:
+        energy.verify()
+
+    # step graph: g = dE/dx, then its VJP (second derivatives of E)
+    step, e_step = _energy_subgraph(decl)
+    x = _leaves(step, "input")["x"]
+    grads = vjp(step, e_step, ops.const(step, 1), [x])
+    g = grads[x]
+    full = ("b", "i", f.state_dim)
+    if step.node(g).axes != full:
+        g = step.add("broadcast", (g,), out=full)
+    step.outputs = {"grad": g}
+    t1 = time.perf_counter()
+    step = run_pipeline(step, verify=verify)
+    wrt = dict(_leaves(step, "input"))
+    wrt.update({p.name: n for p in params for name, n in _leaves(step, "param").items()
+                if name == p.name})
+    wrt.update({h.name: n for h in hypers if h.learnable
+                for name, n in _leaves(step, "hyper").items() if name == h.name})
+    step = differentiate(step, "grad", "grad_g", wrt)
+    t2 = time.perf_counter()
+    step = run_pipeline(step, verify=verify)
+    energy = run_pipeline(energy, verify=verify)
+    t3 = time.perf_counter()
+    precond = {kind: _precond_graph(kind, f.state_dim, verify) for kind in ("identity", "diagonal", "dplr")}
+    t4 = time.perf_counter()
+    return CompiledLayer(decl, dims, f.state_dim, params, hypers, energy, step, precond,
+                         {"first_order": t1 - t0, "second_order": t2 - t1, "passes": t3 - t2,
+                          "precond": t4 - t3})
+
+
+def _precond_graph(kind: str, dim: str, verify: bool) -> Graph:
+    """``u = P g`` with P = I, diag(softplus(p)), or diag(softplus(p)) + L L^T; and its VJP."""
+    g = Graph((dim, "R"))
+    grad = g.add("input", name="g", axes=("b", "i", dim))
+    if kind == "identity":
+        u = grad
+    else:
+        p = g.add("param", name="P_diag", axes=(dim,))
+        a0, a1 = ops.ARG_SYMBOLS[:2]
+        from energyc.ir.functions import softplus
+
+        u = ops.pointwise(g, softplus(a0) * a1, [p, grad])
+        if kind == "dplr":
+            low = g.add("param", name="P_lowrank", axes=(dim, "R"))
+            proj = ops.contract(g, [grad, low], ("b", "i", "R"))
+            u = ops.add_all(g, [u, ops.contract(g, [proj, low], ("b", "i", dim))])
+    g.outputs = {"u": u}
+    wrt = {"g": grad}
+    wrt.update({name: n for name, n in _leaves(g, "param").items()})
+    g = differentiate(g, "u", "grad_u", wrt)
+    return run_pipeline(g, verify=verify)
+
+
+@dataclass
+class Split:
+    """Which nodes the forward and backward functions compute, and what the forward saves."""
+
+    forward: list[int]
+    backward: list[int]
+    saved: list[int]
+
+
+def split(graph: Graph, forward_outputs: list[str], upstream_inputs: list[str]) -> Split:
+    live = graph.live()
+    up = {n for n in live if graph.node(n).op == "input" and graph.node(n).attr("name") in upstream_inputs}
+    backward_set: set[int] = set()
+    for n in live:
+        if n in up or any(u in backward_set for u in graph.node(n).inputs):
+            backward_set.add(n)
+    fwd_needed = graph.ancestors([graph.outputs[o] for o in forward_outputs])
+    saved: set[int] = set()
+    recomputed: set[int] = set()  # leaves and relabels (free) that the backward re-emits
+    stack = [u for n in backward_set for u in graph.node(n).inputs if u not in backward_set]
+    while stack:
+        u = stack.pop()
+        op = graph.node(u).op
+        if op in LEAF_OPS:
+            recomputed.add(u)
+        elif op == "relabel":
+            recomputed.add(u)
+            stack.extend(graph.node(u).inputs)
+        else:
+            saved.add(u)
+    forward = [n for n in live if n in fwd_needed or n in graph.ancestors(saved)]
+    forward = [n for n in forward if n not in backward_set]
+    backward = [n for n in live if n in backward_set or n in recomputed]
+    return Split(forward, backward, sorted(saved))
+
+
+def compile_file(energy_file: EnergyFile, verify: bool = False) -> list[CompiledLayer]:
+    out = []
+    for decl in energy_file.layers:
+        try:
+            out.append(compile_layer(decl, verify=verify))
+        except (EnergyError, CompileError):
+            raise
+        except sympy.SympifyError as exc:  # pragma: no cover - defensive
+            raise CompileError(f"SymPy could not handle an expression: {exc}", decl.where) from None
+    return out

@@ -1,0 +1,671 @@
+"""The notation of energy files.
+
+An energy file is plain Python that imports this module and declares dims, tokens, the state,
+parameters, hyperparameters, an energy, and one or more layers::
+
+    from energyc.dsl import *
+
+    D, H, K = dims("D H K")
+    i, j = tokens()
+    x, xbar = state(D)
+    W_q = param("W_q", (H, K, D))
+    W_k = param("W_k", (H, K, D))
+    beta = hyper("beta", default=1 / sqrt(K))
+
+    q = W_q @ x[i]                       # (H, K) at the updated token i
+    k = W_k @ xbar[j]                    # (H, K) at a context token j
+    E = -(1 / beta) * logsumexp(beta * dot(q, k, over=K), over=j <= i).sum(H)
+
+    layer("cem_attention", E, eta=1.0)
+
+Tensors carry named dims and the token roles they depend on (``i``, ``j``); arithmetic broadcasts
+by name. ``x`` is the state (differentiated); ``xbar`` is the same tensor in the context role (held
+fixed in ``dE/dx``). Every construct records its file and line, which error messages name.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import sympy
+from sympy import Rational, pi, sqrt  # noqa: F401 - re-exported for energy files
+
+from energyc.errors import EnergyError, user_location
+from energyc.ir import functions as _fn
+from energyc.ir.graph import Graph
+from energyc.ir import ops as _ops
+
+__all__ = [
+    "dims", "tokens", "state", "param", "hyper", "layer", "normal", "uniform", "zeros", "ones",
+    "constant", "dot", "sum_over", "logsumexp", "window", "all_tokens", "apply", "elementwise",
+    "exp", "log", "tanh", "sigmoid", "softplus", "relu", "erf", "cos", "sin", "cosh", "sqrt",
+    "Rational", "pi", "Tensor", "Dim", "Token", "ContextSet",
+]
+
+RESERVED = {"b", "i", "j", "B", "T", "x", "xbar", "eta"}
+
+
+# -- declarations ----------------------------------------------------------------------------------
+
+
+class Dim(sympy.Symbol):
+    """A named size, e.g. ``D``. A positive integer SymPy symbol, usable in defaults and inits."""
+
+    def __new__(cls, name: str):
+        return super().__new__(cls, name, positive=True, integer=True)
+
+
+class HyperSymbol(sympy.Symbol):
+    """A scalar hyperparameter; a SymPy symbol so that ``1 / beta`` is an expression."""
+
+    def __new__(cls, name: str):
+        return super().__new__(cls, name, real=True)
+
+
+@dataclass
+class Init:
+    """How a parameter is initialised: ``kind`` with SymPy-expression arguments in the dims."""
+
+    kind: str
+    args: dict[str, Any] = field(default_factory=dict)
+
+
+def normal(std: Any = None, mean: Any = 0) -> Init:
+    """Gaussian init; ``std`` defaults to ``1/sqrt(fan_in)`` (the last axis)."""
+    return Init("normal", {"mean": sympy.sympify(mean), "std": None if std is None else sympy.sympify(std)})
+
+
+def uniform(low: Any, high: Any) -> Init:
+    return Init("uniform", {"low": sympy.sympify(low), "high": sympy.sympify(high)})
+
+
+def zeros() -> Init:
+    return Init("constant", {"value": sympy.Integer(0)})
+
+
+def ones() -> Init:
+    return Init("constant", {"value": sympy.Integer(1)})
+
+
+def constant(value: Any) -> Init:
+    return Init("constant", {"value": sympy.sympify(value)})
+
+
+@dataclass
+class ParamDecl:
+    name: str
+    dims: tuple[str, ...]  # declared (storage) order
+    init: Init
+    where: str | None
+    node: int
+
+
+@dataclass
+class HyperDecl:
+    name: str
+    default: sympy.Expr | None
+    learnable: bool
+    where: str | None
+    symbol: HyperSymbol
+    positive: bool = False
+
+
+@dataclass
+class LayerDecl:
+    """A layer: the energy, and the settings of the descent step built from it."""
+
+    name: str
+    energy: int
+    eta: float
+    steps: int
+    precond: str
+    rank: int
+    joint: bool
+    context: str
+    doc: str
+    where: str | None
+    file: "EnergyFile"
+
+
+class EnergyFile:
+    """What one energy file declared. The loader sets one as current while the file runs."""
+
+    def __init__(self, path: str = "<energy>") -> None:
+        self.path = path
+        self.graph = Graph(())
+        self.dims: dict[str, Dim] = {}
+        self.dim_where: dict[str, str | None] = {}
+        self.state_dim: str | None = None
+        self.state_where: str | None = None
+        self.params: dict[str, ParamDecl] = {}
+        self.hypers: dict[str, HyperDecl] = {}
+        self.layers: list[LayerDecl] = []
+        self.tokens: tuple[Token, Token] | None = None
+        self.joint_uses: list[str | None] = []
+        self.doc = ""
+
+
+_current: EnergyFile | None = None
+
+
+def current_file() -> EnergyFile:
+    global _current
+    if _current is None:
+        _current = EnergyFile()
+    return _current
+
+
+def set_current_file(energy_file: EnergyFile | None) -> None:
+    global _current
+    _current = energy_file
+
+
+def _fail(message: str) -> EnergyError:
+    return EnergyError(message, user_location())
+
+
+def _check_name(name: Any, what: str) -> str:
+    if not isinstance(name, str) or not name.isidentifier():
+        raise _fail(f"{what} name {name!r} must be a Python identifier")
+    if name in RESERVED or (name[0] == "a" and name[1:].isdigit()):
+        raise _fail(f"{what} name {name!r} is reserved (reserved: {', '.join(sorted(RESERVED))})")
+    return name
+
+
+def dims(names: str) -> tuple[Dim, ...] | Dim:
+    """Declare named dims: ``D, H, K = dims("D H K")``."""
+    f = current_file()
+    out = []
+    for name in names.replace(",", " ").split():
+        _check_name(name, "dim")
+        if name in f.dims:
+            raise _fail(f"dim {name!r} declared twice")
+        f.dims[name] = Dim(name)
+        f.dim_where[name] = user_location()
+        f.graph.dims = f.graph.dims + (name,)
+        out.append(f.dims[name])
+    return tuple(out) if len(out) != 1 else out[0]
+
+
+def _dim_name(d: Any, what: str = "dim") -> str:
+    f = current_file()
+    if isinstance(d, Dim) and d.name in f.dims:
+        return d.name
+    if isinstance(d, str) and d in f.dims:
+        return d
+    raise _fail(f"{d!r} is not a declared {what}; declare it with dims(...)")
+
+
+# -- tokens and context sets -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ContextSet:
+    """A set of context tokens j for each updated token i: ``j <= i``, ``j < i``, ..."""
+
+    mask: tuple
+
+    def __repr__(self) -> str:
+        return "{" + _ops.describe_mask(self.mask) + "}"
+
+
+class Token:
+    """The updated token ``i`` or a context token ``j``. Compare them to make context sets."""
+
+    def __init__(self, role: str) -> None:
+        self.role = role
+
+    def __repr__(self) -> str:
+        return self.role
+
+    def _pair(self, other: Any, op: str) -> ContextSet:
+        if not isinstance(other, Token) or other.role == self.role:
+            raise _fail(f"a context set compares j with i, e.g. j <= i; got {self} {op} {other}")
+        # normalise to "j op i"
+        flip = {"<=": ">=", "<": ">", ">=": "<=", ">": "<", "!=": "!="}
+        rel = op if self.role == "j" else flip[op]
+        kinds = {"<=": "causal", "<": "strict", "!=": "not_self"}
+        if rel not in kinds:
+            raise _fail(f"context set j {rel} i is not supported; use j <= i, j < i, j != i, "
+                        "window(w) or all_tokens()")
+        return ContextSet((kinds[rel],))
+
+    def __le__(self, other):
+        return self._pair(other, "<=")
+
+    def __lt__(self, other):
+        return self._pair(other, "<")
+
+    def __ge__(self, other):
+        return self._pair(other, ">=")
+
+    def __gt__(self, other):
+        return self._pair(other, ">")
+
+    def __ne__(self, other):  # type: ignore[override]
+        return self._pair(other, "!=")
+
+    __hash__ = object.__hash__
+
+    def __sub__(self, other):
+        if isinstance(other, Token) and self.role == "i" and other.role == "j":
+            g = current_file().graph
+            return Tensor(g.add("offset", where=user_location()), ())
+        raise _fail("only the token distance i - j is a value")
+
+
+def tokens() -> tuple[Token, Token]:
+    """The updated token ``i`` and the context token ``j``: ``i, j = tokens()``."""
+    f = current_file()
+    if f.tokens is None:
+        f.tokens = (Token("i"), Token("j"))
+    return f.tokens
+
+
+def window(w: int) -> ContextSet:
+    """The sliding window ``i - w <= j <= i``."""
+    if not isinstance(w, int) or isinstance(w, bool) or w < 0:
+        raise _fail(f"window(w) needs a non-negative int, got {w!r}")
+    return ContextSet(("window", w))
+
+
+def all_tokens() -> ContextSet:
+    """Every token is context (bidirectional)."""
+    return ContextSet(("all",))
+
+
+# -- tensors ---------------------------------------------------------------------------------------
+
+
+class Tensor:
+    """A value of the energy: a node of the energy graph plus the user's order of its dims."""
+
+    _op_priority = 100.0  # win over SymPy in mixed arithmetic
+
+    def __init__(self, node: int, order: tuple[str, ...]) -> None:
+        self.node = node
+        self.order = order  # dims in the user's order (tokens excluded)
+
+    @property
+    def _graph(self) -> Graph:
+        return current_file().graph
+
+    @property
+    def axes(self) -> tuple[str, ...]:
+        return self._graph.node(self.node).axes
+
+    def __repr__(self) -> str:
+        toks = [a for a in self.axes if a in ("i", "j")]
+        return f"Tensor(dims=({', '.join(self.order)}), tokens=({', '.join(toks)}))"
+
+    # arithmetic
+    def __add__(self, o):
+        return apply(lambda a, b: a + b, self, o)
+
+    def __radd__(self, o):
+        return apply(lambda a, b: a + b, o, self)
+
+    def __sub__(self, o):
+        return apply(lambda a, b: a - b, self, o)
+
+    def __rsub__(self, o):
+        return apply(lambda a, b: a - b, o, self)
+
+    def __mul__(self, o):
+        return apply(lambda a, b: a * b, self, o)
+
+    def __rmul__(self, o):
+        return apply(lambda a, b: a * b, o, self)
+
+    def __truediv__(self, o):
+        return apply(lambda a, b: a / b, self, o)
+
+    def __rtruediv__(self, o):
+        return apply(lambda a, b: a / b, o, self)
+
+    def __pow__(self, o):
+        return apply(lambda a, b: a**b, self, o)
+
+    def __neg__(self):
+        return apply(lambda a: -a, self)
+
+    def __matmul__(self, other):
+        """``A @ v``: contract A's last dim with the same dim of ``v``."""
+        if not isinstance(other, Tensor):
+            raise _fail(f"@ needs a tensor on the right, got {type(other).__name__}")
+        if not self.order:
+            raise _fail("@ needs a left operand with at least one dim")
+        d = self.order[-1]
+        if d not in other.order:
+            raise _fail(
+                f"shape mismatch in contraction: the left operand has dims ({', '.join(self.order)})"
+                f" and @ contracts its last dim {d}, but the right operand has dims "
+                f"({', '.join(other.order)})"
+            )
+        return _contract([self, other], [d])
+
+    def sum(self, *over: Any) -> Tensor:
+        """Sum over the given dims: ``t.sum(H)``."""
+        return sum_over(self, *over)
+
+
+def _contract(tensors: list[Tensor], over: list[str]) -> Tensor:
+    g = current_file().graph
+    union = set().union(*(g.node(t.node).axes for t in tensors))
+    out = [a for a in union if a not in over]
+    order: list[str] = []
+    for t in tensors:
+        order.extend(d for d in t.order if d not in over and d not in order)
+    node = _ops.contract(g, [t.node for t in tensors], out, where=user_location())
+    return Tensor(node, tuple(order))
+
+
+def dot(a: Tensor, b: Tensor, over: Any) -> Tensor:
+    """``sum_over a * b`` over the given dim(s): per-head dot products and the like."""
+    over_dims = [_dim_name(d) for d in (over if isinstance(over, (tuple, list)) else [over])]
+    for name, t in (("first", a), ("second", b)):
+        if not isinstance(t, Tensor):
+            raise _fail(f"dot(): the {name} operand is not a tensor")
+        for d in over_dims:
+            if d not in t.order:
+                raise _fail(
+                    f"shape mismatch in contraction: dot over {d}, but the {name} operand has dims "
+                    f"({', '.join(t.order)})"
+                )
+    return _contract([a, b], over_dims)
+
+
+def _as_tensor(value: Any) -> Tensor | sympy.Expr:
+    if isinstance(value, Tensor):
+        return value
+    if isinstance(value, (State, Token, ContextSet)):
+        raise _fail(f"{value!r} is not a value here (index the state: x[i], xbar[j])")
+    try:
+        return sympy.sympify(value, strict=True)
+    except (sympy.SympifyError, TypeError):
+        raise _fail(f"cannot use {type(value).__name__} {value!r} in an energy") from None
+
+
+def apply(fn: Callable[..., Any], *values: Any) -> Tensor:
+    """Apply an element-wise SymPy function of scalars to tensors (broadcast by dim name)."""
+    f = current_file()
+    g = f.graph
+    where = user_location()
+    args: list[int] = []
+    symbols: list[sympy.Expr] = []
+    order: list[str] = []
+    for v in values:
+        v = _as_tensor(v)
+        if isinstance(v, Tensor):
+            symbols.append(_ops.ARG_SYMBOLS[len(args)])
+            args.append(v.node)
+            order.extend(d for d in v.order if d not in order)
+        else:
+            symbols.append(v)
+    try:
+        body = sympy.sympify(fn(*symbols))
+    except (TypeError, ValueError, sympy.SympifyError) as exc:
+        raise EnergyError(f"cannot build element-wise expression: {exc}", where) from None
+    # hyperparameters become scalar inputs; dims stay as constants; anything else is undefined
+    subs = {}
+    for sym in sorted(body.free_symbols, key=str):
+        if sym in _ops.ARG_SYMBOLS[: len(args)]:
+            continue
+        if isinstance(sym, HyperSymbol) and sym.name in f.hypers:
+            subs[sym] = _ops.ARG_SYMBOLS[len(args)]
+            args.append(g.add("hyper", where=where, name=sym.name))
+        elif isinstance(sym, Dim) and sym.name in f.dims:
+            continue
+        else:
+            raise EnergyError(
+                f"undefined symbol {sym.name!r}: declare it with hyper({sym.name!r}, ...) or "
+                "dims(...)",
+                where,
+            )
+    body = body.xreplace(subs)
+    if isinstance(body, sympy.Expr) and body.has(sympy.zoo, sympy.nan):
+        raise EnergyError(f"expression is undefined ({body})", where)
+    if not args:
+        raise EnergyError("an element-wise expression needs at least one tensor", where)
+    node = _ops.pointwise(g, body, args, where=where)
+    if g.node(node).op == "const":
+        raise EnergyError(f"expression {body} does not depend on any tensor", where)
+    return Tensor(node, tuple(order))
+
+
+def _unary(fn: Any, name: str) -> Callable[[Any], Any]:
+    def wrapped(value: Any) -> Any:
+        if isinstance(value, Tensor):
+            return apply(fn, value)
+        return fn(value)
+
+    wrapped.__name__ = name
+    wrapped.__doc__ = f"Element-wise {name}; on SymPy expressions it is SymPy's {name}."
+    return wrapped
+
+
+exp = _unary(sympy.exp, "exp")
+log = _unary(sympy.log, "log")
+tanh = _unary(sympy.tanh, "tanh")
+erf = _unary(sympy.erf, "erf")
+cos = _unary(sympy.cos, "cos")
+sin = _unary(sympy.sin, "sin")
+cosh = _unary(sympy.cosh, "cosh")
+sigmoid = _unary(_fn.sigmoid, "sigmoid")
+softplus = _unary(_fn.softplus, "softplus")
+relu = _unary(_fn.relu, "relu")
+_sympy_sqrt = sympy.sqrt
+sqrt = _unary(_sympy_sqrt, "sqrt")  # noqa: F811 - works on tensors and on SymPy expressions
+
+
+def elementwise(
+    name: str, value: Callable[[Any], Any], derivative: Callable[[Any], Any] | None = None
+) -> Callable[[Any], Any]:
+    """Define an element-wise function ``name(u) = value(u)``, with ``derivative`` if given."""
+    try:
+        fn = _fn.elementwise(name, value, derivative)
+    except (ValueError, TypeError, sympy.SympifyError) as exc:
+        raise _fail(f"elementwise({name!r}): {exc}") from None
+    return _unary(fn, name)
+
+
+# -- reductions ------------------------------------------------------------------------------------
+
+
+def sum_over(t: Tensor, *over: Any) -> Tensor:
+    """Sum over dims (``sum_over(t, H)``) or over a context set (``sum_over(s, j <= i)``)."""
+    return _reduce(t, over, "sum")
+
+
+def logsumexp(t: Tensor, over: Any) -> Tensor:
+    """``log sum exp`` over one dim or over a context set of j (``over=j <= i``)."""
+    return _reduce(t, (over,), "lse")
+
+
+def _reduce(t: Tensor, over: tuple, kind: str) -> Tensor:
+    if not isinstance(t, Tensor):
+        raise _fail("a reduction needs a tensor")
+    g = current_file().graph
+    where = user_location()
+    if len(over) == 1 and isinstance(over[0], ContextSet):
+        if "j" not in t.axes:
+            raise _fail("a reduction over a context set needs a value that depends on j")
+        if "i" not in t.axes and over[0].mask not in (("all",),):
+            t = Tensor(_ops.pointwise(g, _ops.ARG_SYMBOLS[0], [t.node]), t.order)
+        node = g.add("reduce", (t.node,), where=where, kind=kind, axes=("j",), mask=over[0].mask)
+        return Tensor(node, t.order)
+    if not over:
+        raise _fail("say what to reduce over: a dim, or a context set such as j <= i")
+    names = []
+    for d in over:
+        if isinstance(d, Token):
+            raise _fail(f"reduce over the context token with a context set, e.g. over=j <= i "
+                        f"(got {d})")
+        names.append(_dim_name(d))
+    for d in names:
+        if d not in t.order:
+            raise _fail(f"cannot reduce over {d}: the value has dims ({', '.join(t.order)})")
+    if kind == "lse" and len(names) != 1:
+        raise _fail("logsumexp reduces one dim at a time")
+    node = g.add("reduce", (t.node,), where=where, kind=kind, axes=g.canonical(names), mask=None)
+    return Tensor(node, tuple(d for d in t.order if d not in names))
+
+
+# -- state, params, hypers -------------------------------------------------------------------------
+
+
+class State:
+    """The state ``x`` (role ``x``, differentiated) or its context role ``xbar``."""
+
+    def __init__(self, role: str, dim: str) -> None:
+        self.role = role
+        self.dim = dim
+
+    def __repr__(self) -> str:
+        return self.role
+
+    def __getitem__(self, token: Any) -> Tensor:
+        f = current_file()
+        g = f.graph
+        where = user_location()
+        if not isinstance(token, Token):
+            raise _fail(f"index the state by a token: {self.role}[i] or {self.role}[j]")
+        node = g.add("input", where=where, name=self.role, axes=("b", "i", self.dim))
+        if token.role == "j":
+            if self.role == "x":
+                f.joint_uses.append(where)
+            node = g.add("relabel", (node,), where=where, src="i", dst="j")
+        return Tensor(node, (self.dim,))
+
+    def __mul__(self, other):
+        raise _fail(f"index the state by a token before using it: {self.role}[i]")
+
+    __rmul__ = __add__ = __radd__ = __sub__ = __rsub__ = __matmul__ = __rmatmul__ = __mul__
+
+
+def state(dim: Dim) -> tuple[State, State]:
+    """Declare the state's dim: ``x, xbar = state(D)``."""
+    f = current_file()
+    if f.state_dim is not None:
+        raise _fail("state(...) declared twice")
+    f.state_dim = _dim_name(dim)
+    f.state_where = user_location()
+    return State("x", f.state_dim), State("xbar", f.state_dim)
+
+
+def param(name: str, shape: Iterable[Any], init: Init | None = None) -> Tensor:
+    """Declare a learned parameter with dims ``shape`` (its storage order) and an init rule."""
+    f = current_file()
+    _check_name(name, "parameter")
+    if name in f.params or name in f.hypers:
+        raise _fail(f"name {name!r} declared twice")
+    names = tuple(_dim_name(d) for d in shape)
+    if len(set(names)) != len(names):
+        raise _fail(f"parameter {name} repeats a dim: {names}")
+    if init is not None and not isinstance(init, Init):
+        raise _fail("init= takes normal(...), uniform(...), zeros(), ones() or constant(...)")
+    where = user_location()
+    node = f.graph.add("param", where=where, name=name, axes=f.graph.canonical(names))
+    f.params[name] = ParamDecl(name, names, init or normal(), where, node)
+    return Tensor(node, names)
+
+
+def hyper(name: str, default: Any = None, learnable: bool = False) -> HyperSymbol:
+    """Declare a scalar hyperparameter; ``default`` may use the dims (``1 / sqrt(K)``)."""
+    f = current_file()
+    _check_name(name, "hyperparameter")
+    if name in f.params or name in f.hypers:
+        raise _fail(f"name {name!r} declared twice")
+    if default is not None:
+        default = sympy.sympify(default)
+        extra = {s for s in default.free_symbols if not isinstance(s, Dim)}
+        if extra:
+            raise _fail(f"default of {name} uses {sorted(map(str, extra))}, which are not dims")
+    sym = HyperSymbol(name)
+    f.hypers[name] = HyperDecl(name, default, bool(learnable), user_location(), sym)
+    return sym
+
+
+PRECONDITIONERS = ("identity", "diagonal", "dplr")
+
+
+def layer(
+    name: str,
+    energy: Tensor,
+    eta: float = 1.0,
+    steps: int = 1,
+    precond: str = "identity",
+    rank: int = 4,
+    joint: bool = False,
+    context: str = "current",
+    doc: str = "",
+) -> LayerDecl:
+    """Declare a layer: ``steps`` descent steps ``x <- x - eta * P * dE/dx`` on ``energy``.
+
+    Args:
+        name: the generated package's name (a Python identifier).
+        energy: the per-token energy E_i: a tensor with no dims left and no j.
+        eta: default step size. steps: default number of steps (shared weights).
+        precond: default preconditioner P: "identity", "diagonal" (softplus(p), positive) or
+            "dplr" (diag(softplus(p)) + L L^T, positive definite) with ``rank`` columns in L.
+        joint: the state is used in the context role too (``x[j]``), and both roles contribute.
+        context: "current" (the context is the current state at each step) or "input" (frozen
+            at the layer input).
+    """
+    f = current_file()
+    where = user_location()
+    if not isinstance(name, str) or not name.isidentifier() or name.startswith("_"):
+        raise EnergyError(f"layer name {name!r} must be a Python identifier (a package name)",
+                          where)
+    if any(lay.name == name for lay in f.layers):
+        raise EnergyError(f"layer {name!r} declared twice", where)
+    if not isinstance(energy, Tensor):
+        raise EnergyError(
+            f"the energy must be a tensor expression, got {type(energy).__name__}", where
+        )
+    if f.state_dim is None:
+        raise EnergyError("no state declared: add x, xbar = state(D)", where)
+    axes = f.graph.node(energy.node).axes
+    leftover = [d for d in energy.order]
+    if leftover:
+        raise EnergyError(
+            f"the energy is not a scalar per token: it still has dims ({', '.join(leftover)}); "
+            f"sum over them, e.g. .sum({', '.join(leftover)})",
+            where,
+        )
+    if "j" in axes:
+        raise EnergyError(
+            "the energy still depends on the context token j: reduce it over a context set, "
+            "e.g. logsumexp(..., over=j <= i)",
+            where,
+        )
+    ancestors = f.graph.ancestors([energy.node])
+    uses_x = any(
+        f.graph.node(n).op == "input" and f.graph.node(n).attr("name") == "x" for n in ancestors
+    )
+    if not uses_x:
+        raise EnergyError("the energy does not depend on the state x (use x[i])", where)
+    joint_here = any(
+        f.graph.node(n).op == "relabel"
+        and f.graph.node(f.graph.node(n).inputs[0]).attr("name") == "x"
+        for n in ancestors
+    )
+    if joint_here and not joint:
+        bad = next((w for w in f.joint_uses), where)
+        raise EnergyError(
+            "the context index j is used with the state x (x[j]): the state is the updated "
+            "token x[i]; use xbar[j] for the context, or declare the layer joint=True",
+            bad,
+        )
+    if not isinstance(steps, int) or steps < 1:
+        raise EnergyError(f"steps must be a positive int, got {steps!r}", where)
+    if precond not in PRECONDITIONERS:
+        raise EnergyError(f"precond must be one of {PRECONDITIONERS}, got {precond!r}", where)
+    if context not in ("current", "input"):
+        raise EnergyError(f"context must be 'current' or 'input', got {context!r}", where)
+    decl = LayerDecl(name, energy.node, float(eta), steps, precond, int(rank), bool(joint),
+                     context, doc, where, f)
+    f.layers.append(decl)
+    return decl

@@ -1,0 +1,89 @@
+"""Human-readable views of graphs: a table of ops and shapes, a formula, and a Graphviz picture."""
+
+from __future__ import annotations
+
+import sympy
+
+from energyc.ir.graph import Graph
+from energyc.ir.ops import ARG_SYMBOLS, OPS, describe_mask
+
+
+def format_graph(graph: Graph, title: str = "") -> str:
+    """One line per live node: id, op, inputs, axes; then the outputs."""
+    lines = [title] if title else []
+    for n in graph.live():
+        node = graph.node(n)
+        ins = ", ".join(f"%{u}" for u in node.inputs)
+        axes = "(" + ", ".join(node.axes) + ")"
+        lines.append(f"  %{n:<4} {axes:<18} {OPS[node.op].describe(node):<48} {ins}")
+    outs = ", ".join(f"{k}=%{v}" for k, v in graph.outputs.items())
+    lines.append(f"  outputs: {outs}")
+    counts = ", ".join(f"{op}: {c}" for op, c in graph.op_counts().items())
+    lines.append(f"  ops: {counts}")
+    return "\n".join(lines)
+
+
+def format_energy(graph: Graph, output: str) -> str:
+    """The output as one formula, e.g. ``-sum_{H}(logsumexp_{j <= i}(...))/beta``."""
+    memo: dict[int, str] = {}
+
+    def fmt(n: int) -> str:
+        if n in memo:
+            return memo[n]
+        node = graph.node(n)
+        op = node.op
+        if op == "input":
+            text = f"{node.attr('name')}_i"
+        elif op in ("param", "hyper"):
+            text = node.attr("name")
+        elif op == "const":
+            text = str(node.attr("value"))
+        elif op == "offset":
+            text = "(i - j)"
+        elif op == "relabel":
+            inner = fmt(node.inputs[0])
+            text = inner.replace("_i", "_j") if graph.node(node.inputs[0]).op == "input" else (
+                f"{inner}[i->j]")
+        elif op == "contract":
+            summed = sorted(set().union(*(graph.node(u).axes for u in node.inputs))
+                            - set(node.axes))
+            prod = " * ".join(fmt(u) for u in node.inputs)
+            text = f"sum_{{{', '.join(summed)}}}({prod})" if summed else f"({prod})"
+        elif op == "pointwise":
+            body = node.attr("body")
+            subs = {ARG_SYMBOLS[k]: sympy.Symbol(_wrap(fmt(u))) for k, u in enumerate(node.inputs)}
+            text = sympy.sstr(body.xreplace(subs))
+        elif op == "reduce":
+            mask = node.attr("mask")
+            over = describe_mask(mask) if mask else ", ".join(node.attr("axes"))
+            name = "sum" if node.attr("kind") == "sum" else "logsumexp"
+            text = f"{name}_{{{over}}}({fmt(node.inputs[0])})"
+        elif op == "mask":
+            text = f"[{describe_mask(node.attr('mask'))}]*{_wrap(fmt(node.inputs[0]))}"
+        else:
+            text = fmt(node.inputs[0])
+        memo[n] = text
+        return text
+
+    return fmt(graph.outputs[output])
+
+
+def _wrap(text: str) -> str:
+    simple = text.replace("_", "").replace("{", "").replace("}", "").isalnum()
+    return text if simple or (text.endswith(")") and text.count("(") == 1) else f"({text})"
+
+
+def to_dot(graph: Graph, name: str = "energy") -> str:
+    """The graph in Graphviz DOT (``dot -Tpng`` draws it)."""
+    lines = [f'digraph "{name}" {{', "  rankdir=TB;", '  node [shape=box, fontname="monospace"];']
+    for n in graph.live():
+        node = graph.node(n)
+        label = f"%{n} {OPS[node.op].describe(node)}\\n({', '.join(node.axes)})".replace('"', "'")
+        lines.append(f'  n{n} [label="{label}"];')
+        for u in node.inputs:
+            lines.append(f"  n{u} -> n{n};")
+    for out, n in graph.outputs.items():
+        lines.append(f'  out_{out} [label="{out}", shape=ellipse];')
+        lines.append(f"  n{n} -> out_{out};")
+    lines.append("}")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,1 @@
+"""The intermediate representation: a graph of ops on tensors with named axes."""

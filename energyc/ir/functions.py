@@ -1,0 +1,129 @@
+"""Element-wise functions that SymPy lacks, each defined in one place.
+
+A function here is a SymPy ``Function`` subclass that carries, side by side:
+
+* its value, as the SymPy expression it abbreviates (``definition``), used by the reference
+  evaluator and for printing when no faster library call exists;
+* its derivative (``fdiff``), which SymPy's ``diff`` uses;
+* its torch spelling (``torch``), a format string over the printed argument.
+
+SymPy's own functions (exp, log, tanh, erf, sqrt, Piecewise, Max, ...) need no entry: SymPy knows
+their derivatives and the torch printer knows their names.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import sympy
+
+
+class EnergyFunction(sympy.Function):
+    """Base class of the element-wise functions defined here (one argument each)."""
+
+    nargs = 1
+    torch: str = ""
+
+    @classmethod
+    def definition(cls, u: sympy.Expr) -> sympy.Expr:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+
+class sigmoid(EnergyFunction):  # noqa: N801 - lower case like SymPy's functions
+    """sigma(u) = 1 / (1 + exp(-u));  sigma' = sigma (1 - sigma)."""
+
+    torch = "torch.sigmoid({0})"
+
+    @classmethod
+    def definition(cls, u):
+        return 1 / (1 + sympy.exp(-u))
+
+    def fdiff(self, argindex=1):
+        s = sigmoid(self.args[0])
+        return s * (1 - s)
+
+
+class softplus(EnergyFunction):  # noqa: N801
+    """softplus(u) = log(1 + exp(u));  softplus' = sigmoid."""
+
+    torch = "torch.nn.functional.softplus({0})"
+
+    @classmethod
+    def definition(cls, u):
+        return sympy.log(1 + sympy.exp(u))
+
+    def fdiff(self, argindex=1):
+        return sigmoid(self.args[0])
+
+
+class step(EnergyFunction):  # noqa: N801
+    """step(u) = 1 if u > 0 else 0 (the derivative of relu, with step(0) = 0 as in torch)."""
+
+    torch = "({0} > 0).to({0}.dtype)"
+
+    @classmethod
+    def definition(cls, u):
+        return sympy.Piecewise((1, u > 0), (0, True))
+
+    def fdiff(self, argindex=1):
+        return sympy.Integer(0)
+
+
+class relu(EnergyFunction):  # noqa: N801
+    """relu(u) = max(u, 0);  relu' = step."""
+
+    torch = "torch.relu({0})"
+
+    @classmethod
+    def definition(cls, u):
+        return sympy.Piecewise((u, u > 0), (0, True))
+
+    def fdiff(self, argindex=1):
+        return step(self.args[0])
+
+
+BUILTIN_FUNCTIONS: dict[str, type[EnergyFunction]] = {
+    f.__name__: f for f in (sigmoid, softplus, step, relu)
+}
+
+_USER_FUNCTIONS: dict[str, type[EnergyFunction]] = {}
+
+
+def elementwise(
+    name: str,
+    value: Callable[[sympy.Symbol], sympy.Expr],
+    derivative: Callable[[sympy.Symbol], sympy.Expr] | None = None,
+) -> type[EnergyFunction]:
+    """Define a named element-wise function ``name(u) = value(u)`` with an optional derivative.
+
+    When ``derivative`` is given, SymPy uses it instead of differentiating ``value`` (useful when a
+    simpler closed form exists). The function prints as its value expression.
+    """
+    if not name.isidentifier():
+        raise ValueError(f"elementwise(): name {name!r} is not an identifier")
+    u = sympy.Dummy("u")
+    value_expr = sympy.sympify(value(u))
+    deriv_expr = sympy.sympify(derivative(u)) if derivative is not None else None
+
+    def _definition(cls, arg):
+        return value_expr.subs(u, arg)
+
+    def _fdiff(self, argindex=1):
+        if deriv_expr is None:
+            return sympy.diff(value_expr, u).subs(u, self.args[0])
+        return deriv_expr.subs(u, self.args[0])
+
+    cls = type(
+        name,
+        (EnergyFunction,),
+        {"definition": classmethod(_definition), "fdiff": _fdiff, "torch": "", "__module__": __name__},
+    )
+    _USER_FUNCTIONS[name] = cls
+    return cls
+
+
+def expand_definitions(expr: sympy.Expr) -> sympy.Expr:
+    """Replace every EnergyFunction in ``expr`` by its defining expression (for reference use)."""
+    return expr.replace(
+        lambda e: isinstance(e, EnergyFunction), lambda e: type(e).definition(e.args[0])
+    )

@@ -1,0 +1,408 @@
+"""The op table: every op's definition, shape rule, vector-Jacobian rule and torch printing.
+
+Each op is one class; its pieces sit together as in JAX's ``lax.py``. Values have named axes (see
+:mod:`energyc.ir.graph`). A gradient value may lack axes of the value it is the gradient of; it is
+then constant (broadcast) along them. VJP rules honour that: where a rule sums over an axis that the
+gradient lacks, it multiplies by that axis' size instead.
+
+Ops:
+
+=========  ===========================================================================
+input      a runtime tensor (the state ``x``, its context role ``xbar``, an upstream grad)
+param      a learned tensor with declared axes
+hyper      a scalar hyperparameter (fixed or learned)
+const      a scalar SymPy expression (numbers and dim sizes)
+offset     the pair value ``i - j``
+contract   ``einsum`` over named axes: the product of the inputs summed over dropped axes
+pointwise  an element-wise SymPy body ``f(a0, a1, ...)`` with broadcasting by axis name
+reduce     ``sum`` or ``logsumexp`` over axes; over ``j`` it takes a context set (a mask)
+mask       ``where(j in C(i), u, 0)``: zero outside the context set
+broadcast  expand to more axes
+relabel    rename a token axis (``i`` <-> ``j``): the same tokens seen in another role
+=========  ===========================================================================
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import sympy
+
+if TYPE_CHECKING:
+    from energyc.ir.graph import Graph, Node
+
+ARG_SYMBOLS = tuple(sympy.Symbol(f"a{k}") for k in range(64))
+SIZE_SYMBOLS = {"b": sympy.Symbol("B", positive=True, integer=True),
+                "i": sympy.Symbol("T", positive=True, integer=True),
+                "j": sympy.Symbol("T", positive=True, integer=True)}
+
+# Context sets: name -> (predicate on (i, j) as text, human description).
+CONTEXT_SETS = {
+    "causal": ("j <= i", "j <= i"),
+    "strict": ("j < i", "j < i"),
+    "window": ("i - w <= j <= i", "i - {w} <= j <= i"),
+    "all": ("all j", "all j"),
+    "not_self": ("j != i", "j != i"),
+}
+
+
+def describe_mask(mask: tuple | None) -> str:
+    if mask is None:
+        return ""
+    kind = mask[0]
+    text = CONTEXT_SETS[kind][1]
+    return text.format(w=mask[1]) if kind == "window" else text
+
+
+def size_of(graph: Graph, axis: str) -> sympy.Expr:
+    """The size of an axis as a SymPy symbol (dims are their own symbols)."""
+    if axis in SIZE_SYMBOLS:
+        return SIZE_SYMBOLS[axis]
+    return sympy.Symbol(axis, positive=True, integer=True)
+
+
+# -- builders with light normalisation (used by the DSL, the VJP rules and the passes) ------------
+
+
+def const(graph: Graph, value: Any, where: str | None = None) -> int:
+    return graph.add("const", (), where=where, value=sympy.sympify(value))
+
+
+def pointwise(graph: Graph, body: sympy.Expr, args: list[int], where: str | None = None) -> int:
+    """Add ``body(args)``: constants folded in, duplicate and unused arguments dropped."""
+    body = sympy.sympify(body)
+    subs: dict[sympy.Symbol, Any] = {}
+    kept: list[int] = []
+    for k, arg in enumerate(args):
+        sym = ARG_SYMBOLS[k]
+        node = graph.node(arg)
+        if node.op == "const":
+            subs[sym] = node.attr("value")
+        elif arg in kept:
+            subs[sym] = ARG_SYMBOLS[kept.index(arg)]
+        else:
+            subs[sym] = ARG_SYMBOLS[len(kept)]
+            kept.append(arg)
+    body = body.xreplace(subs) if subs else body
+    free = body.free_symbols
+    final = [(k, arg) for k, arg in enumerate(kept) if ARG_SYMBOLS[k] in free]
+    renum = {ARG_SYMBOLS[k]: ARG_SYMBOLS[n] for n, (k, _) in enumerate(final)}
+    body = body.xreplace(renum)
+    args = [arg for _, arg in final]
+    if not args:
+        return const(graph, body, where)
+    if body == ARG_SYMBOLS[0] and len(args) == 1:
+        return args[0]
+    return graph.add("pointwise", args, where=where, body=body)
+
+
+def add_all(graph: Graph, terms: list[int]) -> int:
+    if len(terms) == 1:
+        return terms[0]
+    return pointwise(graph, sympy.Add(*ARG_SYMBOLS[: len(terms)]), terms)
+
+
+def reduce(graph: Graph, u: int, axes, kind: str = "sum", mask=None, where=None) -> int:
+    missing = [a for a in axes if a not in graph.node(u).axes]
+    if missing:
+        raise ValueError(f"reduce over {missing}, which the value lacks")
+    axes = graph.canonical(axes)
+    if not axes:
+        return u
+    return graph.add("reduce", (u,), where=where, kind=kind, axes=axes, mask=mask)
+
+
+def sum_to(graph: Graph, g: int, full_axes, target_axes) -> int:
+    """Sum ``g`` (constant along axes it lacks) over ``full_axes - target_axes``."""
+    drop = [a for a in full_axes if a not in target_axes]
+    present = [a for a in drop if a in graph.node(g).axes]
+    absent = [a for a in drop if a not in graph.node(g).axes]
+    out = reduce(graph, g, present)
+    if absent:
+        factor = sympy.Mul(*[size_of(graph, a) for a in absent])
+        out = pointwise(graph, factor * ARG_SYMBOLS[0], [out])
+    return out
+
+
+def contract(graph: Graph, args: list[int], out_axes, where=None) -> int:
+    union = set().union(*(graph.node(a).axes for a in args))
+    out_axes = graph.canonical(a for a in out_axes if a in union)
+    if len(args) == 1:
+        return reduce(graph, args[0], [a for a in graph.node(args[0]).axes if a not in out_axes])
+    return graph.add("contract", args, where=where, out=out_axes)
+
+
+# -- the ops --------------------------------------------------------------------------------------
+
+
+class Op:
+    """Base: leaves have no VJP rule."""
+
+    name = ""
+
+    @staticmethod
+    def shape(graph: Graph, in_axes: list[tuple[str, ...]], attrs: dict) -> tuple[str, ...]:
+        raise NotImplementedError
+
+    @staticmethod
+    def vjp(graph: Graph, nid: int, node: Node, g: int) -> list[tuple[int, int]]:
+        return []
+
+    @staticmethod
+    def describe(node: Node) -> str:
+        extra = ", ".join(f"{k}={v}" for k, v in node.attrs if k not in ("axes",))
+        return f"{node.op}({extra})" if extra else node.op
+
+
+class Input(Op):
+    """A runtime tensor: ``x`` (state, role i), ``xbar`` (context role), or an upstream grad."""
+
+    name = "input"
+
+    @staticmethod
+    def shape(graph, in_axes, attrs):
+        return tuple(attrs["axes"])
+
+    @staticmethod
+    def describe(node):
+        return f"input {node.attr('name')}"
+
+
+class Param(Op):
+    """A learned tensor; ``axes`` is its declared shape (canonical order)."""
+
+    name = "param"
+
+    @staticmethod
+    def shape(graph, in_axes, attrs):
+        return tuple(attrs["axes"])
+
+    @staticmethod
+    def describe(node):
+        return f"param {node.attr('name')}"
+
+
+class Hyper(Op):
+    """A scalar hyperparameter (a runtime scalar; learned ones get a gradient)."""
+
+    name = "hyper"
+
+    @staticmethod
+    def shape(graph, in_axes, attrs):
+        return ()
+
+    @staticmethod
+    def describe(node):
+        return f"hyper {node.attr('name')}"
+
+
+class Const(Op):
+    """A scalar SymPy expression of numbers and dim sizes."""
+
+    name = "const"
+
+    @staticmethod
+    def shape(graph, in_axes, attrs):
+        return ()
+
+    @staticmethod
+    def describe(node):
+        return f"const {node.attr('value')}"
+
+
+class Offset(Op):
+    """The pair value ``i - j`` (a float), for scores that depend on the token distance."""
+
+    name = "offset"
+
+    @staticmethod
+    def shape(graph, in_axes, attrs):
+        return ("i", "j")
+
+    @staticmethod
+    def describe(node):
+        return "offset i - j"
+
+
+class Contract(Op):
+    """``out[o] = sum_{s} prod_k u_k[...]``: einsum over named axes (s = union - out).
+
+    VJP: ``du_m = einsum(g, u_{l != m}) -> axes(u_m)``; axes of ``u_m`` found in neither ``g`` nor
+    the other operands are broadcast (the forward summed them from ``u_m`` alone).
+    """
+
+    name = "contract"
+
+    @staticmethod
+    def shape(graph, in_axes, attrs):
+        union = set().union(*in_axes)
+        out = tuple(attrs["out"])
+        if not set(out) <= union:
+            raise ValueError(f"contract output {out} not within inputs {sorted(union)}")
+        return graph.canonical(out)
+
+    @staticmethod
+    def vjp(graph, nid, node, g):
+        grads = []
+        for m, u in enumerate(node.inputs):
+            others = [v for k, v in enumerate(node.inputs) if k != m]
+            target = graph.node(u).axes
+            grads.append((m, contract(graph, [g, *others], target)))
+        return grads
+
+    @staticmethod
+    def describe(node):
+        return f"contract -> ({', '.join(node.attr('out'))})"
+
+
+class Pointwise(Op):
+    """``out = body(a0, a1, ...)`` element-wise, broadcasting by axis name.
+
+    VJP: ``du_m = sum_{axes(out) - axes(u_m)} g * d body / d a_m`` (SymPy does the derivative).
+    """
+
+    name = "pointwise"
+
+    @staticmethod
+    def shape(graph, in_axes, attrs):
+        return graph.canonical(set().union(*in_axes))
+
+    @staticmethod
+    def vjp(graph, nid, node, g):
+        from energyc.errors import CompileError
+
+        body = node.attr("body")
+        grads = []
+        nargs = len(node.inputs)
+        gsym = ARG_SYMBOLS[nargs]
+        for m, u in enumerate(node.inputs):
+            d = sympy.diff(body, ARG_SYMBOLS[m])
+            if d.has(sympy.Derivative) or d.has(sympy.Subs):
+                bad = sorted({str(f.func) for f in d.atoms(sympy.Derivative)} | {"?"} - {"?"})
+                raise CompileError(
+                    f"cannot differentiate {body.xreplace(_readable(node))}: SymPy has no "
+                    f"derivative for {', '.join(bad) or 'a function in it'}; define it with "
+                    "energyc.elementwise(name, value, derivative)",
+                    node.where,
+                )
+            if d == 0:
+                continue
+            contrib = pointwise(graph, gsym * d, [*node.inputs, g])
+            grads.append((m, sum_to(graph, contrib, node.axes, graph.node(u).axes)))
+        return grads
+
+    @staticmethod
+    def describe(node):
+        return f"pointwise {node.attr('body')}"
+
+
+def _readable(node: Node) -> dict:
+    return {ARG_SYMBOLS[k]: sympy.Symbol(f"u{k}") for k in range(len(node.inputs))}
+
+
+class Reduce(Op):
+    """``sum`` or ``logsumexp`` over ``axes``; over ``j`` restricted to the context set ``mask``.
+
+    * sum: ``du = mask(g)`` (broadcast over the reduced axes);
+    * logsumexp ``l = log sum exp(u)``: ``du = mask(g * exp(u - l))`` (the softmax weights).
+      An empty context set has logsumexp 0 by convention, and zero gradient.
+    """
+
+    name = "reduce"
+
+    @staticmethod
+    def shape(graph, in_axes, attrs):
+        axes = attrs["axes"]
+        if not set(axes) <= set(in_axes[0]):
+            raise ValueError(f"reduce over {axes} of a value with axes {in_axes[0]}")
+        if attrs.get("mask") is not None and axes != ("j",):
+            raise ValueError("a context set applies to a reduction over j only")
+        if attrs["kind"] == "lse" and len(axes) != 1:
+            raise ValueError("logsumexp reduces one axis at a time")
+        return tuple(a for a in in_axes[0] if a not in axes)
+
+    @staticmethod
+    def vjp(graph, nid, node, g):
+        (u,) = node.inputs
+        mask = node.attr("mask")
+        if node.attr("kind") == "sum":
+            du = g
+        else:
+            du = pointwise(graph, ARG_SYMBOLS[0] * sympy.exp(ARG_SYMBOLS[1] - ARG_SYMBOLS[2]),
+                           [g, u, nid])
+        if mask is not None and mask != ("all",):
+            du = graph.add("mask", (du,), mask=mask)
+        return [(0, du)]
+
+    @staticmethod
+    def describe(node):
+        ctx = describe_mask(node.attr("mask"))
+        over = ", ".join(node.attr("axes"))
+        return f"{node.attr('kind')} over {over}" + (f" in {{{ctx}}}" if ctx else "")
+
+
+class Mask(Op):
+    """``out[..., i, j, ...] = u[...] if j in C(i) else 0``. VJP: ``du = sum mask(g)``."""
+
+    name = "mask"
+
+    @staticmethod
+    def shape(graph, in_axes, attrs):
+        return graph.canonical(set(in_axes[0]) | {"i", "j"})
+
+    @staticmethod
+    def vjp(graph, nid, node, g):
+        (u,) = node.inputs
+        masked = graph.add("mask", (g,), mask=node.attr("mask"))
+        return [(0, sum_to(graph, masked, node.axes, graph.node(u).axes))]
+
+    @staticmethod
+    def describe(node):
+        return f"mask {{{describe_mask(node.attr('mask'))}}}"
+
+
+class Broadcast(Op):
+    """Expand to ``out`` axes. VJP: sum over the added axes."""
+
+    name = "broadcast"
+
+    @staticmethod
+    def shape(graph, in_axes, attrs):
+        if not set(in_axes[0]) <= set(attrs["out"]):
+            raise ValueError("broadcast cannot drop axes")
+        return graph.canonical(attrs["out"])
+
+    @staticmethod
+    def vjp(graph, nid, node, g):
+        (u,) = node.inputs
+        return [(0, sum_to(graph, g, node.axes, graph.node(u).axes))]
+
+
+class Relabel(Op):
+    """The same tokens in another role: rename axis ``src`` to ``dst``. VJP: rename back."""
+
+    name = "relabel"
+
+    @staticmethod
+    def shape(graph, in_axes, attrs):
+        axes = in_axes[0]
+        if attrs["dst"] in axes:
+            raise ValueError(f"relabel to {attrs['dst']} of a value that has it")
+        return graph.canonical(attrs["dst"] if a == attrs["src"] else a for a in axes)
+
+    @staticmethod
+    def vjp(graph, nid, node, g):
+        if node.attr("dst") not in graph.node(g).axes:
+            return [(0, g)]
+        return [(0, graph.add("relabel", (g,), src=node.attr("dst"), dst=node.attr("src")))]
+
+    @staticmethod
+    def describe(node):
+        return f"relabel {node.attr('src')}->{node.attr('dst')}"
+
+
+OPS: dict[str, type[Op]] = {
+    op.name: op
+    for op in (Input, Param, Hyper, Const, Offset, Contract, Pointwise, Reduce, Mask, Broadcast,
+               Relabel)
+}

@@ -1,0 +1,41 @@
+"""Graph passes and the pipeline that runs them in order.
+
+Each pass takes a :class:`~energyc.ir.graph.Graph` and returns a new one with the same outputs.
+``ENERGYC_DEBUG=1`` prints the graph after every pass.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+
+from energyc.ir.graph import Graph
+from energyc.passes.canonicalize import canonicalize
+from energyc.passes.cse import cse, dead_code
+from energyc.passes.fuse import fuse_pointwise
+
+Pass = Callable[[Graph], Graph]
+
+#: The pipeline, in order. Read it top to bottom.
+PIPELINE: list[tuple[str, Pass]] = [
+    ("dead_code", dead_code),
+    ("canonicalize", canonicalize),
+    ("cse", cse),
+    ("fuse_pointwise", fuse_pointwise),
+    ("canonicalize_again", canonicalize),
+    ("cse_again", cse),
+]
+
+
+def run_pipeline(graph: Graph, verify: bool = False) -> Graph:
+    debug = os.environ.get("ENERGYC_DEBUG") == "1"
+    for name, pass_fn in PIPELINE:
+        graph = pass_fn(graph)
+        if verify:
+            graph.verify()
+        if debug:
+            from energyc.inspect import format_graph
+
+            print(f"--- after {name} ---")
+            print(format_graph(graph))
+    return graph

@@ -1,0 +1,360 @@
+"""Render compiled layers into Python packages (the one place that owns the Jinja environment).
+
+All decisions are made here, in plain data (:class:`FunctionSpec`, :class:`PackageSpec`); the
+templates under ``codegen_templates/`` only loop over fields. Output is deterministic: stable
+names, sorted iteration, no timestamps; a header names the energy file, the template and a hash of
+the content. Packages are written atomically: rendered into a temporary directory beside the target
+and renamed into place, so a failed compile leaves no half-written package.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass, field
+
+import jinja2
+import sympy
+
+from energyc import __version__
+from energyc.backends.torch_backend import Emitter, einsum_letters, full_output
+from energyc.compiler import CompiledLayer, split
+from energyc.inspect import format_energy
+from energyc.ir.graph import Graph
+
+
+def templates_dir() -> str:
+    """codegen_templates/: inside the installed package, or at the top of a source checkout."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    for candidate in (os.path.join(here, "codegen_templates"),
+                      os.path.join(os.path.dirname(here), "codegen_templates")):
+        if os.path.isdir(candidate):
+            return candidate
+    raise FileNotFoundError("codegen_templates/ not found next to the energyc package")
+
+
+def _pytuple(items: list) -> str:
+    """A tuple literal without a trailing comma (so the formatter keeps it on one line)."""
+    inner = ", ".join(f'"{getattr(item, "name", item)}"' for item in items)
+    return f"({inner},)" if len(items) == 1 else f"({inner})"
+
+
+def environment() -> jinja2.Environment:
+    env = jinja2.Environment(
+        loader=jinja2.FileSystemLoader(templates_dir()),
+        undefined=jinja2.StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
+        keep_trailing_newline=True,
+        autoescape=False,
+    )
+    env.filters["pytuple"] = _pytuple
+    return env
+
+
+@dataclass
+class FunctionSpec:
+    """A straight-line function: ``def name(args): doc; lines; return returns``."""
+
+    name: str
+    args: list[str]
+    doc: str
+    lines: list[str]
+    returns: str
+
+
+@dataclass
+class HyperSpec:
+    name: str
+    default: str  # Python expression in the dims, or "None" (then required)
+    learnable: bool
+
+
+@dataclass
+class ParamSpec:
+    name: str
+    shape: str  # "(H, K, D)"
+    init: str  # a statement initialising self.<name>
+
+
+@dataclass
+class PackageSpec:
+    name: str
+    class_name: str
+    source: str
+    doc: str
+    dims: list[str]
+    state_dim: str
+    hypers: list[HyperSpec]
+    params: list[ParamSpec]
+    eta: float
+    steps: int
+    precond: str
+    rank: int
+    context: str
+    joint: bool
+    functions: list[FunctionSpec]
+    precond_kinds: list[str]
+    dim_sources: list[str] = field(default_factory=list)
+
+
+def camel(name: str) -> str:
+    return "".join(part[:1].upper() + part[1:] for part in name.split("_") if part)
+
+
+def _code(expr: sympy.Expr) -> str:
+    """A SymPy constant expression in the dims, as Python code (``1 / math.sqrt(K)``)."""
+    from energyc.backends.torch_printer import TorchPrinter
+
+    names = {s.name: s.name for s in sympy.sympify(expr).free_symbols}
+    return TorchPrinter(names, set()).doprint(expr)
+
+
+ALWAYS_TENSORS = {"x", "xbar", "g", "grad_u", "grad_g"}
+
+
+def _size_lines(leaves: dict[str, tuple[int, tuple[str, ...]]], params: set[str]) -> list[str]:
+    """``B, T, D = x.shape`` and one unpacking per further source of a dim size."""
+    lines = []
+    known: set[str] = set()
+    for var, (nid, axes_order) in leaves.items():
+        if nid < 0 and var not in ALWAYS_TENSORS and var not in params:
+            continue  # may be None (an unused preconditioner parameter)
+        names = [{"b": "B", "i": "T"}.get(a, a) for a in axes_order]
+        if set(names) - known:
+            parts = [n if n not in known else "_" for n in names]
+            lines.append(f"{', '.join(parts)} = {var}.shape")
+            known.update(names)
+    return lines
+
+
+def function_spec(
+    graph: Graph,
+    name: str,
+    doc: str,
+    nodes: list[int],
+    args: list[str],
+    leaves: dict[str, tuple[int, tuple[str, ...]]],
+    returns: list[tuple[int | None, tuple[str, ...], tuple[str, ...]]],
+    names: dict[int, str],
+    saved_in: list[int] | None = None,
+    saved_out: list[int] | None = None,
+    params: set[str] | None = None,
+) -> FunctionSpec:
+    """Print ``nodes`` of ``graph`` as a function.
+
+    ``leaves`` maps argument names to (node id or -1, storage order of its axes); ``returns`` lists
+    (node, canonical axes, storage order) per returned value; ``names`` gives every node's variable.
+    """
+    em = Emitter(graph, {}, einsum_letters(graph.dims))
+    lines: list[str] = []
+    for var, (nid, order) in leaves.items():
+        if nid < 0:
+            continue
+        canon = graph.node(nid).axes
+        if tuple(order) != canon:
+            perm = ", ".join(str(order.index(a)) for a in canon)
+            lines.append(f"{var}_ = {var}.permute({perm})  # ({', '.join(canon)})")
+            em.names[nid] = f"{var}_"
+        else:
+            em.names[nid] = var
+    if saved_in:
+        for n in saved_in:
+            em.names[n] = names[n]
+        unpack = ", ".join(names[n] for n in saved_in)
+        lines.append(f"({unpack},) = saved" if len(saved_in) == 1 else f"{unpack} = saved")
+    for n in nodes:
+        if n in em.names:
+            continue
+        em.emit(n, names.get(n, ""))
+    size_lines = _size_lines(leaves, params or set())
+    body = size_lines + em.mask_lines + lines + em.lines
+    outs = [full_output(em, nid, axes, order) for nid, axes, order in returns]
+    if saved_out is not None:
+        saved_tuple = ", ".join(em.names[n] for n in saved_out)
+        outs.append(f"({saved_tuple},)" if len(saved_out) == 1 else f"({saved_tuple})")
+    return FunctionSpec(name, args, doc, body, ", ".join(outs))
+
+
+def _names(graph: Graph) -> dict[int, str]:
+    names = {}
+    k = 0
+    for n in graph.live():
+        if graph.node(n).op not in ("input", "param", "hyper", "const", "relabel"):
+            names[n] = f"t{k}"
+            k += 1
+    return names
+
+
+def package_spec(layer: CompiledLayer, source: str) -> PackageSpec:
+    decl = layer.decl
+    f = layer.file
+    D = layer.state_dim
+    state_order = ("b", "i", D)
+    param_names = [p.name for p in layer.params]
+    hyper_names = [h.name for h in layer.hypers]
+
+    def leaf_map(graph: Graph, extra_inputs: list[str]) -> dict[str, tuple[int, tuple[str, ...]]]:
+        found = {}
+        for n in graph.live():
+            node = graph.node(n)
+            if node.op in ("input", "param", "hyper"):
+                found[node.attr("name")] = n
+        leaves: dict[str, tuple[int, tuple[str, ...]]] = {}
+        for var in ["x", "xbar", *extra_inputs]:
+            leaves[var] = (found.get(var, -1), state_order)
+        for p in layer.params:
+            leaves[p.name] = (found.get(p.name, -1), p.dims)
+        for h in layer.hypers:
+            leaves[h.name] = (found.get(h.name, -1), ())
+        return leaves
+
+    # energy
+    eg = layer.energy
+    e_names = _names(eg)
+    energy_fn = function_spec(
+        eg, "_energy", "Per-token energy E_i, shape (B, T).",
+        eg.live(), ["x", "xbar", *param_names, *hyper_names], leaf_map(eg, []),
+        [(eg.outputs["energy"], ("b", "i"), ("b", "i"))], e_names, params=set(param_names),
+    )
+    # step: forward (g = dE/dx) and backward (its VJP)
+    sg = layer.step
+    sp = split(sg, ["grad"], ["grad_g"])
+    s_names = _names(sg)
+    fwd = function_spec(
+        sg, "_grad_forward",
+        "g = dE/dx (B, T, D), and the intermediates the backward needs.",
+        sp.forward, ["x", "xbar", *param_names, *hyper_names], leaf_map(sg, []),
+        [(sg.outputs["grad"], state_order, state_order)], s_names, saved_out=sp.saved,
+        params=set(param_names),
+    )
+    grads = [("x", state_order, state_order), ("xbar", state_order, state_order)]
+    grads += [(p.name, sg.canonical(p.dims), p.dims) for p in layer.params]
+    grads += [(h.name, (), ()) for h in layer.hypers]
+    bwd = function_spec(
+        sg, "_grad_backward",
+        "Vector-Jacobian product of g w.r.t. x, xbar, the parameters and the hyperparameters.",
+        sp.backward, ["saved", "grad_g", "x", "xbar", *param_names, *hyper_names],
+        leaf_map(sg, ["grad_g"]),
+        [(sg.outputs.get(f"grad_{n}"), axes, order) for n, axes, order in grads], s_names,
+        saved_in=sp.saved, params=set(param_names),
+    )
+    functions = [energy_fn, fwd, bwd]
+    for kind, pg in layer.precond.items():
+        pp = split(pg, ["u"], ["grad_u"])
+        p_names = _names(pg)
+        pleaves = {"g": (next((n for n in pg.live() if pg.node(n).attr("name") == "g"), -1),
+                         state_order)}
+        for pname, order in (("P_diag", (D,)), ("P_lowrank", (D, "R"))):
+            pleaves[pname] = (next((n for n in pg.live() if pg.node(n).attr("name") == pname), -1),
+                              order)
+        pleaves_b = {"grad_u": (next((n for n in pg.live() if pg.node(n).attr("name") == "grad_u"),
+                                     -1), state_order), **pleaves}
+        functions.append(function_spec(
+            pg, f"_precond_{kind}_forward", f"u = P g with the {kind} preconditioner.",
+            pp.forward, ["g", "P_diag", "P_lowrank"], pleaves,
+            [(pg.outputs["u"], state_order, state_order)], p_names, saved_out=pp.saved,
+        ))
+        rets = [(pg.outputs.get("grad_g"), state_order, state_order),
+                (pg.outputs.get("grad_P_diag"), (D,), (D,)),
+                (pg.outputs.get("grad_P_lowrank"), (D, "R"), (D, "R"))]
+        functions.append(function_spec(
+            pg, f"_precond_{kind}_backward", f"VJP of u = P g ({kind}) w.r.t. g and P's parameters.",
+            pp.backward, ["saved", "grad_u", "g", "P_diag", "P_lowrank"], pleaves_b, rets, p_names,
+            saved_in=pp.saved,
+        ))
+
+    hypers = [HyperSpec(h.name, _code(h.default) if h.default is not None else "None", h.learnable)
+              for h in layer.hypers]
+    params = []
+    for p in layer.params:
+        fan_in = p.dims[-1]
+        init = p.init
+        if init.kind == "normal":
+            std = _code(init.args["std"]) if init.args["std"] is not None else f"1 / math.sqrt({fan_in})"
+            stmt = f"torch.nn.init.normal_(self.{p.name}, mean={_code(init.args['mean'])}, std={std})"
+        elif init.kind == "uniform":
+            stmt = (f"torch.nn.init.uniform_(self.{p.name}, a={_code(init.args['low'])}, "
+                    f"b={_code(init.args['high'])})")
+        else:
+            stmt = f"torch.nn.init.constant_(self.{p.name}, {_code(init.args['value'])})"
+        params.append(ParamSpec(p.name, "(" + ", ".join(p.dims) + ",)", stmt))
+    doc = _module_doc(layer)
+    return PackageSpec(
+        name=decl.name, class_name=camel(decl.name), source=source, doc=doc,
+        dims=list(layer.dims), state_dim=D, hypers=hypers, params=params, eta=decl.eta,
+        steps=decl.steps, precond=decl.precond, rank=decl.rank, context=decl.context,
+        joint=decl.joint, functions=functions, precond_kinds=list(layer.precond),
+    )
+
+
+def _module_doc(layer: CompiledLayer) -> str:
+    decl = layer.decl
+    parts = []
+    if decl.doc or layer.file.doc:
+        parts.append((decl.doc or layer.file.doc).strip())
+    parts.append("Energy (per updated token i):\n\n    E_i = " + format_energy(layer.energy, "energy"))
+    role = "both roles of x (joint energy)" if decl.joint else "x_i only (xbar is held fixed)"
+    parts.append(
+        "Layer: `steps` descent steps  x <- x - eta * P * dE/dx,  differentiating through "
+        f"{role}.\nThe backward (second derivatives of E) is derived symbolically: see "
+        "_grad_backward."
+    )
+    return "\n\n".join(parts).replace('"""', "'''").replace("\\", "\\\\")
+
+
+def render_files(layer: CompiledLayer, source: str) -> dict[str, str]:
+    """Render the package's files: {relative path: text}."""
+    spec = package_spec(layer, source)
+    env = environment()
+    files = {}
+    for template, out in (("torch/layer.py.j2", "layer.py"), ("torch/__init__.py.j2", "__init__.py"),
+                          ("torch/_runtime.py.j2", "_runtime.py")):
+        body = env.get_template(template).render(spec=spec)
+        body = format_code(body)
+        digest = hashlib.sha256(body.encode()).hexdigest()[:16]
+        header = (f"# Generated by energyc {__version__} from {source} with template {template}.\n"
+                  f"# Do not edit: run `energyc compile {source}` instead. "
+                  f"Content hash: {digest}.\n")
+        files[out] = header + body
+    return files
+
+
+def format_code(code: str) -> str:
+    """Format with ruff (pinned in pyproject.toml) so generated code reads like hand-written."""
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", "ruff", "format", "--line-length", "100", "-"],
+            input=code, capture_output=True, text=True, check=False, timeout=60,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return code
+    if proc.returncode != 0:
+        raise RuntimeError(f"generated code does not parse:\n{proc.stderr}")
+    return proc.stdout
+
+
+def write_package(files: dict[str, str], outdir: str, name: str) -> str:
+    """Write ``outdir/name/`` atomically; return its path."""
+    os.makedirs(outdir, exist_ok=True)
+    target = os.path.join(outdir, name)
+    tmp = tempfile.mkdtemp(prefix=f".{name}.", dir=outdir)
+    try:
+        for rel, text in sorted(files.items()):
+            with open(os.path.join(tmp, rel), "w", encoding="utf-8") as fh:
+                fh.write(text)
+        backup = None
+        if os.path.exists(target):
+            backup = tempfile.mkdtemp(prefix=f".{name}.old.", dir=outdir)
+            os.rename(target, os.path.join(backup, name))
+        os.rename(tmp, target)
+        if backup:
+            shutil.rmtree(backup, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
