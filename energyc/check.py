@@ -27,7 +27,7 @@ from hypothesis import strategies as st
 
 from energyc.compiler import CompiledLayer, compile_file
 from energyc.loader import load
-from energyc.reference import evaluate_energy, reference_step
+from energyc.reference import reference_step
 from energyc.render import render_files, write_package
 from energyc.tolerances import tolerance
 
@@ -235,7 +235,11 @@ def run_check(layer: CompiledLayer, module: ModuleType, check: str, max_examples
     @given(cases(layer))
     def prop(case: Case) -> None:
         with torch.random.fork_rng():
-            err = fn(layer, module, case)
+            try:
+                err = fn(layer, module, case)
+            except AssertionError:
+                result.extra["case"] = case
+                raise
         result.examples += 1
         if check != "descent":
             result.worst = max(result.worst, err)
@@ -244,6 +248,8 @@ def run_check(layer: CompiledLayer, module: ModuleType, check: str, max_examples
         prop()
     except AssertionError as exc:
         result.error = str(exc).splitlines()[0]
+        if "case" in result.extra:
+            result.error += f" [smallest failing case: {result.extra['case']}]"
     return result
 
 

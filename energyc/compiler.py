@@ -23,8 +23,8 @@ import sympy
 from energyc.autodiff import vjp
 from energyc.dsl import EnergyFile, HyperDecl, LayerDecl, ParamDecl
 from energyc.errors import CompileError, EnergyError
-from energyc.ir.graph import Graph
 from energyc.ir import ops
+from energyc.ir.graph import Graph
 from energyc.passes import run_pipeline
 
 LEAF_OPS = ("input", "param", "hyper", "const", "offset")

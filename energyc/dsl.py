@@ -34,8 +34,8 @@ from sympy import Rational, pi, sqrt  # noqa: F401 - re-exported for energy file
 
 from energyc.errors import EnergyError, user_location
 from energyc.ir import functions as _fn
-from energyc.ir.graph import Graph
 from energyc.ir import ops as _ops
+from energyc.ir.graph import Graph
 
 __all__ = [
     "dims", "tokens", "state", "param", "hyper", "layer", "normal", "uniform", "zeros", "ones",
@@ -126,7 +126,7 @@ class LayerDecl:
     context: str
     doc: str
     where: str | None
-    file: "EnergyFile"
+    file: EnergyFile
 
 
 class EnergyFile:

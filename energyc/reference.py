@@ -20,12 +20,66 @@ from energyc.compiler import CompiledLayer, _energy_subgraph
 from energyc.ir.functions import expand_definitions
 from energyc.ir.ops import ARG_SYMBOLS
 
-_TORCH_MODULE = {
-    "exp": torch.exp, "log": torch.log, "tanh": torch.tanh, "sinh": torch.sinh,
-    "cosh": torch.cosh, "sin": torch.sin, "cos": torch.cos, "tan": torch.tan, "atan": torch.atan,
-    "erf": torch.erf, "erfc": torch.erfc, "sqrt": torch.sqrt, "Abs": torch.abs, "sign": torch.sign,
-    "asinh": torch.asinh, "pi": math.pi, "E": math.e,
+_UNARY = {
+    sympy.exp: torch.exp, sympy.log: torch.log, sympy.tanh: torch.tanh, sympy.sinh: torch.sinh,
+    sympy.cosh: torch.cosh, sympy.sin: torch.sin, sympy.cos: torch.cos, sympy.tan: torch.tan,
+    sympy.atan: torch.atan, sympy.erf: torch.erf, sympy.erfc: torch.erfc, sympy.Abs: torch.abs,
+    sympy.sign: torch.sign, sympy.asinh: torch.asinh,
 }
+
+
+def _evaluate(expr: sympy.Basic, env: Mapping[str, torch.Tensor], dtype) -> torch.Tensor:
+    """Evaluate a SymPy expression on tensors, recursively (EnergyFunctions expanded first)."""
+    def ev(e):
+        if e.is_Symbol:
+            return env[e.name]
+        if e.is_Number or e in (sympy.pi, sympy.E):
+            return torch.tensor(float(e), dtype=dtype)
+        if e.is_Add:
+            out = ev(e.args[0])
+            for a in e.args[1:]:
+                out = out + ev(a)
+            return out
+        if e.is_Mul:
+            out = ev(e.args[0])
+            for a in e.args[1:]:
+                out = out * ev(a)
+            return out
+        if e.is_Pow:
+            base, expo = e.args
+            if expo.is_Integer:
+                return ev(base) ** int(expo)
+            return ev(base) ** ev(expo)
+        if e.func in _UNARY:
+            return _UNARY[e.func](ev(e.args[0]))
+        if isinstance(e, sympy.Piecewise):
+            out = torch.tensor(math.nan, dtype=dtype)
+            for value, cond in reversed(e.args):
+                out = ev(value) if cond == sympy.true else torch.where(ev(cond), ev(value), out)
+            return out
+        if isinstance(e, sympy.Heaviside):
+            v = ev(e.args[0])
+            h0 = float(e.args[1]) if len(e.args) > 1 else 0.5
+            return torch.where(v > 0, 1.0, torch.where(v < 0, 0.0, h0)).to(dtype)
+        if isinstance(e, (sympy.Max, sympy.Min)):
+            fn = torch.maximum if isinstance(e, sympy.Max) else torch.minimum
+            vals = [ev(a) for a in e.args]
+            out = vals[0]
+            for v in vals[1:]:
+                out = fn(*torch.broadcast_tensors(out, v))
+            return out
+        if isinstance(e, sympy.core.relational.Relational):
+            a, b = ev(e.lhs), ev(e.rhs)
+            return {"<": a < b, "<=": a <= b, ">": a > b, ">=": a >= b, "==": a == b,
+                    "!=": a != b}[e.rel_op]
+        if isinstance(e, sympy.And):
+            out = ev(e.args[0])
+            for a in e.args[1:]:
+                out = out & ev(a)
+            return out
+        raise NotImplementedError(f"reference evaluator: {e.func}")
+
+    return ev(expand_definitions(expr))
 
 
 def _mask(kind: tuple, T: int, device) -> torch.Tensor:
@@ -48,38 +102,6 @@ def _align(value: torch.Tensor, axes: tuple, to: tuple) -> torch.Tensor:
         return value
     shape = [value.shape[axes.index(a)] if a in axes else 1 for a in to]
     return value.reshape(shape) if axes == tuple(a for a in to if a in axes) else value
-
-
-def _body_fn(body: sympy.Expr, nargs: int, sizes: Mapping[str, int]):
-    expanded = expand_definitions(body)
-    # a smooth, autograd-friendly spelling of Piecewise/Max/Min
-    expanded = expanded.replace(sympy.Max, lambda *a: _pairwise(a, "max")).replace(
-        sympy.Min, lambda *a: _pairwise(a, "min"))
-    subs = {sympy.Symbol(name, positive=True, integer=True): v for name, v in sizes.items()}
-    expanded = expanded.xreplace({s: subs.get(s, s) for s in expanded.free_symbols
-                                  if s.name in sizes})
-    expanded = expanded.xreplace({s: sympy.Integer(sizes[s.name]) for s in expanded.free_symbols
-                                  if s.name in sizes})
-    fn = sympy.lambdify(list(ARG_SYMBOLS[:nargs]), expanded,
-                        modules=[_TORCH_MODULE, {"Heaviside": _heaviside, "where": torch.where,
-                                                 "select": _select, "maximum": torch.maximum,
-                                                 "minimum": torch.minimum}, "math"])
-    return fn
-
-
-def _pairwise(args, kind):
-    return sympy.Function(f"_{kind}")(*args)
-
-
-def _heaviside(x, h0=0.5):
-    return torch.where(x > 0, 1.0, torch.where(x < 0, 0.0, h0)).to(x.dtype)
-
-
-def _select(conds, choices, default=math.nan):  # lambdify's Piecewise for numpy-like modules
-    out = default
-    for cond, choice in reversed(list(zip(conds, choices))):
-        out = torch.where(cond, choice, out)
-    return out
 
 
 def evaluate_energy(
@@ -125,12 +147,10 @@ def evaluate_energy(
             spec += "->" + "".join(letters[a] for a in node.axes)
             values[n] = torch.einsum(spec, *ins)
         elif op == "pointwise":
-            fn = _body_fn(node.attr("body"), len(ins), sizes)
-            args = [_align(v, ax, node.axes) for v, ax in zip(ins, in_axes)]
-            res = fn(*args)
-            if not isinstance(res, torch.Tensor):
-                res = torch.tensor(float(res), dtype=x.dtype)
-            values[n] = res
+            env = {ARG_SYMBOLS[k].name: _align(v, ax, node.axes)
+                   for k, (v, ax) in enumerate(zip(ins, in_axes))}
+            env.update({name: torch.tensor(float(v), dtype=x.dtype) for name, v in sizes.items()})
+            values[n] = _evaluate(node.attr("body"), env, x.dtype)
         elif op == "reduce":
             (v,) = ins
             axes = in_axes[0]
@@ -144,8 +164,8 @@ def evaluate_energy(
                     neg = torch.where(m, v, torch.full_like(v, -math.inf))
                     mx = neg.amax(dims[0], keepdim=True).detach()
                     mx = torch.where(torch.isfinite(mx), mx, torch.zeros_like(mx))
-                    total = torch.where(m, torch.exp(v - mx), torch.zeros_like(v)).sum(
-                        dims[0], keepdim=True)
+                    # exp of -inf (not where() after exp): masked entries may overflow
+                    total = torch.exp(neg - mx).sum(dims[0], keepdim=True)
                     safe = torch.where(total > 0, total, torch.ones_like(total))
                     values[n] = torch.where(total > 0, mx + torch.log(safe),
                                             torch.zeros_like(total)).squeeze(dims[0])

@@ -125,6 +125,15 @@ def sum_to(graph: Graph, g: int, full_axes, target_axes) -> int:
 
 
 def contract(graph: Graph, args: list[int], out_axes, where=None) -> int:
+    """einsum of ``args`` to ``out_axes``; scalar constants among the args become a scale."""
+    consts = [a for a in args if graph.node(a).op == "const"]
+    if consts:
+        rest = [a for a in args if graph.node(a).op != "const"]
+        scale = sympy.Mul(*[graph.node(c).attr("value") for c in consts])
+        if not rest:
+            return const(graph, scale, where)
+        inner = contract(graph, rest, out_axes, where)
+        return pointwise(graph, scale * ARG_SYMBOLS[0], [inner], where)
     union = set().union(*(graph.node(a).axes for a in args))
     out_axes = graph.canonical(a for a in out_axes if a in union)
     if len(args) == 1:

@@ -38,6 +38,13 @@ def _broadcast_into_pointwise(graph: Graph, node: Node, inputs: list[int]) -> in
     return pointwise(graph, node.attr("body"), new_inputs, where=node.where)
 
 
+def _contract_normalise(graph: Graph, node: Node, inputs: list[int]) -> int | None:
+    # contract(c, u) => c * contract(u);  contract(u) => sum(u)
+    from energyc.ir.ops import contract
+
+    return contract(graph, inputs, node.axes, where=node.where)
+
+
 def _relabel_identity(graph: Graph, node: Node, inputs: list[int]) -> int | None:
     # relabel_{i->j}(u) => u  when u has no axis i (constant along tokens)
     (u,) = inputs
@@ -85,6 +92,7 @@ RULES: list[tuple[str, str, Rewrite]] = [
     ("broadcast_into_pointwise", "pointwise", _broadcast_into_pointwise),
     ("pointwise_of_mask", "pointwise", _pointwise_of_mask),
     ("pointwise_normalise", "pointwise", _pointwise_normalise),
+    ("contract_normalise", "contract", _contract_normalise),
     ("relabel_identity", "relabel", _relabel_identity),
     ("mask_idempotent", "mask", _mask_idempotent),
 ]
