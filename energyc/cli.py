@@ -14,9 +14,25 @@ def _compile(args: argparse.Namespace) -> int:
     from energyc.build import compile_path
 
     log = (lambda m: None) if args.quiet else (lambda m: print(m, flush=True))
-    for path in args.files:
+    for path in energy_files(args.files):
         compile_path(path, args.outdir, log=log)
     return 0
+
+
+def energy_files(paths: list[str]) -> list[str]:
+    """Expand folders to the energy files in them (the .py files that import energyc.dsl)."""
+    out = []
+    for path in paths:
+        if os.path.isdir(path):
+            for name in sorted(os.listdir(path)):
+                full = os.path.join(path, name)
+                if name.endswith(".py") and os.path.isfile(full):
+                    with open(full, encoding="utf-8") as fh:
+                        if "energyc.dsl" in fh.read():
+                            out.append(full)
+        else:
+            out.append(path)
+    return out
 
 
 def _inspect(args: argparse.Namespace) -> int:
@@ -111,7 +127,9 @@ def parser() -> argparse.ArgumentParser:
     c = sub.add_parser("compile", help="generate a PyTorch package per layer of an energy file",
                        description="Generate OUTDIR/<layer>/ (an nn.Module and its autograd "
                                    "Function) for each layer declared in FILE.")
-    c.add_argument("files", nargs="+", metavar="FILE", help="energy file(s)")
+    c.add_argument("files", nargs="+", metavar="FILE",
+                   help="energy file(s), or folders: every .py file in them that imports "
+                        "energyc.dsl")
     c.add_argument("-o", "--outdir", default="generated", help="output folder (default generated)")
     c.add_argument("-q", "--quiet", action="store_true", help="print nothing on success")
     c.set_defaults(fn=_compile)

@@ -45,8 +45,9 @@ def load(path: str) -> dsl.EnergyFile:
         kind = type(exc).__name__
         message = str(exc)
         if isinstance(exc, NameError):
-            message = f"undefined name: {exc}"
-        raise EnergyError(f"{kind}: {message}", where) from None
+            kind, message = "undefined name", repr(exc.name) if exc.name else str(exc)
+        raise EnergyError(f"{kind} {message}" if kind == "undefined name" else f"{kind}: {message}",
+                          where) from None
     finally:
         sys.path.pop(0)
         dsl.set_current_file(previous)

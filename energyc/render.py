@@ -192,7 +192,6 @@ def _names(graph: Graph) -> dict[int, str]:
 
 def package_spec(layer: CompiledLayer, source: str) -> PackageSpec:
     decl = layer.decl
-    f = layer.file
     D = layer.state_dim
     state_order = ("b", "i", D)
     param_names = [p.name for p in layer.params]
@@ -326,6 +325,10 @@ def render_files(layer: CompiledLayer, source: str) -> dict[str, str]:
 
 def format_code(code: str) -> str:
     """Format with ruff (pinned in pyproject.toml) so generated code reads like hand-written."""
+    import importlib.util
+
+    if importlib.util.find_spec("ruff") is None:  # pragma: no cover - ruff is a dependency
+        return code
     try:
         proc = subprocess.run(
             [sys.executable, "-m", "ruff", "format", "--line-length", "100", "-"],

@@ -287,11 +287,11 @@ class Pointwise(Op):
         for m, u in enumerate(node.inputs):
             d = sympy.diff(body, ARG_SYMBOLS[m])
             if d.has(sympy.Derivative) or d.has(sympy.Subs):
-                bad = sorted({str(f.func) for f in d.atoms(sympy.Derivative)} | {"?"} - {"?"})
+                bad = sorted({str(f.expr.func) for f in d.atoms(sympy.Derivative)})
                 raise CompileError(
                     f"cannot differentiate {body.xreplace(_readable(node))}: SymPy has no "
                     f"derivative for {', '.join(bad) or 'a function in it'}; define it with "
-                    "energyc.elementwise(name, value, derivative)",
+                    "elementwise(name, value, derivative=...)",
                     node.where,
                 )
             if d == 0:

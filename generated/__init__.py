@@ -1,0 +1,1 @@
+"""Layers generated from examples/ by `energyc compile examples/` (checked in; do not edit)."""

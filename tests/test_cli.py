@@ -1,0 +1,66 @@
+"""The command line: compile, inspect, check and their --help."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from energyc.cli import main
+
+
+def run(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "energyc", *args], capture_output=True,
+                          text=True, cwd=cwd)
+
+
+@pytest.mark.parametrize("command", [[], ["compile"], ["inspect"], ["check"]])
+def test_help(command):
+    proc = run(*command, "--help")
+    assert proc.returncode == 0
+    assert "usage: energyc" in proc.stdout
+
+
+def test_compile_to_outdir(tmp_path, capsys):
+    assert main(["compile", "examples/cem_mlp.py", "-o", str(tmp_path)]) == 0
+    assert (tmp_path / "cem_mlp" / "layer.py").exists()
+    assert (tmp_path / "cem_mlp" / "__init__.py").exists()
+    out = capsys.readouterr().out
+    assert "wrote" in out and "done in" in out
+
+
+def test_inspect_prints_ops_and_shapes_and_writes_dot(tmp_path, capsys):
+    dot = tmp_path / "g.dot"
+    assert main(["inspect", "examples/cem_attention.py", "--dot", str(dot)]) == 0
+    out = capsys.readouterr().out
+    assert "E_i = " in out and "logsumexp_{j <= i}" in out
+    assert "contract" in out and "(b, i, j, H)" in out
+    assert "saved for backward" in out
+    for name in ("g.energy.dot", "g.step.dot"):
+        text = (tmp_path / name).read_text()
+        assert text.startswith('digraph "cem_attention_') and "->" in text
+
+
+def test_inspect_png(tmp_path):
+    pytest.importorskip("matplotlib")
+    png = tmp_path / "g.png"
+    assert main(["inspect", "examples/cem_mlp.py", "--graph", "none", "--png", str(png)]) == 0
+    assert (tmp_path / "g.energy.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_check_prints_table(capsys):
+    assert main(["check", "examples/cem_mlp.py"]) == 0
+    out = capsys.readouterr().out
+    for check in ("forward", "backward", "causal", "descent"):
+        assert check in out
+    assert "4 passed, 0 failed, 0 skipped" in out
+
+
+def test_missing_file_is_a_clear_error(capsys):
+    assert main(["compile", "no/such/file.py"]) == 1
+    assert "no such energy file: no/such/file.py" in capsys.readouterr().err
+
+
+def test_console_script_entry_point_declared():
+    with open(os.path.join(os.path.dirname(__file__), "..", "pyproject.toml")) as fh:
+        assert 'energyc = "energyc.cli:main"' in fh.read()
