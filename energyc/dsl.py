@@ -415,7 +415,8 @@ def apply(fn: Callable[..., Any], *values: Any) -> Tensor:
             continue
         if isinstance(sym, HyperSymbol) and sym.name in f.hypers:
             subs[sym] = _ops.ARG_SYMBOLS[len(args)]
-            args.append(g.add("hyper", where=where, name=sym.name))
+            args.append(g.add("hyper", where=where, name=sym.name,
+                              learnable=f.hypers[sym.name].learnable))
         elif isinstance(sym, Dim) and sym.name in f.dims:
             continue
         else:

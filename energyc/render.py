@@ -167,6 +167,7 @@ def function_spec(
             em.names[n] = names[n]
         unpack = ", ".join(names[n] for n in saved_in)
         lines.append(f"({unpack},) = saved" if len(saved_in) == 1 else f"{unpack} = saved")
+    em.pending.update(names)
     for n in nodes:
         if n in em.names:
             continue

@@ -27,6 +27,7 @@ class Emitter:
     letters: dict[str, str]
     lines: list[str] = field(default_factory=list)
     masks: dict[tuple, str] = field(default_factory=dict)
+    pending: dict[int, str] = field(default_factory=dict)  # planned variable names
     mask_lines: list[str] = field(default_factory=list)
 
     def size(self, axis: str) -> str:
@@ -71,6 +72,7 @@ class Emitter:
 
     def emit(self, nid: int, var: str) -> None:
         node = self.graph.node(nid)
+        self.pending[nid] = var
         expr = EMITTERS[node.op](self, nid, node)
         if expr is None:
             return
@@ -138,6 +140,70 @@ def _emit_relabel(em: Emitter, nid: int, node: Node) -> None:
     return None
 
 
+def _siblings(em: Emitter, node: Node, op: str) -> list[int]:
+    return [n for n in em.graph.live() if em.graph.node(n).op == op
+            and em.graph.node(n).inputs[:4] == node.inputs[:4]
+            and em.graph.node(n).attr("mask") == node.attr("mask")]
+
+
+def _heads(em: Emitter, q: int) -> bool:
+    return len(em.graph.node(q).axes) == 4  # (b, i, head, feature); else no head axis
+
+
+def _attention_args(em: Emitter, node: Node) -> str:
+    q, k, v, s = node.inputs[:4]
+    wrap = "" if _heads(em, q) else "[:, :, None]"
+    args = ", ".join(f"{em.names[u]}{wrap}" for u in (q, k, v))
+    return f"{args}, {em.names[s]}, {node.attr('mask')!r}"
+
+
+def _emit_attention(em: Emitter, nid: int, node: Node) -> None:
+    """Forward and its saved log-sum-exp in one fused call: ``o, lse = attention_forward(...)``."""
+    lse = [n for n in _siblings(em, node, "attention_lse") if em.graph.node(n).inputs == node.inputs]
+    squeeze = "" if _heads(em, node.inputs[0]) else "[:, :, 0]"
+    names = [em.names.get(nid) or em.pending[nid], em.pending.get(lse[0], "_") if lse else "_"]
+    em.lines.append(f"{', '.join(names)} = _rt.attention_forward({_attention_args(em, node)})"
+                    f"  # (b, i, ...)")
+    if squeeze:
+        em.lines.append(f"{names[0]} = {names[0]}{squeeze}")
+        if lse:
+            em.lines.append(f"{names[1]} = {names[1]}{squeeze}")
+    em.names[nid] = names[0]
+    if lse:
+        em.names[lse[0]] = names[1]
+    return None
+
+
+def _emit_attention_lse(em: Emitter, nid: int, node: Node) -> None:
+    squeeze = "" if _heads(em, node.inputs[0]) else "[:, :, 0]"
+    var = em.pending[nid]
+    em.lines.append(f"_, {var} = _rt.attention_forward({_attention_args(em, node)})")
+    if squeeze:
+        em.lines.append(f"{var} = {var}{squeeze}")
+    em.names[nid] = var
+    return None
+
+
+def _emit_attention_grad(em: Emitter, nid: int, node: Node) -> None:
+    """All of dq, dk, dv in one fused backward call."""
+    sibs = {em.graph.node(n).attr("wrt"): n for n in _siblings(em, node, "attention_grad")
+            if em.graph.node(n).inputs == node.inputs}
+    names = [em.pending.get(sibs[w], "_") if w in sibs else "_" for w in ("q", "k", "v")]
+    o, lse, g = node.inputs[4:]
+    wrap = "" if _heads(em, node.inputs[0]) else "[:, :, None]"
+    extra = ", ".join(f"{em.names[u]}{wrap}" for u in (o, lse, g))
+    em.lines.append(f"{', '.join(names)} = _rt.attention_backward({_attention_args(em, node)}, "
+                    f"{extra})")
+    for w, var in zip(("q", "k", "v"), names):
+        if w in sibs:
+            if not wrap:
+                em.names[sibs[w]] = var
+            else:
+                em.lines.append(f"{var} = {var}[:, :, 0]")
+                em.names[sibs[w]] = var
+    return None
+
+
 EMITTERS = {
     "input": _emit_leaf,
     "param": _emit_leaf,
@@ -150,6 +216,9 @@ EMITTERS = {
     "mask": _emit_mask,
     "broadcast": _emit_broadcast,
     "relabel": _emit_relabel,
+    "attention": _emit_attention,
+    "attention_lse": _emit_attention_lse,
+    "attention_grad": _emit_attention_grad,
 }
 
 

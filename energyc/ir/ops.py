@@ -410,8 +410,84 @@ class Relabel(Op):
         return f"relabel {node.attr('src')}->{node.attr('dst')}"
 
 
+class Attention(Op):
+    """``o[b,i,h,v] = sum_{j in C(i)} softmax_j(s * q[b,i,h,:] . k[b,j,h,:]) v[b,j,h,v]``.
+
+    Inputs ``(q, k, v, s)``: q (b, i, heads, F), k (b, j, heads, F), v (b, j, heads, G) and a
+    scalar scale s (a fixed hyperparameter or a constant); ``mask`` is "causal" or "all". Made by
+    the ``fuse_context_attention`` pass from the softmax-weighted context sum that the VJP of a
+    log-sum-exp context reduction produces. Its VJP is the attention backward (no gradient to s):
+    with ``P = softmax``, ``dv = P^T g``, ``dS = P * (g v^T - rowsum(g * o))``, ``dq = s dS k``,
+    ``dk = s dS^T q``.
+    """
+
+    name = "attention"
+
+    @staticmethod
+    def shape(graph, in_axes, attrs):
+        q, k, v, s = in_axes
+        if s or "i" not in q or "j" not in k or "j" not in v or "i" in k or "i" in v:
+            raise ValueError("attention takes q (i), k (j), v (j) and a scalar scale")
+        return graph.canonical([a for a in q if a != q[-1]] + [v[-1]])
+
+    @staticmethod
+    def vjp(graph, nid, node, g):
+        q, k, v, s = node.inputs
+        out_axes = node.axes
+        if graph.node(g).axes != out_axes:
+            g = graph.add("broadcast", (g,), out=out_axes)
+        lse = graph.add("attention_lse", (q, k, v, s), mask=node.attr("mask"))
+        grads = []
+        for pos, wrt in enumerate(("q", "k", "v")):
+            grads.append((pos, graph.add("attention_grad", (q, k, v, s, nid, lse, g),
+                                         mask=node.attr("mask"), wrt=wrt)))
+        return grads
+
+    @staticmethod
+    def describe(node):
+        return f"attention {{{describe_mask((node.attr('mask'),))}}}"
+
+
+class AttentionLse(Op):
+    """``l[b,i,h] = log sum_{j in C(i)} exp(s * q . k)``: the attention's saved normaliser."""
+
+    name = "attention_lse"
+
+    @staticmethod
+    def shape(graph, in_axes, attrs):
+        q = in_axes[0]
+        return tuple(a for a in q if a != q[-1])
+
+    @staticmethod
+    def describe(node):
+        return f"attention logsumexp {{{describe_mask((node.attr('mask'),))}}}"
+
+
+class AttentionGrad(Op):
+    """One of ``dq, dk, dv`` of :class:`Attention` (``wrt``); the three share one backward call.
+
+    Inputs ``(q, k, v, s, o, lse, g)``.
+    """
+
+    name = "attention_grad"
+
+    @staticmethod
+    def shape(graph, in_axes, attrs):
+        return in_axes[("q", "k", "v").index(attrs["wrt"])]
+
+    @staticmethod
+    def vjp(graph, nid, node, g):
+        from energyc.errors import CompileError
+
+        raise CompileError("third derivatives through a fused attention are not supported")
+
+    @staticmethod
+    def describe(node):
+        return f"attention backward d{node.attr('wrt')} {{{describe_mask((node.attr('mask'),))}}}"
+
+
 OPS: dict[str, type[Op]] = {
     op.name: op
     for op in (Input, Param, Hyper, Const, Offset, Contract, Pointwise, Reduce, Mask, Broadcast,
-               Relabel)
+               Relabel, Attention, AttentionLse, AttentionGrad)
 }

@@ -10,6 +10,7 @@ import os
 from collections.abc import Callable
 
 from energyc.ir.graph import Graph
+from energyc.passes.attention import fuse_context_attention
 from energyc.passes.canonicalize import canonicalize
 from energyc.passes.cse import cse, dead_code
 from energyc.passes.fuse import fuse_pointwise
@@ -24,6 +25,8 @@ PIPELINE: list[tuple[str, Pass]] = [
     ("fuse_pointwise", fuse_pointwise),
     ("canonicalize_again", canonicalize),
     ("cse_again", cse),
+    ("fuse_context_attention", fuse_context_attention),
+    ("dead_code_again", dead_code),
 ]
 
 
