@@ -1,0 +1,90 @@
+"""The property checks detect broken layers (so a passing check means something)."""
+
+import pytest
+import torch
+
+from energyc.check import format_results, import_generated, run_check
+from energyc.compiler import compile_file
+from energyc.loader import load
+
+
+@pytest.fixture(scope="module")
+def mlp():
+    layer = compile_file(load("examples/cem_mlp.py"))[0]
+    return layer, import_generated(layer)
+
+
+@pytest.fixture(scope="module")
+def attention():
+    layer = compile_file(load("examples/cem_attention.py"))[0]
+    return layer, import_generated(layer)
+
+
+def _patched(module, name, wrap, monkeypatch):
+    original = getattr(module.layer, name)
+    monkeypatch.setattr(module.layer, name, wrap(original))
+
+
+def test_forward_check_catches_a_wrong_gradient(mlp, monkeypatch):
+    layer, module = mlp
+
+    def wrap(fn):
+        def broken(*args):
+            g, saved = fn(*args)
+            return g * (1 + 1e-6), saved  # a relative error of 1e-6 must be caught in float64
+        return broken
+
+    _patched(module, "_grad_forward", wrap, monkeypatch)
+    result = run_check(layer, module, "forward", 5)
+    assert result.status == "FAIL" and "forward" in result.error
+
+
+def test_backward_check_catches_a_wrong_parameter_gradient(mlp, monkeypatch):
+    layer, module = mlp
+
+    def wrap(fn):
+        def broken(*args):
+            out = list(fn(*args))
+            out[2] = out[2] * (1 + 1e-6)  # dW
+            return tuple(out)
+        return broken
+
+    _patched(module, "_grad_backward", wrap, monkeypatch)
+    result = run_check(layer, module, "backward", 5)
+    assert result.status == "FAIL" and "d/dW" in result.error
+
+
+def test_causal_check_catches_a_leak(attention, monkeypatch):
+    layer, module = attention
+
+    def wrap(fn):
+        def leaky(x, *rest):
+            g, saved = fn(x, *rest)
+            return g + 1e-3 * x.flip(1), saved  # token t now sees token T-1-t
+        return leaky
+
+    _patched(module, "_grad_forward", wrap, monkeypatch)
+    result = run_check(layer, module, "causal", 10)
+    assert result.status == "FAIL" and "causal" in result.error
+
+
+def test_descent_check_catches_ascent(mlp, monkeypatch):
+    layer, module = mlp
+
+    def wrap(fn):
+        def ascent(*args):
+            g, saved = fn(*args)
+            return -g, saved
+        return ascent
+
+    _patched(module, "_grad_forward", wrap, monkeypatch)
+    result = run_check(layer, module, "descent", 5)
+    assert result.status == "FAIL" and "raised the energy" in result.error
+
+
+def test_table_reports_counts(mlp):
+    layer, module = mlp
+    results = [run_check(layer, module, c, 3) for c in ("forward", "backward")]
+    text = format_results(results)
+    assert "2 passed, 0 failed, 0 skipped" in text
+    assert torch.isfinite(torch.tensor([r.worst for r in results])).all()
