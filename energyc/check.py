@@ -85,7 +85,8 @@ def cases(layer: CompiledLayer, max_dim: int = 5, max_tokens: int = 6):
 
     @st.composite
     def draw(draw_fn):
-        dims = {d: draw_fn(st.integers(1, max_dim)) for d in dim_names}
+        dims = {d: (2 * draw_fn(st.integers(1, max_dim // 2)) if d in layer.even_dims
+                    else draw_fn(st.integers(1, max_dim))) for d in dim_names}
         hypers = {}
         for name, default in hyper_defaults.items():
             if default is None:

@@ -43,6 +43,13 @@ class CompiledLayer:
     timings: dict[str, float] = field(default_factory=dict)
 
     @property
+    def even_dims(self) -> tuple[str, ...]:
+        """Dims that must be even (features of a rotary position embedding)."""
+        g = self.energy
+        found = {g.node(n).attr("feature") for n in g.live() if g.node(n).op == "rotary"}
+        return tuple(d for d in self.dims if d in found)
+
+    @property
     def name(self) -> str:
         return self.decl.name
 

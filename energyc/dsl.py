@@ -40,7 +40,7 @@ from energyc.ir.graph import Graph
 __all__ = [
     "dims", "tokens", "state", "param", "hyper", "layer", "normal", "uniform", "zeros", "ones",
     "constant", "dot", "sum_over", "logsumexp", "window", "all_tokens", "apply", "elementwise",
-    "exp", "log", "tanh", "sigmoid", "softplus", "relu", "erf", "cos", "sin", "cosh", "sqrt",
+    "rotary", "alibi_slopes", "exp", "log", "tanh", "sigmoid", "softplus", "relu", "erf", "cos", "sin", "cosh", "sqrt",
     "Rational", "pi", "Tensor", "Dim", "Token", "ContextSet",
 ]
 
@@ -91,6 +91,11 @@ def ones() -> Init:
 
 def constant(value: Any) -> Init:
     return Init("constant", {"value": sympy.sympify(value)})
+
+
+def alibi_slopes() -> Init:
+    """ALiBi's geometric slopes ``2^(-8 (h + 1) / H)`` over the parameter's entries."""
+    return Init("alibi", {})
 
 
 @dataclass
@@ -459,6 +464,26 @@ softplus = _unary(_fn.softplus, "softplus")
 relu = _unary(_fn.relu, "relu")
 _sympy_sqrt = sympy.sqrt
 sqrt = _unary(_sympy_sqrt, "sqrt")  # noqa: F811 - works on tensors and on SymPy expressions
+
+
+def rotary(t: Tensor, over: Any, base: float = 10000.0) -> Tensor:
+    """Rotary position embedding: rotate feature pairs of ``over`` by the token's position.
+
+    ``t`` must depend on exactly one token (i or j); the size of ``over`` must be even.
+    """
+    if not isinstance(t, Tensor):
+        raise _fail("rotary() needs a tensor")
+    d = _dim_name(over)
+    if d not in t.order:
+        raise _fail(f"rotary over {d}, but the value has dims ({', '.join(t.order)})")
+    toks = [a for a in t.axes if a in ("i", "j")]
+    if len(toks) != 1:
+        raise _fail("rotary() needs a value of one token (built from x[i] or xbar[j]), got "
+                    f"tokens ({', '.join(toks)})")
+    g = current_file().graph
+    node = g.add("rotary", (t.node,), where=user_location(), feature=d, base=float(base),
+                 inverse=False)
+    return Tensor(node, t.order)
 
 
 def elementwise(

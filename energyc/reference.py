@@ -104,6 +104,21 @@ def _align(value: torch.Tensor, axes: tuple, to: tuple) -> torch.Tensor:
     return value.reshape(shape) if axes == tuple(a for a in to if a in axes) else value
 
 
+def _rotary_reference(t, axes, feature, base, inverse):
+    """Rotary embedding as a complex multiplication: (u_2m + i u_2m+1) * exp(i p w_m)."""
+    token = next(a for a in axes if a in ("i", "j"))
+    td, fd = axes.index(token), axes.index(feature)
+    u = t.movedim((td, fd), (-2, -1))
+    T, F = u.shape[-2], u.shape[-1]
+    z = torch.complex(u[..., 0::2], u[..., 1::2])
+    w = base ** (-torch.arange(0, F, 2, dtype=torch.float64) / F)
+    phase = torch.arange(T, dtype=torch.float64)[:, None] * w[None, :]
+    rot = torch.polar(torch.ones_like(phase), -phase if inverse else phase)
+    z = z * rot.to(z.dtype)
+    out = torch.stack((z.real, z.imag), dim=-1).flatten(-2)
+    return out.movedim((-2, -1), (td, fd))
+
+
 def evaluate_energy(
     layer: CompiledLayer,
     x: torch.Tensor,
@@ -139,6 +154,9 @@ def evaluate_energy(
         elif op == "offset":
             idx = torch.arange(T, dtype=x.dtype)
             values[n] = idx[:, None] - idx[None, :]
+        elif op == "rotary":
+            values[n] = _rotary_reference(ins[0], node.axes, node.attr("feature"),
+                                          node.attr("base"), node.attr("inverse"))
         elif op == "relabel":
             values[n] = ins[0]  # the same tensor, axis renamed
         elif op == "contract":

@@ -88,6 +88,7 @@ class PackageSpec:
     source: str
     doc: str
     dims: list[str]
+    even_dims: list[str]
     state_dim: str
     hypers: list[HyperSpec]
     params: list[ParamSpec]
@@ -280,13 +281,15 @@ def package_spec(layer: CompiledLayer, source: str) -> PackageSpec:
         elif init.kind == "uniform":
             stmt = (f"torch.nn.init.uniform_(self.{p.name}, a={_code(init.args['low'])}, "
                     f"b={_code(init.args['high'])})")
+        elif init.kind == "alibi":
+            stmt = f"_rt.alibi_slopes_(self.{p.name})"
         else:
             stmt = f"torch.nn.init.constant_(self.{p.name}, {_code(init.args['value'])})"
         params.append(ParamSpec(p.name, "(" + ", ".join(p.dims) + ",)", stmt))
     doc = _module_doc(layer)
     return PackageSpec(
         name=decl.name, class_name=camel(decl.name), source=source, doc=doc,
-        dims=list(layer.dims), state_dim=D, hypers=hypers, params=params, eta=decl.eta,
+        dims=list(layer.dims), even_dims=list(layer.even_dims), state_dim=D, hypers=hypers, params=params, eta=decl.eta,
         steps=decl.steps, precond=decl.precond, rank=decl.rank, context=decl.context,
         joint=decl.joint, functions=functions, precond_kinds=list(layer.precond),
     )

@@ -123,3 +123,10 @@ def test_render_failure_leaves_nothing(tmp_path, monkeypatch):
     monkeypatch.undo()
     assert not (out / "pkg").exists()
     assert os.listdir(out) == []
+
+
+def test_rotary_of_a_pair_value_is_an_error(tmp_path):
+    path = write(tmp_path, "rot", "s = dot(W_q @ x[i], W_k @ xbar[j], over=K)\n"
+                                  "r = rotary(s, over=H)\nlayer('bad', r)\n")
+    with pytest.raises(EnergyError, match=r"rot.py:10: rotary\(\) needs a value of one token"):
+        compile_path(path, str(tmp_path / "out"))

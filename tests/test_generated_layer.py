@@ -102,3 +102,19 @@ def test_no_grad_forward_keeps_no_state():
     with torch.no_grad():
         y = layer(torch.randn(2, 4, 8))
     assert y.grad_fn is None
+
+
+def test_rotary_needs_an_even_feature_size():
+    from generated.lm_attention_rope import Layer as Rope
+
+    with pytest.raises(ValueError, match="argument K: expected an even size"):
+        Rope(D=8, H=2, K=3)
+    Rope(D=8, H=2, K=4)(torch.randn(1, 3, 8))
+
+
+def test_alibi_slopes_initialised_geometrically():
+    from generated.lm_attention_alibi import Layer as Alibi
+
+    layer = Alibi(D=8, H=4, K=2)
+    expected = torch.tensor([2.0 ** (-8.0 * (h + 1) / 4) for h in range(4)])
+    torch.testing.assert_close(layer.slopes.detach(), expected)

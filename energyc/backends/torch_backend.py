@@ -140,6 +140,15 @@ def _emit_relabel(em: Emitter, nid: int, node: Node) -> None:
     return None
 
 
+def _emit_rotary(em: Emitter, nid: int, node: Node) -> str:
+    axes = node.axes
+    token = next(a for a in axes if a in ("i", "j"))
+    inverse = node.attr("inverse")
+    return (f"_rt.rotary({em.names[node.inputs[0]]}, token_dim={axes.index(token)}, "
+            f"feature_dim={axes.index(node.attr('feature'))}, base={node.attr('base')!r}, "
+            f"inverse={inverse})")
+
+
 def _siblings(em: Emitter, node: Node, op: str) -> list[int]:
     return [n for n in em.graph.live() if em.graph.node(n).op == op
             and em.graph.node(n).inputs[:4] == node.inputs[:4]
@@ -216,6 +225,7 @@ EMITTERS = {
     "mask": _emit_mask,
     "broadcast": _emit_broadcast,
     "relabel": _emit_relabel,
+    "rotary": _emit_rotary,
     "attention": _emit_attention,
     "attention_lse": _emit_attention_lse,
     "attention_grad": _emit_attention_grad,

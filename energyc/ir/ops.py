@@ -19,6 +19,9 @@ reduce     ``sum`` or ``logsumexp`` over axes; over ``j`` it takes a context set
 mask       ``where(j in C(i), u, 0)``: zero outside the context set
 broadcast  expand to more axes
 relabel    rename a token axis (``i`` <-> ``j``): the same tokens seen in another role
+rotary     a fixed rotation by token position (rotary position embedding)
+attention  softmax-weighted context sum (made by a fusion pass; with attention_lse and
+           attention_grad, its saved normaliser and its backward)
 =========  ===========================================================================
 """
 
@@ -410,6 +413,39 @@ class Relabel(Op):
         return f"relabel {node.attr('src')}->{node.attr('dst')}"
 
 
+class Rotary(Op):
+    """A fixed position-dependent rotation (rotary position embedding) along ``feature``.
+
+    For the value's token axis (i or j) at position p, each pair of features (2m, 2m+1) turns by
+    the angle ``p * base^(-2m/F)``: ``out[2m] = u[2m] cos - u[2m+1] sin``,
+    ``out[2m+1] = u[2m] sin + u[2m+1] cos``. Rotations are orthogonal, so the VJP is the inverse
+    rotation: ``du = R_p^T g``.
+    """
+
+    name = "rotary"
+
+    @staticmethod
+    def shape(graph, in_axes, attrs):
+        axes = in_axes[0]
+        tokens = [a for a in axes if a in ("i", "j")]
+        if len(tokens) != 1 or attrs["feature"] not in axes:
+            raise ValueError("rotary needs a value with one token axis and the feature axis")
+        return axes
+
+    @staticmethod
+    def vjp(graph, nid, node, g):
+        if graph.node(g).axes != node.axes:
+            g = graph.add("broadcast", (g,), out=node.axes)
+        attrs = dict(node.attrs)
+        attrs["inverse"] = not attrs["inverse"]
+        return [(0, graph.add("rotary", (g,), **attrs))]
+
+    @staticmethod
+    def describe(node):
+        inv = "inverse " if node.attr("inverse") else ""
+        return f"{inv}rotary over {node.attr('feature')} (base {node.attr('base')})"
+
+
 class Attention(Op):
     """``o[b,i,h,v] = sum_{j in C(i)} softmax_j(s * q[b,i,h,:] . k[b,j,h,:]) v[b,j,h,v]``.
 
@@ -489,5 +525,5 @@ class AttentionGrad(Op):
 OPS: dict[str, type[Op]] = {
     op.name: op
     for op in (Input, Param, Hyper, Const, Offset, Contract, Pointwise, Reduce, Mask, Broadcast,
-               Relabel, Attention, AttentionLse, AttentionGrad)
+               Relabel, Rotary, Attention, AttentionLse, AttentionGrad)
 }
