@@ -238,7 +238,7 @@ def run_check(layer: CompiledLayer, module: ModuleType, check: str, max_examples
         with torch.random.fork_rng():
             try:
                 err = fn(layer, module, case)
-            except AssertionError:
+            except Exception:
                 result.extra["case"] = case
                 raise
         result.examples += 1
@@ -251,6 +251,8 @@ def run_check(layer: CompiledLayer, module: ModuleType, check: str, max_examples
         result.error = str(exc).splitlines()[0]
         if "case" in result.extra:
             result.error += f" [smallest failing case: {result.extra['case']}]"
+    except Exception as exc:  # an error inside the layer or the reference: report, don't crash
+        result.error = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
     return result
 
 

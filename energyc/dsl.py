@@ -518,8 +518,10 @@ def _reduce(t: Tensor, over: tuple, kind: str) -> Tensor:
     if len(over) == 1 and isinstance(over[0], ContextSet):
         if "j" not in t.axes:
             raise _fail("a reduction over a context set needs a value that depends on j")
-        if "i" not in t.axes and over[0].mask not in (("all",),):
-            t = Tensor(_ops.pointwise(g, _ops.ARG_SYMBOLS[0], [t.node]), t.order)
+        if "i" not in t.axes and over[0].mask != ("all",):
+            # the context set depends on i: the summand is constant along i, the sum is not
+            t = Tensor(g.add("broadcast", (t.node,), out=g.canonical(set(t.axes) | {"i"})),
+                       t.order)
         node = g.add("reduce", (t.node,), where=where, kind=kind, axes=("j",), mask=over[0].mask)
         return Tensor(node, t.order)
     if not over:

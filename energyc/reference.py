@@ -158,7 +158,11 @@ def evaluate_energy(
             values[n] = _rotary_reference(ins[0], node.axes, node.attr("feature"),
                                           node.attr("base"), node.attr("inverse"))
         elif op == "relabel":
-            values[n] = ins[0]  # the same tensor, axis renamed
+            values[n] = ins[0]
+        elif op == "broadcast":
+            shape = [sizes["B"] if a == "b" else T if a in ("i", "j") else sizes[a]
+                     for a in node.axes]
+            values[n] = _align(ins[0], in_axes[0], node.axes).expand(shape)  # the same tensor, axis renamed
         elif op == "contract":
             letters = {a: chr(ord("a") + k) for k, a in enumerate(("b", "i", "j", *graph.dims))}
             spec = ",".join("".join(letters[a] for a in ax) for ax in in_axes)

@@ -7,8 +7,22 @@ from a user-defined function with its own derivative, and a polynomial self-ener
 Phi(u) = u (1 + erf(u / sqrt 2)) / 2 (GELU), declared with elementwise() and its derivative.
 """
 
-from energyc.dsl import (all_tokens, dims, dot, elementwise, erf, exp, hyper, layer, logsumexp,
-                         param, pi, sqrt, state, tokens)
+from energyc.dsl import (
+                         all_tokens,
+                         dims,
+                         dot,
+                         elementwise,
+                         erf,
+                         exp,
+                         hyper,
+                         layer,
+                         logsumexp,
+                         param,
+                         pi,
+                         sqrt,
+                         state,
+                         tokens,
+)
 
 D, H, K, M = dims("D H K M")
 i, j = tokens()

@@ -12,8 +12,20 @@ Six layers from one file: three positional schemes times two interactions.
     E_i = -(1/beta) sum_h log sum_{j <= i} exp(scores_ij)
 """
 
-from energyc.dsl import (alibi_slopes, dims, dot, hyper, layer, logsumexp, param, rotary, sqrt,
-                         state, tokens, zeros)
+from energyc.dsl import (
+    alibi_slopes,
+    dims,
+    dot,
+    hyper,
+    layer,
+    logsumexp,
+    param,
+    rotary,
+    sqrt,
+    state,
+    tokens,
+    zeros,
+)
 
 D, H, K = dims("D H K")
 i, j = tokens()

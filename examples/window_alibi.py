@@ -6,8 +6,19 @@ Features: a sliding-window context set, a score term that depends on i - j (ALiB
 m_h, learned), and a learnable hyperparameter beta.
 """
 
-from energyc.dsl import (constant, dims, dot, hyper, layer, logsumexp, param, sqrt, state,
-                         tokens, window)
+from energyc.dsl import (
+                         constant,
+                         dims,
+                         dot,
+                         hyper,
+                         layer,
+                         logsumexp,
+                         param,
+                         sqrt,
+                         state,
+                         tokens,
+                         window,
+)
 
 D, H, K = dims("D H K")
 i, j = tokens()

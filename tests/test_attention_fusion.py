@@ -46,11 +46,11 @@ def test_pass_is_in_pipeline_and_idempotent():
 
 def test_unfused_graph_has_the_softmax_weighted_sum():
     """Before the pass, the same layer materialises (b, i, j, H) weights; after, none remain."""
-    from energyc.compiler import _energy_subgraph
+    import energyc.passes as passes
     from energyc.autodiff import vjp
+    from energyc.compiler import _energy_subgraph
     from energyc.ir import ops
     from energyc.passes import run_pipeline
-    import energyc.passes as passes
 
     layer = compile_file(load("examples/cem_attention.py"))[0]
     g, e = _energy_subgraph(layer.decl)

@@ -16,7 +16,7 @@ from tests.conftest import ROOT, example_files
 EXAMPLES_PER_CHECK = int(os.environ.get("ENERGYC_EXAMPLES", "15"))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def compiled(path):
     return [(layer, import_generated(layer)) for layer in compile_file(load(os.path.join(ROOT, path)))]
 

@@ -329,6 +329,8 @@ class Reduce(Op):
             raise ValueError(f"reduce over {axes} of a value with axes {in_axes[0]}")
         if attrs.get("mask") is not None and axes != ("j",):
             raise ValueError("a context set applies to a reduction over j only")
+        if attrs.get("mask") not in (None, ("all",)) and "i" not in in_axes[0]:
+            raise ValueError("a reduction over a context set C(i) needs a value with axis i")
         if attrs["kind"] == "lse" and len(axes) != 1:
             raise ValueError("logsumexp reduces one axis at a time")
         return tuple(a for a in in_axes[0] if a not in axes)

@@ -29,7 +29,8 @@ def _broadcast_into_pointwise(graph: Graph, node: Node, inputs: list[int]) -> in
         un = graph.node(u)
         if un.op != "broadcast":
             continue
-        others = set().union(*(graph.node(v).axes for m, v in enumerate(inputs) if m != k))
+        # against the arguments as already rewritten: two broadcasts must not both go
+        others = set().union(*(graph.node(v).axes for m, v in enumerate(new_inputs) if m != k))
         if set(un.axes) <= others | set(graph.node(un.inputs[0]).axes):
             new_inputs[k] = un.inputs[0]
             changed = True
