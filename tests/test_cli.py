@@ -64,3 +64,14 @@ def test_missing_file_is_a_clear_error(capsys):
 def test_console_script_entry_point_declared():
     with open(os.path.join(os.path.dirname(__file__), "..", "pyproject.toml")) as fh:
         assert 'energyc = "energyc.cli:main"' in fh.read()
+
+
+def test_debug_env_dumps_graph_after_each_pass():
+    env = dict(os.environ, ENERGYC_DEBUG="1")
+    proc = subprocess.run([sys.executable, "-m", "energyc", "inspect", "examples/cem_mlp.py",
+                           "--graph", "none"], capture_output=True, text=True, env=env)
+    assert proc.returncode == 0, proc.stderr
+    from energyc.passes import PIPELINE
+
+    for name, _ in PIPELINE:
+        assert f"--- after {name} ---" in proc.stdout
