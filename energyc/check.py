@@ -179,7 +179,7 @@ def check_causal(layer: CompiledLayer, module: ModuleType, case: Case) -> float:
 
 def check_descent(layer: CompiledLayer, module: ModuleType, case: Case) -> float:
     lay, x = build(layer, module, case)
-    lay.config = (1.0, 1, case.precond, "current")
+    lay.config = (1.0, 1, case.precond, "current", lay.config[4])
     with torch.no_grad():
         g = lay(x) - x  # = -P grad E at eta = 1
         step = 1e-4 / (1.0 + float(g.abs().max()))

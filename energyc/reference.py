@@ -215,7 +215,7 @@ def precondition(kind: str, g: torch.Tensor, P_diag=None, P_lowrank=None) -> tor
 def reference_step(layer: CompiledLayer, module: torch.nn.Module, x: torch.Tensor,
                    create_graph: bool) -> torch.Tensor:
     """The layer's output computed with torch.autograd on :func:`evaluate_energy`."""
-    eta, steps, precond, context = module.config
+    eta, steps, precond, context = module.config[:4]
     params = {p.name: getattr(module, p.name) for p in layer.params}
     hypers = {h.name: getattr(module, h.name) for h in layer.hypers}
     x0 = x

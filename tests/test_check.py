@@ -58,8 +58,8 @@ def test_causal_check_catches_a_leak(attention, monkeypatch):
     layer, module = attention
 
     def wrap(fn):
-        def leaky(x, *rest):
-            g, saved = fn(x, *rest)
+        def leaky(kernels, x, *rest):
+            g, saved = fn(kernels, x, *rest)
             return g + 1e-3 * x.flip(1), saved  # token t now sees token T-1-t
         return leaky
 

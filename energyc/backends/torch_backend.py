@@ -171,7 +171,7 @@ def _emit_attention(em: Emitter, nid: int, node: Node) -> None:
     lse = [n for n in _siblings(em, node, "attention_lse") if em.graph.node(n).inputs == node.inputs]
     squeeze = "" if _heads(em, node.inputs[0]) else "[:, :, 0]"
     names = [em.names.get(nid) or em.pending[nid], em.pending.get(lse[0], "_") if lse else "_"]
-    em.lines.append(f"{', '.join(names)} = _rt.attention_forward({_attention_args(em, node)})"
+    em.lines.append(f"{', '.join(names)} = kernels.attention_forward({_attention_args(em, node)})"
                     f"  # (b, i, ...)")
     if squeeze:
         em.lines.append(f"{names[0]} = {names[0]}{squeeze}")
@@ -186,7 +186,7 @@ def _emit_attention(em: Emitter, nid: int, node: Node) -> None:
 def _emit_attention_lse(em: Emitter, nid: int, node: Node) -> None:
     squeeze = "" if _heads(em, node.inputs[0]) else "[:, :, 0]"
     var = em.pending[nid]
-    em.lines.append(f"_, {var} = _rt.attention_forward({_attention_args(em, node)})")
+    em.lines.append(f"_, {var} = kernels.attention_forward({_attention_args(em, node)})")
     if squeeze:
         em.lines.append(f"{var} = {var}{squeeze}")
     em.names[nid] = var
@@ -201,7 +201,7 @@ def _emit_attention_grad(em: Emitter, nid: int, node: Node) -> None:
     o, lse, g = node.inputs[4:]
     wrap = "" if _heads(em, node.inputs[0]) else "[:, :, None]"
     extra = ", ".join(f"{em.names[u]}{wrap}" for u in (o, lse, g))
-    em.lines.append(f"{', '.join(names)} = _rt.attention_backward({_attention_args(em, node)}, "
+    em.lines.append(f"{', '.join(names)} = kernels.attention_backward({_attention_args(em, node)}, "
                     f"{extra})")
     for w, var in zip(("q", "k", "v"), names):
         if w in sibs:
