@@ -1,0 +1,948 @@
+"""Train a decoder-only byte-level language model: CEM layers from energyc, or a Llama baseline.
+
+Bytes are the tokens (vocabulary 256, no tokenizer). Two models of the same width and depth:
+
+* ``--model cem``: blocks of [RMSNorm -> CEM attention step -> RMSNorm -> CEM MLP step], each step
+  a residual update ``h = norm(x); x = x + (layer(h) - h)`` where the generated layer maps h to
+  ``h - eta P dE/dh``. The attention layer is ``generated.lm_attention_<position>[_dplr]`` (the
+  position scheme lives inside the energy), the MLP is ``generated.cem_mlp``. Tied embeddings.
+* ``--model baseline``: a Llama-style pre-norm Transformer in plain PyTorch: RMSNorm, attention
+  with q, k, v, o projections (no biases) on ``scaled_dot_product_attention``, a SwiGLU MLP
+  (three matrices), rotary / ALiBi / no position information, tied embeddings.
+
+Usage:
+
+    python examples/train_lm.py --model cem --out runs/cem
+    python examples/train_lm.py --model baseline --out runs/baseline
+    python examples/train_lm.py --model cem --position alibi --interaction dplr \\
+        --preconditioner diag --recursive-steps 2 --out runs/cem_alibi_dplr
+    python examples/train_lm.py --model cem --out runs/cem --resume    # continue a run
+    torchrun --nproc_per_node 2 examples/train_lm.py --model cem --threads 1 --out runs/ddp
+    python examples/compare_runs.py runs/cem runs/baseline -o runs/compare.png
+
+Data: by default the Python standard library's own ``*.py`` sources (no download; the same bytes
+on every machine with the same Python), split into training and validation by file with a stable
+hash of the relative path. ``--data PATH`` takes a text file (split 95/5 by position) or a folder
+(every file, split by file like the default).
+
+Batch k is a pure function of (--seed, k), and the validation windows are fixed, so a run resumed
+from ``OUT/checkpoint.pt`` follows the same loss curve as an uninterrupted one (same machine and
+threads), and N processes under torchrun see exactly the combined batch of one process.
+
+Writes ``OUT/metrics.json`` (parameter counts, tokens/s, final validation bits per byte, the
+curve, the configuration) and ``OUT/checkpoint.pt``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import importlib
+import json
+import math
+import os
+import platform
+import random
+import sys
+import sysconfig
+import time
+import zlib
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F  # noqa: N812
+from torch import nn
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+VOCAB = 256
+VAL_MODULUS = 20  # a file is a validation file when crc32(relative path) % 20 == 0
+SINGLE_FILE_TRAIN_FRACTION = 0.95
+MAX_TRAIN_BYTES = 20_000_000
+MAX_VAL_BYTES = 2_000_000
+VAL_SEED = 20240501  # the validation windows: the same for every run, whatever --seed
+SKIP_DIRS = frozenset({"site-packages", "test", "tests", "idle_test", "__pycache__"})
+PRECONDITIONERS = {"none": "identity", "diag": "diagonal", "dplr": "dplr"}
+POSITION_LAYER = {"rope": "rope", "alibi": "alibi", "none": "nope"}
+FALLBACK_ATTENTION = "generated.cem_attention"
+# settings a resumed run must share with its checkpoint (the others may change on resume)
+RESUME_KEYS = (
+    "model", "dim", "depth", "heads", "mlp_hidden", "position", "interaction", "recursive_steps",
+    "preconditioner", "precond_rank", "eta", "seq", "batch", "lr", "warmup", "min_lr_ratio",
+    "weight_decay", "grad_clip", "seed", "data", "eval_batches",
+)  # fmt: skip
+
+
+class ConfigError(ValueError):
+    """A bad setting or unusable data, reported to the user as `train_lm.py: error: ...`."""
+
+
+# -- data ------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Corpus:
+    """Training and validation bytes (uint8 tensors) and where they came from."""
+
+    train: torch.Tensor
+    val: torch.Tensor
+    source: str
+    split: str
+    files_train: int = 0
+    files_val: int = 0
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "source": self.source,
+            "split": self.split,
+            "train_bytes": int(self.train.numel()),
+            "val_bytes": int(self.val.numel()),
+            "files_train": self.files_train,
+            "files_val": self.files_val,
+        }
+
+
+def is_validation_file(relpath: str) -> bool:
+    """Whether the file at ``relpath`` (posix separators) belongs to the validation split."""
+    return zlib.crc32(relpath.encode("utf-8")) % VAL_MODULUS == 0
+
+
+def list_files(
+    root: str, suffix: str | None = None, skip_dirs: frozenset[str] = frozenset()
+) -> list[str]:
+    """Relative posix paths of the files under ``root``, sorted; hidden entries skipped."""
+    out = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = [d for d in dirnames if d not in skip_dirs and not d.startswith(".")]
+        for name in filenames:
+            if name.startswith(".") or (suffix is not None and not name.endswith(suffix)):
+                continue
+            full = os.path.join(dirpath, name)
+            if os.path.isfile(full):
+                out.append(os.path.relpath(full, root).replace(os.sep, "/"))
+    return sorted(out)
+
+
+def _to_tensor(data: bytes | bytearray) -> torch.Tensor:
+    if not data:
+        return torch.zeros(0, dtype=torch.uint8)
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8)
+
+
+def _split_by_position(data: bytes, max_train: int, max_val: int) -> tuple[bytes, bytes]:
+    cut = int(len(data) * SINGLE_FILE_TRAIN_FRACTION)
+    return data[:cut][:max_train], data[cut:][:max_val]
+
+
+def load_corpus(
+    path: str | None = None,
+    *,
+    min_bytes: int = 2,
+    max_train_bytes: int = MAX_TRAIN_BYTES,
+    max_val_bytes: int = MAX_VAL_BYTES,
+) -> Corpus:
+    """Load the training and validation bytes.
+
+    Args:
+        path: None for the Python standard library's ``*.py`` files (no site-packages, no test
+            folders); a file (its first max_train + max_val bytes, split 95/5 by position); or a
+            folder (all files, recursively, split by file: see ``is_validation_file``). Files are
+            read in sorted order of their relative paths; each split keeps its first bytes up to
+            its cap. A folder whose split by file leaves a part shorter than ``min_bytes`` (too
+            few files) is split 95/5 by position instead.
+        min_bytes: the least bytes each split needs (``seq + 1`` for training windows).
+
+    Raises:
+        ConfigError: the path does not exist, holds no data, or gives too little for a split.
+    """
+    if path is None:
+        root, suffix, skip = sysconfig.get_paths()["stdlib"], ".py", SKIP_DIRS
+        source = f"python stdlib *.py ({root})"
+    else:
+        root, suffix, skip, source = path, None, frozenset(), path
+        if not os.path.exists(path):
+            raise ConfigError(f"--data {path}: no such file or folder")
+    if os.path.isfile(root):
+        with open(root, "rb") as fh:
+            data = fh.read(max_train_bytes + max_val_bytes)
+        train, val = _split_by_position(data, max_train_bytes, max_val_bytes)
+        corpus = Corpus(_to_tensor(train), _to_tensor(val), source, "by position 95/5", 1, 1)
+    else:
+        files = list_files(root, suffix, skip)
+        if not files:
+            raise ConfigError(f"--data {root}: the folder holds no files")
+        parts: dict[bool, bytearray] = {False: bytearray(), True: bytearray()}
+        caps = {False: max_train_bytes, True: max_val_bytes}
+        counts = {False: 0, True: 0}
+        for rel in files:
+            is_val = is_validation_file(rel)
+            room = caps[is_val] - len(parts[is_val])
+            if room <= 0:
+                continue
+            with open(os.path.join(root, rel), "rb") as fh:
+                parts[is_val] += fh.read(room)
+            counts[is_val] += 1
+        split = f"by file (crc32(relative path) % {VAL_MODULUS} == 0: validation)"
+        if min(len(parts[False]), len(parts[True])) < min_bytes:
+            data = bytes(parts[False] + parts[True])
+            train, val = _split_by_position(data, max_train_bytes, max_val_bytes)
+            parts = {False: bytearray(train), True: bytearray(val)}
+            split = "by position 95/5 (too few files for a split by file)"
+        corpus = Corpus(
+            _to_tensor(parts[False]),
+            _to_tensor(parts[True]),
+            source,
+            split,
+            counts[False],
+            counts[True],
+        )
+    for name, part in (("training", corpus.train), ("validation", corpus.val)):
+        if part.numel() < min_bytes:
+            raise ConfigError(
+                f"{source}: the {name} split has {part.numel()} bytes; it needs at least "
+                f"{min_bytes} (--seq + 1)"
+            )
+    return corpus
+
+
+def _stream_seed(seed: int, step: int) -> int:
+    """A well-mixed 63-bit generator seed for batch ``step`` of run ``seed``."""
+    digest = hashlib.blake2b(f"train_lm:{seed}:{step}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+def _windows(
+    data: torch.Tensor, starts: torch.Tensor, seq: int, device: str | torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    idx = starts[:, None] + torch.arange(seq + 1)
+    w = data[idx].long().to(device)
+    return w[:, :-1], w[:, 1:]
+
+
+def _rank_slice(n: int, rank: int, world_size: int) -> slice:
+    if n % world_size:
+        raise ConfigError(f"--batch {n} is not divisible by the number of processes {world_size}")
+    share = n // world_size
+    return slice(rank * share, (rank + 1) * share)
+
+
+def get_batch(
+    data: torch.Tensor,
+    step: int,
+    *,
+    seed: int,
+    batch: int,
+    seq: int,
+    rank: int = 0,
+    world_size: int = 1,
+    device: str | torch.device = "cpu",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inputs and targets (batch // world_size, seq) for training step ``step``.
+
+    The global batch is ``batch`` random windows of seq + 1 bytes drawn from a generator seeded
+    by (seed, step) only, so it is a pure function of (seed, step); rank r takes the r-th of
+    world_size equal slices of it.
+    """
+    g = torch.Generator().manual_seed(_stream_seed(seed, step))
+    starts = torch.randint(0, data.numel() - seq, (batch,), generator=g)
+    return _windows(data, starts[_rank_slice(batch, rank, world_size)], seq, device)
+
+
+def validation_batches(
+    data: torch.Tensor,
+    *,
+    batches: int,
+    batch: int,
+    seq: int,
+    rank: int = 0,
+    world_size: int = 1,
+    device: str | torch.device = "cpu",
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The fixed validation windows (seeded by VAL_SEED): ``batches`` batches of ``batch``."""
+    g = torch.Generator().manual_seed(VAL_SEED)
+    starts = torch.randint(0, data.numel() - seq, (batches, batch), generator=g)
+    part = _rank_slice(batch, rank, world_size)
+    return [_windows(data, s[part], seq, device) for s in starts]
+
+
+# -- models ----------------------------------------------------------------------------------------
+
+
+def rotary(t: torch.Tensor, base: float = 10000.0) -> torch.Tensor:
+    """Rotary position embedding of t (..., T, K), interleaved pairs (2m, 2m+1).
+
+    out[2m] = t[2m] cos(p w_m) - t[2m+1] sin(p w_m), out[2m+1] = t[2m] sin + t[2m+1] cos, with
+    p the token position and w_m = base^(-2m/K).
+    """
+    T, K = t.shape[-2], t.shape[-1]
+    pos = torch.arange(T, device=t.device, dtype=torch.float32)
+    freq = base ** (-torch.arange(0, K, 2, device=t.device, dtype=torch.float32) / K)
+    angle = pos[:, None] * freq[None, :]  # (T, K/2)
+    cos, sin = angle.cos().to(t.dtype), angle.sin().to(t.dtype)
+    u = t.unflatten(-1, (K // 2, 2))
+    a, b = u[..., 0], u[..., 1]
+    return torch.stack((a * cos - b * sin, a * sin + b * cos), dim=-1).flatten(-2)
+
+
+def alibi_slopes(heads: int) -> torch.Tensor:
+    """ALiBi's standard slopes 2^(-8h/H), h = 1..H."""
+    return torch.tensor([2.0 ** (-8.0 * h / heads) for h in range(1, heads + 1)])
+
+
+def alibi_bias(heads: int, T: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """(H, T, T) additive mask: -slope_h (i - j) for j <= i, -inf for j > i."""
+    i = torch.arange(T, device=device)
+    dist_ij = (i[:, None] - i[None, :]).to(dtype)
+    bias = -alibi_slopes(heads).to(device=device, dtype=dtype)[:, None, None] * dist_ij
+    return bias.masked_fill(dist_ij < 0, -math.inf)
+
+
+class Attention(nn.Module):
+    """Causal multi-head attention with q, k, v, o projections (no biases)."""
+
+    def __init__(self, dim: int, heads: int, position: str) -> None:
+        super().__init__()
+        self.heads, self.position = heads, position
+        self.q = nn.Linear(dim, dim, bias=False)
+        self.k = nn.Linear(dim, dim, bias=False)
+        self.v = nn.Linear(dim, dim, bias=False)
+        self.o = nn.Linear(dim, dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, D = x.shape
+        q, k, v = (
+            p(x).view(B, T, self.heads, -1).transpose(1, 2) for p in (self.q, self.k, self.v)
+        )
+        if self.position == "rope":
+            q, k = rotary(q), rotary(k)
+        if self.position == "alibi":
+            mask = alibi_bias(self.heads, T, x.device, x.dtype)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.o(out.transpose(1, 2).reshape(B, T, D))
+
+
+class SwiGLU(nn.Module):
+    """w2(silu(w1 x) * w3 x)."""
+
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden, bias=False)
+        self.w3 = nn.Linear(dim, hidden, bias=False)
+        self.w2 = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class BaselineBlock(nn.Module):
+    """Pre-norm Llama block: x + attention(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, dim: int, heads: int, mlp_hidden: int, position: str, depth: int) -> None:
+        super().__init__()
+        self.attention_norm = nn.RMSNorm(dim)
+        self.attention = Attention(dim, heads, position)
+        self.mlp_norm = nn.RMSNorm(dim)
+        self.mlp = SwiGLU(dim, mlp_hidden)
+        out_scale = 1 / math.sqrt(2 * depth)  # GPT-2 style: residual branches start small
+        for lin in (self.attention.q, self.attention.k, self.attention.v, self.mlp.w1, self.mlp.w3):
+            nn.init.normal_(lin.weight, std=dim**-0.5)
+        nn.init.normal_(self.attention.o.weight, std=dim**-0.5 * out_scale)
+        nn.init.normal_(self.mlp.w2.weight, std=mlp_hidden**-0.5 * out_scale)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attention(self.attention_norm(x))
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class CemBlock(nn.Module):
+    """RMSNorm -> CEM attention step -> RMSNorm -> CEM MLP step, each a residual update."""
+
+    def __init__(self, attention: nn.Module, mlp: nn.Module, dim: int) -> None:
+        super().__init__()
+        self.attention_norm = nn.RMSNorm(dim)
+        self.attention = attention
+        self.mlp_norm = nn.RMSNorm(dim)
+        self.mlp = mlp
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # each layer maps h to h - eta P dE/dh; its update joins the residual stream
+        h = self.attention_norm(x)
+        x = x + (self.attention(h) - h)
+        h = self.mlp_norm(x)
+        return x + (self.mlp(h) - h)
+
+
+class LanguageModel(nn.Module):
+    """Byte embedding (scaled by sqrt(dim)), blocks, final RMSNorm, tied output projection."""
+
+    def __init__(self, blocks: list[nn.Module], dim: int, name: str, attention_layer: str) -> None:
+        super().__init__()
+        self.name, self.attention_layer = name, attention_layer
+        self.embed = nn.Embedding(VOCAB, dim)
+        nn.init.normal_(self.embed.weight, std=dim**-0.5)  # unit-norm rows: logits of std ~1
+        self.blocks = nn.ModuleList(blocks)
+        self.norm = nn.RMSNorm(dim)
+        self.input_scale = math.sqrt(dim)  # the residual stream starts at unit RMS
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        x = self.embed(tokens) * self.input_scale
+        for block in self.blocks:
+            x = block(x)
+        return self.norm(x) @ self.embed.weight.T  # tied embeddings
+
+
+def attention_layer_name(position: str, interaction: str) -> str:
+    """The generated package for a position scheme and an interaction."""
+    suffix = "_dplr" if interaction == "dplr" else ""
+    return f"generated.lm_attention_{POSITION_LAYER[position]}{suffix}"
+
+
+def load_attention_layer(
+    position: str, interaction: str, warn: bool = True
+) -> tuple[type[nn.Module], str]:
+    """The generated attention ``Layer`` class and its module name.
+
+    Falls back to ``generated.cem_attention`` (no positions, low-rank scores) with a warning when
+    the wanted package has not been generated.
+    """
+    name = attention_layer_name(position, interaction)
+    try:
+        return importlib.import_module(name).Layer, name
+    except ModuleNotFoundError as exc:
+        if exc.name is None or not name.startswith(exc.name):
+            raise  # an import error inside the package, not a missing package
+        if warn:
+            print(
+                f"warning: {name} is not generated yet (run `python -m energyc compile "
+                f"examples/`); using {FALLBACK_ATTENTION} (no position information, low-rank "
+                f"scores) instead",
+                file=sys.stderr,
+            )
+        return importlib.import_module(FALLBACK_ATTENTION).Layer, FALLBACK_ATTENTION
+
+
+def build_model(args: argparse.Namespace, warn: bool = True) -> LanguageModel:
+    """The model ``args`` describe; the same args (and --seed) give the same initial weights."""
+    torch.manual_seed(args.seed)
+    dim, heads, hidden = args.dim, args.heads, args.mlp_hidden
+    blocks: list[nn.Module] = []
+    if args.model == "baseline":
+        blocks = [
+            BaselineBlock(dim, heads, hidden, args.position, args.depth) for _ in range(args.depth)
+        ]
+        return LanguageModel(blocks, dim, "baseline", "torch scaled_dot_product_attention")
+    attention_cls, attention_name = load_attention_layer(args.position, args.interaction, warn)
+    from generated.cem_mlp import Layer as CemMlp
+
+    common = {
+        "eta": args.eta,
+        "steps": args.recursive_steps,
+        "precond": PRECONDITIONERS[args.preconditioner],
+        "precond_rank": args.precond_rank,
+    }
+    for _ in range(args.depth):
+        attention = attention_cls(D=dim, H=heads, K=dim // heads, **common)
+        blocks.append(CemBlock(attention, CemMlp(D=dim, M=hidden, **common), dim))
+    return LanguageModel(blocks, dim, "cem", attention_name)
+
+
+def param_counts(model: LanguageModel) -> dict[str, int]:
+    """Parameters in total (the tied embedding once), in attention, MLP, embedding, norms."""
+
+    def count(modules: Any) -> int:
+        return sum(p.numel() for m in modules for p in m.parameters())
+
+    total = sum(p.numel() for p in model.parameters())
+    counts = {
+        "params": total,
+        "params_attention": count(b.attention for b in model.blocks),
+        "params_mlp": count(b.mlp for b in model.blocks),
+        "params_embedding": model.embed.weight.numel(),
+    }
+    counts["params_norm"] = total - sum(counts[k] for k in list(counts)[1:])
+    return counts
+
+
+def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean next-byte cross-entropy in nats."""
+    return F.cross_entropy(logits.reshape(-1, VOCAB).float(), targets.reshape(-1))
+
+
+# -- training --------------------------------------------------------------------------------------
+
+
+def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
+    """Learning-rate multiplier for 0-based ``step``: linear warmup, then cosine to min_ratio."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup - 1))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def make_optimizer(
+    model: nn.Module, args: argparse.Namespace
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+    """AdamW (weight decay on matrices only) and the warmup + cosine schedule."""
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": args.weight_decay},
+         {"params": no_decay, "weight_decay": 0.0}],
+        lr=args.lr, betas=(0.9, 0.95),
+    )  # fmt: skip
+    warmup, total, min_ratio = args.warmup, args.steps, args.min_lr_ratio
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, warmup, total, min_ratio))
+    return opt, sched
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]], world_size: int = 1
+) -> float:
+    """Validation bits per byte: mean cross-entropy (nats) over all ranks' windows / ln 2."""
+    was_training = model.training
+    model.eval()
+    total = torch.zeros(2, dtype=torch.float64, device=batches[0][0].device)
+    for x, y in batches:
+        logits = model(x)
+        total[0] += F.cross_entropy(
+            logits.reshape(-1, VOCAB).float(), y.reshape(-1), reduction="sum"
+        ).double()
+        total[1] += y.numel()
+    if world_size > 1:
+        dist.all_reduce(total)
+    model.train(was_training)
+    return float(total[0] / total[1]) / math.log(2)
+
+
+class Progress:
+    """A one-line progress bar on stderr, redrawn with carriage returns."""
+
+    def __init__(self, total: int, enabled: bool, width: int = 24) -> None:
+        self.total, self.enabled, self.width = total, enabled, width
+        self.last_draw = 0.0
+        self.line = ""
+
+    def update(
+        self,
+        step: int,
+        loss: float | None,
+        tokens_per_s: float | None,
+        val_bpb: float | None,
+        force: bool = False,
+    ) -> None:
+        now = time.perf_counter()
+        if not self.enabled or (not force and now - self.last_draw < 0.1):
+            return
+        self.last_draw = now
+        filled = int(self.width * step / max(1, self.total))
+        parts = [f"[{'#' * filled}{'.' * (self.width - filled)}] {step}/{self.total}"]
+        if loss is not None:
+            parts.append(f"loss {loss:.4f}")
+        if tokens_per_s:
+            parts.append(f"{tokens_per_s:,.0f} tok/s")
+        if val_bpb is not None:
+            parts.append(f"val_bpb {val_bpb:.4f}")
+        line = "  ".join(parts)
+        sys.stderr.write("\r" + line.ljust(len(self.line)))
+        sys.stderr.flush()
+        self.line = line
+
+    def message(self, text: str) -> None:
+        """Print a line above the bar."""
+        if self.enabled:
+            sys.stderr.write("\r" + text.ljust(len(self.line)) + "\n")
+            sys.stderr.flush()
+            self.line = ""
+            self.last_draw = 0.0
+
+    def close(self) -> None:
+        if self.enabled and self.line:
+            sys.stderr.write("\n")
+            sys.stderr.flush()
+            self.line = ""
+
+
+def _atomic_write_json(path: str, obj: Any) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as fh:
+        json.dump(obj, fh, indent=1)
+        fh.write("\n")
+    os.replace(tmp, path)
+
+
+def _atomic_save(obj: Any, path: str) -> None:
+    tmp = path + ".tmp"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+@dataclasses.dataclass
+class DistInfo:
+    rank: int
+    world_size: int
+    device: torch.device
+    owns_group: bool  # whether train() initialised the process group (and so destroys it)
+
+
+def setup_distributed(device_arg: str | None) -> DistInfo:
+    """Join the torchrun process group (gloo on CPU, nccl on CUDA) when WORLD_SIZE > 1."""
+    if device_arg is None:
+        device_arg = "cuda" if torch.cuda.is_available() else "cpu"
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = torch.device(device_arg)
+    if device.type == "cuda" and world_size > 1 and device.index is None:
+        device = torch.device("cuda", local_rank)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    owns = False
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        owns = True
+    if dist.is_initialized():
+        return DistInfo(dist.get_rank(), dist.get_world_size(), device, owns)
+    return DistInfo(0, 1, device, False)
+
+
+def _check_resume(saved: dict[str, Any], args: argparse.Namespace) -> list[str]:
+    """Errors for settings that differ from the checkpoint's; warns about a changed --steps."""
+    diffs = [
+        f"--{k.replace('_', '-')} {saved.get(k)!r} in the checkpoint, {getattr(args, k)!r} now"
+        for k in RESUME_KEYS
+        if saved.get(k) != getattr(args, k)
+    ]
+    if diffs:
+        raise ConfigError("cannot resume with different settings: " + "; ".join(diffs))
+    notes = []
+    if saved.get("steps") != args.steps:
+        notes.append(
+            f"warning: --steps {args.steps} differs from the checkpoint's "
+            f"{saved.get('steps')}: the learning-rate schedule changes"
+        )
+    return notes
+
+
+def train(args: argparse.Namespace) -> dict[str, Any]:
+    """Train as ``args`` say; write OUT/metrics.json and OUT/checkpoint.pt (rank 0); return the
+    metrics."""
+    t_start = time.perf_counter()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    info = setup_distributed(args.device)
+    rank, world, device = info.rank, info.world_size, info.device
+    main_rank = rank == 0
+    try:
+        _rank_slice(args.batch, rank, world)
+        corpus = load_corpus(args.data, min_bytes=args.seq + 1)
+        model = build_model(args, warn=main_rank).to(device)
+        counts = param_counts(model)
+        opt, sched = make_optimizer(model, args)
+        ckpt_path = os.path.join(args.out, "checkpoint.pt")
+        metrics_path = os.path.join(args.out, "metrics.json")
+        state: dict[str, Any] = {
+            "curve": [],
+            "train_losses": [],
+            "train_time_s": 0.0,
+            "tokens_trained": 0,
+            "wall_time_s": 0.0,
+        }
+        step = 0
+        notes: list[str] = []
+        if args.resume and os.path.exists(ckpt_path):
+            ckpt = torch.load(ckpt_path, map_location=device, weights_only=True)
+            notes += _check_resume(ckpt["config"], args)
+            model.load_state_dict(ckpt["model"])
+            opt.load_state_dict(ckpt["optimizer"])
+            sched.load_state_dict(ckpt["scheduler"])
+            step, state = ckpt["step"], ckpt["metrics"]
+            rng = ckpt["rng"]
+            torch.set_rng_state(rng["torch"].cpu())
+            if rng.get("cuda") is not None and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all([s.cpu() for s in rng["cuda"]])
+            random.setstate((rng["python"][0], tuple(rng["python"][1]), rng["python"][2]))
+            notes.append(f"resumed from {ckpt_path} at step {step}")
+        elif args.resume:
+            notes.append(f"no {ckpt_path} yet: starting from step 0")
+        if main_rank:
+            os.makedirs(args.out, exist_ok=True)
+        wrapped: nn.Module = model
+        if world > 1:
+            from torch.nn.parallel import DistributedDataParallel
+
+            wrapped = DistributedDataParallel(
+                model, device_ids=[device.index] if device.type == "cuda" else None
+            )
+        val = validation_batches(
+            corpus.val,
+            batches=args.eval_batches,
+            batch=args.batch,
+            seq=args.seq,
+            rank=rank,
+            world_size=world,
+            device=device,
+        )
+        config = {k: v for k, v in vars(args).items()}
+        stop = min(args.steps, args.stop_at) if args.stop_at else args.steps
+        progress = Progress(args.steps, main_rank and not args.no_progress)
+        if main_rank:
+            for note in notes:
+                print(note, file=sys.stderr)
+            progress.message(
+                f"{args.model}: {counts['params']:,} parameters (attention "
+                f"{counts['params_attention']:,}, MLP {counts['params_mlp']:,}); "
+                f"{model.attention_layer}; {corpus.train.numel():,} training bytes; "
+                f"{world} process(es) on {device}"
+            )
+
+        def metrics() -> dict[str, Any]:
+            curve = state["curve"]
+            return {
+                "model": args.model,
+                "attention_layer": model.attention_layer,
+                **counts,
+                "tokens_per_s": state["tokens_trained"] / max(state["train_time_s"], 1e-9),
+                "val_bpb": curve[-1]["val_bpb"] if curve else None,
+                "initial_val_bpb": curve[0]["val_bpb"] if curve else None,
+                "steps_done": step,
+                "finished": step >= args.steps,
+                "train_time_s": state["train_time_s"],
+                "wall_time_s": state["wall_time_s"] + time.perf_counter() - t_start,
+                "tokens_trained": state["tokens_trained"],
+                "curve": curve,
+                "train_losses": state["train_losses"],
+                "config": config,
+                "corpus": corpus.describe(),
+                "world_size": world,
+                "device": str(device),
+                "threads": torch.get_num_threads(),
+                "torch": torch.__version__,
+                "python": platform.python_version(),
+            }
+
+        def record_eval() -> None:
+            val_bpb = evaluate(model, val, world)
+            losses = state["train_losses"]
+            last = state["curve"][-1]["step"] if state["curve"] else 0
+            recent = losses[last:step]
+            state["curve"].append(
+                {
+                    "step": step,
+                    "val_bpb": val_bpb,
+                    "train_loss": sum(recent) / len(recent) if recent else None,
+                }
+            )
+            if main_rank:
+                progress.message(
+                    f"step {step}/{args.steps}  val_bpb {val_bpb:.4f}  train_loss "
+                    + (f"{sum(recent) / len(recent):.4f}" if recent else "-")
+                )
+                _atomic_write_json(metrics_path, metrics())
+
+        def save_checkpoint() -> None:
+            if not main_rank:
+                return
+            cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+            py_rng = random.getstate()
+            snapshot = dict(state)
+            snapshot["wall_time_s"] = state["wall_time_s"] + time.perf_counter() - t_start
+            _atomic_save({
+                "model": model.state_dict(),
+                "optimizer": opt.state_dict(),
+                "scheduler": sched.state_dict(),
+                "step": step,
+                "metrics": snapshot,
+                "config": config,
+                "rng": {"torch": torch.get_rng_state(), "cuda": cuda_rng,
+                        "python": [py_rng[0], list(py_rng[1]), py_rng[2]]},
+            }, ckpt_path)  # fmt: skip
+
+        if step == 0 and not state["curve"]:
+            record_eval()
+        tokens_per_step = args.batch * args.seq
+        model.train()
+        while step < stop:
+            t0 = time.perf_counter()
+            x, y = get_batch(
+                corpus.train,
+                step,
+                seed=args.seed,
+                batch=args.batch,
+                seq=args.seq,
+                rank=rank,
+                world_size=world,
+                device=device,
+            )
+            loss = lm_loss(wrapped(x), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if args.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+            opt.step()
+            sched.step()
+            loss_value = loss.detach()
+            if world > 1:
+                dist.all_reduce(loss_value)
+                loss_value /= world
+            state["train_losses"].append(float(loss_value))
+            state["train_time_s"] += time.perf_counter() - t0
+            state["tokens_trained"] += tokens_per_step
+            step += 1
+            if not math.isfinite(state["train_losses"][-1]):
+                raise FloatingPointError(f"the training loss is {loss_value} at step {step}")
+            if step % args.eval_every == 0 or step == args.steps:
+                record_eval()
+            if step % args.checkpoint_every == 0 or step == stop:
+                save_checkpoint()
+            recent = state["train_losses"][-10:]
+            progress.update(
+                step,
+                sum(recent) / len(recent),
+                state["tokens_trained"] / state["train_time_s"],
+                state["curve"][-1]["val_bpb"] if state["curve"] else None,
+                force=step == stop,
+            )
+        progress.close()
+        result = metrics()
+        if main_rank:
+            _atomic_write_json(metrics_path, result)
+            if step < args.steps:
+                print(
+                    f"stopped at step {step} (--stop-at); continue with --resume", file=sys.stderr
+                )
+            print(
+                f"{args.model}: {step}/{args.steps} steps; val_bpb {result['val_bpb']:.4f} (at "
+                f"step {state['curve'][-1]['step']}); "
+                f"{result['tokens_per_s']:,.0f} tokens/s; {result['params']:,} parameters; "
+                f"{result['wall_time_s']:.1f} s; wrote {metrics_path}"
+            )
+        if world > 1:
+            dist.barrier()  # leave together: gloo can abort when a peer tears down mid-exchange
+        return result
+    finally:
+        if info.owns_group:
+            dist.destroy_process_group()
+
+
+# -- command line ----------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="train_lm.py",
+        description="Train a byte-level language model of CEM layers or a Llama baseline.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--model", choices=("cem", "baseline"), default="cem")
+    p.add_argument("--position", choices=("rope", "alibi", "none"), default="rope")
+    p.add_argument("--dim", type=int, default=256)
+    p.add_argument("--depth", type=int, default=4)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--mlp-hidden", type=int, default=None, help="default: 4 * dim")
+    cem = p.add_argument_group("CEM model")
+    cem.add_argument(
+        "--recursive-steps",
+        type=int,
+        default=1,
+        help="descent steps per layer, with shared weights",
+    )
+    cem.add_argument("--preconditioner", choices=tuple(PRECONDITIONERS), default="none")
+    cem.add_argument(
+        "--precond-rank", type=int, default=4, help="low rank of --preconditioner dplr"
+    )
+    cem.add_argument("--interaction", choices=("lowrank", "dplr"), default="lowrank")
+    cem.add_argument("--eta", type=float, default=1.0, help="descent step size")
+    p.add_argument("--seq", type=int, default=256, help="tokens (bytes) per window")
+    p.add_argument("--batch", type=int, default=16, help="windows per step (all processes)")
+    p.add_argument("--steps", type=int, default=200)
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--warmup", type=int, default=20, help="linear warmup steps")
+    p.add_argument("--min-lr-ratio", type=float, default=0.1, help="final lr / --lr (cosine)")
+    p.add_argument("--weight-decay", type=float, default=0.1)
+    p.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm; 0: off")
+    p.add_argument("--eval-every", type=int, default=25)
+    p.add_argument("--eval-batches", type=int, default=8)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    p.add_argument(
+        "--data",
+        default=None,
+        help="a text file or a folder (default: the Python standard library)",
+    )
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    p.add_argument("--checkpoint-every", type=int, default=50)
+    p.add_argument(
+        "--stop-at",
+        type=int,
+        default=None,
+        help="stop after this step (checkpointed), as if interrupted",
+    )
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse and check the command line; bad values exit with a message (argparse's way)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.mlp_hidden is None:
+        args.mlp_hidden = 4 * args.dim
+    positive = (
+        "dim",
+        "depth",
+        "heads",
+        "mlp_hidden",
+        "recursive_steps",
+        "precond_rank",
+        "seq",
+        "batch",
+        "steps",
+        "eval_every",
+        "eval_batches",
+        "checkpoint_every",
+    )
+    for name in positive:
+        if getattr(args, name) < 1:
+            parser.error(
+                f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}"
+            )
+    if args.dim % args.heads:
+        parser.error(f"--dim {args.dim} is not divisible by --heads {args.heads}")
+    if args.position == "rope" and (args.dim // args.heads) % 2:
+        parser.error(
+            f"--position rope needs an even head size; --dim {args.dim} / --heads "
+            f"{args.heads} = {args.dim // args.heads}"
+        )
+    if args.lr <= 0 or args.eta <= 0:
+        parser.error("--lr and --eta must be positive")
+    if args.warmup < 0 or args.weight_decay < 0 or args.grad_clip < 0:
+        parser.error("--warmup, --weight-decay and --grad-clip must not be negative")
+    if not 0 <= args.min_lr_ratio <= 1:
+        parser.error(f"--min-lr-ratio must be in [0, 1], got {args.min_lr_ratio}")
+    if args.stop_at is not None and args.stop_at < 1:
+        parser.error(f"--stop-at must be at least 1, got {args.stop_at}")
+    if args.data is not None and not os.path.exists(args.data):
+        parser.error(f"--data {args.data}: no such file or folder")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command-line entry point: parse, train, report; errors exit with status 2."""
+    args = parse_args(argv)
+    try:
+        train(args)
+    except ConfigError as exc:
+        build_parser().error(str(exc))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
