@@ -302,7 +302,9 @@ def package_spec(layer: CompiledLayer, source: str) -> PackageSpec:
                               if sg.node(n).op == "attention"})
     triton = None
     if attention_masks:
-        context = " or ".join({"causal": "j <= i", "all": "all j"}[m] for m in attention_masks)
+        from energyc.ir.ops import describe_mask
+
+        context = " or ".join(describe_mask(m) for m in attention_masks)
         triton = KernelSpec(f"_{decl.name}", decl.name, context, block_m=32, block_n=32)
     return PackageSpec(
         name=decl.name, class_name=camel(decl.name), source=source, doc=doc,

@@ -16,17 +16,25 @@ triton = pytest.importorskip("triton")
 attention_kernels = importlib.import_module("generated.cem_attention._triton_attention")
 
 
+def in_context(kind, T):
+    i, j = torch.arange(T)[:, None], torch.arange(T)[None, :]
+    return {"causal": j <= i, "strict": j < i, "not_self": j != i, "all": (i >= 0) & (j >= 0),
+            "window": (j <= i) & (j >= i - (kind[1] if len(kind) > 1 else 0))}[kind[0]]
+
+
 def reference(q, k, v, scale, kind):
+    """Softmax attention over the context set in float64; an empty set gives o = 0, lse = 0."""
     qh, kh, vh = (t.transpose(1, 2).double() for t in (q, k, v))
-    s = scale * (qh @ kh.transpose(-1, -2))
-    if kind == "causal":
-        T = q.shape[1]
-        s = s.masked_fill(~torch.ones(T, T, dtype=torch.bool).tril(), float("-inf"))
-    return (torch.softmax(s, -1) @ vh).transpose(1, 2), torch.logsumexp(s, -1).transpose(1, 2)
+    s = (scale * (qh @ kh.transpose(-1, -2))).masked_fill(~in_context(kind, q.shape[1]), -1e300)
+    empty = ~in_context(kind, q.shape[1]).any(-1)[:, None]  # (T, 1)
+    p = torch.softmax(s, -1).masked_fill(empty, 0.0)
+    lse = torch.logsumexp(s, -1).masked_fill(empty[:, 0], 0.0)
+    return (p @ vh).transpose(1, 2), lse.transpose(1, 2)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
-@pytest.mark.parametrize("kind", ["causal", "all"])
+@pytest.mark.parametrize("kind", [("causal",), ("all",), ("strict",), ("window", 9),
+                                  ("not_self",)], ids=str)
 @pytest.mark.parametrize("T", [1, 7, 33])  # below, between and past the 32-token blocks
 def test_kernels_against_float64_reference(dtype, kind, T):
     torch.manual_seed(T)

@@ -163,7 +163,7 @@ def _attention_args(em: Emitter, node: Node) -> str:
     q, k, v, s = node.inputs[:4]
     wrap = "" if _heads(em, q) else "[:, :, None]"
     args = ", ".join(f"{em.names[u]}{wrap}" for u in (q, k, v))
-    return f"{args}, {em.names[s]}, {node.attr('mask')!r}"
+    return f"{args}, {em.names[s]}, {tuple(node.attr('mask'))!r}"
 
 
 def _emit_attention(em: Emitter, nid: int, node: Node) -> None:

@@ -452,7 +452,7 @@ class Attention(Op):
     """``o[b,i,h,v] = sum_{j in C(i)} softmax_j(s * q[b,i,h,:] . k[b,j,h,:]) v[b,j,h,v]``.
 
     Inputs ``(q, k, v, s)``: q (b, i, heads, F), k (b, j, heads, F), v (b, j, heads, G) and a
-    scalar scale s (a fixed hyperparameter or a constant); ``mask`` is "causal" or "all". Made by
+    scalar scale s (a fixed hyperparameter or a constant); ``mask`` is the context set. Made by
     the ``fuse_context_attention`` pass from the softmax-weighted context sum that the VJP of a
     log-sum-exp context reduction produces. Its VJP is the attention backward (no gradient to s):
     with ``P = softmax``, ``dv = P^T g``, ``dS = P * (g v^T - rowsum(g * o))``, ``dq = s dS k``,
@@ -483,7 +483,7 @@ class Attention(Op):
 
     @staticmethod
     def describe(node):
-        return f"attention {{{describe_mask((node.attr('mask'),))}}}"
+        return f"attention {{{describe_mask(node.attr('mask'))}}}"
 
 
 class AttentionLse(Op):
@@ -498,7 +498,7 @@ class AttentionLse(Op):
 
     @staticmethod
     def describe(node):
-        return f"attention logsumexp {{{describe_mask((node.attr('mask'),))}}}"
+        return f"attention logsumexp {{{describe_mask(node.attr('mask'))}}}"
 
 
 class AttentionGrad(Op):
@@ -521,7 +521,7 @@ class AttentionGrad(Op):
 
     @staticmethod
     def describe(node):
-        return f"attention backward d{node.attr('wrt')} {{{describe_mask((node.attr('mask'),))}}}"
+        return f"attention backward d{node.attr('wrt')} {{{describe_mask(node.attr('mask'))}}}"
 
 
 OPS: dict[str, type[Op]] = {

@@ -11,9 +11,9 @@ so the backend can call a fused kernel that never holds the (tokens x tokens) we
 
 Legal when: ``S`` is a scalar ``s`` (a constant, or fixed hyperparameters) times a contraction of
 ``Q`` (token i) with ``K`` (token j) over one feature dim, both with the same head dims (at most
-one) as the weights; ``L`` reduces ``S`` over the same context set; ``c`` does not depend on j; the
-context set is ``j <= i`` or all tokens (kernels with block skipping exist for these); ``V`` has
-the same head dims plus one feature dim; feature dims are the last axes. Otherwise the graph is
+one) as the weights; ``L`` reduces ``S`` over the same context set (any: ``j <= i``, ``j < i``,
+a window, ``j != i``, all); ``c`` does not depend on j; ``V`` has the same head dims plus one
+feature dim; feature dims are the last axes. Otherwise the graph is
 left as it is (the materialised form is correct, only slower).
 """
 
@@ -24,7 +24,7 @@ import sympy
 from energyc.ir.graph import Graph
 from energyc.ir.ops import ARG_SYMBOLS, pointwise
 
-FUSABLE_MASKS = {("causal",): "causal", ("all",): "all"}
+FUSABLE_KINDS = ("causal", "strict", "window", "not_self", "all")
 
 
 def _scale(graph: Graph, s: int):
@@ -65,7 +65,7 @@ def _match(graph: Graph, n: int):
             mask, P = ("all",), A
         else:
             continue
-        if mask not in FUSABLE_MASKS:
+        if mask[0] not in FUSABLE_KINDS:
             continue
         pn = graph.node(P)
         if pn.op != "pointwise" or "i" not in pn.axes or "j" not in pn.axes:
@@ -110,7 +110,7 @@ def _match(graph: Graph, n: int):
             if (list(qn.axes) != ["b", "i", *heads, feat] or
                     list(kn.axes) != ["b", "j", *heads, feat]):
                 continue
-            return dict(Q=Q, K=K, V=V, scale=scale, mask=FUSABLE_MASKS[mask], P=P, ratio=ratio,
+            return dict(Q=Q, K=K, V=V, scale=scale, mask=mask, P=P, ratio=ratio,
                         others=others)
     return None
 
