@@ -24,6 +24,7 @@ from energyc.passes import PIPELINE, run_pipeline
 from energyc.passes.canonicalize import RULES, canonicalize
 from energyc.passes.cse import cse, dead_code
 from energyc.passes.fuse import fuse_pointwise
+from energyc.passes.share import share_subexpressions
 from tests.conftest import example_files
 from tests.test_ops import evaluate, expand_to, random_env
 
@@ -83,7 +84,8 @@ def n_live(g: Graph) -> int:
 
 # -- coverage of the tables --------------------------------------------------------------------------
 
-TESTED_PASSES = {"dead_code", "canonicalize", "cse", "fuse_pointwise", "fuse_context_attention"}
+TESTED_PASSES = {"dead_code", "canonicalize", "cse", "fuse_pointwise", "fuse_context_attention",
+                 "share_subexpressions"}
 TESTED_RULES = {"broadcast_into_pointwise", "pointwise_of_mask", "pointwise_normalise",
                 "contract_normalise", "relabel_identity", "mask_idempotent"}
 
@@ -581,3 +583,40 @@ def test_expand_to_aligns_missing_axes():
     v = torch.arange(3.0, dtype=torch.float64)
     out = expand_to(v, ("D",), ("b", "i", "D"), SIZES)
     assert out.shape == (2, 4, 3) and (out[1, 2] == v).all()
+
+
+# -- share_subexpressions --------------------------------------------------------------------------
+
+
+def shared_exp_graph():
+    """Two bodies that both contain exp(u - v) (v broadcast over D), and one that does not."""
+    g = new_graph()
+    u = inp(g, "u", ("b", "i", "D"))
+    v = inp(g, "v", ("b", "i"))
+    w = inp(g, "w", ("b", "i", "D"))
+    f = ops.pointwise(g, a2 * sympy.exp(a0 - a1), [u, v, w])
+    h = ops.pointwise(g, sympy.exp(a0 - a1) + sympy.tanh(a2), [u, v, w])
+    k = ops.pointwise(g, sympy.tanh(a0) * a1, [w, u])
+    g.outputs = {"f": f, "h": h, "k": k}
+    return g
+
+
+def test_share_subexpressions_structure():
+    """exp(u - v) in two bodies becomes one node; tanh(w) (in two bodies too) also; nothing else."""
+    g = shared_exp_graph()
+    out = share_subexpressions(g)
+    bodies = [out.node(n).attr("body") for n in out.live() if out.node(n).op == "pointwise"]
+    assert sum(b.has(sympy.exp) for b in bodies) == 1
+    assert sum(b.has(sympy.tanh) for b in bodies) == 1
+    assert out.op_counts()["pointwise"] == 5  # exp, tanh, and the three consumers
+
+
+def test_share_subexpressions_keeps_values():
+    """Computing the shared subexpression apart and broadcasting gives the same values."""
+    g = shared_exp_graph()
+    assert_same_outputs(g, share_subexpressions(g))
+
+
+def test_share_subexpressions_no_sharing_is_identity():
+    g = dead_code_graph()
+    assert share_subexpressions(g).op_counts() == g.op_counts()

@@ -14,6 +14,7 @@ from energyc.passes.attention import fuse_context_attention
 from energyc.passes.canonicalize import canonicalize
 from energyc.passes.cse import cse, dead_code
 from energyc.passes.fuse import fuse_pointwise
+from energyc.passes.share import share_subexpressions
 
 Pass = Callable[[Graph], Graph]
 
@@ -26,6 +27,7 @@ PIPELINE: list[tuple[str, Pass]] = [
     ("canonicalize_again", canonicalize),
     ("cse_again", cse),
     ("fuse_context_attention", fuse_context_attention),
+    ("share_subexpressions", share_subexpressions),
     ("dead_code_again", dead_code),
 ]
 
