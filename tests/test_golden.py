@@ -39,3 +39,24 @@ def test_rendering_is_deterministic():
     header = first["layer.py"].splitlines()[:2]
     assert "examples/cem_attention.py" in header[0] and "torch/layer.py.j2" in header[0]
     assert "Content hash" in header[1]
+
+
+def test_output_does_not_depend_on_the_hash_seed(tmp_path):
+    """Python randomises str hashes per process; generated code must not follow set orders."""
+    import subprocess
+    import sys
+
+    outs = []
+    for seed in ("1", "2", "3"):
+        out = tmp_path / f"seed{seed}"
+        env = dict(os.environ, PYTHONHASHSEED=seed)
+        proc = subprocess.run([sys.executable, "-m", "energyc", "compile", "-q", "examples/",
+                               "-o", str(out)], capture_output=True, text=True, env=env, cwd=ROOT)
+        assert proc.returncode == 0, proc.stderr
+        outs.append(out)
+    for other in outs[1:]:
+        cmp = filecmp.dircmp(outs[0], other, ignore=["__pycache__"])
+        for name in cmp.common_dirs:
+            sub = cmp.subdirs[name]
+            assert not sub.diff_files and not sub.left_only and not sub.right_only, (name,
+                                                                                      sub.diff_files)

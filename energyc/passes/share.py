@@ -32,14 +32,15 @@ def _concrete(graph: Graph, n: int) -> sympy.Expr:
     )
 
 
-def _candidates(expr: sympy.Expr) -> set[sympy.Expr]:
-    found = set()
+def _candidates(expr: sympy.Expr) -> list[sympy.Expr]:
+    """Function applications and fractional powers in ``expr``, once each, in traversal order."""
+    found: list[sympy.Expr] = []
     for sub in sympy.preorder_traversal(expr):
         expensive = isinstance(sub, sympy.Function) or (
             isinstance(sub, sympy.Pow) and not sub.exp.is_Integer
         )
-        if expensive and sub.free_symbols:
-            found.add(sub)
+        if expensive and sub.free_symbols and sub not in found:
+            found.append(sub)
     return found
 
 
@@ -50,7 +51,9 @@ def share_subexpressions(graph: Graph) -> Graph:
         if graph.node(n).op == "pointwise":
             for sub in _candidates(_concrete(graph, n)):
                 counts[sub] = counts.get(sub, 0) + 1
-    shared = sorted((s for s, c in counts.items() if c >= 2), key=sympy.count_ops, reverse=True)
+    # a total order that does not depend on hashes (they vary with PYTHONHASHSEED): largest first
+    shared = sorted((s for s, c in counts.items() if c >= 2),
+                    key=lambda s: (-sympy.count_ops(s), sympy.srepr(s)))
     new = Graph(graph.dims)
     mapping: dict[int, int] = {}
     for n in live:
