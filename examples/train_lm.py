@@ -27,16 +27,27 @@ hash of the relative path. ``--data PATH`` takes a text file (split 95/5 by posi
 
 Batch k is a pure function of (--seed, k), and the validation windows are fixed, so a run resumed
 from ``OUT/checkpoint.pt`` follows the same loss curve as an uninterrupted one (same machine and
-threads), and N processes under torchrun see exactly the combined batch of one process.
+threads; ``--stop-at K`` stops after step K as if interrupted), and N processes under torchrun
+see exactly the combined batch of one process (rank r takes the r-th slice of it).
 
-Writes ``OUT/metrics.json`` (parameter counts, tokens/s, final validation bits per byte, the
-curve, the configuration) and ``OUT/checkpoint.pt``.
+Same --dim/--depth/--mlp-hidden, different parameter counts by design: CEM attention has W_q and
+W_k (half of q, k, v, o; ALiBi adds H learned slopes, --interaction dplr an (H, D) diagonal) and
+the CEM MLP has W and U (2/3 of SwiGLU's three matrices).
+
+Writes ``OUT/checkpoint.pt`` and ``OUT/metrics.json``: ``params`` (the tied embedding counted
+once), ``params_attention``, ``params_mlp``, ``params_embedding``, ``params_norm``;
+``tokens_per_s`` (tokens of all processes per second of training steps, evaluation and
+checkpoints excluded); ``val_bpb`` (validation bits per byte at the last evaluation: mean
+cross-entropy in nats / ln 2); ``curve``, one entry per evaluation (step 0 included) with
+``val_bpb``, ``train_loss`` (mean training cross-entropy in nats over the steps since the previous
+evaluation) and ``train_bpb``; ``train_losses`` (every step's); ``config``; ``corpus``.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import gc
 import hashlib
 import importlib
 import json
@@ -638,6 +649,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     info = setup_distributed(args.device)
     rank, world, device = info.rank, info.world_size, info.device
     main_rank = rank == 0
+    wrapped: nn.Module | None = None
     try:
         _rank_slice(args.batch, rank, world)
         corpus = load_corpus(args.data, min_bytes=args.seq + 1)
@@ -672,7 +684,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
             notes.append(f"no {ckpt_path} yet: starting from step 0")
         if main_rank:
             os.makedirs(args.out, exist_ok=True)
-        wrapped: nn.Module = model
+        wrapped = model
         if world > 1:
             from torch.nn.parallel import DistributedDataParallel
 
@@ -730,18 +742,20 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
             val_bpb = evaluate(model, val, world)
             losses = state["train_losses"]
             last = state["curve"][-1]["step"] if state["curve"] else 0
-            recent = losses[last:step]
+            recent = losses[last:step]  # the steps since the previous evaluation
+            train_loss = sum(recent) / len(recent) if recent else None
             state["curve"].append(
                 {
                     "step": step,
                     "val_bpb": val_bpb,
-                    "train_loss": sum(recent) / len(recent) if recent else None,
+                    "train_loss": train_loss,
+                    "train_bpb": train_loss / math.log(2) if recent else None,
                 }
             )
             if main_rank:
                 progress.message(
                     f"step {step}/{args.steps}  val_bpb {val_bpb:.4f}  train_loss "
-                    + (f"{sum(recent) / len(recent):.4f}" if recent else "-")
+                    + (f"{train_loss:.4f} nats" if recent else "-")
                 )
                 _atomic_write_json(metrics_path, metrics())
 
@@ -826,6 +840,10 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
             dist.barrier()  # leave together: gloo can abort when a peer tears down mid-exchange
         return result
     finally:
+        # free DDP's reducer before its process group: torn down the other way round (at exit),
+        # gloo sometimes aborts the process ("terminate called without an active exception")
+        wrapped = None
+        gc.collect()
         if info.owns_group:
             dist.destroy_process_group()
 

@@ -6,6 +6,7 @@ whole file runs in well under a minute on two CPU cores.
 
 from __future__ import annotations
 
+import gc
 import json
 import math
 import os
@@ -285,6 +286,7 @@ def _grad_worker(rank: int, world: int, init_file: str, argv: list[str], out: st
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
                             world_size=world)  # fmt: skip
+    ddp = None
     try:
         from torch.nn.parallel import DistributedDataParallel
 
@@ -297,8 +299,10 @@ def _grad_worker(rank: int, world: int, init_file: str, argv: list[str], out: st
         train_lm.lm_loss(ddp(x), y).backward()
         torch.save({n: p.grad for n, p in model.named_parameters()},
                    os.path.join(out, f"grads{rank}.pt"))  # fmt: skip
-        dist.barrier()  # leave together: gloo can abort when a peer tears down mid-exchange
+        dist.barrier()
     finally:
+        ddp = None  # DDP's reducer goes before the process group (see train_lm.train)
+        gc.collect()
         dist.destroy_process_group()
 
 
