@@ -69,8 +69,10 @@ def _inspect(args: argparse.Namespace) -> int:
 
 
 def _suffixed(path: str, layer: str, graph: str, n_layers: int) -> str:
+    """PATH.GRAPH.EXT, or PATH.LAYER.GRAPH.EXT when the file declares several layers."""
     root, ext = os.path.splitext(path)
-    return f"{root}.{layer if n_layers > 1 else ''}{'.' if n_layers > 1 else ''}{graph}{ext}"
+    parts = [root, layer, graph] if n_layers > 1 else [root, graph]
+    return ".".join(parts) + ext
 
 
 def _draw_png(graph, path: str, title: str) -> None:

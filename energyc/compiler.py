@@ -65,8 +65,7 @@ def _energy_subgraph(decl: LayerDecl) -> tuple[Graph, int]:
     mapping: dict[int, int] = {}
     for n in order:
         node = src.node(n)
-        mapping[n] = g.add(node.op, [mapping[u] for u in node.inputs], where=node.where,
-                           **dict(node.attrs))
+        mapping[n] = g.add_like(node, [mapping[u] for u in node.inputs])
     return g, mapping[decl.energy]
 
 
@@ -91,8 +90,9 @@ def compile_layer(decl: LayerDecl, verify: bool = False) -> CompiledLayer:
     f = decl.file
     energy, e_node = _energy_subgraph(decl)
     energy.outputs["energy"] = e_node
-    params = [p for name, p in f.params.items() if name in _leaves(energy, "param")]
-    hypers = [h for name, h in f.hypers.items() if name in _leaves(energy, "hyper")]
+    used_params, used_hypers = _leaves(energy, "param"), _leaves(energy, "hyper")
+    params = [p for name, p in f.params.items() if name in used_params]
+    hypers = [h for name, h in f.hypers.items() if name in used_hypers]
     used_dims = set()
     for n in energy.live():
         used_dims.update(a for a in energy.node(n).axes if a not in ("b", "i", "j"))
@@ -116,11 +116,11 @@ def compile_layer(decl: LayerDecl, verify: bool = False) -> CompiledLayer:
     step.outputs = {"grad": g}
     t1 = time.perf_counter()
     step = run_pipeline(step, verify=verify)
+    step_params, step_hypers = _leaves(step, "param"), _leaves(step, "hyper")
     wrt = dict(_leaves(step, "input"))
-    wrt.update({p.name: n for p in params for name, n in _leaves(step, "param").items()
-                if name == p.name})
-    wrt.update({h.name: n for h in hypers if h.learnable
-                for name, n in _leaves(step, "hyper").items() if name == h.name})
+    wrt.update({p.name: step_params[p.name] for p in params if p.name in step_params})
+    wrt.update({h.name: step_hypers[h.name] for h in hypers
+                if h.learnable and h.name in step_hypers})
     step = differentiate(step, "grad", "grad_g", wrt)
     t2 = time.perf_counter()
     step = run_pipeline(step, verify=verify)
@@ -197,8 +197,6 @@ def compile_file(energy_file: EnergyFile, verify: bool = False) -> list[Compiled
     for decl in energy_file.layers:
         try:
             out.append(compile_layer(decl, verify=verify))
-        except (EnergyError, CompileError):
-            raise
         except sympy.SympifyError as exc:  # pragma: no cover - defensive
             raise CompileError(f"SymPy could not handle an expression: {exc}", decl.where) from None
     return out

@@ -193,6 +193,12 @@ def function_spec(
     return FunctionSpec(name, args, doc, body, ", ".join(outs))
 
 
+def _named_leaves(graph: Graph) -> dict[str, int]:
+    """The live inputs, parameters and hyperparameters of ``graph`` by name."""
+    return {graph.node(n).attr("name"): n for n in graph.live()
+            if graph.node(n).op in ("input", "param", "hyper")}
+
+
 def _names(graph: Graph) -> dict[int, str]:
     names = {}
     k = 0
@@ -211,11 +217,7 @@ def package_spec(layer: CompiledLayer, source: str) -> PackageSpec:
     hyper_names = [h.name for h in layer.hypers]
 
     def leaf_map(graph: Graph, extra_inputs: list[str]) -> dict[str, tuple[int, tuple[str, ...]]]:
-        found = {}
-        for n in graph.live():
-            node = graph.node(n)
-            if node.op in ("input", "param", "hyper"):
-                found[node.attr("name")] = n
+        found = _named_leaves(graph)
         leaves: dict[str, tuple[int, tuple[str, ...]]] = {}
         for var in ["x", "xbar", *extra_inputs]:
             leaves[var] = (found.get(var, -1), state_order)
@@ -259,13 +261,10 @@ def package_spec(layer: CompiledLayer, source: str) -> PackageSpec:
     for kind, pg in layer.precond.items():
         pp = split(pg, ["u"], ["grad_u"])
         p_names = _names(pg)
-        pleaves = {"g": (next((n for n in pg.live() if pg.node(n).attr("name") == "g"), -1),
-                         state_order)}
-        for pname, order in (("P_diag", (D,)), ("P_lowrank", (D, "R"))):
-            pleaves[pname] = (next((n for n in pg.live() if pg.node(n).attr("name") == pname), -1),
-                              order)
-        pleaves_b = {"grad_u": (next((n for n in pg.live() if pg.node(n).attr("name") == "grad_u"),
-                                     -1), state_order), **pleaves}
+        found = _named_leaves(pg)
+        orders = {"g": state_order, "P_diag": (D,), "P_lowrank": (D, "R")}
+        pleaves = {name: (found.get(name, -1), order) for name, order in orders.items()}
+        pleaves_b = {"grad_u": (found.get("grad_u", -1), state_order), **pleaves}
         functions.append(function_spec(
             pg, f"_precond_{kind}_forward", f"u = P g with the {kind} preconditioner.",
             pp.forward, ["g", "P_diag", "P_lowrank"], pleaves,

@@ -18,6 +18,14 @@ from energyc.ir.ops import ARG_SYMBOLS, describe_mask
 SIZE_NAMES = {"b": "B", "i": "T", "j": "T"}
 
 
+def _broadcast(name: str, axes: tuple[str, ...], to_axes: tuple[str, ...]) -> str:
+    """``name`` (with canonical ``axes``) indexed with ``None`` where ``to_axes`` has more axes."""
+    index = [":" if a in axes else "None" for a in to_axes]
+    while index and index[-1] == ":":
+        index.pop()
+    return f"{name}[{', '.join(index)}]" if index and axes else name
+
+
 @dataclass
 class Emitter:
     """Prints nodes of ``graph``. ``names`` maps node ids to the expressions that denote them."""
@@ -35,15 +43,9 @@ class Emitter:
 
     def align(self, nid: int, to_axes: tuple[str, ...]) -> str:
         """The expression of node ``nid`` indexed so that it broadcasts against ``to_axes``."""
-        name = self.names[nid]
         axes = self.graph.node(nid).axes
-        if not axes or axes == to_axes:
-            return name
         assert set(axes) <= set(to_axes), (axes, to_axes)
-        index = [":" if a in axes else "None" for a in to_axes]
-        while index and index[-1] == ":":
-            index.pop()
-        return f"{name}[{', '.join(index)}]"
+        return _broadcast(self.names[nid], axes, to_axes)
 
     def mask(self, mask: tuple, to_axes: tuple[str, ...]) -> str:
         if mask not in self.masks:
@@ -54,13 +56,7 @@ class Emitter:
                 f"{name} = _rt.context_mask({mask[0]!r}, T, {w}, x.device)  "
                 f"# {{{describe_mask(mask)}}}"
             )
-        name = self.masks[mask]
-        index = [":" if a in ("i", "j") else "None" for a in to_axes]
-        while index and index[-1] == ":":
-            index.pop()
-        if index == [":", ":"]:
-            return name
-        return f"{name}[{', '.join(index)}]"
+        return _broadcast(self.masks[mask], ("i", "j"), to_axes)
 
     def print_body(self, body: sympy.Expr, args: list[int], out_axes: tuple[str, ...]) -> str:
         names = {ARG_SYMBOLS[k].name: self.align(a, out_axes) for k, a in enumerate(args)}

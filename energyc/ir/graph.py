@@ -82,6 +82,10 @@ class Graph:
         self._by_key[node.key] = nid
         return nid
 
+    def add_like(self, node: Node, inputs: Iterable[int]) -> int:
+        """Add (or find) a node with ``node``'s op, attributes and source, on new ``inputs``."""
+        return self.add(node.op, inputs, where=node.where, **dict(node.attrs))
+
     # -- queries --------------------------------------------------------------------------------
     def node(self, nid: int) -> Node:
         return self.nx.nodes[nid]["node"]
@@ -126,9 +130,7 @@ class Graph:
             if n in mapping:
                 continue
             node = self.node(n)
-            mapping[n] = other.add(
-                node.op, [mapping[u] for u in node.inputs], where=node.where, **dict(node.attrs)
-            )
+            mapping[n] = other.add_like(node, [mapping[u] for u in node.inputs])
         return mapping
 
     def verify(self) -> None:

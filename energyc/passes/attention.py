@@ -123,8 +123,7 @@ def fuse_context_attention(graph: Graph) -> Graph:
         node = graph.node(n)
         found = _match(graph, n)
         if found is None:
-            mapping[n] = new.add(node.op, [mapping[u] for u in node.inputs], where=node.where,
-                                 **dict(node.attrs))
+            mapping[n] = new.add_like(node, [mapping[u] for u in node.inputs])
             continue
         if found["scale"] is None:
             scale = new.add("const", value=sympy.Integer(1))

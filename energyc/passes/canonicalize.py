@@ -11,7 +11,7 @@ from collections.abc import Callable
 import sympy
 
 from energyc.ir.graph import Graph, Node
-from energyc.ir.ops import ARG_SYMBOLS, pointwise
+from energyc.ir.ops import ARG_SYMBOLS, contract, pointwise
 
 Rewrite = Callable[[Graph, Node, list[int]], "int | None"]
 
@@ -41,8 +41,6 @@ def _broadcast_into_pointwise(graph: Graph, node: Node, inputs: list[int]) -> in
 
 def _contract_normalise(graph: Graph, node: Node, inputs: list[int]) -> int | None:
     # contract(c, u) => c * contract(u);  contract(u) => sum(u)
-    from energyc.ir.ops import contract
-
     return contract(graph, inputs, node.axes, where=node.where)
 
 
@@ -113,7 +111,7 @@ def canonicalize(graph: Graph) -> Graph:
                 if result is not None:
                     break
         if result is None:
-            result = new.add(node.op, inputs, where=node.where, **dict(node.attrs))
+            result = new.add_like(node, inputs)
         mapping[n] = result
     new.outputs = {name: mapping[n] for name, n in graph.outputs.items()}
     return new

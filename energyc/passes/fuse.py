@@ -25,9 +25,7 @@ def fuse_pointwise(graph: Graph) -> Graph:
     for n in live:
         node = graph.node(n)
         if node.op != "pointwise":
-            mapping[n] = new.add(
-                node.op, [mapping[u] for u in node.inputs], where=node.where, **dict(node.attrs)
-            )
+            mapping[n] = new.add_like(node, [mapping[u] for u in node.inputs])
             continue
         body, args = _expanded(graph, n, uses, outputs)
         mapping[n] = pointwise(new, body, [mapping[u] for u in args], where=node.where)

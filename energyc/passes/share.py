@@ -59,8 +59,7 @@ def share_subexpressions(graph: Graph) -> Graph:
     for n in live:
         node = graph.node(n)
         if node.op != "pointwise" or not shared:
-            mapping[n] = new.add(node.op, [mapping[u] for u in node.inputs], where=node.where,
-                                 **dict(node.attrs))
+            mapping[n] = new.add_like(node, [mapping[u] for u in node.inputs])
             continue
         body = _concrete(graph, n)
         for sub in shared:
