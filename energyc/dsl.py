@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import sympy
-from sympy import Rational, pi, sqrt  # noqa: F401 - re-exported for energy files
+from sympy import Rational, pi  # noqa: F401 - re-exported for energy files
 
 from energyc.errors import EnergyError, user_location
 from energyc.ir import functions as _fn
@@ -462,8 +462,7 @@ cosh = _unary(sympy.cosh, "cosh")
 sigmoid = _unary(_fn.sigmoid, "sigmoid")
 softplus = _unary(_fn.softplus, "softplus")
 relu = _unary(_fn.relu, "relu")
-_sympy_sqrt = sympy.sqrt
-sqrt = _unary(_sympy_sqrt, "sqrt")  # noqa: F811 - works on tensors and on SymPy expressions
+sqrt = _unary(sympy.sqrt, "sqrt")  # works on tensors and on SymPy expressions
 
 
 def rotary(t: Tensor, over: Any, base: float = 10000.0) -> Tensor:
