@@ -50,14 +50,18 @@ def format_energy(graph: Graph, output: str) -> str:
             prod = " * ".join(fmt(u) for u in node.inputs)
             text = f"sum_{{{', '.join(summed)}}}({prod})" if summed else f"({prod})"
         elif op == "pointwise":
-            body = node.attr("body")
-            subs = {ARG_SYMBOLS[k]: sympy.Symbol(_wrap(fmt(u))) for k, u in enumerate(node.inputs)}
-            text = sympy.sstr(body.xreplace(subs))
-        elif op == "reduce":
+            text = _formula(node.attr("body"), [fmt(u) for u in node.inputs])
+        elif op in ("reduce", "fused_reduce"):
             mask = node.attr("mask")
             over = describe_mask(mask) if mask else ", ".join(node.attr("axes"))
             name = "sum" if node.attr("kind") == "sum" else "logsumexp"
-            text = f"{name}_{{{over}}}({fmt(node.inputs[0])})"
+            if op == "reduce":
+                text = f"{name}_{{{over}}}({fmt(node.inputs[0])})"
+            else:
+                n_pre = node.attr("n_pre")
+                pre = _formula(node.attr("pre"), [fmt(u) for u in node.inputs[:n_pre]])
+                reduced = f"{name}_{{{over}}}({pre})"
+                text = _formula(node.attr("post"), [reduced] + [fmt(u) for u in node.inputs[n_pre:]])
         elif op == "mask":
             text = f"[{describe_mask(node.attr('mask'))}]*{_wrap(fmt(node.inputs[0]))}"
         else:
@@ -66,6 +70,13 @@ def format_energy(graph: Graph, output: str) -> str:
         return text
 
     return fmt(graph.outputs[output])
+
+
+def _formula(body: sympy.Expr, args: list[str]) -> str:
+    if body == ARG_SYMBOLS[0]:
+        return args[0]
+    subs = {ARG_SYMBOLS[k]: sympy.Symbol(_wrap(text)) for k, text in enumerate(args)}
+    return sympy.sstr(body.xreplace(subs))
 
 
 def _wrap(text: str) -> str:

@@ -153,6 +153,8 @@ def _eval_node(graph: Graph, n: int, ins: list[torch.Tensor], env: dict, sizes: 
             body_env[ARG_SYMBOLS[k].name] = align(v, ax, node.axes)
         out = eval_body(node.attr("body"), body_env)
         return out.reshape([1] * (len(full) - out.dim()) + list(out.shape)).expand(full)
+    if op == "fused_reduce":
+        return _eval_fused_reduce(graph, node, ins, in_axes, env, sizes)
     if op == "reduce":
         (v,) = ins
         ax = in_axes[0]
@@ -240,6 +242,20 @@ def _eval_attention(graph: Graph, node, ins, in_axes, T: int) -> torch.Tensor:
     if wrt == "q":
         return s * torch.einsum(spec(sa, ka, qa), dS, k)
     return s * torch.einsum(spec(sa, qa, ka), dS, q)
+
+
+def _eval_fused_reduce(graph, node, ins, in_axes, env, sizes):
+    """post(reduce(pre(a...)), b...): each stage through this interpreter's own ops."""
+    n_pre = node.attr("n_pre")
+    scratch = Graph(graph.dims)
+    leaves = [scratch.add("input", name=f"_in{k}", axes=ax) for k, ax in enumerate(in_axes)]
+    values = {f"_in{k}": v for k, v in enumerate(ins)}
+    pre = scratch.add("pointwise", leaves[:n_pre], body=node.attr("pre")) if node.attr(
+        "pre") != ARG_SYMBOLS[0] or n_pre > 1 else leaves[0]
+    red = scratch.add("reduce", (pre,), kind=node.attr("kind"), axes=node.attr("axes"),
+                      mask=node.attr("mask"))
+    out = scratch.add("pointwise", (red, *leaves[n_pre:]), body=node.attr("post"))
+    return evaluate(scratch, out, values, sizes)
 
 
 def evaluate(graph: Graph, node_id: int, env: dict, sizes: dict = SIZES, cache=None):
@@ -397,6 +413,35 @@ def test_vjp_reduce_logsumexp_over_dim(axis):
     u = leaf(g, "input", "u", ("b", "i", "D", "H"))
     out = g.add("reduce", (u,), kind="lse", axes=(axis,), mask=None)
     check_vjp(g, out, [u])
+
+
+@pytest.mark.parametrize("kind", ["sum", "lse"])
+@pytest.mark.parametrize("mask", [("causal",), ("strict",), None], ids=["causal", "strict", "none"])
+def test_vjp_fused_reduce(kind, mask):
+    """fused_reduce: post(reduce(pre(u, p)), s, w) differentiates like the unfused chain."""
+    g = new_graph()
+    u = leaf(g, "input", "u", ("b", "i", "j", "H"))
+    p = leaf(g, "param", "p", ("H",))
+    w = leaf(g, "input", "w", ("b", "i", "H"))
+    s = leaf(g, "hyper", "s")
+    a0, a1, a2 = ARG_SYMBOLS[:3]
+    out = g.add("fused_reduce", (u, p, s, w), kind=kind, axes=("j",), mask=mask, n_pre=2,
+                pre=sympy.tanh(a0) * a1, post=a0 * a1 + sympy.exp(a2))
+    assert g.node(out).axes == ("b", "i", "H")
+    check_vjp(g, out, [u, p, w, s])
+
+
+def test_vjp_fused_reduce_with_dependent_arguments():
+    """One fused argument computed from another: each gets its partial derivative once (the
+    walk continues through the arguments, not inside the rule)."""
+    g = new_graph()
+    x = leaf(g, "input", "x", ("b", "i", "D"))
+    y = ops.pointwise(g, sympy.sin(ARG_SYMBOLS[0]), [x])
+    z = ops.reduce(g, x, ["D"])
+    a0, a1, a2 = ARG_SYMBOLS[:3]
+    out = g.add("fused_reduce", (x, y, z), kind="sum", axes=("D",), mask=None, n_pre=2,
+                pre=a0 * a1, post=a0 * a1)
+    check_vjp(g, out, [x])
 
 
 @pytest.mark.parametrize("kind", ["sum", "lse"])

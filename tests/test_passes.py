@@ -23,7 +23,7 @@ from energyc.loader import load
 from energyc.passes import PIPELINE, run_pipeline
 from energyc.passes.canonicalize import RULES, canonicalize
 from energyc.passes.cse import cse, dead_code
-from energyc.passes.fuse import fuse_pointwise
+from energyc.passes.fuse import fuse_pointwise, fuse_reductions
 from energyc.passes.share import share_subexpressions
 from tests.conftest import example_files
 from tests.test_ops import evaluate, expand_to, random_env
@@ -85,7 +85,7 @@ def n_live(g: Graph) -> int:
 # -- coverage of the tables --------------------------------------------------------------------------
 
 TESTED_PASSES = {"dead_code", "canonicalize", "cse", "fuse_pointwise", "fuse_context_attention",
-                 "share_subexpressions"}
+                 "share_subexpressions", "fuse_reductions"}
 TESTED_RULES = {"broadcast_into_pointwise", "pointwise_of_mask", "pointwise_normalise",
                 "contract_normalise", "relabel_identity", "mask_idempotent"}
 
@@ -209,6 +209,61 @@ def test_fuse_pointwise_keeps_values():
     """fuse_pointwise leaves every output's value unchanged (mixed axes among the args)."""
     g = fuse_graph()
     assert_same_outputs(g, fuse_pointwise(g))
+
+
+# -- fuse_reductions -------------------------------------------------------------------------------
+
+
+def reduction_graph(mask=("causal",), kind="lse"):
+    """exp-free score s = a * u + p over (b, i, j, H), reduced over j in C(i), then -r / a + w."""
+    g = new_graph()
+    u = inp(g, "u", ("b", "i", "j", "H"))
+    p = g.add("param", name="p", axes=("H",))
+    w = inp(g, "w", ("b", "i"))
+    a = g.add("hyper", name="a")
+    s = ops.pointwise(g, a0 * a1 + a2, [a, u, p])
+    r = ops.reduce(g, s, ["j"], kind=kind, mask=mask)
+    h = ops.reduce(g, r, ["H"])
+    g.outputs = {"y": ops.pointwise(g, -a0 / a1 + a2, [h, a, w])}
+    return g
+
+
+def test_fuse_reductions_joins_prologue_and_epilogue():
+    """Prologue and epilogue join their reduction: 3 pointwise + 2 reduce -> 2 fused_reduce, so a
+    backend runs two kernels where it ran five."""
+    g = reduction_graph()
+    assert g.op_counts()["pointwise"] == 2 and g.op_counts()["reduce"] == 2
+    out = dead_code(fuse_reductions(g))
+    out.verify()
+    counts = out.op_counts()
+    assert counts.get("pointwise", 0) == 0 and counts.get("reduce", 0) == 0
+    assert counts["fused_reduce"] == 2
+    first, second = [n for n in out.live() if out.node(n).op == "fused_reduce"]
+    assert out.node(first).attr("n_pre") == 3  # a, u, p evaluated inside the reduction
+    assert out.node(second).attr("post") != a0  # -r / a + w is the epilogue
+    assert_same_outputs(g, out)
+
+
+@pytest.mark.parametrize("kind", ["sum", "lse"])
+@pytest.mark.parametrize("mask", [("causal",), ("strict",), ("window", 2), ("not_self",), None])
+def test_fuse_reductions_keeps_values(kind, mask):
+    """Every context set and both kinds keep their values through the pass."""
+    g = reduction_graph(mask, kind)
+    assert_same_outputs(g, dead_code(fuse_reductions(g)))
+
+
+def test_fuse_reductions_keeps_shared_values():
+    """A pointwise value with a second user stays stored; a reduction that is an output stays."""
+    g = new_graph()
+    u = inp(g, "u", ("b", "i", "D"))
+    e = ops.pointwise(g, sympy.exp(a0), [u])
+    r = ops.reduce(g, e, ["D"])
+    g.outputs = {"r": r, "z": ops.pointwise(g, a0 * a1, [e, r]),
+                 "q": ops.pointwise(g, a0 + 1, [r])}
+    out = dead_code(fuse_reductions(g))
+    counts = out.op_counts()
+    assert counts["reduce"] == 1 and counts["pointwise"] == 3 and "fused_reduce" not in counts
+    assert_same_outputs(g, out)
 
 
 # -- fuse_context_attention ------------------------------------------------------------------------

@@ -7,6 +7,7 @@ print as ``torch.einsum``; masks are boolean (T, T) tensors built once per funct
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 import sympy
@@ -58,9 +59,15 @@ class Emitter:
             )
         return _broadcast(self.masks[mask], ("i", "j"), to_axes)
 
-    def print_body(self, body: sympy.Expr, args: list[int], out_axes: tuple[str, ...]) -> str:
-        names = {ARG_SYMBOLS[k].name: self.align(a, out_axes) for k, a in enumerate(args)}
-        tensor_symbols = set(ARG_SYMBOLS[: len(args)])
+    def print_body(self, body: sympy.Expr, args: list[int], out_axes: tuple[str, ...],
+                   first: str | None = None) -> str:
+        """``body`` with its arguments broadcast to ``out_axes``; ``first`` (code, already of
+        ``out_axes``) when given is ``a0`` and ``args`` are ``a1, a2, ...``."""
+        shift = 0 if first is None else 1
+        names = {ARG_SYMBOLS[k + shift].name: self.align(a, out_axes) for k, a in enumerate(args)}
+        if first is not None:
+            names[ARG_SYMBOLS[0].name] = first
+        tensor_symbols = set(ARG_SYMBOLS[: len(args) + shift])
         names.update({d: d for d in self.graph.dims})
         names.update({"B": "B", "T": "T"})
         printer = TorchPrinter(names, tensor_symbols)
@@ -103,13 +110,11 @@ def _emit_pointwise(em: Emitter, nid: int, node: Node) -> str:
     return em.print_body(node.attr("body"), list(node.inputs), node.axes)
 
 
-def _emit_reduce(em: Emitter, nid: int, node: Node) -> str:
-    (u,) = node.inputs
-    in_axes = em.graph.node(u).axes
+def _reduce_code(em: Emitter, src: str, in_axes: tuple[str, ...], node: Node) -> str:
+    """``src`` (a value with ``in_axes``) reduced as ``node`` says: sum or logsumexp, masked."""
     dims = tuple(in_axes.index(a) for a in node.attr("axes"))
     dim = dims[0] if len(dims) == 1 else dims
     mask = node.attr("mask")
-    src = em.names[u]
     if mask is not None and mask != ("all",):
         m = em.mask(mask, in_axes)
         if node.attr("kind") == "lse":
@@ -118,6 +123,28 @@ def _emit_reduce(em: Emitter, nid: int, node: Node) -> str:
     if node.attr("kind") == "lse":
         return f"torch.logsumexp({src}, dim={dim})"
     return f"{src}.sum(dim={dim})"
+
+
+def _emit_reduce(em: Emitter, nid: int, node: Node) -> str:
+    (u,) = node.inputs
+    return _reduce_code(em, em.names[u], em.graph.node(u).axes, node)
+
+
+def _emit_fused_reduce(em: Emitter, nid: int, node: Node) -> str:
+    """``post(reduce(pre(a...)), b...)`` as one expression (torch evaluates it in steps)."""
+    n_pre = node.attr("n_pre")
+    pre_args, post_args = list(node.inputs[:n_pre]), list(node.inputs[n_pre:])
+    in_axes = em.graph.canonical(set().union(*[em.graph.node(u).axes for u in pre_args]))
+    pre = em.print_body(node.attr("pre"), pre_args, in_axes)
+    if any(em.graph.node(u).axes != in_axes for u in pre_args) and len(pre_args) == 1:
+        pre = f"{pre}.expand({', '.join(em.size(a) for a in in_axes)})"
+    reduced = _reduce_code(em, pre if _simple(pre) else f"({pre})", in_axes, node)
+    return em.print_body(node.attr("post"), post_args, node.axes, first=reduced)
+
+
+def _simple(code: str) -> bool:
+    """A name, or a name with one index (``t3``, ``grad_g[:, :, None]``): needs no parentheses."""
+    return re.fullmatch(r"[A-Za-z_]\w*(\[[^\[\]()]*\])?", code) is not None
 
 
 def _emit_mask(em: Emitter, nid: int, node: Node) -> str:
@@ -218,6 +245,7 @@ EMITTERS = {
     "contract": _emit_contract,
     "pointwise": _emit_pointwise,
     "reduce": _emit_reduce,
+    "fused_reduce": _emit_fused_reduce,
     "mask": _emit_mask,
     "broadcast": _emit_broadcast,
     "relabel": _emit_relabel,

@@ -16,6 +16,8 @@ offset     the pair value ``i - j``
 contract   ``einsum`` over named axes: the product of the inputs summed over dropped axes
 pointwise  an element-wise SymPy body ``f(a0, a1, ...)`` with broadcasting by axis name
 reduce     ``sum`` or ``logsumexp`` over axes; over ``j`` it takes a context set (a mask)
+fused_reduce  ``post(reduce(pre(a...)), b...)``: a reduction with its element-wise prologue and
+           epilogue (made by the ``fuse_reductions`` pass; one kernel on the Triton backend)
 mask       ``where(j in C(i), u, 0)``: zero outside the context set
 broadcast  expand to more axes
 relabel    rename a token axis (``i`` <-> ``j``): the same tokens seen in another role
@@ -355,6 +357,58 @@ class Reduce(Op):
         return f"{node.attr('kind')} over {over}" + (f" in {{{ctx}}}" if ctx else "")
 
 
+class FusedReduce(Op):
+    """``out = post(reduce_{axes, mask} pre(a_0 .. a_{n-1}), b_0 .. b_{m-1})``.
+
+    Inputs: the ``n_pre`` prologue arguments ``a`` then the epilogue arguments ``b``. ``pre`` is a
+    body over ``a0 .. a{n-1}``; ``post`` a body over ``a0`` (the reduced value) then ``a1 ..`` (the
+    ``b``). The ``b`` have no axis beyond the output's, so the output keeps the reduction's axes.
+    Made by the ``fuse_reductions`` pass so that a backend computes it in one kernel.
+
+    VJP: the same as the unfused chain pointwise -> reduce -> pointwise, which it builds in the
+    graph and differentiates (the chain's nodes are then ordinary nodes of the gradient graph).
+    """
+
+    name = "fused_reduce"
+
+    @staticmethod
+    def shape(graph, in_axes, attrs):
+        n_pre = attrs["n_pre"]
+        pre_axes = graph.canonical(set().union(*in_axes[:n_pre]))
+        out = Reduce.shape(graph, [pre_axes], attrs)
+        for axes in in_axes[n_pre:]:
+            if not set(axes) <= set(out):
+                raise ValueError(f"an epilogue argument with axes {axes} is wider than {out}")
+        return out
+
+    @staticmethod
+    def unfused(graph, node) -> int:
+        """Build ``post(reduce(pre(...)), ...)`` from ordinary nodes; return the output node."""
+        n_pre = node.attr("n_pre")
+        pre_args, post_args = list(node.inputs[:n_pre]), list(node.inputs[n_pre:])
+        full = graph.canonical(set().union(*[graph.node(u).axes for u in pre_args]))
+        pre = pointwise(graph, node.attr("pre"), pre_args)
+        if graph.node(pre).axes != full:
+            pre = graph.add("broadcast", (pre,), out=full)
+        red = graph.add("reduce", (pre,), kind=node.attr("kind"), axes=node.attr("axes"),
+                        mask=node.attr("mask"))
+        return pointwise(graph, node.attr("post"), [red, *post_args])
+
+    @staticmethod
+    def vjp(graph, nid, node, g):
+        from energyc.autodiff import vjp
+
+        out = FusedReduce.unfused(graph, node)
+        distinct = list(dict.fromkeys(node.inputs))
+        grads = vjp(graph, out, g, distinct, stop_at_wrt=True)
+        return [(node.inputs.index(u), grads[u]) for u in distinct if grads[u] is not None]
+
+    @staticmethod
+    def describe(node):
+        red = Reduce.describe(node)
+        return f"fused {red} of {node.attr('pre')}, then {node.attr('post')}"
+
+
 class Mask(Op):
     """``out[..., i, j, ...] = u[...] if j in C(i) else 0``. VJP: ``du = sum mask(g)``."""
 
@@ -526,6 +580,7 @@ class AttentionGrad(Op):
 
 OPS: dict[str, type[Op]] = {
     op.name: op
-    for op in (Input, Param, Hyper, Const, Offset, Contract, Pointwise, Reduce, Mask, Broadcast,
+    for op in (Input, Param, Hyper, Const, Offset, Contract, Pointwise, Reduce, FusedReduce, Mask,
+               Broadcast,
                Relabel, Rotary, Attention, AttentionLse, AttentionGrad)
 }

@@ -13,7 +13,7 @@ from energyc.ir.graph import Graph
 from energyc.passes.attention import fuse_context_attention
 from energyc.passes.canonicalize import canonicalize
 from energyc.passes.cse import cse, dead_code
-from energyc.passes.fuse import fuse_pointwise
+from energyc.passes.fuse import fuse_pointwise, fuse_reductions
 from energyc.passes.share import share_subexpressions
 
 Pass = Callable[[Graph], Graph]
@@ -28,6 +28,7 @@ PIPELINE: list[tuple[str, Pass]] = [
     ("cse_again", cse),
     ("fuse_context_attention", fuse_context_attention),
     ("share_subexpressions", share_subexpressions),
+    ("fuse_reductions", fuse_reductions),
     ("dead_code_again", dead_code),
 ]
 

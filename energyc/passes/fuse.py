@@ -58,3 +58,67 @@ def _Slot(m: int):  # noqa: N802 - a placeholder symbol distinct from ARG_SYMBOL
     import sympy
 
     return sympy.Symbol(f"_slot{m}")
+
+
+def fuse_reductions(graph: Graph) -> Graph:
+    """Join element-wise work before and after a reduction into one ``fused_reduce`` node.
+
+    Prologue: ``reduce(p)`` where ``p`` is a pointwise node used by nobody else becomes
+    ``fused_reduce(pre=body(p))`` over p's arguments (the body is evaluated inside the reduction,
+    never stored). Epilogue: a pointwise node ``q(r, b...)`` whose argument ``r`` is a reduction used
+    by nobody else, with every other argument no wider than ``r``, absorbs ``r``:
+    ``fused_reduce(pre, post=q)``. Legal because each reduced value is consumed once, so nothing is
+    recomputed, and the epilogue is element-wise over the reduction's own output axes.
+    """
+    live = graph.live()
+    uses: dict[int, int] = {}
+    for n in live:
+        for u in graph.node(n).inputs:
+            uses[u] = uses.get(u, 0) + 1
+    outputs = set(graph.outputs.values())
+
+    def private(u: int) -> bool:
+        return uses.get(u, 0) == 1 and u not in outputs
+
+    new = Graph(graph.dims)
+    mapping: dict[int, int] = {}
+    fused: dict[int, tuple] = {}  # old reduce id -> (pre body, old pre args, attrs)
+    for n in live:
+        node = graph.node(n)
+        if node.op == "reduce":
+            (u,) = node.inputs
+            un = graph.node(u)
+            if un.op == "pointwise" and private(u):
+                pre, args = un.attr("body"), list(un.inputs)
+            else:
+                pre, args = ARG_SYMBOLS[0], [u]
+            attrs = dict(kind=node.attr("kind"), axes=node.attr("axes"), mask=node.attr("mask"))
+            fused[n] = (pre, args, attrs)
+            mapping[n] = _fused(new, mapping, pre, args, ARG_SYMBOLS[0], [], attrs, node.where)
+            continue
+        if node.op == "pointwise":
+            reds = [k for k, u in enumerate(node.inputs) if u in fused and private(u)
+                    and graph.node(u).axes == node.axes]
+            if len(reds) == 1:
+                k = reds[0]
+                pre, args, attrs = fused[node.inputs[k]]
+                rest = [u for m, u in enumerate(node.inputs) if m != k]
+                order = [k] + [m for m in range(len(node.inputs)) if m != k]
+                post = node.attr("body").xreplace(
+                    {ARG_SYMBOLS[m]: _Slot(pos) for pos, m in enumerate(order)})
+                post = post.xreplace({_Slot(m): ARG_SYMBOLS[m] for m in range(len(order))})
+                mapping[n] = _fused(new, mapping, pre, args, post, rest, attrs, node.where)
+                continue
+        mapping[n] = new.add_like(node, [mapping[u] for u in node.inputs])
+    new.outputs = {name: mapping[n] for name, n in graph.outputs.items()}
+    return new
+
+
+def _fused(new: Graph, mapping, pre, args, post, post_args, attrs, where) -> int:
+    """A plain ``reduce`` when there is nothing to fuse, else a ``fused_reduce``."""
+    pre_args = [mapping[u] for u in args]
+    rest = [mapping[u] for u in post_args]
+    if pre == ARG_SYMBOLS[0] and post == ARG_SYMBOLS[0] and not rest:
+        return new.add("reduce", tuple(pre_args), where=where, **attrs)
+    return new.add("fused_reduce", tuple(pre_args + rest), where=where, pre=pre, post=post,
+                   n_pre=len(pre_args), **attrs)
