@@ -15,13 +15,15 @@ import shutil
 import subprocess
 import sys
 import tempfile
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import jinja2
 import sympy
 
 from energyc import __version__
 from energyc.backends.torch_backend import Emitter, einsum_letters, full_output
+from energyc.backends.triton_backend import KernelSet, TritonEmitter
 from energyc.compiler import CompiledLayer, split
 from energyc.inspect import format_energy
 from energyc.ir.graph import Graph
@@ -79,6 +81,25 @@ class KernelSpec:
 
 
 @dataclass
+class TritonModuleSpec:
+    """The Triton path of one package: its step functions and the kernels they launch."""
+
+    energy: str
+    functions: list[FunctionSpec]
+    kernels: list = field(default_factory=list)  # PointwiseKernel | ReductionKernel
+    precond_kinds: list[str] = field(default_factory=list)
+    attention: bool = False  # whether _triton_attention.py serves its fused context reductions
+
+    @property
+    def counts(self) -> dict[str, int]:
+        """Kernels per family."""
+        out: dict[str, int] = {}
+        for k in self.kernels:
+            out[k.family] = out.get(k.family, 0) + 1
+        return out
+
+
+@dataclass
 class HyperSpec:
     name: str
     default: str  # Python expression in the dims, or "None" (then required)
@@ -112,6 +133,7 @@ class PackageSpec:
     functions: list[FunctionSpec]
     precond_kinds: list[str]
     triton: KernelSpec | None = None
+    triton_module: TritonModuleSpec | None = None
 
 
 def camel(name: str) -> str:
@@ -156,13 +178,14 @@ def function_spec(
     saved_in: list[int] | None = None,
     saved_out: list[int] | None = None,
     params: set[str] | None = None,
+    emitter: Callable[[Graph, dict, dict], Emitter] = Emitter,
 ) -> FunctionSpec:
     """Print ``nodes`` of ``graph`` as a function.
 
     ``leaves`` maps argument names to (node id or -1, storage order of its axes); ``returns`` lists
     (node, canonical axes, storage order) per returned value; ``names`` gives every node's variable.
     """
-    em = Emitter(graph, {}, einsum_letters(graph.dims))
+    em = emitter(graph, {}, einsum_letters(graph.dims))
     lines: list[str] = []
     for var, (nid, order) in leaves.items():
         if nid < 0:
@@ -209,6 +232,21 @@ def _names(graph: Graph) -> dict[int, str]:
     return names
 
 
+def _leaf_map(layer: CompiledLayer, graph: Graph,
+              extra_inputs: list[str]) -> dict[str, tuple[int, tuple[str, ...]]]:
+    """Argument name -> (leaf node or -1, storage order of its axes)."""
+    state_order = ("b", "i", layer.state_dim)
+    found = _named_leaves(graph)
+    leaves: dict[str, tuple[int, tuple[str, ...]]] = {}
+    for var in ["x", "xbar", *extra_inputs]:
+        leaves[var] = (found.get(var, -1), state_order)
+    for p in layer.params:
+        leaves[p.name] = (found.get(p.name, -1), p.dims)
+    for h in layer.hypers:
+        leaves[h.name] = (found.get(h.name, -1), ())
+    return leaves
+
+
 def package_spec(layer: CompiledLayer, source: str) -> PackageSpec:
     decl = layer.decl
     D = layer.state_dim
@@ -217,15 +255,7 @@ def package_spec(layer: CompiledLayer, source: str) -> PackageSpec:
     hyper_names = [h.name for h in layer.hypers]
 
     def leaf_map(graph: Graph, extra_inputs: list[str]) -> dict[str, tuple[int, tuple[str, ...]]]:
-        found = _named_leaves(graph)
-        leaves: dict[str, tuple[int, tuple[str, ...]]] = {}
-        for var in ["x", "xbar", *extra_inputs]:
-            leaves[var] = (found.get(var, -1), state_order)
-        for p in layer.params:
-            leaves[p.name] = (found.get(p.name, -1), p.dims)
-        for h in layer.hypers:
-            leaves[h.name] = (found.get(h.name, -1), ())
-        return leaves
+        return _leaf_map(layer, graph, extra_inputs)
 
     # energy
     eg = layer.energy
@@ -235,49 +265,9 @@ def package_spec(layer: CompiledLayer, source: str) -> PackageSpec:
         eg.live(), ["x", "xbar", *param_names, *hyper_names], leaf_map(eg, []),
         [(eg.outputs["energy"], ("b", "i"), ("b", "i"))], e_names, params=set(param_names),
     )
-    # step: forward (g = dE/dx) and backward (its VJP)
-    sg = layer.step
-    sp = split(sg, ["grad"], ["grad_g"])
-    s_names = _names(sg)
-    fwd = function_spec(
-        sg, "_grad_forward",
-        "g = dE/dx (B, T, D), and the intermediates the backward needs.",
-        sp.forward, ["kernels", "x", "xbar", *param_names, *hyper_names], leaf_map(sg, []),
-        [(sg.outputs["grad"], state_order, state_order)], s_names, saved_out=sp.saved,
-        params=set(param_names),
-    )
-    grads = [("x", state_order, state_order), ("xbar", state_order, state_order)]
-    grads += [(p.name, sg.canonical(p.dims), p.dims) for p in layer.params]
-    grads += [(h.name, (), ()) for h in layer.hypers]
-    bwd = function_spec(
-        sg, "_grad_backward",
-        "Vector-Jacobian product of g w.r.t. x, xbar, the parameters and the hyperparameters.",
-        sp.backward, ["kernels", "saved", "grad_g", "x", "xbar", *param_names, *hyper_names],
-        leaf_map(sg, ["grad_g"]),
-        [(sg.outputs.get(f"grad_{n}"), axes, order) for n, axes, order in grads], s_names,
-        saved_in=sp.saved, params=set(param_names),
-    )
-    functions = [energy_fn, fwd, bwd]
-    for kind, pg in layer.precond.items():
-        pp = split(pg, ["u"], ["grad_u"])
-        p_names = _names(pg)
-        found = _named_leaves(pg)
-        orders = {"g": state_order, "P_diag": (D,), "P_lowrank": (D, "R")}
-        pleaves = {name: (found.get(name, -1), order) for name, order in orders.items()}
-        pleaves_b = {"grad_u": (found.get("grad_u", -1), state_order), **pleaves}
-        functions.append(function_spec(
-            pg, f"_precond_{kind}_forward", f"u = P g with the {kind} preconditioner.",
-            pp.forward, ["g", "P_diag", "P_lowrank"], pleaves,
-            [(pg.outputs["u"], state_order, state_order)], p_names, saved_out=pp.saved,
-        ))
-        rets = [(pg.outputs.get("grad_g"), state_order, state_order),
-                (pg.outputs.get("grad_P_diag"), (D,), (D,)),
-                (pg.outputs.get("grad_P_lowrank"), (D, "R"), (D, "R"))]
-        functions.append(function_spec(
-            pg, f"_precond_{kind}_backward", f"VJP of u = P g ({kind}) w.r.t. g and P's parameters.",
-            pp.backward, ["saved", "grad_u", "g", "P_diag", "P_lowrank"], pleaves_b, rets, p_names,
-            saved_in=pp.saved,
-        ))
+    functions = [energy_fn, *step_functions(layer, Emitter)]
+    kernel_set = KernelSet(decl.name)
+    triton_functions = step_functions(layer, _triton_emitter(kernel_set))
 
     hypers = [HyperSpec(h.name, _code(h.default) if h.default is not None else "None", h.learnable)
               for h in layer.hypers]
@@ -297,6 +287,7 @@ def package_spec(layer: CompiledLayer, source: str) -> PackageSpec:
             stmt = f"torch.nn.init.constant_(self.{p.name}, {_code(init.args['value'])})"
         params.append(ParamSpec(p.name, "(" + ", ".join(p.dims) + ",)", stmt))
     doc = _module_doc(layer)
+    sg = layer.step
     attention_masks = sorted({sg.node(n).attr("mask") for n in sg.live()
                               if sg.node(n).op == "attention"})
     triton = None
@@ -311,7 +302,82 @@ def package_spec(layer: CompiledLayer, source: str) -> PackageSpec:
         steps=decl.steps, precond=decl.precond, rank=decl.rank, context=decl.context,
         joint=decl.joint, functions=functions, precond_kinds=list(layer.precond),
         triton=triton,
+        triton_module=TritonModuleSpec(decl.name, triton_functions, kernel_set.kernels,
+                                       list(layer.precond), attention=triton is not None),
     )
+
+
+def _triton_emitter(kernel_set: KernelSet) -> Callable[[str], Callable]:
+    """Emitters for the Triton module's functions; kernels are named after their function."""
+
+    def for_function(function: str):
+        def make(graph, names, letters):
+            em = TritonEmitter(graph, names, letters)
+            em.kernel_set, em.function = kernel_set, function
+            return em
+        return make
+    return for_function
+
+
+def step_functions(layer: CompiledLayer, emitter) -> list[FunctionSpec]:
+    """The step's forward and backward and each preconditioner's, printed with ``emitter`` (an
+    Emitter class, or a function of the kernel-name stem that makes one)."""
+    if isinstance(emitter, type):
+        cls = emitter
+        emitter = lambda stem: cls  # noqa: E731 - the same emitter for every function
+    D = layer.state_dim
+    state_order = ("b", "i", D)
+    param_names = [p.name for p in layer.params]
+    hyper_names = [h.name for h in layer.hypers]
+
+    def leaf_map(graph: Graph, extra_inputs: list[str]) -> dict[str, tuple[int, tuple[str, ...]]]:
+        return _leaf_map(layer, graph, extra_inputs)
+
+    # step: forward (g = dE/dx) and backward (its VJP)
+    sg = layer.step
+    sp = split(sg, ["grad"], ["grad_g"])
+    s_names = _names(sg)
+    fwd = function_spec(
+        sg, "_grad_forward",
+        "g = dE/dx (B, T, D), and the intermediates the backward needs.",
+        sp.forward, ["kernels", "x", "xbar", *param_names, *hyper_names], leaf_map(sg, []),
+        [(sg.outputs["grad"], state_order, state_order)], s_names, saved_out=sp.saved,
+        params=set(param_names), emitter=emitter("fwd"),
+    )
+    grads = [("x", state_order, state_order), ("xbar", state_order, state_order)]
+    grads += [(p.name, sg.canonical(p.dims), p.dims) for p in layer.params]
+    grads += [(h.name, (), ()) for h in layer.hypers]
+    bwd = function_spec(
+        sg, "_grad_backward",
+        "Vector-Jacobian product of g w.r.t. x, xbar, the parameters and the hyperparameters.",
+        sp.backward, ["kernels", "saved", "grad_g", "x", "xbar", *param_names, *hyper_names],
+        leaf_map(sg, ["grad_g"]),
+        [(sg.outputs.get(f"grad_{n}"), axes, order) for n, axes, order in grads], s_names,
+        saved_in=sp.saved, params=set(param_names), emitter=emitter("bwd"),
+    )
+    functions = [fwd, bwd]
+    for kind, pg in layer.precond.items():
+        pp = split(pg, ["u"], ["grad_u"])
+        p_names = _names(pg)
+        found = _named_leaves(pg)
+        orders = {"g": state_order, "P_diag": (D,), "P_lowrank": (D, "R")}
+        pleaves = {name: (found.get(name, -1), order) for name, order in orders.items()}
+        pleaves_b = {"grad_u": (found.get("grad_u", -1), state_order), **pleaves}
+        functions.append(function_spec(
+            pg, f"_precond_{kind}_forward", f"u = P g with the {kind} preconditioner.",
+            pp.forward, ["g", "P_diag", "P_lowrank"], pleaves,
+            [(pg.outputs["u"], state_order, state_order)], p_names, saved_out=pp.saved,
+            emitter=emitter(f"precond_{kind}_fwd"),
+        ))
+        rets = [(pg.outputs.get("grad_g"), state_order, state_order),
+                (pg.outputs.get("grad_P_diag"), (D,), (D,)),
+                (pg.outputs.get("grad_P_lowrank"), (D, "R"), (D, "R"))]
+        functions.append(function_spec(
+            pg, f"_precond_{kind}_backward", f"VJP of u = P g ({kind}) w.r.t. g and P's parameters.",
+            pp.backward, ["saved", "grad_u", "g", "P_diag", "P_lowrank"], pleaves_b, rets, p_names,
+            saved_in=pp.saved, emitter=emitter(f"precond_{kind}_bwd"),
+        ))
+    return functions
 
 
 def _module_doc(layer: CompiledLayer) -> str:
@@ -338,8 +404,10 @@ def render_files(layer: CompiledLayer, source: str) -> dict[str, str]:
                  ("torch/_runtime.py.j2", "_runtime.py")]
     if spec.triton is not None:
         templates.append(("triton/attention.py.j2", "_triton_attention.py"))
+    templates.append(("triton/layer.py.j2", "_triton_layer.py"))
     for template, out in templates:
-        fields = spec.triton if template.startswith("triton/") else spec
+        fields = {"triton/attention.py.j2": spec.triton,
+                  "triton/layer.py.j2": spec.triton_module}.get(template, spec)
         body = env.get_template(template).render(spec=fields)
         body = format_code(body)
         digest = hashlib.sha256(body.encode()).hexdigest()[:16]

@@ -78,7 +78,8 @@ def test_layer_triton_matches_torch_backend():
 def test_auto_backend_uses_torch_on_cpu():
     from generated.cem_attention import Layer, layer
 
-    assert layer._rt.kernels("auto", torch.zeros(1), "generated.cem_attention", True) is layer._rt
+    path, kernels = layer._rt.implementation("auto", torch.zeros(1), "generated.cem_attention")
+    assert path is layer and kernels is layer._rt
     with pytest.raises(ValueError, match="argument backend"):
         Layer(D=8, H=2, K=4, backend="cuda")
 

@@ -5,7 +5,8 @@ A function here is a SymPy ``Function`` subclass that carries, side by side:
 * its value, as the SymPy expression it abbreviates (``definition``), used by the reference
   evaluator and for printing when no faster library call exists;
 * its derivative (``fdiff``), which SymPy's ``diff`` uses;
-* its torch spelling (``torch``), a format string over the printed argument.
+* its torch spelling (``torch``) and its Triton spelling (``triton``), format strings over the
+  printed argument (an empty spelling prints the definition instead).
 
 SymPy's own functions (exp, log, tanh, erf, sqrt, Piecewise, Max, ...) need no entry: SymPy knows
 their derivatives and the torch printer knows their names.
@@ -23,6 +24,7 @@ class EnergyFunction(sympy.Function):
 
     nargs = 1
     torch: str = ""
+    triton: str = ""
 
     @classmethod
     def definition(cls, u: sympy.Expr) -> sympy.Expr:  # pragma: no cover - overridden
@@ -33,6 +35,7 @@ class sigmoid(EnergyFunction):  # noqa: N801 - lower case like SymPy's functions
     """sigma(u) = 1 / (1 + exp(-u));  sigma' = sigma (1 - sigma)."""
 
     torch = "torch.sigmoid({0})"
+    triton = "tl.sigmoid({0})"
 
     @classmethod
     def definition(cls, u):
@@ -47,6 +50,8 @@ class softplus(EnergyFunction):  # noqa: N801
     """softplus(u) = log(1 + exp(u));  softplus' = sigmoid."""
 
     torch = "torch.nn.functional.softplus({0})"
+    # max(u, 0) + log(1 + exp(-|u|)): no overflow for large |u|
+    triton = "(tl.maximum({0}, 0.0) + tl.log(1.0 + tl.exp(-tl.abs({0}))))"
 
     @classmethod
     def definition(cls, u):
@@ -60,6 +65,7 @@ class step(EnergyFunction):  # noqa: N801
     """step(u) = 1 if u > 0 else 0 (the derivative of relu, with step(0) = 0 as in torch)."""
 
     torch = "({0} > 0).to({0}.dtype)"
+    triton = "tl.where({0} > 0, 1.0, 0.0)"
 
     @classmethod
     def definition(cls, u):
@@ -73,6 +79,7 @@ class relu(EnergyFunction):  # noqa: N801
     """relu(u) = max(u, 0);  relu' = step."""
 
     torch = "torch.relu({0})"
+    triton = "tl.maximum({0}, 0.0)"
 
     @classmethod
     def definition(cls, u):
@@ -116,7 +123,8 @@ def elementwise(
     cls = type(
         name,
         (EnergyFunction,),
-        {"definition": classmethod(_definition), "fdiff": _fdiff, "torch": "", "__module__": __name__},
+        {"definition": classmethod(_definition), "fdiff": _fdiff, "torch": "", "triton": "",
+         "__module__": __name__},
     )
     _USER_FUNCTIONS[name] = cls
     return cls

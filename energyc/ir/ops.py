@@ -50,6 +50,9 @@ CONTEXT_SETS = {
     "not_self": ("j != i", "j != i"),
 }
 
+# Context sets as the integer codes kernels test (``_in_context`` in the Triton templates).
+MASK_KINDS = {"all": 0, "causal": 1, "strict": 2, "window": 3, "not_self": 4}
+
 
 def describe_mask(mask: tuple | None) -> str:
     if mask is None:
