@@ -250,7 +250,6 @@ def _leaf_map(layer: CompiledLayer, graph: Graph,
 def package_spec(layer: CompiledLayer, source: str) -> PackageSpec:
     decl = layer.decl
     D = layer.state_dim
-    state_order = ("b", "i", D)
     param_names = [p.name for p in layer.params]
     hyper_names = [h.name for h in layer.hypers]
 

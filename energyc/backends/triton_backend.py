@@ -35,7 +35,7 @@ import sympy
 
 from energyc.backends import torch_backend
 from energyc.backends.torch_backend import Emitter, Node
-from energyc.backends.triton_printer import NoTritonSpelling, TritonPrinter
+from energyc.backends.triton_printer import NoTritonSpellingError, TritonPrinter
 from energyc.ir.ops import ARG_SYMBOLS, MASK_KINDS
 
 SIZE_SYMBOL_AXES = {"B": "b", "T": "i"}
@@ -152,7 +152,7 @@ def _emit_pointwise(em: TritonEmitter, nid: int, node: Node) -> str:
     params += [f"dim_{d}" for d in dims]
     try:
         expr = _print(body, names, dims)
-    except NoTritonSpelling:
+    except NoTritonSpellingError:
         return torch_backend._emit_pointwise(em, nid, node)
     loads = []
     for k, u in enumerate(args):
@@ -202,7 +202,7 @@ def _emit_reduction(em: TritonEmitter, nid: int, node: Node) -> str:
     try:
         pre = _print(pre_body, pre_names, dims)
         post = _print(post_body, post_names, dims)
-    except NoTritonSpelling:
+    except NoTritonSpellingError:
         emit = torch_backend._emit_fused_reduce if fused else torch_backend._emit_reduce
         return emit(em, nid, node)
 

@@ -3,7 +3,7 @@
 Every symbol is a kernel value: a loaded tile (``a0``), the reduced value, or a dim size passed
 as a scalar argument. Constants print as float literals (no ``math.*`` inside a kernel). Each
 element-wise function of :mod:`energyc.ir.functions` brings its own Triton spelling. A function
-with no Triton spelling raises :class:`NoTritonSpelling`; the backend then computes that node with
+with no Triton spelling raises :class:`NoTritonSpellingError`; the backend then computes that node with
 torch instead, so an unusual body is slower, never wrong.
 """
 
@@ -36,7 +36,7 @@ REWRITES = {
 MAX_INTEGER_POWER = 8  # u**n for |n| <= 8 prints as repeated products
 
 
-class NoTritonSpelling(Exception):
+class NoTritonSpellingError(Exception):
     """The expression uses a function this printer cannot spell in Triton."""
 
 
@@ -74,7 +74,7 @@ class TritonPrinter(PythonCodePrinter):
             return f"{TRITON_FUNCTIONS[name]}({', '.join(self._print(a) for a in expr.args)})"
         if name in REWRITES:
             return self._print(REWRITES[name](*expr.args))
-        raise NoTritonSpelling(name)
+        raise NoTritonSpellingError(name)
 
     _print_exp = _print_log = _print_sin = _print_cos = _print_erf = _print_Function
     _print_Abs = _print_tanh = _print_sinh = _print_cosh = _print_erfc = _print_Function
@@ -94,7 +94,7 @@ class TritonPrinter(PythonCodePrinter):
             return f"({product})" if e > 0 else f"(1.0 / ({product}))"
         if base == sympy.E:
             return f"tl.exp({self._print(e)})"
-        raise NoTritonSpelling(f"power {expr}")
+        raise NoTritonSpellingError(f"power {expr}")
 
     def _print_Piecewise(self, expr):
         out = None
@@ -138,4 +138,4 @@ class TritonPrinter(PythonCodePrinter):
         return f"tl.where({u} > 0, 1.0, tl.where({u} < 0, -1.0, 0.0))"
 
     def emptyPrinter(self, expr):  # noqa: N802 - SymPy's name
-        raise NoTritonSpelling(type(expr).__name__)
+        raise NoTritonSpellingError(type(expr).__name__)
