@@ -99,8 +99,9 @@ def _kernels_and_launches(package: str) -> tuple[list[str], list[str]]:
     kernels = [f.name for f in tree.body if isinstance(f, ast.FunctionDef)
                and any(ast.unparse(d) == "triton.jit" for d in f.decorator_list)
                and f.name != "_in_context"]
-    launches = [call.args[0].id for call in ast.walk(tree) if isinstance(call, ast.Call)
-                and isinstance(call.func, ast.Name) and call.func.id in ("_pointwise", "_reduction")]
+    launches = [call.args[0].value for call in ast.walk(tree) if isinstance(call, ast.Call)
+                and isinstance(call.func, ast.Name) and call.func.id in ("_pointwise", "_reduction")
+                and isinstance(call.args[0], ast.Constant)]
     return kernels, launches
 
 

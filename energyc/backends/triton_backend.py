@@ -169,7 +169,7 @@ def _emit_pointwise(em: TritonEmitter, nid: int, node: Node) -> str:
         name, doc, params, _unravel("offs", "c", "n", rank, "rest"), loads, expr))
     shape = _tuple([em.size(a) for a in node.axes])
     inputs = _tuple([em.align(u, node.axes) for u in args])
-    return f"_pointwise({name}, {shape}, {inputs}, {_tuple(dims)})"
+    return f'_pointwise("{name}", {shape}, {inputs}, {_tuple(dims)})'
 
 
 def _emit_reduction(em: TritonEmitter, nid: int, node: Node) -> str:
@@ -259,5 +259,6 @@ def _emit_reduction(em: TritonEmitter, nid: int, node: Node) -> str:
     pre_in = _tuple([em.align(u, in_axes) for u in pre_args])
     epi_in = _tuple([em.align(u, out_axes) for u in epi_args])
     window = mask[1] if masked and mask[0] == "window" else 0
-    return (f"_reduction({name}, {in_shape}, {out_pos}, {red_pos}, {pre_in}, {epi_in}, "
+    return (f'_reduction("{name}", {in_shape},'
+            f" {out_pos}, {red_pos}, {pre_in}, {epi_in}, "
             f"{_tuple(dims)}{', window=' + str(window) if masked else ''})")
