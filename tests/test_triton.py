@@ -97,16 +97,25 @@ class _Shapes(TorchDispatchMode):
         return out
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_no_token_pair_tensor(backend):
-    """T = 37 is distinct from every other size, so a (T x T) tensor shows as two 37s."""
-    from generated.cem_attention import Layer
+FUSED_ATTENTION_LAYERS = {
+    "cem_attention": dict(D=16, H=2, K=8),
+    "lm_attention_nope": dict(D=16, H=2, K=8),
+    "lm_attention_rope": dict(D=16, H=2, K=8),
+    "bidirectional_gelu": dict(D=16, H=2, K=8, M=12),
+}
 
-    layer = Layer(D=16, H=2, K=8, backend=backend)
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("name", sorted(FUSED_ATTENTION_LAYERS))
+def test_no_token_pair_tensor(backend, name):
+    """T = 37 is distinct from every other size, so a (T x T) tensor shows as two 37s. Forward,
+    backward, all parameters, DPLR preconditioner."""
+    Layer = importlib.import_module(f"generated.{name}").Layer
+    layer = Layer(**FUSED_ATTENTION_LAYERS[name], precond="dplr", backend=backend)
     x = torch.randn(2, 37, 16, requires_grad=True)
     with _Shapes() as mode:
         y = layer(x)
-        torch.autograd.grad(y.sum(), [x, layer.W_q, layer.W_k])
+        torch.autograd.grad(y.sum(), [x, *layer.parameters()])
     assert mode.shapes, "the dispatch mode saw no op"
     pairs = [(f, s) for f, s in mode.shapes if s.count(37) >= 2]
     assert pairs == []

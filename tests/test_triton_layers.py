@@ -61,10 +61,15 @@ def _assert_close(name, got, want, dtype):
         f"(rtol={rtol}, atol={atol})")
 
 
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("layer", LAYERS, ids=IDS)
-def test_triton_path_against_autograd_reference(layer, dtype):
-    """One descent step (preconditioned, DPLR) and its backward on the Triton path."""
+def test_triton_path_against_autograd_reference(layer, dtype, device):
+    """One descent step (preconditioned, DPLR) and its backward on the Triton path (on CPU under
+    the interpreter; with the gpu marker, compiled for CUDA)."""
     module = importlib.import_module(f"generated.{layer.name}")
     case = _case(layer)
     exact, x = build(layer, module, case)  # float64 parameters and input
@@ -76,12 +81,13 @@ def test_triton_path_against_autograd_reference(layer, dtype):
 
     lay = module.Layer(**case.dims, **case.hypers, eta=case.eta, steps=case.steps,
                        precond=case.precond, precond_rank=2, context=case.context,
-                       backend="triton", dtype=dtype)
+                       backend="triton", dtype=dtype, device=device)
     lay.load_state_dict({k: v.to(dtype) for k, v in exact.state_dict().items()})
-    xt = x.detach().to(dtype).requires_grad_()
+    xt = x.detach().to(device, dtype).requires_grad_()
     yt = lay(xt)
-    got = [yt, *torch.autograd.grad((yt * w.to(dtype)).sum(), [xt, *lay.parameters()],
+    got = [yt, *torch.autograd.grad((yt * w.to(device, dtype)).sum(), [xt, *lay.parameters()],
                                     allow_unused=True)]
+    got = [None if t is None else t.cpu() for t in got]
     names = ["forward", "d/dx", *(f"d/d{n}" for n, _ in lay.named_parameters())]
     for name, a, b in zip(names, got, expected):
         if b is None:
