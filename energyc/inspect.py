@@ -50,7 +50,7 @@ def format_energy(graph: Graph, output: str) -> str:
             prod = " * ".join(fmt(u) for u in node.inputs)
             text = f"sum_{{{', '.join(summed)}}}({prod})" if summed else f"({prod})"
         elif op == "pointwise":
-            text = _formula(node.attr("body"), [fmt(u) for u in node.inputs])
+            text = formula(node.attr("body"), [fmt(u) for u in node.inputs])
         elif op in ("reduce", "fused_reduce"):
             mask = node.attr("mask")
             over = describe_mask(mask) if mask else ", ".join(node.attr("axes"))
@@ -59,9 +59,9 @@ def format_energy(graph: Graph, output: str) -> str:
                 text = f"{name}_{{{over}}}({fmt(node.inputs[0])})"
             else:
                 n_pre = node.attr("n_pre")
-                pre = _formula(node.attr("pre"), [fmt(u) for u in node.inputs[:n_pre]])
+                pre = formula(node.attr("pre"), [fmt(u) for u in node.inputs[:n_pre]])
                 reduced = f"{name}_{{{over}}}({pre})"
-                text = _formula(node.attr("post"), [reduced] + [fmt(u) for u in node.inputs[n_pre:]])
+                text = formula(node.attr("post"), [reduced] + [fmt(u) for u in node.inputs[n_pre:]])
         elif op == "mask":
             text = f"[{describe_mask(node.attr('mask'))}]*{_wrap(fmt(node.inputs[0]))}"
         else:
@@ -72,7 +72,8 @@ def format_energy(graph: Graph, output: str) -> str:
     return fmt(graph.outputs[output])
 
 
-def _formula(body: sympy.Expr, args: list[str]) -> str:
+def formula(body: sympy.Expr, args: list[str]) -> str:
+    """``body`` with each argument ``a<k>`` written as the text ``args[k]``."""
     if body == ARG_SYMBOLS[0]:
         return args[0]
     subs = {ARG_SYMBOLS[k]: sympy.Symbol(_wrap(text)) for k, text in enumerate(args)}

@@ -9,6 +9,7 @@ and renamed into place, so a failed compile leaves no half-written package.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import shutil
@@ -27,6 +28,7 @@ from energyc.backends.triton_backend import KernelSet, TritonEmitter
 from energyc.compiler import CompiledLayer, split
 from energyc.inspect import format_energy
 from energyc.ir.graph import Graph
+from energyc.ir.ops import MASK_KINDS
 
 
 def templates_dir() -> str:
@@ -55,6 +57,7 @@ def environment() -> jinja2.Environment:
         autoescape=False,
     )
     env.filters["pytuple"] = _pytuple
+    env.globals["MASK_KINDS"] = MASK_KINDS  # the codes _in_context tests (one table, in ir/ops.py)
     return env
 
 
@@ -264,9 +267,10 @@ def package_spec(layer: CompiledLayer, source: str) -> PackageSpec:
         eg.live(), ["x", "xbar", *param_names, *hyper_names], leaf_map(eg, []),
         [(eg.outputs["energy"], ("b", "i"), ("b", "i"))], e_names, params=set(param_names),
     )
-    functions = [energy_fn, *step_functions(layer, Emitter)]
+    functions = [energy_fn, *step_functions(layer, lambda stem: Emitter)]
     kernel_set = KernelSet(decl.name)
-    triton_functions = step_functions(layer, _triton_emitter(kernel_set))
+    triton_functions = step_functions(
+        layer, lambda stem: functools.partial(TritonEmitter, kernel_set=kernel_set, function=stem))
 
     hypers = [HyperSpec(h.name, _code(h.default) if h.default is not None else "None", h.learnable)
               for h in layer.hypers]
@@ -306,24 +310,9 @@ def package_spec(layer: CompiledLayer, source: str) -> PackageSpec:
     )
 
 
-def _triton_emitter(kernel_set: KernelSet) -> Callable[[str], Callable]:
-    """Emitters for the Triton module's functions; kernels are named after their function."""
-
-    def for_function(function: str):
-        def make(graph, names, letters):
-            em = TritonEmitter(graph, names, letters)
-            em.kernel_set, em.function = kernel_set, function
-            return em
-        return make
-    return for_function
-
-
 def step_functions(layer: CompiledLayer, emitter) -> list[FunctionSpec]:
-    """The step's forward and backward and each preconditioner's, printed with ``emitter`` (an
-    Emitter class, or a function of the kernel-name stem that makes one)."""
-    if isinstance(emitter, type):
-        cls = emitter
-        emitter = lambda stem: cls  # noqa: E731 - the same emitter for every function
+    """The step's forward and backward and each preconditioner's; ``emitter(stem)`` makes the
+    emitter of one function (``stem`` names its kernels: fwd, bwd, precond_<kind>_fwd, ...)."""
     D = layer.state_dim
     state_order = ("b", "i", D)
     param_names = [p.name for p in layer.params]

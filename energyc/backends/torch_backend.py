@@ -14,7 +14,7 @@ import sympy
 
 from energyc.backends.torch_printer import TorchPrinter
 from energyc.ir.graph import Graph, Node
-from energyc.ir.ops import ARG_SYMBOLS, describe_mask
+from energyc.ir.ops import ARG_SYMBOLS, FusedReduce, describe_mask
 
 SIZE_NAMES = {"b": "B", "i": "T", "j": "T"}
 
@@ -136,12 +136,8 @@ def _emit_reduce(em: Emitter, nid: int, node: Node) -> str:
 
 def _emit_fused_reduce(em: Emitter, nid: int, node: Node) -> str:
     """``post(reduce(pre(a...)), b...)`` as one expression (torch evaluates it in steps)."""
-    n_pre = node.attr("n_pre")
-    pre_args, post_args = list(node.inputs[:n_pre]), list(node.inputs[n_pre:])
-    in_axes = em.graph.canonical(set().union(*[em.graph.node(u).axes for u in pre_args]))
+    pre_args, post_args, in_axes = FusedReduce.parts(em.graph, node)
     pre = em.print_body(node.attr("pre"), pre_args, in_axes)
-    if any(em.graph.node(u).axes != in_axes for u in pre_args) and len(pre_args) == 1:
-        pre = f"{pre}.expand({', '.join(em.size(a) for a in in_axes)})"
     reduced = _reduce_code(em, pre if _simple(pre) else f"({pre})", in_axes, node)
     return em.print_body(node.attr("post"), post_args, node.axes, first=reduced)
 

@@ -36,9 +36,8 @@ import sympy
 from energyc.backends import torch_backend
 from energyc.backends.torch_backend import Emitter, Node
 from energyc.backends.triton_printer import NoTritonSpellingError, TritonPrinter
-from energyc.ir.ops import ARG_SYMBOLS, MASK_KINDS
-
-SIZE_SYMBOL_AXES = {"B": "b", "T": "i"}
+from energyc.inspect import formula
+from energyc.ir.ops import ARG_SYMBOLS, MASK_KINDS, FusedReduce
 
 
 @dataclass
@@ -106,11 +105,12 @@ def _offset(coord: str, stride: str, dims: list[int]) -> str:
     return " + ".join(f"{coord}{d} * {stride}{d}" for d in dims)
 
 
+@dataclass
 class TritonEmitter(Emitter):
     """Prints a step function for the Triton path; collects the kernels it launches."""
 
-    kernel_set: KernelSet
-    function: str  # fwd, bwd, precond_dplr_fwd, ...
+    kernel_set: KernelSet = field(default_factory=lambda: KernelSet("layer"))
+    function: str = "fn"  # fwd, bwd, precond_dplr_fwd, ...: the stem of its kernels' names
 
     def emitters(self) -> dict:
         table = dict(torch_backend.EMITTERS)
@@ -132,10 +132,6 @@ def _print(body: sympy.Expr, names: dict[str, str], dims: list[str]) -> str:
 def _tuple(items: list[str]) -> str:
     """A tuple literal that the formatter keeps on one line (no trailing comma unless one item)."""
     return f"({items[0]},)" if len(items) == 1 else f"({', '.join(items)})"
-
-
-def _readable(body: sympy.Expr, names: list[str]) -> str:
-    return sympy.sstr(body.xreplace({ARG_SYMBOLS[k]: sympy.Symbol(n) for k, n in enumerate(names)}))
 
 
 def _emit_pointwise(em: TritonEmitter, nid: int, node: Node) -> str:
@@ -164,7 +160,7 @@ def _emit_pointwise(em: TritonEmitter, nid: int, node: Node) -> str:
             loads.append(f"a{k} = tl.load(IN{k}).to(ACC)")
     name = em.kernel_set.name(em.function, "pointwise")
     doc = (f"({', '.join(node.axes)}) = "
-           f"{_readable(body, [em.names[u] for u in args])}")
+           f"{formula(body, [em.names[u] for u in args])}")
     em.kernel_set.kernels.append(PointwiseKernel(
         name, doc, params, _unravel("offs", "c", "n", rank, "rest"), loads, expr))
     shape = _tuple([em.size(a) for a in node.axes])
@@ -175,12 +171,13 @@ def _emit_pointwise(em: TritonEmitter, nid: int, node: Node) -> str:
 def _emit_reduction(em: TritonEmitter, nid: int, node: Node) -> str:
     """``post(reduce(pre(a...)), e...)``: one reduction kernel (a plain reduce: pre = post = id)."""
     fused = node.op == "fused_reduce"
-    n_pre = node.attr("n_pre") if fused else 1
-    pre_args, epi_args = list(node.inputs[:n_pre]), list(node.inputs[n_pre:])
+    g = em.graph
+    if fused:
+        pre_args, epi_args, in_axes = FusedReduce.parts(g, node)
+    else:
+        pre_args, epi_args, in_axes = list(node.inputs), [], g.node(node.inputs[0]).axes
     pre_body = node.attr("pre") if fused else ARG_SYMBOLS[0]
     post_body = node.attr("post") if fused else ARG_SYMBOLS[0]
-    g = em.graph
-    in_axes = g.canonical(set().union(*[g.node(u).axes for u in pre_args]))
     out_axes = node.axes
     red_axes = tuple(a for a in in_axes if a not in out_axes)
     p, q = len(out_axes), len(red_axes)
@@ -247,8 +244,8 @@ def _emit_reduction(em: TritonEmitter, nid: int, node: Node) -> str:
     name = em.kernel_set.name(em.function, "reduce")
     over = ", ".join(red_axes) + (f" in {{{torch_backend.describe_mask(mask)}}}" if masked else "")
     kind = "sum" if node.attr("kind") == "sum" else "logsumexp"
-    red_text = f"{kind}_{{{over}}}({_readable(pre_body, [em.names[u] for u in pre_args])})"
-    doc = f"({', '.join(out_axes)}) = " + _readable(
+    red_text = f"{kind}_{{{over}}}({formula(pre_body, [em.names[u] for u in pre_args])})"
+    doc = f"({', '.join(out_axes)}) = " + formula(
         post_body, [red_text] + [em.names[u] for u in epi_args])
     em.kernel_set.kernels.append(ReductionKernel(
         name, doc, params, _unravel("offs_o", "o", "on", p, "rest"), init,

@@ -385,11 +385,17 @@ class FusedReduce(Op):
         return out
 
     @staticmethod
-    def unfused(graph, node) -> int:
-        """Build ``post(reduce(pre(...)), ...)`` from ordinary nodes; return the output node."""
+    def parts(graph, node) -> tuple[list[int], list[int], tuple[str, ...]]:
+        """(prologue arguments, epilogue arguments, the prologue's axes: the reduction's input)."""
         n_pre = node.attr("n_pre")
         pre_args, post_args = list(node.inputs[:n_pre]), list(node.inputs[n_pre:])
-        full = graph.canonical(set().union(*[graph.node(u).axes for u in pre_args]))
+        return pre_args, post_args, graph.canonical(set().union(*[graph.node(u).axes
+                                                                  for u in pre_args]))
+
+    @staticmethod
+    def unfused(graph, node) -> int:
+        """Build ``post(reduce(pre(...)), ...)`` from ordinary nodes; return the output node."""
+        pre_args, post_args, full = FusedReduce.parts(graph, node)
         pre = pointwise(graph, node.attr("pre"), pre_args)
         if graph.node(pre).axes != full:
             pre = graph.add("broadcast", (pre,), out=full)
