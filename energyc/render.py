@@ -292,7 +292,7 @@ def package_spec(layer: CompiledLayer, source: str) -> PackageSpec:
     doc = _module_doc(layer)
     sg = layer.step
     attention_masks = sorted({sg.node(n).attr("mask") for n in sg.live()
-                              if sg.node(n).op == "attention"})
+                              if sg.node(n).op in ("attention", "attention_transposed")})
     triton = None
     if attention_masks:
         from energyc.ir.ops import describe_mask

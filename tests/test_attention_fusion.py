@@ -16,27 +16,41 @@ def step_graph(path):
     return compile_file(load(path))[0].step
 
 
-@pytest.mark.parametrize("path,attention,grads", [
-    ("examples/cem_attention.py", 1, 3),        # j <= i, fixed beta
-    ("examples/bidirectional_gelu.py", 1, 3),   # all tokens
-    # joint, j != i: the query-role pass fuses (and one more region of its VJP); the key-role
-    # (transposed) pass is not an attention pattern and stays materialised
-    ("examples/energy_transformer.py", 2, 3),
-    ("examples/window_alibi.py", 0, 0),         # learned beta and an i - j term
-    ("examples/strict_dplr.py", 0, 0),          # diagonal-plus-low-rank scores
+ATTENTION_EXAMPLES = ["examples/cem_attention.py", "examples/bidirectional_gelu.py",
+                      "examples/energy_transformer.py", "examples/window_alibi.py",
+                      "examples/strict_dplr.py", "examples/lm_attention.py"]
+
+
+@pytest.mark.parametrize("path,counts", [
+    # j <= i, fixed beta: the forward and its VJP's one backward call (dq, dk, dv)
+    ("examples/cem_attention.py", {"attention": 1, "attention_grad": 3}),
+    ("examples/bidirectional_gelu.py", {"attention": 1, "attention_grad": 3}),
+    # joint, j != i: the query role and the key role (transposed, with the saved normaliser);
+    # the key role's VJP is one more attention and a backward call (dq, dk)
+    ("examples/energy_transformer.py", {"attention": 2, "attention_transposed": 1,
+                                        "attention_lse": 1, "attention_grad": 5}),
+    # learned beta and an i - j term with learned slopes: gradients for q, k, v, beta, slopes
+    ("examples/window_alibi.py", {"attention": 1, "attention_grad": 5}),
+    # diagonal-plus-low-rank scores (two terms): two values (x_j and the low-rank keys), each
+    # with its backward call (dq and dk of both terms, dv)
+    ("examples/strict_dplr.py", {"attention": 2, "attention_grad": 10}),
 ])
-def test_which_layers_fuse(path, attention, grads):
-    counts = step_graph(path).op_counts()
-    assert counts.get("attention", 0) == attention
-    assert counts.get("attention_grad", 0) == grads
+def test_which_layers_fuse(path, counts):
+    found = step_graph(path).op_counts()
+    for op, n in counts.items():
+        assert found.get(op, 0) == n, (op, found)
 
 
-def test_fused_step_has_no_token_pair_values():
-    g = step_graph("examples/cem_attention.py")
-    pairs = [n for n in g.live() if {"i", "j"} <= set(g.node(n).axes)]
-    assert pairs == []
-    sp = split(g, ["grad"], ["grad_g"])
-    assert all(not {"i", "j"} <= set(g.node(n).axes) for n in sp.saved)
+@pytest.mark.parametrize("path", ATTENTION_EXAMPLES)
+def test_fused_step_has_no_token_pair_values(path):
+    """Every attention-type example's step graph (forward and backward) fuses completely: no
+    value has both token axes, and nothing saved for the backward has them."""
+    for layer in compile_file(load(path)):
+        g = layer.step
+        pairs = [n for n in g.live() if {"i", "j"} <= set(g.node(n).axes)]
+        assert pairs == [], (layer.name, [g.describe(n) for n in pairs])
+        sp = split(g, ["grad"], ["grad_g"])
+        assert all(not {"i", "j"} <= set(g.node(n).axes) for n in sp.saved)
 
 
 def test_pass_is_in_pipeline_and_idempotent():

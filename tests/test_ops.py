@@ -182,7 +182,7 @@ def _eval_node(graph: Graph, n: int, ins: list[torch.Tensor], env: dict, sizes: 
         return ins[0]
     if op == "rotary":
         return _eval_rotary(node, ins[0], sizes)
-    if op in ("attention", "attention_lse", "attention_grad"):
+    if op in ("attention", "attention_lse", "attention_transposed", "attention_grad"):
         return _eval_attention(graph, node, ins, in_axes, T)
     raise NotImplementedError(op)
 
@@ -207,41 +207,52 @@ def _eval_rotary(node, u: torch.Tensor, sizes: dict) -> torch.Tensor:
 
 
 def _eval_attention(graph: Graph, node, ins, in_axes, T: int) -> torch.Tensor:
-    """The fused attention ops, from their documented definitions (P = softmax over C(i) of
-    S = s q . k; o = P v; backward dv = P^T g, dS = P (g v^T - rowsum(g o)), dq = s dS k,
-    dk = s dS^T q), with einsum over named axes."""
-    q, k, v, s = ins[:4]
-    qa, ka, va = in_axes[:3]
+    """The fused attention ops from their documented definitions, with einsum over named axes:
+    S = s sum_t q_t . k_t (+ m (i - j)), P = softmax of S over C(i); attention o = P v,
+    attention_transposed o_j = sum_i P_ij v_i; attention_grad by autograd of the attention's own
+    definition here (its o and lse inputs are recomputed)."""
+    attrs = dict(node.attrs)
+    slots = ops.attention_slots(node.op, attrs)
+    val = {name: ins[pos] for name, pos in slots.items()}
+    ax = {name: in_axes[pos] for name, pos in slots.items()}
     letters = {a: chr(ord("a") + n) for n, a in enumerate(("b", "i", "j", *graph.dims))}
 
     def spec(*axes_list):
-        *ins_, out = ("".join(letters[a] for a in ax) for ax in axes_list)
+        *ins_, out = ("".join(letters[a] for a in axes) for axes in axes_list)
         return ",".join(ins_) + "->" + out
 
-    sa = graph.canonical(set(qa[:-1]) | {"j"})  # scores (b, i, j, heads)
-    la = tuple(a for a in sa if a != "j")  # log-sum-exp (b, i, heads)
-    oa = graph.canonical([a for a in qa if a != qa[-1]] + [va[-1]])
-    mask = node.attr("mask")
-    m = align(context_mask(mask if isinstance(mask, tuple) else (mask,), T), ("i", "j"), sa)
-    S = s * torch.einsum(spec(qa, ka, sa), q, k)
-    if node.op == "attention_grad":
-        lse = align(ins[5], la, sa)
-    else:
-        lse = align(masked_logsumexp(S, m.expand(S.shape), sa.index("j")), la, sa)
-        if node.op == "attention_lse":
-            return lse.squeeze(sa.index("j"))
-    P = torch.where(m, torch.exp(S - lse), 0.0)
+    heads = tuple(attrs["heads"])
+    sa = graph.canonical({"b", "i", "j", *heads})  # scores
+    la = tuple(a for a in sa if a != "j")  # log-sum-exp
+    mask = attrs["mask"]
+    in_c = align(context_mask(mask if isinstance(mask, tuple) else (mask,), T), ("i", "j"), sa)
+
+    def weights(val):
+        S = sum(torch.einsum(spec(ax[f"q{t}"], ax[f"k{t}"], sa), val[f"q{t}"], val[f"k{t}"])
+                for t in range(len(attrs["features"])))
+        S = val["s"] * S
+        if "m" in val:
+            offset = (torch.arange(T)[:, None] - torch.arange(T)[None, :]).to(DTYPE)
+            S = S + align(val["m"], ax["m"], sa) * align(offset, ("i", "j"), sa)
+        lse = masked_logsumexp(S, in_c.expand(S.shape), sa.index("j"))
+        return torch.where(in_c, torch.exp(S - align(lse, la, sa)), 0.0), lse
+
+    def attention(val):
+        out = graph.canonical({"b", "i", *heads, ops.value_feature(ax["v"], "j", heads)})
+        return torch.einsum(spec(sa, ax["v"], out), weights(val)[0], val["v"]), out
+
+    if node.op == "attention_lse":
+        return weights(val)[1]
     if node.op == "attention":
-        return torch.einsum(spec(sa, va, oa), P, v)
-    o, g = ins[4], ins[6]
-    wrt = node.attr("wrt")
-    if wrt == "v":
-        return torch.einsum(spec(sa, oa, va), P, g)
-    dP = torch.einsum(spec(oa, va, sa), g, v)
-    dS = P * (dP - align(torch.einsum(spec(oa, oa, la), g, o), la, sa))
-    if wrt == "q":
-        return s * torch.einsum(spec(sa, ka, qa), dS, k)
-    return s * torch.einsum(spec(sa, qa, ka), dS, q)
+        return attention(val)[0]
+    if node.op == "attention_transposed":
+        return torch.einsum(spec(sa, ax["v"], node.axes), weights(val)[0], val["v"])
+    leaves = {name: val[name].clone().requires_grad_(True) for name in val
+              if name not in ("o", "lse", "g")}
+    o, out = attention(leaves)
+    (grad,) = torch.autograd.grad((o * align(val["g"], ax["g"], out)).sum(),
+                                  [leaves[attrs["wrt"]]])
+    return grad
 
 
 def _eval_fused_reduce(graph, node, ins, in_axes, env, sizes):
@@ -557,20 +568,41 @@ def test_rotary_is_a_rotation():
     torch.testing.assert_close(evaluate(g, back, env), env["x"])
 
 
+def attention_graph(op: str, mask: tuple, bias: bool, terms: int):
+    """An attention-family node over leaves: q0 (b,i,H,K) . k0 (b,j,H,K), with ``terms == 2`` a
+    second term q1 (b,i,D,H) . k1 (b,j,D) whose key lacks the head axis; a learned scalar scale,
+    per-head slopes when ``bias``; v per context token (attention) or per query (transposed)."""
+    g = Graph(("D", "H", "K"))
+    qs = [leaf(g, "input", "q0", ("b", "i", "H", "K"))]
+    ks = [leaf(g, "input", "k0", ("b", "j", "H", "K"))]
+    if terms == 2:
+        qs.append(leaf(g, "input", "q1", ("b", "i", "D", "H")))
+        ks.append(leaf(g, "input", "k1", ("b", "j", "D")))
+    token = "i" if op == "attention_transposed" else "j"
+    v = leaf(g, "input", "v", ("b", token, "D", "H"))
+    s = leaf(g, "hyper", "s")
+    extra = [leaf(g, "param", "m", ("H",))] if bias else []
+    attrs = dict(mask=mask, features=("K", "D")[:terms], heads=("H",), bias=bias)
+    if op == "attention_transposed":
+        lse = g.add("attention_lse", (*qs, *ks, s, *extra), **attrs)
+        extra = [*extra, lse]
+    out = g.add(op, (*qs, *ks, v, s, *extra), **attrs)
+    return g, out, [*qs, *ks, v, s] + ([] if not bias else [extra[0]])
+
+
 @pytest.mark.skipif("attention" not in ops.OPS, reason="no fused attention op in this tree")
-@pytest.mark.parametrize("mask", ["causal", "all"])
-def test_vjp_attention(mask):
-    """attention (fused softmax(s q . k) v over C(i)): its VJP (attention_grad nodes for q, k, v,
-    evaluated from the documented backward formulas) equals autograd on its forward."""
-    g = Graph(("H", "K", "D"))
-    q = leaf(g, "input", "q", ("b", "i", "H", "K"))
-    k = leaf(g, "input", "k", ("b", "j", "H", "K"))
-    v = leaf(g, "input", "v", ("b", "j", "H", "D"))
-    s = ops.const(g, sympy.Rational(1, 2))
-    out = g.add("attention", (q, k, v, s), mask=mask)
-    assert g.node(out).axes == ("b", "i", "H", "D")
-    grads = check_vjp(g, out, [q, k, v])
-    assert {g.node(grads[w]).op for w in (q, k, v)} == {"attention_grad"}
+@pytest.mark.parametrize("op", ["attention", "attention_transposed"])
+@pytest.mark.parametrize("mask,bias,terms", [(("causal",), False, 1), (("all",), True, 1),
+                                             (("window", 2), True, 2), (("not_self",), False, 2)],
+                         ids=str)
+def test_vjp_attention(op, mask, bias, terms):
+    """The attention ops (fused softmax-weighted context sums, query and key role): their VJP
+    (attention, attention_lse and attention_grad nodes) equals autograd on their definitions,
+    for every operand: score terms, shared (head-less) keys, a learned scale and slopes."""
+    g, out, leaves = attention_graph(op, mask, bias, terms)
+    assert g.node(out).axes == ("b", "j" if op == "attention_transposed" else "i", "D", "H")
+    grads = check_vjp(g, out, leaves)
+    assert {g.node(grads[w]).op for w in leaves[:2 * terms]} == {"attention_grad"}
 
 
 def attention_energy(g: Graph, mask: tuple, joint: bool):

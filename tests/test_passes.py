@@ -269,19 +269,34 @@ def test_fuse_reductions_keeps_shared_values():
 # -- fuse_context_attention ------------------------------------------------------------------------
 
 
-def attention_region(mask=("causal",)):
-    """o_bihD = sum_{j in C(i)} c_bih exp(S_bijh - L_bih) v_bjhD, S = beta q . k, L = lse_j S."""
+def attention_region(mask=("causal",), scores="plain", role="query"):
+    """o = sum_{j in C(i)} c_i exp(S_ij - L_i) v_j (query role) or sum_{i : j in C(i)} of the same
+    weights times v_i (key role), L = lse_j S, with scores S:
+
+    plain: beta q . k (beta fixed); alibi: beta q . k - m_H (i - j) (beta learned, slopes m);
+    dplr: beta (q . k + (d x_i) . x_j) (a second term whose key lacks the head axis)."""
     g = Graph(("H", "K", "D"))
     q = inp(g, "q", ("b", "i", "H", "K"))
     k = inp(g, "k", ("b", "j", "H", "K"))
-    v = inp(g, "v", ("b", "j", "H", "D"))
+    v = inp(g, "v", ("b", "j" if role == "query" else "i", "H", "D"))
     c = inp(g, "c", ("b", "i", "H"))
-    beta = g.add("hyper", name="beta")
-    S = ops.pointwise(g, a0 * a1, [beta, ops.contract(g, [q, k], ("b", "i", "j", "H"))])
+    beta = g.add("hyper", name="beta", learnable=scores == "alibi")
+    qk = ops.contract(g, [q, k], ("b", "i", "j", "H"))
+    if scores == "plain":
+        S = ops.pointwise(g, a0 * a1, [beta, qk])
+    elif scores == "alibi":
+        m = g.add("param", name="m", axes=("H",))
+        S = ops.pointwise(g, a0 * a1 - a2 * a3, [beta, qk, m, g.add("offset")])
+    else:
+        d = g.add("param", name="d", axes=("H", "D"))
+        xq = ops.pointwise(g, a0 * a1, [d, inp(g, "x", ("b", "i", "D"))])
+        xk = inp(g, "xk", ("b", "j", "D"))
+        S = ops.pointwise(g, a0 * (a1 + a2), [beta, qk, ops.contract(g, [xq, xk], ("b", "i", "j", "H"))])
     L = ops.reduce(g, S, ["j"], kind="lse", mask=mask)
     P = ops.pointwise(g, a2 * sympy.exp(a0 - a1), [S, L, c])
     weights = g.add("mask", (P,), mask=mask) if mask != ("all",) else P
-    g.outputs = {"o": ops.contract(g, [weights, v], ("b", "i", "H", "D"))}
+    out = ("b", "i", "H", "D") if role == "query" else ("b", "j", "H", "D")
+    g.outputs = {"o": ops.contract(g, [weights, v], out)}
     return g
 
 
@@ -329,6 +344,41 @@ def test_fuse_context_attention_keeps_values(mask):
     """fuse_context_attention leaves every output's axes and value unchanged."""
     g = attention_region(mask)
     assert_same_outputs(g, fuse_attention(g))
+
+
+@needs_attention
+@pytest.mark.parametrize("role", ["query", "key"])
+@pytest.mark.parametrize("scores", ["plain", "alibi", "dplr"])
+@pytest.mark.parametrize("mask", [("causal",), ("window", 2), ("not_self",)], ids=str)
+def test_fuse_context_attention_scores_and_roles(mask, scores, role):
+    """Scores with an i - j term (learned slopes, learned scale) and two-term (diagonal plus low
+    rank) scores fuse too, in the query role (attention) and the key role (transposed attention,
+    with its saved normaliser): no (i, j) value is left, and the values are unchanged."""
+    g = attention_region(mask, scores, role)
+    out = fuse_attention(g)
+    out.verify()
+    op = "attention" if role == "query" else "attention_transposed"
+    counts = out.op_counts()
+    assert counts.get(op) == 1 and counts.get("attention_lse", 0) == (role == "key")
+    assert pair_values(out) == []
+    node = next(out.node(n) for n in out.live() if out.node(n).op == op)
+    assert node.attr("bias") == (scores == "alibi")
+    assert len(node.attr("features")) == (2 if scores == "dplr" else 1)
+    assert_same_outputs(g, out)
+
+
+@needs_attention
+def test_fuse_context_attention_leaves_other_scores():
+    """Scores that are not linear in the contraction (here tanh(q . k)) stay materialised."""
+    g = Graph(("H", "K", "D"))
+    q, k = inp(g, "q", ("b", "i", "H", "K")), inp(g, "k", ("b", "j", "H", "K"))
+    v = inp(g, "v", ("b", "j", "H", "D"))
+    S = ops.pointwise(g, sympy.tanh(a0), [ops.contract(g, [q, k], ("b", "i", "j", "H"))])
+    L = ops.reduce(g, S, ["j"], kind="lse", mask=("causal",))
+    P = g.add("mask", (ops.pointwise(g, sympy.exp(a0 - a1), [S, L]),), mask=("causal",))
+    g.outputs = {"o": ops.contract(g, [P, v], ("b", "i", "H", "D"))}
+    out = fuse_attention(g)
+    assert "attention" not in out.op_counts() and pair_values(out)
 
 
 # -- canonicalize: one rule at a time --------------------------------------------------------------

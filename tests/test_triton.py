@@ -14,6 +14,9 @@ from energyc.tolerances import tolerance
 triton = pytest.importorskip("triton")
 
 attention_kernels = importlib.import_module("generated.cem_attention._triton_attention")
+attention_runtime = importlib.import_module("generated.cem_attention._runtime")  # torch fallback
+
+KINDS = [("causal",), ("all",), ("strict",), ("window", 9), ("not_self",)]
 
 
 def in_context(kind, T):
@@ -22,33 +25,119 @@ def in_context(kind, T):
             "window": (j <= i) & (j >= i - (kind[1] if len(kind) > 1 else 0))}[kind[0]]
 
 
-def reference(q, k, v, scale, kind):
-    """Softmax attention over the context set in float64; an empty set gives o = 0, lse = 0."""
-    qh, kh, vh = (t.transpose(1, 2).double() for t in (q, k, v))
-    s = (scale * (qh @ kh.transpose(-1, -2))).masked_fill(~in_context(kind, q.shape[1]), -1e300)
-    empty = ~in_context(kind, q.shape[1]).any(-1)[:, None]  # (T, 1)
+def reference_weights(q, k, scale, kind, slopes=None):
+    """P (B, H, T, T) and lse (B, H, T) in float64 for the scores scale * q_i . k_j, plus
+    slopes_h * (i - j) when slopes is given; an empty context set gives P = 0, lse = 0."""
+    T = q.shape[1]
+    qh, kh = (t.transpose(1, 2).double() for t in (q, k))
+    s = scale * (qh @ kh.transpose(-1, -2))
+    if slopes is not None:
+        i = torch.arange(T, dtype=torch.float64)
+        s = s + slopes.double()[:, None, None] * (i[:, None] - i[None, :])
+    s = s.masked_fill(~in_context(kind, T), -1e300)
+    empty = ~in_context(kind, T).any(-1)[:, None]  # (T, 1)
     p = torch.softmax(s, -1).masked_fill(empty, 0.0)
     lse = torch.logsumexp(s, -1).masked_fill(empty[:, 0], 0.0)
-    return (p @ vh).transpose(1, 2), lse.transpose(1, 2)
+    return p, lse
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
-@pytest.mark.parametrize("kind", [("causal",), ("all",), ("strict",), ("window", 9),
-                                  ("not_self",)], ids=str)
-@pytest.mark.parametrize("T", [1, 7, 33])  # below, between and past the 32-token blocks
-def test_kernels_against_float64_reference(dtype, kind, T):
+def reference(q, k, v, scale, kind, slopes=None):
+    """Softmax attention over the context set in float64: o (B, T, H, G), lse (B, T, H)."""
+    p, lse = reference_weights(q, k, scale, kind, slopes)
+    return (p @ v.transpose(1, 2).double()).transpose(1, 2), lse.transpose(1, 2)
+
+
+def reference_transposed(q, k, v, scale, kind, slopes=None):
+    """The weights applied keys-major in float64: o_t[j] = sum_i P_ij v[i]."""
+    p, _ = reference_weights(q, k, scale, kind, slopes)
+    return (p.transpose(-1, -2) @ v.transpose(1, 2).double()).transpose(1, 2)
+
+
+def _inputs(dtype, T, bias):
     torch.manual_seed(T)
     B, H, F, G = 2, 3, 8, 5
     q, k = torch.randn(B, T, H, F, dtype=dtype), torch.randn(B, T, H, F, dtype=dtype)
     v, g = torch.randn(B, T, H, G, dtype=dtype), torch.randn(B, T, H, G, dtype=dtype)
-    o, lse = attention_kernels.attention_forward(q, k, v, 0.4, kind)
-    dq, dk, dv = attention_kernels.attention_backward(q, k, v, 0.4, kind, o, lse, g)
+    slopes = 0.5 * torch.randn(H, dtype=dtype) if bias else None  # |lse| up to about 20 at T = 33
+    return q, k, v, g, slopes
+
+
+def check_against_reference(kernels, dtype, kind, T, bias, need_dscale, stat_dtype):
+    """Forward and backward of ``kernels`` (the Triton module or the torch runtime) against
+    autograd on the float64 reference, dscale and dslopes included."""
+    q, k, v, g, slopes = _inputs(dtype, T, bias)
+    scale = torch.tensor(0.4) if need_dscale else 0.4  # a python float or a 0-d tensor
+    o, lse = kernels.attention_forward(q, k, v, scale, kind, slopes)
+    dq, dk, dv, dscale, dslopes = kernels.attention_backward(
+        q, k, v, scale, kind, o, lse, g, slopes=slopes, need_dscale=need_dscale
+    )
     leaves = [t.double().requires_grad_() for t in (q, k, v)]
-    ro, rl = reference(*leaves, 0.4, kind)
-    expected = [ro, rl, *torch.autograd.grad((ro * g.double()).sum(), leaves)]
+    scale_leaf = torch.tensor(float(scale), dtype=torch.float64, requires_grad=True)
+    slopes_leaf = slopes.double().requires_grad_() if bias else None
+    ro, rl = reference(*leaves, scale_leaf, kind, slopes_leaf)
+    wrt = leaves + [scale_leaf] + ([slopes_leaf] if bias else [])
+    expected = [ro, rl, *torch.autograd.grad((ro * g.double()).sum(), wrt)]
     rtol, atol = tolerance(dtype)
     for name, got, want in zip(("o", "lse", "dq", "dk", "dv"), (o, lse, dq, dk, dv), expected):
         torch.testing.assert_close(got.double(), want.detach(), rtol=rtol, atol=atol, msg=name)
+    # dscale and dslopes weight each dS_ij by q_i . k_j and by i - j: their tolerances scale with
+    # the largest weight (the rounding of the saved o, which is in q's dtype, reaches them
+    # multiplied by it; with the table's atol alone, bf16 dslopes at T = 33 fail by up to 4x)
+    if need_dscale:
+        assert dscale.shape == () and dscale.dtype == stat_dtype
+        qk = q.double().transpose(1, 2) @ k.double().transpose(1, 2).mT
+        torch.testing.assert_close(dscale.double(), expected[5].detach(), rtol=rtol,
+                                   atol=atol * max(1.0, qk.abs().max().item()), msg="dscale")
+    else:
+        assert dscale is None
+    if bias:
+        assert dslopes.shape == slopes.shape and dslopes.dtype == stat_dtype
+        torch.testing.assert_close(dslopes.double(), expected[6].detach(), rtol=rtol,
+                                   atol=atol * max(1, T - 1), msg="dslopes")
+    else:
+        assert dslopes is None
+
+
+def check_transposed(kernels, dtype, kind, T, bias):
+    """attention_transposed, from the saved lse of attention_forward, against the float64
+    reference."""
+    q, k, v, _, slopes = _inputs(dtype, T, bias)
+    _, lse = kernels.attention_forward(q, k, v, 0.4, kind, slopes)
+    o_t = kernels.attention_transposed(q, k, v, 0.4, kind, lse, slopes=slopes)
+    assert o_t.shape == v.shape and o_t.dtype == dtype
+    rtol, atol = tolerance(dtype)
+    want = reference_transposed(q, k, v, 0.4, kind, slopes)
+    torch.testing.assert_close(o_t.double(), want, rtol=rtol, atol=atol)
+
+
+@pytest.mark.parametrize("need_dscale", [False, True], ids=["no_dscale", "dscale"])
+@pytest.mark.parametrize("bias", [False, True], ids=["no_bias", "bias"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("kind", KINDS, ids=str)
+@pytest.mark.parametrize("T", [1, 7, 33])  # below, between and past the 32-token blocks
+def test_kernels_against_float64_reference(dtype, kind, T, bias, need_dscale):
+    check_against_reference(attention_kernels, dtype, kind, T, bias, need_dscale, torch.float32)
+
+
+@pytest.mark.parametrize("bias", [False, True], ids=["no_bias", "bias"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("kind", KINDS, ids=str)
+@pytest.mark.parametrize("T", [1, 7, 33])
+def test_transposed_kernel_against_float64_reference(dtype, kind, T, bias):
+    check_transposed(attention_kernels, dtype, kind, T, bias)
+
+
+@pytest.mark.parametrize("need_dscale", [False, True], ids=["no_dscale", "dscale"])
+@pytest.mark.parametrize("bias", [False, True], ids=["no_bias", "bias"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16],
+                         ids=str)
+@pytest.mark.parametrize("kind", KINDS, ids=str)
+@pytest.mark.parametrize("T", [1, 7, 33])
+def test_torch_runtime_against_float64_reference(dtype, kind, T, bias, need_dscale):
+    """The pure-torch fallback (CPU flash kernels without bias and dscale, else materialised)."""
+    stat_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    check_against_reference(attention_runtime, dtype, kind, T, bias, need_dscale, stat_dtype)
+    check_transposed(attention_runtime, dtype, kind, T, bias)
 
 
 def test_layer_triton_matches_torch_backend():
@@ -97,39 +186,44 @@ class _Shapes(TorchDispatchMode):
         return out
 
 
-FUSED_ATTENTION_LAYERS = {
-    "cem_attention": dict(D=16, H=2, K=8),
-    "lm_attention_nope": dict(D=16, H=2, K=8),
-    "lm_attention_rope": dict(D=16, H=2, K=8),
-    "bidirectional_gelu": dict(D=16, H=2, K=8, M=12),
+SIZES = dict(D=16, H=2, K=8)
+ATTENTION_LAYERS = {  # every attention-type example; its sizes
+    "cem_attention": SIZES, "lm_attention_nope": SIZES, "lm_attention_rope": SIZES,
+    "bidirectional_gelu": dict(SIZES, M=12), "energy_transformer": SIZES, "window_alibi": SIZES,
+    "strict_dplr": SIZES, "lm_attention_alibi": SIZES, "lm_attention_nope_dplr": SIZES,
+    "lm_attention_rope_dplr": SIZES, "lm_attention_alibi_dplr": SIZES,
 }
+# The torch backend's CPU flash kernels take only a fixed scale, no i - j bias, queries and values
+# of one feature size, and the j <= i or all-token context sets; other layers fall back to the
+# materialised form there (tests/test_attention_fusion.py checks that their graphs are fused).
+TORCH_FLASH_LAYERS = ("cem_attention", "lm_attention_nope", "lm_attention_rope",
+                      "bidirectional_gelu")
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
-@pytest.mark.parametrize("name", sorted(FUSED_ATTENTION_LAYERS))
-def test_no_token_pair_tensor(backend, name):
-    """T = 37 is distinct from every other size, so a (T x T) tensor shows as two 37s. Forward,
-    backward, all parameters, DPLR preconditioner."""
+def _token_pair_shapes(name, backend):
     Layer = importlib.import_module(f"generated.{name}").Layer
-    layer = Layer(**FUSED_ATTENTION_LAYERS[name], precond="dplr", backend=backend)
+    torch.manual_seed(0)
+    layer = Layer(**ATTENTION_LAYERS[name], precond="dplr", backend=backend)
     x = torch.randn(2, 37, 16, requires_grad=True)
     with _Shapes() as mode:
         y = layer(x)
         torch.autograd.grad(y.sum(), [x, *layer.parameters()])
     assert mode.shapes, "the dispatch mode saw no op"
-    pairs = [(f, s) for f, s in mode.shapes if s.count(37) >= 2]
-    assert pairs == []
+    return [(f, s) for f, s in mode.shapes if s.count(37) >= 2]
 
 
-def test_materialised_layer_does_create_token_pairs():
-    """The same probe sees the (T x T) scores of a layer the fusion does not cover."""
-    from generated.window_alibi import Layer
+@pytest.mark.parametrize("backend,name", [("triton", n) for n in sorted(ATTENTION_LAYERS)] +
+                         [("torch", n) for n in TORCH_FLASH_LAYERS])
+def test_no_token_pair_tensor(backend, name):
+    """T = 37 is distinct from every other size, so a (T x T) tensor shows as two 37s. Forward,
+    backward, all parameters (learned scales and slopes included), DPLR preconditioner."""
+    assert _token_pair_shapes(name, backend) == []
 
-    layer = Layer(D=16, H=2, K=8)
-    x = torch.randn(2, 37, 16, requires_grad=True)
-    with _Shapes() as mode:
-        layer(x).sum().backward()
-    assert any(s.count(37) >= 2 for _, s in mode.shapes)
+
+def test_materialised_fallback_does_create_token_pairs():
+    """The same probe sees the (T x T) scores of the torch runtime's materialised fallback (a
+    window context set with an i - j bias, which the CPU flash kernels do not take)."""
+    assert _token_pair_shapes("window_alibi", "torch")
 
 
 def test_kernel_count_in_rendered_source():

@@ -14,7 +14,13 @@ import sympy
 
 from energyc.backends.torch_printer import TorchPrinter
 from energyc.ir.graph import Graph, Node
-from energyc.ir.ops import ARG_SYMBOLS, FusedReduce, describe_mask
+from energyc.ir.ops import (
+    ARG_SYMBOLS,
+    FusedReduce,
+    attention_operands,
+    describe_mask,
+    value_feature,
+)
 
 SIZE_NAMES = {"b": "B", "i": "T", "j": "T"}
 
@@ -38,6 +44,7 @@ class Emitter:
     masks: dict[tuple, str] = field(default_factory=dict)
     pending: dict[int, str] = field(default_factory=dict)  # planned variable names
     mask_lines: list[str] = field(default_factory=list)
+    bound: dict[tuple, tuple[str, str]] = field(default_factory=dict)  # attention operands
 
     def size(self, axis: str) -> str:
         return SIZE_NAMES.get(axis, axis)
@@ -172,67 +179,182 @@ def _emit_rotary(em: Emitter, nid: int, node: Node) -> str:
             f"inverse={inverse})")
 
 
+# -- fused context reductions: every attention-family node is one call into ``kernels`` ----------
+#
+# The kernels take (B, T, H, F) tensors: batch, token, head, feature. ``_layout`` brings an operand
+# there (a permute, a head axis inserted and expanded where the operand lacks it; with no head axis
+# at all, H = 1); ``_from_layout`` brings a result back to its node's canonical axes.
+
+
+def _layout_axes(token: str, heads: tuple[str, ...], feature: str | None) -> tuple[str, ...]:
+    return ("b", token, heads[0] if heads else "_h", *((feature,) if feature else ()))
+
+
+def _layout(em: Emitter, nid: int, token: str, heads: tuple[str, ...], feature: str | None) -> str:
+    """Code for node ``nid`` as a (B, T, H, F) tensor (or (B, T, H) when ``feature`` is None)."""
+    axes = em.graph.node(nid).axes
+    target = _layout_axes(token, heads, feature)
+    code = em.names[nid]
+    present = [a for a in target if a in axes]
+    perm = [axes.index(a) for a in present]
+    if perm != list(range(len(axes))):
+        code = f"{code}.permute({', '.join(map(str, perm))})"
+    if target[2] not in axes:
+        code = f"{code}.unsqueeze(2)"
+        if heads:
+            code += f".expand(-1, -1, {em.size(heads[0])}{', -1' if feature else ''})"
+    return code
+
+
+def _from_layout(code: str, token: str, heads: tuple[str, ...], feature: str | None,
+                 axes: tuple[str, ...]) -> str:
+    """A kernel result ``code`` in (B, T, H, F) layout as a value with canonical ``axes``: the
+    head axis summed where the value lacks it (a shared operand's gradient), then permuted."""
+    layout = list(_layout_axes(token, heads, feature))
+    if layout[2] not in axes:
+        code = f"{code}.sum(2)" if heads else f"{code}[:, :, 0]"
+        del layout[2]
+    perm = [layout.index(a) for a in axes]
+    if perm != list(range(len(axes))):
+        code = f"{code}.permute({', '.join(map(str, perm))})"
+    return code
+
+
+def _bind(em: Emitter, code: str, var: str) -> str:
+    """``code`` as a variable: a new line ``var = code`` unless it already is a name."""
+    if re.fullmatch(r"[A-Za-z_]\w*", code):
+        return code
+    em.lines.append(f"{var} = {code}")
+    return var
+
+
+def _scores_args(em: Emitter, node: Node, var: str) -> tuple[str, str, str]:
+    """(q, k, trailing keyword arguments) of the kernel call for an attention-family node.
+
+    The score terms' features are concatenated: ``sum_t q_t . k_t = [q_0, q_1] . [k_0, k_1]``."""
+    ins = attention_operands(node)
+    heads, features = node.attr("heads"), node.attr("features")
+    key = tuple(ins[f"{r}{t}"] for r in "qk" for t in range(len(features)))
+    if key not in em.bound:
+        qk = []
+        for role, token in (("q", "i"), ("k", "j")):
+            parts = [_layout(em, ins[f"{role}{t}"], token, heads, f) for t, f in enumerate(features)]
+            code = parts[0] if len(parts) == 1 else f"torch.cat([{', '.join(parts)}], dim=-1)"
+            qk.append(_bind(em, code, f"{var}_{role}"))
+        em.bound[key] = tuple(qk)
+    q, k = em.bound[key]
+    extra = f"{em.names[ins['s']]}, {tuple(node.attr('mask'))!r}"
+    if "m" in ins:
+        m = ins["m"]
+        slopes = em.names[m]
+        if em.graph.node(m).axes != tuple(heads) or not heads:
+            slopes = f"torch.as_tensor({slopes}).expand({em.size(heads[0]) if heads else 1})"
+        extra += f", slopes={slopes}"
+    return q, k, extra
+
+
+def _value(em: Emitter, nid: int, token: str, heads: tuple[str, ...], var: str) -> str:
+    feature = value_feature(em.graph.node(nid).axes, token, heads)
+    return _bind(em, _layout(em, nid, token, heads, feature), var)
+
+
+def _same_scores(a: Node, b: Node) -> bool:
+    """Whether two attention-family nodes have the same scores (operands, context set)."""
+    ia, ib = attention_operands(a), attention_operands(b)
+    keep = [name for name in ia if name[0] in "qksm" and name != "lse"]
+    return ([ia[n] for n in keep] == [ib.get(n) for n in keep] and
+            all(a.attr(x) == b.attr(x) for x in ("mask", "features", "heads", "bias")))
+
+
 def _siblings(em: Emitter, node: Node, op: str) -> list[int]:
     return [n for n in em.graph.live() if em.graph.node(n).op == op
-            and em.graph.node(n).inputs[:4] == node.inputs[:4]
-            and em.graph.node(n).attr("mask") == node.attr("mask")]
-
-
-def _heads(em: Emitter, q: int) -> bool:
-    return len(em.graph.node(q).axes) == 4  # (b, i, head, feature); else no head axis
-
-
-def _attention_args(em: Emitter, node: Node) -> str:
-    q, k, v, s = node.inputs[:4]
-    wrap = "" if _heads(em, q) else "[:, :, None]"
-    args = ", ".join(f"{em.names[u]}{wrap}" for u in (q, k, v))
-    return f"{args}, {em.names[s]}, {tuple(node.attr('mask'))!r}"
+            and _same_scores(em.graph.node(n), node)]
 
 
 def _emit_attention(em: Emitter, nid: int, node: Node) -> None:
     """Forward and its saved log-sum-exp in one fused call: ``o, lse = attention_forward(...)``."""
-    lse = [n for n in _siblings(em, node, "attention_lse") if em.graph.node(n).inputs == node.inputs]
-    squeeze = "" if _heads(em, node.inputs[0]) else "[:, :, 0]"
-    names = [em.names.get(nid) or em.pending[nid], em.pending.get(lse[0], "_") if lse else "_"]
-    em.lines.append(f"{', '.join(names)} = kernels.attention_forward({_attention_args(em, node)})"
-                    f"  # (b, i, ...)")
-    if squeeze:
-        em.lines.append(f"{names[0]} = {names[0]}{squeeze}")
-        if lse:
-            em.lines.append(f"{names[1]} = {names[1]}{squeeze}")
-    em.names[nid] = names[0]
-    if lse:
-        em.names[lse[0]] = names[1]
+    var = em.names.get(nid) or em.pending[nid]
+    heads = node.attr("heads")
+    lse = [n for n in _siblings(em, node, "attention_lse") if n not in em.names]
+    q, k, extra = _scores_args(em, node, var)
+    v = _value(em, attention_operands(node)["v"], "j", heads, f"{var}_v")
+    names = [var, em.pending.get(lse[0], "_") if lse else "_"]
+    em.lines.append(f"{', '.join(names)} = kernels.attention_forward({q}, {k}, {v}, {extra})")
+    feature = value_feature(em.graph.node(attention_operands(node)["v"]).axes, "j", heads)
+    outs = [(nid, feature)] + ([(lse[0], None)] if lse else [])
+    for n, (out, f) in zip(names, outs):
+        code = _from_layout(n, "i", heads, f, em.graph.node(out).axes)
+        if code != n:
+            em.lines.append(f"{n} = {code}")
+        em.names[out] = n
     return None
 
 
 def _emit_attention_lse(em: Emitter, nid: int, node: Node) -> None:
-    squeeze = "" if _heads(em, node.inputs[0]) else "[:, :, 0]"
     var = em.pending[nid]
-    em.lines.append(f"_, {var} = kernels.attention_forward({_attention_args(em, node)})")
-    if squeeze:
-        em.lines.append(f"{var} = {var}{squeeze}")
+    q, k, extra = _scores_args(em, node, var)
+    em.lines.append(f"_, {var} = kernels.attention_forward({q}, {k}, {k}, {extra})"
+                    f"  # the normaliser only")
+    code = _from_layout(var, "i", node.attr("heads"), None, node.axes)
+    if code != var:
+        em.lines.append(f"{var} = {code}")
+    em.names[nid] = var
+    return None
+
+
+def _emit_attention_transposed(em: Emitter, nid: int, node: Node) -> None:
+    """The key role: ``o_j = sum_{i : j in C(i)} P_ij v_i`` from the saved log-sum-exp."""
+    var = em.pending[nid]
+    heads = node.attr("heads")
+    ins = attention_operands(node)
+    q, k, extra = _scores_args(em, node, var)
+    v = _value(em, ins["v"], "i", heads, f"{var}_v")
+    lse = _layout(em, ins["lse"], "i", heads, None)
+    em.lines.append(f"{var} = kernels.attention_transposed({q}, {k}, {v}, {extra}, lse={lse})")
+    feature = value_feature(em.graph.node(ins["v"]).axes, "i", heads)
+    code = _from_layout(var, "j", heads, feature, node.axes)
+    if code != var:
+        em.lines.append(f"{var} = {code}")
     em.names[nid] = var
     return None
 
 
 def _emit_attention_grad(em: Emitter, nid: int, node: Node) -> None:
-    """All of dq, dk, dv in one fused backward call."""
+    """All gradients of one attention (q, k, v, scale, slopes) in one fused backward call."""
     sibs = {em.graph.node(n).attr("wrt"): n for n in _siblings(em, node, "attention_grad")
             if em.graph.node(n).inputs == node.inputs}
-    names = [em.pending.get(sibs[w], "_") if w in sibs else "_" for w in ("q", "k", "v")]
-    o, lse, g = node.inputs[4:]
-    wrap = "" if _heads(em, node.inputs[0]) else "[:, :, None]"
-    extra = ", ".join(f"{em.names[u]}{wrap}" for u in (o, lse, g))
-    em.lines.append(f"{', '.join(names)} = kernels.attention_backward({_attention_args(em, node)}, "
-                    f"{extra})")
-    for w, var in zip(("q", "k", "v"), names):
-        if w in sibs:
-            if not wrap:
-                em.names[sibs[w]] = var
-            else:
-                em.lines.append(f"{var} = {var}[:, :, 0]")
-                em.names[sibs[w]] = var
+    var = em.pending[nid]
+    heads, features = node.attr("heads"), node.attr("features")
+    ins = attention_operands(node)
+    q, k, extra = _scores_args(em, node, var)
+    v = _value(em, ins["v"], "j", heads, f"{var}_v")
+    o = _value(em, ins["o"], "i", heads, f"{var}_o")
+    g = _value(em, ins["g"], "i", heads, f"{var}_g")
+    lse = _layout(em, ins["lse"], "i", heads, None)
+    outs = [f"{var}_d{w}" if any(n.startswith(w) for n in sibs) else "_" for w in "qkvsm"]
+    need_ds = ", need_dscale=True" if "s" in sibs else ""
+    em.lines.append(f"{', '.join(outs)} = kernels.attention_backward({q}, {k}, {v}, {extra}, "
+                    f"o={o}, lse={lse}, g={g}{need_ds})")
+    offsets = ["0"]
+    for f in features:
+        offsets.append(em.size(f) if offsets[-1] == "0" else f"{offsets[-1]} + {em.size(f)}")
+    for wrt, n in sibs.items():
+        axes = em.graph.node(n).axes
+        grad = outs["qkvsm".index(wrt[0])]
+        if wrt[0] in "qk":
+            t = int(wrt[1:])
+            if len(features) > 1:
+                grad = f"{grad}[..., {offsets[t] if t else ''}:{offsets[t + 1]}]"
+            code = _from_layout(grad, "i" if wrt[0] == "q" else "j", heads, features[t], axes)
+        elif wrt == "v":
+            feature = value_feature(em.graph.node(ins["v"]).axes, "j", heads)
+            code = _from_layout(grad, "j", heads, feature, axes)
+        elif wrt == "m":
+            code = grad if axes else f"{grad}.sum()"
+        else:
+            code = grad
+        em.lines.append(f"{em.pending[n]} = {code}")
+        em.names[n] = em.pending[n]
     return None
 
 
@@ -252,6 +374,7 @@ EMITTERS = {
     "rotary": _emit_rotary,
     "attention": _emit_attention,
     "attention_lse": _emit_attention_lse,
+    "attention_transposed": _emit_attention_transposed,
     "attention_grad": _emit_attention_grad,
 }
 

@@ -23,7 +23,8 @@ broadcast  expand to more axes
 relabel    rename a token axis (``i`` <-> ``j``): the same tokens seen in another role
 rotary     a fixed rotation by token position (rotary position embedding)
 attention  softmax-weighted context sum (made by a fusion pass; with attention_lse and
-           attention_grad, its saved normaliser and its backward)
+           attention_grad, its saved normaliser and its backward; attention_transposed is the
+           keys-major sum of a joint energy's key role)
 =========  ===========================================================================
 """
 
@@ -511,70 +512,181 @@ class Rotary(Op):
         return f"{inv}rotary over {node.attr('feature')} (base {node.attr('base')})"
 
 
-class Attention(Op):
-    """``o[b,i,h,v] = sum_{j in C(i)} softmax_j(s * q[b,i,h,:] . k[b,j,h,:]) v[b,j,h,v]``.
+def attention_slots(op: str, attrs: dict) -> dict[str, int]:
+    """Input positions of an attention-family node, by name.
 
-    Inputs ``(q, k, v, s)``: q (b, i, heads, F), k (b, j, heads, F), v (b, j, heads, G) and a
-    scalar scale s (a fixed hyperparameter or a constant); ``mask`` is the context set. Made by
-    the ``fuse_context_attention`` pass from the softmax-weighted context sum that the VJP of a
-    log-sum-exp context reduction produces. Its VJP is the attention backward (no gradient to s):
-    with ``P = softmax``, ``dv = P^T g``, ``dS = P * (g v^T - rowsum(g * o))``, ``dq = s dS k``,
-    ``dk = s dS^T q``.
+    ``q0..q{n-1}, k0..k{n-1}`` (one pair per score term, n = ``len(features)``), ``v`` (not for
+    attention_lse), ``s`` (the scalar scale), ``m`` (per-head slopes, when ``bias``), then the op's
+    own extras: ``lse`` for attention_transposed; ``o, lse, g`` for attention_grad.
+    """
+    n = len(attrs["features"])
+    names = [f"q{t}" for t in range(n)] + [f"k{t}" for t in range(n)]
+    if op != "attention_lse":
+        names.append("v")
+    names.append("s")
+    if attrs["bias"]:
+        names.append("m")
+    names += {"attention_transposed": ["lse"], "attention_grad": ["o", "lse", "g"]}.get(op, [])
+    return {name: pos for pos, name in enumerate(names)}
+
+
+def attention_operands(node: Node) -> dict[str, int]:
+    """The node ids of an attention-family node's inputs, by slot name (see attention_slots)."""
+    slots = attention_slots(node.op, dict(node.attrs))
+    return {name: node.inputs[pos] for name, pos in slots.items()}
+
+
+def value_feature(v_axes: tuple[str, ...], token: str, heads: tuple[str, ...]) -> str:
+    """The one feature axis of a value ``v`` (besides b, its token axis and the heads)."""
+    rest = [a for a in v_axes if a not in ("b", token, *heads)]
+    if len(rest) != 1 or "b" not in v_axes or token not in v_axes:
+        raise ValueError(f"attention value needs axes (b, {token}, [heads], feature), has {v_axes}")
+    return rest[0]
+
+
+def _attention_check(graph, op, in_axes, attrs) -> dict[str, tuple[str, ...]]:
+    """Check the operands' axes against ``features`` and ``heads``; return them by slot name."""
+    slots = attention_slots(op, attrs)
+    if len(in_axes) != len(slots):
+        raise ValueError(f"{op} takes {len(slots)} inputs ({', '.join(slots)}), got {len(in_axes)}")
+    ax = {name: in_axes[pos] for name, pos in slots.items()}
+    heads = tuple(attrs["heads"])
+    for t, feature in enumerate(attrs["features"]):
+        for role, token in (("q", "i"), ("k", "j")):
+            a = set(ax[f"{role}{t}"])
+            if not {"b", token, feature} <= a <= {"b", token, feature, *heads}:
+                raise ValueError(f"attention {role}{t} needs axes (b, {token}, [heads], {feature}), "
+                                 f"has {ax[f'{role}{t}']}")
+    if ax["s"] or ("m" in ax and not set(ax["m"]) <= set(heads)):
+        raise ValueError("attention takes a scalar scale and per-head slopes")
+    return ax
+
+
+class Attention(Op):
+    """``o[b,i,h,G] = sum_{j in C(i)} P_ij v[b,j,h,G]``, ``P_ij = softmax_{j in C(i)} S_ij``,
+
+        S_ij = s * sum_t q_t[b,i,h,:] . k_t[b,j,h,:]  (+ m_h * (i - j) when ``bias``)
+
+    Inputs ``(q_0.., k_0.., v, s[, m])`` (see :func:`attention_slots`): one (q, k) pair per score
+    term, contracted over its feature axis ``features[t]`` (a diagonal-plus-low-rank score is two
+    terms); ``heads`` is the head axis (or none); an operand may lack the head axis (it is then
+    shared by every head). s is a scalar (fixed or learned), m per-head slopes (or a scalar);
+    ``mask`` is the context set. Made by the ``fuse_context_attention`` pass from the
+    softmax-weighted context sum that the VJP of a log-sum-exp context reduction produces.
+
+    VJP (``attention_grad``, one call for all): with ``dS = P * (g v^T - rowsum(g * o))``,
+    ``dv = P^T g``, ``dq_t = s dS k_t``, ``dk_t = s dS^T q_t``, ``ds = sum dS * (q . k)``,
+    ``dm_h = sum dS_ij (i - j)``.
     """
 
     name = "attention"
 
     @staticmethod
     def shape(graph, in_axes, attrs):
-        q, k, v, s = in_axes
-        if s or "i" not in q or "j" not in k or "j" not in v or "i" in k or "i" in v:
-            raise ValueError("attention takes q (i), k (j), v (j) and a scalar scale")
-        return graph.canonical([a for a in q if a != q[-1]] + [v[-1]])
+        ax = _attention_check(graph, "attention", in_axes, attrs)
+        if "i" in ax["v"]:
+            raise ValueError("attention's value is indexed by the context token j")
+        feature = value_feature(ax["v"], "j", attrs["heads"])
+        return graph.canonical(("b", "i", *attrs["heads"], feature))
 
     @staticmethod
     def vjp(graph, nid, node, g):
-        q, k, v, s = node.inputs
-        out_axes = node.axes
-        if graph.node(g).axes != out_axes:
-            g = graph.add("broadcast", (g,), out=out_axes)
-        lse = graph.add("attention_lse", (q, k, v, s), mask=node.attr("mask"))
-        grads = []
-        for pos, wrt in enumerate(("q", "k", "v")):
-            grads.append((pos, graph.add("attention_grad", (q, k, v, s, nid, lse, g),
-                                         mask=node.attr("mask"), wrt=wrt)))
-        return grads
+        if graph.node(g).axes != node.axes:
+            g = graph.add("broadcast", (g,), out=node.axes)
+        attrs = dict(node.attrs)
+        slots = attention_slots("attention", attrs)
+        ins = attention_operands(node)
+        lse = graph.add("attention_lse", [u for name, u in ins.items() if name != "v"], **attrs)
+        return [(pos, graph.add("attention_grad", (*node.inputs, nid, lse, g), wrt=name, **attrs))
+                for name, pos in slots.items()
+                if not (name == "s" and graph.node(ins["s"]).op == "const")]
 
     @staticmethod
     def describe(node):
-        return f"attention {{{describe_mask(node.attr('mask'))}}}"
+        return f"attention {_describe_scores(node)}"
+
+
+def _describe_scores(node: Node) -> str:
+    over = " + ".join(f"q{t}.k{t} over {f}" for t, f in enumerate(node.attr("features")))
+    bias = " + m (i - j)" if node.attr("bias") else ""
+    return f"{{{describe_mask(node.attr('mask'))}}} of s ({over}){bias}"
 
 
 class AttentionLse(Op):
-    """``l[b,i,h] = log sum_{j in C(i)} exp(s * q . k)``: the attention's saved normaliser."""
+    """``l[b,i,h] = log sum_{j in C(i)} exp(S_ij)``: the attention's saved normaliser.
+
+    Inputs ``(q_0.., k_0.., s[, m])``: those of :class:`Attention` without v."""
 
     name = "attention_lse"
 
     @staticmethod
     def shape(graph, in_axes, attrs):
-        q = in_axes[0]
-        return tuple(a for a in q if a != q[-1])
+        _attention_check(graph, "attention_lse", in_axes, attrs)
+        return graph.canonical(("b", "i", *attrs["heads"]))
 
     @staticmethod
     def describe(node):
-        return f"attention logsumexp {{{describe_mask(node.attr('mask'))}}}"
+        return f"attention logsumexp {_describe_scores(node)}"
+
+
+class AttentionTransposed(Op):
+    """``o[b,j,h,G] = sum_{i : j in C(i)} P_ij v[b,i,h,G]``: the keys-major (transposed) context
+    sum, which the key role of a joint energy produces (``P`` as in :class:`Attention`).
+
+    Inputs ``(q_0.., k_0.., v, s[, m], lse)`` with ``lse = attention_lse(...)`` of the same scores
+    (saved, so P is recomputed without a (tokens x tokens) tensor); v is indexed by the query
+    token i. VJP, with ``a = attention(q, k, g)`` (the i-major attention of the upstream g):
+    ``dv = a``, and since ``dS_ij = P_ij (v_i . g_j - v_i . a_i)`` is the attention backward of
+    values g, output a and upstream v, ``dq, dk, ds, dm = attention_grad(q, k, g, s, m; a, lse, v)``.
+    The lse input gets no gradient: its dependence on q, k, s, m is already in dS.
+    """
+
+    name = "attention_transposed"
+
+    @staticmethod
+    def shape(graph, in_axes, attrs):
+        ax = _attention_check(graph, "attention_transposed", in_axes, attrs)
+        if "j" in ax["v"]:
+            raise ValueError("transposed attention's value is indexed by the query token i")
+        feature = value_feature(ax["v"], "i", attrs["heads"])
+        return graph.canonical(("b", "j", *attrs["heads"], feature))
+
+    @staticmethod
+    def vjp(graph, nid, node, g):
+        if graph.node(g).axes != node.axes:
+            g = graph.add("broadcast", (g,), out=node.axes)
+        attrs = dict(node.attrs)
+        ins = attention_operands(node)
+        slots = attention_slots("attention_transposed", attrs)
+        base = [g if name == "v" else ins[name] for name in slots if name != "lse"]
+        a = graph.add("attention", base, **attrs)
+        v_axes = graph.node(ins["v"]).axes
+        grads = [(slots["v"], reduce(graph, a, [x for x in graph.node(a).axes if x not in v_axes]))]
+        for name, pos in slots.items():
+            if name in ("v", "lse") or (name == "s" and graph.node(ins["s"]).op == "const"):
+                continue
+            grads.append((pos, graph.add("attention_grad", (*base, a, ins["lse"], ins["v"]),
+                                         wrt=name, **attrs)))
+        return grads
+
+    @staticmethod
+    def describe(node):
+        return f"transposed attention {_describe_scores(node)}"
 
 
 class AttentionGrad(Op):
-    """One of ``dq, dk, dv`` of :class:`Attention` (``wrt``); the three share one backward call.
+    """One of the gradients of :class:`Attention` (``wrt``: a slot name ``q0``, ``k1``, ``v``,
+    ``s`` or ``m``); all of one attention share one backward call.
 
-    Inputs ``(q, k, v, s, o, lse, g)``.
+    Inputs: the attention's, then ``(o, lse, g)``.
     """
 
     name = "attention_grad"
 
     @staticmethod
     def shape(graph, in_axes, attrs):
-        return in_axes[("q", "k", "v").index(attrs["wrt"])]
+        _attention_check(graph, "attention_grad", in_axes, attrs)
+        return in_axes[attention_slots("attention_grad", attrs)[attrs["wrt"]]]
 
     @staticmethod
     def vjp(graph, nid, node, g):
@@ -584,12 +696,12 @@ class AttentionGrad(Op):
 
     @staticmethod
     def describe(node):
-        return f"attention backward d{node.attr('wrt')} {{{describe_mask(node.attr('mask'))}}}"
+        return f"attention backward d{node.attr('wrt')} {_describe_scores(node)}"
 
 
 OPS: dict[str, type[Op]] = {
     op.name: op
     for op in (Input, Param, Hyper, Const, Offset, Contract, Pointwise, Reduce, FusedReduce, Mask,
                Broadcast,
-               Relabel, Rotary, Attention, AttentionLse, AttentionGrad)
+               Relabel, Rotary, Attention, AttentionLse, AttentionTransposed, AttentionGrad)
 }

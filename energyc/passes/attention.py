@@ -1,23 +1,30 @@
-"""Context-reduction fusion for the torch backend: the softmax-weighted context sum -> attention.
+"""Context-reduction fusion: softmax-weighted context sums -> attention nodes.
 
 Differentiating a log-sum-exp context reduction ``L_i = log sum_{j in C(i)} exp(S_ij)`` gives the
-weights ``P_ij = c_i exp(S_ij - L_i)`` on ``C(i)``; when the gradient then contracts them with a
-per-token value ``V_j`` the result is attention:
+weights ``P_ij = c_i exp(S_ij - L_i)`` on ``C(i)``. When the gradient contracts them with a
+per-token value, the result is attention, in one of two directions:
 
-    sum_j [j in C(i)] c_i exp(S_ij - L_i) V_j  =  c_i * attention(Q, K, V)_i,   S = s * Q_i . K_j
+    sum_j [j in C(i)] c_i exp(S_ij - L_i) V_j  =  c_i * attention(Q, K, V)_i              (query role)
+    sum_i [j in C(i)] c_i exp(S_ij - L_i) V_i  =  attention_transposed(Q, K, c * V, L)_j  (key role)
 
-This pass rewrites that region into one ``attention`` node (whose VJP is the attention backward),
-so the backend can call a fused kernel that never holds the (tokens x tokens) weights.
+with scores ``S_ij = s * sum_t Q_t,i . K_t,j + m * (i - j)``. This pass rewrites each such region
+into one attention node (whose VJP is the attention backward), so the backends call fused kernels
+that never hold the (tokens x tokens) weights; the key role, which a joint energy has, gets the
+saved normaliser ``L`` from an ``attention_lse`` node.
 
-Legal when: ``S`` is a scalar ``s`` (a constant, or fixed hyperparameters) times a contraction of
-``Q`` (token i) with ``K`` (token j) over one feature dim, both with the same head dims (at most
-one) as the weights; ``L`` reduces ``S`` over the same context set (any: ``j <= i``, ``j < i``,
-a window, ``j != i``, all); ``c`` does not depend on j; ``V`` has the same head dims plus one
-feature dim; feature dims are the last axes. Otherwise the graph is
-left as it is (the materialised form is correct, only slower).
+Legal when: ``S`` is a pointwise body linear in its pair-valued arguments, each of which is a
+contraction of a query-side value (token i) with a key-side value (token j) over one feature axis,
+or the offset ``i - j``; the contractions share one scalar coefficient ``s`` (constants and scalar
+values, fixed or learned), and the offset's coefficient ``m`` has at most the head axis; ``L``
+reduces ``S`` over the same context set (any: ``j <= i``, ``j < i``, a window, ``j != i``, all);
+``c`` does not depend on j; the scores have at most one head axis, which any operand may lack;
+``V`` has one feature axis. Otherwise the graph is left as it is (the materialised form is correct,
+only slower).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import sympy
 
@@ -27,28 +34,87 @@ from energyc.ir.ops import ARG_SYMBOLS, pointwise
 FUSABLE_KINDS = ("causal", "strict", "window", "not_self", "all")
 
 
-def _scale(graph: Graph, s: int):
-    """(qk node, scale node) when ``S = scale * qk`` with a fixed scalar scale, else None."""
-    node = graph.node(s)
+@dataclass
+class Scores:
+    """``S = coef(scalars) * sum_t q_t . k_t + slope(per-head values) * (i - j)``."""
+
+    q: list[int]
+    k: list[int]
+    features: list[str]
+    scale: tuple[sympy.Expr, list[int]]  # body over ARG_SYMBOLS and its arguments
+    slope: tuple[sympy.Expr, list[int]] | None
+
+
+def _term(graph: Graph, n: int, heads: tuple[str, ...]):
+    """(q, k, feature) when contract node ``n`` is ``q_i . k_j`` over one feature axis."""
+    node = graph.node(n)
+    if node.op != "contract" or len(node.inputs) != 2:
+        return None
+    q, k = node.inputs
+    if "j" in graph.node(q).axes:
+        q, k = k, q
+    qa, ka = set(graph.node(q).axes), set(graph.node(k).axes)
+    features = (qa & ka) - {"b", *heads}
+    if len(features) != 1:
+        return None
+    (feature,) = features
+    if not ({"b", "i", feature} <= qa <= {"b", "i", feature, *heads} and
+            {"b", "j", feature} <= ka <= {"b", "j", feature, *heads}):
+        return None
+    return q, k, feature
+
+
+def _sub_body(expr: sympy.Expr, inputs: tuple[int, ...]) -> tuple[sympy.Expr, list[int]]:
+    """``expr`` over a subset of ``inputs``, renumbered to its own arguments."""
+    used = sorted(ARG_SYMBOLS.index(a) for a in expr.free_symbols if a in ARG_SYMBOLS)
+    renum = {ARG_SYMBOLS[k]: ARG_SYMBOLS[m] for m, k in enumerate(used)}
+    return expr.xreplace(renum), [inputs[k] for k in used]
+
+
+def _scores(graph: Graph, S: int, heads: tuple[str, ...]) -> Scores | None:
+    """Split the scores ``S`` into their parts (see :class:`Scores`), or None."""
+    node = graph.node(S)
     if node.op == "contract":
-        return s, None
-    if node.op != "pointwise":
+        body, inputs = ARG_SYMBOLS[0], (S,)
+    elif node.op == "pointwise":
+        body, inputs = node.attr("body"), node.inputs
+    else:
         return None
-    body = node.attr("body")
-    qk_pos = [k for k, u in enumerate(node.inputs) if graph.node(u).op == "contract"]
-    if len(qk_pos) != 1:
-        return None
-    a = ARG_SYMBOLS[qk_pos[0]]
-    coef = sympy.simplify(body / a)
-    if coef.has(a) or body.subs(a, 0) != 0:
-        return None
-    scalars = [u for k, u in enumerate(node.inputs) if k != qk_pos[0]]
-    for u in scalars:
-        un = graph.node(u)
-        if un.op != "hyper" or un.attr("learnable") or un.axes:
+    syms = ARG_SYMBOLS[: len(inputs)]
+    terms, offset = [], None
+    for k, u in enumerate(inputs):
+        axes = set(graph.node(u).axes)
+        if {"i", "j"} <= axes:
+            if graph.node(u).op == "offset" and offset is None:
+                offset = k
+                continue
+            term = _term(graph, u, heads)
+            if term is None:
+                return None
+            terms.append((k, term))
+        elif not axes <= set(heads):
             return None
-    return node.inputs[qk_pos[0]], (coef, [u for k, u in enumerate(node.inputs) if k != qk_pos[0]],
-                                    [k for k in range(len(node.inputs)) if k != qk_pos[0]])
+    if not terms:
+        return None
+    pair = {syms[k] for k, _ in terms} | ({syms[offset]} if offset is not None else set())
+    coefs = [sympy.diff(body, syms[k]) for k, _ in terms]
+    coef = coefs[0]
+    if coef.free_symbols & pair or any(sympy.simplify(c - coef) != 0 for c in coefs[1:]):
+        return None
+    slope = sympy.diff(body, syms[offset]) if offset is not None else sympy.Integer(0)
+    if slope.free_symbols & pair:
+        return None
+    linear = coef * sympy.Add(*(syms[k] for k, _ in terms))
+    if offset is not None:
+        linear += slope * syms[offset]
+    if sympy.simplify(body - linear) != 0:
+        return None
+    scale = _sub_body(coef, inputs)
+    if any(graph.node(u).axes for u in scale[1]):
+        return None  # a per-head scale: not a scalar
+    return Scores(q=[t[1][0] for t in terms], k=[t[1][1] for t in terms],
+                  features=[t[1][2] for t in terms], scale=scale,
+                  slope=_sub_body(slope, inputs) if offset is not None else None)
 
 
 def _match(graph: Graph, n: int):
@@ -70,11 +136,15 @@ def _match(graph: Graph, n: int):
         pn = graph.node(P)
         if pn.op != "pointwise" or "i" not in pn.axes or "j" not in pn.axes:
             continue
-        heads = [a for a in pn.axes if a not in ("b", "i", "j")]
-        if len(heads) > 1 or "i" in vn.axes or "j" not in vn.axes:
+        heads = tuple(a for a in pn.axes if a not in ("b", "i", "j"))
+        va = set(vn.axes)
+        if len(heads) > 1 or ("i" in va) == ("j" in va):
             continue
-        if list(vn.axes[:-1]) != ["b", "j", *heads] or list(node.axes) != ["b", "i", *heads,
-                                                                            vn.axes[-1]]:
+        token, out_token = ("j", "i") if "j" in va else ("i", "j")
+        features = va - {"b", token, *heads}
+        if len(features) != 1 or "b" not in va:
+            continue
+        if node.axes != graph.canonical({"b", out_token, *heads, *features}):
             continue
         # find L = lse_j S (same mask) and S among P's args
         for l_pos, L in enumerate(pn.inputs):
@@ -93,30 +163,17 @@ def _match(graph: Graph, n: int):
             others = [k for k in range(len(pn.inputs)) if k not in (s_pos, l_pos)]
             if any("j" in graph.node(pn.inputs[k]).axes for k in others):
                 continue
-            scaled = _scale(graph, S)
-            if scaled is None:
+            scores = _scores(graph, S, heads)
+            if scores is None:
                 continue
-            QK, scale = scaled
-            qkn = graph.node(QK)
-            if len(qkn.inputs) != 2:
-                continue
-            Q, K = qkn.inputs
-            if "j" in graph.node(Q).axes:
-                Q, K = K, Q
-            qn, kn = graph.node(Q), graph.node(K)
-            if "j" in qn.axes or "i" in kn.axes or "i" not in qn.axes or "j" not in kn.axes:
-                continue
-            feat = qn.axes[-1]
-            if (list(qn.axes) != ["b", "i", *heads, feat] or
-                    list(kn.axes) != ["b", "j", *heads, feat]):
-                continue
-            return dict(Q=Q, K=K, V=V, scale=scale, mask=mask, P=P, ratio=ratio,
-                        others=others)
+            return dict(scores=scores, V=V, mask=mask, heads=heads, P=P, ratio=ratio,
+                        others=others, transposed=token == "i")
     return None
 
 
 def fuse_context_attention(graph: Graph) -> Graph:
-    """Rewrite each softmax-weighted context sum into ``c * attention(Q, K, V)``."""
+    """Rewrite each softmax-weighted context sum into ``c * attention(Q, K, V)`` (query role) or
+    ``attention_transposed(Q, K, c * V, L)`` (key role)."""
     new = Graph(graph.dims)
     mapping: dict[int, int] = {}
     for n in graph.live():
@@ -125,20 +182,28 @@ def fuse_context_attention(graph: Graph) -> Graph:
         if found is None:
             mapping[n] = new.add_like(node, [mapping[u] for u in node.inputs])
             continue
-        if found["scale"] is None:
-            scale = new.add("const", value=sympy.Integer(1))
-        else:
-            coef, args, positions = found["scale"]
-            renum = {ARG_SYMBOLS[p]: ARG_SYMBOLS[k] for k, p in enumerate(positions)}
-            scale = pointwise(new, coef.xreplace(renum), [mapping[u] for u in args])
-        attention = new.add("attention", (mapping[found["Q"]], mapping[found["K"]],
-                                          mapping[found["V"]], scale), where=node.where,
-                            mask=found["mask"])
+        scores: Scores = found["scores"]
+        attrs = dict(mask=found["mask"], features=tuple(scores.features), heads=found["heads"],
+                     bias=scores.slope is not None)
+        operands = [mapping[u] for u in scores.q + scores.k]
+        scalars = [pointwise(new, scores.scale[0], [mapping[u] for u in scores.scale[1]])]
+        if scores.slope is not None:
+            scalars.append(pointwise(new, scores.slope[0], [mapping[u] for u in scores.slope[1]]))
         pn = graph.node(found["P"])
         others = found["others"]
         renum = {ARG_SYMBOLS[k]: ARG_SYMBOLS[m] for m, k in enumerate(others)}
-        body = found["ratio"].xreplace(renum) * ARG_SYMBOLS[len(others)]
-        mapping[n] = pointwise(new, body, [mapping[pn.inputs[k]] for k in others] + [attention],
-                               where=node.where)
+        ratio = found["ratio"].xreplace(renum)
+        c_args = [mapping[pn.inputs[k]] for k in others]
+        if found["transposed"]:
+            lse = new.add("attention_lse", (*operands, *scalars), where=node.where, **attrs)
+            v = pointwise(new, ratio * ARG_SYMBOLS[len(others)], c_args + [mapping[found["V"]]],
+                          where=node.where)
+            mapping[n] = new.add("attention_transposed", (*operands, v, *scalars, lse),
+                                 where=node.where, **attrs)
+        else:
+            attention = new.add("attention", (*operands, mapping[found["V"]], *scalars),
+                                where=node.where, **attrs)
+            mapping[n] = pointwise(new, ratio * ARG_SYMBOLS[len(others)], c_args + [attention],
+                                   where=node.where)
     new.outputs = {name: mapping[n] for name, n in graph.outputs.items()}
     return new
