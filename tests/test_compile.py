@@ -15,12 +15,16 @@ def test_fullgraph_compile_matches_eager(backend):
         pytest.importorskip("triton")
     from generated.cem_attention import Layer as Attention
     from generated.cem_mlp import Layer as Mlp
+    from generated.energy_transformer import Layer as Joint
+    from generated.strict_dplr import Layer as Dplr
     from generated.window_alibi import Layer as Window
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(
         Attention(D=16, H=2, K=8, steps=2, precond="dplr", backend=backend),  # fused, two steps
-        Window(D=16, H=2, K=8, backend=backend),  # materialised scores, learned beta
+        Window(D=16, H=2, K=8, backend=backend),  # i - j term, learned slopes and beta
+        Joint(D=16, H=2, K=8, backend=backend),  # key role: the keys-major product
+        Dplr(D=16, H=2, K=8, backend=backend),  # two score terms, a head-less key
         Mlp(D=16, M=32, precond="diagonal", backend=backend),
     ).double()
     x = torch.randn(2, 8, 16, dtype=torch.float64, requires_grad=True)

@@ -353,6 +353,9 @@ def _emit_attention_grad(em: Emitter, nid: int, node: Node) -> None:
             code = grad if axes else f"{grad}.sum()"
         else:
             code = grad
+        if code == grad:  # already in the node's layout: no new variable
+            em.names[n] = grad
+            continue
         em.lines.append(f"{em.pending[n]} = {code}")
         em.names[n] = em.pending[n]
     return None
