@@ -248,8 +248,8 @@ def _emit_reduction(em: TritonEmitter, nid: int, node: Node) -> str:
     doc = f"({', '.join(out_axes)}) = " + formula(
         post_body, [red_text] + [em.names[u] for u in epi_args])
     em.kernel_set.kernels.append(ReductionKernel(
-        name, doc, params, _unravel("offs_o", "o", "on", p, "rest"), init,
-        _unravel("offs_r", "r", "rn", q, "rest"), valid, loads, pre, update, final, epi, post))
+        name, doc, params, _unravel("offs_o", "o", "on", p, "rest_o"), init,
+        _unravel("offs_r", "r", "rn", q, "rest_r"), valid, loads, pre, update, final, epi, post))
     in_shape = _tuple([em.size(a) for a in in_axes])
     out_pos = _tuple([str(in_axes.index(a)) for a in out_axes])
     red_pos = _tuple([str(in_axes.index(a)) for a in red_axes])
