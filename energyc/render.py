@@ -79,8 +79,12 @@ class KernelSpec:
     prefix: str  # kernel name prefix: _<energy>
     energy: str
     context: str  # the context sets served, as text
-    block_m: int  # queries per program
-    block_n: int  # keys per inner iteration
+    block_m: int  # queries per program (the interpreter's tile; also the backward's preprocess)
+    block_n: int  # keys per inner iteration (the interpreter's tile)
+    # (BLOCK_M, BLOCK_N, num_warps, num_stages) that Triton's autotuner tries on a GPU: the
+    # tiles of Triton's fused-attention tutorial and smaller ones for wide feature rows
+    gpu_tiles: tuple = ((128, 64, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 2),
+                        (32, 32, 4, 2), (16, 16, 4, 1))
 
 
 @dataclass

@@ -1,12 +1,15 @@
-"""Compile the Triton kernels a generated layer launches for a CUDA GPU, without one.
+"""Compile the Triton kernels that generated layers launch for a CUDA GPU, without one.
 
-Run as ``python -m tests.cuda_build PACKAGE DTYPE... [--arch 90]`` with TRITON_INTERPRET unset. The
-layer runs one step forward and backward on CPU tensors, with each preconditioner; each kernel launch, instead of running,
-is compiled by Triton for the target (an H100 is ``cuda`` capability 90) with the types and
-constexprs of that launch, down to PTX and a cubin (ptxas ships with Triton). The launched
-kernels write nothing, so the layer's values are garbage: this checks that every kernel builds for
-the GPU, not what it computes (the interpreter tests do that). Prints one line per distinct
-(kernel, signature) and exits non-zero if any fails to build.
+Run as ``python -m tests.cuda_build PACKAGE... [--dtypes ...] [--arch 90]`` with TRITON_INTERPRET
+unset. Each layer runs one step forward and backward on CPU tensors, with each preconditioner;
+each kernel launch, instead of running, is compiled by Triton for the target (an H100 is ``cuda``
+capability 90) with the types and constexprs of that launch, down to PTX and a cubin (ptxas ships
+with Triton). An autotuned kernel is built in every configuration its autotuner would time for
+the dtypes in ``--all-tiles`` (the benchmark's bfloat16 by default), in its first otherwise.
+Kernels whose source differs only in the package's name prefix are built once. The launches
+write nothing, so the layers' values are garbage: this checks that every kernel builds for the
+GPU, not what it computes (the interpreter tests do that). Prints one line per build and exits
+non-zero if any fails.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import torch
 
 DTYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16",
           torch.float64: "fp64", torch.int64: "i64", torch.int32: "i32", torch.bool: "i1"}
+NAMES = ["float32", "bfloat16", "float16", "float64"]
 
 
 def _arg_type(value) -> str:
@@ -37,8 +41,9 @@ def _arg_type(value) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("package")
-    parser.add_argument("dtypes", nargs="+", choices=["float32", "bfloat16", "float16", "float64"])
+    parser.add_argument("packages", nargs="+")
+    parser.add_argument("--dtypes", nargs="+", choices=NAMES, default=["float32", "bfloat16"])
+    parser.add_argument("--all-tiles", nargs="*", choices=NAMES, default=["bfloat16"])
     parser.add_argument("--arch", type=int, default=90)
     parser.add_argument("--sizes", default="D=16,H=2,K=8,M=12")
     args = parser.parse_args(argv)
@@ -48,10 +53,12 @@ def main(argv: list[str] | None = None) -> int:
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
+    from triton.runtime.autotuner import Autotuner
     from triton.runtime.jit import JITFunction
 
     target = GPUTarget("cuda", args.arch, 32)
     built: dict[tuple, str | None] = {}
+    state = {"prefix": "", "all_tiles": True}
 
     def compile_launch(self, *call_args, grid=None, warmup=False, **kwargs):
         bound = dict(zip(self.arg_names, call_args))
@@ -65,34 +72,50 @@ def main(argv: list[str] | None = None) -> int:
                 constexprs[(k,)] = value
             else:
                 signature[name] = _arg_type(value)
-        key = (self.__name__, tuple(signature.items()), tuple(sorted(constexprs.items())))
-        if key not in built:
-            try:
-                kernel = triton.compile(ASTSource(self, signature, constexprs), target=target)
-                built[key] = None
-                print(f"ok    {self.__name__}  ({len(kernel.asm['cubin'])} bytes of sm_{args.arch})")
-            except Exception:  # report every failure, then exit non-zero
-                built[key] = traceback.format_exc(limit=3)
-                print(f"FAIL  {self.__name__}\n{built[key]}")
+        options = {k: kwargs[k] for k in ("num_warps", "num_stages") if k in kwargs}
+        key = (self.src.replace(state["prefix"], "_"), tuple(signature.items()),
+               tuple(sorted(constexprs.items())), tuple(sorted(options.items())))
+        if key in built:
+            return None
+        try:
+            kernel = triton.compile(ASTSource(self, signature, constexprs), target=target,
+                                    options=options)
+            built[key] = None
+            tiles = {k: v for k, v in bound.items() if k.startswith("BLOCK")}
+            print(f"ok    {self.__name__} {tiles} {options}  ({len(kernel.asm['cubin'])} bytes of "
+                  f"sm_{args.arch}, {kernel.metadata.shared} bytes of shared memory)", flush=True)
+        except Exception:  # report every failure, then exit non-zero
+            built[key] = traceback.format_exc(limit=3)
+            print(f"FAIL  {self.__name__}\n{built[key]}", flush=True)
         return None
 
+    def compile_configs(self, *call_args, **kwargs):
+        """An autotuned kernel: build the configurations its autotuner would time."""
+        for config in self.configs if state["all_tiles"] else self.configs[:1]:
+            self.fn.run(*call_args, **kwargs, **config.all_kwargs())
+
     JITFunction.run = compile_launch
-    module = importlib.import_module(f"generated.{args.package}")
-    path = importlib.import_module(f"generated.{args.package}._triton_layer")
-    # the kernels' path as on a CUDA device (the runtime would refuse CPU tensors uninterpreted)
-    module.layer._rt.implementation = lambda backend, x, package: (path, path.KERNELS)
+    Autotuner.run = compile_configs
     sizes = {k: int(v) for k, v in (s.split("=") for s in args.sizes.split(","))}
-    dims = {k: v for k, v in sizes.items() if k in module.Layer.__init__.__code__.co_varnames}
-    torch.manual_seed(0)
-    for dtype in (getattr(torch, name) for name in args.dtypes):
-        for precond in ("identity", "diagonal", "dplr"):
-            layer = module.Layer(**dims, precond=precond, backend="triton", dtype=dtype)
-            x = torch.randn(2, 5, dims["D"], dtype=dtype, requires_grad=True)
-            y = layer(x)
-            torch.autograd.grad(y.float().sum(), [x, *layer.parameters()], allow_unused=True)
+    for package in args.packages:
+        module = importlib.import_module(f"generated.{package}")
+        path = importlib.import_module(f"generated.{package}._triton_layer")
+        # the kernels' path as on a CUDA device (the runtime refuses CPU tensors uninterpreted)
+        module.layer._rt.implementation = lambda backend, x, name, path=path: (path, path.KERNELS)
+        dims = {k: v for k, v in sizes.items() if k in module.Layer.__init__.__code__.co_varnames}
+        state["prefix"] = f"_{package}_"
+        torch.manual_seed(0)
+        for name in args.dtypes:
+            dtype = getattr(torch, name)
+            state["all_tiles"] = name in args.all_tiles
+            for precond in ("identity", "diagonal", "dplr"):
+                layer = module.Layer(**dims, precond=precond, backend="triton", dtype=dtype)
+                x = torch.randn(2, 5, dims["D"], dtype=dtype, requires_grad=True)
+                y = layer(x)
+                torch.autograd.grad(y.float().sum(), [x, *layer.parameters()], allow_unused=True)
     failed = [key for key, err in built.items() if err is not None]
-    print(f"{args.package} {' '.join(args.dtypes)}: {len(built) - len(failed)} built, "
-          f"{len(failed)} failed for sm_{args.arch}")
+    print(f"{len(args.packages)} packages, {' '.join(args.dtypes)}: {len(built) - len(failed)} "
+          f"distinct kernels built, {len(failed)} failed for sm_{args.arch}")
     return 1 if failed else 0
 
 
