@@ -228,6 +228,12 @@ def _bind(em: Emitter, code: str, var: str) -> str:
     return var
 
 
+def _relayout(em: Emitter, var: str, code: str) -> None:
+    """``var = code`` where ``code`` (``var`` brought to its node's axes) differs from ``var``."""
+    if code != var:
+        em.lines.append(f"{var} = {code}")
+
+
 def _scores_args(em: Emitter, node: Node, var: str) -> tuple[str, str, str]:
     """(q, k, trailing keyword arguments) of the kernel call for an attention-family node.
 
@@ -258,10 +264,13 @@ def _value(em: Emitter, nid: int, token: str, heads: tuple[str, ...], var: str) 
     return _bind(em, _layout(em, nid, token, heads, feature), var)
 
 
+NOT_SCORES = ("v", "o", "lse", "g")  # the attention-family slots that are not score operands
+
+
 def _same_scores(a: Node, b: Node) -> bool:
     """Whether two attention-family nodes have the same scores (operands, context set)."""
     ia, ib = attention_operands(a), attention_operands(b)
-    keep = [name for name in ia if name[0] in "qksm" and name != "lse"]
+    keep = [name for name in ia if name not in NOT_SCORES]
     return ([ia[n] for n in keep] == [ib.get(n) for n in keep] and
             all(a.attr(x) == b.attr(x) for x in ("mask", "features", "heads", "bias")))
 
@@ -283,9 +292,7 @@ def _emit_attention(em: Emitter, nid: int, node: Node) -> None:
     feature = value_feature(em.graph.node(attention_operands(node)["v"]).axes, "j", heads)
     outs = [(nid, feature)] + ([(lse[0], None)] if lse else [])
     for n, (out, f) in zip(names, outs):
-        code = _from_layout(n, "i", heads, f, em.graph.node(out).axes)
-        if code != n:
-            em.lines.append(f"{n} = {code}")
+        _relayout(em, n, _from_layout(n, "i", heads, f, em.graph.node(out).axes))
         em.names[out] = n
     return None
 
@@ -295,9 +302,7 @@ def _emit_attention_lse(em: Emitter, nid: int, node: Node) -> None:
     q, k, extra = _scores_args(em, node, var)
     em.lines.append(f"_, {var} = kernels.attention_forward({q}, {k}, {k}, {extra})"
                     f"  # the normaliser only")
-    code = _from_layout(var, "i", node.attr("heads"), None, node.axes)
-    if code != var:
-        em.lines.append(f"{var} = {code}")
+    _relayout(em, var, _from_layout(var, "i", node.attr("heads"), None, node.axes))
     em.names[nid] = var
     return None
 
@@ -312,9 +317,7 @@ def _emit_attention_transposed(em: Emitter, nid: int, node: Node) -> None:
     lse = _layout(em, ins["lse"], "i", heads, None)
     em.lines.append(f"{var} = kernels.attention_transposed({q}, {k}, {v}, {extra}, lse={lse})")
     feature = value_feature(em.graph.node(ins["v"]).axes, "i", heads)
-    code = _from_layout(var, "j", heads, feature, node.axes)
-    if code != var:
-        em.lines.append(f"{var} = {code}")
+    _relayout(em, var, _from_layout(var, "j", heads, feature, node.axes))
     em.names[nid] = var
     return None
 

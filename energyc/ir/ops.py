@@ -562,6 +562,17 @@ def _attention_check(graph, op, in_axes, attrs) -> dict[str, tuple[str, ...]]:
     return ax
 
 
+def _weighted_sum_axes(graph, op, in_axes, attrs, value_token: str) -> tuple[str, ...]:
+    """Axes of a softmax-weighted sum whose value ``v`` is indexed by ``value_token``: the other
+    token, the heads and v's feature."""
+    ax = _attention_check(graph, op, in_axes, attrs)
+    other = "i" if value_token == "j" else "j"
+    if other in ax["v"]:
+        raise ValueError(f"{op}'s value is indexed by token {value_token}, not {other}")
+    feature = value_feature(ax["v"], value_token, attrs["heads"])
+    return graph.canonical(("b", other, *attrs["heads"], feature))
+
+
 class Attention(Op):
     """``o[b,i,h,G] = sum_{j in C(i)} P_ij v[b,j,h,G]``, ``P_ij = softmax_{j in C(i)} S_ij``,
 
@@ -583,11 +594,7 @@ class Attention(Op):
 
     @staticmethod
     def shape(graph, in_axes, attrs):
-        ax = _attention_check(graph, "attention", in_axes, attrs)
-        if "i" in ax["v"]:
-            raise ValueError("attention's value is indexed by the context token j")
-        feature = value_feature(ax["v"], "j", attrs["heads"])
-        return graph.canonical(("b", "i", *attrs["heads"], feature))
+        return _weighted_sum_axes(graph, "attention", in_axes, attrs, value_token="j")
 
     @staticmethod
     def vjp(graph, nid, node, g):
@@ -645,11 +652,7 @@ class AttentionTransposed(Op):
 
     @staticmethod
     def shape(graph, in_axes, attrs):
-        ax = _attention_check(graph, "attention_transposed", in_axes, attrs)
-        if "j" in ax["v"]:
-            raise ValueError("transposed attention's value is indexed by the query token i")
-        feature = value_feature(ax["v"], "i", attrs["heads"])
-        return graph.canonical(("b", "j", *attrs["heads"], feature))
+        return _weighted_sum_axes(graph, "attention_transposed", in_axes, attrs, value_token="i")
 
     @staticmethod
     def vjp(graph, nid, node, g):
