@@ -133,8 +133,12 @@ def test_transposed_kernel_against_float64_reference(dtype, kind, T, bias):
                          ids=str)
 @pytest.mark.parametrize("kind", KINDS, ids=str)
 @pytest.mark.parametrize("T", [1, 7, 33])
-def test_torch_runtime_against_float64_reference(dtype, kind, T, bias, need_dscale):
-    """The pure-torch fallback (CPU flash kernels without bias and dscale, else materialised)."""
+@pytest.mark.parametrize("chunk", [256, 5], ids=["one_chunk", "chunks_of_5"])
+def test_torch_runtime_against_float64_reference(dtype, kind, T, bias, need_dscale, chunk,
+                                                 monkeypatch):
+    """The pure-torch fallback: the CPU flash kernels without bias and dscale, else the scores
+    formed a chunk of queries at a time (one chunk, or several with a ragged last one)."""
+    monkeypatch.setattr(attention_runtime, "QUERY_CHUNK", chunk)
     stat_dtype = torch.float64 if dtype == torch.float64 else torch.float32
     check_against_reference(attention_runtime, dtype, kind, T, bias, need_dscale, stat_dtype)
     check_transposed(attention_runtime, dtype, kind, T, bias)
@@ -193,36 +197,40 @@ ATTENTION_LAYERS = {  # every attention-type example; its sizes
     "strict_dplr": SIZES, "lm_attention_alibi": SIZES, "lm_attention_nope_dplr": SIZES,
     "lm_attention_rope_dplr": SIZES, "lm_attention_alibi_dplr": SIZES,
 }
-# The torch backend's CPU flash kernels take only a fixed scale, no i - j bias, queries and values
-# of one feature size, and the j <= i or all-token context sets; other layers fall back to the
-# materialised form there (tests/test_attention_fusion.py checks that their graphs are fused).
-TORCH_FLASH_LAYERS = ("cem_attention", "lm_attention_nope", "lm_attention_rope",
-                      "bidirectional_gelu")
-
-
-def _token_pair_shapes(name, backend):
+def _token_pair_shapes(name, backend, chunk=None):
+    """Shapes with two token axes (T = 37) created by the layer's forward and backward; ``chunk``
+    sets the torch runtime's QUERY_CHUNK (its fallback's scores are (chunk, T) blocks)."""
     Layer = importlib.import_module(f"generated.{name}").Layer
+    runtime = importlib.import_module(f"generated.{name}._runtime")
+    saved = runtime.QUERY_CHUNK
+    runtime.QUERY_CHUNK = chunk or saved
     torch.manual_seed(0)
     layer = Layer(**ATTENTION_LAYERS[name], precond="dplr", backend=backend)
     x = torch.randn(2, 37, 16, requires_grad=True)
-    with _Shapes() as mode:
-        y = layer(x)
-        torch.autograd.grad(y.sum(), [x, *layer.parameters()])
+    try:
+        with _Shapes() as mode:
+            y = layer(x)
+            torch.autograd.grad(y.sum(), [x, *layer.parameters()])
+    finally:
+        runtime.QUERY_CHUNK = saved
     assert mode.shapes, "the dispatch mode saw no op"
     return [(f, s) for f, s in mode.shapes if s.count(37) >= 2]
 
 
-@pytest.mark.parametrize("backend,name", [("triton", n) for n in sorted(ATTENTION_LAYERS)] +
-                         [("torch", n) for n in TORCH_FLASH_LAYERS])
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("name", sorted(ATTENTION_LAYERS))
 def test_no_token_pair_tensor(backend, name):
     """T = 37 is distinct from every other size, so a (T x T) tensor shows as two 37s. Forward,
-    backward, all parameters (learned scales and slopes included), DPLR preconditioner."""
-    assert _token_pair_shapes(name, backend) == []
+    backward, all parameters (learned scales and slopes included), DPLR preconditioner. The torch
+    backend runs the CPU flash kernels where they serve, else its chunked fallback (chunks of 16
+    queries here, so that 37 tokens take several)."""
+    assert _token_pair_shapes(name, backend, chunk=16) == []
 
 
-def test_materialised_fallback_does_create_token_pairs():
-    """The same probe sees the (T x T) scores of the torch runtime's materialised fallback (a
-    window context set with an i - j bias, which the CPU flash kernels do not take)."""
+def test_one_chunk_fallback_does_create_token_pairs():
+    """The same probe sees (T x T) scores where one chunk holds every query (the default chunk
+    of 256 at 37 tokens) in the torch runtime's fallback (a window context set with an i - j
+    bias, which the CPU flash kernels do not take)."""
     assert _token_pair_shapes("window_alibi", "torch")
 
 
