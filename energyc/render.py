@@ -280,7 +280,7 @@ def package_spec(layer: CompiledLayer, source: str) -> PackageSpec:
               for h in layer.hypers]
     params = []
     for p in layer.params:
-        fan_in = p.dims[-1]
+        fan_in = p.dims[-1] if p.dims else "1"  # a scalar parameter: fan-in 1
         init = p.init
         if init.kind == "normal":
             std = _code(init.args["std"]) if init.args["std"] is not None else f"1 / math.sqrt({fan_in})"
@@ -292,7 +292,7 @@ def package_spec(layer: CompiledLayer, source: str) -> PackageSpec:
             stmt = f"_rt.alibi_slopes_(self.{p.name})"
         else:
             stmt = f"torch.nn.init.constant_(self.{p.name}, {_code(init.args['value'])})"
-        params.append(ParamSpec(p.name, "(" + ", ".join(p.dims) + ",)", stmt))
+        params.append(ParamSpec(p.name, "(" + "".join(f"{d}, " for d in p.dims) + ")", stmt))
     doc = _module_doc(layer)
     sg = layer.step
     attention_masks = sorted({sg.node(n).attr("mask") for n in sg.live()
