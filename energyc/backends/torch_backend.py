@@ -259,9 +259,10 @@ def _scores_args(em: Emitter, node: Node, var: str) -> tuple[str, str, str]:
     return q, k, extra
 
 
-def _value(em: Emitter, nid: int, token: str, heads: tuple[str, ...], var: str) -> str:
+def _value(em: Emitter, nid: int, token: str, heads: tuple[str, ...], var: str) -> tuple[str, str]:
+    """(code, feature axis) of a per-token value (v, o or g) in the kernels' layout."""
     feature = value_feature(em.graph.node(nid).axes, token, heads)
-    return _bind(em, _layout(em, nid, token, heads, feature), var)
+    return _bind(em, _layout(em, nid, token, heads, feature), var), feature
 
 
 NOT_SCORES = ("v", "o", "lse", "g")  # the attention-family slots that are not score operands
@@ -286,10 +287,9 @@ def _emit_attention(em: Emitter, nid: int, node: Node) -> None:
     heads = node.attr("heads")
     lse = [n for n in _siblings(em, node, "attention_lse") if n not in em.names]
     q, k, extra = _scores_args(em, node, var)
-    v = _value(em, attention_operands(node)["v"], "j", heads, f"{var}_v")
+    v, feature = _value(em, attention_operands(node)["v"], "j", heads, f"{var}_v")
     names = [var, em.pending.get(lse[0], "_") if lse else "_"]
     em.lines.append(f"{', '.join(names)} = kernels.attention_forward({q}, {k}, {v}, {extra})")
-    feature = value_feature(em.graph.node(attention_operands(node)["v"]).axes, "j", heads)
     outs = [(nid, feature)] + ([(lse[0], None)] if lse else [])
     for n, (out, f) in zip(names, outs):
         _relayout(em, n, _from_layout(n, "i", heads, f, em.graph.node(out).axes))
@@ -313,10 +313,9 @@ def _emit_attention_transposed(em: Emitter, nid: int, node: Node) -> None:
     heads = node.attr("heads")
     ins = attention_operands(node)
     q, k, extra = _scores_args(em, node, var)
-    v = _value(em, ins["v"], "i", heads, f"{var}_v")
+    v, feature = _value(em, ins["v"], "i", heads, f"{var}_v")
     lse = _layout(em, ins["lse"], "i", heads, None)
     em.lines.append(f"{var} = kernels.attention_transposed({q}, {k}, {v}, {extra}, lse={lse})")
-    feature = value_feature(em.graph.node(ins["v"]).axes, "i", heads)
     _relayout(em, var, _from_layout(var, "j", heads, feature, node.axes))
     em.names[nid] = var
     return None
@@ -330,9 +329,9 @@ def _emit_attention_grad(em: Emitter, nid: int, node: Node) -> None:
     heads, features = node.attr("heads"), node.attr("features")
     ins = attention_operands(node)
     q, k, extra = _scores_args(em, node, var)
-    v = _value(em, ins["v"], "j", heads, f"{var}_v")
-    o = _value(em, ins["o"], "i", heads, f"{var}_o")
-    g = _value(em, ins["g"], "i", heads, f"{var}_g")
+    v, v_feature = _value(em, ins["v"], "j", heads, f"{var}_v")
+    o, _ = _value(em, ins["o"], "i", heads, f"{var}_o")
+    g, _ = _value(em, ins["g"], "i", heads, f"{var}_g")
     lse = _layout(em, ins["lse"], "i", heads, None)
     outs = [f"{var}_d{w}" if any(n.startswith(w) for n in sibs) else "_" for w in "qkvsm"]
     need_ds = ", need_dscale=True" if "s" in sibs else ""
@@ -350,8 +349,7 @@ def _emit_attention_grad(em: Emitter, nid: int, node: Node) -> None:
                 grad = f"{grad}[..., {offsets[t] if t else ''}:{offsets[t + 1]}]"
             code = _from_layout(grad, "i" if wrt[0] == "q" else "j", heads, features[t], axes)
         elif wrt == "v":
-            feature = value_feature(em.graph.node(ins["v"]).axes, "j", heads)
-            code = _from_layout(grad, "j", heads, feature, axes)
+            code = _from_layout(grad, "j", heads, v_feature, axes)
         elif wrt == "m":
             code = grad if axes else f"{grad}.sum()"
         else:

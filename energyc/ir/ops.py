@@ -601,16 +601,24 @@ class Attention(Op):
         if graph.node(g).axes != node.axes:
             g = graph.add("broadcast", (g,), out=node.axes)
         attrs = dict(node.attrs)
-        slots = attention_slots("attention", attrs)
         ins = attention_operands(node)
         lse = graph.add("attention_lse", [u for name, u in ins.items() if name != "v"], **attrs)
-        return [(pos, graph.add("attention_grad", (*node.inputs, nid, lse, g), wrt=name, **attrs))
-                for name, pos in slots.items()
-                if not (name == "s" and graph.node(ins["s"]).op == "const")]
+        return _attention_grads(graph, node, node.inputs, (nid, lse, g), skip=())
 
     @staticmethod
     def describe(node):
         return f"attention {_describe_scores(node)}"
+
+
+def _attention_grads(graph, node: Node, inputs, saved, skip) -> list[tuple[int, int]]:
+    """(position in ``node``, ``attention_grad`` node) for each of ``node``'s slots but ``skip``
+    and a constant scale: one backward call of the attention with ``inputs`` and saved
+    ``(o, lse, g)``."""
+    attrs = dict(node.attrs)
+    ins = attention_operands(node)
+    return [(pos, graph.add("attention_grad", (*inputs, *saved), wrt=name, **attrs))
+            for name, pos in attention_slots(node.op, attrs).items()
+            if name not in skip and not (name == "s" and graph.node(ins["s"]).op == "const")]
 
 
 def _describe_scores(node: Node) -> str:
@@ -664,13 +672,9 @@ class AttentionTransposed(Op):
         base = [g if name == "v" else ins[name] for name in slots if name != "lse"]
         a = graph.add("attention", base, **attrs)
         v_axes = graph.node(ins["v"]).axes
-        grads = [(slots["v"], reduce(graph, a, [x for x in graph.node(a).axes if x not in v_axes]))]
-        for name, pos in slots.items():
-            if name in ("v", "lse") or (name == "s" and graph.node(ins["s"]).op == "const"):
-                continue
-            grads.append((pos, graph.add("attention_grad", (*base, a, ins["lse"], ins["v"]),
-                                         wrt=name, **attrs)))
-        return grads
+        dv = reduce(graph, a, [x for x in graph.node(a).axes if x not in v_axes])
+        return [(slots["v"], dv), *_attention_grads(graph, node, base, (a, ins["lse"], ins["v"]),
+                                                     skip=("v", "lse"))]
 
     @staticmethod
     def describe(node):
