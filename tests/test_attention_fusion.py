@@ -18,7 +18,8 @@ def step_graph(path):
 
 ATTENTION_EXAMPLES = ["examples/cem_attention.py", "examples/bidirectional_gelu.py",
                       "examples/energy_transformer.py", "examples/window_alibi.py",
-                      "examples/strict_dplr.py", "examples/lm_attention.py"]
+                      "examples/strict_dplr.py", "examples/lm_attention.py",
+                      "examples/local_global_attention.py"]
 
 
 @pytest.mark.parametrize("path,counts", [
@@ -34,6 +35,8 @@ ATTENTION_EXAMPLES = ["examples/cem_attention.py", "examples/bidirectional_gelu.
     # diagonal-plus-low-rank scores (two terms): two values (x_j and the low-rank keys), each
     # with its backward call (dq and dk of both terms, dv)
     ("examples/strict_dplr.py", {"attention": 2, "attention_grad": 10}),
+    # two reductions on different context sets (a window and j <= i), each its own attention
+    ("examples/local_global_attention.py", {"attention": 2, "attention_grad": 6}),
 ])
 def test_which_layers_fuse(path, counts):
     found = step_graph(path).op_counts()

@@ -196,6 +196,7 @@ ATTENTION_LAYERS = {  # every attention-type example; its sizes
     "bidirectional_gelu": dict(SIZES, M=12), "energy_transformer": SIZES, "window_alibi": SIZES,
     "strict_dplr": SIZES, "lm_attention_alibi": SIZES, "lm_attention_nope_dplr": SIZES,
     "lm_attention_rope_dplr": SIZES, "lm_attention_alibi_dplr": SIZES,
+    "local_global_attention": dict(SIZES, G=2),
 }
 def _token_pair_shapes(name, backend, chunk=None):
     """Shapes with two token axes (T = 37) created by the layer's forward and backward; ``chunk``
