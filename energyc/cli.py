@@ -1,4 +1,4 @@
-"""The command line: ``energyc compile | inspect | check``."""
+"""The command line: ``energyc compile | inspect | check | bench``."""
 
 from __future__ import annotations
 
@@ -120,6 +120,32 @@ def _check(args: argparse.Namespace) -> int:
     return 1 if any(r.status == "FAIL" for r in results) else 0
 
 
+def _bench(args: argparse.Namespace) -> int:
+    from energyc.bench import BenchOptions, format_header, format_table, run_bench, write_json
+
+    dims = {}
+    for item in args.dim:
+        name, sep, size = item.partition("=")
+        if not sep or not name.strip() or not size.strip().isdigit():
+            raise EnergyError(f"expected NAME=SIZE (e.g. D=128), got {item!r}", "--dim")
+        dims[name.strip()] = int(size)
+    opts = BenchOptions(tokens=tuple(args.tokens), batch=args.batch, dtype=args.dtype,
+                        device=args.device, backend=args.backend, threads=args.threads,
+                        dims=dims, repeats=args.repeats, warmup=args.warmup,
+                        max_seconds=args.max_seconds, max_memory_mib=args.max_memory,
+                        memory=not args.no_memory)
+    report = run_bench(energy_files(args.files), opts,
+                       log=lambda m: print(m, file=sys.stderr, flush=True))
+    report.command = opts.command(args.files)
+    print("\n".join(format_header(report)))
+    print()
+    print(format_table(report))
+    if args.json:
+        write_json(report, args.json)
+        print(f"wrote {args.json}")
+    return 1 if report.failed else 0
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="energyc",
@@ -151,6 +177,40 @@ def parser() -> argparse.ArgumentParser:
     k.add_argument("--thorough", action="store_true",
                    help="100 random examples per check instead of 12 reproducible ones")
     k.set_defaults(fn=_check)
+    b = sub.add_parser("bench", help="time and memory: generated layers against autograd of E",
+                       description="For each layer of FILE: forward + backward of the generated "
+                                   "layer against y = x - eta grad E by torch.autograd "
+                                   "(create_graph=True) on the reference evaluation of E, with the "
+                                   "same weights and inputs. Prints median times, the speed-up and "
+                                   "peak memory per layer and token count; checks that the two "
+                                   "agree. Exit 1 on a mismatch or an error.")
+    b.add_argument("files", nargs="+", metavar="FILE",
+                   help="energy file(s), or folders: every .py file in them that imports "
+                        "energyc.dsl")
+    b.add_argument("--tokens", type=int, nargs="+", default=[256, 1024], metavar="N",
+                   help="token counts (default 256 1024)")
+    b.add_argument("--batch", type=int, default=2, help="batch size (default 2)")
+    b.add_argument("--dtype", choices=["float32", "float64", "bfloat16"], default="float32")
+    b.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    b.add_argument("--backend", choices=["torch", "triton", "auto"], default="auto",
+                   help="the generated layer's backend (default auto: torch on CPU, Triton on "
+                        "CUDA)")
+    b.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
+    b.add_argument("--dim", nargs="+", action="extend", default=[], metavar="NAME=SIZE",
+                   help="dim sizes (defaults D=128 H=4 K=32 M=512, any other dim 32)")
+    b.add_argument("--repeats", type=int, default=5,
+                   help="timed calls per variant, interleaved (default 5)")
+    b.add_argument("--warmup", type=int, default=1, help="warm-up calls per variant (default 1)")
+    b.add_argument("--max-seconds", type=float, default=60.0, metavar="S",
+                   help="a variant whose call takes longer is shown as over budget (default 60)")
+    b.add_argument("--max-memory", type=float, default=None, metavar="MIB",
+                   help="CPU: memory a call may add before it counts as out of memory (default "
+                        "80%% of the memory available at start)")
+    b.add_argument("--no-memory", action="store_true",
+                   help="CPU: no memory probes (faster; the budgets then hold only for timed "
+                        "calls, and an out-of-memory call may be killed by the system)")
+    b.add_argument("--json", metavar="PATH", help="write the raw numbers as JSON")
+    b.set_defaults(fn=_bench)
     return p
 
 

@@ -111,8 +111,8 @@ def _rotary_reference(t, axes, feature, base, inverse):
     u = t.movedim((td, fd), (-2, -1))
     T, F = u.shape[-2], u.shape[-1]
     z = torch.complex(u[..., 0::2], u[..., 1::2])
-    w = base ** (-torch.arange(0, F, 2, dtype=torch.float64) / F)
-    phase = torch.arange(T, dtype=torch.float64)[:, None] * w[None, :]
+    w = base ** (-torch.arange(0, F, 2, dtype=torch.float64, device=t.device) / F)
+    phase = torch.arange(T, dtype=torch.float64, device=t.device)[:, None] * w[None, :]
     rot = torch.polar(torch.ones_like(phase), -phase if inverse else phase)
     z = z * rot.to(z.dtype)
     out = torch.stack((z.real, z.imag), dim=-1).flatten(-2)
@@ -152,7 +152,7 @@ def evaluate_energy(
             values[n] = torch.tensor(float(node.attr("value").subs(
                 {s: sizes[s.name] for s in node.attr("value").free_symbols})), dtype=x.dtype)
         elif op == "offset":
-            idx = torch.arange(T, dtype=x.dtype)
+            idx = torch.arange(T, dtype=x.dtype, device=x.device)
             values[n] = idx[:, None] - idx[None, :]
         elif op == "rotary":
             values[n] = _rotary_reference(ins[0], node.axes, node.attr("feature"),

@@ -1,0 +1,816 @@
+"""``energyc bench``: each generated layer against autograd of its energy, in time and memory.
+
+For every layer of an energy file and every token count T, two variants run with the same weights,
+input x (batch, T, D) and loss weights w:
+
+* **generated**: ``y = Layer(x)``, the compiled descent step with its derived backward;
+* **autograd**: ``y = x - eta P grad_x E(x | xbar)`` with E evaluated by the independent interpreter
+  :mod:`energyc.reference` and ``grad_x E`` taken by ``torch.autograd.grad(..., create_graph=True)``
+  (:func:`energyc.reference.reference_step`, the reference of ``energyc check``), so its backward
+  is autograd's double backward.
+
+One call is forward plus backward of ``L = sum(y * w)`` to x and every parameter
+(``torch.autograd.grad``). Measured per layer and T:
+
+* time: warm-up calls, then ``repeats`` calls interleaved A, B, A, B, ...; the median of each;
+  ``speed-up = median(autograd) / median(generated)`` (> 1: the generated layer is faster);
+* peak memory of one call: on CUDA ``torch.cuda.max_memory_allocated`` (reset before each variant;
+  the base is ``memory_allocated`` before the call); on CPU the peak RSS (VmHWM) of a fresh process
+  per variant and size, forked from a probe server that has imported torch and compiled the file but
+  run no layer; the base is that process's RSS just before the call (weights and inputs built), and
+  the peak counter is reset there (``/proc/self/clear_refs``), so the peak is the call's own;
+  ``memory ratio = (peak - base)(autograd) / (peak - base)(generated)``;
+* agreement: y and every gradient of the two variants within the dtype's tolerance
+  (:mod:`energyc.tolerances`, ``|a - b| <= atol + rtol |b|`` elementwise). When they differ, both are
+  recomputed in float64 from the same (rounded) weights and inputs: agreement there means the
+  difference is rounding in the lower precision (``ok in float64``); disagreement is a
+  ``MISMATCH`` (reported on stderr, exit status 1).
+
+A variant that runs out of memory (on CPU: beyond ``max_memory_mib`` of address space over its base,
+enforced with RLIMIT_AS in the probe process) or whose call takes longer than ``max_seconds`` is
+shown as such and not timed further.
+"""
+
+from __future__ import annotations
+
+import datetime
+import gc
+import importlib.util
+import json
+import math
+import os
+import platform
+import resource
+import select
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from types import ModuleType
+
+import torch
+
+from energyc.compiler import CompiledLayer
+from energyc.errors import EnergyError
+from energyc.tolerances import tolerance
+
+VARIANTS = ("generated", "autograd")
+DEFAULT_DIMS = {"D": 128, "H": 4, "K": 32, "M": 512}
+OTHER_DIM = 32  # any declared dim without a default above
+DEFAULT_TOKENS = (256, 1024)
+DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}
+BUILD_ALLOWANCE_S = 300.0  # a probe process may take this long to build its layer and inputs
+MIB = 1024.0 * 1024.0
+
+Log = Callable[[str], None]
+
+
+@dataclass
+class BenchOptions:
+    """What to run: sizes, dtype, device, repetitions and budgets."""
+
+    tokens: tuple[int, ...] = DEFAULT_TOKENS
+    batch: int = 2
+    dtype: str = "float32"
+    device: str = "cpu"
+    backend: str = "auto"
+    threads: int = 1
+    dims: dict[str, int] = field(default_factory=dict)  # overrides of DEFAULT_DIMS / OTHER_DIM
+    repeats: int = 5
+    warmup: int = 1
+    max_seconds: float = 60.0
+    max_memory_mib: float | None = None  # CPU probes; None: 80% of the memory available at start
+    memory: bool = True  # CPU: measure peak RSS in probe processes (they also enforce the budgets)
+    seed: int = 0
+
+    def command(self, files: Sequence[str]) -> str:
+        """The ``energyc bench`` command line that runs these options on ``files``."""
+        parts = ["energyc bench", *files, "--tokens", *map(str, self.tokens),
+                 f"--batch {self.batch} --dtype {self.dtype} --device {self.device}",
+                 f"--backend {self.backend} --threads {self.threads}"]
+        if self.dims:
+            parts += ["--dim", *(f"{k}={v}" for k, v in self.dims.items())]
+        parts.append(f"--repeats {self.repeats} --warmup {self.warmup} "
+                     f"--max-seconds {self.max_seconds:g}")
+        if not self.memory:
+            parts.append("--no-memory")
+        return " ".join(parts)
+
+
+@dataclass
+class VariantResult:
+    """One variant at one size: status, times (ms) and peak memory (MiB)."""
+
+    status: str = "ok"  # ok | out of memory | over budget | error: ...
+    times_ms: list[float] = field(default_factory=list)
+    median_ms: float | None = None
+    peak_mib: float | None = None
+    base_mib: float | None = None
+    memory_source: str = ""
+    probe_seconds: float | None = None
+
+    @property
+    def increment_mib(self) -> float | None:
+        if self.peak_mib is None or self.base_mib is None:
+            return None
+        return self.peak_mib - self.base_mib
+
+
+@dataclass
+class Row:
+    """One layer at one token count."""
+
+    file: str
+    layer: str
+    tokens: int
+    dims: dict[str, int]
+    generated: VariantResult
+    autograd: VariantResult
+    agreement: dict = field(default_factory=dict)
+
+    @property
+    def speedup(self) -> float | None:
+        g, a = self.generated.median_ms, self.autograd.median_ms
+        return a / g if g and a else None
+
+    @property
+    def memory_ratio(self) -> float | None:
+        """autograd / generated of the peak increments; None below 1 MiB (too small to compare)."""
+        g, a = self.generated.increment_mib, self.autograd.increment_mib
+        if g is None or a is None or g < 1.0:
+            return None
+        return a / g
+
+    def as_dict(self) -> dict:
+        out = asdict(self)
+        out["speedup"] = self.speedup
+        out["memory_ratio"] = self.memory_ratio
+        for v in VARIANTS:
+            out[v]["increment_mib"] = getattr(self, v).increment_mib
+        return out
+
+
+# -- sizes and cases ---------------------------------------------------------------------------------
+
+
+def layer_dims(layer: CompiledLayer, overrides: dict[str, int]) -> dict[str, int]:
+    """The dims of ``layer``: ``overrides``, else DEFAULT_DIMS, else OTHER_DIM."""
+    dims = {d: int(overrides.get(d, DEFAULT_DIMS.get(d, OTHER_DIM))) for d in layer.dims}
+    for d in layer.even_dims:
+        if dims[d] % 2:
+            raise EnergyError(f"dim {d} of layer {layer.name} must be even (its features pair up "
+                              f"in a rotary embedding), got {dims[d]}", "--dim")
+    return dims
+
+
+def layer_hypers(layer: CompiledLayer) -> dict[str, float]:
+    """Hyperparameters without a declared default get 1.0; the others keep the Layer's default."""
+    return {h.name: 1.0 for h in layer.hypers if h.default is None}
+
+
+def build_case(layer: CompiledLayer, module: ModuleType, opts: BenchOptions, tokens: int,
+               dtype: torch.dtype | None = None):
+    """The Layer (default settings, weights perturbed by 0.1 N(0, 1) so that no gradient is
+    trivially zero), the input x (batch, tokens, D) with requires_grad, and the loss weights w.
+
+    Deterministic in ``opts.seed``: every process builds the same weights and inputs.
+    """
+    dtype = dtype or DTYPES[opts.dtype]
+    gen = torch.Generator().manual_seed(opts.seed)
+    torch.manual_seed(opts.seed)
+    dims = layer_dims(layer, opts.dims)
+    lay = module.Layer(**dims, **layer_hypers(layer), backend=opts.backend, dtype=dtype,
+                       device=opts.device)
+    with torch.no_grad():
+        for p in lay.parameters():
+            p.add_(0.1 * torch.randn(p.shape, generator=gen, dtype=torch.float64).to(p))
+    shape = (opts.batch, tokens, dims[layer.state_dim])
+    x = torch.randn(shape, generator=gen, dtype=torch.float64).to(opts.device, dtype)
+    w = torch.randn(shape, generator=gen, dtype=torch.float64).to(opts.device, dtype)
+    return lay, x.requires_grad_(True), w
+
+
+def run_variant(variant: str, layer: CompiledLayer, lay: torch.nn.Module, x: torch.Tensor,
+                w: torch.Tensor) -> tuple[torch.Tensor, tuple]:
+    """One call: y and the gradients of sum(y * w) to x and every parameter of ``lay``."""
+    from energyc.reference import reference_step
+
+    if variant == "generated":
+        y = lay(x)
+    else:
+        y = reference_step(layer, lay, x, create_graph=True)
+    grads = torch.autograd.grad((y * w).sum(), [x, *lay.parameters()], allow_unused=True)
+    return y, grads
+
+
+def _is_oom(exc: BaseException) -> bool:
+    if isinstance(exc, (MemoryError, torch.OutOfMemoryError)):
+        return True
+    text = str(exc).lower()
+    return isinstance(exc, RuntimeError) and ("out of memory" in text
+                                               or "can't allocate memory" in text)
+
+
+def _failure(exc: BaseException) -> str:
+    if _is_oom(exc):
+        return "out of memory"
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return f"error: {type(exc).__name__}: {first}"[:300]
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+# -- agreement -----------------------------------------------------------------------------------------
+
+
+def compare(names: Sequence[str], got: Sequence, want: Sequence, dtype: torch.dtype) -> dict:
+    """Elementwise ``|got - want| <= atol + rtol |want|`` with the dtype's tolerance.
+
+    Returns ``ok``, the worst tensor by ``max(|got - want| / bound)`` (``excess``: > 1 is beyond the
+    tolerance), its max abs error, and the tolerance used.
+    """
+    rtol, atol = tolerance(dtype)
+    worst = {"ok": True, "name": "", "max_abs_err": 0.0, "excess": 0.0, "rtol": rtol,
+             "atol": atol, "dtype": str(dtype).replace("torch.", "")}
+    for name, a, b in zip(names, got, want):
+        if a is None and b is None:
+            continue
+        a = torch.zeros_like(b) if a is None else a
+        b = torch.zeros_like(a) if b is None else b
+        a, b = a.detach().double(), b.detach().double()
+        err = (a - b).abs()
+        excess = float((err / (atol + rtol * b.abs())).max()) if err.numel() else 0.0
+        if not math.isfinite(excess) or excess > worst["excess"] or not worst["name"]:
+            worst.update(name=name, max_abs_err=float(err.max()) if err.numel() else 0.0,
+                         excess=excess)
+        if not excess <= 1.0:  # NaN is a mismatch too
+            worst["ok"] = False
+    return worst
+
+
+def _output_names(lay: torch.nn.Module) -> list[str]:
+    return ["y", "d/dx", *(f"d/d{n}" for n, _ in lay.named_parameters())]
+
+
+def _recheck_float64(layer, module, opts, tokens, lay, x, w) -> dict:
+    """Both variants in float64 from the same (rounded) weights and inputs; their agreement."""
+    lay64 = module.Layer(**layer_dims(layer, opts.dims), **layer_hypers(layer),
+                         backend=opts.backend, dtype=torch.float64, device=opts.device)
+    lay64.load_state_dict({k: v.double() for k, v in lay.state_dict().items()})
+    x64 = x.detach().double().requires_grad_(True)
+    w64 = w.double()
+    outs = {}
+    for variant in VARIANTS:
+        y, grads = run_variant(variant, layer, lay64, x64, w64)
+        outs[variant] = [y.detach(), *grads]
+    return compare(_output_names(lay64), outs["generated"], outs["autograd"], torch.float64)
+
+
+# -- CPU memory probes: a fresh process per variant and size ----------------------------------------
+
+
+def _proc_status_kib(key: str) -> int | None:
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def _reset_peak_rss() -> bool:
+    """Reset VmHWM to the current RSS (Linux >= 4.0); False where that is not possible."""
+    try:
+        with open("/proc/self/clear_refs", "w", encoding="ascii") as fh:
+            fh.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def available_memory_mib() -> float | None:
+    try:
+        with open("/proc/meminfo", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    return None
+
+
+class _OverBudgetError(Exception):
+    pass
+
+
+def _probe(layer: CompiledLayer, module: ModuleType, opts: BenchOptions, tokens: int,
+           variant: str) -> dict:
+    """In a fresh process: one call of ``variant``; its peak RSS and the RSS before it.
+
+    A call at 2 tokens first pages in the code and makes the one-time allocations, so that the
+    increment is the measured call's working memory.
+    """
+    lay, x, w = build_case(layer, module, opts, min(tokens, 2))
+    run_variant(variant, layer, lay, x, w)
+    lay, x, w = build_case(layer, module, opts, tokens)
+    gc.collect()
+    reset = _reset_peak_rss()
+    base_kib = _proc_status_kib("VmRSS")
+    vm_kib = _proc_status_kib("VmSize")
+    if opts.max_memory_mib and vm_kib is not None:
+        limit = int((vm_kib + opts.max_memory_mib * 1024) * 1024)
+        _, hard = resource.getrlimit(resource.RLIMIT_AS)
+        resource.setrlimit(resource.RLIMIT_AS, (limit if hard == resource.RLIM_INFINITY
+                                                else min(limit, hard), hard))
+
+    fired = []
+
+    def over_budget(signum, frame):
+        fired.append(signum)
+        raise _OverBudgetError()
+
+    signal.signal(signal.SIGALRM, over_budget)
+    signal.setitimer(signal.ITIMER_REAL, opts.max_seconds)
+    status = "ok"
+    t0 = time.perf_counter()
+    try:
+        run_variant(variant, layer, lay, x, w)
+    except _OverBudgetError:
+        status = "over budget"
+    except BaseException as exc:  # reported to the parent, never raised there
+        status = _failure(exc)
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+    seconds = time.perf_counter() - t0
+    if fired or seconds > opts.max_seconds:  # the alarm may surface wrapped by autograd
+        status = "over budget"
+    peak_kib = _proc_status_kib("VmHWM") if reset else None
+    source = "VmHWM since reset"
+    if peak_kib is None:  # no /proc: the lifetime peak of this process (KiB on Linux)
+        peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        source = "ru_maxrss (lifetime)"
+    return {"status": status, "seconds": seconds,
+            "peak_mib": peak_kib / 1024.0 if peak_kib is not None else None,
+            "base_mib": base_kib / 1024.0 if base_kib is not None else None,
+            "lifetime_peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
+            "memory_source": source}
+
+
+def _import_package(path: str) -> ModuleType:
+    """Import the generated package at ``path`` under a private name."""
+    name = f"_energyc_bench_{os.path.basename(path)}_{abs(hash(path))}"
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(
+        name, os.path.join(path, "__init__.py"), submodule_search_locations=[path])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def _serve_probes(opts_json: str) -> int:
+    """The probe server: read requests (JSON lines) on stdin, answer each on stdout.
+
+    It compiles each energy file once and imports the generated packages, then forks a fresh
+    process per request (a variant at a size) that measures one call; the server itself runs no
+    layer, so every probe starts from the same state and no thread pool is forked.
+    """
+    from energyc.compiler import compile_file
+    from energyc.loader import load
+
+    opts = BenchOptions(**json.loads(opts_json))
+    torch.set_num_threads(opts.threads)
+    compiled: dict[str, dict[str, CompiledLayer]] = {}
+    out = sys.stdout
+    out.write(json.dumps({"ready": True}) + "\n")
+    out.flush()
+    for line in sys.stdin:
+        req = json.loads(line)
+        try:
+            if req["file"] not in compiled:
+                compiled[req["file"]] = {c.name: c for c in compile_file(load(req["file"]))}
+            layer = compiled[req["file"]][req["layer"]]
+            module = _import_package(req["package"])
+            answer = _fork_probe(layer, module, opts, req["tokens"], req["variant"])
+        except Exception as exc:  # answered, not raised
+            answer = {"status": _failure(exc)}
+        out.write(json.dumps(answer) + "\n")
+        out.flush()
+    return 0
+
+
+def _fork_probe(layer, module, opts: BenchOptions, tokens: int, variant: str) -> dict:
+    """Fork a probe process, wait for its answer (killing it past the budget), return it."""
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the probe process: its stdout is the server's answer channel, so silence it
+        os.close(read_end)
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, 1)
+        code = 0
+        try:
+            answer = _probe(layer, module, opts, tokens, variant)
+        except BaseException as exc:  # e.g. the Layer cannot be built
+            answer = {"status": _failure(exc)}
+        try:
+            os.write(write_end, json.dumps(answer).encode())
+        except BaseException:
+            code = 1
+        os._exit(code)
+    os.close(write_end)
+    deadline = time.monotonic() + opts.max_seconds + BUILD_ALLOWANCE_S
+    chunks, timed_out = [], False
+    try:
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                timed_out = True
+                break
+            if select.select([read_end], [], [], left)[0]:
+                data = os.read(read_end, 1 << 16)
+                if not data:
+                    break
+                chunks.append(data)
+    finally:
+        os.close(read_end)
+    if timed_out:
+        os.kill(pid, signal.SIGKILL)
+    _, wait_status = os.waitpid(pid, 0)
+    if timed_out:
+        return {"status": "over budget"}
+    if chunks:
+        return json.loads(b"".join(chunks))
+    if os.WIFSIGNALED(wait_status):
+        sig = os.WTERMSIG(wait_status)
+        return {"status": "out of memory" if sig == signal.SIGKILL
+                else f"error: probe killed by signal {sig}"}
+    return {"status": f"error: probe exited with status {os.waitstatus_to_exitcode(wait_status)}"}
+
+
+class ProbeServer:
+    """A fresh interpreter that answers memory probes (see :func:`_serve_probes`)."""
+
+    def __init__(self, opts: BenchOptions) -> None:
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+        # a fixed mmap threshold: glibc returns every freed block of 64 KiB or more to the system
+        # (no dynamic threshold keeping it in the heap), so the RSS follows the live tensors
+        env.setdefault("MALLOC_MMAP_THRESHOLD_", "65536")
+        self._stderr = tempfile.TemporaryFile()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "energyc.bench", "--serve-probes", json.dumps(asdict(opts))],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._stderr, text=True,
+            env=env)
+        self._ready = False
+
+    def _read(self) -> dict | None:
+        line = self.proc.stdout.readline()
+        return json.loads(line) if line else None
+
+    def probe(self, file: str, layer: str, package: str, tokens: int, variant: str) -> dict:
+        if not self._ready:
+            self._ready = bool(self._read())
+        answer = None
+        if self._ready and self.proc.poll() is None:
+            self.proc.stdin.write(json.dumps({"file": file, "layer": layer, "package": package,
+                                              "tokens": tokens, "variant": variant}) + "\n")
+            self.proc.stdin.flush()
+            answer = self._read()
+        if answer is None:
+            self._stderr.seek(0)
+            tail = self._stderr.read().decode(errors="replace").strip().splitlines()[-1:]
+            return {"status": f"error: the probe server stopped ({' '.join(tail)})"}
+        return answer
+
+    def close(self) -> None:
+        if self.proc.poll() is None and not self._ready:  # nothing asked yet: no need to wait
+            self.proc.kill()
+            self.proc.wait()
+        elif self.proc.poll() is None:
+            self.proc.stdin.close()
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._stderr.close()
+
+
+# -- the benchmark -----------------------------------------------------------------------------------
+
+
+def machine(opts: BenchOptions) -> dict:
+    """CPU model, logical CPUs, GPU, torch and triton versions, date."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    info = {"cpu": cpu, "logical_cpus": os.cpu_count(), "threads": opts.threads,
+            "torch": torch.__version__, "python": platform.python_version(),
+            "dtype": opts.dtype, "device": opts.device, "backend": opts.backend,
+            "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds")}
+    if opts.device.startswith("cuda"):
+        info["gpu"] = torch.cuda.get_device_name(torch.device(opts.device))
+    if opts.backend == "triton" or (opts.backend == "auto" and opts.device.startswith("cuda")):
+        try:
+            from importlib.metadata import version
+
+            info["triton"] = version("triton")
+        except Exception:  # not installed
+            info["triton"] = None
+    return info
+
+
+def _call(variant, layer, lay, x, w, device) -> tuple[float, list]:
+    _sync(device)
+    t0 = time.perf_counter()
+    y, grads = run_variant(variant, layer, lay, x, w)
+    _sync(device)
+    seconds = time.perf_counter() - t0
+    return seconds, [y.detach(), *grads]
+
+
+def bench_size(layer: CompiledLayer, module: ModuleType, file: str, tokens: int,
+               opts: BenchOptions, server: ProbeServer | None, log: Log) -> Row:
+    """Both variants of ``layer`` at ``tokens``: memory, agreement and interleaved timings."""
+    tag = f"{layer.name} T={tokens}"
+    results = {v: VariantResult() for v in VARIANTS}
+    row = Row(file, layer.name, tokens, layer_dims(layer, opts.dims), results["generated"],
+              results["autograd"])
+    cuda = opts.device.startswith("cuda")
+    if server is not None:  # CPU: memory (and the budgets) first, in fresh processes
+        for v in VARIANTS:
+            log(f"[{tag}] {v}: memory probe in a fresh process ...")
+            answer = server.probe(file, layer.name, module.__path__[0], tokens, v)
+            r = results[v]
+            r.status = answer["status"]
+            r.peak_mib, r.base_mib = answer.get("peak_mib"), answer.get("base_mib")
+            r.memory_source = answer.get("memory_source", "")
+            r.probe_seconds = answer.get("seconds")
+            log(f"[{tag}] {v}: {r.status}" + (f", peak {r.peak_mib:.0f} MiB (base "
+                                               f"{r.base_mib:.0f} MiB), {r.probe_seconds:.2f} s"
+                                               if r.status == "ok" and r.peak_mib else ""))
+    try:
+        lay, x, w = build_case(layer, module, opts, tokens)
+    except Exception as exc:  # shown in the table
+        for r in results.values():
+            r.status = _failure(exc)
+        return row
+    running = [v for v in VARIANTS if results[v].status == "ok"]
+    last: dict[str, list] = {}
+
+    def call(v: str, measure: bool) -> None:
+        r = results[v]
+        try:
+            if cuda and not measure:
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats()
+                base = torch.cuda.memory_allocated()
+            seconds, outs = _call(v, layer, lay, x, w, opts.device)
+            if cuda and not measure:
+                r.peak_mib = torch.cuda.max_memory_allocated() / MIB
+                r.base_mib = base / MIB
+                r.memory_source = "torch.cuda.max_memory_allocated"
+        except Exception as exc:  # shown in the table
+            r.status = _failure(exc)
+            if cuda:
+                torch.cuda.empty_cache()
+            return
+        if measure:
+            r.times_ms.append(seconds * 1e3)
+        else:
+            last[v] = outs
+        if seconds > opts.max_seconds:
+            r.status = "over budget"
+
+    for k in range(opts.warmup):
+        log(f"[{tag}] warm-up {k + 1}/{opts.warmup} ...")
+        for v in running:
+            if results[v].status == "ok":
+                call(v, measure=False)  # on CUDA, the last warm-up call is the memory one
+    if all(results[v].status == "ok" for v in VARIANTS) and len(last) == 2:
+        row.agreement = compare(_output_names(lay), last["generated"], last["autograd"],
+                                DTYPES[opts.dtype])
+        row.agreement["status"] = "ok"
+        if not row.agreement["ok"]:
+            a = row.agreement
+            log(f"[{tag}] WARNING: the variants differ beyond the {a['dtype']} tolerance: "
+                f"{a['name']} max abs error {a['max_abs_err']:.3e} ({a['excess']:.1f}x the bound "
+                f"atol + rtol |b|, rtol={a['rtol']}, atol={a['atol']})")
+            if opts.dtype == "float64":
+                row.agreement["status"] = "MISMATCH"
+            else:
+                log(f"[{tag}] rechecking both in float64 from the same rounded inputs ...")
+                try:
+                    f64 = _recheck_float64(layer, module, opts, tokens, lay, x, w)
+                except Exception as exc:
+                    f64 = {"ok": False, "error": _failure(exc)}
+                row.agreement["float64"] = f64
+                row.agreement["status"] = "ok in float64" if f64["ok"] else "MISMATCH"
+            if row.agreement["status"] == "MISMATCH":
+                log(f"[{tag}] MISMATCH: the generated layer and autograd of the energy disagree "
+                    f"({json.dumps(row.agreement.get('float64', row.agreement))})")
+            else:
+                log(f"[{tag}] they agree in float64 (max abs error "
+                    f"{row.agreement['float64']['max_abs_err']:.2e}): rounding, not a formula "
+                    "difference")
+    last.clear()  # the timed calls keep no outputs
+    for k in range(opts.repeats):
+        log(f"[{tag}] repetition {k + 1}/{opts.repeats} ...")
+        for v in running:
+            if results[v].status == "ok":
+                call(v, measure=True)
+    for r in results.values():
+        if r.times_ms:
+            r.median_ms = statistics.median(r.times_ms)
+    return row
+
+
+@dataclass
+class Report:
+    """What ``energyc bench`` measured: the machine, the options and one row per layer and size."""
+
+    machine: dict
+    options: dict
+    rows: list[Row]
+    command: str = ""
+
+    def as_dict(self) -> dict:
+        return {"command": self.command, "machine": self.machine, "options": self.options,
+                "rows": [r.as_dict() for r in self.rows]}
+
+    @property
+    def failed(self) -> bool:
+        """A MISMATCH, or a variant that raised (not out of memory or over budget)."""
+        return any(r.agreement.get("status") == "MISMATCH"
+                   or any(getattr(r, v).status.startswith("error") for v in VARIANTS)
+                   for r in self.rows)
+
+
+def run_bench(files: Sequence[str], opts: BenchOptions, log: Log | None = None) -> Report:
+    """Benchmark every layer of every energy file at every token count of ``opts``."""
+    from energyc.check import import_generated
+    from energyc.compiler import compile_file
+    from energyc.loader import load
+
+    log = log or (lambda message: None)
+    _validate(opts)
+    if opts.device == "cpu" and opts.backend == "triton":
+        os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
+    if opts.max_memory_mib is None and not opts.device.startswith("cuda"):
+        avail = available_memory_mib()
+        opts.max_memory_mib = round(0.8 * avail) if avail else None
+    report = Report(machine(opts), asdict(opts), [])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(opts.threads)
+    probes = opts.memory and not opts.device.startswith("cuda")
+    server = ProbeServer(opts) if probes else None  # it imports while this process compiles
+    try:
+        compiled = []
+        for path in files:
+            layers = compile_file(load(path))
+            log(f"{path}: {len(layers)} layer(s): {', '.join(c.name for c in layers)}")
+            compiled += [(path, c) for c in layers]
+        _check_dim_names(opts.dims, [c for _, c in compiled])
+        for _, layer in compiled:
+            layer_dims(layer, opts.dims)  # odd sizes of paired dims are argument errors, now
+        with tempfile.TemporaryDirectory(prefix="energyc-bench-") as tmp:
+            for k, (path, layer) in enumerate(compiled):
+                module = import_generated(layer, os.path.join(tmp, str(k)))
+                for tokens in opts.tokens:
+                    report.rows.append(bench_size(layer, module, path, tokens, opts, server, log))
+    finally:
+        torch.set_num_threads(threads)
+        if server is not None:
+            server.close()
+    return report
+
+
+def _validate(opts: BenchOptions) -> None:
+    if opts.dtype not in DTYPES:
+        raise EnergyError(f"unknown dtype {opts.dtype!r} (choose from {', '.join(DTYPES)})",
+                          "--dtype")
+    if opts.device.startswith("cuda") and not torch.cuda.is_available():
+        raise EnergyError("no CUDA device is available to this torch "
+                          f"({torch.__version__})", "--device")
+    for name, value, low in (("--batch", opts.batch, 1), ("--threads", opts.threads, 1),
+                             ("--repeats", opts.repeats, 1), ("--warmup", opts.warmup, 0)):
+        if value < low:
+            raise EnergyError(f"must be at least {low}, got {value}", name)
+    if not opts.tokens or min(opts.tokens) < 1:
+        raise EnergyError(f"token counts must be at least 1, got {list(opts.tokens)}", "--tokens")
+    if not opts.max_seconds > 0:
+        raise EnergyError(f"must be positive, got {opts.max_seconds}", "--max-seconds")
+    for name, size in opts.dims.items():
+        if size < 1:
+            raise EnergyError(f"dim {name} must be at least 1, got {size}", "--dim")
+
+
+def _check_dim_names(dims: dict[str, int], layers: list[CompiledLayer]) -> None:
+    declared = sorted({d for c in layers for d in c.dims})
+    unknown = [d for d in dims if d not in declared]
+    if unknown:
+        raise EnergyError(f"no layer declares dim {', '.join(unknown)} (dims: "
+                          f"{', '.join(declared)})", "--dim")
+
+
+# -- the table -----------------------------------------------------------------------------------------
+
+COLUMNS = ("layer", "tokens", "generated ms", "autograd ms", "speed-up", "generated peak MiB",
+           "autograd peak MiB", "memory ratio", "agree")
+
+
+def _ms(r: VariantResult) -> str:
+    return f"{r.median_ms:.1f}" if r.status == "ok" and r.median_ms is not None else r.status
+
+
+def _mib(r: VariantResult) -> str:
+    if r.peak_mib is None:
+        return "-" if r.status == "ok" else r.status
+    inc = r.increment_mib
+    return f"{r.peak_mib:.0f} (+{inc:.0f})" if inc is not None else f"{r.peak_mib:.0f}"
+
+
+def _cells(row: Row) -> list[str]:
+    agree = row.agreement.get("status", "-")
+    if agree != "ok" and row.agreement:
+        agree += f" ({row.agreement['name']}: {row.agreement['excess']:.1f}x tol)"
+    return [row.layer, str(row.tokens), _ms(row.generated), _ms(row.autograd),
+            f"{row.speedup:.2f}x" if row.speedup else "-",
+            _mib(row.generated), _mib(row.autograd),
+            f"{row.memory_ratio:.2f}x" if row.memory_ratio else "-", agree]
+
+
+def format_header(report: Report) -> list[str]:
+    """The machine, sizes and definitions, one line each."""
+    m, o = report.machine, report.options
+    dims: dict[str, int] = {}
+    for r in report.rows:
+        dims.update(r.dims)
+    gpu = f", GPU {m['gpu']}" if "gpu" in m else ""
+    triton = f", triton {m['triton']}" if m.get("triton") else ""
+    if o["device"].startswith("cuda"):
+        memory = ("torch.cuda.max_memory_allocated; + is the increment over memory_allocated "
+                  "before the call")
+    elif o["memory"]:
+        memory = ("peak RSS of a fresh process per variant and size; + is the increment over its "
+                  "RSS just before the call")
+    else:
+        memory = "not measured (--no-memory)"
+    return [
+        f"machine: {m['cpu']} ({m['logical_cpus']} logical CPUs){gpu}; torch {m['torch']}{triton};"
+        f" threads {m['threads']}; {m['dtype']}; device {m['device']}; backend {m['backend']};"
+        f" {m['date']}",
+        f"sizes: batch {o['batch']}, " + ", ".join(f"{k}={v}" for k, v in sorted(dims.items()))
+        + f"; per variant {o['warmup']} warm-up call(s), then {o['repeats']} timed, interleaved"
+          " (median); a call = forward + backward of sum(y * w) to x and every parameter",
+        f"memory: {memory}; memory ratio = autograd / generated of the increments",
+        "speed-up = autograd ms / generated ms (> 1: the generated layer is faster)",
+    ]
+
+
+def format_table(report: Report, markdown: bool = False) -> str:
+    """The rows as an aligned text table (or a Markdown table)."""
+    rows = [list(COLUMNS)] + [_cells(r) for r in report.rows]
+    if markdown:
+        lines = ["| " + " | ".join(rows[0]) + " |",
+                 "|" + "|".join("---" if k == 0 or k == len(COLUMNS) - 1 else "---:"
+                                for k in range(len(COLUMNS))) + "|"]
+        lines += ["| " + " | ".join(r) + " |" for r in rows[1:]]
+        return "\n".join(lines)
+    widths = [max(len(r[k]) for r in rows) for k in range(len(COLUMNS))]
+    right = set(range(1, len(COLUMNS) - 1))
+
+    def fmt(r):
+        return "  ".join(c.rjust(w) if k in right else c.ljust(w)
+                         for k, (c, w) in enumerate(zip(r, widths))).rstrip()
+
+    return "\n".join([fmt(rows[0]), "  ".join("-" * w for w in widths), *map(fmt, rows[1:])])
+
+
+def write_json(report: Report, path: str) -> None:
+    with open(path, "w", encoding="utf-8") as fh:
+        json.dump(report.as_dict(), fh, indent=2)
+        fh.write("\n")
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 3 and sys.argv[1] == "--serve-probes":
+        sys.exit(_serve_probes(sys.argv[2]))
+    sys.exit("energyc.bench is run as `energyc bench FILE`")

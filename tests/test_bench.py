@@ -1,0 +1,163 @@
+"""`energyc bench`: the table, the JSON, the agreement check, the memory probes and the budgets."""
+
+import json
+
+import pytest
+import torch
+
+from energyc import bench
+from energyc.cli import main
+from energyc.compiler import compile_file
+from energyc.loader import load
+from energyc.tolerances import tolerance
+
+FILES = ["examples/cem_mlp.py", "examples/cem_attention.py"]
+TINY = ["--dim", "D=16", "H=2", "K=8", "M=32", "--repeats", "1"]
+TINY_MLP = ["--dim", "D=16", "M=32", "--repeats", "1"]
+
+
+def _table_rows(out: str) -> dict[tuple[str, int], list[str]]:
+    """(layer, tokens) -> the cells of the printed table (split on runs of two spaces)."""
+    lines = out.splitlines()
+    start = next(k for k, line in enumerate(lines) if line.startswith("layer "))
+    rows = {}
+    for line in lines[start + 2:]:
+        if not line.strip() or line.startswith("wrote "):
+            break
+        cells = [c.strip() for c in line.split("  ") if c.strip()]
+        rows[(cells[0], int(cells[1]))] = cells
+    return rows
+
+
+def test_bench_cli_table_and_json(tmp_path, capsys):
+    out_json = tmp_path / "bench.json"
+    assert main(["bench", *FILES, "--tokens", "16", "32", *TINY, "--json", str(out_json)]) == 0
+    captured = capsys.readouterr()
+    out = captured.out
+    assert out.startswith("machine: ") and "threads 1" in out and f"torch {torch.__version__}" in out
+    assert "float32" in out and "batch 2" in out
+    rows = _table_rows(out)
+    assert sorted(rows) == [("cem_attention", 16), ("cem_attention", 32), ("cem_mlp", 16),
+                            ("cem_mlp", 32)]
+    for cells in rows.values():
+        assert float(cells[2]) > 0 and float(cells[3]) > 0  # generated, autograd ms
+        assert cells[4].endswith("x") and float(cells[4][:-1]) > 0  # speed-up (checked in JSON)
+        assert cells[5].split()[0].isdigit() and cells[6].split()[0].isdigit()  # peak MiB
+        assert cells[-1] == "ok"
+    assert "memory probe" in captured.err and "repetition 1/1" in captured.err  # progress
+
+    data = json.loads(out_json.read_text())
+    assert data["command"].startswith("energyc bench examples/cem_mlp.py")
+    assert data["machine"]["threads"] == 1 and data["machine"]["cpu"]
+    assert data["options"]["tokens"] == [16, 32]
+    assert len(data["rows"]) == 4
+    rtol, atol = tolerance(torch.float32)
+    for row in data["rows"]:
+        assert row["dims"] == ({"D": 16, "M": 32} if row["layer"] == "cem_mlp"
+                               else {"D": 16, "H": 2, "K": 8})
+        agreement = row["agreement"]
+        assert agreement["ok"] and agreement["status"] == "ok"
+        assert (agreement["rtol"], agreement["atol"]) == (rtol, atol)
+        assert agreement["excess"] <= 1.0
+        for v in ("generated", "autograd"):
+            r = row[v]
+            assert r["status"] == "ok" and len(r["times_ms"]) == 1
+            assert r["median_ms"] == r["times_ms"][0]
+            assert r["peak_mib"] >= r["base_mib"] > 50  # RSS of a process that imported torch
+            assert r["memory_source"] == "VmHWM since reset"
+        assert row["speedup"] == pytest.approx(row["autograd"]["median_ms"]
+                                               / row["generated"]["median_ms"])
+
+
+def _perturbed(scale_for):
+    """run_variant with the generated y scaled by scale_for(dtype) (a wrong layer)."""
+    original = bench.run_variant
+
+    def run_variant(variant, layer, lay, x, w):
+        if variant != "generated":
+            return original(variant, layer, lay, x, w)
+        y = lay(x) * scale_for(x.dtype)
+        return y, torch.autograd.grad((y * w).sum(), [x, *lay.parameters()], allow_unused=True)
+
+    return run_variant
+
+
+def test_bench_reports_a_mismatch(monkeypatch, capsys):
+    monkeypatch.setattr(bench, "run_variant", _perturbed(lambda dtype: 1.01))
+    assert main(["bench", FILES[0], "--tokens", "16", *TINY_MLP, "--no-memory"]) == 1
+    captured = capsys.readouterr()
+    assert "MISMATCH" in captured.err and "WARNING" in captured.err
+    (cells,) = _table_rows(captured.out).values()
+    assert cells[-1].startswith("MISMATCH (")
+
+
+def test_bench_rechecks_a_rounding_difference_in_float64(monkeypatch, capsys):
+    # beyond the float32 tolerance in float32 only, as rounding would be: not a mismatch
+    rtol = tolerance(torch.float32)[0]
+    monkeypatch.setattr(bench, "run_variant", _perturbed(
+        lambda dtype: 1 + 10 * rtol if dtype == torch.float32 else 1.0))
+    assert main(["bench", FILES[0], "--tokens", "16", *TINY_MLP, "--no-memory"]) == 0
+    captured = capsys.readouterr()
+    assert "agree in float64" in captured.err
+    (cells,) = _table_rows(captured.out).values()
+    assert cells[-1].startswith("ok in float64")
+
+
+def test_bench_over_budget_is_shown_not_raised(capsys):
+    assert main(["bench", FILES[0], "--tokens", "16", *TINY_MLP, "--no-memory",
+                 "--max-seconds", "1e-9"]) == 0
+    (cells,) = _table_rows(capsys.readouterr().out).values()
+    assert cells[2:5] == ["over budget", "over budget", "-"]
+
+
+@pytest.fixture
+def one_thread():
+    """The forked probes then run no thread pool (forking one is unsafe)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def mlp():
+    (layer,) = compile_file(load(FILES[0]))
+    from energyc.check import import_generated
+
+    return layer, import_generated(layer)
+
+
+def test_probe_measures_the_increment_of_one_call(mlp, one_thread):
+    layer, module = mlp
+    small = bench._fork_probe(layer, module, bench.BenchOptions(dims={"D": 16, "M": 32}), 4,
+                              "autograd")
+    large = bench._fork_probe(layer, module, bench.BenchOptions(dims={"D": 64, "M": 256}), 2048,
+                              "autograd")
+    assert small["status"] == large["status"] == "ok"
+    # (2, 2048, 256) float32 values are 4 MiB each; autograd keeps several of them alive
+    assert large["peak_mib"] - large["base_mib"] > 8 > small["peak_mib"] - small["base_mib"]
+
+
+def test_probe_out_of_memory_and_over_budget(mlp, one_thread):
+    layer, module = mlp
+    opts = bench.BenchOptions(dims={"D": 64, "M": 256}, max_memory_mib=1.0)
+    assert bench._fork_probe(layer, module, opts, 2048, "autograd")["status"] == "out of memory"
+    opts = bench.BenchOptions(dims={"D": 64, "M": 256}, max_seconds=1e-4)
+    assert bench._fork_probe(layer, module, opts, 2048, "generated")["status"] == "over budget"
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--dim", "D"], "--dim: expected NAME=SIZE"),
+    (["--dim", "Q=4"], "--dim: no layer declares dim Q"),
+    (["--tokens", "0"], "--tokens: token counts must be at least 1"),
+    (["--repeats", "0"], "--repeats: must be at least 1"),
+])
+def test_bench_bad_arguments(args, message, capsys):
+    assert main(["bench", FILES[0], *args]) == 1
+    assert f"energyc: error: {message}" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is present")
+def test_bench_cuda_without_a_device(capsys):
+    assert main(["bench", FILES[0], "--device", "cuda"]) == 1
+    assert "energyc: error: --device: no CUDA device" in capsys.readouterr().err
