@@ -107,6 +107,9 @@ def compile_layer(decl: LayerDecl, verify: bool = False) -> CompiledLayer:
 
     # step graph: g = dE/dx, then its VJP (second derivatives of E)
     step, e_step = _energy_subgraph(decl)
+    step.outputs = {"energy": e_step}
+    step = run_pipeline(step, verify=verify, stages=("energy",))
+    e_step = step.outputs["energy"]
     x = _leaves(step, "input")["x"]
     grads = vjp(step, e_step, ops.const(step, 1), [x])
     g = grads[x]
@@ -115,7 +118,7 @@ def compile_layer(decl: LayerDecl, verify: bool = False) -> CompiledLayer:
         g = step.add("broadcast", (g,), out=full)
     step.outputs = {"grad": g}
     t1 = time.perf_counter()
-    step = run_pipeline(step, verify=verify)
+    step = run_pipeline(step, verify=verify, stages=("simplify",))
     step_params, step_hypers = _leaves(step, "param"), _leaves(step, "hyper")
     wrt = dict(_leaves(step, "input"))
     wrt.update({p.name: step_params[p.name] for p in params if p.name in step_params})
@@ -123,7 +126,7 @@ def compile_layer(decl: LayerDecl, verify: bool = False) -> CompiledLayer:
                 if h.learnable and h.name in step_hypers})
     step = differentiate(step, "grad", "grad_g", wrt)
     t2 = time.perf_counter()
-    step = run_pipeline(step, verify=verify)
+    step = run_pipeline(step, verify=verify, stages=("simplify", "lower"))
     energy = run_pipeline(energy, verify=verify)
     t3 = time.perf_counter()
     precond = {kind: _precond_graph(kind, f.state_dim, verify) for kind in ("identity", "diagonal", "dplr")}

@@ -184,7 +184,53 @@ def _eval_node(graph: Graph, n: int, ins: list[torch.Tensor], env: dict, sizes: 
         return _eval_rotary(node, ins[0], sizes)
     if op in ("attention", "attention_lse", "attention_transposed", "attention_grad"):
         return _eval_attention(graph, node, ins, in_axes, T)
+    if op in ("pair_lse", "pair_sum", "running_sum"):
+        return _eval_pair(graph, node, ins, in_axes, sizes)
     raise NotImplementedError(op)
+
+
+def _eval_pair(graph: Graph, node, ins, in_axes, sizes: dict) -> torch.Tensor:
+    """Pair ops from their definitions, with every (i, j) pair formed (the (tokens x tokens)
+    reference the kernels avoid)."""
+    from energyc.ir.pairs import DIST, e, u
+
+    T = sizes["i"]
+    m = context_mask(node.attr("mask"), T)
+    if node.op == "running_sum":
+        token = node.attr("token")
+        other = "j" if token == "i" else "i"
+        pair = graph.canonical(set(in_axes[0]) | {token})
+        v = expand_to(ins[0], in_axes[0], pair, sizes)
+        mm = align(m, ("i", "j"), pair)
+        return torch.where(mm, v, 0.0).sum(pair.index(other))
+    heads = node.attr("heads")
+    features = node.attr("features")
+    n = len(features)
+    pair = graph.canonical({"b", "i", "j", *heads})
+    env: dict = dict(symbol_sizes(sizes))
+    for t, f in enumerate(features):
+        full = graph.canonical({"b", "i", "j", *heads, f})
+        qk = expand_to(ins[t], in_axes[t], full, sizes) * expand_to(ins[n + t], in_axes[n + t],
+                                                                   full, sizes)
+        env[u(t).name] = qk.sum(full.index(f))
+    idx = torch.arange(T, dtype=DTYPE)
+    env[DIST.name] = align(idx[:, None] - idx[None, :], ("i", "j"), pair)
+    n_extras = len(ins) - 2 * n - (1 if node.attr("value") else 0)
+    for k in range(n_extras):
+        env[e(k).name] = align(ins[2 * n + k], in_axes[2 * n + k], pair)
+    body = eval_body(node.attr("body"), env)
+    body = torch.broadcast_to(body, [sizes[a] for a in pair])
+    mm = align(m, ("i", "j"), pair).expand(body.shape)
+    if node.op == "pair_lse":
+        return masked_logsumexp(body, mm, pair.index("j"))
+    token = node.attr("token")
+    other = "j" if token == "i" else "i"
+    a = torch.where(mm, body, 0.0)
+    if node.attr("value"):
+        full = graph.canonical(set(pair) | set(node.axes))
+        a = align(a, pair, full) * align(ins[-1], in_axes[-1], full)
+        return a.sum(full.index(other))
+    return a.sum(pair.index(other))
 
 
 def _eval_rotary(node, u: torch.Tensor, sizes: dict) -> torch.Tensor:
@@ -311,14 +357,15 @@ def leaf(graph: Graph, op: str, name: str, axes=()) -> int:
     return graph.add(op, name=name, axes=graph.canonical(axes))
 
 
-def check_vjp(graph: Graph, out: int, wrt: list[int], seed: int = 0) -> dict[int, int | None]:
+def check_vjp(graph: Graph, out: int, wrt: list[int], seed: int = 0,
+              seed_name: str = "seed") -> dict[int, int | None]:
     """``vjp(out, s, wrt)`` equals ``torch.autograd.grad(out, wrt, grad_outputs=s)``.
 
     ``s`` is a random upstream seed with the axes of ``out``. A gradient node must not have axes
     its value lacks; it may lack some (it is then constant along them) and is expanded before the
     comparison.
     """
-    s = graph.add("input", name="seed", axes=graph.node(out).axes)
+    s = graph.add("input", name=seed_name, axes=graph.node(out).axes)
     grads = vjp(graph, out, s, wrt)
     graph.verify()
     env = random_env(graph, seed)
@@ -327,7 +374,7 @@ def check_vjp(graph: Graph, out: int, wrt: list[int], seed: int = 0) -> dict[int
     for name in names:
         tracked[name] = env[name].clone().requires_grad_(True)
     y = evaluate(graph, out, tracked)
-    expected = torch.autograd.grad(y, [tracked[name] for name in names], grad_outputs=env["seed"],
+    expected = torch.autograd.grad(y, [tracked[name] for name in names], grad_outputs=env[seed_name],
                                    allow_unused=True)
     for w, name, want in zip(wrt, names, expected):
         got_id = grads[w]

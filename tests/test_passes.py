@@ -85,7 +85,7 @@ def n_live(g: Graph) -> int:
 # -- coverage of the tables --------------------------------------------------------------------------
 
 TESTED_PASSES = {"dead_code", "canonicalize", "cse", "fuse_pointwise", "fuse_context_attention",
-                 "share_subexpressions", "fuse_reductions"}
+                 "share_subexpressions", "fuse_reductions", "fuse_pair_reductions"}  # pairs: test_pairs.py
 TESTED_RULES = {"broadcast_into_pointwise", "pointwise_of_mask", "pointwise_normalise",
                 "contract_normalise", "relabel_identity", "mask_idempotent"}
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 import sympy
 
+from energyc.backends.torch_pairs import PAIR_EMITTERS
 from energyc.backends.torch_printer import TorchPrinter
 from energyc.ir.graph import Graph, Node
 from energyc.ir.ops import (
@@ -45,6 +46,7 @@ class Emitter:
     pending: dict[int, str] = field(default_factory=dict)  # planned variable names
     mask_lines: list[str] = field(default_factory=list)
     bound: dict[tuple, tuple[str, str]] = field(default_factory=dict)  # attention operands
+    region: set[int] = field(default_factory=set)  # the nodes of the function being printed
 
     def size(self, axis: str) -> str:
         return SIZE_NAMES.get(axis, axis)
@@ -380,6 +382,7 @@ EMITTERS = {
     "attention_lse": _emit_attention_lse,
     "attention_transposed": _emit_attention_transposed,
     "attention_grad": _emit_attention_grad,
+    **PAIR_EMITTERS,
 }
 
 

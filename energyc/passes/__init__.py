@@ -14,12 +14,16 @@ from energyc.passes.attention import fuse_context_attention
 from energyc.passes.canonicalize import canonicalize
 from energyc.passes.cse import cse, dead_code
 from energyc.passes.fuse import fuse_pointwise, fuse_reductions
+from energyc.passes.pairs import fuse_pair_reductions
 from energyc.passes.share import share_subexpressions
 
 Pass = Callable[[Graph], Graph]
 
-#: The pipeline, in order. Read it top to bottom.
+#: The pipeline, in order. Read it top to bottom. Each pass belongs to a stage (:data:`STAGE`):
+#: ``energy`` passes run on the energy before the first differentiation, ``simplify`` passes after
+#: each differentiation, ``lower`` passes (which only serve the backends) once, after the last.
 PIPELINE: list[tuple[str, Pass]] = [
+    ("fuse_pair_reductions", fuse_pair_reductions),
     ("dead_code", dead_code),
     ("canonicalize", canonicalize),
     ("cse", cse),
@@ -32,10 +36,17 @@ PIPELINE: list[tuple[str, Pass]] = [
     ("dead_code_again", dead_code),
 ]
 
+STAGE = {"fuse_pair_reductions": "energy", "share_subexpressions": "lower",
+         "fuse_reductions": "lower", "dead_code_again": "lower"}
+STAGES = ("energy", "simplify", "lower")
 
-def run_pipeline(graph: Graph, verify: bool = False) -> Graph:
+
+def run_pipeline(graph: Graph, verify: bool = False, stages: tuple[str, ...] = STAGES) -> Graph:
+    """Run the passes of ``stages`` (by default all) in pipeline order."""
     debug = os.environ.get("ENERGYC_DEBUG") == "1"
     for name, pass_fn in PIPELINE:
+        if STAGE.get(name, "simplify") not in stages:
+            continue
         graph = pass_fn(graph)
         if verify:
             graph.verify()

@@ -1,0 +1,149 @@
+"""Torch printing of the pair ops: one call into the block-sparse kernels of
+``energyc.runtime.pairs`` per group of pair sums over the same pairs.
+
+Operands are laid out with the token and feature axes last, ``(b, *heads, token, feature)``, extras
+as ``(b, *heads, i, j)``, a missing axis as a size-1 axis (``None`` index), so that tiles broadcast.
+The pair functions (phi, the weights A) print from SymPy as lambdas over the tiles ``u`` (the
+contractions), ``d`` (i - j) and ``e`` (the extras).
+"""
+
+from __future__ import annotations
+
+import sympy
+
+from energyc.backends.torch_printer import TorchPrinter
+from energyc.ir.graph import Node
+from energyc.ir.pairs import DIST, PairForm, e, form_of, pair_symbols
+
+
+def _view(em, nid: int, target: tuple[str, ...]) -> str:
+    """Node ``nid`` permuted to the order of ``target`` with ``None`` for the axes it lacks."""
+    axes = em.graph.node(nid).axes
+    code = em.names[nid]
+    if not axes:
+        return code
+    present = [a for a in target if a in axes]
+    perm = [axes.index(a) for a in present]
+    if perm != list(range(len(axes))):
+        code = f"{code}.permute({', '.join(map(str, perm))})"
+    index = [":" if a in axes else "None" for a in target]
+    while index and index[-1] == ":":
+        index.pop()
+    return f"{code}[{', '.join(index)}]" if index else code
+
+
+def _function(em, bodies: list[sympy.Expr], var: str, several: bool) -> str:
+    """Bind ``lambda u, d, e: body`` (with ``several``, a tuple of bodies) to ``var``."""
+    symbols = set().union(*(pair_symbols(b) for b in bodies))
+    names = {s.name: ("d" if s == DIST else f"{s.name[5]}[{s.name[6:]}]") for s in symbols}
+    names.update({d: d for d in em.graph.dims})
+    names.update({"B": "B", "T": "T"})
+    printer = TorchPrinter(names, symbols)
+    printed = [printer.doprint(b) for b in bodies]
+    code = f"({', '.join(printed)},)" if several else printed[0]
+    em.lines.append(f"{var} = lambda u, d, e: {code}  # noqa: E731")
+    return var
+
+
+def _operands(em, form: PairForm, extras: list[int]) -> tuple[str, str, str]:
+    heads = form.heads
+    q = [_view(em, x, ("b", *heads, "i", f)) for x, f in zip(form.q, form.features)]
+    k = [_view(em, x, ("b", *heads, "j", f)) for x, f in zip(form.k, form.features)]
+    ex = [_view(em, x, ("b", *heads, "i", "j")) for x in extras]
+    return f"[{', '.join(q)}]", f"[{', '.join(k)}]", f"[{', '.join(ex)}]"
+
+
+def _shape(em, form: PairForm) -> str:
+    return f"({', '.join(['B', *(em.size(h) for h in form.heads)])},)"
+
+
+def _back(em, var: str, layout: tuple[str, ...], axes: tuple[str, ...]) -> None:
+    """``var`` (a kernel result in ``layout``) permuted to the node's canonical ``axes``."""
+    perm = [layout.index(a) for a in axes]
+    if perm != list(range(len(axes))):
+        em.lines.append(f"{var} = {var}.permute({', '.join(map(str, perm))})")
+
+
+def _call_tail(em, form: PairForm, bodies) -> str:
+    offset = any(DIST in b.free_symbols for b in bodies)
+    kind, w = form.mask[0], (form.mask[1] if form.mask[0] == "window" else 0)
+    return (f"({kind!r}, {w}), T=T, shape={_shape(em, form)}, uses_offset={offset}, "
+            f"dtype=x.dtype, device=x.device")
+
+
+def emit_pair_lse(em, nid: int, node: Node) -> None:
+    """``R = pair_lse(...)``: an online log-sum-exp over the context's tiles."""
+    var = em.pending[nid]
+    form = form_of(em.graph, node)
+    phi = _function(em, [node.attr("body")], f"{var}_phi", several=False)
+    q, k, ex = _operands(em, form, form.extras)
+    tail = _call_tail(em, form, [node.attr("body")])
+    em.lines.append(f"{var} = _rt.pair_lse({q}, {k}, {ex}, {phi}, {tail})")
+    _back(em, var, ("b", *form.heads, "i"), node.axes)
+    em.names[nid] = var
+    return None
+
+
+def _group_key(node: Node) -> tuple:
+    n = len(node.attr("features"))
+    return (tuple(node.inputs[:2 * n]), node.attr("features"), node.attr("heads"),
+            node.attr("mask"))
+
+
+def _ready(em, node: Node) -> bool:
+    return all(x in em.names for x in node.inputs)
+
+
+def emit_pair_sum(em, nid: int, node: Node) -> None:
+    """Every pair sum over the same pairs whose inputs are ready: one pass over the tiles."""
+    key = _group_key(node)
+    group = [nid] + [n for n in sorted(em.region) if n != nid and n not in em.names
+                     and em.graph.node(n).op == "pair_sum"
+                     and _group_key(em.graph.node(n)) == key and _ready(em, em.graph.node(n))]
+    var = em.pending[nid]
+    form = form_of(em.graph, node)
+    extras: list[int] = []
+    bodies, outputs = [], []
+    for n in group:
+        member = em.graph.node(n)
+        mf = form_of(em.graph, member)
+        renum = {}
+        for m, x in enumerate(mf.extras):
+            if x not in extras:
+                extras.append(x)
+            renum[e(m)] = e(extras.index(x))
+        bodies.append(member.attr("body").xreplace(renum))
+        token = member.attr("token")
+        if member.attr("value"):
+            v = member.inputs[-1]
+            feature = next(a for a in member.axes if a not in ("b", token, *form.heads))
+            other = "j" if token == "i" else "i"
+            outputs.append(f"({token!r}, {_view(em, v, ('b', *form.heads, other, feature))})")
+        else:
+            outputs.append(f"({token!r}, None)")
+    fn = _function(em, bodies, f"{var}_w", several=True)
+    q, k, ex = _operands(em, form, extras)
+    names = [em.pending[n] for n in group]
+    em.lines.append(f"{', '.join(names)}, = _rt.pair_sums({q}, {k}, {ex}, {fn}, "
+                    f"[{', '.join(outputs)}], {_call_tail(em, form, bodies)})")
+    for n, name in zip(group, names):
+        member = em.graph.node(n)
+        token = member.attr("token")
+        feature = [a for a in member.axes if a not in ("b", token, *form.heads)]
+        _back(em, name, ("b", *form.heads, token, *feature), member.axes)
+        em.names[n] = name
+    return None
+
+
+def emit_running_sum(em, nid: int, node: Node) -> str:
+    token = node.attr("token")
+    (v,) = node.inputs
+    dim = node.axes.index(token)
+    kind, w = node.attr("mask")[0], (node.attr("mask")[1] if node.attr("mask")[0] == "window"
+                                     else 0)
+    return (f"_rt.running_sum({em.names[v]}, dim={dim}, mask=({kind!r}, {w}), "
+            f"keys_major={token == 'j'})")
+
+
+PAIR_EMITTERS = {"pair_lse": emit_pair_lse, "pair_sum": emit_pair_sum,
+                 "running_sum": emit_running_sum}

@@ -1,0 +1,190 @@
+"""Pair-reduction fusion: context reductions of element-wise pair functions -> pair ops.
+
+Runs on the energy graph, before differentiation. A reduction over the context set of j
+
+    R_i = logsumexp_{j in C(i)} S_ij     or     R_i = sum_{j in C(i)} S_ij
+
+becomes one ``pair_lse`` or ``pair_sum`` node (``energyc.ir.pairs``) whose derivatives, to any
+order needed, are pair sums: nothing of size (tokens x tokens) is formed.
+
+Legal when ``S`` is built by element-wise (pointwise) nodes from leaves that are
+
+* contractions ``q_i . k_j`` of a value of token i with a value of token j over exactly one feature
+  axis (the pair's u^t; a contraction over no axis is the product of a row and a column extra);
+* the offset ``i - j``;
+* values of at most one token (rows ``x_i``, columns ``x_j``, per-head or scalar values, fixed or
+  learned), also when broadcast to the pair's axes;
+
+with any number of head axes (the axes of S besides b, i, j), any context set. phi, the composed
+element-wise body, may be any SymPy expression: its derivatives come from SymPy. A sum whose
+summand depends on one token only is a running sum (O(tokens)).
+
+The linear log-sum-exp scores that :mod:`energyc.passes.attention` turns into attention ops
+(``s sum_t q_t . k_t + m (i - j)`` with a scalar s and at most one head axis) are left to that
+pass: the attention kernels (CPU flash, Triton flash) serve them. Anything else is left as it is
+and reported by :func:`unfused_reductions` (correct, with (tokens x tokens) memory).
+"""
+
+from __future__ import annotations
+
+import sympy
+
+from energyc.ir.graph import Graph
+from energyc.ir.ops import ARG_SYMBOLS
+from energyc.ir.pairs import DIST, PairForm, e, make_pair_sum, u
+from energyc.passes.attention import FUSABLE_KINDS, _scores
+
+
+class NotFusable(Exception):
+    """Why a reduction over j is not of the pair form (the message is shown to the user)."""
+
+
+def _pair_valued(graph: Graph, n: int) -> bool:
+    return {"i", "j"} <= set(graph.node(n).axes)
+
+
+def pair_form(graph: Graph, red: int) -> tuple[PairForm, sympy.Expr]:
+    """The pair form and body phi of reduction node ``red``; raises :class:`NotFusable`."""
+    node = graph.node(red)
+    mask = node.attr("mask")
+    if mask[0] not in FUSABLE_KINDS:
+        raise NotFusable(f"the context set {mask} has no pair kernel")
+    S = node.inputs[0]
+    heads = tuple(a for a in graph.node(S).axes if a not in ("b", "i", "j"))
+    form = PairForm([], [], [], [], heads, mask)
+    leaves: dict[int, sympy.Expr] = {}
+
+    def extra(n: int) -> sympy.Expr:
+        if graph.node(n).op == "const":
+            return graph.node(n).attr("value")
+        if n not in form.extras:
+            form.extras.append(n)
+        return e(form.extras.index(n))
+
+    def walk(n: int) -> sympy.Expr:
+        if n in leaves:
+            return leaves[n]
+        nd = graph.node(n)
+        if not _pair_valued(graph, n):
+            out = extra(n)
+        elif nd.op == "pointwise":
+            args = {ARG_SYMBOLS[k]: walk(a) for k, a in enumerate(nd.inputs)}
+            out = nd.attr("body").xreplace(args)
+        elif nd.op == "offset":
+            out = DIST
+        elif nd.op == "broadcast":
+            inner = nd.inputs[0]
+            out = walk(inner) if _pair_valued(graph, inner) else extra(inner)
+        elif nd.op == "contract":
+            out = _term(graph, n, form, extra)
+        else:
+            raise NotFusable(f"the scores use j through a {graph.describe(n)} value, which is "
+                             "not a contraction of a token-i value with a token-j value")
+        leaves[n] = out
+        return out
+
+    return form, walk(S)
+
+
+def _term(graph: Graph, n: int, form: PairForm, extra) -> sympy.Expr:
+    """``u^t`` for a contraction ``q_i . k_j`` over one feature axis; a product of a row and a
+    column value when nothing is summed."""
+    node = graph.node(n)
+    if len(node.inputs) != 2:
+        raise NotFusable("the scores contract more than two values at once; contract the "
+                         "query side first (e.g. (A @ x[i]) . (B @ xbar[j]))")
+    q, k = node.inputs
+    if "j" in graph.node(q).axes:
+        q, k = k, q
+    qa, ka = set(graph.node(q).axes), set(graph.node(k).axes)
+    if "j" in qa or "i" in ka or "i" not in qa or "j" not in ka:
+        raise NotFusable("the scores contract values that each depend on both tokens")
+    summed = (qa | ka) - set(node.axes)
+    if not summed:
+        return extra(q) * extra(k)
+    if len(summed) != 1 or not summed <= qa & ka:
+        raise NotFusable(f"the scores contract over {len(summed)} axes at once "
+                         f"({', '.join(sorted(summed))}); a pair term contracts one feature axis")
+    (feature,) = summed
+    key = (q, k, feature)
+    terms = list(zip(form.q, form.k, form.features))
+    if key not in terms:
+        form.q.append(q)
+        form.k.append(k)
+        form.features.append(feature)
+        terms.append(key)
+    return u(terms.index(key))
+
+
+def _is_reduction_over_j(graph: Graph, n: int) -> bool:
+    node = graph.node(n)
+    return (node.op == "reduce" and node.attr("axes") == ("j",)
+            and _pair_valued(graph, node.inputs[0]))
+
+
+def _for_attention(graph: Graph, n: int) -> bool:
+    """Whether the attention pass takes this reduction: a log-sum-exp of
+    ``s sum_t u^t + m (i - j)`` with one coefficient s of scalars and slopes m of per-head values,
+    at most one head axis (the legality of :mod:`energyc.passes.attention`)."""
+    node = graph.node(n)
+    if node.attr("kind") != "lse":
+        return False
+    try:
+        form, phi = pair_form(graph, n)
+    except NotFusable:
+        return False
+    if len(form.heads) > 1 or not form.q:
+        return False
+    pair = {u(t) for t in range(len(form.q))} | {DIST}
+    extras = {e(m): graph.node(x).axes for m, x in enumerate(form.extras)}
+    coefs = [sympy.diff(phi, u(t)) for t in range(len(form.q))]
+    slope = sympy.diff(phi, DIST)
+    if any(sympy.simplify(c - coefs[0]) != 0 for c in coefs[1:]):
+        return False
+    if (coefs[0].free_symbols | slope.free_symbols) & pair:
+        return False
+    if any(extras[s] for s in coefs[0].free_symbols if s in extras):
+        return False  # a scale that is not a scalar
+    if any(not set(extras[s]) <= set(form.heads) for s in slope.free_symbols if s in extras):
+        return False
+    linear = coefs[0] * sympy.Add(*(u(t) for t in range(len(form.q)))) + slope * DIST
+    return sympy.simplify(phi - linear) == 0
+
+
+def fuse_pair_reductions(graph: Graph) -> Graph:
+    """Rewrite each context reduction of the pair form into a pair_lse or pair_sum node."""
+    new = Graph(graph.dims)
+    mapping: dict[int, int] = {}
+    for n in graph.live():
+        node = graph.node(n)
+        if _is_reduction_over_j(graph, n) and not _for_attention(graph, n):
+            try:
+                form, phi = pair_form(graph, n)
+            except NotFusable:
+                form = None
+            if form is not None:
+                mapped = PairForm([mapping[x] for x in form.q], [mapping[x] for x in form.k],
+                                  form.features, [mapping[x] for x in form.extras], form.heads,
+                                  form.mask)
+                if node.attr("kind") == "lse":
+                    mapping[n] = new.add("pair_lse", mapped.inputs(), where=node.where,
+                                         body=phi, **mapped.attrs())
+                else:
+                    mapping[n] = make_pair_sum(new, mapped, phi, "i", None, node.where)
+                continue
+        mapping[n] = new.add_like(node, [mapping[x] for x in node.inputs])
+    new.outputs = {name: mapping[n] for name, n in graph.outputs.items()}
+    return new
+
+
+def unfused_reductions(graph: Graph) -> list[tuple[str | None, str]]:
+    """(source location, reason) of each reduction over j that stays materialised."""
+    found = []
+    for n in graph.live():
+        if not _is_reduction_over_j(graph, n) or _for_attention(graph, n):
+            continue
+        try:
+            pair_form(graph, n)
+        except NotFusable as exc:
+            found.append((graph.node(n).where, str(exc)))
+    return found

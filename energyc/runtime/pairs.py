@@ -1,0 +1,181 @@
+"""Block-sparse pair reductions in torch: the kernels behind ``pair_lse``, ``pair_sum`` and
+``running_sum`` (see ``energyc/ir/pairs.py`` for the maths).
+
+Operands come laid out as ``(B|1, *heads|1, T, F)`` (a size-1 axis broadcasts), extras as
+``(B|1, *heads|1, T|1, T|1)`` (row extras vary along the first token axis, column extras along the
+second). Queries are taken ``BLOCK`` at a time against only the key blocks their context set
+reaches (causal: up to the diagonal; strict: below it; a window: its w keys; all and j != i: every
+block); a tile is masked only where it straddles the context set's edge. The element-wise pair
+functions are the generated package's (printed from SymPy); here they are called on tiles of
+shape ``(B, *heads, I, J)``. Memory is O(tokens x BLOCK), never (tokens x tokens); arithmetic is
+float32 for half-precision inputs.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator, Sequence
+
+import torch
+
+__all__ = ["pair_lse", "pair_sums", "running_sum", "pair_tiles"]
+
+BLOCK = 256  # tokens per tile side
+
+
+def _in_context(kind: str, w: int, d: torch.Tensor) -> torch.Tensor:
+    """Whether key j is in the context set of query i, from ``d = i - j``."""
+    if kind == "causal":
+        return d >= 0
+    if kind == "strict":
+        return d > 0
+    if kind == "window":
+        return (d >= 0) & (d <= w)
+    if kind == "not_self":
+        return d != 0
+    if kind == "all":
+        return torch.ones_like(d, dtype=torch.bool)
+    raise ValueError(f"unknown context set {kind!r}")
+
+
+def pair_tiles(T: int, kind: str, w: int, block: int = BLOCK) -> Iterator[tuple[int, int, int, int, bool]]:
+    """``(i0, i1, j0, j1, partial)`` for every tile of queries [i0, i1) x keys [j0, j1) that
+    the context set reaches; ``partial`` when some of its pairs are outside the set."""
+    for i0 in range(0, T, block):
+        i1 = min(i0 + block, T)
+        lo, hi = {"causal": (0, i1), "strict": (0, i1 - 1), "window": (max(0, i0 - w), i1),
+                  "all": (0, T), "not_self": (0, T)}[kind]
+        for j0 in range(lo, hi, block):
+            j1 = min(j0 + block, hi)
+            if kind == "causal":
+                partial = j1 - 1 > i0
+            elif kind == "strict":
+                partial = j1 - 1 >= i0
+            elif kind == "window":
+                partial = j1 - 1 > i0 or j0 < i1 - 1 - w
+            elif kind == "not_self":
+                partial = j0 < i1 and i0 < j1
+            else:
+                partial = False
+            yield i0, i1, j0, j1, partial
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def _prepare(q, k, extras, dtype):
+    q = [t.to(dtype) for t in q]
+    kt = [t.to(dtype).transpose(-1, -2) for t in k]
+    extras = [torch.as_tensor(x).to(dtype) for x in extras]
+    return q, kt, extras
+
+
+def _tile_args(q, kt, extras, i0, i1, j0, j1, uses_offset, dtype, device):
+    u = [a[..., i0:i1, :] @ b[..., :, j0:j1] for a, b in zip(q, kt)]
+    e = [x[..., i0:i1, :] if x.dim() >= 2 and x.shape[-2] > 1 else x for x in extras]
+    e = [x[..., :, j0:j1] if x.dim() >= 1 and x.shape[-1] > 1 else x for x in e]
+    d = None
+    if uses_offset:
+        d = (torch.arange(i0, i1, device=device, dtype=dtype)[:, None]
+             - torch.arange(j0, j1, device=device, dtype=dtype)[None, :])
+    return u, d, e
+
+
+def _context_tile(kind, w, i0, i1, j0, j1, device):
+    d = (torch.arange(i0, i1, device=device)[:, None] - torch.arange(j0, j1, device=device)[None, :])
+    return _in_context(kind, w, d)
+
+
+def pair_lse(q: Sequence[torch.Tensor], k: Sequence[torch.Tensor],
+             extras: Sequence[torch.Tensor], phi: Callable, mask: tuple, *, T: int,
+             shape: Sequence[int], uses_offset: bool, dtype: torch.dtype,
+             device: torch.device) -> torch.Tensor:
+    """``R_i = log sum_{j in C(i)} exp(phi_ij)``, shape ``(*shape, T)``; 0 for an empty set.
+
+    An online log-sum-exp over each query block's key tiles (a running max and a rescaled sum)."""
+    kind, w = mask
+    cdt = _compute_dtype(dtype)
+    q, kt, extras = _prepare(q, k, extras, cdt)
+    out = torch.zeros((*shape, T), dtype=cdt, device=device)
+    state: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    for i0, i1, j0, j1, partial in pair_tiles(T, kind, w):
+        u, d, e = _tile_args(q, kt, extras, i0, i1, j0, j1, uses_offset, cdt, device)
+        x = torch.broadcast_to(torch.as_tensor(phi(u, d, e), dtype=cdt, device=device),
+                               (*shape, i1 - i0, j1 - j0))
+        if partial:
+            x = torch.where(_context_tile(kind, w, i0, i1, j0, j1, device), x, -math.inf)
+        tile_max = x.amax(-1)
+        if i0 in state:
+            m, s = state[i0]
+            m_new = torch.maximum(m, tile_max)
+        else:
+            m, s, m_new = None, None, tile_max
+        safe = torch.where(torch.isinf(m_new) & (m_new < 0), 0.0, m_new)
+        tile_sum = torch.exp(x - safe[..., None]).sum(-1)
+        s = tile_sum if s is None else s * torch.exp(m - safe) + tile_sum
+        state[i0] = (m_new, s)
+    for i0, (m, s) in state.items():
+        safe = torch.where(torch.isinf(m) & (m < 0), 0.0, m)
+        r = safe + torch.log(s)
+        out[..., i0:i0 + r.shape[-1]] = torch.where(s == 0, 0.0, r)
+    return out.to(dtype)
+
+
+def pair_sums(q: Sequence[torch.Tensor], k: Sequence[torch.Tensor],
+              extras: Sequence[torch.Tensor], weights: Callable,
+              outputs: Sequence[tuple[str, torch.Tensor | None]], mask: tuple, *, T: int,
+              shape: Sequence[int], uses_offset: bool, dtype: torch.dtype,
+              device: torch.device) -> list[torch.Tensor]:
+    """Several sums over the same pairs in one pass over the tiles.
+
+    ``weights(u, d, e)`` returns one weight tile ``A_ij`` per output; output ``(token, v)`` is
+    ``sum_{j in C(i)} A_ij v_j`` (``token="i"``, v of shape ``(.., T, G)`` indexed by j),
+    ``sum_{i : j in C(i)} A_ij v_i`` (``token="j"``), or without v the sums of A alone."""
+    kind, w = mask
+    cdt = _compute_dtype(dtype)
+    q, kt, extras = _prepare(q, k, extras, cdt)
+    values = [None if v is None else v.to(cdt) for _, v in outputs]
+    results = []
+    for _, v in zip(outputs, values):
+        tail = () if v is None else (v.shape[-1],)
+        results.append(torch.zeros((*shape, T, *tail), dtype=cdt, device=device))
+    for i0, i1, j0, j1, partial in pair_tiles(T, kind, w):
+        u, d, e = _tile_args(q, kt, extras, i0, i1, j0, j1, uses_offset, cdt, device)
+        tiles = weights(u, d, e)
+        inside = _context_tile(kind, w, i0, i1, j0, j1, device) if partial else None
+        for (token, _), v, r, a in zip(outputs, values, results, tiles):
+            a = torch.broadcast_to(torch.as_tensor(a, dtype=cdt, device=device),
+                                   (*shape, i1 - i0, j1 - j0))
+            if inside is not None:
+                a = torch.where(inside, a, 0.0)
+            if token == "i" and v is None:
+                r[..., i0:i1] += a.sum(-1)
+            elif token == "i":
+                r[..., i0:i1, :] += a @ v[..., j0:j1, :]
+            elif v is None:
+                r[..., j0:j1] += a.sum(-2)
+            else:
+                r[..., j0:j1, :] += a.transpose(-1, -2) @ v[..., i0:i1, :]
+    return [r.to(dtype) for r in results]
+
+
+def running_sum(v: torch.Tensor, dim: int, mask: tuple, keys_major: bool) -> torch.Tensor:
+    """``o_i = sum_{j in C(i)} v_j`` along ``dim`` (the token axis), or with ``keys_major`` the
+    transposed ``o_j = sum_{i : j in C(i)} v_i``: prefix sums, O(tokens)."""
+    kind, w = mask
+    if kind in ("all", "not_self"):
+        total = v.sum(dim, keepdim=True).expand_as(v)
+        return total if kind == "all" else total - v
+    src = v.flip(dim) if keys_major else v
+    acc = src.to(torch.float64) if kind == "window" else src  # a difference of prefix sums
+    c = acc.cumsum(dim)
+    if kind == "strict":
+        c = c - acc
+    elif kind == "window":
+        shifted = torch.zeros_like(c)
+        T = c.shape[dim]
+        if T > w + 1:
+            shifted.narrow(dim, w + 1, T - w - 1).copy_(c.narrow(dim, 0, T - w - 1))
+        c = (c - shifted).to(v.dtype)
+    return c.flip(dim) if keys_major else c
