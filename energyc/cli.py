@@ -7,29 +7,38 @@ import os
 import sys
 import time
 
+from energyc import __version__
 from energyc.errors import EnergyError
 
 
 def _compile(args: argparse.Namespace) -> int:
-    from energyc.build import compile_path
+    from energyc.build import compile_paths
 
     log = (lambda m: None) if args.quiet else (lambda m: print(m, flush=True))
-    for path in energy_files(args.files):
-        compile_path(path, args.outdir, log=log)
+    compile_paths(energy_files(args.files), args.outdir, log=log)  # all files or none
     return 0
 
 
 def energy_files(paths: list[str]) -> list[str]:
-    """Expand folders to the energy files in them (the .py files that import energyc.dsl)."""
+    """Expand folders to the energy files in them (the .py files that import energyc.dsl).
+
+    Raises:
+        EnergyError: a folder holds no energy file.
+    """
     out = []
     for path in paths:
         if os.path.isdir(path):
+            found = []
             for name in sorted(os.listdir(path)):
                 full = os.path.join(path, name)
                 if name.endswith(".py") and os.path.isfile(full):
-                    with open(full, encoding="utf-8") as fh:
-                        if "energyc.dsl" in fh.read():
-                            out.append(full)
+                    with open(full, "rb") as fh:  # bytes: a file that is not UTF-8 is the
+                        if b"energyc.dsl" in fh.read():  # loader's to report, with its line
+                            found.append(full)
+            if not found:
+                raise EnergyError("no energy file in this folder (no .py file in it imports "
+                                  "energyc.dsl)", path)
+            out.extend(found)
         else:
             out.append(path)
     return out
@@ -42,23 +51,27 @@ def _inspect(args: argparse.Namespace) -> int:
 
     layers = compile_file(load(args.file))
     for layer in layers:
+        # parameters are shown with their dims as declared (the shape of the Layer's tensor)
+        param_dims = {p.name: p.dims for p in layer.params}
+        params = ", ".join(f"{p.name} ({', '.join(p.dims)})" for p in layer.params)
         print(f"layer {layer.name}  (state dim {layer.state_dim}; dims {', '.join(layer.dims)};"
-              f" params {', '.join(p.name for p in layer.params) or '-'};"
+              f" params {params or '-'};"
               f" hypers {', '.join(h.name for h in layer.hypers) or '-'})")
         print(f"  E_i = {format_energy(layer.energy, 'energy')}")
         sp = split(layer.step, ["grad"], ["grad_g"])
         graphs = {"energy": layer.energy, "step": layer.step}
         if args.graph in ("energy", "all"):
-            print(format_graph(layer.energy, "\nenergy graph:"))
+            print(format_graph(layer.energy, "\nenergy graph:", param_dims))
         if args.graph in ("step", "all"):
-            print(format_graph(layer.step, "\nstep graph (forward dE/dx and its VJP):"))
+            print(format_graph(layer.step, "\nstep graph (forward dE/dx and its VJP):",
+                               param_dims))
         print(f"\n  forward: {len(sp.forward)} nodes; backward: {len(sp.backward)} nodes; "
               f"saved for backward: {len(sp.saved)}")
         if args.dot:
             for name, graph in graphs.items():
                 path = _suffixed(args.dot, layer.name, name, len(layers))
                 with open(path, "w", encoding="utf-8") as fh:
-                    fh.write(to_dot(graph, f"{layer.name}_{name}"))
+                    fh.write(to_dot(graph, f"{layer.name}_{name}", param_dims))
                 print(f"  wrote {path}")
         if args.png:
             for name, graph in graphs.items():
@@ -151,6 +164,7 @@ def parser() -> argparse.ArgumentParser:
         prog="energyc",
         description="Compile energy functions into Transformer layers (descent steps on E).",
     )
+    p.add_argument("--version", action="version", version=f"energyc {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
     c = sub.add_parser("compile", help="generate a PyTorch package per layer of an energy file",
                        description="Generate OUTDIR/<layer>/ (an nn.Module and its autograd "

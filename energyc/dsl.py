@@ -72,13 +72,37 @@ class Init:
     args: dict[str, Any] = field(default_factory=dict)
 
 
+# constants that make a declared number not a finite real one
+NOT_FINITE_REAL = (sympy.I, sympy.zoo, sympy.nan, sympy.oo, -sympy.oo)
+
+
+def _init_value(value: Any, what: str) -> sympy.Expr:
+    """An init argument: a finite real number, or an expression of the dims."""
+    try:
+        expr = sympy.sympify(value)
+    except (sympy.SympifyError, TypeError):
+        message = f"{what} must be a number or an expression of the dims, got {value!r}"
+        raise _fail(message) from None
+    if not isinstance(expr, sympy.Expr) or expr.has(*NOT_FINITE_REAL):
+        raise _fail(f"{what} must be a finite real number, got {value!r}")
+    return expr
+
+
 def normal(std: Any = None, mean: Any = 0) -> Init:
     """Gaussian init; ``std`` defaults to ``1/sqrt(fan_in)`` (the last axis)."""
-    return Init("normal", {"mean": sympy.sympify(mean), "std": None if std is None else sympy.sympify(std)})
+    std_expr = None if std is None else _init_value(std, "normal(std): std")
+    if std_expr is not None and std_expr.is_negative:
+        raise _fail(f"normal(std): std must be >= 0, got {std!r}")
+    return Init("normal", {"mean": _init_value(mean, "normal(mean=...): mean"), "std": std_expr})
 
 
 def uniform(low: Any, high: Any) -> Init:
-    return Init("uniform", {"low": sympy.sympify(low), "high": sympy.sympify(high)})
+    """Uniform init on ``[low, high]``."""
+    low_expr, high_expr = _init_value(low, "uniform(low, high): low"), _init_value(
+        high, "uniform(low, high): high")
+    if (high_expr - low_expr).is_negative:
+        raise _fail(f"uniform(low, high) needs low <= high, got low={low!r}, high={high!r}")
+    return Init("uniform", {"low": low_expr, "high": high_expr})
 
 
 def zeros() -> Init:
@@ -90,7 +114,8 @@ def ones() -> Init:
 
 
 def constant(value: Any) -> Init:
-    return Init("constant", {"value": sympy.sympify(value)})
+    """Every entry ``value`` (a number or an expression of the dims)."""
+    return Init("constant", {"value": _init_value(value, "constant(value): value")})
 
 
 def alibi_slopes() -> Init:
@@ -432,13 +457,35 @@ def apply(fn: Callable[..., Any], *values: Any) -> Tensor:
             )
     body = body.xreplace(subs)
     if isinstance(body, sympy.Expr) and body.has(sympy.zoo, sympy.nan):
-        raise EnergyError(f"expression is undefined ({body})", where)
+        raise EnergyError("the expression is undefined for every input: it divides by zero (or "
+                          "takes log(0), or the like)", where)
+    if isinstance(body, sympy.Expr) and body.has(sympy.I):
+        raise EnergyError("the expression has a constant that is not a real number (the log or "
+                          "square root of a negative number?); an energy is real", where)
     if not args:
         raise EnergyError("an element-wise expression needs at least one tensor", where)
+    _check_differentiable(body, len(args), where)
     node = _ops.pointwise(g, body, args, where=where)
     if g.node(node).op == "const":
         raise EnergyError(f"expression {body} does not depend on any tensor", where)
     return Tensor(node, tuple(order))
+
+
+def _check_differentiable(body: sympy.Expr, n_args: int, where: str | None) -> None:
+    """Refuse a body whose first derivative SymPy leaves unevaluated, naming the functions."""
+    if not isinstance(body, sympy.Expr):
+        return
+    for k in range(n_args):
+        arg = _ops.ARG_SYMBOLS[k]
+        if not sympy.diff(body, arg).has(sympy.Derivative, sympy.Subs):
+            continue
+        names = sorted({type(f).__name__ for f in body.atoms(sympy.Function)
+                        if sympy.diff(f, arg).has(sympy.Derivative, sympy.Subs)})
+        raise EnergyError(
+            f"cannot differentiate {', '.join(names) or 'the expression'}: no derivative is known "
+            "for it; define the function with elementwise(name, value, derivative=...)",
+            where,
+        )
 
 
 def _unary(fn: Any, name: str) -> Callable[[Any], Any]:
@@ -606,7 +653,13 @@ def hyper(name: str, default: Any = None, learnable: bool = False) -> HyperSymbo
     if name in f.params or name in f.hypers:
         raise _fail(f"name {name!r} declared twice")
     if default is not None:
-        default = sympy.sympify(default)
+        try:
+            default = sympy.sympify(default)
+        except (sympy.SympifyError, TypeError):
+            raise _fail(f"default of {name} must be a number or an expression of the dims, got "
+                        f"{default!r}") from None
+        if not isinstance(default, sympy.Expr) or default.has(*NOT_FINITE_REAL):
+            raise _fail(f"default of {name} must be a finite real number, got {default!r}")
         extra = {s for s in default.free_symbols if not isinstance(s, Dim)}
         if extra:
             raise _fail(f"default of {name} uses {sorted(map(str, extra))}, which are not dims")
@@ -688,6 +741,9 @@ def layer(
         )
     if not isinstance(steps, int) or steps < 1:
         raise EnergyError(f"steps must be a positive int, got {steps!r}", where)
+    if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
+        raise EnergyError(f"rank must be a positive int (the columns of the dplr "
+                          f"preconditioner's low-rank part), got {rank!r}", where)
     if precond not in PRECONDITIONERS:
         raise EnergyError(f"precond must be one of {PRECONDITIONERS}, got {precond!r}", where)
     if context not in ("current", "input"):

@@ -4,17 +4,33 @@ from __future__ import annotations
 
 import sympy
 
-from energyc.ir.graph import Graph
+from energyc.ir.graph import Graph, Node
 from energyc.ir.ops import ARG_SYMBOLS, OPS, describe_mask
 
 
-def format_graph(graph: Graph, title: str = "") -> str:
-    """One line per live node: id, op, inputs, axes; then the outputs."""
+def _axes(node: Node, param_dims: dict[str, tuple[str, ...]] | None) -> tuple[str, ...]:
+    """A node's axes; for a parameter, its dims as declared when ``param_dims`` names them (the
+    graph keeps every value's axes in one canonical order, the Layer stores a parameter in the
+    declared one)."""
+    if node.op == "param" and param_dims and node.attr("name") in param_dims:
+        return tuple(param_dims[node.attr("name")])
+    return tuple(node.axes)
+
+
+def format_graph(graph: Graph, title: str = "",
+                 param_dims: dict[str, tuple[str, ...]] | None = None) -> str:
+    """One line per live node: id, op, inputs, axes; then the outputs.
+
+    Args:
+        graph: the graph to print.
+        title: a first line.
+        param_dims: parameter name -> its declared dims, shown instead of the canonical order.
+    """
     lines = [title] if title else []
     for n in graph.live():
         node = graph.node(n)
         ins = ", ".join(f"%{u}" for u in node.inputs)
-        axes = "(" + ", ".join(node.axes) + ")"
+        axes = "(" + ", ".join(_axes(node, param_dims)) + ")"
         lines.append(f"  %{n:<4} {axes:<18} {OPS[node.op].describe(node):<48} {ins}")
     outs = ", ".join(f"{k}=%{v}" for k, v in graph.outputs.items())
     lines.append(f"  outputs: {outs}")
@@ -85,12 +101,14 @@ def _wrap(text: str) -> str:
     return text if simple or (text.endswith(")") and text.count("(") == 1) else f"({text})"
 
 
-def to_dot(graph: Graph, name: str = "energy") -> str:
-    """The graph in Graphviz DOT (``dot -Tpng`` draws it)."""
+def to_dot(graph: Graph, name: str = "energy",
+           param_dims: dict[str, tuple[str, ...]] | None = None) -> str:
+    """The graph in Graphviz DOT (``dot -Tpng`` draws it); ``param_dims`` as in format_graph."""
     lines = [f'digraph "{name}" {{', "  rankdir=TB;", '  node [shape=box, fontname="monospace"];']
     for n in graph.live():
         node = graph.node(n)
-        label = f"%{n} {OPS[node.op].describe(node)}\\n({', '.join(node.axes)})".replace('"', "'")
+        axes = ", ".join(_axes(node, param_dims))
+        label = f"%{n} {OPS[node.op].describe(node)}\\n({axes})".replace('"', "'")
         lines.append(f'  n{n} [label="{label}"];')
         for u in node.inputs:
             lines.append(f"  n{u} -> n{n};")
