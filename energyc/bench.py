@@ -131,6 +131,7 @@ class Row:
     generated: VariantResult
     autograd: VariantResult
     agreement: dict = field(default_factory=dict)
+    context_sets: list[str] = field(default_factory=list)  # of its reductions over j; [] per token
 
     @property
     def speedup(self) -> float | None:
@@ -551,8 +552,10 @@ def bench_size(layer: CompiledLayer, module: ModuleType, file: str, tokens: int,
     """Both variants of ``layer`` at ``tokens``: memory, agreement and interleaved timings."""
     tag = f"{layer.name} T={tokens}"
     results = {v: VariantResult() for v in VARIANTS}
+    from energyc.check import context_sets
+
     row = Row(file, layer.name, tokens, layer_dims(layer, opts.dims), results["generated"],
-              results["autograd"])
+              results["autograd"], context_sets=sorted(context_sets(layer)))
     cuda = opts.device.startswith("cuda")
     if server is not None:  # CPU: memory (and the budgets) first, in fresh processes
         for v in VARIANTS:

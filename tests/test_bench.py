@@ -1,5 +1,6 @@
 """`energyc bench`: the table, the JSON, the agreement check, the memory probes and the budgets."""
 
+import importlib.util
 import json
 
 import pytest
@@ -31,14 +32,13 @@ def _table_rows(out: str) -> dict[tuple[str, int], list[str]]:
 
 def test_bench_cli_table_and_json(tmp_path, capsys):
     out_json = tmp_path / "bench.json"
-    assert main(["bench", *FILES, "--tokens", "16", "32", *TINY, "--json", str(out_json)]) == 0
+    assert main(["bench", *FILES, "--tokens", "32", *TINY, "--json", str(out_json)]) == 0
     captured = capsys.readouterr()
     out = captured.out
     assert out.startswith("machine: ") and "threads 1" in out and f"torch {torch.__version__}" in out
     assert "float32" in out and "batch 2" in out
     rows = _table_rows(out)
-    assert sorted(rows) == [("cem_attention", 16), ("cem_attention", 32), ("cem_mlp", 16),
-                            ("cem_mlp", 32)]
+    assert sorted(rows) == [("cem_attention", 32), ("cem_mlp", 32)]
     for cells in rows.values():
         assert float(cells[2]) > 0 and float(cells[3]) > 0  # generated, autograd ms
         assert cells[4].endswith("x") and float(cells[4][:-1]) > 0  # speed-up (checked in JSON)
@@ -49,12 +49,13 @@ def test_bench_cli_table_and_json(tmp_path, capsys):
     data = json.loads(out_json.read_text())
     assert data["command"].startswith("energyc bench examples/cem_mlp.py")
     assert data["machine"]["threads"] == 1 and data["machine"]["cpu"]
-    assert data["options"]["tokens"] == [16, 32]
-    assert len(data["rows"]) == 4
+    assert data["options"]["tokens"] == [32]
+    assert len(data["rows"]) == 2
     rtol, atol = tolerance(torch.float32)
     for row in data["rows"]:
         assert row["dims"] == ({"D": 16, "M": 32} if row["layer"] == "cem_mlp"
                                else {"D": 16, "H": 2, "K": 8})
+        assert row["context_sets"] == ([] if row["layer"] == "cem_mlp" else ["causal"])
         agreement = row["agreement"]
         assert agreement["ok"] and agreement["status"] == "ok"
         assert (agreement["rtol"], agreement["atol"]) == (rtol, atol)
@@ -161,3 +162,17 @@ def test_bench_bad_arguments(args, message, capsys):
 def test_bench_cuda_without_a_device(capsys):
     assert main(["bench", FILES[0], "--device", "cuda"]) == 1
     assert "energyc: error: --device: no CUDA device" in capsys.readouterr().err
+
+
+def test_bench_examples_replaces_only_its_section(tmp_path):
+    spec = importlib.util.spec_from_file_location("bench_examples",
+                                                  "benchmarks/bench_examples.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    path = tmp_path / "RESULTS.md"
+    path.write_text("# Benchmark results\n\n## Before\n\nkept\n")
+    module.write_section(str(path), f"{module.SECTION}\n\nfirst\n")
+    path.write_text(path.read_text() + "\n## After\n\nkept too\n")
+    module.write_section(str(path), f"{module.SECTION}\n\nsecond\n")
+    assert path.read_text() == (f"# Benchmark results\n\n## Before\n\nkept\n\n{module.SECTION}\n\n"
+                                "second\n\n## After\n\nkept too\n")

@@ -1,0 +1,190 @@
+"""`energyc bench` over every example energy file: generated layers against autograd of E.
+
+For each layer of each example (the files `tests/conftest.py::example_files` lists) and each token
+count, the generated layer and y = x - eta grad E (torch.autograd, create_graph=True, on the
+reference evaluation of E) run forward + backward with the same weights and inputs; see
+`energyc/bench.py` for what is measured and how. Defaults: fp32, batch 2, D=128, H=4, K=32, M=512
+(any other dim 32), 256, 1024 and 4096 tokens, 1 thread.
+
+The table is followed by the targets of issue 9, per layer: a layer with a reduction over a context
+set (pairs of tokens) should be at least 2x faster than autograd at 1024 tokens, 4x at 4096, never
+slower at 256, with at most a quarter of autograd's peak memory (increment) at 4096; a per-token
+(element-wise) layer at least 1.2x faster at 1024.
+
+Run from the repository root:
+
+    python benchmarks/bench_examples.py                                  # every example: long
+    python benchmarks/bench_examples.py --examples cem_mlp cem_attention --tokens 256 1024
+    python benchmarks/bench_examples.py --write                          # into benchmarks/RESULTS.md
+
+`--write` replaces the section headed SECTION in benchmarks/RESULTS.md (or appends it) with the
+machine, the command, the date and the table; the rest of the file is left alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from energyc.bench import (  # noqa: E402
+    BenchOptions,
+    Report,
+    Row,
+    format_header,
+    format_table,
+    run_bench,
+    write_json,
+)
+from energyc.errors import EnergyError  # noqa: E402
+from tests.conftest import example_files  # noqa: E402
+
+SECTION = "## Every example: generated layer against autograd of the energy (`energyc bench`)"
+RESULTS = os.path.join(ROOT, "benchmarks", "RESULTS.md")
+DEFAULT_TOKENS = (256, 1024, 4096)
+
+# issue 9: (tokens, minimum speed-up) per kind of layer, and the memory line at 4096 tokens
+SPEED_TARGETS = {"pairs": ((256, 1.0), (1024, 2.0), (4096, 4.0)), "per token": ((1024, 1.2),)}
+MEMORY_TARGET = (4096, 4.0)  # pair layers: autograd's peak increment at least 4x the generated's
+
+
+def kind(row: Row) -> str:
+    """'pairs' for a layer with a reduction over a context set of tokens j, else 'per token'."""
+    return "pairs" if row.context_sets else "per token"
+
+
+def targets(report: Report) -> list[tuple[str, str, str]]:
+    """(layer, kind, verdicts) for every layer, from the measured sizes only."""
+    out = []
+    layers = list(dict.fromkeys(r.layer for r in report.rows))
+    for name in layers:
+        rows = {r.tokens: r for r in report.rows if r.layer == name}
+        k = kind(next(iter(rows.values())))
+        verdicts = []
+        for tokens, minimum in SPEED_TARGETS[k]:
+            row = rows.get(tokens)
+            if row is None:
+                continue
+            s = row.speedup
+            verdicts.append(f"{tokens}: speed-up {'-' if s is None else f'{s:.2f}x'} "
+                            f"{'met' if s is not None and s >= minimum else 'MISSED'} "
+                            f"(>= {minimum:g}x)")
+        tokens, minimum = MEMORY_TARGET
+        if k == "pairs" and tokens in rows:
+            m = rows[tokens].memory_ratio
+            verdicts.append(f"{tokens}: memory ratio {'-' if m is None else f'{m:.2f}x'} "
+                            f"{'met' if m is not None and m >= minimum else 'MISSED'} "
+                            f"(>= {minimum:g}x)")
+        out.append((name, k, "; ".join(verdicts) or "no target at these sizes"))
+    return out
+
+
+def format_targets(report: Report, markdown: bool) -> str:
+    rows = targets(report)
+    if markdown:
+        return "\n".join(["| layer | kind | issue 9 targets |", "|---|---|---|",
+                          *(f"| {a} | {b} | {c} |" for a, b, c in rows)])
+    width = max(len(a) for a, _, _ in rows)
+    return "\n".join(f"{a.ljust(width)}  {b.ljust(9)}  {c}" for a, b, c in rows)
+
+
+def section(report: Report, command: str) -> str:
+    """The RESULTS.md section: heading, machine, command, date, the tables."""
+    m = report.machine
+    lines = [SECTION, "",
+             f"Machine: {m['cpu']} ({m['logical_cpus']} logical CPUs)"
+             + (f", GPU {m['gpu']}" if "gpu" in m else "")
+             + f"; torch {m['torch']}; {m['threads']} thread(s). Date: {m['date']}.", "",
+             f"Command: `{command}`", "",
+             *(f"- {line}" for line in format_header(report)[1:]), "",
+             format_table(report, markdown=True), "",
+             format_targets(report, markdown=True), ""]
+    return "\n".join(lines)
+
+
+def write_section(path: str, text: str) -> None:
+    """Replace the SECTION of ``path`` (up to the next '## ' heading) with ``text``, or append."""
+    old = open(path, encoding="utf-8").read() if os.path.exists(path) else "# Benchmark results\n"
+    lines = old.splitlines(keepends=True)
+    start = next((k for k, line in enumerate(lines) if line.rstrip("\n") == SECTION), None)
+    if start is None:
+        new = old.rstrip("\n") + "\n\n" + text
+    else:
+        end = next((k for k in range(start + 1, len(lines)) if lines[k].startswith("## ")),
+                   len(lines))
+        tail = "".join(lines[end:])
+        new = "".join(lines[:start]) + text + ("\n" + tail if tail else "")
+    with open(path, "w", encoding="utf-8") as fh:
+        fh.write(new)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--examples", nargs="+", metavar="NAME",
+                   help="only these example files (by name, e.g. cem_mlp, or path)")
+    p.add_argument("--tokens", type=int, nargs="+", default=list(DEFAULT_TOKENS), metavar="N")
+    p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--dtype", choices=["float32", "float64", "bfloat16"], default="float32")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--backend", choices=["torch", "triton", "auto"], default="auto")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--max-seconds", type=float, default=60.0, metavar="S")
+    p.add_argument("--json", metavar="PATH", help="write the raw numbers as JSON")
+    p.add_argument("--write", action="store_true",
+                   help="write the table into RESULTS.md (its section only)")
+    p.add_argument("--results", default=RESULTS, metavar="PATH",
+                   help="the file --write edits (default benchmarks/RESULTS.md)")
+    return p
+
+
+def select_files(names: list[str] | None) -> list[str]:
+    files = example_files()
+    if not names:
+        return files
+    by_name = {os.path.splitext(os.path.basename(f))[0]: f for f in files}
+    chosen = []
+    for name in names:
+        key = os.path.splitext(os.path.basename(name))[0]
+        if key not in by_name:
+            raise SystemExit(f"bench_examples.py: error: --examples: no example {name!r} "
+                             f"(examples: {', '.join(sorted(by_name))})")
+        chosen.append(by_name[key])
+    return chosen
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    os.chdir(ROOT)
+    files = select_files(args.examples)
+    opts = BenchOptions(tokens=tuple(args.tokens), batch=args.batch, dtype=args.dtype,
+                        device=args.device, backend=args.backend, threads=args.threads,
+                        repeats=args.repeats, max_seconds=args.max_seconds)
+    command = shlex.join(["python", "benchmarks/bench_examples.py",
+                          *(sys.argv[1:] if argv is None else argv)])
+    try:
+        report = run_bench(files, opts, log=lambda m: print(m, file=sys.stderr, flush=True))
+    except EnergyError as exc:
+        print(f"bench_examples.py: error: {exc}", file=sys.stderr)
+        return 1
+    report.command = command
+    print("\n".join(format_header(report)))
+    print()
+    print(format_table(report))
+    print()
+    print(format_targets(report, markdown=False))
+    if args.json:
+        write_json(report, args.json)
+        print(f"wrote {args.json}")
+    if args.write:
+        write_section(args.results, section(report, command))
+        print(f"wrote the section {SECTION!r} of {args.results}")
+    return 1 if report.failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
