@@ -323,7 +323,7 @@ def test_kernels_match_the_materialised_sums(monkeypatch, mask, dtype):
 
     R_in = ref_R[..., None].to(dtype)
     outs = kernels.pair_sums([q], [k], [row, R_in], weights,
-                             [("i", v), ("j", v), ("i", None)], (kind, w), **kw)
+                             [("i", v, 0), ("j", v, 1), ("i", None, 2)], (kind, w), **kw)
     A = torch.where(m, torch.exp(S - R_in.double()), 0.0)
     expected = [A @ v.double(), (A * qk).transpose(-1, -2) @ v.double(), A.sum(-1)]
     for got, want in zip(outs, expected):

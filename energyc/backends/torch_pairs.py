@@ -13,7 +13,7 @@ import sympy
 
 from energyc.backends.torch_printer import TorchPrinter
 from energyc.ir.graph import Node
-from energyc.ir.pairs import DIST, PairForm, e, form_of, pair_symbols
+from energyc.ir.pairs import DIST, PairForm, e, form_of, pair_symbols, u
 
 
 def _view(em, nid: int, target: tuple[str, ...]) -> str:
@@ -33,15 +33,25 @@ def _view(em, nid: int, target: tuple[str, ...]) -> str:
 
 
 def _function(em, bodies: list[sympy.Expr], var: str, several: bool) -> str:
-    """Bind ``lambda u, d, e: body`` (with ``several``, a tuple of bodies) to ``var``."""
+    """Define ``var(u, d, e)``: the bodies on a tile (with ``several``, a tuple of them), their
+    common subexpressions computed once (SymPy's cse)."""
     symbols = set().union(*(pair_symbols(b) for b in bodies))
     names = {s.name: ("d" if s == DIST else f"{s.name[5]}[{s.name[6:]}]") for s in symbols}
     names.update({d: d for d in em.graph.dims})
     names.update({"B": "B", "T": "T"})
-    printer = TorchPrinter(names, symbols)
-    printed = [printer.doprint(b) for b in bodies]
+    shared, reduced = sympy.cse(bodies, symbols=sympy.numbered_symbols("_c"), order="none")
+    tensors = set(symbols)
+    lines = []
+    for sym, expr in shared:
+        if expr.free_symbols & tensors:
+            tensors.add(sym)
+        names[sym.name] = sym.name
+        lines.append(f"    {sym.name} = {TorchPrinter(names, tensors).doprint(expr)}")
+    printed = [TorchPrinter(names, tensors).doprint(b) for b in reduced]
     code = f"({', '.join(printed)},)" if several else printed[0]
-    em.lines.append(f"{var} = lambda u, d, e: {code}  # noqa: E731")
+    em.lines.append(f"def {var}(u, d, e):")
+    em.lines.extend(lines)
+    em.lines.append(f"    return {code}")
     return var
 
 
@@ -85,9 +95,7 @@ def emit_pair_lse(em, nid: int, node: Node) -> None:
 
 
 def _group_key(node: Node) -> tuple:
-    n = len(node.attr("features"))
-    return (tuple(node.inputs[:2 * n]), node.attr("features"), node.attr("heads"),
-            node.attr("mask"))
+    return (node.attr("heads"), node.attr("mask"))
 
 
 def _ready(em, node: Node) -> bool:
@@ -95,42 +103,55 @@ def _ready(em, node: Node) -> bool:
 
 
 def emit_pair_sum(em, nid: int, node: Node) -> None:
-    """Every pair sum over the same pairs whose inputs are ready: one pass over the tiles."""
+    """Every pair sum over the same pairs (context set, heads) whose inputs are ready: one pass
+    over the tiles, each tile's contractions computed once for all of them."""
     key = _group_key(node)
     group = [nid] + [n for n in sorted(em.region) if n != nid and n not in em.names
                      and em.graph.node(n).op == "pair_sum"
                      and _group_key(em.graph.node(n)) == key and _ready(em, em.graph.node(n))]
     var = em.pending[nid]
-    form = form_of(em.graph, node)
-    extras: list[int] = []
-    bodies, outputs = [], []
+    heads = node.attr("heads")
+    union = PairForm([], [], [], [], heads, node.attr("mask"))
+    bodies: list[sympy.Expr] = []
+    outputs = []
     for n in group:
         member = em.graph.node(n)
         mf = form_of(em.graph, member)
         renum = {}
+        for t, term in enumerate(zip(mf.q, mf.k, mf.features)):
+            terms = list(zip(union.q, union.k, union.features))
+            if term not in terms:
+                union.q.append(term[0])
+                union.k.append(term[1])
+                union.features.append(term[2])
+                terms.append(term)
+            renum[u(t)] = u(terms.index(term))
         for m, x in enumerate(mf.extras):
-            if x not in extras:
-                extras.append(x)
-            renum[e(m)] = e(extras.index(x))
-        bodies.append(member.attr("body").xreplace(renum))
+            if x not in union.extras:
+                union.extras.append(x)
+            renum[e(m)] = e(union.extras.index(x))
+        body = member.attr("body").xreplace(renum)
+        if body not in bodies:
+            bodies.append(body)
         token = member.attr("token")
         if member.attr("value"):
             v = member.inputs[-1]
-            feature = next(a for a in member.axes if a not in ("b", token, *form.heads))
+            feature = next(a for a in member.axes if a not in ("b", token, *heads))
             other = "j" if token == "i" else "i"
-            outputs.append(f"({token!r}, {_view(em, v, ('b', *form.heads, other, feature))})")
+            value = _view(em, v, ("b", *heads, other, feature))
         else:
-            outputs.append(f"({token!r}, None)")
+            value = "None"
+        outputs.append(f"({token!r}, {value}, {bodies.index(body)})")
     fn = _function(em, bodies, f"{var}_w", several=True)
-    q, k, ex = _operands(em, form, extras)
+    q, k, ex = _operands(em, union, union.extras)
     names = [em.pending[n] for n in group]
     em.lines.append(f"{', '.join(names)}, = _rt.pair_sums({q}, {k}, {ex}, {fn}, "
-                    f"[{', '.join(outputs)}], {_call_tail(em, form, bodies)})")
+                    f"[{', '.join(outputs)}], {_call_tail(em, union, bodies)})")
     for n, name in zip(group, names):
         member = em.graph.node(n)
         token = member.attr("token")
-        feature = [a for a in member.axes if a not in ("b", token, *form.heads)]
-        _back(em, name, ("b", *form.heads, token, *feature), member.axes)
+        feature = [a for a in member.axes if a not in ("b", token, *heads)]
+        _back(em, name, ("b", *heads, token, *feature), member.axes)
         em.names[n] = name
     return None
 

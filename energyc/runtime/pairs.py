@@ -129,26 +129,27 @@ def pair_sums(q: Sequence[torch.Tensor], k: Sequence[torch.Tensor],
               device: torch.device) -> list[torch.Tensor]:
     """Several sums over the same pairs in one pass over the tiles.
 
-    ``weights(u, d, e)`` returns one weight tile ``A_ij`` per output; output ``(token, v)`` is
-    ``sum_{j in C(i)} A_ij v_j`` (``token="i"``, v of shape ``(.., T, G)`` indexed by j),
-    ``sum_{i : j in C(i)} A_ij v_i`` (``token="j"``), or without v the sums of A alone."""
+    ``weights(u, d, e)`` returns weight tiles ``A_ij``; output ``(token, v, n)`` is, with the
+    n-th of them, ``sum_{j in C(i)} A_ij v_j`` (``token="i"``, v of shape ``(.., T, G)`` indexed
+    by j), ``sum_{i : j in C(i)} A_ij v_i`` (``token="j"``), or without v the sums of A alone."""
     kind, w = mask
     cdt = _compute_dtype(dtype)
     q, kt, extras = _prepare(q, k, extras, cdt)
-    values = [None if v is None else v.to(cdt) for _, v in outputs]
+    values = [None if v is None else v.to(cdt) for _, v, _ in outputs]
     results = []
     for _, v in zip(outputs, values):
         tail = () if v is None else (v.shape[-1],)
         results.append(torch.zeros((*shape, T, *tail), dtype=cdt, device=device))
     for i0, i1, j0, j1, partial in pair_tiles(T, kind, w):
         u, d, e = _tile_args(q, kt, extras, i0, i1, j0, j1, uses_offset, cdt, device)
-        tiles = weights(u, d, e)
         inside = _context_tile(kind, w, i0, i1, j0, j1, device) if partial else None
-        for (token, _), v, r, a in zip(outputs, values, results, tiles):
+        tiles = []
+        for a in weights(u, d, e):
             a = torch.broadcast_to(torch.as_tensor(a, dtype=cdt, device=device),
                                    (*shape, i1 - i0, j1 - j0))
-            if inside is not None:
-                a = torch.where(inside, a, 0.0)
+            tiles.append(a if inside is None else torch.where(inside, a, 0.0))
+        for (token, _, n), v, r in zip(outputs, values, results):
+            a = tiles[n]
             if token == "i" and v is None:
                 r[..., i0:i1] += a.sum(-1)
             elif token == "i":
