@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 import time
 from collections.abc import Callable
 
@@ -65,6 +66,8 @@ def compile_paths(
         for layer in layers:
             log(f"  {layer.name}: derived forward and backward graphs "
                 f"({len(layer.step.live())} nodes) in {sum(layer.timings.values()):.2f}s")
+            for note in layer.notes:
+                print(f"energyc: note: {note}", file=sys.stderr, flush=True)
             rendered.append((layer.name, render_files(layer, source_name(path))))
     written = [write_package(files, outdir, name) for name, files in rendered]
     for target in written:

@@ -58,6 +58,8 @@ def _inspect(args: argparse.Namespace) -> int:
               f" params {params or '-'};"
               f" hypers {', '.join(h.name for h in layer.hypers) or '-'})")
         print(f"  E_i = {format_energy(layer.energy, 'energy')}")
+        for note in layer.notes:
+            print(f"  note: {note}")
         sp = split(layer.step, ["grad"], ["grad_g"])
         graphs = {"energy": layer.energy, "step": layer.step}
         if args.graph in ("energy", "all"):

@@ -26,6 +26,7 @@ from energyc.errors import CompileError, EnergyError
 from energyc.ir import ops
 from energyc.ir.graph import Graph
 from energyc.passes import run_pipeline
+from energyc.passes.pairs import unfused_reductions
 
 LEAF_OPS = ("input", "param", "hyper", "const", "offset")
 
@@ -41,6 +42,8 @@ class CompiledLayer:
     step: Graph
     precond: dict[str, Graph]
     timings: dict[str, float] = field(default_factory=dict)
+    #: what stays slow, each "FILE:LINE: why" (a reduction over j left materialised)
+    notes: list[str] = field(default_factory=list)
 
     @property
     def even_dims(self) -> tuple[str, ...]:
@@ -105,6 +108,8 @@ def compile_layer(decl: LayerDecl, verify: bool = False) -> CompiledLayer:
     if verify:
         energy.verify()
 
+    notes = [f"{where or decl.where}: the reduction over j stays materialised ((tokens x tokens) "
+             f"memory and time): {reason}" for where, reason in unfused_reductions(energy)]
     # step graph: g = dE/dx, then its VJP (second derivatives of E)
     step, e_step = _energy_subgraph(decl)
     step.outputs = {"energy": e_step}
@@ -131,9 +136,17 @@ def compile_layer(decl: LayerDecl, verify: bool = False) -> CompiledLayer:
     t3 = time.perf_counter()
     precond = {kind: _precond_graph(kind, f.state_dim, verify) for kind in ("identity", "diagonal", "dplr")}
     t4 = time.perf_counter()
+    if not notes and _pair_valued(step):
+        notes.append(f"{decl.where}: the step graph keeps values over (i, j): "
+                     f"{', '.join(sorted(set(_pair_valued(step))))}")
     return CompiledLayer(decl, dims, f.state_dim, params, hypers, energy, step, precond,
                          {"first_order": t1 - t0, "second_order": t2 - t1, "passes": t3 - t2,
-                          "precond": t4 - t3})
+                          "precond": t4 - t3}, notes)
+
+
+def _pair_valued(graph: Graph) -> list[str]:
+    """The ops of live values with both token axes (a (tokens x tokens) tensor at run time)."""
+    return [graph.node(n).op for n in graph.live() if {"i", "j"} <= set(graph.node(n).axes)]
 
 
 def _precond_graph(kind: str, dim: str, verify: bool) -> Graph:

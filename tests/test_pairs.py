@@ -268,6 +268,20 @@ def test_unfusable_reduction_is_reported_with_file_and_line(tmp_path, capsys):
     assert where.startswith(f"{path}:") and "contraction" in reason
     module = import_generated(layer)
     assert not run_check(layer, module, "backward", 3).error
+    from energyc.cli import main
+
+    assert main(["compile", str(path), "-o", str(tmp_path / "out"), "--quiet"]) == 0
+    err = capsys.readouterr().err
+    assert f"energyc: note: {path}:6: the reduction over j stays materialised" in err
+    assert main(["inspect", str(path)]) == 0
+    assert f"note: {path}:6:" in capsys.readouterr().out
+
+
+def test_fusable_energies_get_no_note(tmp_path, capsys):
+    from energyc.cli import main
+
+    assert main(["compile", _energy_file(tmp_path, "key_role"), "-o", str(tmp_path / "o")]) == 0
+    assert "note:" not in capsys.readouterr().err
 
 
 def test_pipeline_keeps_values_with_pair_ops(tmp_path):
