@@ -4,7 +4,8 @@ For each layer of each example (the files `tests/conftest.py::example_files` lis
 count, the generated layer and y = x - eta grad E (torch.autograd, create_graph=True, on the
 reference evaluation of E) run forward + backward with the same weights and inputs; see
 `energyc/bench.py` for what is measured and how. Defaults: fp32, batch 2, D=128, H=4, K=32, M=512
-(any other dim 32), 256, 1024 and 4096 tokens, 1 thread.
+(G=2, R=2 for grouped_query_attention's 2 x 2 query heads; any other dim 32), 256, 1024 and 4096
+tokens, 1 thread.
 
 The table is followed by the targets of issue 9, per layer: a layer with a reduction over a context
 set (pairs of tokens) should be at least 2x faster than autograd at 1024 tokens, 4x at 4096, never
@@ -46,6 +47,9 @@ from tests.conftest import example_files  # noqa: E402
 SECTION = "## Every example: generated layer against autograd of the energy (`energyc bench`)"
 RESULTS = os.path.join(ROOT, "benchmarks", "RESULTS.md")
 DEFAULT_TOKENS = (256, 1024, 4096)
+# dims of single examples: grouped keys put G x R query heads on G key heads; 2 x 2 gives the
+# H=4 query heads of the other attention examples (the default 32 x 32 would be 1024 heads)
+EXAMPLE_DIMS = {"grouped_query_attention": {"G": 2, "R": 2}}
 
 # issue 9: (tokens, minimum speed-up) per kind of layer, and the memory line at 4096 tokens
 SPEED_TARGETS = {"pairs": ((256, 1.0), (1024, 2.0), (4096, 4.0)), "per token": ((1024, 1.2),)}
@@ -132,6 +136,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--backend", choices=["torch", "triton", "auto"], default="auto")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--dim", nargs="+", action="extend", default=[], metavar="NAME=SIZE",
+                   help="dim sizes over the defaults (D=128 H=4 K=32 M=512, G=2 R=2, other 32)")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--max-seconds", type=float, default=60.0, metavar="S")
     p.add_argument("--json", metavar="PATH", help="write the raw numbers as JSON")
@@ -161,9 +167,17 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     os.chdir(ROOT)
     files = select_files(args.examples)
+    dims = {}
+    for f in files:
+        dims.update(EXAMPLE_DIMS.get(os.path.splitext(os.path.basename(f))[0], {}))
+    for item in args.dim:
+        name, sep, size = item.partition("=")
+        if not sep or not size.isdigit():
+            raise SystemExit(f"bench_examples.py: error: --dim: expected NAME=SIZE, got {item!r}")
+        dims[name] = int(size)
     opts = BenchOptions(tokens=tuple(args.tokens), batch=args.batch, dtype=args.dtype,
                         device=args.device, backend=args.backend, threads=args.threads,
-                        repeats=args.repeats, max_seconds=args.max_seconds)
+                        dims=dims, repeats=args.repeats, max_seconds=args.max_seconds)
     command = shlex.join(["python", "benchmarks/bench_examples.py",
                           *(sys.argv[1:] if argv is None else argv)])
     try:
