@@ -176,3 +176,14 @@ def test_bench_examples_replaces_only_its_section(tmp_path):
     module.write_section(str(path), f"{module.SECTION}\n\nsecond\n")
     assert path.read_text() == (f"# Benchmark results\n\n## Before\n\nkept\n\n{module.SECTION}\n\n"
                                 "second\n\n## After\n\nkept too\n")
+
+
+def test_bench_help(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["bench", "--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    assert "usage: energyc bench" in out
+    for option in ("--tokens", "--batch", "--dtype", "--device", "--backend", "--threads", "--dim",
+                   "--repeats", "--max-seconds", "--json"):
+        assert option in out
