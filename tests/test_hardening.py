@@ -233,9 +233,9 @@ def test_inspect_shows_parameters_with_their_declared_dims(tmp_path, capsys):
     assert main(["inspect", path, "--dot", str(dot)]) == 0
     out = capsys.readouterr().out
     assert "params W_q (H, K, D), W (M, D);" in out
-    param_lines = [line.split() for line in out.splitlines() if " param W" in line]
-    assert param_lines and all(line[1:3] == ["(M,", "D)"] for line in param_lines
-                               if line[-1] == "W"), param_lines
+    w_lines = [line.split() for line in out.splitlines() if line.rstrip().endswith(" param W")]
+    assert len(w_lines) == 2, out  # the energy graph and the step graph
+    assert all(line[1:3] == ["(M,", "D)"] for line in w_lines), w_lines
     assert "param W\\n(M, D)" in (tmp_path / "g.energy.dot").read_text()
 
 
