@@ -1,10 +1,13 @@
 """Render compiled layers into Python packages (the one place that owns the Jinja environment).
 
 All decisions are made here, in plain data (:class:`FunctionSpec`, :class:`PackageSpec`); the
-templates under ``codegen_templates/`` only loop over fields. Output is deterministic: stable
-names, sorted iteration, no timestamps; a header names the energy file, the template and a hash of
-the content. Packages are written atomically: rendered into a temporary directory beside the target
-and renamed into place, so a failed compile leaves no half-written package.
+templates under ``codegen_templates/`` only loop over fields. Only what depends on the energy is
+rendered (layer.py, _triton_layer.py and the package's __init__.py); what every package shares is
+``energyc.runtime``, which generated code imports, checking its version (``RUNTIME_VERSION``).
+Output is deterministic: stable names, sorted iteration, no timestamps; a header names the energy
+file, the template, a hash of the content and the dependencies. Packages are written atomically:
+rendered into a temporary directory beside the target and renamed into place, so a failed compile
+leaves no half-written package.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from energyc.backends.triton_backend import KernelSet, TritonEmitter
 from energyc.compiler import CompiledLayer, split
 from energyc.inspect import format_energy
 from energyc.ir.graph import Graph
-from energyc.ir.ops import MASK_KINDS
+from energyc.runtime_version import RUNTIME_VERSION
 
 
 def templates_dir() -> str:
@@ -57,7 +60,6 @@ def environment() -> jinja2.Environment:
         autoescape=False,
     )
     env.filters["pytuple"] = _pytuple
-    env.globals["MASK_KINDS"] = MASK_KINDS  # the codes _in_context tests (one table, in ir/ops.py)
     return env
 
 
@@ -73,21 +75,6 @@ class FunctionSpec:
 
 
 @dataclass
-class KernelSpec:
-    """The Triton kernels of one package's fused context reductions (attention family)."""
-
-    prefix: str  # kernel name prefix: _<energy>
-    energy: str
-    context: str  # the context sets served, as text
-    block_m: int  # queries per program (the interpreter's tile; also the backward's preprocess)
-    block_n: int  # keys per inner iteration (the interpreter's tile)
-    # (BLOCK_M, BLOCK_N, num_warps, num_stages) that Triton's autotuner tries on a GPU: the
-    # tiles of Triton's fused-attention tutorial and smaller ones for wide feature rows
-    gpu_tiles: tuple = ((128, 64, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 2),
-                        (32, 32, 4, 2), (16, 16, 4, 1))
-
-
-@dataclass
 class TritonModuleSpec:
     """The Triton path of one package: its step functions and the kernels they launch."""
 
@@ -95,7 +82,12 @@ class TritonModuleSpec:
     functions: list[FunctionSpec]
     kernels: list = field(default_factory=list)  # PointwiseKernel | ReductionKernel
     precond_kinds: list[str] = field(default_factory=list)
-    attention: bool = False  # whether _triton_attention.py serves its fused context reductions
+    attention: bool = False  # whether energyc.runtime.triton_attention serves fused reductions
+
+    @property
+    def context_test(self) -> bool:
+        """Whether a kernel tests a context set (``_in_context``, from energyc.runtime)."""
+        return any("_in_context(" in getattr(k, "valid", "") for k in self.kernels)
 
     @property
     def counts(self) -> dict[str, int]:
@@ -139,8 +131,8 @@ class PackageSpec:
     joint: bool
     functions: list[FunctionSpec]
     precond_kinds: list[str]
-    triton: KernelSpec | None = None
     triton_module: TritonModuleSpec | None = None
+    runtime_version: str = RUNTIME_VERSION  # the energyc.runtime the package requires at least
 
 
 def camel(name: str) -> str:
@@ -295,22 +287,14 @@ def package_spec(layer: CompiledLayer, source: str) -> PackageSpec:
         params.append(ParamSpec(p.name, "(" + "".join(f"{d}, " for d in p.dims) + ")", stmt))
     doc = _module_doc(layer)
     sg = layer.step
-    attention_masks = sorted({sg.node(n).attr("mask") for n in sg.live()
-                              if sg.node(n).op in ("attention", "attention_transposed")})
-    triton = None
-    if attention_masks:
-        from energyc.ir.ops import describe_mask
-
-        context = " or ".join(describe_mask(m) for m in attention_masks)
-        triton = KernelSpec(f"_{decl.name}", decl.name, context, block_m=32, block_n=32)
+    attention = any(sg.node(n).op in ("attention", "attention_transposed") for n in sg.live())
     return PackageSpec(
         name=decl.name, class_name=camel(decl.name), source=source, doc=doc,
         dims=list(layer.dims), even_dims=list(layer.even_dims), state_dim=D, hypers=hypers, params=params, eta=decl.eta,
         steps=decl.steps, precond=decl.precond, rank=decl.rank, context=decl.context,
         joint=decl.joint, functions=functions, precond_kinds=list(layer.precond),
-        triton=triton,
         triton_module=TritonModuleSpec(decl.name, triton_functions, kernel_set.kernels,
-                                       list(layer.precond), attention=triton is not None),
+                                       list(layer.precond), attention=attention),
     )
 
 
@@ -388,24 +372,27 @@ def _module_doc(layer: CompiledLayer) -> str:
 
 
 def render_files(layer: CompiledLayer, source: str) -> dict[str, str]:
-    """Render the package's files: {relative path: text}."""
+    """Render the package's files: {relative path: text}.
+
+    Each starts with a header: the energyc that generated it, the energy file, the template, a
+    hash of the content, and what it depends on (torch and ``energyc.runtime`` at least
+    ``RUNTIME_VERSION``; triton for the Triton path).
+    """
     spec = package_spec(layer, source)
     env = environment()
     files = {}
-    templates = [("torch/layer.py.j2", "layer.py"), ("torch/__init__.py.j2", "__init__.py"),
-                 ("torch/_runtime.py.j2", "_runtime.py")]
-    if spec.triton is not None:
-        templates.append(("triton/attention.py.j2", "_triton_attention.py"))
-    templates.append(("triton/layer.py.j2", "_triton_layer.py"))
-    for template, out in templates:
-        fields = {"triton/attention.py.j2": spec.triton,
-                  "triton/layer.py.j2": spec.triton_module}.get(template, spec)
-        body = env.get_template(template).render(spec=fields)
-        body = format_code(body)
+    templates = [("torch/layer.py.j2", "layer.py", spec, ""),
+                 ("torch/__init__.py.j2", "__init__.py", spec, ""),
+                 ("triton/layer.py.j2", "_triton_layer.py", spec.triton_module,
+                  "; this module also on triton")]
+    for template, out, fields, also in templates:
+        body = format_code(env.get_template(template).render(spec=fields))
         digest = hashlib.sha256(body.encode()).hexdigest()[:16]
         header = (f"# Generated by energyc {__version__} from {source} with template {template}.\n"
                   f"# Do not edit: run `energyc compile {source}` instead. "
-                  f"Content hash: {digest}.\n")
+                  f"Content hash: {digest}.\n"
+                  f"# Depends on torch and energyc.runtime (energyc >= {spec.runtime_version})"
+                  f"{also}.\n")
         files[out] = header + body
     return files
 

@@ -12,6 +12,7 @@ from energyc.build import compile_path
 from energyc.compiler import compile_file
 from energyc.loader import load
 from energyc.render import render_files
+from energyc.runtime_version import RUNTIME_VERSION
 from tests.conftest import ROOT, example_files
 
 
@@ -36,9 +37,14 @@ def test_rendering_is_deterministic():
     first = render_files(compile_file(load(path))[0], path)
     second = render_files(compile_file(load(path))[0], path)
     assert first == second
-    header = first["layer.py"].splitlines()[:2]
+    assert sorted(first) == ["__init__.py", "_triton_layer.py", "layer.py"]  # no runtime copy
+    header = first["layer.py"].splitlines()[:3]
     assert "examples/cem_attention.py" in header[0] and "torch/layer.py.j2" in header[0]
     assert "Content hash" in header[1]
+    assert header[2] == f"# Depends on torch and energyc.runtime (energyc >= {RUNTIME_VERSION})."
+    assert first["_triton_layer.py"].splitlines()[2] == (
+        f"# Depends on torch and energyc.runtime (energyc >= {RUNTIME_VERSION}); this module also "
+        "on triton.")
 
 
 def test_output_does_not_depend_on_the_hash_seed(tmp_path):

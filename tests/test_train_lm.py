@@ -217,7 +217,7 @@ def test_default_corpus_is_stdlib_without_tests():
 
 
 def test_rotary_convention_matches_generated_runtime():
-    from generated.lm_attention_rope import _runtime as rt
+    from energyc import runtime as rt
 
     t = torch.randn(2, 3, 7, 8, dtype=torch.float64)  # (B, H, T, K)
     ours = train_lm.rotary(t)

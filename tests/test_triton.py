@@ -13,8 +13,8 @@ from energyc.tolerances import tolerance
 
 triton = pytest.importorskip("triton")
 
-attention_kernels = importlib.import_module("generated.cem_attention._triton_attention")
-attention_runtime = importlib.import_module("generated.cem_attention._runtime")  # torch fallback
+attention_kernels = importlib.import_module("energyc.runtime.triton_attention")
+attention_runtime = importlib.import_module("energyc.runtime")  # torch fallback
 
 KINDS = [("causal",), ("all",), ("strict",), ("window", 9), ("not_self",)]
 
@@ -202,7 +202,7 @@ def _token_pair_shapes(name, backend, chunk=None):
     """Shapes with two token axes (T = 37) created by the layer's forward and backward; ``chunk``
     sets the torch runtime's QUERY_CHUNK (its fallback's scores are (chunk, T) blocks)."""
     Layer = importlib.import_module(f"generated.{name}").Layer
-    runtime = importlib.import_module(f"generated.{name}._runtime")
+    runtime = importlib.import_module("energyc.runtime")
     saved = runtime.QUERY_CHUNK
     runtime.QUERY_CHUNK = chunk or saved
     torch.manual_seed(0)
@@ -235,21 +235,25 @@ def test_one_chunk_fallback_does_create_token_pairs():
     assert _token_pair_shapes("window_alibi", "torch")
 
 
-def test_kernel_count_in_rendered_source():
-    import generated.cem_attention as pkg
+def test_flash_kernels_are_in_the_runtime_only():
+    """One set of flash kernels, in energyc.runtime.triton_attention; the attention packages'
+    Triton paths name that module as their kernels, and no package carries a copy."""
+    import os
 
-    path = pkg.__path__[0] + "/_triton_attention.py"
+    path = attention_kernels.__file__
     tree = ast.parse(open(path).read())
     jitted = [f.name for f in tree.body if isinstance(f, ast.FunctionDef)
               and any("jit" in ast.unparse(d) for d in f.decorator_list)]
-    kernels = [n for n in jitted if n.startswith("_cem_attention_")]
-    assert kernels == ["_cem_attention_fwd", "_cem_attention_bwd_preprocess",
-                       "_cem_attention_bwd_dkdv", "_cem_attention_bwd_dq"]
-    import os
-
-    import generated.cem_mlp as mlp
-
-    assert not os.path.exists(os.path.join(mlp.__path__[0], "_triton_attention.py"))
+    kernels = [n for n in jitted if n.startswith("_attention_")]
+    assert kernels == ["_attention_fwd", "_attention_bwd_preprocess", "_attention_bwd_dkdv",
+                       "_attention_bwd_dq"]
+    for name in ATTENTION_LAYERS:
+        path = importlib.import_module(f"generated.{name}._triton_layer")
+        assert path.KERNELS is attention_kernels, name
+    for package in os.listdir("generated"):
+        if os.path.isdir(os.path.join("generated", package)):
+            assert not os.path.exists(os.path.join("generated", package, "_triton_attention.py"))
+            assert not os.path.exists(os.path.join("generated", package, "_runtime.py"))
 
 
 @pytest.mark.gpu

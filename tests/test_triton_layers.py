@@ -106,8 +106,7 @@ def _kernels_and_launches(package: str) -> tuple[list[str], list[str]]:
     path = os.path.join("generated", package, "_triton_layer.py")
     tree = ast.parse(open(path, encoding="utf-8").read())
     kernels = [f.name for f in tree.body if isinstance(f, ast.FunctionDef)
-               and any(ast.unparse(d) == "triton.jit" for d in f.decorator_list)
-               and f.name != "_in_context"]
+               and any(ast.unparse(d) == "triton.jit" for d in f.decorator_list)]
     launches = [call.args[0].value for call in ast.walk(tree) if isinstance(call, ast.Call)
                 and isinstance(call.func, ast.Name) and call.func.id in ("_pointwise", "_reduction")
                 and isinstance(call.args[0], ast.Constant)]

@@ -1,0 +1,169 @@
+"""What every generated Triton path (``generated/<layer>/_triton_layer.py``) shares.
+
+A generated ``_triton_layer.py`` holds its energy's own kernels (one element-wise kernel per
+fused pointwise node, one reduction kernel per reduction with its prologue and epilogue) and its
+step functions; it launches the kernels through the two launchers made here for it::
+
+    _pointwise, _reduction = launchers(__name__)
+
+Element-wise launch, output of ``shape`` with N elements, args broadcast to it (stride 0 along
+the axes they lack)::
+
+    out[c] = kernel(args[0][c], args[1][c], ...)
+
+Reduction launch, the prologue args broadcast to ``shape``, reduced over its ``red_dims``, the
+epilogue args broadcast to the output (its ``out_dims``)::
+
+    out[o] = post(acc_{r} pre(pre_0[o, r], ...), epi_0[o], ...)
+
+Both launches are ``torch.library`` custom ops (``energyc::triton_pointwise``,
+``energyc::triton_reduction``, registered once here for every package: the kernel is named by
+its module and function), so torch.compile(fullgraph=True) keeps them as opaque nodes, with fake
+implementations giving their output shapes, instead of tracing Triton. Kernels compute in
+``ACC``: fp32, fp64 for float64 inputs; results are stored in the inputs' dtype.
+
+Also here: the kernels' context test ``in_context`` (shared with the flash kernels of
+``energyc.runtime.triton_attention``) and the interpreter helpers.
+"""
+
+import math
+import os
+import sys
+from collections.abc import Callable, Sequence
+
+import torch
+import triton
+import triton.language as tl
+
+# kernels made while TRITON_INTERPRET=1 run on the CPU in Triton's interpreter
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+
+# the context sets as the integer codes the kernels test: j in C(i) (the compiler prints the same
+# codes, energyc.ir.ops.MASK_KINDS, into the reduction kernels it generates)
+MASK_KINDS = {"all": 0, "causal": 1, "strict": 2, "window": 3, "not_self": 4}
+
+BLOCK = 1024  # elements per program of an element-wise kernel
+BLOCK_O = 32  # outputs per program of a reduction kernel
+BLOCK_R = 64  # reduced elements per inner iteration
+
+
+def storage(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the kernels store a result of ``dtype`` in. The interpreter converts float32 to
+    bfloat16 by truncation where a GPU rounds to nearest even, so there a bfloat16 result is stored
+    in float32 and rounded by torch (``.to(dtype)``) afterwards."""
+    return torch.float32 if INTERPRETED and dtype == torch.bfloat16 else dtype
+
+
+@triton.jit
+def in_context(offs_m, offs_n, MASK_KIND: tl.constexpr, WINDOW):
+    """(M, N) booleans: key n is in the context set MASK_KIND (a code of MASK_KINDS) of query m;
+    WINDOW is the window's width."""
+    m = offs_m[:, None]
+    n = offs_n[None, :]
+    if MASK_KIND == 1:
+        return n <= m
+    elif MASK_KIND == 2:
+        return n < m
+    elif MASK_KIND == 3:
+        return (n <= m) & (n >= m - WINDOW)
+    elif MASK_KIND == 4:
+        return n != m
+    else:
+        return (n >= 0) & (m >= 0)
+
+
+def _acc(dtype: torch.dtype):
+    """The kernels' arithmetic type for inputs of ``dtype``."""
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+@torch.library.custom_op("energyc::triton_pointwise", mutates_args=())
+def _pointwise_op(
+    module: str, kernel: str, shape: list[int], args: list[torch.Tensor], dims: list[int]
+) -> torch.Tensor:
+    """Launch element-wise ``kernel`` of ``module``: an output of ``shape``, the args broadcast to
+    it (stride 0 along the axes they lack); ``dims`` are the dim sizes its body uses."""
+    fn = getattr(sys.modules[module], kernel)
+    dtype = args[0].dtype
+    out = torch.empty(shape, dtype=storage(dtype), device=args[0].device)
+    views = [a.expand(shape) for a in args]
+    n = out.numel()
+    fn[(triton.cdiv(n, BLOCK),)](
+        out, *views, n, *shape, *[s for v in views for s in v.stride()], *map(float, dims),
+        ACC=_acc(dtype), BLOCK=BLOCK,
+    )
+    return out.to(dtype)
+
+
+@_pointwise_op.register_fake
+def _(module, kernel, shape, args, dims):
+    return args[0].new_empty(shape)
+
+
+@torch.library.custom_op("energyc::triton_reduction", mutates_args=())
+def _reduction_op(
+    module: str,
+    kernel: str,
+    shape: list[int],
+    out_dims: list[int],
+    red_dims: list[int],
+    pre: list[torch.Tensor],
+    epi: list[torch.Tensor],
+    dims: list[int],
+    window: int,
+) -> torch.Tensor:
+    """Launch reduction ``kernel`` of ``module``: the prologue args ``pre`` broadcast to ``shape``,
+    reduced over ``red_dims``; the epilogue args ``epi`` broadcast to the output (``out_dims`` of
+    ``shape``); ``window`` is the context set's width (-1 when it has none)."""
+    fn = getattr(sys.modules[module], kernel)
+    out_shape = tuple(shape[d] for d in out_dims)
+    red_shape = tuple(shape[d] for d in red_dims)
+    dtype = pre[0].dtype
+    out = torch.empty(out_shape, dtype=storage(dtype), device=pre[0].device)
+    pre_views = [a.expand(shape).permute(*out_dims, *red_dims) for a in pre]
+    epi_views = [a.expand(out_shape) for a in epi]
+    strides = [s for v in pre_views + epi_views for s in v.stride()]
+    extra = () if window < 0 else (window,)
+    n_out, n_red = math.prod(out_shape), math.prod(red_shape)
+    fn[(triton.cdiv(n_out, BLOCK_O),)](
+        out, *pre_views, *epi_views, n_out, n_red, *out_shape, *red_shape, *strides, *extra,
+        *map(float, dims), ACC=_acc(dtype), BLOCK_O=BLOCK_O, BLOCK_R=BLOCK_R,
+    )
+    return out.to(dtype)
+
+
+@_reduction_op.register_fake
+def _(module, kernel, shape, out_dims, red_dims, pre, epi, dims, window):
+    return pre[0].new_empty([shape[d] for d in out_dims])
+
+
+def launchers(module: str) -> tuple[Callable[..., torch.Tensor], Callable[..., torch.Tensor]]:
+    """The element-wise and reduction launchers of the kernels defined in ``module``.
+
+    Args:
+        module: the generated module's ``__name__`` (its kernels are looked up by name there).
+
+    Returns:
+        ``pointwise(kernel, shape, args, dims)`` and ``reduction(kernel, shape, out_dims,
+        red_dims, pre, epi, dims, window=-1)``, as the module's step functions call them.
+    """
+
+    def pointwise(
+        kernel: str, shape: Sequence[int], args: Sequence[torch.Tensor], dims: Sequence[int]
+    ) -> torch.Tensor:
+        return _pointwise_op(module, kernel, list(shape), list(args), list(dims))
+
+    def reduction(
+        kernel: str,
+        shape: Sequence[int],
+        out_dims: Sequence[int],
+        red_dims: Sequence[int],
+        pre: Sequence[torch.Tensor],
+        epi: Sequence[torch.Tensor],
+        dims: Sequence[int],
+        window: int = -1,
+    ) -> torch.Tensor:
+        return _reduction_op(module, kernel, list(shape), list(out_dims), list(red_dims),
+                             list(pre), list(epi), list(dims), window)
+
+    return pointwise, reduction

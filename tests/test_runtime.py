@@ -1,0 +1,110 @@
+"""The shared runtime (energyc.runtime): what importing it pulls in, the version check generated
+packages run at import, and the one copy of what every package uses."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import ROOT
+
+COMPILER_MODULES = ("sympy", "networkx", "jinja2", "energyc.compiler", "energyc.render",
+                    "energyc.ir", "energyc.passes", "energyc.backends", "triton")
+
+
+def _loaded_after(statement: str) -> set[str]:
+    """The top-level names and energyc modules in sys.modules after ``statement``, run in a fresh
+    interpreter with TRITON_INTERPRET unset (so nothing decides the Triton path for it)."""
+    code = f"{statement}\nimport sys\nprint(' '.join(sorted(sys.modules)))"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
+                         env=env, timeout=300)
+    assert run.returncode == 0, run.stderr
+    return set(run.stdout.split())
+
+
+@pytest.mark.parametrize("statement", [
+    "import energyc.runtime",
+    "from generated.cem_attention import Layer",  # a generated package on the torch backend
+    "from generated.cem_mlp import Layer; Layer(D=4, M=8)",
+])
+def test_runtime_imports_with_torch_alone(statement):
+    loaded = _loaded_after(statement)
+    assert "torch" in loaded and "energyc.runtime" in loaded
+    assert not [m for m in COMPILER_MODULES if m in loaded]
+
+
+def test_the_probe_sees_the_compiler():
+    """The subprocess probe above can fail: importing the compiler shows in it."""
+    loaded = _loaded_after("import energyc.render")
+    assert {"sympy", "jinja2", "energyc.compiler"} <= loaded
+
+
+def test_require_refuses_a_newer_version():
+    from energyc import runtime
+
+    runtime.require(runtime.RUNTIME_VERSION, "generated.x")  # the same version: fine
+    runtime.require("0.0.1", "generated.x")
+    major, minor, patch = runtime._version_tuple(runtime.RUNTIME_VERSION)
+    with pytest.raises(ImportError, match=r"generated\.x was generated for energyc\.runtime >= "
+                                          rf"{major}\.{minor + 1}\.0.*upgrade energyc"):
+        runtime.require(f"{major}.{minor + 1}.0", "generated.x")
+    assert runtime._version_tuple("0.10.0") > runtime._version_tuple("0.9.3")  # numeric order
+
+
+def test_runtime_version_is_not_newer_than_energyc():
+    import energyc
+    from energyc import runtime
+
+    assert runtime._version_tuple(runtime.RUNTIME_VERSION) <= runtime._version_tuple(
+        energyc.__version__)
+
+
+def test_generated_package_checks_the_runtime_version_at_import(tmp_path):
+    """A package generated for a newer runtime than the installed one fails to import, naming
+    the package and the versions; its header states the dependency."""
+    from energyc.build import compile_path
+    from energyc.runtime import RUNTIME_VERSION
+
+    (target,) = compile_path(os.path.join(ROOT, "examples", "cem_mlp.py"), str(tmp_path))
+    header = open(os.path.join(target, "layer.py")).read().splitlines()[:3]
+    assert header[2] == (f"# Depends on torch and energyc.runtime (energyc >= {RUNTIME_VERSION}).")
+    path = os.path.join(target, "layer.py")
+    text = open(path).read()
+    assert text.count(f'_rt.require("{RUNTIME_VERSION}", __package__)') == 1
+    with open(path, "w") as fh:
+        fh.write(text.replace(f'_rt.require("{RUNTIME_VERSION}"', '_rt.require("99.0.0"'))
+    code = "import cem_mlp"
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         cwd=str(tmp_path), env=dict(os.environ, PYTHONPATH=ROOT), timeout=300)
+    assert run.returncode != 0
+    assert "ImportError: cem_mlp was generated for energyc.runtime >= 99.0.0" in run.stderr
+
+
+def test_kernels_and_compiler_agree_on_context_set_codes():
+    """The compiler prints context-set codes into the reduction kernels it generates; the
+    runtime's Triton ``in_context`` tests them: one table each side, which must agree."""
+    pytest.importorskip("triton")
+    from energyc.ir.ops import MASK_KINDS as printed
+    from energyc.runtime.triton_layer import MASK_KINDS as tested
+
+    assert printed == tested
+
+
+def test_pair_reductions_are_re_exported():
+    from energyc import runtime
+    from energyc.runtime import pairs
+
+    for name in pairs.__all__:
+        assert getattr(runtime, name) is getattr(pairs, name), name
+
+
+def test_generated_packages_hold_no_runtime_copy():
+    """Only the energy-dependent files: layer.py, _triton_layer.py and __init__.py."""
+    root = os.path.join(ROOT, "generated")
+    for package in sorted(os.listdir(root)):
+        if not os.path.isdir(os.path.join(root, package)) or package.startswith((".", "_")):
+            continue
+        files = {f for f in os.listdir(os.path.join(root, package)) if f.endswith(".py")}
+        assert files == {"__init__.py", "layer.py", "_triton_layer.py"}, (package, files)
