@@ -12,14 +12,8 @@ from energyc.ir.graph import Graph
 from energyc.ir.ops import OPS, add_all
 
 
-def vjp(graph: Graph, out: int, seed: int, wrt: list[int],
-        stop_at_wrt: bool = False) -> dict[int, int | None]:
-    """Return ``{w: grad node or None}``; ``None`` where ``out`` does not depend on ``w``.
-
-    With ``stop_at_wrt`` the walk treats ``wrt`` as leaves: it gives the partial derivatives with
-    respect to them as independent arguments (what an op's VJP rule must return), not the total
-    derivatives through one another.
-    """
+def vjp(graph: Graph, out: int, seed: int, wrt: list[int]) -> dict[int, int | None]:
+    """Return ``{w: grad node or None}``; ``None`` where ``out`` does not depend on ``w``."""
     region = graph.ancestors([out])
     # nodes on a path from some w to out
     depends: set[int] = set()
@@ -35,8 +29,6 @@ def vjp(graph: Graph, out: int, seed: int, wrt: list[int],
             continue
         g = add_all(graph, terms)
         grads[n] = g
-        if stop_at_wrt and n in wrt:
-            continue
         node = graph.node(n)
         for pos, du in OPS[node.op].vjp(graph, n, node, g):
             u = node.inputs[pos]

@@ -51,8 +51,7 @@ def import_generated(layer: CompiledLayer, outdir: str | None = None) -> ModuleT
 
 def context_sets(layer: CompiledLayer) -> set[str]:
     g = layer.energy
-    return {g.node(n).attr("mask")[0] for n in g.live()
-            if g.node(n).op in ("reduce", "fused_reduce") and g.node(n).attr("mask") is not None}
+    return {g.node(n).attr("mask")[0] for n in g.live() if g.node(n).attr("mask") is not None}
 
 
 def is_causal(layer: CompiledLayer) -> bool:

@@ -80,12 +80,34 @@ def format_energy(graph: Graph, output: str) -> str:
                 text = formula(node.attr("post"), [reduced] + [fmt(u) for u in node.inputs[n_pre:]])
         elif op == "mask":
             text = f"[{describe_mask(node.attr('mask'))}]*{_wrap(fmt(node.inputs[0]))}"
+        elif op in ("pair_lse", "pair_sum"):
+            text = _pair_formula(graph, node, fmt)
+        elif op == "running_sum":
+            text = f"sum_{{{describe_mask(node.attr('mask'))}}}({fmt(node.inputs[0])})"
         else:
             text = fmt(node.inputs[0])
         memo[n] = text
         return text
 
     return fmt(graph.outputs[output])
+
+
+def _pair_formula(graph, node, fmt) -> str:
+    """A pair op as ``logsumexp_{C}(phi)`` or ``sum_{C}(A * v)`` with its pairs written out."""
+    from energyc.ir.pairs import DIST, e, form_of, u
+
+    form = form_of(graph, node)
+    subs = {u(t): sympy.Symbol(f"({fmt(q)} . {fmt(k)})") for t, (q, k) in
+            enumerate(zip(form.q, form.k))}
+    subs.update({e(m): sympy.Symbol(_wrap(fmt(x))) for m, x in enumerate(form.extras)})
+    subs[DIST] = sympy.Symbol("(i - j)")
+    body = sympy.sstr(node.attr("body").xreplace(subs))
+    ctx = describe_mask(node.attr("mask"))
+    if node.op == "pair_lse":
+        return f"logsumexp_{{{ctx}}}({body})"
+    value = f" * {_wrap(fmt(node.inputs[-1]))}" if node.attr("value") else ""
+    over = "j" if node.attr("token") == "i" else "i"
+    return f"sum_{{{over}: {ctx}}}({body}{value})"
 
 
 def formula(body: sympy.Expr, args: list[str]) -> str:

@@ -473,33 +473,20 @@ def test_vjp_reduce_logsumexp_over_dim(axis):
     check_vjp(g, out, [u])
 
 
-@pytest.mark.parametrize("kind", ["sum", "lse"])
-@pytest.mark.parametrize("mask", [("causal",), ("strict",), None], ids=["causal", "strict", "none"])
-def test_vjp_fused_reduce(kind, mask):
-    """fused_reduce: post(reduce(pre(u, p)), s, w) differentiates like the unfused chain."""
+def test_fused_reduce_is_made_after_the_last_differentiation():
+    """fuse_reductions is a lowering pass: a fused_reduce is never differentiated, and asking for
+    its VJP says so (no op's VJP rule calls back into autodiff)."""
+    from energyc.errors import CompileError
+    from energyc.passes import STAGE
+
+    assert STAGE["fuse_reductions"] == "lower"
     g = new_graph()
     u = leaf(g, "input", "u", ("b", "i", "j", "H"))
-    p = leaf(g, "param", "p", ("H",))
-    w = leaf(g, "input", "w", ("b", "i", "H"))
-    s = leaf(g, "hyper", "s")
-    a0, a1, a2 = ARG_SYMBOLS[:3]
-    out = g.add("fused_reduce", (u, p, s, w), kind=kind, axes=("j",), mask=mask, n_pre=2,
-                pre=sympy.tanh(a0) * a1, post=a0 * a1 + sympy.exp(a2))
-    assert g.node(out).axes == ("b", "i", "H")
-    check_vjp(g, out, [u, p, w, s])
-
-
-def test_vjp_fused_reduce_with_dependent_arguments():
-    """One fused argument computed from another: each gets its partial derivative once (the
-    walk continues through the arguments, not inside the rule)."""
-    g = new_graph()
-    x = leaf(g, "input", "x", ("b", "i", "D"))
-    y = ops.pointwise(g, sympy.sin(ARG_SYMBOLS[0]), [x])
-    z = ops.reduce(g, x, ["D"])
-    a0, a1, a2 = ARG_SYMBOLS[:3]
-    out = g.add("fused_reduce", (x, y, z), kind="sum", axes=("D",), mask=None, n_pre=2,
-                pre=a0 * a1, post=a0 * a1)
-    check_vjp(g, out, [x])
+    a0 = ARG_SYMBOLS[0]
+    out = g.add("fused_reduce", (u,), kind="sum", axes=("j",), mask=("causal",), n_pre=1,
+                pre=sympy.tanh(a0), post=a0)
+    with pytest.raises(CompileError, match="after the last differentiation"):
+        vjp(g, out, g.add("input", name="s", axes=g.node(out).axes), [u])
 
 
 @pytest.mark.parametrize("kind", ["sum", "lse"])

@@ -655,32 +655,44 @@ def test_pipeline_keeps_example_values(path):
     """On each example: the energy, dE/dx and its VJP (second derivatives) have the same values
     before and after the pipeline, and dE/dx matches torch.autograd on the energy."""
     for decl in load(path).layers:
+        sizes = {**SIZES, **{d: 3 for d in decl.file.graph.dims if d not in SIZES}}
         energy, e = _energy_subgraph(decl)
         energy.outputs = {"energy": e}
-        assert_same_outputs(energy, run_pipeline(energy, verify=True))
+        assert_same_outputs(energy, run_pipeline(energy, verify=True), sizes)
 
-        step, e = _energy_subgraph(decl)
-        x = next(n for n in step.ids() if step.node(n).op == "input" and
-                 step.node(n).attr("name") == "x")
-        grad = vjp(step, e, ops.const(step, 1), [x])[x]
-        x_axes = step.node(x).axes
-        if step.node(grad).axes != x_axes:
-            grad = step.add("broadcast", (grad,), out=x_axes)
-        step.outputs = {"grad": grad}
-        optimised = run_pipeline(step, verify=True)
-        assert_same_outputs(step, optimised)
+        def first_order(fuse_pairs: bool) -> Graph:
+            """dE/dx as the compiler builds it: the energy stage (pair fusion) first."""
+            step, e = _energy_subgraph(decl)
+            if fuse_pairs:
+                step.outputs = {"energy": e}
+                step = run_pipeline(step, verify=True, stages=("energy",))
+                e = step.outputs["energy"]
+            x = next(n for n in step.ids() if step.node(n).op == "input" and
+                     step.node(n).attr("name") == "x")
+            grad = vjp(step, e, ops.const(step, 1), [x])[x]
+            x_axes = step.node(x).axes
+            if step.node(grad).axes != x_axes:
+                grad = step.add("broadcast", (grad,), out=x_axes)
+            step.outputs = {"grad": grad}
+            return step, e
 
-        env = random_env(step, 0, SIZES)
+        step, e = first_order(fuse_pairs=False)
+        fused, _ = first_order(fuse_pairs=True)
+        optimised = run_pipeline(fused, verify=True, stages=("simplify",))
+        assert_same_outputs(step, optimised, sizes)
+
+        env = random_env(step, 0, sizes)
         xt = env["x"].clone().requires_grad_(True)
-        value = evaluate(step, e, {**env, "x": xt}, SIZES)
+        value = evaluate(step, e, {**env, "x": xt}, sizes)
         (want,) = torch.autograd.grad(value.sum(), [xt])
-        got = evaluate(optimised, optimised.outputs["grad"], env, SIZES)
+        got = evaluate(optimised, optimised.outputs["grad"], env, sizes)
         torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-10)
 
         leaves = {optimised.node(n).attr("name"): n for n in optimised.live()
                   if optimised.node(n).op in ("input", "param", "hyper")}
         second = differentiate(optimised, "grad", "grad_g", leaves)
-        assert_same_outputs(second, run_pipeline(second, verify=True))
+        assert_same_outputs(second, run_pipeline(second, verify=True, stages=("simplify", "lower")),
+                            sizes)
 
 
 def test_expand_to_aligns_missing_axes():

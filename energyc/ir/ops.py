@@ -367,10 +367,8 @@ class FusedReduce(Op):
     Inputs: the ``n_pre`` prologue arguments ``a`` then the epilogue arguments ``b``. ``pre`` is a
     body over ``a0 .. a{n-1}``; ``post`` a body over ``a0`` (the reduced value) then ``a1 ..`` (the
     ``b``). The ``b`` have no axis beyond the output's, so the output keeps the reduction's axes.
-    Made by the ``fuse_reductions`` pass so that a backend computes it in one kernel.
-
-    VJP: the same as the unfused chain pointwise -> reduce -> pointwise, which it builds in the
-    graph and differentiates (the chain's nodes are then ordinary nodes of the gradient graph).
+    Made by the ``fuse_reductions`` pass (a lowering pass, after the last differentiation) so
+    that a backend computes it in one kernel; it is never differentiated.
     """
 
     name = "fused_reduce"
@@ -394,24 +392,11 @@ class FusedReduce(Op):
                                                                   for u in pre_args]))
 
     @staticmethod
-    def unfused(graph, node) -> int:
-        """Build ``post(reduce(pre(...)), ...)`` from ordinary nodes; return the output node."""
-        pre_args, post_args, full = FusedReduce.parts(graph, node)
-        pre = pointwise(graph, node.attr("pre"), pre_args)
-        if graph.node(pre).axes != full:
-            pre = graph.add("broadcast", (pre,), out=full)
-        red = graph.add("reduce", (pre,), kind=node.attr("kind"), axes=node.attr("axes"),
-                        mask=node.attr("mask"))
-        return pointwise(graph, node.attr("post"), [red, *post_args])
-
-    @staticmethod
     def vjp(graph, nid, node, g):
-        from energyc.autodiff import vjp
+        from energyc.errors import CompileError
 
-        out = FusedReduce.unfused(graph, node)
-        distinct = list(dict.fromkeys(node.inputs))
-        grads = vjp(graph, out, g, distinct, stop_at_wrt=True)
-        return [(node.inputs.index(u), grads[u]) for u in distinct if grads[u] is not None]
+        raise CompileError("a fused reduction has no VJP rule: fuse_reductions is a lowering "
+                           "pass, run after the last differentiation")
 
     @staticmethod
     def describe(node):

@@ -28,16 +28,13 @@ PIPELINE: list[tuple[str, Pass]] = [
     ("canonicalize", canonicalize),
     ("cse", cse),
     ("fuse_pointwise", fuse_pointwise),
-    ("canonicalize_again", canonicalize),
-    ("cse_again", cse),
     ("fuse_context_attention", fuse_context_attention),
     ("share_subexpressions", share_subexpressions),
     ("fuse_reductions", fuse_reductions),
-    ("dead_code_again", dead_code),
 ]
 
 STAGE = {"fuse_pair_reductions": "energy", "share_subexpressions": "lower",
-         "fuse_reductions": "lower", "dead_code_again": "lower"}
+         "fuse_reductions": "lower"}
 STAGES = ("energy", "simplify", "lower")
 
 

@@ -119,7 +119,7 @@ def _term(graph: Graph, n: int, form: PairForm, extra) -> sympy.Expr:
 def _is_reduction_over_j(graph: Graph, n: int) -> bool:
     node = graph.node(n)
     return (node.op == "reduce" and node.attr("axes") == ("j",)
-            and _pair_valued(graph, node.inputs[0]))
+            and node.attr("mask") is not None and _pair_valued(graph, node.inputs[0]))
 
 
 def _for_attention(graph: Graph, n: int) -> bool:
