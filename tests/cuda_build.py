@@ -6,7 +6,9 @@ each kernel launch, instead of running, is compiled by Triton for the target (an
 capability 90) with the types and constexprs of that launch, down to PTX and a cubin (ptxas ships
 with Triton). An autotuned kernel is built in every configuration its autotuner would time for
 the dtypes in ``--all-tiles`` (the benchmark's bfloat16 by default), in its first otherwise.
-Kernels whose source differs only in the package's name prefix are built once. The launches
+The flash kernels of fused context reductions are energyc.runtime.triton_attention's, shared by
+every package; of the packages' own kernels, those whose source differs only in the package's
+name prefix are built once. The launches
 write nothing, so the layers' values are garbage: this checks that every kernel builds for the
 GPU, not what it computes (the interpreter tests do that). Prints one line per build and exits
 non-zero if any fails.
@@ -96,12 +98,18 @@ def main(argv: list[str] | None = None) -> int:
 
     JITFunction.run = compile_launch
     Autotuner.run = compile_configs
+    from energyc import runtime
+
+    def triton_path(backend, x, package):
+        """The kernels' path as on a CUDA device (the runtime refuses CPU tensors uninterpreted)."""
+        path = sys.modules[f"{package}._triton_layer"]
+        return path, path.KERNELS
+
+    runtime.implementation = triton_path
     sizes = {k: int(v) for k, v in (s.split("=") for s in args.sizes.split(","))}
     for package in args.packages:
         module = importlib.import_module(f"generated.{package}")
-        path = importlib.import_module(f"generated.{package}._triton_layer")
-        # the kernels' path as on a CUDA device (the runtime refuses CPU tensors uninterpreted)
-        module.layer._rt.implementation = lambda backend, x, name, path=path: (path, path.KERNELS)
+        importlib.import_module(f"generated.{package}._triton_layer")
         dims = {k: v for k, v in sizes.items() if k in module.Layer.__init__.__code__.co_varnames}
         state["prefix"] = f"_{package}_"
         torch.manual_seed(0)
