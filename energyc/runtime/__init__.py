@@ -389,7 +389,9 @@ def check_dim(name: str, value: Any, even: bool = False) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"argument {name}: expected a positive int, got {value!r}")
     if even and value % 2:
-        raise ValueError(f"argument {name}: expected an even size (rotary over {name}), got {value}")
+        raise ValueError(
+            f"argument {name}: expected an even size (rotary over {name}), got {value}"
+        )
     return value
 
 
@@ -426,7 +428,9 @@ def implementation(backend: str, x: torch.Tensor, package: str) -> tuple[ModuleT
     if path is None:
         if backend == "auto":
             return torch_path
-        raise RuntimeError(f"backend='triton' needs the triton package (import {package}._triton_layer)")
+        raise RuntimeError(
+            f"backend='triton' needs the triton package (import {package}._triton_layer)"
+        )
     if not x.is_cuda and not sys.modules[f"{__name__}.triton_layer"].INTERPRETED:
         raise RuntimeError(
             "backend='triton' on CPU runs Triton's interpreter: set TRITON_INTERPRET=1 in the "
