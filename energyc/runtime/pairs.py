@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterator, Sequence
 
 import torch
 
-__all__ = ["pair_lse", "pair_sums", "running_sum", "pair_tiles"]
+__all__ = ["pair_lse", "pair_sums", "running_sum", "pair_tiles", "key_range"]
 
 BLOCK = 256  # tokens per tile side
 
@@ -38,13 +38,18 @@ def _in_context(kind: str, w: int, d: torch.Tensor) -> torch.Tensor:
     raise ValueError(f"unknown context set {kind!r}")
 
 
+def key_range(kind: str, w: int, i0: int, i1: int, T: int) -> tuple[int, int]:
+    """The keys [lo, hi) that queries [i0, i1) reach in the context set ``kind``."""
+    return {"causal": (0, i1), "strict": (0, max(i1 - 1, 0)), "window": (max(0, i0 - w), i1),
+            "all": (0, T), "not_self": (0, T)}[kind]
+
+
 def pair_tiles(T: int, kind: str, w: int, block: int = BLOCK) -> Iterator[tuple[int, int, int, int, bool]]:
     """``(i0, i1, j0, j1, partial)`` for every tile of queries [i0, i1) x keys [j0, j1) that
     the context set reaches; ``partial`` when some of its pairs are outside the set."""
     for i0 in range(0, T, block):
         i1 = min(i0 + block, T)
-        lo, hi = {"causal": (0, i1), "strict": (0, i1 - 1), "window": (max(0, i0 - w), i1),
-                  "all": (0, T), "not_self": (0, T)}[kind]
+        lo, hi = key_range(kind, w, i0, i1, T)
         for j0 in range(lo, hi, block):
             j1 = min(j0 + block, hi)
             if kind == "causal":
