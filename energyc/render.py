@@ -185,6 +185,7 @@ def function_spec(
     (node, canonical axes, storage order) per returned value; ``names`` gives every node's variable.
     """
     em = emitter(graph, {}, einsum_letters(graph.dims))
+    em.region = set(nodes)
     lines: list[str] = []
     for var, (nid, order) in leaves.items():
         if nid < 0:

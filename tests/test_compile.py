@@ -14,9 +14,11 @@ def test_fullgraph_compile_matches_eager(backend):
     if backend == "triton":
         pytest.importorskip("triton")
     from generated.cem_attention import Layer as Attention
+    from generated.causal_meanfield import Layer as RunningSum
     from generated.cem_mlp import Layer as Mlp
     from generated.energy_transformer import Layer as Joint
     from generated.strict_dplr import Layer as Dplr
+    from generated.softcap_attention import Layer as Softcap
     from generated.window_alibi import Layer as Window
 
     torch.manual_seed(0)
@@ -26,6 +28,8 @@ def test_fullgraph_compile_matches_eager(backend):
         Joint(D=16, H=2, K=8, backend=backend),  # key role: the keys-major product
         Dplr(D=16, H=2, K=8, backend=backend),  # two score terms, a head-less key
         Mlp(D=16, M=32, precond="diagonal", backend=backend),
+        Softcap(D=16, H=2, K=8, backend=backend),  # pair ops: the block-sparse torch kernels
+        RunningSum(D=16, M=8, backend=backend),  # a running sum over j <= i
     ).double()
     x = torch.randn(2, 8, 16, dtype=torch.float64, requires_grad=True)
     params = [x, *model.parameters()]

@@ -76,7 +76,8 @@ class TorchPrinter(PythonCodePrinter):
         name = type(expr).__name__
         if self._is_tensor(expr) and name in TORCH_FUNCTIONS:
             return f"{TORCH_FUNCTIONS[name]}({', '.join(self._print(a) for a in expr.args)})"
-        return super()._print_known_func(expr)
+        # a constant (numbers and dim sizes): SymPy's own printer for the function (math.*)
+        return getattr(super(), f"_print_{name}")(expr)
 
     _print_exp = _print_log = _print_tanh = _print_sinh = _print_cosh = _print_known_func
     _print_sin = _print_cos = _print_tan = _print_atan = _print_erf = _print_known_func
