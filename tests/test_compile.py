@@ -13,12 +13,12 @@ def test_fullgraph_compile_matches_eager(backend):
     """On the Triton path every kernel launch is a torch.library custom op, opaque to tracing."""
     if backend == "triton":
         pytest.importorskip("triton")
-    from generated.cem_attention import Layer as Attention
     from generated.causal_meanfield import Layer as RunningSum
+    from generated.cem_attention import Layer as Attention
     from generated.cem_mlp import Layer as Mlp
     from generated.energy_transformer import Layer as Joint
-    from generated.strict_dplr import Layer as Dplr
     from generated.softcap_attention import Layer as Softcap
+    from generated.strict_dplr import Layer as Dplr
     from generated.window_alibi import Layer as Window
 
     torch.manual_seed(0)

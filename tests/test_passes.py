@@ -660,7 +660,7 @@ def test_pipeline_keeps_example_values(path):
         energy.outputs = {"energy": e}
         assert_same_outputs(energy, run_pipeline(energy, verify=True), sizes)
 
-        def first_order(fuse_pairs: bool) -> Graph:
+        def first_order(fuse_pairs: bool, decl=decl) -> Graph:
             """dE/dx as the compiler builds it: the energy stage (pair fusion) first."""
             step, e = _energy_subgraph(decl)
             if fuse_pairs:

@@ -32,10 +32,10 @@ import sympy
 from energyc.ir.graph import Graph
 from energyc.ir.ops import ARG_SYMBOLS
 from energyc.ir.pairs import DIST, PairForm, e, make_pair_sum, u
-from energyc.passes.attention import FUSABLE_KINDS, _scores
+from energyc.passes.attention import FUSABLE_KINDS
 
 
-class NotFusable(Exception):
+class NotFusableError(Exception):
     """Why a reduction over j is not of the pair form (the message is shown to the user)."""
 
 
@@ -44,11 +44,11 @@ def _pair_valued(graph: Graph, n: int) -> bool:
 
 
 def pair_form(graph: Graph, red: int) -> tuple[PairForm, sympy.Expr]:
-    """The pair form and body phi of reduction node ``red``; raises :class:`NotFusable`."""
+    """The pair form and body phi of reduction node ``red``; raises :class:`NotFusableError`."""
     node = graph.node(red)
     mask = node.attr("mask")
     if mask[0] not in FUSABLE_KINDS:
-        raise NotFusable(f"the context set {mask} has no pair kernel")
+        raise NotFusableError(f"the context set {mask} has no pair kernel")
     S = node.inputs[0]
     heads = tuple(a for a in graph.node(S).axes if a not in ("b", "i", "j"))
     form = PairForm([], [], [], [], heads, mask)
@@ -78,7 +78,7 @@ def pair_form(graph: Graph, red: int) -> tuple[PairForm, sympy.Expr]:
         elif nd.op == "contract":
             out = _term(graph, n, form, extra)
         else:
-            raise NotFusable(f"the scores use j through a {graph.describe(n)} value, which is "
+            raise NotFusableError(f"the scores use j through a {graph.describe(n)} value, which is "
                              "not a contraction of a token-i value with a token-j value")
         leaves[n] = out
         return out
@@ -91,19 +91,19 @@ def _term(graph: Graph, n: int, form: PairForm, extra) -> sympy.Expr:
     column value when nothing is summed."""
     node = graph.node(n)
     if len(node.inputs) != 2:
-        raise NotFusable("the scores contract more than two values at once; contract the "
+        raise NotFusableError("the scores contract more than two values at once; contract the "
                          "query side first (e.g. (A @ x[i]) . (B @ xbar[j]))")
     q, k = node.inputs
     if "j" in graph.node(q).axes:
         q, k = k, q
     qa, ka = set(graph.node(q).axes), set(graph.node(k).axes)
     if "j" in qa or "i" in ka or "i" not in qa or "j" not in ka:
-        raise NotFusable("the scores contract values that each depend on both tokens")
+        raise NotFusableError("the scores contract values that each depend on both tokens")
     summed = (qa | ka) - set(node.axes)
     if not summed:
         return extra(q) * extra(k)
     if len(summed) != 1 or not summed <= qa & ka:
-        raise NotFusable(f"the scores contract over {len(summed)} axes at once "
+        raise NotFusableError(f"the scores contract over {len(summed)} axes at once "
                          f"({', '.join(sorted(summed))}); a pair term contracts one feature axis")
     (feature,) = summed
     key = (q, k, feature)
@@ -131,7 +131,7 @@ def _for_attention(graph: Graph, n: int) -> bool:
         return False
     try:
         form, phi = pair_form(graph, n)
-    except NotFusable:
+    except NotFusableError:
         return False
     if len(form.heads) > 1 or not form.q:
         return False
@@ -160,7 +160,7 @@ def fuse_pair_reductions(graph: Graph) -> Graph:
         if _is_reduction_over_j(graph, n) and not _for_attention(graph, n):
             try:
                 form, phi = pair_form(graph, n)
-            except NotFusable:
+            except NotFusableError:
                 form = None
             if form is not None:
                 mapped = PairForm([mapping[x] for x in form.q], [mapping[x] for x in form.k],
@@ -185,6 +185,6 @@ def unfused_reductions(graph: Graph) -> list[tuple[str | None, str]]:
             continue
         try:
             pair_form(graph, n)
-        except NotFusable as exc:
+        except NotFusableError as exc:
             found.append((graph.node(n).where, str(exc)))
     return found

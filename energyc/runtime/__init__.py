@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 
+from energyc.runtime.pairs import key_range
 from energyc.runtime_version import RUNTIME_VERSION
 
 # -- version --------------------------------------------------------------------------------------
@@ -124,6 +125,8 @@ def token_offset(T: int, dtype: torch.dtype, device: torch.device) -> torch.Tens
 def masked_logsumexp(s: torch.Tensor, mask: torch.Tensor, dim: int) -> torch.Tensor:
     """log sum_{j in C(i)} exp(s) along ``dim``; 0 where the context set is empty."""
     s = s.masked_fill(~mask, -math.inf)
+    if s.shape[dim] == 0:  # no keys at all (0 tokens): every context set is empty
+        return s.new_zeros(s.shape[:dim % s.dim()] + s.shape[dim % s.dim() + 1:])
     m = s.amax(dim=dim, keepdim=True)
     m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
     total = torch.exp(s - m).sum(dim=dim, keepdim=True)
@@ -211,7 +214,7 @@ def _accumulator(q: torch.Tensor) -> torch.dtype:
     return torch.float64 if q.dtype == torch.float64 else torch.float32
 
 
-QUERY_CHUNK = 256  # queries per step of the fallback: its scores are (B, H, 256, T), not (T, T)
+QUERY_CHUNK = 256  # queries per step of the fallback: its scores are (B, H, 256, <= T), not (T, T)
 
 
 def _row_blocks(T: int) -> list[tuple[int, int]]:
@@ -227,21 +230,35 @@ def _masked_scores(
     slopes: torch.Tensor | None,
     r0: int,
     qk: torch.Tensor | None = None,
+    c0: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scores (B, H, C, T) of the C queries from ``r0`` on against every key: scale * (q_i . k_j)
-    + slopes_h * (i - j) (the bias only when slopes is not None), -inf outside the context set
-    ``kind``; ``qk`` is qc @ kh^T when already formed. Also returns the (C, T) offsets i - j."""
+    """Scores (B, H, C, K) of the C queries from ``r0`` on against the K keys from ``c0`` on:
+    scale * (q_i . k_j) + slopes_h * (i - j) (the bias only when slopes is not None), -inf outside
+    the context set ``kind``; ``qk`` is qc @ kh^T when already formed. Also returns the (C, K)
+    offsets i - j."""
     if qk is None:
         qk = qc @ kh.transpose(-1, -2)
     scores = scale * qk
     i = torch.arange(r0, r0 + qc.shape[-2], device=qc.device, dtype=scores.dtype)
-    offset = i[:, None] - torch.arange(kh.shape[-2], device=qc.device, dtype=scores.dtype)
+    j = torch.arange(c0, c0 + kh.shape[-2], device=qc.device, dtype=scores.dtype)
+    offset = i[:, None] - j
     if slopes is not None:
         scores = scores + slopes.to(scores.dtype)[:, None, None] * offset
     if kind[0] != "all":
         w = kind[1] if kind[0] == "window" else 0
         scores = scores.masked_fill(~_in_context(kind[0], w, offset), -math.inf)
     return scores, offset
+
+
+def _key_blocks(kind: tuple, T: int) -> list[tuple[int, int, int, int]]:
+    """(r0, r1, c0, c1): each block of queries with the keys [c0, c1) its context set reaches
+    (causal: up to the block's last query; a window: its w keys before; all: every key)."""
+    w = kind[1] if kind[0] == "window" else 0
+    blocks = []
+    for r0, r1 in _row_blocks(T):
+        c0, c1 = key_range(kind[0], w, r0, r1, T)
+        blocks.append((r0, r1, c0, max(c1, min(c0 + 1, T))))  # one masked key at least
+    return blocks
 
 
 def attention_forward(
@@ -271,6 +288,9 @@ def attention_forward(
     The CPU flash kernels serve what they can (see ``_flash_cpu_serves``); otherwise the scores
     are formed QUERY_CHUNK queries at a time, so memory grows with tokens x QUERY_CHUNK.
     """
+    if q.numel() == 0 or k.numel() == 0:  # 0 tokens or batch 0: the flash kernel would crash
+        o = q.new_zeros((*q.shape[:-1], v.shape[-1]))
+        return o, q.new_zeros(q.shape[:-1], dtype=_accumulator(q))
     qh, kh, vh = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
     if _flash_cpu_serves(q, v, kind, slopes):
         o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
@@ -281,10 +301,11 @@ def attention_forward(
         qh, kh, vh = qh.to(acc), kh.to(acc), vh.to(acc)
         everywhere = torch.ones((), dtype=torch.bool, device=q.device)  # -inf already masks
         outs, lses = [], []
-        for r0, r1 in _row_blocks(q.shape[1]):
-            scores, _ = _masked_scores(qh[..., r0:r1, :], kh, scale, kind, slopes, r0)
+        for r0, r1, c0, c1 in _key_blocks(kind, q.shape[1]):
+            scores, _ = _masked_scores(qh[..., r0:r1, :], kh[..., c0:c1, :], scale, kind, slopes,
+                                       r0, c0=c0)
             lses.append(masked_logsumexp(scores, everywhere, dim=-1))
-            outs.append(torch.exp(scores - lses[-1][..., None]) @ vh)
+            outs.append(torch.exp(scores - lses[-1][..., None]) @ vh[..., c0:c1, :])
         o, lse = torch.cat(outs, dim=-2), torch.cat(lses, dim=-1)
     return o.transpose(1, 2).to(q.dtype), lse.transpose(1, 2).to(_accumulator(q))
 
@@ -310,6 +331,11 @@ def attention_backward(
     when ``slopes`` is given (else None); both in float32 (float64 for float64 inputs). Without
     the CPU flash kernels, P is recomputed from lse QUERY_CHUNK queries at a time.
     """
+    if q.numel() == 0 or k.numel() == 0:  # 0 tokens or batch 0: nothing flows back
+        acc = _accumulator(q)
+        dscale = q.new_zeros((), dtype=acc) if need_dscale else None
+        dslopes = q.new_zeros(q.shape[2], dtype=acc) if slopes is not None else None
+        return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v), dscale, dslopes
     qh, kh, vh, oh, gh = (t.transpose(1, 2) for t in (q, k, v, o, g))
     lseh = lse.transpose(1, 2)
     dscale = dslopes = None
@@ -324,15 +350,16 @@ def attention_backward(
         dqs, dk, dv = [], torch.zeros_like(kh), torch.zeros_like(vh)
         dscale = qh.new_zeros(()) if need_dscale else None
         dslopes = qh.new_zeros(q.shape[2]) if slopes is not None else None
-        for r0, r1 in _row_blocks(q.shape[1]):
+        for r0, r1, c0, c1 in _key_blocks(kind, q.shape[1]):
             qc, oc, gc = qh[..., r0:r1, :], oh[..., r0:r1, :], gh[..., r0:r1, :]
-            qk = qc @ kh.transpose(-1, -2)
-            scores, offset = _masked_scores(qc, kh, scale, kind, slopes, r0, qk)
+            kc, vc = kh[..., c0:c1, :], vh[..., c0:c1, :]
+            qk = qc @ kc.transpose(-1, -2)
+            scores, offset = _masked_scores(qc, kc, scale, kind, slopes, r0, qk, c0)
             p = torch.exp(scores - lseh[..., r0:r1, None])
-            dv = dv + p.transpose(-1, -2) @ gc
-            ds = p * (gc @ vh.transpose(-1, -2) - (gc * oc).sum(-1, keepdim=True))
-            dqs.append(scale * (ds @ kh))
-            dk = dk + scale * (ds.transpose(-1, -2) @ qc)
+            dv[..., c0:c1, :] += p.transpose(-1, -2) @ gc
+            ds = p * (gc @ vc.transpose(-1, -2) - (gc * oc).sum(-1, keepdim=True))
+            dqs.append(scale * (ds @ kc))
+            dk[..., c0:c1, :] += scale * (ds.transpose(-1, -2) @ qc)
             if need_dscale:
                 dscale = dscale + (ds * qk).sum()
             if slopes is not None:
@@ -358,10 +385,11 @@ def attention_transposed(
     acc = _accumulator(q)
     qh, kh, vh, lseh = (t.transpose(1, 2).to(acc) for t in (q, k, v, lse))
     o_t = torch.zeros_like(vh)
-    for r0, r1 in _row_blocks(q.shape[1]):
-        scores, _ = _masked_scores(qh[..., r0:r1, :], kh, scale, kind, slopes, r0)
+    for r0, r1, c0, c1 in _key_blocks(kind, q.shape[1]):
+        scores, _ = _masked_scores(qh[..., r0:r1, :], kh[..., c0:c1, :], scale, kind, slopes, r0,
+                                   c0=c0)
         p = torch.exp(scores - lseh[..., r0:r1, None])
-        o_t = o_t + p.transpose(-1, -2) @ vh[..., r0:r1, :]
+        o_t[..., c0:c1, :] += p.transpose(-1, -2) @ vh[..., r0:r1, :]
     return o_t.transpose(1, 2).to(q.dtype)
 
 
