@@ -1,0 +1,78 @@
+"""Run-time edge cases of every generated layer (issue 11): empty inputs, one token, NaN and inf,
+non-contiguous inputs, every dtype, and constructor arguments outside their domain."""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import os
+
+import pytest
+import torch
+
+from energyc import runtime as rt
+from tests.conftest import ROOT
+
+PACKAGES = sorted(
+    name
+    for name in os.listdir(os.path.join(ROOT, "generated"))
+    if os.path.exists(os.path.join(ROOT, "generated", name, "layer.py"))
+)
+
+
+def build(package: str, size: int = 4, **settings) -> torch.nn.Module:
+    """The package's Layer with every dim (the constructor's required arguments) set to ``size``."""
+    Layer = importlib.import_module(f"generated.{package}").Layer
+    dims = {
+        p.name: size
+        for p in inspect.signature(Layer).parameters.values()
+        if p.default is inspect.Parameter.empty
+    }
+    torch.manual_seed(0)
+    return Layer(**dims, **settings)
+
+
+def state_dim(layer: torch.nn.Module) -> int:
+    """The size of the state's feature dim (the last of x)."""
+    return next(p for p in layer.parameters()).shape[-1]
+
+
+# -- item 1: 0 tokens and batch 0 ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("shape", [(2, 0), (0, 3), (0, 0)], ids=["tokens0", "batch0", "both0"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("package", PACKAGES)
+def test_empty_input_gives_empty_outputs_forward_and_backward(package, dtype, shape):
+    """No crash (the CPU flash kernel used to kill the process on 0 tokens), no IndexError from
+    a reduction over no keys: outputs, gradients and energies of the right (empty) shape."""
+    layer = build(package).to(dtype)
+    x = torch.randn(*shape, 4, dtype=dtype, requires_grad=True)
+    y = layer(x)
+    assert y.shape == x.shape and y.dtype == dtype
+    y.sum().backward()
+    assert x.grad.shape == x.shape
+    for p in layer.parameters():
+        if p.grad is not None:
+            assert p.grad.shape == p.shape and torch.count_nonzero(p.grad) == 0
+    assert layer.energy(x.detach()).shape == (shape[0],)
+    assert layer.energy(x.detach(), per_token=True).shape == shape
+
+
+@pytest.mark.parametrize("shape", [(2, 0, 2, 4), (0, 3, 2, 4)])
+@pytest.mark.parametrize("kind", [("causal",), ("all",), ("strict",), ("window", 2)])
+def test_attention_kernels_on_empty_input(kind, shape):
+    q = torch.randn(shape)
+    o, lse = rt.attention_forward(q, q, q, 0.5, kind)
+    assert o.shape == shape and lse.shape == shape[:3] and lse.dtype == torch.float32
+    dq, dk, dv, dscale, dslopes = rt.attention_backward(
+        q, q, q, 0.5, kind, o, lse, torch.ones_like(o), slopes=torch.ones(2), need_dscale=True
+    )
+    assert dq.shape == dk.shape == dv.shape == shape
+    assert dscale.shape == () and dslopes.shape == (2,)
+
+
+def test_masked_logsumexp_over_no_keys_is_zero():
+    s = torch.randn(2, 3, 0)
+    out = rt.masked_logsumexp(s, torch.ones((), dtype=torch.bool), dim=-1)
+    assert out.shape == (2, 3) and torch.count_nonzero(out) == 0
