@@ -127,8 +127,6 @@ def masked_logsumexp(s: torch.Tensor, mask: torch.Tensor, dim: int) -> torch.Ten
     s = s.masked_fill(~mask, -math.inf)
     if s.shape[dim] == 0:  # no keys at all (0 tokens): every context set is empty
         return s.new_zeros(s.shape[:dim % s.dim()] + s.shape[dim % s.dim() + 1:])
-    if s.shape[dim] == 0:  # no keys at all (0 tokens): every context set is empty
-        return s.new_zeros(s.shape[:dim % s.dim()] + s.shape[dim % s.dim() + 1:])
     m = s.amax(dim=dim, keepdim=True)
     m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
     total = torch.exp(s - m).sum(dim=dim, keepdim=True)
@@ -293,9 +291,6 @@ def attention_forward(
     if q.numel() == 0 or k.numel() == 0:  # 0 tokens or batch 0: the flash kernel would crash
         o = q.new_zeros((*q.shape[:-1], v.shape[-1]))
         return o, q.new_zeros(q.shape[:-1], dtype=_accumulator(q))
-    if q.numel() == 0 or k.numel() == 0:  # 0 tokens or batch 0: the flash kernel would crash
-        o = q.new_zeros((*q.shape[:-1], v.shape[-1]))
-        return o, q.new_zeros(q.shape[:-1], dtype=_accumulator(q))
     qh, kh, vh = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
     if _flash_cpu_serves(q, v, kind, slopes):
         o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
@@ -336,11 +331,6 @@ def attention_backward(
     when ``slopes`` is given (else None); both in float32 (float64 for float64 inputs). Without
     the CPU flash kernels, P is recomputed from lse QUERY_CHUNK queries at a time.
     """
-    if q.numel() == 0 or k.numel() == 0:  # 0 tokens or batch 0: nothing flows back
-        acc = _accumulator(q)
-        dscale = q.new_zeros((), dtype=acc) if need_dscale else None
-        dslopes = q.new_zeros(q.shape[2], dtype=acc) if slopes is not None else None
-        return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v), dscale, dslopes
     if q.numel() == 0 or k.numel() == 0:  # 0 tokens or batch 0: nothing flows back
         acc = _accumulator(q)
         dscale = q.new_zeros((), dtype=acc) if need_dscale else None
