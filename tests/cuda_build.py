@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtypes", nargs="+", choices=NAMES, default=["float32", "bfloat16"])
     parser.add_argument("--all-tiles", nargs="*", choices=NAMES, default=["bfloat16"])
     parser.add_argument("--arch", type=int, default=90)
-    parser.add_argument("--sizes", default="D=16,H=2,K=8,M=12")
+    parser.add_argument("--sizes", default="D=16,H=2,K=8,M=12,G=2,R=2")
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") == "1":
         parser.error("run with TRITON_INTERPRET unset: interpreted kernels are not compiled")
