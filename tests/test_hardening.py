@@ -322,3 +322,60 @@ def test_readme_test_command_is_what_ci_runs():
         ci = [_words(line) for line in fh if line.startswith("python")]
     (test_command,) = [c for c in _setup_commands() if "pytest" in c]
     assert [_words(part) for part in test_command.split(" && ")] == ci
+
+
+# -- item 4: energies and element-wise bodies of more than 64 terms -------------------------------
+
+MANY_TERMS = """\
+ws = [param(f"w{k}", (H, D)) for k in range(70)]
+E = sum(((w @ x[i]) ** 2).sum(H) for w in ws)
+layer("many_terms", E)
+"""
+
+WIDE_APPLY = """\
+ws = [param(f"w{k}", (H, D)) for k in range(200)]
+E = apply(lambda *a: sum(v * v for v in a), *[w @ x[i] for w in ws]).sum(H)
+layer("wide_apply", E)
+"""
+
+
+@pytest.mark.parametrize("body", [MANY_TERMS, WIDE_APPLY], ids=["70_terms", "apply_of_200"])
+def test_energy_of_more_than_64_terms_compiles_and_runs(tmp_path, body):
+    """ARG_SYMBOLS was a tuple of 64 symbols: a 64th argument was an IndexError."""
+    path = write(tmp_path, "big", body)
+    assert main(["compile", "-q", path, "-o", str(tmp_path / "out")]) == 0
+    name = "many_terms" if "many_terms" in body else "wide_apply"
+    module = import_package(str(tmp_path / "out" / name), name)
+    layer = module.Layer(D=3, H=2).double()
+    x = torch.randn(2, 3, 3, dtype=torch.float64, requires_grad=True)
+    layer(x).sum().backward()
+    assert torch.isfinite(x.grad).all()
+
+
+def test_arg_symbols_are_unbounded():
+    from energyc.ir.ops import ARG_SYMBOLS
+
+    assert ARG_SYMBOLS[500].name == "a500" and ARG_SYMBOLS.index(ARG_SYMBOLS[500]) == 500
+    assert len(ARG_SYMBOLS[:300]) == 300 and ARG_SYMBOLS[299] in ARG_SYMBOLS
+    assert sympy_symbol("a01") not in ARG_SYMBOLS and sympy_symbol("b3") not in ARG_SYMBOLS
+    with pytest.raises(TypeError):
+        set(ARG_SYMBOLS)  # no end: iterating it would never stop
+
+
+def sympy_symbol(name: str):
+    import sympy
+
+    return sympy.Symbol(name)
+
+
+def import_package(path: str, name: str):
+    """Import the generated package in folder ``path`` under a private module name."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        f"_hardening_{name}", os.path.join(path, "__init__.py"), submodule_search_locations=[path]
+    )
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module

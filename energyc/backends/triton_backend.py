@@ -121,7 +121,7 @@ class TritonEmitter(Emitter):
 
 def _dims(*bodies: sympy.Expr) -> list[str]:
     """The dim sizes the bodies use (each becomes a kernel parameter ``dim_<name>``)."""
-    used = set().union(*(b.free_symbols for b in bodies)) - set(ARG_SYMBOLS)
+    used = {s for b in bodies for s in b.free_symbols if s not in ARG_SYMBOLS}
     return sorted(s.name for s in used)
 
 

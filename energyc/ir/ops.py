@@ -37,7 +37,51 @@ import sympy
 if TYPE_CHECKING:
     from energyc.ir.graph import Graph, Node
 
-ARG_SYMBOLS = tuple(sympy.Symbol(f"a{k}") for k in range(64))
+
+class ArgSymbols:
+    """The argument symbols a0, a1, ... of element-wise bodies, as many as asked for: indexing
+    and bounded slices create ``a<k>`` on demand; ``in`` and ``index`` recognise them."""
+
+    def __init__(self) -> None:
+        self._made: list[sympy.Symbol] = []
+
+    def _upto(self, n: int) -> None:
+        while len(self._made) < n:
+            self._made.append(sympy.Symbol(f"a{len(self._made)}"))
+
+    def __getitem__(self, key: int | slice) -> Any:
+        if isinstance(key, slice):
+            if key.stop is None or key.stop < 0 or (key.start or 0) < 0:
+                raise IndexError("ARG_SYMBOLS slices need a non-negative start and stop")
+            self._upto(key.stop)
+            return tuple(self._made[key])
+        if key < 0:
+            raise IndexError("ARG_SYMBOLS has no end: index it from 0")
+        self._upto(key + 1)
+        return self._made[key]
+
+    def index(self, symbol: Any) -> int:
+        """k for the symbol a<k>; ValueError for any other value."""
+        if isinstance(symbol, sympy.Symbol):
+            name = symbol.name
+            if name[:1] == "a" and name[1:].isdigit() and name[1:] == str(int(name[1:])):
+                k = int(name[1:])
+                if self[k] == symbol:
+                    return k
+        raise ValueError(f"{symbol!r} is not an argument symbol")
+
+    def __iter__(self) -> Any:
+        raise TypeError("ARG_SYMBOLS has no end: slice it (ARG_SYMBOLS[:n]) to iterate")
+
+    def __contains__(self, symbol: Any) -> bool:
+        try:
+            self.index(symbol)
+        except ValueError:
+            return False
+        return True
+
+
+ARG_SYMBOLS = ArgSymbols()
 SIZE_SYMBOLS = {"b": sympy.Symbol("B", positive=True, integer=True),
                 "i": sympy.Symbol("T", positive=True, integer=True),
                 "j": sympy.Symbol("T", positive=True, integer=True)}
