@@ -76,3 +76,35 @@ def test_masked_logsumexp_over_no_keys_is_zero():
     s = torch.randn(2, 3, 0)
     out = rt.masked_logsumexp(s, torch.ones((), dtype=torch.bool), dim=-1)
     assert out.shape == (2, 3) and torch.count_nonzero(out) == 0
+
+
+# -- item 10 and NaN/inf inputs: propagate, never crash ---------------------------------------------
+
+
+@pytest.mark.parametrize("package", PACKAGES)
+def test_nan_input_stays_nan_in_the_per_token_energy_and_the_output(package):
+    """masked_logsumexp tested `total > 0`, which is False for NaN: the token got energy -0.0."""
+    layer = build(package).double()
+    x = torch.randn(2, 3, 4, dtype=torch.float64)
+    x[:, 1, 0] = float("nan")
+    assert torch.isnan(layer.energy(x, per_token=True)[:, 1]).all()
+    assert torch.isnan(layer(x)[:, 1]).any()
+
+
+@pytest.mark.parametrize("value", [float("inf"), float("-inf"), float("nan")])
+@pytest.mark.parametrize("package", PACKAGES)
+def test_non_finite_input_never_crashes(package, value):
+    layer = build(package)
+    x = torch.randn(1, 3, 4)
+    x[0, 0, 0] = value
+    x.requires_grad_(True)
+    layer(x).sum().backward()
+    assert x.grad.shape == x.shape
+
+
+def test_masked_logsumexp_keeps_nan_and_empty_sets():
+    s = torch.tensor([[float("nan"), 0.0], [1.0, 2.0], [3.0, 4.0]])
+    mask = torch.tensor([[True, True], [True, True], [False, False]])
+    out = rt.masked_logsumexp(s, mask, dim=-1)
+    assert torch.isnan(out[0]) and torch.isclose(out[1], torch.logsumexp(s[1], 0))
+    assert out[2] == 0

@@ -123,15 +123,16 @@ def token_offset(T: int, dtype: torch.dtype, device: torch.device) -> torch.Tens
 
 
 def masked_logsumexp(s: torch.Tensor, mask: torch.Tensor, dim: int) -> torch.Tensor:
-    """log sum_{j in C(i)} exp(s) along ``dim``; 0 where the context set is empty."""
+    """log sum_{j in C(i)} exp(s) along ``dim``; 0 where the context set is empty (NaN stays NaN:
+    a NaN score makes the sum NaN, not empty)."""
     s = s.masked_fill(~mask, -math.inf)
     if s.shape[dim] == 0:  # no keys at all (0 tokens): every context set is empty
         return s.new_zeros(s.shape[:dim % s.dim()] + s.shape[dim % s.dim() + 1:])
     m = s.amax(dim=dim, keepdim=True)
     m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
     total = torch.exp(s - m).sum(dim=dim, keepdim=True)
-    nonempty = total > 0
-    out = torch.where(nonempty, m + torch.log(torch.where(nonempty, total, 1.0)), 0.0)
+    empty = total == 0  # False for NaN
+    out = torch.where(empty, 0.0, m + torch.log(torch.where(empty, 1.0, total)))
     return out.squeeze(dim)
 
 
