@@ -70,8 +70,6 @@ def compile_paths(
                 print(f"energyc: note: {note}", file=sys.stderr, flush=True)
             rendered.append((layer.name, render_files(layer, source_name(path))))
     written = [write_package(files, outdir, name) for name, files in rendered]
-    if written:
-        write_package_marker(outdir)
     for target in written:
         log(f"  wrote {target}/")
     log(f"done in {time.perf_counter() - t0:.2f}s")
@@ -85,6 +83,8 @@ PACKAGE_MARKER = (
 
 def write_package_marker(outdir: str) -> str | None:
     """Give ``outdir`` an ``__init__.py`` when it has none (never overwriting one); return its path.
+
+    ``energyc compile`` calls this after a successful compile (the API leaves ``outdir`` alone).
 
     Without it the folder is only a namespace package, and any regular package of the same name
     on ``sys.path`` wins: with an editable install of energyc, the checked-in ``generated/`` of the

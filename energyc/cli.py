@@ -12,10 +12,11 @@ from energyc.errors import EnergyError
 
 
 def _compile(args: argparse.Namespace) -> int:
-    from energyc.build import compile_paths
+    from energyc.build import compile_paths, write_package_marker
 
     log = (lambda m: None) if args.quiet else (lambda m: print(m, flush=True))
     compile_paths(energy_files(args.files), args.outdir, log=log)  # all files or none
+    write_package_marker(args.outdir)  # `from generated.<layer> import Layer` finds these
     return 0
 
 
