@@ -209,6 +209,58 @@ def _flash_cpu_serves(
             and not need_dscale and q.shape[-1] == v.shape[-1])
 
 
+# The CPU flash backward recomputes the weights as exp(S_ij - lse_i) from its own float32 S and
+# takes delta_i = g_i . o_i. Both carry an absolute error of a few ulps of |S| ~ |lse|, so its
+# gradients are off by about (0.4 to 1.3) * 6e-8 * max |lse| relative (measured on cem_attention:
+# 45% at max |lse| = 1.8e6). That is the conditioning of softmax at such scores (autograd is as far
+# off) until the rows saturate (one weight ~ 1, the others ~ 0): there autograd's weights are exact
+# to 1e-7 and the flash kernel's are not. Above this |lse| a float32 backward takes the fallback,
+# whose error is relative to the scores' spread; at and below it the flash error is <= 2e-5, a
+# tenth of float32's rtol in energyc/tolerances.py.
+FLASH_BACKWARD_MAX_LSE = 256.0
+
+
+def _flash_backward_accurate(lse: torch.Tensor) -> bool:
+    """Whether the CPU flash backward is accurate for these saved log-sum-exps: float64 always
+    (its error bound at FLASH_BACKWARD_MAX_LSE's rule is 1e-16 * |lse|), float32 when max |lse| <=
+    FLASH_BACKWARD_MAX_LSE. Under torch.compile no data-dependent test is traced: the flash kernel
+    serves as before (a saturated float32 backward there keeps the flash kernel's error)."""
+    if lse.dtype == torch.float64 or torch.compiler.is_compiling():
+        return True
+    return bool(lse.abs().amax() <= FLASH_BACKWARD_MAX_LSE)  # NaN: False, the fallback keeps NaN
+
+
+def _softmax_apply(scores: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """o = softmax(scores) @ v and lse = log sum exp(scores) for a block of whole rows (B, H, C,
+    K), -inf outside the context set: o = (exp(S - m) @ v) / l with the row max m and sum l, as
+    the flash kernels do, not exp(S - lse) @ v, whose rounding of lse = m + log l (a few ulps of
+    |m|) would scale every weight of the row by exp of it. An empty row gives o = 0, lse = 0;
+    NaN stays NaN."""
+    m = scores.amax(dim=-1, keepdim=True)
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))  # empty row: all -inf
+    e = torch.exp(scores - m)
+    total = e.sum(dim=-1, keepdim=True)
+    safe = torch.where(total == 0, 1.0, total)  # False for NaN: NaN stays
+    o = (e @ v) / safe
+    lse = torch.where(total == 0, 0.0, m + torch.log(safe))
+    return o, lse.squeeze(-1)
+
+
+def _softmax_rows(scores: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
+    """The attention weights P (B, H, C, K) of a block of whole rows, recomputed from the saved
+    log-sum-exp ``lse`` (B, H, C) and renormalised to sum to 1.
+
+    exp(S_ij - lse_i) alone is off by a factor exp(-d_i) for the whole row i, where d_i is lse's
+    rounding error plus any difference between the scores formed here and in the forward: a few
+    ulps of |lse|, so 0.06 at |lse| ~ 1e6 in float32, 6% on every weight. The factor is the same
+    for every j of the row, so dividing by the row's sum removes it: what remains is the rounding
+    of exp(S_ij - lse_i) itself, relative to the scores' spread S_ij - lse_i rather than their
+    magnitude (as softmax's own exp(S_ij - max_j S_ij) / sum). An empty row (all -inf) stays 0."""
+    p = torch.exp(scores - lse[..., None])
+    total = p.sum(-1, keepdim=True)
+    return p / torch.where(total == 0, 1.0, total)
+
+
 def _accumulator(q: torch.Tensor) -> torch.dtype:
     """The dtype the materialised path computes in (as the flash kernels accumulate): float64 for
     float64 inputs, else float32."""
@@ -300,13 +352,13 @@ def attention_forward(
     else:  # the scale stays a tensor (no device sync)
         acc = _accumulator(q)
         qh, kh, vh = qh.to(acc), kh.to(acc), vh.to(acc)
-        everywhere = torch.ones((), dtype=torch.bool, device=q.device)  # -inf already masks
         outs, lses = [], []
         for r0, r1, c0, c1 in _key_blocks(kind, q.shape[1]):
             scores, _ = _masked_scores(qh[..., r0:r1, :], kh[..., c0:c1, :], scale, kind, slopes,
                                        r0, c0=c0)
-            lses.append(masked_logsumexp(scores, everywhere, dim=-1))
-            outs.append(torch.exp(scores - lses[-1][..., None]) @ vh[..., c0:c1, :])
+            o_block, lse_block = _softmax_apply(scores, vh[..., c0:c1, :])
+            outs.append(o_block)
+            lses.append(lse_block)
         o, lse = torch.cat(outs, dim=-2), torch.cat(lses, dim=-1)
     return o.transpose(1, 2).to(q.dtype), lse.transpose(1, 2).to(_accumulator(q))
 
@@ -331,6 +383,15 @@ def attention_backward(
     when ``need_dscale`` (else None); dslopes_h = sum_{b,i,j} dS_ij (i - j), an (H,) tensor, only
     when ``slopes`` is given (else None); both in float32 (float64 for float64 inputs). Without
     the CPU flash kernels, P is recomputed from lse QUERY_CHUNK queries at a time.
+
+    Saturated rows (scores of large magnitude, one weight near 1): the fallback renormalises each
+    recomputed row of P (``_softmax_rows``) and takes delta_i = sum_j P_ij (g_i . v_j) from the same
+    P and the same products g_i . v_j as dS, not g_i . o_i: in a saturated row g_i . v_j - delta_i is
+    then exactly 0 where it must be, whereas g_i . o_i and g_i . v_j, rounded differently, differ by
+    ~ 6e-8 |g_i| |v_j|, which dq and dk multiply by scale |k| ~ |S| (40-130% of the gradient at
+    |S| ~ 1e6 in float32). Its error is then that of autograd's softmax backward. The CPU flash
+    kernel (which takes delta = g . o and exp(S - lse) unnormalised) serves a float32 call only while
+    max |lse| <= FLASH_BACKWARD_MAX_LSE (see there).
     """
     if q.numel() == 0 or k.numel() == 0:  # 0 tokens or batch 0: nothing flows back
         acc = _accumulator(q)
@@ -340,25 +401,26 @@ def attention_backward(
     qh, kh, vh, oh, gh = (t.transpose(1, 2) for t in (q, k, v, o, g))
     lseh = lse.transpose(1, 2)
     dscale = dslopes = None
-    if _flash_cpu_serves(q, v, kind, slopes, need_dscale):
+    if _flash_cpu_serves(q, v, kind, slopes, need_dscale) and _flash_backward_accurate(lse):
         dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
             gh, qh, kh, vh, oh, lseh.float() if q.dtype in (torch.float16, torch.bfloat16)
             else lseh, 0.0, kind[0] == "causal", scale=float(scale)
         )
     else:
         acc = _accumulator(q)
-        qh, kh, vh, oh, gh, lseh = (t.to(acc) for t in (qh, kh, vh, oh, gh, lseh))
+        qh, kh, vh, gh, lseh = (t.to(acc) for t in (qh, kh, vh, gh, lseh))  # o: flash only
         dqs, dk, dv = [], torch.zeros_like(kh), torch.zeros_like(vh)
         dscale = qh.new_zeros(()) if need_dscale else None
         dslopes = qh.new_zeros(q.shape[2]) if slopes is not None else None
         for r0, r1, c0, c1 in _key_blocks(kind, q.shape[1]):
-            qc, oc, gc = qh[..., r0:r1, :], oh[..., r0:r1, :], gh[..., r0:r1, :]
+            qc, gc = qh[..., r0:r1, :], gh[..., r0:r1, :]
             kc, vc = kh[..., c0:c1, :], vh[..., c0:c1, :]
             qk = qc @ kc.transpose(-1, -2)
             scores, offset = _masked_scores(qc, kc, scale, kind, slopes, r0, qk, c0)
-            p = torch.exp(scores - lseh[..., r0:r1, None])
+            p = _softmax_rows(scores, lseh[..., r0:r1])
             dv[..., c0:c1, :] += p.transpose(-1, -2) @ gc
-            ds = p * (gc @ vc.transpose(-1, -2) - (gc * oc).sum(-1, keepdim=True))
+            dp = gc @ vc.transpose(-1, -2)
+            ds = p * (dp - (p * dp).sum(-1, keepdim=True))  # delta from P and dp themselves
             dqs.append(scale * (ds @ kc))
             dk[..., c0:c1, :] += scale * (ds.transpose(-1, -2) @ qc)
             if need_dscale:
@@ -382,14 +444,14 @@ def attention_transposed(
     """The attention weights of ``attention_forward`` applied keys-major (the key role): o_t
     (B, T, H, G) with o_t[b, j, h] = sum_{i : j in C(i)} P_ij v[b, i, h], v indexed by the query
     token; ``lse`` is the saved log-sum-exp of ``attention_forward``. P is recomputed
-    QUERY_CHUNK queries at a time."""
+    QUERY_CHUNK queries at a time, each row renormalised (``_softmax_rows``)."""
     acc = _accumulator(q)
     qh, kh, vh, lseh = (t.transpose(1, 2).to(acc) for t in (q, k, v, lse))
     o_t = torch.zeros_like(vh)
     for r0, r1, c0, c1 in _key_blocks(kind, q.shape[1]):
         scores, _ = _masked_scores(qh[..., r0:r1, :], kh[..., c0:c1, :], scale, kind, slopes, r0,
                                    c0=c0)
-        p = torch.exp(scores - lseh[..., r0:r1, None])
+        p = _softmax_rows(scores, lseh[..., r0:r1])
         o_t[..., c0:c1, :] += p.transpose(-1, -2) @ vh[..., r0:r1, :]
     return o_t.transpose(1, 2).to(q.dtype)
 
