@@ -112,8 +112,9 @@ def cases(layer: CompiledLayer, max_dim: int = 5, max_tokens: int = 6):
 
 def build(layer: CompiledLayer, module: ModuleType, case: Case, dtype=torch.float64):
     torch.manual_seed(case.seed)
-    kwargs = dict(case.dims)
-    kwargs.update(case.hypers)
+    keyword = layer.file.attribute  # the Layer's keyword for a dim or hyperparameter
+    kwargs = {keyword(d): n for d, n in case.dims.items()}
+    kwargs.update({keyword(h): v for h, v in case.hypers.items()})
     state_dim = layer.state_dim
     lay = module.Layer(**kwargs, eta=case.eta, steps=case.steps, precond=case.precond,
                        precond_rank=2, context=case.context, dtype=dtype)

@@ -58,7 +58,7 @@ def _inspect(args: argparse.Namespace) -> int:
         print(f"layer {layer.name}  (state dim {layer.state_dim}; dims {', '.join(layer.dims)};"
               f" params {params or '-'};"
               f" hypers {', '.join(h.name for h in layer.hypers) or '-'})")
-        print(f"  E_i = {format_energy(layer.energy, 'energy')}")
+        print(f"  E_i = {format_energy(layer.energy, 'energy', layer.file.public)}")
         for note in layer.notes:
             print(f"  note: {note}")
         sp = split(layer.step, ["grad"], ["grad_g"])

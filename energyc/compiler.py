@@ -151,7 +151,8 @@ def _pair_valued(graph: Graph) -> list[str]:
 
 def _precond_graph(kind: str, dim: str, verify: bool) -> Graph:
     """``u = P g`` with P = I, diag(softplus(p)), or diag(softplus(p)) + L L^T; and its VJP."""
-    g = Graph((dim, "R"))
+    rank = "R" if dim != "R" else "R_"  # the low-rank axis; never the state dim's name
+    g = Graph((dim, rank))
     grad = g.add("input", name="g", axes=("b", "i", dim))
     if kind == "identity":
         u = grad
@@ -162,8 +163,8 @@ def _precond_graph(kind: str, dim: str, verify: bool) -> Graph:
 
         u = ops.pointwise(g, softplus(a0) * a1, [p, grad])
         if kind == "dplr":
-            low = g.add("param", name="P_lowrank", axes=(dim, "R"))
-            proj = ops.contract(g, [grad, low], ("b", "i", "R"))
+            low = g.add("param", name="P_lowrank", axes=(dim, rank))
+            proj = ops.contract(g, [grad, low], ("b", "i", rank))
             u = ops.add_all(g, [u, ops.contract(g, [proj, low], ("b", "i", dim))])
     g.outputs = {"u": u}
     wrt = {"g": grad}

@@ -25,6 +25,9 @@ fixed in ``dE/dx``). Every construct records its file and line, which error mess
 
 from __future__ import annotations
 
+import keyword
+import math
+import unicodedata
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -36,6 +39,7 @@ from energyc.errors import EnergyError, user_location
 from energyc.ir import functions as _fn
 from energyc.ir import ops as _ops
 from energyc.ir.graph import Graph
+from energyc.names import RESERVED, attribute_names, code_name
 
 __all__ = [
     "dims", "tokens", "state", "param", "hyper", "layer", "normal", "uniform", "zeros", "ones",
@@ -44,7 +48,6 @@ __all__ = [
     "Rational", "pi", "Tensor", "Dim", "Token", "ContextSet",
 ]
 
-RESERVED = {"b", "i", "j", "B", "T", "x", "xbar", "eta"}
 
 
 # -- declarations ----------------------------------------------------------------------------------
@@ -125,11 +128,12 @@ def alibi_slopes() -> Init:
 
 @dataclass
 class ParamDecl:
-    name: str
-    dims: tuple[str, ...]  # declared (storage) order
+    name: str  # the code name (energyc.names); ``public`` is the declared one
+    dims: tuple[str, ...]  # declared (storage) order, code names
     init: Init
     where: str | None
     node: int
+    public: str = ""
 
 
 @dataclass
@@ -140,6 +144,7 @@ class HyperDecl:
     where: str | None
     symbol: HyperSymbol
     positive: bool = False
+    public: str = ""
 
 
 @dataclass
@@ -175,6 +180,30 @@ class EnergyFile:
         self.tokens: tuple[Token, Token] | None = None
         self.joint_uses: list[str | None] = []
         self.doc = ""
+        # declared name -> code name (energyc.names), and back; what each name was declared as
+        self.codes: dict[str, str] = {}
+        self.public: dict[str, str] = {}
+        self.declared: dict[str, tuple[str, str | None]] = {}
+
+    def declare(self, name: str, what: str) -> str:
+        """Record the declared ``name`` (checked by the caller); return its code name."""
+        code = code_name(name, set(self.public), dim=what == "dim")
+        self.codes[name] = code
+        self.public[code] = name
+        self.declared[name] = (what, user_location())
+        return code
+
+    def public_name(self, code: str) -> str:
+        """The name the user declared for code name ``code`` (``code`` if none)."""
+        return self.public.get(code, code)
+
+    def public_names(self, codes: Iterable[str]) -> str:
+        """``D, H, K``: code names as the user declared them, for messages."""
+        return ", ".join(self.public_name(c) for c in codes)
+
+    def attribute(self, code: str) -> str:
+        """The generated Layer's attribute (and constructor keyword) for code name ``code``."""
+        return attribute_names(list(self.codes))[self.public_name(code)]
 
 
 _current: EnergyFile | None = None
@@ -192,6 +221,10 @@ def set_current_file(energy_file: EnergyFile | None) -> None:
     _current = energy_file
 
 
+def _pub(codes: Iterable[str]) -> str:
+    return current_file().public_names(codes)
+
+
 def _fail(message: str) -> EnergyError:
     return EnergyError(message, user_location())
 
@@ -199,8 +232,17 @@ def _fail(message: str) -> EnergyError:
 def _check_name(name: Any, what: str) -> str:
     if not isinstance(name, str) or not name.isidentifier():
         raise _fail(f"{what} name {name!r} must be a Python identifier")
-    if name in RESERVED or (name[0] == "a" and name[1:].isdigit()):
-        raise _fail(f"{what} name {name!r} is reserved (reserved: {', '.join(sorted(RESERVED))})")
+    normal = unicodedata.normalize("NFKC", name)
+    if normal != name:
+        raise _fail(f"{what} name {name!r} is not in Unicode normal form (NFKC): Python reads it "
+                    f"as {normal!r} in code; write {normal!r}")
+    if name in RESERVED:
+        raise _fail(f"{what} name {name!r} is reserved: the notation uses i, j (tokens), x, xbar "
+                    "(the state) and eta (the step size)")
+    earlier = current_file().declared.get(name)
+    if earlier is not None and earlier[0] != what:
+        raise _fail(f"name {name!r} declared twice (first as a {earlier[0]}"
+                    + (f" at {earlier[1]})" if earlier[1] else ")"))
     return name
 
 
@@ -210,12 +252,13 @@ def dims(names: str) -> tuple[Dim, ...] | Dim:
     out = []
     for name in names.replace(",", " ").split():
         _check_name(name, "dim")
-        if name in f.dims:
+        if name in f.codes:
             raise _fail(f"dim {name!r} declared twice")
-        f.dims[name] = Dim(name)
-        f.dim_where[name] = user_location()
-        f.graph.dims = f.graph.dims + (name,)
-        out.append(f.dims[name])
+        code = f.declare(name, "dim")
+        f.dims[code] = Dim(code)
+        f.dim_where[code] = user_location()
+        f.graph.dims = f.graph.dims + (code,)
+        out.append(f.dims[code])
     return tuple(out) if len(out) != 1 else out[0]
 
 
@@ -223,8 +266,8 @@ def _dim_name(d: Any, what: str = "dim") -> str:
     f = current_file()
     if isinstance(d, Dim) and d.name in f.dims:
         return d.name
-    if isinstance(d, str) and d in f.dims:
-        return d
+    if isinstance(d, str) and f.codes.get(d) in f.dims:
+        return f.codes[d]
     raise _fail(f"{d!r} is not a declared {what}; declare it with dims(...)")
 
 
@@ -328,7 +371,7 @@ class Tensor:
 
     def __repr__(self) -> str:
         toks = [a for a in self.axes if a in ("i", "j")]
-        return f"Tensor(dims=({', '.join(self.order)}), tokens=({', '.join(toks)}))"
+        return f"Tensor(dims=({_pub(self.order)}), tokens=({', '.join(toks)}))"
 
     # arithmetic
     def __add__(self, o):
@@ -370,9 +413,9 @@ class Tensor:
         d = self.order[-1]
         if d not in other.order:
             raise _fail(
-                f"shape mismatch in contraction: the left operand has dims ({', '.join(self.order)})"
-                f" and @ contracts its last dim {d}, but the right operand has dims "
-                f"({', '.join(other.order)})"
+                f"shape mismatch in contraction: the left operand has dims ({_pub(self.order)})"
+                f" and @ contracts its last dim {_pub([d])}, but the right operand has dims "
+                f"({_pub(other.order)})"
             )
         return _contract([self, other], [d])
 
@@ -401,8 +444,8 @@ def dot(a: Tensor, b: Tensor, over: Any) -> Tensor:
         for d in over_dims:
             if d not in t.order:
                 raise _fail(
-                    f"shape mismatch in contraction: dot over {d}, but the {name} operand has dims "
-                    f"({', '.join(t.order)})"
+                    f"shape mismatch in contraction: dot over {_pub([d])}, but the {name} operand has dims "
+                    f"({_pub(t.order)})"
                 )
     return _contract([a, b], over_dims)
 
@@ -521,7 +564,7 @@ def rotary(t: Tensor, over: Any, base: float = 10000.0) -> Tensor:
         raise _fail("rotary() needs a tensor")
     d = _dim_name(over)
     if d not in t.order:
-        raise _fail(f"rotary over {d}, but the value has dims ({', '.join(t.order)})")
+        raise _fail(f"rotary over {_pub([d])}, but the value has dims ({_pub(t.order)})")
     toks = [a for a in t.axes if a in ("i", "j")]
     if len(toks) != 1:
         raise _fail("rotary() needs a value of one token (built from x[i] or xbar[j]), got "
@@ -580,7 +623,7 @@ def _reduce(t: Tensor, over: tuple, kind: str) -> Tensor:
         names.append(_dim_name(d))
     for d in names:
         if d not in t.order:
-            raise _fail(f"cannot reduce over {d}: the value has dims ({', '.join(t.order)})")
+            raise _fail(f"cannot reduce over {_pub([d])}: the value has dims ({_pub(t.order)})")
     if kind == "lse" and len(names) != 1:
         raise _fail("logsumexp reduces one dim at a time")
     node = g.add("reduce", (t.node,), where=where, kind=kind, axes=g.canonical(names), mask=None)
@@ -633,16 +676,22 @@ def param(name: str, shape: Iterable[Any], init: Init | None = None) -> Tensor:
     """Declare a learned parameter with dims ``shape`` (its storage order) and an init rule."""
     f = current_file()
     _check_name(name, "parameter")
-    if name in f.params or name in f.hypers:
+    if name in f.codes:
         raise _fail(f"name {name!r} declared twice")
+    try:
+        shape = tuple(shape)
+    except TypeError:
+        raise _fail(f"the shape of parameter {name} must be a tuple of dims, got "
+                    f"{type(shape).__name__}") from None
     names = tuple(_dim_name(d) for d in shape)
     if len(set(names)) != len(names):
-        raise _fail(f"parameter {name} repeats a dim: {names}")
+        raise _fail(f"parameter {name} repeats a dim: ({_pub(names)})")
     if init is not None and not isinstance(init, Init):
         raise _fail("init= takes normal(...), uniform(...), zeros(), ones() or constant(...)")
     where = user_location()
-    node = f.graph.add("param", where=where, name=name, axes=f.graph.canonical(names))
-    f.params[name] = ParamDecl(name, names, init or normal(), where, node)
+    code = f.declare(name, "parameter")
+    node = f.graph.add("param", where=where, name=code, axes=f.graph.canonical(names))
+    f.params[code] = ParamDecl(code, names, init or normal(), where, node, public=name)
     return Tensor(node, names)
 
 
@@ -650,7 +699,7 @@ def hyper(name: str, default: Any = None, learnable: bool = False) -> HyperSymbo
     """Declare a scalar hyperparameter; ``default`` may use the dims (``1 / sqrt(K)``)."""
     f = current_file()
     _check_name(name, "hyperparameter")
-    if name in f.params or name in f.hypers:
+    if name in f.codes:
         raise _fail(f"name {name!r} declared twice")
     if default is not None:
         try:
@@ -663,12 +712,21 @@ def hyper(name: str, default: Any = None, learnable: bool = False) -> HyperSymbo
         extra = {s for s in default.free_symbols if not isinstance(s, Dim)}
         if extra:
             raise _fail(f"default of {name} uses {sorted(map(str, extra))}, which are not dims")
-    sym = HyperSymbol(name)
-    f.hypers[name] = HyperDecl(name, default, bool(learnable), user_location(), sym)
+    code = f.declare(name, "hyperparameter")
+    sym = HyperSymbol(code)
+    f.hypers[code] = HyperDecl(code, default, bool(learnable), user_location(), sym, public=name)
     return sym
 
 
 PRECONDITIONERS = ("identity", "diagonal", "dplr")
+
+
+def _finite(value: Any) -> bool:
+    """Whether ``value`` (a number or a constant SymPy expression) is a finite real number."""
+    try:
+        return math.isfinite(float(value))
+    except (TypeError, ValueError, OverflowError):
+        return False
 
 
 def layer(
@@ -699,6 +757,13 @@ def layer(
     if not isinstance(name, str) or not name.isidentifier() or name.startswith("_"):
         raise EnergyError(f"layer name {name!r} must be a Python identifier (a package name)",
                           where)
+    if keyword.iskeyword(name):
+        raise EnergyError(f"layer name {name!r} is a Python keyword: the package could not be "
+                          f"imported (from generated.{name} import Layer does not parse)", where)
+    if unicodedata.normalize("NFKC", name) != name:
+        normal = unicodedata.normalize("NFKC", name)
+        raise EnergyError(f"layer name {name!r} is not in Unicode normal form (NFKC): Python "
+                          f"reads it as {normal!r} in an import; write {normal!r}", where)
     if any(lay.name == name for lay in f.layers):
         raise EnergyError(f"layer {name!r} declared twice", where)
     if not isinstance(energy, Tensor):
@@ -739,13 +804,22 @@ def layer(
             "token x[i]; use xbar[j] for the context, or declare the layer joint=True",
             bad,
         )
-    if not isinstance(steps, int) or steps < 1:
+    if (isinstance(eta, bool) or not isinstance(eta, (int, float, sympy.Expr))
+            or not _finite(eta)):
+        raise EnergyError(f"eta must be a finite real number (the default step size), got "
+                          f"{eta!r}", where)
+    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
         raise EnergyError(f"steps must be a positive int, got {steps!r}", where)
     if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
         raise EnergyError(f"rank must be a positive int (the columns of the dplr "
                           f"preconditioner's low-rank part), got {rank!r}", where)
     if precond not in PRECONDITIONERS:
         raise EnergyError(f"precond must be one of {PRECONDITIONERS}, got {precond!r}", where)
+    if not isinstance(doc, str):
+        raise EnergyError(f"doc must be a string, got {type(doc).__name__}", where)
+    if not isinstance(precond, str) or not isinstance(context, str):
+        bad = ("precond", precond) if not isinstance(precond, str) else ("context", context)
+        raise EnergyError(f"{bad[0]} must be a string, got {bad[1]!r}", where)
     if context not in ("current", "input"):
         raise EnergyError(f"context must be 'current' or 'input', got {context!r}", where)
     decl = LayerDecl(name, energy.node, float(eta), steps, precond, int(rank), bool(joint),

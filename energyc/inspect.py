@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import sympy
 
 from energyc.ir.graph import Graph, Node
@@ -39,8 +41,18 @@ def format_graph(graph: Graph, title: str = "",
     return "\n".join(lines)
 
 
-def format_energy(graph: Graph, output: str) -> str:
-    """The output as one formula, e.g. ``-sum_{H}(logsumexp_{j <= i}(...))/beta``."""
+def format_energy(graph: Graph, output: str, public: dict[str, str] | None = None) -> str:
+    """The output as one formula, e.g. ``-sum_{H}(logsumexp_{j <= i}(...))/beta``.
+
+    ``public`` maps code names to the declared names (``EnergyFile.public``), shown instead."""
+    text = _format_energy(graph, output)
+    for code, name in sorted((public or {}).items(), key=lambda item: -len(item[0])):
+        if code != name:
+            text = re.sub(rf"(?<!\w){re.escape(code)}(?!\w)", name, text)
+    return text
+
+
+def _format_energy(graph: Graph, output: str) -> str:
     memo: dict[int, str] = {}
 
     def fmt(n: int) -> str:

@@ -216,8 +216,9 @@ def reference_step(layer: CompiledLayer, module: torch.nn.Module, x: torch.Tenso
                    create_graph: bool) -> torch.Tensor:
     """The layer's output computed with torch.autograd on :func:`evaluate_energy`."""
     eta, steps, precond, context = module.config[:4]
-    params = {p.name: getattr(module, p.name) for p in layer.params}
-    hypers = {h.name: getattr(module, h.name) for h in layer.hypers}
+    attr = layer.file.attribute
+    params = {p.name: getattr(module, attr(p.name)) for p in layer.params}
+    hypers = {h.name: getattr(module, attr(h.name)) for h in layer.hypers}
     x0 = x
     for _ in range(steps):
         xbar = x if context == "current" else x0

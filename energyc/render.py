@@ -46,7 +46,8 @@ def templates_dir() -> str:
 
 def _pytuple(items: list) -> str:
     """A tuple literal without a trailing comma (so the formatter keeps it on one line)."""
-    inner = ", ".join(f'"{getattr(item, "name", item)}"' for item in items)
+    inner = ", ".join(f'"{getattr(item, "attr", None) or getattr(item, "name", item)}"'
+                      for item in items)
     return f"({inner},)" if len(items) == 1 else f"({inner})"
 
 
@@ -99,17 +100,29 @@ class TritonModuleSpec:
 
 
 @dataclass
+class DimSpec:
+    name: str  # the code name (energyc.names): a local variable of generated code
+    attr: str  # the Layer's attribute and constructor keyword
+    public: str  # as declared
+    even: bool = False
+
+
+@dataclass
 class HyperSpec:
-    name: str
+    name: str  # the code name
     default: str  # Python expression in the dims, or "None" (then required)
     learnable: bool
+    attr: str = ""  # the Layer's attribute and constructor keyword
+    public: str = ""
 
 
 @dataclass
 class ParamSpec:
-    name: str
+    name: str  # the code name
     shape: str  # "(H, K, D)"
-    init: str  # a statement initialising self.<name>
+    init: str  # a statement initialising self.<attr>
+    attr: str = ""  # the Layer's attribute
+    public: str = ""
 
 
 @dataclass
@@ -118,9 +131,9 @@ class PackageSpec:
     class_name: str
     source: str
     doc: str
-    dims: list[str]
-    even_dims: list[str]
-    state_dim: str
+    dims: list[DimSpec]
+    state_dim: str  # its code name
+    state_attr: str  # its attribute
     hypers: list[HyperSpec]
     params: list[ParamSpec]
     eta: float
@@ -135,8 +148,20 @@ class PackageSpec:
     runtime_version: str = RUNTIME_VERSION  # the energyc.runtime the package requires at least
 
 
+#: module-level names of layer.py that the class alias ``<ClassName> = Layer`` must not replace
+MODULE_GLOBALS = frozenset({"DIMS", "PARAMS", "HYPERS", "PRECONDITIONERS", "Layer", "math", "torch",
+                            "dataclass"})
+
+
 def camel(name: str) -> str:
     return "".join(part[:1].upper() + part[1:] for part in name.split("_") if part)
+
+
+def class_name(name: str) -> str:
+    """The layer's class name: ``cem_attention`` -> ``CemAttention`` (``...Layer`` if that would
+    replace a name layer.py defines, e.g. ``d_i_m_s`` -> ``DIMSLayer``)."""
+    out = camel(name)
+    return out + "Layer" if out in MODULE_GLOBALS - {"Layer"} else out
 
 
 def _code(expr: sympy.Expr) -> str:
@@ -269,29 +294,35 @@ def package_spec(layer: CompiledLayer, source: str) -> PackageSpec:
     triton_functions = step_functions(
         layer, lambda stem: functools.partial(TritonEmitter, kernel_set=kernel_set, function=stem))
 
-    hypers = [HyperSpec(h.name, _code(h.default) if h.default is not None else "None", h.learnable)
+    f = layer.file
+    hypers = [HyperSpec(h.name, _code(h.default) if h.default is not None else "None", h.learnable,
+                        f.attribute(h.name), f.public_name(h.name))
               for h in layer.hypers]
     params = []
     for p in layer.params:
         fan_in = p.dims[-1] if p.dims else "1"  # a scalar parameter: fan-in 1
         init = p.init
+        attr = f.attribute(p.name)
         if init.kind == "normal":
             std = _code(init.args["std"]) if init.args["std"] is not None else f"1 / math.sqrt({fan_in})"
-            stmt = f"torch.nn.init.normal_(self.{p.name}, mean={_code(init.args['mean'])}, std={std})"
+            stmt = f"torch.nn.init.normal_(self.{attr}, mean={_code(init.args['mean'])}, std={std})"
         elif init.kind == "uniform":
-            stmt = (f"torch.nn.init.uniform_(self.{p.name}, a={_code(init.args['low'])}, "
+            stmt = (f"torch.nn.init.uniform_(self.{attr}, a={_code(init.args['low'])}, "
                     f"b={_code(init.args['high'])})")
         elif init.kind == "alibi":
-            stmt = f"_rt.alibi_slopes_(self.{p.name})"
+            stmt = f"_rt.alibi_slopes_(self.{attr})"
         else:
-            stmt = f"torch.nn.init.constant_(self.{p.name}, {_code(init.args['value'])})"
-        params.append(ParamSpec(p.name, "(" + "".join(f"{d}, " for d in p.dims) + ")", stmt))
+            stmt = f"torch.nn.init.constant_(self.{attr}, {_code(init.args['value'])})"
+        params.append(ParamSpec(p.name, "(" + "".join(f"{d}, " for d in p.dims) + ")", stmt,
+                                attr, f.public_name(p.name)))
     doc = _module_doc(layer)
     sg = layer.step
     attention = any(sg.node(n).op in ("attention", "attention_transposed") for n in sg.live())
+    dims = [DimSpec(d, f.attribute(d), f.public_name(d), d in layer.even_dims) for d in layer.dims]
     return PackageSpec(
-        name=decl.name, class_name=camel(decl.name), source=source, doc=doc,
-        dims=list(layer.dims), even_dims=list(layer.even_dims), state_dim=D, hypers=hypers, params=params, eta=decl.eta,
+        name=decl.name, class_name=class_name(decl.name), source=source, doc=doc,
+        dims=dims, state_dim=D, state_attr=f.attribute(D), hypers=hypers, params=params,
+        eta=decl.eta,
         steps=decl.steps, precond=decl.precond, rank=decl.rank, context=decl.context,
         joint=decl.joint, functions=functions, precond_kinds=list(layer.precond),
         triton_module=TritonModuleSpec(decl.name, triton_functions, kernel_set.kernels,
@@ -337,7 +368,8 @@ def step_functions(layer: CompiledLayer, emitter) -> list[FunctionSpec]:
         pp = split(pg, ["u"], ["grad_u"])
         p_names = _names(pg)
         found = _named_leaves(pg)
-        orders = {"g": state_order, "P_diag": (D,), "P_lowrank": (D, "R")}
+        R = pg.dims[1]  # the low-rank axis (compiler._precond_graph)
+        orders = {"g": state_order, "P_diag": (D,), "P_lowrank": (D, R)}
         pleaves = {name: (found.get(name, -1), order) for name, order in orders.items()}
         pleaves_b = {"grad_u": (found.get("grad_u", -1), state_order), **pleaves}
         functions.append(function_spec(
@@ -348,7 +380,7 @@ def step_functions(layer: CompiledLayer, emitter) -> list[FunctionSpec]:
         ))
         rets = [(pg.outputs.get("grad_g"), state_order, state_order),
                 (pg.outputs.get("grad_P_diag"), (D,), (D,)),
-                (pg.outputs.get("grad_P_lowrank"), (D, "R"), (D, "R"))]
+                (pg.outputs.get("grad_P_lowrank"), (D, R), (D, R))]
         functions.append(function_spec(
             pg, f"_precond_{kind}_backward", f"VJP of u = P g ({kind}) w.r.t. g and P's parameters.",
             pp.backward, ["saved", "grad_u", "g", "P_diag", "P_lowrank"], pleaves_b, rets, p_names,
@@ -362,7 +394,7 @@ def _module_doc(layer: CompiledLayer) -> str:
     parts = []
     if decl.doc or layer.file.doc:
         parts.append((decl.doc or layer.file.doc).strip())
-    parts.append("Energy (per updated token i):\n\n    E_i = " + format_energy(layer.energy, "energy"))
+    parts.append("Energy (per updated token i):\n\n    E_i = " + format_energy(layer.energy, "energy", layer.file.public))
     role = "both roles of x (joint energy)" if decl.joint else "x_i only (xbar is held fixed)"
     parts.append(
         "Layer: `steps` descent steps  x <- x - eta * P * dE/dx,  differentiating through "

@@ -8,12 +8,14 @@ print as ``torch.einsum``; masks are boolean (T, T) tensors built once per funct
 from __future__ import annotations
 
 import re
+import string
 from dataclasses import dataclass, field
 
 import sympy
 
 from energyc.backends.torch_pairs import PAIR_EMITTERS
 from energyc.backends.torch_printer import TorchPrinter
+from energyc.errors import CompileError
 from energyc.ir.graph import Graph, Node
 from energyc.ir.ops import (
     ARG_SYMBOLS,
@@ -390,10 +392,14 @@ def einsum_letters(dims: tuple[str, ...]) -> dict[str, str]:
     """One einsum letter per axis: b, i, j, then each dim's lower-case initial when free."""
     letters = {"b": "b", "i": "i", "j": "j"}
     taken = set(letters.values())
+    pool = string.ascii_lowercase + string.ascii_uppercase  # what einsum accepts
     for d in dims:
         c = d[0].lower()
-        if c in taken or not c.isalpha():
-            c = next(ch for ch in "abcdefghklmnopqrstuvwxyz" if ch not in taken)
+        if c in taken or c not in pool:
+            c = next((ch for ch in pool if ch not in taken), None)
+            if c is None:
+                raise CompileError(f"too many dims for one einsum: {len(dims)} (at most "
+                                   f"{len(pool) - 3})", None)
         letters[d] = c
         taken.add(c)
     return letters

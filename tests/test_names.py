@@ -1,0 +1,199 @@
+"""Declared names that collide with generated code or Python (issue 11, items 5 and 6).
+
+Every name Python calls an identifier either compiles to a package that imports, runs and passes
+the property checks, with the declared name as the Layer's keyword and attribute where Python
+allows it (else with underscores appended), or is refused with one `energyc: error: FILE:LINE:`
+line. Only the notation's own names (i, j, x, xbar, eta) are reserved.
+"""
+
+from __future__ import annotations
+
+import keyword
+import textwrap
+
+import pytest
+import torch
+
+from energyc.check import CHECKS, import_generated, run_check
+from energyc.cli import main
+from energyc.compiler import compile_file
+from energyc.loader import load
+from energyc.names import INTERNAL, RESERVED, attribute_names, code_name, is_plain
+
+
+def energy_file(tmp_path, body: str, name: str = "energy") -> str:
+    path = tmp_path / f"{name}.py"
+    path.write_text("from energyc.dsl import *\n" + textwrap.dedent(body), encoding="utf-8")
+    return str(path)
+
+
+def build(tmp_path, body: str):
+    """Compile, import and run forward, backward and every property check (few examples)."""
+    layers = compile_file(load(energy_file(tmp_path, body)))
+    (layer,) = layers
+    module = import_generated(layer, str(tmp_path / "out"))
+    for check in CHECKS:
+        result = run_check(layer, module, check, max_examples=3)
+        assert not result.error, (check, result.error)
+    return layer, module
+
+
+def run(module, **kwargs):
+    lay = module.Layer(**kwargs, dtype=torch.float64)
+    x = torch.randn(2, 3, kwargs.get("D", 4), dtype=torch.float64, requires_grad=True)
+    y = lay(x)
+    y.sum().backward()
+    assert y.shape == x.shape and torch.isfinite(x.grad).all()
+    lay.eval()
+    lay.train()
+    assert lay.energy(x.detach()).shape == (2,)
+    return lay
+
+
+def test_settings_names_as_hyperparameter_and_dim(tmp_path):
+    # used to be `SyntaxError: duplicate argument` on import
+    _, module = build(tmp_path, """\
+        D, dtype = dims("D dtype")
+        i, j = tokens()
+        x, xbar = state(D)
+        W = param("W", (dtype, D))
+        steps = hyper("steps", default=2.0)
+        layer("names_a", (steps * (W @ x[i]) ** 2).sum(dtype))
+    """)
+    lay = run(module, D=4, dtype_=3, steps_=1.5, steps=2)
+    assert lay.dtype_ == 3 and lay.steps_ == 1.5 and lay.config[1] == 2
+    assert module.layer.DIMS == ("D", "dtype_") and module.layer.HYPERS == ("steps_",)
+
+
+@pytest.mark.parametrize("name", ["forward", "training", "eval", "lambda", "P_diag", "grad_g",
+                                  "y", "u", "saved", "kernels", "torch", "self", "__x", "a0"])
+def test_parameter_names_that_collide(tmp_path, name):
+    # forward: KeyError; training: TypeError on .eval(); lambda: "generated code does not parse"
+    _, module = build(tmp_path, f"""\
+        D, H = dims("D H")
+        i, j = tokens()
+        x, xbar = state(D)
+        W = param({name!r}, (H, D))
+        layer("names_p", ((W @ x[i]) ** 2).sum(H))
+    """)
+    lay = run(module, D=4, H=2)
+    attr = attribute_names([name])[name]
+    assert isinstance(getattr(lay, attr), torch.nn.Parameter)
+    assert module.layer.PARAMS == (attr,)
+    assert attr == name or not keyword.iskeyword(attr)
+
+
+@pytest.mark.parametrize("name", ["in", "Δ", "b", "B", "T", "torch", "self", "R", "d", "e",
+                                  "math", "mask_causal", "t0"])
+def test_dim_names_that_collide(tmp_path, name):
+    # Δ: einsum subscripts; in: "generated code does not parse"; b, B, T: were reserved
+    _, module = build(tmp_path, f"""\
+        D, H = dims("D {name}")
+        i, j = tokens()
+        x, xbar = state(D)
+        W = param("W", (H, D))
+        c = hyper("c", default=1 / sqrt(H))
+        layer("names_d", c * logsumexp(dot(W @ x[i], W @ xbar[j], over=H), over=j <= i),
+              precond="dplr")
+    """)
+    keyword_name = attribute_names(["D", name])[name]
+    lay = run(module, D=4, **{keyword_name: 3})
+    assert getattr(lay, keyword_name) == 3
+
+
+@pytest.mark.parametrize("name", ["R", "b", "T", "Δ"])
+def test_state_dim_names(tmp_path, name):
+    _, module = build(tmp_path, f"""\
+        D, {name} = dims("D {name}")
+        i, j = tokens()
+        x, xbar = state({name})
+        W = param("W", (D, {name}))
+        layer("names_s", ((W @ x[i]) ** 2).sum(D), precond="dplr")
+    """)
+    lay = module.Layer(**{"D": 2, name: 4}, precond="dplr", dtype=torch.float64)
+    x = torch.randn(1, 3, 4, dtype=torch.float64, requires_grad=True)
+    lay(x).sum().backward()
+    assert torch.isfinite(x.grad).all()
+
+
+def test_hyperparameter_names_b_and_T(tmp_path):
+    # a bias b and a temperature T were "reserved"
+    _, module = build(tmp_path, """\
+        D, H = dims("D H")
+        i, j = tokens()
+        x, xbar = state(D)
+        W = param("W", (H, D))
+        b = param("b", (H,), init=zeros())
+        T = hyper("T", default=2.0, learnable=True)
+        layer("names_t", -T * logsumexp((W @ x[i] + b) / T, over=H))
+    """)
+    lay = run(module, D=4, H=3, T=1.5)
+    assert isinstance(lay.b, torch.nn.Parameter) and float(lay.T.detach()) == 1.5
+
+
+def test_layer_name_that_would_replace_a_module_global(tmp_path):
+    _, module = build(tmp_path, """\
+        D, H = dims("D H")
+        i, j = tokens()
+        x, xbar = state(D)
+        W = param("W", (H, D))
+        layer("d_i_m_s", ((W @ x[i]) ** 2).sum(H))
+    """)
+    assert module.layer.DIMS == ("D", "H") and module.layer.DIMSLayer is module.Layer
+    run(module, D=4, H=2)
+
+
+@pytest.mark.parametrize("body, line, needle", [
+    ("layer('class', E)\n", 7, "layer name 'class' is a Python keyword"),
+    ("layer('ok', E, eta=float('nan'))\n", 7, "eta must be a finite real number"),
+    ("layer('ok', E, eta=float('inf'))\n", 7, "eta must be a finite real number"),
+    ("layer('ok', E, steps=True)\n", 7, "steps must be a positive int"),
+    ("layer('ok', E, doc=3)\n", 7, "doc must be a string"),
+    ("Q = hyper('x')\nlayer('ok', E)\n", 7, "hyperparameter name 'x' is reserved"),
+    ("Q = param('eta', (D,))\nlayer('ok', E)\n", 7, "parameter name 'eta' is reserved"),
+    ("Q = param('H', (D,))\nlayer('ok', E)\n", 7, "name 'H' declared twice (first as a dim at"),
+    ("Q = hyper('W')\nlayer('ok', E)\n", 7, "name 'W' declared twice"),
+    ("Q = param('\u210c', (D,))\nlayer('ok', E)\n", 7, "is not in Unicode normal form"),
+])
+def test_names_refused_at_their_line(tmp_path, capsys, body, line, needle):
+    path = energy_file(tmp_path, textwrap.dedent("""\
+        D, H = dims("D H")
+        i, j = tokens()
+        x, xbar = state(D)
+        W = param("W", (H, D))
+        E = ((W @ x[i]) ** 2).sum(H)
+    """) + body)
+    out = tmp_path / "out"
+    assert main(["compile", path, "-o", str(out)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"energyc: error: {path}:{line}: ") and "\n" not in err, err
+    assert needle in err, err
+    assert not out.exists()
+
+
+def test_only_the_notation_is_reserved():
+    assert set(RESERVED) == {"i", "j", "x", "xbar", "eta"}
+
+
+def test_code_names_never_collide():
+    declared = ["steps", "steps__", "Δ", "u394", "grad_x", "x", "_", "__", "a0", "lambda", "W"]
+    taken: set[str] = set()
+    codes = []
+    for name in declared:
+        code = code_name(name, taken)
+        taken.add(code)
+        codes.append(code)
+        assert code.isidentifier() and code.isascii() and not keyword.iskeyword(code)
+        assert code == name or code.endswith("__") and code not in INTERNAL
+    assert len(set(codes)) == len(codes)
+    assert codes[-1] == "W" and is_plain("W_q") and not is_plain("W_")
+
+
+def test_attribute_names_are_unique_and_usable():
+    names = ["forward", "forward_", "lambda", "__x", "steps", "W", "self", "__init__"]
+    attrs = attribute_names(names)
+    assert len(set(attrs.values())) == len(names)
+    assert attrs["W"] == "W" and attrs["forward"] == "forward__" and attrs["lambda"] == "lambda_"
+    for attr in attrs.values():
+        assert attr.isidentifier() and not keyword.iskeyword(attr)
+        assert not (attr.startswith("__") and not attr.endswith("__"))
