@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 
+from energyc.runtime import flash_cpu
 from energyc.runtime.pairs import key_range
 from energyc.runtime_version import RUNTIME_VERSION
 
@@ -349,6 +350,8 @@ def attention_forward(
         o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
             qh, kh, vh, 0.0, kind[0] == "causal", scale=float(scale)
         )
+    elif flash_cpu.serves(q, v, scale, slopes):  # other context sets, a bias: masked blocks
+        return flash_cpu.forward(q, k, v, scale, kind, slopes)
     else:  # the scale stays a tensor (no device sync)
         acc = _accumulator(q)
         qh, kh, vh = qh.to(acc), kh.to(acc), vh.to(acc)
@@ -406,6 +409,8 @@ def attention_backward(
             gh, qh, kh, vh, oh, lseh.float() if q.dtype in (torch.float16, torch.bfloat16)
             else lseh, 0.0, kind[0] == "causal", scale=float(scale)
         )
+    elif flash_cpu.serves(q, v, scale, slopes, need_dscale) and _flash_backward_accurate(lse):
+        return flash_cpu.backward(q, k, v, scale, kind, o, lse, g, slopes, need_dscale)
     else:
         acc = _accumulator(q)
         qh, kh, vh, gh, lseh = (t.to(acc) for t in (qh, kh, vh, gh, lseh))  # o: flash only
@@ -444,7 +449,12 @@ def attention_transposed(
     """The attention weights of ``attention_forward`` applied keys-major (the key role): o_t
     (B, T, H, G) with o_t[b, j, h] = sum_{i : j in C(i)} P_ij v[b, i, h], v indexed by the query
     token; ``lse`` is the saved log-sum-exp of ``attention_forward``. P is recomputed
-    QUERY_CHUNK queries at a time, each row renormalised (``_softmax_rows``)."""
+    QUERY_CHUNK queries at a time, each row renormalised (``_softmax_rows``), or by the CPU
+    flash kernels (``flash_cpu.transposed``) where they serve and are accurate."""
+    if q.numel() == 0 or k.numel() == 0:  # 0 tokens or batch 0
+        return torch.zeros_like(v)
+    if flash_cpu.serves(q, v, scale, slopes) and _flash_backward_accurate(lse):
+        return flash_cpu.transposed(q, k, v, scale, kind, lse, slopes)
     acc = _accumulator(q)
     qh, kh, vh, lseh = (t.transpose(1, 2).to(acc) for t in (q, k, v, lse))
     o_t = torch.zeros_like(vh)

@@ -1,0 +1,213 @@
+"""Attention on torch's CPU flash kernels for every context set, with an ``i - j`` bias.
+
+The CPU flash-attention kernels (``_scaled_dot_product_flash_attention_for_cpu`` and its explicit
+backward) take an additive mask. Queries go ``BLOCK`` at a time against only the keys their
+context set reaches (``energyc.runtime.pairs.key_range``), each block with a (BLOCK x keys) mask
+tile: ``-inf`` outside the context set, plus ``slopes_h (i - j)`` for a bias. So strict, window
+and not-self sets and ALiBi-style biases run on the same fused kernels as plain causal attention,
+in memory O(tokens x BLOCK), never (tokens x tokens). With
+
+    S_ij = scale q_i . k_j + m_h (i - j),   P_ij = exp(S_ij - lse_i) over j in C(i),
+    dS_ij = P_ij (g_i . v_j - delta_i),     delta_i = g_i . o_i,
+
+the three products are:
+
+* ``forward``: ``o_i = sum_j P_ij v_j`` and ``lse_i``, one kernel call per query block;
+* ``backward``: ``dq``, ``dk``, ``dv`` from the kernel's backward per query block (``dk`` and
+  ``dv`` summed over the blocks), and when asked:
+
+      dscale    = sum_ij dS_ij q_i . k_j  = (1 / scale) sum_i q_i . dq_i
+      dslopes_h = sum_ij dS_ij (i - j)    = -(1 / scale) sum_i dq'_i        per block from r0 on
+
+  (dq_i = scale sum_j dS_ij k_j). For dslopes each block pads q with a feature 0 and k with the
+  feature j - r0, which leaves S and P as they were, so the padded feature of dq is
+  ``dq'_i = scale sum_j dS_ij (j - r0)``; since each row of dS sums to 0,
+  ``sum_ij dS_ij (i - j) = -sum_ij dS_ij (j - r0)``. Every dS_ij is the kernel's own, so the
+  rounding is that of the materialised sum, weighted by offsets no larger than a block and its
+  keys; both need a non-zero scale;
+* ``transposed`` (the key role): ``o_j = sum_i P_ij v_i``. Its weights, over i for a fixed j, are
+  a softmax of ``S_ij - lse_i`` up to its normaliser ``Z_j = sum_i P_ij <= T``: the forward
+  kernel with the roles of queries and keys swapped and ``-lse_i`` added to the mask gives
+  ``o'_j = sum_i P_ij v_i / Z_j`` and ``log Z_j``, so ``o_j = o'_j Z_j``.
+
+The kernels want the same feature size for q, k and v: the narrower side is padded with zero
+features, which changes neither S nor o (the padded features of o and dv are dropped). They want
+a mask of the query's dtype, and compute in float32 for float32 and half-precision inputs (inputs
+are converted), float64 for float64.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from energyc.runtime.pairs import _in_context, key_range
+
+BLOCK = 256  # queries per kernel call: a mask tile is (H|1, BLOCK, keys)
+
+_OPS = all(hasattr(torch.ops.aten, name) for name in (
+    "_scaled_dot_product_flash_attention_for_cpu",
+    "_scaled_dot_product_flash_attention_for_cpu_backward"))
+
+
+def serves(q: torch.Tensor, v: torch.Tensor, scale: float | torch.Tensor,
+           slopes: torch.Tensor | None = None, need_dscale: bool = False) -> bool:
+    """Whether these kernels compute the call: CPU tensors, and a non-zero scale when the gradient
+    of the scale or the slopes is asked for (it is divided out of dq)."""
+    return (_OPS and q.device.type == "cpu"
+            and not ((need_dscale or slopes is not None) and float(scale) == 0.0))
+
+
+def _dtype(q: torch.Tensor) -> torch.dtype:
+    return torch.float64 if q.dtype == torch.float64 else torch.float32
+
+
+def _blocks(kind: tuple, T: int) -> list[tuple[int, int, int, int]]:
+    """(r0, r1, c0, c1): each block of at most BLOCK queries with the keys [c0, c1) it reaches."""
+    w = kind[1] if kind[0] == "window" else 0
+    out = []
+    for r0 in range(0, T, BLOCK):
+        r1 = min(r0 + BLOCK, T)
+        c0, c1 = key_range(kind[0], w, r0, r1, T)
+        out.append((r0, r1, c0, max(c1, min(c0 + 1, T))))  # one (masked) key at least
+    return out
+
+
+def _offsets(r0: int, r1: int, c0: int, c1: int, device: torch.device) -> torch.Tensor:
+    return torch.arange(r0, r1, device=device)[:, None] - torch.arange(c0, c1, device=device)
+
+
+def _mask(kind: tuple, slopes: torch.Tensor | None, block: tuple[int, int, int, int],
+          dtype: torch.dtype, device: torch.device) -> torch.Tensor | None:
+    """The additive mask tile of a block: (I, J), or (1, H, I, J) with a bias; None when the
+    block is wholly inside the context set and has no bias."""
+    r0, r1, c0, c1 = block
+    d = _offsets(r0, r1, c0, c1, device)
+    inside = _in_context(kind[0], kind[1] if kind[0] == "window" else 0, d)
+    if slopes is None and bool(inside.all()):
+        return None
+    mask = torch.zeros(d.shape, dtype=dtype, device=device).masked_fill_(~inside, -math.inf)
+    if slopes is not None:
+        mask = mask + slopes.to(dtype)[None, :, None, None] * d.to(dtype)
+    return mask
+
+
+def _empty_rows(kind: tuple, T: int) -> int:
+    """How many leading queries have an empty context set (their o and lse are 0)."""
+    return 1 if (kind[0] == "strict" or (kind[0] == "not_self" and T == 1)) and T else 0
+
+
+def _heads_first(*tensors: torch.Tensor, dtype: torch.dtype, width: int) -> list[torch.Tensor]:
+    """(B, T, H, F) -> (B, H, T, width) in ``dtype``, padded with zero features."""
+    return [torch.nn.functional.pad(t.transpose(1, 2).to(dtype), (0, width - t.shape[-1]))
+            for t in tensors]
+
+
+def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | torch.Tensor,
+            kind: tuple, slopes: torch.Tensor | None = None
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """o (B, T, H, G) in q's dtype and lse (B, T, H) in float32 (float64 for float64 inputs) of
+    softmax attention over the context set ``kind``; q, k (B, T, H, F), v (B, T, H, G)."""
+    dt = _dtype(q)
+    qh, kh, vh = _heads_first(q, k, v, dtype=dt, width=max(q.shape[-1], v.shape[-1]))
+    B, H, T, _ = qh.shape
+    o = qh.new_empty((B, H, T, vh.shape[-1]))
+    lse = qh.new_empty((B, H, T))
+    s = float(scale)
+    for block in _blocks(kind, T):
+        r0, r1, c0, c1 = block
+        ob, lb = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            qh[:, :, r0:r1], kh[:, :, c0:c1], vh[:, :, c0:c1], 0.0, False,
+            attn_mask=_mask(kind, slopes, block, dt, q.device), scale=s)
+        o[:, :, r0:r1] = ob
+        lse[:, :, r0:r1] = lb
+    n = _empty_rows(kind, T)
+    o[:, :, :n] = 0.0
+    lse[:, :, :n] = 0.0
+    return o[..., :v.shape[-1]].transpose(1, 2).to(q.dtype), lse.transpose(1, 2)
+
+
+def backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | torch.Tensor,
+             kind: tuple, o: torch.Tensor, lse: torch.Tensor, g: torch.Tensor,
+             slopes: torch.Tensor | None = None, need_dscale: bool = False
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None,
+                        torch.Tensor | None]:
+    """dq, dk, dv (in q's dtype), dscale (0-d, when ``need_dscale``) and dslopes ((H,), when
+    ``slopes`` is given), both in the compute dtype, of ``forward`` for the upstream gradient g."""
+    dt = _dtype(q)
+    F, G = q.shape[-1], v.shape[-1]
+    N = max(F, G) + (slopes is not None)  # the padded width; with slopes k's last is j - r0
+    qh, vh, oh, gh = _heads_first(q, v, o, g, dtype=dt, width=N)
+    (kh,) = _heads_first(k, dtype=dt, width=max(F, G))
+    lseh = lse.transpose(1, 2).to(dt)
+    B, H, T, _ = qh.shape
+    dq = torch.zeros_like(qh)
+    dk = torch.zeros_like(qh)
+    dv = torch.zeros_like(vh)
+    dslopes = qh.new_zeros(H) if slopes is not None else None
+    s = float(scale)
+    for block in _blocks(kind, T):
+        r0, r1, c0, c1 = block
+        kb = kh[:, :, c0:c1]
+        if slopes is not None:
+            j = torch.arange(c0 - r0, c1 - r0, device=q.device, dtype=dt)
+            kb = torch.cat([kb, j[:, None].expand(B, H, c1 - c0, 1)], -1)
+        dqb, dkb, dvb = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            gh[:, :, r0:r1], qh[:, :, r0:r1], kb, vh[:, :, c0:c1], oh[:, :, r0:r1],
+            lseh[:, :, r0:r1], 0.0, False, attn_mask=_mask(kind, slopes, block, dt, q.device),
+            scale=s)
+        dq[:, :, r0:r1] = dqb
+        dk[:, :, c0:c1] += dkb
+        dv[:, :, c0:c1] += dvb
+        if slopes is not None:
+            dslopes -= dqb[..., -1].sum((0, 2)) / s
+    dq, dk, dv = dq[..., :F], dk[..., :F], dv[..., :G]
+    dscale = (qh[..., :F] * dq).sum() / s if need_dscale else None
+    return (dq.transpose(1, 2).to(q.dtype), dk.transpose(1, 2).to(q.dtype),
+            dv.transpose(1, 2).to(q.dtype), dscale, dslopes)
+
+
+def transposed(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | torch.Tensor,
+               kind: tuple, lse: torch.Tensor, slopes: torch.Tensor | None = None
+               ) -> torch.Tensor:
+    """o_j = sum_{i : j in C(i)} P_ij v_i (B, T, H, G) with the weights of ``forward`` and its
+    saved ``lse``; v (B, T, H, G) is indexed by the query token."""
+    dt = _dtype(q)
+    qh, kh, vh = _heads_first(q, k, v, dtype=dt, width=max(q.shape[-1], v.shape[-1]))
+    lseh = lse.transpose(1, 2).to(dt)
+    B, H, T, _ = qh.shape
+    n = _empty_rows(kind, T)
+    out = torch.zeros_like(vh)
+    s = float(scale)
+    # keys j take the queries' place: their blocks, and the queries i that reach them
+    for j0 in range(0, T, BLOCK):
+        j1 = min(j0 + BLOCK, T)
+        i0, i1 = _reaching(kind, j0, j1, T)
+        i0 = max(i0, n)  # rows with an empty context set have no weights
+        if i1 <= i0:
+            continue
+        d = _offsets(i0, i1, j0, j1, q.device).T  # (J, I): i - j
+        inside = _in_context(kind[0], kind[1] if kind[0] == "window" else 0, d)
+        mask = torch.zeros(d.shape, dtype=dt, device=q.device).masked_fill_(~inside, -math.inf)
+        mask = mask - lseh[:, :, None, i0:i1]  # (B, H, J, I)
+        if slopes is not None:
+            mask = mask + slopes.to(dt)[None, :, None, None] * d.to(dt)
+        ob, lb = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            kh[:, :, j0:j1], qh[:, :, i0:i1], vh[:, :, i0:i1], 0.0, False, attn_mask=mask,
+            scale=s)
+        z = torch.exp(lb)[..., None]
+        out[:, :, j0:j1] = torch.where(torch.isneginf(lb)[..., None], 0.0, ob * z)
+    return out[..., :v.shape[-1]].transpose(1, 2).to(q.dtype)
+
+
+def _reaching(kind: tuple, j0: int, j1: int, T: int) -> tuple[int, int]:
+    """The queries [i0, i1) whose context sets reach some key of [j0, j1)."""
+    name, w = kind[0], (kind[1] if kind[0] == "window" else 0)
+    if name == "causal":
+        return j0, T
+    if name == "strict":
+        return j0 + 1, T
+    if name == "window":
+        return j0, min(T, j1 + w)
+    return 0, T  # all, not_self
