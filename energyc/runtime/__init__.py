@@ -203,11 +203,15 @@ def _flash_cpu_serves(
     kind: tuple,
     slopes: torch.Tensor | None = None,
     need_dscale: bool = False,
+    scale: float | torch.Tensor = 1.0,
 ) -> bool:
     """Whether the CPU flash kernels compute this call: no bias, no dscale, a context set they
-    know (all keys, or causal), values of the query's feature size."""
+    know (all keys, or causal), values of the query's feature size, and for causal a positive
+    scale (the causal kernel scales its -inf mask by the scale: 0 * -inf and -1 * -inf gave NaN
+    on every token but the last)."""
     return (_flash_cpu(q) and kind[0] in ("causal", "all") and slopes is None
-            and not need_dscale and q.shape[-1] == v.shape[-1])
+            and not need_dscale and q.shape[-1] == v.shape[-1]
+            and (kind[0] == "all" or float(scale) > 0))
 
 
 # The CPU flash backward recomputes the weights as exp(S_ij - lse_i) from its own float32 S and
@@ -346,7 +350,7 @@ def attention_forward(
         o = q.new_zeros((*q.shape[:-1], v.shape[-1]))
         return o, q.new_zeros(q.shape[:-1], dtype=_accumulator(q))
     qh, kh, vh = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-    if _flash_cpu_serves(q, v, kind, slopes):
+    if _flash_cpu_serves(q, v, kind, slopes, scale=scale):
         o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
             qh, kh, vh, 0.0, kind[0] == "causal", scale=float(scale)
         )
@@ -404,7 +408,7 @@ def attention_backward(
     qh, kh, vh, oh, gh = (t.transpose(1, 2) for t in (q, k, v, o, g))
     lseh = lse.transpose(1, 2)
     dscale = dslopes = None
-    if _flash_cpu_serves(q, v, kind, slopes, need_dscale) and _flash_backward_accurate(lse):
+    if _flash_cpu_serves(q, v, kind, slopes, need_dscale, scale) and _flash_backward_accurate(lse):
         dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
             gh, qh, kh, vh, oh, lseh.float() if q.dtype in (torch.float16, torch.bfloat16)
             else lseh, 0.0, kind[0] == "causal", scale=float(scale)
@@ -502,13 +506,21 @@ def hyper_value(name: str, value: Any, default: float | None) -> float:
         value = default
     if value is None:
         raise TypeError(f"argument {name}: required (the energy declares no default)")
+    return finite_number(name, value)
+
+
+def finite_number(name: str, value: Any) -> float:
+    """Argument ``name`` as a finite float: TypeError for what is not a number (a str, a bool,
+    None), ValueError for NaN and +-inf."""
+    if isinstance(value, (str, bytes, bool)):
+        raise TypeError(f"argument {name}: expected a number, got {value!r}")
     try:
-        value = float(value)
-    except (TypeError, ValueError):
+        number = float(value)
+    except (TypeError, ValueError, RuntimeError):  # RuntimeError: a tensor of more than one value
         raise TypeError(f"argument {name}: expected a number, got {value!r}") from None
-    if not math.isfinite(value):
+    if not math.isfinite(number):
         raise ValueError(f"argument {name}: expected a finite number, got {value!r}")
-    return value
+    return number
 
 
 BACKENDS = ("auto", "torch", "triton")
@@ -562,11 +574,10 @@ def check_config(
     preconditioners: Sequence[str],
     backend: Any = "auto",
 ) -> tuple[float, int, str, str, str]:
-    """The constructor's settings, checked: (eta, steps, precond, context, backend)."""
-    try:
-        eta = float(eta)
-    except (TypeError, ValueError):
-        raise TypeError(f"argument eta: expected a number, got {eta!r}") from None
+    """The constructor's settings, checked: (eta, steps, precond, context, backend).
+
+    eta is any finite number (0 is the identity map; a negative step climbs the energy)."""
+    eta = finite_number("eta", eta)
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"argument steps: expected a positive int, got {steps!r}")
     if precond not in preconditioners:
@@ -580,14 +591,38 @@ def check_config(
     return (eta, steps, precond, context, backend)
 
 
-def check_input(name: str, x: Any, dim: int, params: Sequence[torch.Tensor]) -> None:
+def factory(dtype: Any, device: Any) -> dict[str, Any]:
+    """The constructor's ``dtype`` (None or a floating-point torch.dtype) and ``device`` (None or
+    anything torch.device takes), as the keyword arguments of the parameters' factories."""
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise TypeError(
+            f"argument dtype: expected None or a floating-point torch.dtype, got {dtype!r}"
+        )
+    if device is not None:
+        try:
+            device = torch.device(device)
+        except (RuntimeError, TypeError, ValueError):
+            raise ValueError(
+                f"argument device: expected None or a torch.device, got {device!r}"
+            ) from None
+    return {"dtype": dtype, "device": device}
+
+
+def check_input(
+    name: str, x: Any, dim: int, params: Sequence[torch.Tensor], like: torch.Tensor | None = None
+) -> None:
     """Argument ``name``: a floating-point (batch, tokens, dim) tensor with the dtype and device
-    of the layer's parameters (the first of ``params``)."""
+    of the layer's parameters (the first of ``params``) and, when ``like`` is given (the state,
+    for the context ``xbar``), the shape of ``like``."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"argument {name}: expected a torch.Tensor, got {type(x).__name__}")
     if x.dim() != 3 or x.shape[-1] != dim:
         raise ValueError(
             f"argument {name}: expected shape (batch, tokens, {dim}), got {tuple(x.shape)}"
+        )
+    if like is not None and x.shape != like.shape:
+        raise ValueError(
+            f"argument {name}: expected the shape of x, {tuple(like.shape)}, got {tuple(x.shape)}"
         )
     if not x.is_floating_point():
         raise TypeError(f"argument {name}: expected a floating-point tensor, got {x.dtype}")
