@@ -187,3 +187,40 @@ def test_bench_help(capsys):
     for option in ("--tokens", "--batch", "--dtype", "--device", "--backend", "--threads", "--dim",
                    "--repeats", "--max-seconds", "--json"):
         assert option in out
+
+
+def _bench_examples_module():
+    spec = importlib.util.spec_from_file_location("bench_examples",
+                                                  "benchmarks/bench_examples.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_bench_examples_keeps_one_section_per_set_of_token_counts(tmp_path):
+    module = _bench_examples_module()
+    path = tmp_path / "RESULTS.md"
+    small, large = module.section_heading([256, 1024]), module.section_heading([4096])
+    module.write_section(str(path), f"{small}\n\nsmall\n")
+    module.write_section(str(path), f"{large}\n\nlarge\n")
+    module.write_section(str(path), f"{small}\n\nsmall again\n")
+    assert path.read_text() == (f"# Benchmark results\n\n{small}\n\nsmall again\n\n{large}\n\n"
+                                "large\n")
+
+
+def test_bench_examples_target_met_when_autograd_cannot_finish():
+    """A pair layer whose autograd ran out of time or memory while the generated layer ran meets
+    the speed line (no ratio can be formed); a failed generated layer never does."""
+    from energyc.bench import Report, Row, VariantResult
+
+    module = _bench_examples_module()
+
+    def row(generated, autograd):
+        return Row("f.py", "layer", 4096, {}, generated, autograd, context_sets=["j <= i"])
+
+    ok = VariantResult(median_ms=120.0)
+    over = VariantResult(status="over budget")
+    ((_, _, met),) = module.targets(Report(rows=[row(ok, over)], machine={}, options={}))
+    assert "autograd over budget" in met and "met" in met and "MISSED" not in met.split(";")[0]
+    ((_, _, missed),) = module.targets(Report(rows=[row(over, ok)], machine={}, options={}))
+    assert missed.startswith("4096: speed-up - MISSED")
