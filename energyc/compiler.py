@@ -203,7 +203,8 @@ def split(graph: Graph, forward_outputs: list[str], upstream_inputs: list[str]) 
             stack.extend(graph.node(u).inputs)
         else:
             saved.add(u)
-    forward = [n for n in live if n in fwd_needed or n in graph.ancestors(saved)]
+    fwd_needed |= graph.ancestors(saved)  # once (it was recomputed for every live node)
+    forward = [n for n in live if n in fwd_needed]
     forward = [n for n in forward if n not in backward_set]
     backward = [n for n in live if n in backward_set or n in recomputed]
     return Split(forward, backward, sorted(saved))

@@ -8,6 +8,8 @@ the same values; the inner value is not needed elsewhere, so nothing is recomput
 
 from __future__ import annotations
 
+import functools
+
 from energyc.ir.graph import Graph
 from energyc.ir.ops import ARG_SYMBOLS, pointwise
 
@@ -21,20 +23,32 @@ def fuse_pointwise(graph: Graph) -> Graph:
     outputs = set(graph.outputs.values())
     new = Graph(graph.dims)
     mapping: dict[int, int] = {}
-    # inner bodies absorbed into their single user: old id -> (body, old input ids)
+    # each pointwise node's body with its single-use pointwise arguments inlined: old id ->
+    # (body, old input ids); computed once per node (a chain of n nodes expanded every node's
+    # whole chain again: cubic in n, 50 s of compile time for an energy of 300 terms)
+    expanded: dict[int, tuple] = {}
     for n in live:
         node = graph.node(n)
         if node.op != "pointwise":
             mapping[n] = new.add_like(node, [mapping[u] for u in node.inputs])
             continue
-        body, args = _expanded(graph, n, uses, outputs)
+        body, args = _expanded(graph, n, uses, outputs, expanded)
         mapping[n] = pointwise(new, body, [mapping[u] for u in args], where=node.where)
     new.outputs = {name: mapping[n] for name, n in graph.outputs.items()}
     return new
 
 
-def _expanded(graph: Graph, n: int, uses: dict[int, int], outputs: set[int]):
-    """Body of ``n`` with single-use pointwise arguments inlined, and its leaf arguments."""
+def _expanded(graph: Graph, n: int, uses: dict[int, int], outputs: set[int],
+              memo: dict[int, tuple]):
+    """Body of ``n`` with single-use pointwise arguments inlined, and its leaf arguments (looked
+    up in, and added to, ``memo``)."""
+    if n not in memo:
+        memo[n] = _expand(graph, n, uses, outputs, memo)
+    return memo[n]
+
+
+def _expand(graph: Graph, n: int, uses: dict[int, int], outputs: set[int],
+            memo: dict[int, tuple]):
     node = graph.node(n)
     body = node.attr("body")
     leaves: list[int] = []
@@ -42,7 +56,7 @@ def _expanded(graph: Graph, n: int, uses: dict[int, int], outputs: set[int]):
     for k, u in enumerate(node.inputs):
         un = graph.node(u)
         if un.op == "pointwise" and uses.get(u, 0) == 1 and u not in outputs:
-            inner_body, inner_args = _expanded(graph, u, uses, outputs)
+            inner_body, inner_args = _expanded(graph, u, uses, outputs, memo)
             shift = {ARG_SYMBOLS[m]: _Slot(len(leaves) + m) for m in range(len(inner_args))}
             subs[ARG_SYMBOLS[k]] = inner_body.xreplace(shift)
             leaves.extend(inner_args)
@@ -54,6 +68,7 @@ def _expanded(graph: Graph, n: int, uses: dict[int, int], outputs: set[int]):
     return body, leaves
 
 
+@functools.cache
 def _Slot(m: int):  # noqa: N802 - a placeholder symbol distinct from ARG_SYMBOLS
     import sympy
 
