@@ -304,9 +304,10 @@ def _naive_pairs(T, mask):
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16],
                          ids=lambda d: str(d)[6:])
 def test_kernels_match_the_materialised_sums(monkeypatch, mask, dtype):
-    """pair_lse and pair_sums with ragged tiles (BLOCK 4, 11 tokens) against the (T, T) forms
-    in float64 of the same (rounded) inputs."""
-    monkeypatch.setattr(kernels, "BLOCK", 4)
+    """pair_lse and pair_sums with ragged, non-square tiles (4 queries x 3 keys, 11 tokens)
+    against the (T, T) forms in float64 of the same (rounded) inputs."""
+    monkeypatch.setattr(kernels, "BLOCK_Q", 4)
+    monkeypatch.setattr(kernels, "BLOCK_K", 3)
     torch.manual_seed(0)
     B, H, T, F, G = 2, 3, 11, 5, 4
 
@@ -348,12 +349,12 @@ def test_kernels_match_the_materialised_sums(monkeypatch, mask, dtype):
 def test_kernels_skip_blocks_outside_the_context_set():
     """Causal tiles stop at the diagonal; a window's tiles reach only its w keys."""
     T, block = 1024, 256
-    causal = list(kernels.pair_tiles(T, "causal", 0, block))
+    causal = list(kernels.pair_tiles(T, "causal", 0, block, block))
     assert len(causal) == 4 * 5 // 2
-    window = list(kernels.pair_tiles(T, "window", 8, block))
+    window = list(kernels.pair_tiles(T, "window", 8, block, block))
     assert len(window) == 4 + 3  # the diagonal block and a sliver of the one before
     assert sum(1 for t in causal if t[4]) == 4  # only the diagonal tiles are masked
-    everything = list(kernels.pair_tiles(T, "all", 0, block))
+    everything = list(kernels.pair_tiles(T, "all", 0, block, block))
     assert len(everything) == 16 and not any(t[4] for t in everything)
 
 

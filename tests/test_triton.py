@@ -200,11 +200,13 @@ ATTENTION_LAYERS = {  # every attention-type example; its sizes
 }
 def _token_pair_shapes(name, backend, chunk=None):
     """Shapes with two token axes (T = 37) created by the layer's forward and backward; ``chunk``
-    sets the torch runtime's QUERY_CHUNK (its fallback's scores are (chunk, T) blocks)."""
+    sets the torch runtime's QUERY_CHUNK and the masked flash blocks' BLOCK (their scores and mask
+    tiles are (chunk, T) blocks)."""
     Layer = importlib.import_module(f"generated.{name}").Layer
     runtime = importlib.import_module("energyc.runtime")
-    saved = runtime.QUERY_CHUNK
-    runtime.QUERY_CHUNK = chunk or saved
+    flash_cpu = importlib.import_module("energyc.runtime.flash_cpu")
+    saved = runtime.QUERY_CHUNK, flash_cpu.BLOCK
+    runtime.QUERY_CHUNK = flash_cpu.BLOCK = chunk or saved[0]
     torch.manual_seed(0)
     layer = Layer(**ATTENTION_LAYERS[name], precond="dplr", backend=backend)
     x = torch.randn(2, 37, 16, requires_grad=True)
@@ -213,7 +215,7 @@ def _token_pair_shapes(name, backend, chunk=None):
             y = layer(x)
             torch.autograd.grad(y.sum(), [x, *layer.parameters()])
     finally:
-        runtime.QUERY_CHUNK = saved
+        runtime.QUERY_CHUNK, flash_cpu.BLOCK = saved
     assert mode.shapes, "the dispatch mode saw no op"
     return [(f, s) for f, s in mode.shapes if s.count(37) >= 2]
 
@@ -229,9 +231,9 @@ def test_no_token_pair_tensor(backend, name):
 
 
 def test_one_chunk_fallback_does_create_token_pairs():
-    """The same probe sees (T x T) scores where one chunk holds every query (the default chunk
-    of 256 at 37 tokens) in the torch runtime's fallback (a window context set with an i - j
-    bias, which the CPU flash kernels do not take)."""
+    """The same probe sees (T x T) values where one block holds every query (the default 256 at
+    37 tokens): here the mask tiles of the masked CPU flash blocks (a window context set with an
+    i - j bias)."""
     assert _token_pair_shapes("window_alibi", "torch")
 
 

@@ -42,7 +42,7 @@ import math
 
 import torch
 
-from energyc.runtime.pairs import _in_context, key_range
+from energyc.runtime.pairs import _in_context, key_range, partial_tile
 
 BLOCK = 256  # queries per kernel call: a mask tile is (H|1, BLOCK, keys)
 
@@ -54,9 +54,14 @@ _OPS = all(hasattr(torch.ops.aten, name) for name in (
 def serves(q: torch.Tensor, v: torch.Tensor, scale: float | torch.Tensor,
            slopes: torch.Tensor | None = None, need_dscale: bool = False) -> bool:
     """Whether these kernels compute the call: CPU tensors, and a non-zero scale when the gradient
-    of the scale or the slopes is asked for (it is divided out of dq)."""
-    return (_OPS and q.device.type == "cpu"
-            and not ((need_dscale or slopes is not None) and float(scale) == 0.0))
+    of the scale or the slopes is asked for (it is divided out of dq). The kernels take the scale
+    as a number: under torch.compile a tensor scale (a learned one) would be a data-dependent
+    read, so the caller's fallback, which keeps it a tensor, serves there."""
+    if not (_OPS and q.device.type == "cpu"):
+        return False
+    if isinstance(scale, torch.Tensor) and torch.compiler.is_compiling():
+        return False
+    return not ((need_dscale or slopes is not None) and float(scale) == 0.0)
 
 
 def _dtype(q: torch.Tensor) -> torch.dtype:
@@ -83,10 +88,11 @@ def _mask(kind: tuple, slopes: torch.Tensor | None, block: tuple[int, int, int, 
     """The additive mask tile of a block: (I, J), or (1, H, I, J) with a bias; None when the
     block is wholly inside the context set and has no bias."""
     r0, r1, c0, c1 = block
-    d = _offsets(r0, r1, c0, c1, device)
-    inside = _in_context(kind[0], kind[1] if kind[0] == "window" else 0, d)
-    if slopes is None and bool(inside.all()):
+    w = kind[1] if kind[0] == "window" else 0
+    if slopes is None and not partial_tile(kind[0], w, r0, r1, c0, c1):
         return None
+    d = _offsets(r0, r1, c0, c1, device)
+    inside = _in_context(kind[0], w, d)
     mask = torch.zeros(d.shape, dtype=dtype, device=device).masked_fill_(~inside, -math.inf)
     if slopes is not None:
         mask = mask + slopes.to(dtype)[None, :, None, None] * d.to(dtype)
