@@ -286,18 +286,41 @@ def _siblings(em: Emitter, node: Node, op: str) -> list[int]:
 
 
 def _emit_attention(em: Emitter, nid: int, node: Node) -> None:
-    """Forward and its saved log-sum-exp in one fused call: ``o, lse = attention_forward(...)``."""
+    """Forward and its saved log-sum-exp in one fused call: ``o, lse = attention_forward(...)``.
+
+    Attention nodes over the same scores whose values are ready share the call, their values
+    concatenated along the feature axis: ``P [v_1, v_2] = [P v_1, P v_2]`` (one pass over the
+    scores instead of one per value, as for the two values of a diagonal-plus-low-rank step)."""
     var = em.names.get(nid) or em.pending[nid]
     heads = node.attr("heads")
+    group = [nid] + [n for n in sorted(em.region) if n != nid and n not in em.names
+                     and em.graph.node(n).op == "attention"
+                     and _same_scores(em.graph.node(n), node)
+                     and attention_operands(em.graph.node(n))["v"] in em.names]
     lse = [n for n in _siblings(em, node, "attention_lse") if n not in em.names]
     q, k, extra = _scores_args(em, node, var)
-    v, feature = _value(em, attention_operands(node)["v"], "j", heads, f"{var}_v")
-    names = [var, em.pending.get(lse[0], "_") if lse else "_"]
-    em.lines.append(f"{', '.join(names)} = kernels.attention_forward({q}, {k}, {v}, {extra})")
-    outs = [(nid, feature)] + ([(lse[0], None)] if lse else [])
-    for n, (out, f) in zip(names, outs):
-        _relayout(em, n, _from_layout(n, "i", heads, f, em.graph.node(out).axes))
-        em.names[out] = n
+    names = [var if n == nid else em.pending[n] for n in group]
+    values = [_value(em, attention_operands(em.graph.node(n))["v"], "j", heads, f"{name}_v")
+              for n, name in zip(group, names)]
+    if len(group) == 1:
+        (v, _), out = values[0], var
+    else:
+        v = _bind(em, f"torch.cat([{', '.join(code for code, _ in values)}], dim=-1)", f"{var}_v")
+        out = f"{var}_o"
+    em.lines.append(f"{out}, {em.pending.get(lse[0], '_') if lse else '_'} = "
+                    f"kernels.attention_forward({q}, {k}, {v}, {extra})")
+    start = ""
+    for n, name, (_, feature) in zip(group, names, values):
+        if len(group) > 1:  # this value's features of the shared output
+            stop = f"{start} + {em.size(feature)}" if start else em.size(feature)
+            em.lines.append(f"{name} = {out}[..., {start}:{stop}]")
+            start = stop
+        _relayout(em, name, _from_layout(name, "i", heads, feature, em.graph.node(n).axes))
+        em.names[n] = name
+    if lse:
+        name = em.pending[lse[0]]
+        _relayout(em, name, _from_layout(name, "i", heads, None, em.graph.node(lse[0]).axes))
+        em.names[lse[0]] = name
     return None
 
 
