@@ -52,3 +52,50 @@ def test_an_energy_with_log_of_a_dim_compiles_and_runs(tmp_path):
     module = import_generated(layer)
     y = module.Layer(D=4, M=3)(torch.randn(2, 5, 4))
     assert y.shape == (2, 5, 4) and torch.isfinite(y).all()
+
+
+def _step_calls(name: str) -> dict[str, str]:
+    """The torch step functions of an example's generated layer.py, by name."""
+    import ast
+
+    source = open(f"generated/{name}/layer.py", encoding="utf-8").read()
+    return {f.name: ast.get_source_segment(source, f) for f in ast.parse(source).body
+            if isinstance(f, ast.FunctionDef)}
+
+
+def test_attention_calls_over_the_same_scores_share_one_call():
+    """The diagonal-plus-low-rank step's two values (W_k xbar_j and xbar_j) share one forward
+    call and its backward one call; the Energy Transformer's two backward calls (query and key
+    role) share one. Values, outputs and upstream gradients are concatenated."""
+    for name in ("strict_dplr", "lm_attention_nope_dplr", "energy_transformer"):
+        fns = _step_calls(name)
+        assert fns["_grad_backward"].count("kernels.attention_backward(") == 1, name
+        assert "torch.cat([" in fns["_grad_backward"], name
+    assert _step_calls("strict_dplr")["_grad_forward"].count("kernels.attention_forward(") == 1
+    # two context sets, two scores: nothing to share
+    assert _step_calls("local_global_attention")["_grad_backward"].count(
+        "kernels.attention_backward(") == 2
+
+
+def test_backward_calls_merge_only_where_their_gradients_are_summed():
+    """A consumer that uses one call's dq but not the other's (or weighs them differently) keeps
+    the calls apart: the merged call gives only their sum."""
+    import sympy
+
+    from energyc.backends.torch_backend import _summed_alike
+
+    g = Graph(("D",))
+    a = g.add("input", name="a", axes=("b", "i", "D"))
+    b = g.add("input", name="b", axes=("b", "i", "D"))
+    x0, x1 = sympy.symbols("a0 a1")
+    same = g.add("pointwise", [a, b], body=x0 + x1, axes=("b", "i", "D"))
+    em = Emitter(g, {}, {})
+    em.region = {same}
+    assert _summed_alike(em, a, b)
+    g2 = Graph(("D",))
+    a2 = g2.add("input", name="a", axes=("b", "i", "D"))
+    b2 = g2.add("input", name="b", axes=("b", "i", "D"))
+    g2.add("pointwise", [a2, b2], body=x0 + 2 * x1, axes=("b", "i", "D"))
+    em2 = Emitter(g2, {}, {})
+    em2.region = set(g2.ids())
+    assert not _summed_alike(em2, a2, b2)

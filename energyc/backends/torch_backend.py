@@ -49,6 +49,9 @@ class Emitter:
     mask_lines: list[str] = field(default_factory=list)
     bound: dict[tuple, tuple[str, str]] = field(default_factory=dict)  # attention operands
     region: set[int] = field(default_factory=set)  # the nodes of the function being printed
+    # gradients folded into another's backward call (_merge_backwards): 0 in their one consumer
+    zeros: set[int] = field(default_factory=set)
+    merge_backwards: bool = True  # an emitter whose element-wise nodes are kernels sets False
 
     def size(self, axis: str) -> str:
         return SIZE_NAMES.get(axis, axis)
@@ -75,7 +78,11 @@ class Emitter:
         """``body`` with its arguments broadcast to ``out_axes``; ``first`` (code, already of
         ``out_axes``) when given is ``a0`` and ``args`` are ``a1, a2, ...``."""
         shift = 0 if first is None else 1
-        names = {ARG_SYMBOLS[k + shift].name: self.align(a, out_axes) for k, a in enumerate(args)}
+        folded = {ARG_SYMBOLS[k + shift]: 0 for k, a in enumerate(args) if a in self.zeros}
+        if folded:
+            body = body.xreplace(folded)
+        names = {ARG_SYMBOLS[k + shift].name: self.align(a, out_axes) for k, a in enumerate(args)
+                 if a not in self.zeros}
         if first is not None:
             names[ARG_SYMBOLS[0].name] = first
         tensor_symbols = set(ARG_SYMBOLS[: len(args) + shift])
@@ -348,44 +355,133 @@ def _emit_attention_transposed(em: Emitter, nid: int, node: Node) -> None:
     return None
 
 
-def _emit_attention_grad(em: Emitter, nid: int, node: Node) -> None:
-    """All gradients of one attention (q, k, v, scale, slopes) in one fused backward call."""
-    sibs = {em.graph.node(n).attr("wrt"): n for n in _siblings(em, node, "attention_grad")
+def _grad_group(em: Emitter, node: Node) -> dict[str, int]:
+    """The attention_grad nodes of one backward call (same inputs), by what they differentiate."""
+    return {em.graph.node(n).attr("wrt"): n for n in _siblings(em, node, "attention_grad")
             if em.graph.node(n).inputs == node.inputs}
+
+
+def _summed_alike(em: Emitter, a: int, b: int) -> bool:
+    """Whether gradients ``a`` and ``b`` have one consumer, the same element-wise node, which is
+    linear in them with equal coefficients: it then depends on ``a + b`` alone."""
+    users = em.graph.users(a)
+    if len(users) != 1 or em.graph.users(b) != users:
+        return False
+    user = em.graph.node(users[0])
+    if (user.op != "pointwise" or users[0] not in em.region or users[0] in em.names
+            or user.inputs.count(a) != 1 or user.inputs.count(b) != 1):
+        return False
+    body = user.attr("body")
+    sa, sb = ARG_SYMBOLS[user.inputs.index(a)], ARG_SYMBOLS[user.inputs.index(b)]
+    da = sympy.diff(body, sa)
+    return (sympy.simplify(da - sympy.diff(body, sb)) == 0 and sympy.diff(da, sa) == 0
+            and sympy.diff(da, sb) == 0)
+
+
+def _merge_backwards(em: Emitter, node: Node, sibs: dict[str, int]) -> list[dict[str, int]]:
+    """Other backward calls over the same scores and log-sum-exp that can share this one.
+
+    ``dS_ij = P_ij (g_i . v_j - g_i . o_i)`` is additive over value triples: one call on the
+    concatenated ``[v_1, v_2], [o_1, o_2], [g_1, g_2]`` gives ``dS_1 + dS_2``, so the sums
+    ``dq_1 + dq_2``, ``dk_1 + dk_2`` (and ds, dm) and both dv's. Legal when each of those gradients
+    of the two calls exists for both and is consumed only through their sum (``_summed_alike``);
+    the second call's then count 0 there (``em.zeros``)."""
+    if not em.merge_backwards:
+        return []
+    lse = attention_operands(node)["lse"]
+    shared = sorted(w for w in sibs if w != "v")
+    groups: list[dict[str, int]] = []
+    seen = set(sibs.values())
+    for n in sorted(em.region):
+        other = em.graph.node(n)
+        if (n in seen or n in em.names or other.op != "attention_grad"
+                or not _same_scores(other, node) or attention_operands(other)["lse"] != lse):
+            continue
+        group = _grad_group(em, other)
+        seen |= set(group.values())
+        ins = attention_operands(other)
+        if (any(m in em.names for m in group.values())
+                or sorted(w for w in group if w != "v") != shared
+                or not all(_summed_alike(em, sibs[w], group[w]) for w in shared)
+                or not _emit_early(em, [ins[x] for x in ("v", "o", "g")], set(sibs.values()))):
+            continue
+        groups.append(group)
+    return groups
+
+
+def _emit_early(em: Emitter, roots: list[int], avoid: set[int]) -> bool:
+    """Emit now what ``roots`` need and is not yet emitted (in topological order), unless that
+    needs a node of ``avoid``; whether ``roots`` are then ready. Node ids are topological."""
+    need = sorted(n for n in em.graph.ancestors(roots) if n in em.region and n not in em.names)
+    if avoid & set(need):
+        return False
+    for n in need:
+        if n not in em.names:  # an earlier one of them may have emitted it with its group
+            em.emit(n, em.pending.get(n, ""))
+    return all(r in em.names for r in roots)
+
+
+def _emit_attention_grad(em: Emitter, nid: int, node: Node) -> None:
+    """All gradients of one attention (q, k, v, scale, slopes) in one fused backward call, and
+    those of other calls over the same scores where they can share it (_merge_backwards)."""
+    sibs = _grad_group(em, node)
+    merged = _merge_backwards(em, node, sibs)
     var = em.pending[nid]
     heads, features = node.attr("heads"), node.attr("features")
     ins = attention_operands(node)
     q, k, extra = _scores_args(em, node, var)
-    v, v_feature = _value(em, ins["v"], "j", heads, f"{var}_v")
-    o, _ = _value(em, ins["o"], "i", heads, f"{var}_o")
-    g, _ = _value(em, ins["g"], "i", heads, f"{var}_g")
+    triples = []  # (v, o, g, the value's feature) of each call
+    for t, group in enumerate([sibs, *merged]):
+        gi = attention_operands(em.graph.node(next(iter(group.values()))))
+        tag = var if t == 0 else f"{var}_{t}"
+        v, v_feature = _value(em, gi["v"], "j", heads, f"{tag}_v")
+        o, _ = _value(em, gi["o"], "i", heads, f"{tag}_o")
+        g, _ = _value(em, gi["g"], "i", heads, f"{tag}_g")
+        triples.append((v, o, g, v_feature))
+    if merged:
+        v, o, g = (_bind(em, f"torch.cat([{', '.join(x[r] for x in triples)}], dim=-1)",
+                         f"{var}_{'vog'[r]}_all") for r in range(3))
+    else:
+        v, o, g, _ = triples[0]
     lse = _layout(em, ins["lse"], "i", heads, None)
-    outs = [f"{var}_d{w}" if any(n.startswith(w) for n in sibs) else "_" for w in "qkvsm"]
+    outs = [f"{var}_d{w}" if any(n.startswith(w) for group in [sibs, *merged] for n in group)
+            else "_" for w in "qkvsm"]
     need_ds = ", need_dscale=True" if "s" in sibs else ""
     em.lines.append(f"{', '.join(outs)} = kernels.attention_backward({q}, {k}, {v}, {extra}, "
                     f"o={o}, lse={lse}, g={g}{need_ds})")
     offsets = ["0"]
     for f in features:
         offsets.append(em.size(f) if offsets[-1] == "0" else f"{offsets[-1]} + {em.size(f)}")
-    for wrt, n in sibs.items():
-        axes = em.graph.node(n).axes
-        grad = outs["qkvsm".index(wrt[0])]
-        if wrt[0] in "qk":
-            t = int(wrt[1:])
-            if len(features) > 1:
-                grad = f"{grad}[..., {offsets[t] if t else ''}:{offsets[t + 1]}]"
-            code = _from_layout(grad, "i" if wrt[0] == "q" else "j", heads, features[t], axes)
-        elif wrt == "v":
-            code = _from_layout(grad, "j", heads, v_feature, axes)
-        elif wrt == "m":
-            code = grad if axes else f"{grad}.sum()"
-        else:
-            code = grad
-        if code == grad:  # already in the node's layout: no new variable
-            em.names[n] = grad
-            continue
-        em.lines.append(f"{em.pending[n]} = {code}")
-        em.names[n] = em.pending[n]
+    start = ""
+    for t, group in enumerate([sibs, *merged]):
+        v_feature = triples[t][3]
+        stop = f"{start} + {em.size(v_feature)}" if start else em.size(v_feature)
+        for wrt, n in group.items():
+            if t and wrt != "v":  # counted in the first call's gradient
+                em.zeros.add(n)
+                em.names[n] = "0"
+                continue
+            axes = em.graph.node(n).axes
+            grad = outs["qkvsm".index(wrt[0])]
+            if wrt[0] in "qk":
+                i = int(wrt[1:])
+                if len(features) > 1:
+                    grad = f"{grad}[..., {offsets[i] if i else ''}:{offsets[i + 1]}]"
+                code = _from_layout(grad, "i" if wrt[0] == "q" else "j", heads, features[i], axes)
+            elif wrt == "v":
+                if merged:
+                    grad = f"{grad}[..., {start}:{stop}]"
+                code = _from_layout(grad, "j", heads, v_feature, axes)
+            elif wrt == "m":
+                code = grad if axes else f"{grad}.sum()"
+            else:
+                code = grad
+            if code == grad:  # already in the node's layout: no new variable
+                em.names[n] = grad
+                continue
+            em.lines.append(f"{em.pending[n]} = {code}")
+            em.names[n] = em.pending[n]
+        start = stop
     return None
 
 
