@@ -105,9 +105,37 @@ def _empty_rows(kind: tuple, T: int) -> int:
 
 
 def _heads_first(*tensors: torch.Tensor, dtype: torch.dtype, width: int) -> list[torch.Tensor]:
-    """(B, T, H, F) -> (B, H, T, width) in ``dtype``, padded with zero features."""
-    return [torch.nn.functional.pad(t.transpose(1, 2).to(dtype), (0, width - t.shape[-1]))
-            for t in tensors]
+    """(B, T, H, F) -> (B, H, T, width) in ``dtype``, padded with zero features (a view when
+    nothing changes: the kernels take strided inputs)."""
+    out = []
+    for t in tensors:
+        t = t.transpose(1, 2).to(dtype)
+        out.append(t if t.shape[-1] == width else torch.nn.functional.pad(t, (0, width - t.shape[-1])))
+    return out
+
+
+def _rows(parts: list[torch.Tensor]) -> torch.Tensor:
+    """Per-block results of consecutive query blocks, joined along the token axis (dim 2)."""
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
+
+
+class _Keys:
+    """A sum over query blocks of per-key results for keys [c0, c1) of each block: the first
+    block's result as it is when it covers every key, else a zero-filled (.., T, ..) total."""
+
+    def __init__(self, T: int) -> None:
+        self.T = T
+        self.total: torch.Tensor | None = None
+
+    def add(self, part: torch.Tensor, c0: int, c1: int) -> None:
+        if self.total is None and (c0, c1) == (0, self.T):
+            self.total = part
+            return
+        if self.total is None:
+            shape = list(part.shape)
+            shape[2] = self.T
+            self.total = part.new_zeros(shape)
+        self.total[:, :, c0:c1] += part
 
 
 def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | torch.Tensor,
@@ -117,20 +145,21 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | to
     softmax attention over the context set ``kind``; q, k (B, T, H, F), v (B, T, H, G)."""
     dt = _dtype(q)
     qh, kh, vh = _heads_first(q, k, v, dtype=dt, width=max(q.shape[-1], v.shape[-1]))
-    B, H, T, _ = qh.shape
-    o = qh.new_empty((B, H, T, vh.shape[-1]))
-    lse = qh.new_empty((B, H, T))
+    T = qh.shape[2]
     s = float(scale)
+    outs, lses = [], []
     for block in _blocks(kind, T):
         r0, r1, c0, c1 = block
         ob, lb = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
             qh[:, :, r0:r1], kh[:, :, c0:c1], vh[:, :, c0:c1], 0.0, False,
             attn_mask=_mask(kind, slopes, block, dt, q.device), scale=s)
-        o[:, :, r0:r1] = ob
-        lse[:, :, r0:r1] = lb
+        outs.append(ob)
+        lses.append(lb)
+    o, lse = _rows(outs), _rows(lses)
     n = _empty_rows(kind, T)
-    o[:, :, :n] = 0.0
-    lse[:, :, :n] = 0.0
+    if n:
+        o[:, :, :n] = 0.0
+        lse[:, :, :n] = 0.0
     return o[..., :v.shape[-1]].transpose(1, 2).to(q.dtype), lse.transpose(1, 2)
 
 
@@ -148,9 +177,7 @@ def backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | t
     (kh,) = _heads_first(k, dtype=dt, width=max(F, G))
     lseh = lse.transpose(1, 2).to(dt)
     B, H, T, _ = qh.shape
-    dq = torch.zeros_like(qh)
-    dk = torch.zeros_like(qh)
-    dv = torch.zeros_like(vh)
+    dqs, dk, dv = [], _Keys(T), _Keys(T)
     dslopes = qh.new_zeros(H) if slopes is not None else None
     s = float(scale)
     for block in _blocks(kind, T):
@@ -163,11 +190,12 @@ def backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | t
             gh[:, :, r0:r1], qh[:, :, r0:r1], kb, vh[:, :, c0:c1], oh[:, :, r0:r1],
             lseh[:, :, r0:r1], 0.0, False, attn_mask=_mask(kind, slopes, block, dt, q.device),
             scale=s)
-        dq[:, :, r0:r1] = dqb
-        dk[:, :, c0:c1] += dkb
-        dv[:, :, c0:c1] += dvb
+        dqs.append(dqb)
+        dk.add(dkb, c0, c1)
+        dv.add(dvb, c0, c1)
         if slopes is not None:
             dslopes -= dqb[..., -1].sum((0, 2)) / s
+    dq, dk, dv = _rows(dqs), dk.total, dv.total
     dq, dk, dv = dq[..., :F], dk[..., :F], dv[..., :G]
     dscale = (qh[..., :F] * dq).sum() / s if need_dscale else None
     return (dq.transpose(1, 2).to(q.dtype), dk.transpose(1, 2).to(q.dtype),
