@@ -88,3 +88,19 @@ def test_table_reports_counts(mlp):
     text = format_results(results)
     assert "2 passed, 0 failed, 0 skipped" in text
     assert torch.isfinite(torch.tensor([r.worst for r in results])).all()
+
+
+def test_a_non_finite_reference_is_no_case_but_a_non_finite_layer_fails():
+    """Where the reference overflows (an exp of a state a divergent step made large) there is
+    nothing to compare: the case is rejected. NaN from the layer against a finite reference is
+    still an error."""
+    import torch
+
+    from energyc.check import ReferenceNotFiniteError, _close
+
+    finite = torch.tensor([1.0, 2.0], dtype=torch.float64)
+    with pytest.raises(ReferenceNotFiniteError):
+        _close("forward", finite, torch.tensor([1.0, float("nan")], dtype=torch.float64))
+    with pytest.raises(AssertionError):
+        _close("forward", torch.tensor([1.0, float("nan")], dtype=torch.float64), finite)
+    assert _close("forward", finite, finite) == 0.0
