@@ -30,7 +30,7 @@ from typing import Any
 import torch
 
 from energyc.runtime import flash_cpu
-from energyc.runtime.pairs import key_range
+from energyc.runtime.pairs import query_blocks
 from energyc.runtime_version import RUNTIME_VERSION
 
 # -- version --------------------------------------------------------------------------------------
@@ -275,11 +275,6 @@ def _accumulator(q: torch.Tensor) -> torch.dtype:
 QUERY_CHUNK = 256  # queries per step of the fallback: its scores are (B, H, 256, <= T), not (T, T)
 
 
-def _row_blocks(T: int) -> list[tuple[int, int]]:
-    """[r0, r1) ranges of at most QUERY_CHUNK queries that cover 0..T."""
-    return [(r0, min(r0 + QUERY_CHUNK, T)) for r0 in range(0, max(T, 1), QUERY_CHUNK)]
-
-
 def _masked_scores(
     qc: torch.Tensor,
     kh: torch.Tensor,
@@ -306,17 +301,6 @@ def _masked_scores(
         w = kind[1] if kind[0] == "window" else 0
         scores = scores.masked_fill(~_in_context(kind[0], w, offset), -math.inf)
     return scores, offset
-
-
-def _key_blocks(kind: tuple, T: int) -> list[tuple[int, int, int, int]]:
-    """(r0, r1, c0, c1): each block of queries with the keys [c0, c1) its context set reaches
-    (causal: up to the block's last query; a window: its w keys before; all: every key)."""
-    w = kind[1] if kind[0] == "window" else 0
-    blocks = []
-    for r0, r1 in _row_blocks(T):
-        c0, c1 = key_range(kind[0], w, r0, r1, T)
-        blocks.append((r0, r1, c0, max(c1, min(c0 + 1, T))))  # one masked key at least
-    return blocks
 
 
 def attention_forward(
@@ -360,7 +344,7 @@ def attention_forward(
         acc = _accumulator(q)
         qh, kh, vh = qh.to(acc), kh.to(acc), vh.to(acc)
         outs, lses = [], []
-        for r0, r1, c0, c1 in _key_blocks(kind, q.shape[1]):
+        for r0, r1, c0, c1 in query_blocks(kind, q.shape[1], QUERY_CHUNK):
             scores, _ = _masked_scores(qh[..., r0:r1, :], kh[..., c0:c1, :], scale, kind, slopes,
                                        r0, c0=c0)
             o_block, lse_block = _softmax_apply(scores, vh[..., c0:c1, :])
@@ -421,7 +405,7 @@ def attention_backward(
         dqs, dk, dv = [], torch.zeros_like(kh), torch.zeros_like(vh)
         dscale = qh.new_zeros(()) if need_dscale else None
         dslopes = qh.new_zeros(q.shape[2]) if slopes is not None else None
-        for r0, r1, c0, c1 in _key_blocks(kind, q.shape[1]):
+        for r0, r1, c0, c1 in query_blocks(kind, q.shape[1], QUERY_CHUNK):
             qc, gc = qh[..., r0:r1, :], gh[..., r0:r1, :]
             kc, vc = kh[..., c0:c1, :], vh[..., c0:c1, :]
             qk = qc @ kc.transpose(-1, -2)
@@ -462,7 +446,7 @@ def attention_transposed(
     acc = _accumulator(q)
     qh, kh, vh, lseh = (t.transpose(1, 2).to(acc) for t in (q, k, v, lse))
     o_t = torch.zeros_like(vh)
-    for r0, r1, c0, c1 in _key_blocks(kind, q.shape[1]):
+    for r0, r1, c0, c1 in query_blocks(kind, q.shape[1], QUERY_CHUNK):
         scores, _ = _masked_scores(qh[..., r0:r1, :], kh[..., c0:c1, :], scale, kind, slopes, r0,
                                    c0=c0)
         p = _softmax_rows(scores, lseh[..., r0:r1])

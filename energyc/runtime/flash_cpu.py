@@ -2,7 +2,7 @@
 
 The CPU flash-attention kernels (``_scaled_dot_product_flash_attention_for_cpu`` and its explicit
 backward) take an additive mask. Queries go ``BLOCK`` at a time against only the keys their
-context set reaches (``energyc.runtime.pairs.key_range``), each block with a (BLOCK x keys) mask
+context set reaches (``energyc.runtime.pairs.query_blocks``), each block with a (BLOCK x keys) mask
 tile: ``-inf`` outside the context set, plus ``slopes_h (i - j)`` for a bias. So strict, window
 and not-self sets and ALiBi-style biases run on the same fused kernels as plain causal attention,
 in memory O(tokens x BLOCK), never (tokens x tokens). With
@@ -42,7 +42,7 @@ import math
 
 import torch
 
-from energyc.runtime.pairs import _in_context, key_range, partial_tile
+from energyc.runtime.pairs import _compute_dtype, _in_context, partial_tile, query_blocks
 
 BLOCK = 256  # queries per kernel call: a mask tile is (H|1, BLOCK, keys)
 
@@ -62,21 +62,6 @@ def serves(q: torch.Tensor, v: torch.Tensor, scale: float | torch.Tensor,
     if isinstance(scale, torch.Tensor) and torch.compiler.is_compiling():
         return False
     return not ((need_dscale or slopes is not None) and float(scale) == 0.0)
-
-
-def _dtype(q: torch.Tensor) -> torch.dtype:
-    return torch.float64 if q.dtype == torch.float64 else torch.float32
-
-
-def _blocks(kind: tuple, T: int) -> list[tuple[int, int, int, int]]:
-    """(r0, r1, c0, c1): each block of at most BLOCK queries with the keys [c0, c1) it reaches."""
-    w = kind[1] if kind[0] == "window" else 0
-    out = []
-    for r0 in range(0, T, BLOCK):
-        r1 = min(r0 + BLOCK, T)
-        c0, c1 = key_range(kind[0], w, r0, r1, T)
-        out.append((r0, r1, c0, max(c1, min(c0 + 1, T))))  # one (masked) key at least
-    return out
 
 
 def _offsets(r0: int, r1: int, c0: int, c1: int, device: torch.device) -> torch.Tensor:
@@ -143,12 +128,12 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | to
             ) -> tuple[torch.Tensor, torch.Tensor]:
     """o (B, T, H, G) in q's dtype and lse (B, T, H) in float32 (float64 for float64 inputs) of
     softmax attention over the context set ``kind``; q, k (B, T, H, F), v (B, T, H, G)."""
-    dt = _dtype(q)
+    dt = _compute_dtype(q.dtype)
     qh, kh, vh = _heads_first(q, k, v, dtype=dt, width=max(q.shape[-1], v.shape[-1]))
     T = qh.shape[2]
     s = float(scale)
     outs, lses = [], []
-    for block in _blocks(kind, T):
+    for block in query_blocks(kind, T, BLOCK):
         r0, r1, c0, c1 = block
         ob, lb = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
             qh[:, :, r0:r1], kh[:, :, c0:c1], vh[:, :, c0:c1], 0.0, False,
@@ -170,7 +155,7 @@ def backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | t
                         torch.Tensor | None]:
     """dq, dk, dv (in q's dtype), dscale (0-d, when ``need_dscale``) and dslopes ((H,), when
     ``slopes`` is given), both in the compute dtype, of ``forward`` for the upstream gradient g."""
-    dt = _dtype(q)
+    dt = _compute_dtype(q.dtype)
     F, G = q.shape[-1], v.shape[-1]
     N = max(F, G) + (slopes is not None)  # the padded width; with slopes k's last is j - r0
     qh, vh, oh, gh = _heads_first(q, v, o, g, dtype=dt, width=N)
@@ -180,7 +165,7 @@ def backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | t
     dqs, dk, dv = [], _Keys(T), _Keys(T)
     dslopes = qh.new_zeros(H) if slopes is not None else None
     s = float(scale)
-    for block in _blocks(kind, T):
+    for block in query_blocks(kind, T, BLOCK):
         r0, r1, c0, c1 = block
         kb = kh[:, :, c0:c1]
         if slopes is not None:
@@ -207,7 +192,7 @@ def transposed(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float |
                ) -> torch.Tensor:
     """o_j = sum_{i : j in C(i)} P_ij v_i (B, T, H, G) with the weights of ``forward`` and its
     saved ``lse``; v (B, T, H, G) is indexed by the query token."""
-    dt = _dtype(q)
+    dt = _compute_dtype(q.dtype)
     qh, kh, vh = _heads_first(q, k, v, dtype=dt, width=max(q.shape[-1], v.shape[-1]))
     lseh = lse.transpose(1, 2).to(dt)
     B, H, T, _ = qh.shape

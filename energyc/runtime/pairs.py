@@ -18,7 +18,8 @@ from collections.abc import Callable, Iterator, Sequence
 
 import torch
 
-__all__ = ["pair_lse", "pair_sums", "running_sum", "pair_tiles", "partial_tile", "key_range"]
+__all__ = ["pair_lse", "pair_sums", "running_sum", "pair_tiles", "partial_tile", "key_range",
+           "query_blocks"]
 
 # Tile sides. Each element-wise op of a pair function streams its tile through memory; 128 x 128
 # tiles ran softcap_attention and grouped_query_attention (B=2, 4 heads, 1 thread) 1.3-2.5x faster
@@ -46,6 +47,19 @@ def key_range(kind: str, w: int, i0: int, i1: int, T: int) -> tuple[int, int]:
     """The keys [lo, hi) that queries [i0, i1) reach in the context set ``kind``."""
     return {"causal": (0, i1), "strict": (0, max(i1 - 1, 0)), "window": (max(0, i0 - w), i1),
             "all": (0, T), "not_self": (0, T)}[kind]
+
+
+def query_blocks(kind: tuple, T: int, block: int) -> list[tuple[int, int, int, int]]:
+    """(r0, r1, c0, c1): each block of at most ``block`` queries with the keys [c0, c1) its
+    context set reaches (causal: up to the block's last query; a window: its w keys before; all:
+    every key), one (masked) key at least."""
+    w = kind[1] if kind[0] == "window" else 0
+    blocks = []
+    for r0 in range(0, max(T, 1), block):
+        r1 = min(r0 + block, T)
+        c0, c1 = key_range(kind[0], w, r0, r1, T)
+        blocks.append((r0, r1, c0, max(c1, min(c0 + 1, T))))
+    return blocks
 
 
 def pair_tiles(T: int, kind: str, w: int, block_q: int | None = None,
