@@ -198,6 +198,11 @@ ATTENTION_LAYERS = {  # every attention-type example; its sizes
     "lm_attention_rope_dplr": SIZES, "lm_attention_alibi_dplr": SIZES,
     "local_global_attention": dict(SIZES, G=2),
 }
+CONTEXT_LAYERS = {  # every example with a reduction over a context set: the above and pair ops
+    **ATTENTION_LAYERS,
+    "softcap_attention": SIZES, "sigmoid_attention": SIZES, "head_temperature_attention": SIZES,
+    "grouped_query_attention": dict(D=16, G=2, R=2, K=8), "causal_meanfield": dict(D=16, M=8),
+}
 def _token_pair_shapes(name, backend, chunk=None):
     """Shapes with two token axes (T = 37) created by the layer's forward and backward; ``chunk``
     sets the torch runtime's QUERY_CHUNK and the masked flash blocks' BLOCK (their scores and mask
@@ -205,29 +210,37 @@ def _token_pair_shapes(name, backend, chunk=None):
     Layer = importlib.import_module(f"generated.{name}").Layer
     runtime = importlib.import_module("energyc.runtime")
     flash_cpu = importlib.import_module("energyc.runtime.flash_cpu")
-    saved = runtime.QUERY_CHUNK, flash_cpu.BLOCK
-    runtime.QUERY_CHUNK = flash_cpu.BLOCK = chunk or saved[0]
+    pairs = importlib.import_module("energyc.runtime.pairs")
+    saved = runtime.QUERY_CHUNK, flash_cpu.BLOCK, pairs.BLOCK_Q, pairs.BLOCK_K
+    if chunk:  # pair tiles of chunk x chunk too
+        runtime.QUERY_CHUNK = flash_cpu.BLOCK = pairs.BLOCK_Q = pairs.BLOCK_K = chunk
     torch.manual_seed(0)
-    layer = Layer(**ATTENTION_LAYERS[name], precond="dplr", backend=backend)
+    layer = Layer(**CONTEXT_LAYERS[name], precond="dplr", backend=backend)
     x = torch.randn(2, 37, 16, requires_grad=True)
     try:
         with _Shapes() as mode:
             y = layer(x)
             torch.autograd.grad(y.sum(), [x, *layer.parameters()])
     finally:
-        runtime.QUERY_CHUNK, flash_cpu.BLOCK = saved
+        runtime.QUERY_CHUNK, flash_cpu.BLOCK, pairs.BLOCK_Q, pairs.BLOCK_K = saved
     assert mode.shapes, "the dispatch mode saw no op"
     return [(f, s) for f, s in mode.shapes if s.count(37) >= 2]
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
-@pytest.mark.parametrize("name", sorted(ATTENTION_LAYERS))
+@pytest.mark.parametrize("name", sorted(CONTEXT_LAYERS))
 def test_no_token_pair_tensor(backend, name):
     """T = 37 is distinct from every other size, so a (T x T) tensor shows as two 37s. Forward,
     backward, all parameters (learned scales and slopes included), DPLR preconditioner. The torch
-    backend runs the CPU flash kernels where they serve, else its chunked fallback (chunks of 16
-    queries here, so that 37 tokens take several)."""
+    backend runs the CPU flash kernels where they serve, else its chunked fallback, and pair ops
+    on tiles (blocks and tiles of 16 here, so that 37 tokens take several)."""
     assert _token_pair_shapes(name, backend, chunk=16) == []
+
+
+def test_one_pair_tile_does_create_token_pairs():
+    """The probe sees the (T x T) tile of a pair op where one tile holds every pair (the default
+    128 x 128 at 37 tokens): the soft-capped scores."""
+    assert _token_pair_shapes("softcap_attention", "torch")
 
 
 def test_one_chunk_fallback_does_create_token_pairs():
