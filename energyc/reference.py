@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F  # noqa: N812
 
 from energyc.compiler import CompiledLayer, _energy_subgraph
-from energyc.ir.functions import expand_definitions
+from energyc.ir.functions import EnergyFunction, sigmoid, softplus
 from energyc.ir.ops import ARG_SYMBOLS
 
 _UNARY = {
@@ -28,11 +28,30 @@ _UNARY = {
 }
 
 
+# sigmoid and softplus by their numerically stable torch forms, not their definitions: autograd of
+# 1 / (1 + exp(-u)) or log(1 + exp(u)) squares exp(|u|) in the second derivative, which overflows
+# for |u| > 355 in float64 (and 44 in float32) and turned a second derivative of ~0 into ~1
+# (sigmoid_attention after a large step: the reference's backward 8.8e4 off, the layer's right).
+def _softplus(u: torch.Tensor) -> torch.Tensor:
+    """log(1 + exp(u)) as u + log(1 + exp(-u)) for u > 0, else log(1 + exp(u)), each branch fed
+    only its own half of the inputs so that neither exp can overflow, in any derivative (torch's
+    logaddexp gives NaN in its second derivative at u = -1000)."""
+    positive = u > 0
+    up, un = torch.where(positive, u, 0.0), torch.where(positive, 0.0, u)
+    return torch.where(positive, up + torch.log1p(torch.exp(-up)), torch.log1p(torch.exp(un)))
+
+
+_STABLE = {sigmoid: torch.sigmoid, softplus: _softplus}
+
+
 def _evaluate(expr: sympy.Basic, env: Mapping[str, torch.Tensor], dtype) -> torch.Tensor:
-    """Evaluate a SymPy expression on tensors, recursively (EnergyFunctions expanded first)."""
+    """Evaluate a SymPy expression on tensors, recursively (EnergyFunctions expanded first, but
+    for those with a stable torch form, _STABLE)."""
     def ev(e):
         if e.is_Symbol:
             return env[e.name]
+        if type(e) in _STABLE:
+            return _STABLE[type(e)](ev(e.args[0]))
         if e.is_Number or e in (sympy.pi, sympy.E):
             return torch.tensor(float(e), dtype=dtype)
         if e.is_Add:
@@ -79,7 +98,9 @@ def _evaluate(expr: sympy.Basic, env: Mapping[str, torch.Tensor], dtype) -> torc
             return out
         raise NotImplementedError(f"reference evaluator: {e.func}")
 
-    return ev(expand_definitions(expr))
+    expanded = expr.replace(lambda e: isinstance(e, EnergyFunction) and type(e) not in _STABLE,
+                            lambda e: type(e).definition(e.args[0]))
+    return ev(expanded)
 
 
 def _mask(kind: tuple, T: int, device) -> torch.Tensor:

@@ -128,10 +128,3 @@ def elementwise(
     )
     _USER_FUNCTIONS[name] = cls
     return cls
-
-
-def expand_definitions(expr: sympy.Expr) -> sympy.Expr:
-    """Replace every EnergyFunction in ``expr`` by its defining expression (for reference use)."""
-    return expr.replace(
-        lambda e: isinstance(e, EnergyFunction), lambda e: type(e).definition(e.args[0])
-    )
