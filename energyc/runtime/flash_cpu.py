@@ -27,7 +27,8 @@ the three products are:
   keys; both need a non-zero scale;
 * ``transposed`` (the key role): ``o_j = sum_i P_ij v_i``. Its weights, over i for a fixed j, are
   a softmax of ``S_ij - lse_i`` up to its normaliser ``Z_j = sum_i P_ij <= T``: the forward
-  kernel with the roles of queries and keys swapped and ``-lse_i`` added to the mask gives
+  kernel with the roles of queries and keys swapped, on ``[scale k_j, 1]`` and ``[q_i, -lse_i]``
+  (whose product is ``S_ij - lse_i`` without the bias, so the mask stays a context tile), gives
   ``o'_j = sum_i P_ij v_i / Z_j`` and ``log Z_j``, so ``o_j = o'_j Z_j``.
 
 The kernels want the same feature size for q, k and v: the narrower side is padded with zero
@@ -193,12 +194,18 @@ def transposed(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float |
     """o_j = sum_{i : j in C(i)} P_ij v_i (B, T, H, G) with the weights of ``forward`` and its
     saved ``lse``; v (B, T, H, G) is indexed by the query token."""
     dt = _compute_dtype(q.dtype)
-    qh, kh, vh = _heads_first(q, k, v, dtype=dt, width=max(q.shape[-1], v.shape[-1]))
-    lseh = lse.transpose(1, 2).to(dt)
+    F, G = q.shape[-1], v.shape[-1]
+    N = max(F + 1, G)  # one more feature carries -lse_i (see below)
+    (vh,) = _heads_first(v, dtype=dt, width=N)
+    qh, kh = _heads_first(q, k * torch.as_tensor(scale, dtype=k.dtype), dtype=dt, width=F)
     B, H, T, _ = qh.shape
+    lseh = lse.transpose(1, 2).to(dt)[..., None]
+    # keys as queries, queries as keys: [s k_j, 1] . [q_i, -lse_i] = S_ij - lse_i (kernel scale 1)
+    kq = torch.nn.functional.pad(torch.cat([kh, torch.ones_like(lseh)], -1), (0, N - F - 1))
+    qk = torch.nn.functional.pad(torch.cat([qh, -lseh], -1), (0, N - F - 1))
     n = _empty_rows(kind, T)
     out = torch.zeros_like(vh)
-    s = float(scale)
+    w = kind[1] if kind[0] == "window" else 0
     # keys j take the queries' place: their blocks, and the queries i that reach them
     for j0 in range(0, T, BLOCK):
         j1 = min(j0 + BLOCK, T)
@@ -206,18 +213,19 @@ def transposed(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float |
         i0 = max(i0, n)  # rows with an empty context set have no weights
         if i1 <= i0:
             continue
-        d = _offsets(i0, i1, j0, j1, q.device).T  # (J, I): i - j
-        inside = _in_context(kind[0], kind[1] if kind[0] == "window" else 0, d)
-        mask = torch.zeros(d.shape, dtype=dt, device=q.device).masked_fill_(~inside, -math.inf)
-        mask = mask - lseh[:, :, None, i0:i1]  # (B, H, J, I)
-        if slopes is not None:
-            mask = mask + slopes.to(dt)[None, :, None, None] * d.to(dt)
+        mask = None
+        if slopes is not None or partial_tile(kind[0], w, i0, i1, j0, j1):
+            d = _offsets(i0, i1, j0, j1, q.device).T  # (J, I): i - j
+            inside = _in_context(kind[0], w, d)
+            mask = torch.zeros(d.shape, dtype=dt, device=q.device).masked_fill_(~inside, -math.inf)
+            if slopes is not None:
+                mask = mask + slopes.to(dt)[None, :, None, None] * d.to(dt)
         ob, lb = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-            kh[:, :, j0:j1], qh[:, :, i0:i1], vh[:, :, i0:i1], 0.0, False, attn_mask=mask,
-            scale=s)
+            kq[:, :, j0:j1], qk[:, :, i0:i1], vh[:, :, i0:i1], 0.0, False, attn_mask=mask,
+            scale=1.0)
         z = torch.exp(lb)[..., None]
         out[:, :, j0:j1] = torch.where(torch.isneginf(lb)[..., None], 0.0, ob * z)
-    return out[..., :v.shape[-1]].transpose(1, 2).to(q.dtype)
+    return out[..., :G].transpose(1, 2).to(q.dtype)
 
 
 def _reaching(kind: tuple, j0: int, j1: int, T: int) -> tuple[int, int]:
