@@ -140,9 +140,12 @@ class Row:
 
     @property
     def memory_ratio(self) -> float | None:
-        """autograd / generated of the peak increments; None below 1 MiB (too small to compare)."""
+        """autograd / generated of the peak increments; None below 1 MiB (too small to compare)
+        or when a variant ran out of memory (its peak is where it stopped, not what it needs)."""
         g, a = self.generated.increment_mib, self.autograd.increment_mib
         if g is None or a is None or g < 1.0:
+            return None
+        if "out of memory" in (self.generated.status, self.autograd.status):
             return None
         return a / g
 

@@ -231,3 +231,23 @@ def test_bench_examples_target_met_when_autograd_cannot_finish():
     assert "autograd over budget" in met and "met" in met and "MISSED" not in met.split(";")[0]
     ((_, _, missed),) = module.targets(Report(rows=[row(over, ok)], machine={}, options={}))
     assert missed.startswith("4096: speed-up - MISSED")
+
+
+def test_bench_examples_records_a_saved_run(tmp_path):
+    """--from-json reads back what --json wrote: the same table and verdicts; a pair layer whose
+    autograd ran out of memory meets the memory line (its peak is where it stopped) and shows no
+    ratio."""
+    from energyc.bench import Report, Row, VariantResult, write_json
+
+    module = _bench_examples_module()
+    ok = VariantResult(median_ms=300.0, peak_mib=390.0, base_mib=230.0)
+    oom = VariantResult(status="out of memory", peak_mib=350.0, base_mib=230.0)
+    report = Report({"cpu": "x", "logical_cpus": 2, "torch": "t", "threads": 1, "date": "d"},
+                    {"max_memory_mib": 17625}, [Row("f.py", "meanfield", 4096, {}, ok, oom,
+                                                     context_sets=["j <= i"])], "cmd")
+    write_json(report, str(tmp_path / "run.json"))
+    again = module.load_report(str(tmp_path / "run.json"))
+    assert module.format_table(again) == module.format_table(report)
+    assert again.rows[0].memory_ratio is None
+    ((_, _, verdict),) = module.targets(again)
+    assert "autograd out of memory (needs over 17625 MiB), generated +160 MiB: met" in verdict
