@@ -30,7 +30,7 @@ from typing import Any
 import torch
 
 from energyc.runtime import flash_cpu
-from energyc.runtime.pairs import query_blocks
+from energyc.runtime.pairs import _in_context, query_blocks
 from energyc.runtime_version import RUNTIME_VERSION
 
 # -- version --------------------------------------------------------------------------------------
@@ -79,28 +79,6 @@ def _cached(key: tuple, build: Callable[[], Any]) -> Any:
 
 
 # -- context sets ---------------------------------------------------------------------------------
-
-
-def _in_context(kind: str, w: int, d: torch.Tensor) -> torch.Tensor:
-    """Whether key j is in the context set ``kind`` of query i, from d = i - j.
-
-    Args:
-        kind: "causal" (j <= i), "strict" (j < i), "window" (i - w <= j <= i), "not_self"
-            (j != i) or "all".
-        w: the window's width (unused by the other sets).
-        d: the offsets i - j, any shape.
-    """
-    if kind == "causal":
-        return d >= 0
-    if kind == "strict":
-        return d > 0
-    if kind == "window":
-        return (d >= 0) & (d <= w)
-    if kind == "not_self":
-        return d != 0
-    if kind == "all":
-        return torch.ones_like(d, dtype=torch.bool)
-    raise ValueError(f"unknown context set {kind!r}")
 
 
 def context_mask(kind: str, T: int, w: int, device: torch.device) -> torch.Tensor:

@@ -205,7 +205,6 @@ def transposed(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float |
     qk = torch.nn.functional.pad(torch.cat([qh, -lseh], -1), (0, N - F - 1))
     n = _empty_rows(kind, T)
     out = torch.zeros_like(vh)
-    w = kind[1] if kind[0] == "window" else 0
     # keys j take the queries' place: their blocks, and the queries i that reach them
     for j0 in range(0, T, BLOCK):
         j1 = min(j0 + BLOCK, T)
@@ -213,13 +212,9 @@ def transposed(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float |
         i0 = max(i0, n)  # rows with an empty context set have no weights
         if i1 <= i0:
             continue
-        mask = None
-        if slopes is not None or partial_tile(kind[0], w, i0, i1, j0, j1):
-            d = _offsets(i0, i1, j0, j1, q.device).T  # (J, I): i - j
-            inside = _in_context(kind[0], w, d)
-            mask = torch.zeros(d.shape, dtype=dt, device=q.device).masked_fill_(~inside, -math.inf)
-            if slopes is not None:
-                mask = mask + slopes.to(dt)[None, :, None, None] * d.to(dt)
+        mask = _mask(kind, slopes, (i0, i1, j0, j1), dt, q.device)  # queries x keys ...
+        if mask is not None:
+            mask = mask.transpose(-1, -2).contiguous()  # ... as keys x queries here
         ob, lb = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
             kq[:, :, j0:j1], qk[:, :, i0:i1], vh[:, :, i0:i1], 0.0, False, attn_mask=mask,
             scale=1.0)

@@ -3,9 +3,9 @@
 
 Operands come laid out as ``(B|1, *heads|1, T, F)`` (a size-1 axis broadcasts), extras as
 ``(B|1, *heads|1, T|1, T|1)`` (row extras vary along the first token axis, column extras along the
-second). Queries are taken ``BLOCK_Q`` at a time against only the blocks of ``BLOCK_K`` keys their
-context set reaches (causal: up to the diagonal; strict: below it; a window: its w keys; all and j != i: every
-block); a tile is masked only where it straddles the context set's edge. The element-wise pair
+second). Queries are taken ``BLOCK_Q`` at a time against only the blocks of ``BLOCK_K`` keys
+their context set reaches (causal: up to the diagonal; strict: below it; a window: its w keys;
+all and j != i: every block); a tile is masked only where it straddles the context set's edge. The element-wise pair
 functions are the generated package's (printed from SymPy); here they are called on tiles of
 shape ``(B, *heads, I, J)``. Memory is O(tokens x BLOCK_K), never (tokens x tokens); arithmetic is
 float32 for half-precision inputs.
@@ -29,7 +29,14 @@ BLOCK_K = 128  # keys per tile
 
 
 def _in_context(kind: str, w: int, d: torch.Tensor) -> torch.Tensor:
-    """Whether key j is in the context set of query i, from ``d = i - j``."""
+    """Whether key j is in the context set ``kind`` of query i, from ``d = i - j``.
+
+    Args:
+        kind: "causal" (j <= i), "strict" (j < i), "window" (i - w <= j <= i), "not_self"
+            (j != i) or "all".
+        w: the window's width (unused by the other sets).
+        d: the offsets i - j, any shape.
+    """
     if kind == "causal":
         return d >= 0
     if kind == "strict":
