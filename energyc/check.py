@@ -13,9 +13,11 @@ For drawn dims, batch, tokens, values, hyperparameters and layer settings (float
 
 from __future__ import annotations
 
+import atexit
 import importlib
 import importlib.util
 import os
+import shutil
 import sys
 import tempfile
 from dataclasses import dataclass, field
@@ -36,8 +38,13 @@ LOOK_BACK = {"causal", "strict", "window"}
 
 
 def import_generated(layer: CompiledLayer, outdir: str | None = None) -> ModuleType:
-    """Render ``layer`` into a fresh directory and import it under a private name."""
-    outdir = outdir or tempfile.mkdtemp(prefix="energyc-check-")
+    """Render ``layer`` into a fresh directory and import it under a private name.
+
+    Without ``outdir`` the directory is a temporary one, removed when the process exits (the
+    module stays imported; its source is only read at import)."""
+    if outdir is None:
+        outdir = tempfile.mkdtemp(prefix="energyc-check-")
+        atexit.register(shutil.rmtree, outdir, ignore_errors=True)
     path = write_package(render_files(layer, layer.file.path), outdir, layer.name)
     name = f"_energyc_check_{layer.name}_{abs(hash(outdir))}"
     spec = importlib.util.spec_from_file_location(
