@@ -368,3 +368,23 @@ def test_running_sum_kernel(mask, keys_major):
     m = m.T if keys_major else m
     got = kernels.running_sum(v, 1, (mask[0], mask[1] if len(mask) > 1 else 0), keys_major)
     torch.testing.assert_close(got, torch.einsum("ij,bjc->bic", m, v))
+
+
+@pytest.mark.parametrize("mask", MASKS + [("window", 0)], ids=lambda m: "_".join(map(str, m)))
+def test_mask_tiles_and_partial_tiles_follow_the_context_set(mask):
+    """Every rectangle of queries x keys of 9 tokens: the additive mask tile is 0 exactly on the
+    context set's pairs (-inf elsewhere) and the tile is reported partial exactly when some pair is
+    outside, against the (T, T) set of the test ops."""
+    import itertools
+
+    T = 9
+    kind, w = mask[0], (mask[1] if len(mask) > 1 else 0)
+    full = _naive_pairs(T, mask)
+    for i0, i1, j0, j1 in itertools.product(range(T), range(1, T + 1), range(T), range(1, T + 1)):
+        if i1 <= i0 or j1 <= j0:
+            continue
+        inside = full[i0:i1, j0:j1]
+        tile = kernels.mask_tile(kind, w, i0, i1, j0, j1, torch.float32, torch.device("cpu"))
+        assert torch.equal(tile == 0, inside), (i0, i1, j0, j1)
+        assert torch.isneginf(tile[~inside]).all(), (i0, i1, j0, j1)
+        assert kernels.partial_tile(kind, w, i0, i1, j0, j1) == bool((~inside).any()), (i0, j0)

@@ -39,11 +39,9 @@ are converted), float64 for float64.
 
 from __future__ import annotations
 
-import math
-
 import torch
 
-from energyc.runtime.pairs import _compute_dtype, _in_context, partial_tile, query_blocks
+from energyc.runtime.pairs import _compute_dtype, mask_tile, partial_tile, query_blocks
 
 BLOCK = 256  # queries per kernel call: a mask tile is (H|1, BLOCK, keys)
 
@@ -77,10 +75,9 @@ def _mask(kind: tuple, slopes: torch.Tensor | None, block: tuple[int, int, int, 
     w = kind[1] if kind[0] == "window" else 0
     if slopes is None and not partial_tile(kind[0], w, r0, r1, c0, c1):
         return None
-    d = _offsets(r0, r1, c0, c1, device)
-    inside = _in_context(kind[0], w, d)
-    mask = torch.zeros(d.shape, dtype=dtype, device=device).masked_fill_(~inside, -math.inf)
+    mask = mask_tile(kind[0], w, r0, r1, c0, c1, dtype, device)
     if slopes is not None:
+        d = _offsets(r0, r1, c0, c1, device)
         mask = mask + slopes.to(dtype)[None, :, None, None] * d.to(dtype)
     return mask
 

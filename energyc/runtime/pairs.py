@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterator, Sequence
 import torch
 
 __all__ = ["pair_lse", "pair_sums", "running_sum", "pair_tiles", "partial_tile", "key_range",
-           "query_blocks"]
+           "query_blocks", "band", "mask_tile"]
 
 # Tile sides. Each element-wise op of a pair function streams its tile through memory; 128 x 128
 # tiles ran softcap_attention and grouped_query_attention (B=2, 4 heads, 1 thread) 1.3-2.5x faster
@@ -28,26 +28,52 @@ BLOCK_Q = 128  # queries per tile
 BLOCK_K = 128  # keys per tile
 
 
-def _in_context(kind: str, w: int, d: torch.Tensor) -> torch.Tensor:
-    """Whether key j is in the context set ``kind`` of query i, from ``d = i - j``.
+def band(kind: str, w: int = 0) -> tuple[int | None, int | None, int | None]:
+    """The context set ``kind`` as the offsets ``d = i - j`` it holds: ``lo <= d <= hi`` (None:
+    unbounded) and ``d != hole`` (None: no hole). The one definition of the context sets in the
+    runtime: the predicate, the tiles that need a mask and the mask tiles all derive from it.
 
     Args:
         kind: "causal" (j <= i), "strict" (j < i), "window" (i - w <= j <= i), "not_self"
             (j != i) or "all".
         w: the window's width (unused by the other sets).
-        d: the offsets i - j, any shape.
     """
-    if kind == "causal":
-        return d >= 0
-    if kind == "strict":
-        return d > 0
-    if kind == "window":
-        return (d >= 0) & (d <= w)
-    if kind == "not_self":
-        return d != 0
-    if kind == "all":
-        return torch.ones_like(d, dtype=torch.bool)
-    raise ValueError(f"unknown context set {kind!r}")
+    bands = {"causal": (0, None, None), "strict": (1, None, None), "window": (0, w, None),
+             "not_self": (None, None, 0), "all": (None, None, None)}
+    if kind not in bands:
+        raise ValueError(f"unknown context set {kind!r}")
+    return bands[kind]
+
+
+def _in_context(kind: str, w: int, d: torch.Tensor) -> torch.Tensor:
+    """Whether key j is in the context set ``kind`` of query i, from ``d = i - j`` (any shape)."""
+    lo, hi, hole = band(kind, w)
+    inside = torch.ones_like(d, dtype=torch.bool)
+    if lo is not None:
+        inside &= d >= lo
+    if hi is not None:
+        inside &= d <= hi
+    if hole is not None:
+        inside &= d != hole
+    return inside
+
+
+def mask_tile(kind: str, w: int, i0: int, i1: int, j0: int, j1: int, dtype: torch.dtype,
+              device: torch.device) -> torch.Tensor:
+    """The additive mask of queries [i0, i1) x keys [j0, j1): 0 inside the context set, -inf
+    outside, (i1 - i0, j1 - j0). Pair (r, c) of the tile has ``d = (i0 - j0) - (c - r)``, so each
+    bound of the band is a triangle of the tile and the hole one of its diagonals: built by
+    ``triu``/``tril``/``diagonal`` without an offsets tensor."""
+    lo, hi, hole = band(kind, w)
+    shape, base = (i1 - i0, j1 - j0), i0 - j0
+    tile = torch.zeros(shape, dtype=dtype, device=device)
+    if lo is not None:  # d < lo  <=>  c - r > base - lo
+        tile += torch.full(shape, -math.inf, dtype=dtype, device=device).triu_(base - lo + 1)
+    if hi is not None:  # d > hi  <=>  c - r < base - hi
+        tile += torch.full(shape, -math.inf, dtype=dtype, device=device).tril_(base - hi - 1)
+    if hole is not None:  # d = hole  <=>  c - r = base - hole
+        tile.diagonal(base - hole).fill_(-math.inf)
+    return tile
 
 
 def key_range(kind: str, w: int, i0: int, i1: int, T: int) -> tuple[int, int]:
@@ -86,16 +112,11 @@ def pair_tiles(T: int, kind: str, w: int, block_q: int | None = None,
 
 def partial_tile(kind: str, w: int, i0: int, i1: int, j0: int, j1: int) -> bool:
     """Whether some pair of queries [i0, i1) x keys [j0, j1) is outside the context set (the
-    tile needs a mask), from the indices alone."""
-    if kind == "causal":
-        return j1 - 1 > i0
-    if kind == "strict":
-        return j1 - 1 >= i0
-    if kind == "window":
-        return j1 - 1 > i0 or j0 < i1 - 1 - w
-    if kind == "not_self":
-        return j0 < i1 and i0 < j1
-    return False
+    tile needs a mask), from the indices alone: the tile's offsets span [i0 - j1 + 1, i1 - 1 - j0]."""
+    lo, hi, hole = band(kind, w)
+    dmin, dmax = i0 - j1 + 1, i1 - 1 - j0
+    return ((lo is not None and dmin < lo) or (hi is not None and dmax > hi)
+            or (hole is not None and dmin <= hole <= dmax))
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
