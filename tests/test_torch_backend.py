@@ -1,5 +1,8 @@
 """Printing helpers of the torch backend."""
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from energyc.backends.torch_backend import Emitter, _broadcast
 from energyc.ir.graph import Graph
 
@@ -99,3 +102,60 @@ def test_backward_calls_merge_only_where_their_gradients_are_summed():
     em2 = Emitter(g2, {}, {})
     em2.region = set(g2.ids())
     assert not _summed_alike(em2, a2, b2)
+
+
+def _expressions():
+    """Random element-wise bodies over a0..a3: sums, differences, products, quotients,
+    negations, numbers and functions, nested."""
+    import sympy
+    from hypothesis import strategies as st
+
+    syms = sympy.symbols("a0:4")
+    leaves = st.sampled_from(syms) | st.sampled_from([sympy.Integer(2), sympy.Rational(1, 3),
+                                                        sympy.Float(-0.5), sympy.S.One])
+
+    def grow(children):
+        pair = st.tuples(children, children)
+        return (pair.map(lambda p: p[0] + p[1]) | pair.map(lambda p: p[0] - p[1])
+                | pair.map(lambda p: p[0] * p[1]) | pair.map(lambda p: p[0] / (p[1] ** 2 + 1))
+                | children.map(lambda c: -c) | children.map(sympy.tanh)
+                | st.tuples(children, children, children).map(lambda p: p[0] * p[1] * (1 - p[2])))
+
+    return st.recursive(leaves, grow, max_leaves=8)
+
+
+_SHAPES = {"full": (2, 3), "row": (1, 3), "col": (2, 1), "scalar": ()}
+
+
+@settings(max_examples=300, deadline=None)
+@given(body=_expressions(), kinds=st.lists(st.sampled_from(sorted(_SHAPES)), min_size=4,
+                                           max_size=4))
+def test_in_place_chains_print_the_same_values_and_leave_the_arguments_alone(body, kinds):
+    """Products and sums print as in-place chains on a fresh first step (torch_printer): for
+    arguments of every broadcast shape, the value equals the plain printing's, and no argument
+    changes."""
+    import math
+
+    import sympy
+    import torch
+
+    from energyc.backends.torch_printer import TorchPrinter
+
+    syms = sympy.symbols("a0:4")
+    full = {s for s, k in zip(syms, kinds) if k == "full"}
+    names = {s.name: s.name for s in syms}
+    gen = torch.Generator().manual_seed(0)
+    args = {s.name: torch.randn(_SHAPES[k], generator=gen, dtype=torch.float64)
+            for s, k in zip(syms, kinds)}
+    before = {k: v.clone() for k, v in args.items()}
+    env = {"torch": torch, "math": math}
+    chained = TorchPrinter(names, set(syms), full).doprint(body)
+    plain = TorchPrinter(names, set(syms)).doprint(body)
+    got = eval(chained, {**env, **args})
+    want = eval(plain, {**env, **args})
+    got, want = torch.as_tensor(got, dtype=torch.float64), torch.as_tensor(want, dtype=torch.float64)
+    assert got.shape == want.shape, (chained, plain)
+    # both printings evaluate the same float64 operations, in another order at most
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12, msg=f"{chained}\n{plain}")
+    for k in args:
+        assert torch.equal(args[k], before[k]), f"{k} changed by {chained}"

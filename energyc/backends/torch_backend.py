@@ -86,9 +86,13 @@ class Emitter:
         if first is not None:
             names[ARG_SYMBOLS[0].name] = first
         tensor_symbols = set(ARG_SYMBOLS[: len(args) + shift])
+        full = {ARG_SYMBOLS[k + shift] for k, a in enumerate(args)
+                if a not in self.zeros and set(self.graph.node(a).axes) == set(out_axes)}
+        if first is not None:
+            full.add(ARG_SYMBOLS[0])
         names.update({d: d for d in self.graph.dims})
         names.update({"B": "B", "T": "T"})
-        printer = TorchPrinter(names, tensor_symbols)
+        printer = TorchPrinter(names, tensor_symbols, full)
         return printer.doprint(body)
 
     def emitters(self) -> dict:

@@ -3,6 +3,17 @@
 Sub-expressions that involve a tensor argument print with ``torch.*`` functions; constant
 sub-expressions (numbers and dim sizes) print with ``math.*``, so ``1 / sqrt(K)`` stays a Python
 float. Each element-wise function of :mod:`energyc.ir.functions` brings its own torch spelling.
+
+Products and sums print as in-place chains where the printer knows the result's shape: every
+operator of ``a * b * c`` makes a new tensor (a pass over fresh memory each), while
+``(a * b).mul_(c)`` writes ``c``'s factor into the first product. The first step must already
+have the result's full shape, so the chain starts with an operand that has it (``full``: the
+arguments that carry every axis of the output; any expression of one has the full shape too,
+since element-wise ops only broadcast up). The rules, with the identity each one keeps:
+
+    -a * b * c      -> (a * b).mul_(c).neg_()        x * (-1) = -x
+    k * a * b / c   -> (a * b).div_(c).mul_(k)       x / c = x * c**-1, k a number
+    a + b - c       -> (a + b).sub_(c)                x + (-1) c = x - c
 """
 
 from __future__ import annotations
@@ -34,13 +45,75 @@ TORCH_FUNCTIONS = {
 class TorchPrinter(PythonCodePrinter):
     """``names`` maps symbols (arguments, dims, sizes) to the code that denotes them."""
 
-    def __init__(self, names: dict[str, str], tensor_symbols: set[sympy.Symbol]):
+    def __init__(self, names: dict[str, str], tensor_symbols: set[sympy.Symbol],
+                 full: set[sympy.Symbol] = frozenset()):
         super().__init__({"fully_qualified_modules": True, "standard": "python3"})
         self.names = names
         self.tensor_names = {s.name for s in tensor_symbols}
+        self.full_names = {s.name for s in full}
 
     def _is_tensor(self, expr: sympy.Basic) -> bool:
         return any(s.name in self.tensor_names for s in expr.free_symbols)
+
+    def _is_full(self, expr: sympy.Basic) -> bool:
+        """Whether ``expr`` has the output's full shape (it involves a full argument)."""
+        return any(s.name in self.full_names for s in expr.free_symbols)
+
+    def _print_Mul(self, expr):
+        coeff, factors = expr.as_coeff_mul()
+        tensors = [f for f in factors if self._is_tensor(f)]
+        muls = [f for f in tensors if not (f.is_Pow and f.exp == -1)]
+        divs = [f.base for f in tensors if f.is_Pow and f.exp == -1]
+        # the first step, a fresh tensor of the full shape: (full * other) or (other / full)
+        if len(tensors) < 2:
+            return super()._print_Mul(expr)
+        first = next((f for f in muls if self._is_full(f)), None)
+        if first is not None:
+            muls.remove(first)
+            second, op = (muls.pop(0), "*") if muls else (divs.pop(0), "/")
+        else:
+            first = next((f for f in divs if self._is_full(f)), None)
+            if first is None or not muls:
+                return super()._print_Mul(expr)
+            divs.remove(first)
+            first, second, op = muls.pop(0), first, "/"
+        prec = sympy.printing.precedence.PRECEDENCE["Mul"]
+        code = (f"({self.parenthesize(first, prec)} {op} "
+                f"{self.parenthesize(second, prec, strict=op == '/')})")
+        code += "".join(f".mul_({self._print(f)})" for f in muls)
+        code += "".join(f".div_({self._print(f)})" for f in divs)
+        scale = sympy.Mul(abs(coeff), *(f for f in factors if not self._is_tensor(f)))
+        if scale != 1:
+            code += f".mul_({self._print(scale)})"
+        return code + (".neg_()" if coeff < 0 else "")
+
+    def _print_Add(self, expr):
+        terms = list(expr.as_ordered_terms())
+        tensors = [t for t in terms if self._is_tensor(t)]
+        positive = [t for t in tensors if not t.could_extract_minus_sign()]
+        if len(tensors) < 2:
+            return super()._print_Add(expr)
+        # the first step, a fresh tensor of the full shape: (p + q) or (p - q), p positive
+        first = next((t for t in positive if self._is_full(t)), None)
+        if first is not None:
+            second = next(t for t in tensors if t is not first)
+        else:  # every full term is negative: (p - full)
+            second = next((t for t in tensors if self._is_full(t)), None)
+            if second is None or not positive:
+                return super()._print_Add(expr)
+            first = positive[0]
+
+        def step(t):
+            return ("-", "sub_", -t) if t.could_extract_minus_sign() else ("+", "add_", t)
+
+        sign, _, term = step(second)
+        prec = sympy.printing.precedence.PRECEDENCE["Add"]
+        code = f"({self._print(first)} {sign} {self.parenthesize(term, prec, strict=sign == '-')})"
+        for t in terms:
+            if t is not first and t is not second:
+                _, op, term = step(t)
+                code += f".{op}({self._print(term)})"
+        return code
 
     def _print_Symbol(self, expr):
         if expr.name in self.names:
