@@ -18,6 +18,7 @@ Usage:
         --preconditioner diag --recursive-steps 2 --out runs/cem_alibi_dplr
     python examples/train_lm.py --model cem --out runs/cem --resume    # continue a run
     torchrun --nproc_per_node 2 examples/train_lm.py --model cem --threads 1 --out runs/ddp
+    python examples/train_lm.py --model cem --precision bf16 --out runs/cem_bf16
     python examples/compare_runs.py runs/cem runs/baseline -o runs/compare.png
 
 Data: by default the Python standard library's own ``*.py`` sources (no download; the same bytes
@@ -30,6 +31,11 @@ from ``OUT/checkpoint.pt`` follows the same loss curve as an uninterrupted one (
 threads; ``--stop-at K`` stops after step K as if interrupted), and N processes under torchrun
 see exactly the combined batch of one process (rank r takes the r-th slice of it).
 
+Precision (``--precision``, default bf16 on CUDA, fp32 on CPU): fp32, or mixed precision with float32
+parameters and optimizer state, the forward (the generated layers included) and the evaluation
+under ``torch.autocast`` to bfloat16 (bf16) or float16 (fp16, with ``torch.amp.GradScaler``
+scaling the loss; its state is checkpointed). The cross-entropy is taken in float32.
+
 Same --dim/--depth/--mlp-hidden, different parameter counts by design: CEM attention has W_q and
 W_k (half of q, k, v, o; ALiBi adds H learned slopes, --interaction dplr an (H, D) diagonal) and
 the CEM MLP has W and U (2/3 of SwiGLU's three matrices).
@@ -40,7 +46,7 @@ once), ``params_attention``, ``params_mlp``, ``params_embedding``, ``params_norm
 checkpoints excluded); ``val_bpb`` (validation bits per byte at the last evaluation: mean
 cross-entropy in nats / ln 2); ``curve``, one entry per evaluation (step 0 included) with
 ``val_bpb``, ``train_loss`` (mean training cross-entropy in nats over the steps since the previous
-evaluation) and ``train_bpb``; ``train_losses`` (every step's); ``config``; ``corpus``.
+evaluation) and ``train_bpb``; ``train_losses`` (every step's); ``precision``; ``config``; ``corpus``.
 """
 
 from __future__ import annotations
@@ -65,6 +71,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F  # noqa: N812
 from torch import nn
+from tqdm import tqdm
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
@@ -84,8 +91,10 @@ FALLBACK_ATTENTION = "generated.cem_attention"
 RESUME_KEYS = (
     "model", "dim", "depth", "heads", "mlp_hidden", "position", "interaction", "recursive_steps",
     "preconditioner", "precond_rank", "eta", "seq", "batch", "lr", "warmup", "min_lr_ratio",
-    "weight_decay", "grad_clip", "seed", "data", "eval_batches",
+    "weight_decay", "grad_clip", "seed", "data", "eval_batches", "precision",
 )  # fmt: skip
+RESUME_DEFAULTS = {"precision": "fp32"}  # of checkpoints written before the setting existed
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}  # the autocast dtype
 
 
 class ConfigError(ValueError):
@@ -512,16 +521,26 @@ def make_optimizer(
     return opt, sched
 
 
+def autocast(device: torch.device, precision: str) -> torch.autocast:
+    """The autocast region of a forward in ``precision`` (fp32: autocast off)."""
+    dtype = PRECISIONS[precision]
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
+
+
 @torch.no_grad()
 def evaluate(
-    model: nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]], world_size: int = 1
+    model: nn.Module,
+    batches: list[tuple[torch.Tensor, torch.Tensor]],
+    world_size: int = 1,
+    precision: str = "fp32",
 ) -> float:
     """Validation bits per byte: mean cross-entropy (nats) over all ranks' windows / ln 2."""
     was_training = model.training
     model.eval()
     total = torch.zeros(2, dtype=torch.float64, device=batches[0][0].device)
     for x, y in batches:
-        logits = model(x)
+        with autocast(x.device, precision):
+            logits = model(x)
         total[0] += F.cross_entropy(
             logits.reshape(-1, VOCAB).float(), y.reshape(-1), reduction="sum"
         ).double()
@@ -533,51 +552,33 @@ def evaluate(
 
 
 class Progress:
-    """A one-line progress bar on stderr, redrawn with carriage returns."""
+    """The progress bar (tqdm, on stderr) and the lines printed above it; silent when disabled
+    (--no-progress, and every rank but 0)."""
 
-    def __init__(self, total: int, enabled: bool, width: int = 24) -> None:
-        self.total, self.enabled, self.width = total, enabled, width
-        self.last_draw = 0.0
-        self.line = ""
+    def __init__(self, total: int, initial: int, enabled: bool) -> None:
+        self.enabled = enabled
+        self.bar = tqdm(total=total, initial=initial, disable=not enabled, file=sys.stderr,
+                        unit="step", dynamic_ncols=True, mininterval=0.1)  # fmt: skip
 
     def update(
-        self,
-        step: int,
-        loss: float | None,
-        tokens_per_s: float | None,
-        val_bpb: float | None,
-        force: bool = False,
+        self, step: int, loss: float, tokens_per_s: float, val_bpb: float | None
     ) -> None:
-        now = time.perf_counter()
-        if not self.enabled or (not force and now - self.last_draw < 0.1):
+        """Move the bar to ``step`` and show the recent loss, throughput and last val_bpb."""
+        if not self.enabled:
             return
-        self.last_draw = now
-        filled = int(self.width * step / max(1, self.total))
-        parts = [f"[{'#' * filled}{'.' * (self.width - filled)}] {step}/{self.total}"]
-        if loss is not None:
-            parts.append(f"loss {loss:.4f}")
-        if tokens_per_s:
-            parts.append(f"{tokens_per_s:,.0f} tok/s")
+        fields = {"loss": f"{loss:.4f}", "tok/s": f"{tokens_per_s:,.0f}"}
         if val_bpb is not None:
-            parts.append(f"val_bpb {val_bpb:.4f}")
-        line = "  ".join(parts)
-        sys.stderr.write("\r" + line.ljust(len(self.line)))
-        sys.stderr.flush()
-        self.line = line
+            fields["val_bpb"] = f"{val_bpb:.4f}"
+        self.bar.set_postfix(fields, refresh=False)
+        self.bar.update(step - self.bar.n)
 
     def message(self, text: str) -> None:
         """Print a line above the bar."""
         if self.enabled:
-            sys.stderr.write("\r" + text.ljust(len(self.line)) + "\n")
-            sys.stderr.flush()
-            self.line = ""
-            self.last_draw = 0.0
+            self.bar.write(text, file=sys.stderr)
 
     def close(self) -> None:
-        if self.enabled and self.line:
-            sys.stderr.write("\n")
-            sys.stderr.flush()
-            self.line = ""
+        self.bar.close()
 
 
 def _atomic_write_json(path: str, obj: Any) -> None:
@@ -624,6 +625,7 @@ def setup_distributed(device_arg: str | None) -> DistInfo:
 
 def _check_resume(saved: dict[str, Any], args: argparse.Namespace) -> list[str]:
     """Errors for settings that differ from the checkpoint's; warns about a changed --steps."""
+    saved = {**RESUME_DEFAULTS, **saved}
     diffs = [
         f"--{k.replace('_', '-')} {saved.get(k)!r} in the checkpoint, {getattr(args, k)!r} now"
         for k in RESUME_KEYS
@@ -648,6 +650,8 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         torch.set_num_threads(args.threads)
     info = setup_distributed(args.device)
     rank, world, device = info.rank, info.world_size, info.device
+    if args.precision is None:  # bf16 where it is fast (CUDA), fp32 elsewhere
+        args.precision = "bf16" if device.type == "cuda" else "fp32"
     main_rank = rank == 0
     wrapped: nn.Module | None = None
     try:
@@ -656,6 +660,8 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         model = build_model(args, warn=main_rank).to(device)
         counts = param_counts(model)
         opt, sched = make_optimizer(model, args)
+        # fp16 needs the loss scaled (its gradients underflow); bf16 and fp32 do not
+        scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")
         ckpt_path = os.path.join(args.out, "checkpoint.pt")
         metrics_path = os.path.join(args.out, "metrics.json")
         state: dict[str, Any] = {
@@ -673,6 +679,8 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
             model.load_state_dict(ckpt["model"])
             opt.load_state_dict(ckpt["optimizer"])
             sched.load_state_dict(ckpt["scheduler"])
+            if "scaler" in ckpt:  # checkpoints before --precision have none (fp32: unused)
+                scaler.load_state_dict(ckpt["scaler"])
             step, state = ckpt["step"], ckpt["metrics"]
             rng = ckpt["rng"]
             torch.set_rng_state(rng["torch"].cpu())
@@ -702,7 +710,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         )
         config = {k: v for k, v in vars(args).items()}
         stop = min(args.steps, args.stop_at) if args.stop_at else args.steps
-        progress = Progress(args.steps, main_rank and not args.no_progress)
+        progress = Progress(args.steps, step, main_rank and not args.no_progress)
         if main_rank:
             for note in notes:
                 print(note, file=sys.stderr)
@@ -710,13 +718,14 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
                 f"{args.model}: {counts['params']:,} parameters (attention "
                 f"{counts['params_attention']:,}, MLP {counts['params_mlp']:,}); "
                 f"{model.attention_layer}; {corpus.train.numel():,} training bytes; "
-                f"{world} process(es) on {device}"
+                f"{world} process(es) on {device}; {args.precision}"
             )
 
         def metrics() -> dict[str, Any]:
             curve = state["curve"]
             return {
                 "model": args.model,
+                "precision": args.precision,
                 "attention_layer": model.attention_layer,
                 **counts,
                 "tokens_per_s": state["tokens_trained"] / max(state["train_time_s"], 1e-9),
@@ -739,7 +748,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
             }
 
         def record_eval() -> None:
-            val_bpb = evaluate(model, val, world)
+            val_bpb = evaluate(model, val, world, args.precision)
             losses = state["train_losses"]
             last = state["curve"][-1]["step"] if state["curve"] else 0
             recent = losses[last:step]  # the steps since the previous evaluation
@@ -770,6 +779,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
                 "model": model.state_dict(),
                 "optimizer": opt.state_dict(),
                 "scheduler": sched.state_dict(),
+                "scaler": scaler.state_dict(),
                 "step": step,
                 "metrics": snapshot,
                 "config": config,
@@ -793,12 +803,16 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
                 world_size=world,
                 device=device,
             )
-            loss = lm_loss(wrapped(x), y)
+            with autocast(device, args.precision):
+                logits = wrapped(x)
+            loss = lm_loss(logits, y)  # in float32
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            scaler.scale(loss).backward()  # no scaling unless fp16
             if args.grad_clip > 0:
+                scaler.unscale_(opt)
                 torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
-            opt.step()
+            scaler.step(opt)  # fp16: skipped when a gradient is not finite
+            scaler.update()
             sched.step()
             loss_value = loss.detach()
             if world > 1:
@@ -820,7 +834,6 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
                 sum(recent) / len(recent),
                 state["tokens_trained"] / state["train_time_s"],
                 state["curve"][-1]["val_bpb"] if state["curve"] else None,
-                force=step == stop,
             )
         progress.close()
         result = metrics()
@@ -889,6 +902,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    p.add_argument(
+        "--precision",
+        choices=tuple(PRECISIONS),
+        default=None,
+        help="fp32, or mixed precision under torch.autocast with float32 parameters: bf16, or "
+        "fp16 with a gradient scaler (default: bf16 on CUDA, fp32 on CPU)",
+    )
     p.add_argument(
         "--data",
         default=None,

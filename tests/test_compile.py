@@ -46,3 +46,48 @@ def test_fullgraph_compile_matches_eager(backend):
     torch.testing.assert_close(out, eager, rtol=rtol, atol=atol)
     for a, b in zip(grads, eager_grads):
         torch.testing.assert_close(a, b, rtol=rtol, atol=atol)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_fullgraph_compile_under_autocast(backend):
+    """A float32 model of generated layers under torch.autocast to bfloat16 traces with
+    fullgraph=True: the layers' choice of compute dtype (energyc.runtime.apply_layer) and their
+    autocast-off regions are traced. Compiled and eager compute in bfloat16 (inductor may fuse
+    the element-wise work and round its intermediates differently), so they agree within the
+    bfloat16 tolerance; the parameters and their gradients stay float32."""
+    if backend == "triton":
+        pytest.importorskip("triton")
+    from generated.causal_meanfield import Layer as RunningSum
+    from generated.cem_attention import Layer as Attention
+    from generated.cem_mlp import Layer as Mlp
+    from generated.softcap_attention import Layer as Softcap
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(16, 16),
+        Attention(D=16, H=2, K=8, steps=2, precond="dplr", backend=backend),
+        Mlp(D=16, M=32, precond="diagonal", backend=backend),
+        Softcap(D=16, H=2, K=8, backend=backend),
+        RunningSum(D=16, M=8, backend=backend),
+    )
+    x = torch.randn(2, 8, 16, requires_grad=True)
+    params = [x, *model.parameters()]
+
+    def loss(x):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = model(x)
+        assert y.dtype == torch.bfloat16
+        return (y.float() ** 2).mean()
+
+    eager = loss(x)
+    eager_grads = torch.autograd.grad(eager, params)
+    compiled = torch.compile(loss, fullgraph=True)
+    out = compiled(x)
+    grads = torch.autograd.grad(out, params)
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    assert all(g.dtype == torch.float32 for g in grads)
+    rtol, atol = tolerance(torch.bfloat16)
+    torch.testing.assert_close(out, eager, rtol=rtol, atol=atol)
+    for a, b in zip(grads, eager_grads):
+        torch.testing.assert_close(a, b, rtol=rtol, atol=atol)

@@ -80,7 +80,8 @@ def test_trains_and_writes_metrics(model, data_file, tmp_path, capsys):
     assert m["config"]["dim"] == 32 and m["config"]["model"] == model
     assert os.path.exists(os.path.join(out, "checkpoint.pt"))
     err = capsys.readouterr().err
-    assert "\r[" in err and "4/4" in err and "val_bpb" in err  # the progress bar
+    assert "\r" in err and "4/4" in err and "val_bpb=" in err  # the progress bar (tqdm)
+    assert m["precision"] == "fp32" and m["config"]["precision"] == "fp32"  # CPU's default
 
 
 def test_cem_loss_decreases(data_file, tmp_path):
@@ -138,10 +139,12 @@ def test_parameter_counts_half_attention_two_thirds_mlp(data_file):
 # -- exact resume ----------------------------------------------------------------------------------
 
 
-def test_resume_is_exact(data_file, tmp_path):
-    """8 steps straight vs 4 steps, stop, resume to 8: bit-identical losses and parameters."""
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
+def test_resume_is_exact(precision, data_file, tmp_path):
+    """8 steps straight vs 5 steps, stop, resume to 8: bit-identical losses and parameters, in
+    every precision (fp16: the gradient scaler's state is checkpointed too)."""
     common = ["--steps", "8", "--eval-every", "2", "--checkpoint-every", "3", "--warmup", "2",
-              "--preconditioner", "diag"]  # fmt: skip
+              "--preconditioner", "diag", "--precision", precision]  # fmt: skip
     full, split = str(tmp_path / "full"), str(tmp_path / "split")
     train_lm.main(tiny("cem", data_file, full, *common))
     train_lm.main(tiny("cem", data_file, split, *common, "--stop-at", "5"))
@@ -168,6 +171,44 @@ def test_resume_refuses_other_settings(data_file, tmp_path, capsys):
         train_lm.main(tiny("cem", data_file, out, "--steps", "4", "--lr", "1e-3", "--resume"))
     assert exc.value.code == 2
     assert "cannot resume" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:
+        train_lm.main(tiny("cem", data_file, out, "--steps", "4", "--precision", "bf16",
+                           "--resume"))  # fmt: skip
+    assert exc.value.code == 2
+    assert "--precision 'fp32' in the checkpoint, 'bf16' now" in capsys.readouterr().err
+
+
+# -- mixed precision -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("model", ["cem", "baseline"])
+def test_bf16_trains(model, data_file, tmp_path):
+    """--precision bf16 on CPU: the forward under autocast to bfloat16 (generated layers
+    included), float32 parameters; twelve steps on a repetitive text lower the loss."""
+    out = str(tmp_path / model)
+    train_lm.main(tiny(model, data_file, out, "--steps", "12", "--eval-every", "12",
+                       "--warmup", "2", "--lr", "1e-2", "--precision", "bf16"))  # fmt: skip
+    m = read_metrics(out)
+    assert m["precision"] == "bf16" and m["config"]["precision"] == "bf16"
+    losses = m["train_losses"]
+    assert len(losses) == 12 and all(math.isfinite(v) for v in losses)
+    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.2
+    assert m["curve"][-1]["val_bpb"] < m["curve"][0]["val_bpb"]
+    ckpt = torch.load(os.path.join(out, "checkpoint.pt"), weights_only=True)
+    assert all(v.dtype == torch.float32 for v in ckpt["model"].values())
+
+
+def test_bf16_forward_runs_in_bf16(data_file):
+    """Under the trainer's autocast the generated layers return bfloat16, as nn.Linear does."""
+    args = train_lm.parse_args(tiny("cem", data_file, "unused"))
+    model = train_lm.build_model(args, warn=False)
+    block = model.blocks[0]
+    x = torch.randn(2, 8, args.dim)
+    with train_lm.autocast(x.device, "bf16"):
+        assert block.attention(x).dtype == torch.bfloat16
+        assert block.mlp(x).dtype == torch.bfloat16
+    with train_lm.autocast(x.device, "fp32"):
+        assert block.attention(x).dtype == torch.float32
 
 
 # -- data and batches ------------------------------------------------------------------------------

@@ -10,6 +10,8 @@ and the energy's own Triton kernels); everything else they call is here, written
   ``attention_transposed``);
 * the layer's plumbing: argument checks, hyperparameter values, the choice of backend
   (``implementation``, ``preload``) and the runtime version check (``require``);
+* mixed precision: what a layer computes in under torch.autocast (``apply_layer``,
+  ``autocast_dtype``, ``energy_inputs``, ``autocast_off``);
 * the block-sparse pair reductions of ``energyc.runtime.pairs``, re-exported.
 
 The Triton path's shared pieces are separate modules, imported only when that path is used:
@@ -571,11 +573,18 @@ def factory(dtype: Any, device: Any) -> dict[str, Any]:
 
 
 def check_input(
-    name: str, x: Any, dim: int, params: Sequence[torch.Tensor], like: torch.Tensor | None = None
+    name: str,
+    x: Any,
+    dim: int,
+    params: Sequence[torch.Tensor],
+    like: torch.Tensor | None = None,
+    compute: torch.dtype | None = None,
 ) -> None:
-    """Argument ``name``: a floating-point (batch, tokens, dim) tensor with the dtype and device
-    of the layer's parameters (the first of ``params``) and, when ``like`` is given (the state,
-    for the context ``xbar``), the shape of ``like``."""
+    """Argument ``name``: a floating-point (batch, tokens, dim) tensor on the device of the layer's
+    parameters (the first of ``params``) and, when ``like`` is given (the state, for the context
+    ``xbar``), of the shape of ``like``. Its dtype must be the parameters' (outside autocast), or,
+    when ``compute`` is given (the autocast dtype the layer computes in, ``autocast_dtype``), one
+    that autocast casts: float32, bfloat16 or float16."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"argument {name}: expected a torch.Tensor, got {type(x).__name__}")
     if x.dim() != 3 or x.shape[-1] != dim:
@@ -589,7 +598,12 @@ def check_input(
     if not x.is_floating_point():
         raise TypeError(f"argument {name}: expected a floating-point tensor, got {x.dtype}")
     for p in params:
-        if p.dtype != x.dtype:
+        if compute is not None and x.dtype not in AUTOCAST_DTYPES:
+            raise TypeError(
+                f"argument {name}: dtype {x.dtype} under torch.autocast (to {compute}): expected "
+                f"one autocast casts ({', '.join(map(str, AUTOCAST_DTYPES))})"
+            )
+        if compute is None and p.dtype != x.dtype:
             raise TypeError(
                 f"argument {name}: dtype {x.dtype} does not match the layer's parameters "
                 f"({p.dtype}); convert one with .to()"
@@ -600,6 +614,81 @@ def check_input(
                 f"({p.device})"
             )
         break
+
+
+# -- mixed precision ------------------------------------------------------------------------------
+#
+# Inside a torch.autocast region a layer computes as autocast computes a matmul: its input, its
+# parameters and its hyperparameters are cast to the autocast dtype (differentiably, so the
+# parameters' gradients come back in their own dtype, as through nn.Linear under autocast), and
+# the descent steps and their derived backward run on those tensors with autocast off, so that
+# every op of the step sees one dtype and the runtime's kernels keep their own precision: they
+# compute half-precision inputs in float32 and keep what they save for the backward (the
+# attention log-sum-exp, the pair log-sum-exp) in float32. The output is in the autocast dtype,
+# as nn.Linear's is. float64 tensors are not cast (autocast leaves them alone too): a float64
+# layer under autocast runs in float64, with the strict dtype check of outside autocast.
+
+AUTOCAST_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def autocast_dtype(x: torch.Tensor, params: Sequence[torch.Tensor]) -> torch.dtype | None:
+    """The dtype a layer with parameters ``params`` computes in for the input ``x``: the autocast
+    dtype of x's device type inside an autocast region enabled for it, when the parameters are of a
+    dtype autocast casts; None otherwise (the layer computes in its parameters' dtype)."""
+    device_type = x.device.type
+    if not torch.is_autocast_enabled(device_type):
+        return None
+    if (params[0] if params else x).dtype not in AUTOCAST_DTYPES:
+        return None
+    return torch.get_autocast_dtype(device_type)
+
+
+def apply_layer(
+    function: Any,
+    config: Any,
+    name: str,
+    x: Any,
+    dim: int,
+    params: Sequence[torch.Tensor],
+    hypers: Callable[[torch.Tensor], tuple[torch.Tensor, ...]],
+    precond: Sequence[torch.Tensor | None],
+) -> torch.Tensor:
+    """A generated layer's forward: check argument ``name`` (``x``) and run ``function`` (its
+    ``_LayerFunction``) on x, the parameters, the hyperparameters (``hypers(x)``, as 0-d tensors
+    of x's dtype) and the preconditioner's parameters; under torch.autocast in the autocast dtype
+    (see the comment above ``AUTOCAST_DTYPES``), else as given."""
+    compute = autocast_dtype(x, params) if isinstance(x, torch.Tensor) else None
+    check_input(name, x, dim, params, compute=compute)
+    if compute is None:
+        return function.apply(config, x, *params, *hypers(x), *precond)
+    x = x.to(compute)
+    params = [p.to(compute) for p in params]
+    precond = [None if p is None else p.to(compute) for p in precond]
+    with torch.autocast(x.device.type, enabled=False):
+        return function.apply(config, x, *params, *hypers(x), *precond)
+
+
+def autocast_off(x: torch.Tensor) -> torch.autocast:
+    """A context with autocast off for x's device type: a layer's backward runs on the dtypes its
+    forward saved (backward() may be called inside an autocast region)."""
+    return torch.autocast(x.device.type, enabled=False)
+
+
+def energy_inputs(
+    x: Any, xbar: Any, dim: int, params: Sequence[torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A generated layer's ``energy`` arguments, checked: (x, xbar), xbar defaulting to x. Under
+    torch.autocast the energy, a reduction, is evaluated in the parameters' dtype (x and xbar cast
+    to it; the caller runs it with autocast off), as autocast keeps reductions in float32."""
+    compute = autocast_dtype(x, params) if isinstance(x, torch.Tensor) else None
+    check_input("x", x, dim, params, compute=compute)
+    if xbar is None:
+        xbar = x
+    else:
+        check_input("xbar", xbar, dim, params, like=x, compute=compute)
+    if compute is not None and params:
+        x, xbar = x.to(params[0].dtype), xbar.to(params[0].dtype)
+    return x, xbar
 
 
 # -- block-sparse pair reductions (last: pairs.py may use the helpers above) ---------------------
