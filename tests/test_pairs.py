@@ -388,3 +388,56 @@ def test_mask_tiles_and_partial_tiles_follow_the_context_set(mask):
         assert torch.equal(tile == 0, inside), (i0, i1, j0, j1)
         assert torch.isneginf(tile[~inside]).all(), (i0, i1, j0, j1)
         assert kernels.partial_tile(kind, w, i0, i1, j0, j1) == bool((~inside).any()), (i0, j0)
+
+
+@pytest.mark.parametrize("mask", MASKS, ids=lambda m: m[0])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16],
+                         ids=lambda d: str(d)[6:])
+def test_softmax_sums_in_one_pass_match_the_materialised_sums(monkeypatch, mask, dtype):
+    """pair_softmax_sums (R and sums with weights g exp(phi - R), online) with ragged tiles
+    (4 queries x 3 keys, 11 tokens; the running max grows across tiles) against the (T, T)
+    forms in float64 of the same (rounded) inputs; rows with an empty set give 0."""
+    monkeypatch.setattr(kernels, "BLOCK_Q", 4)
+    monkeypatch.setattr(kernels, "BLOCK_K", 3)
+    torch.manual_seed(2)
+    B, H, T, F, G = 2, 3, 11, 5, 4
+
+    def draw(*shape):
+        return torch.randn(*shape, dtype=torch.float64).to(dtype)
+
+    q, k, v = draw(B, H, T, F), draw(1, H, T, F), draw(B, H, T, G)
+    kind, w = mask[0], (mask[1] if len(mask) > 1 else 0)
+    m = _naive_pairs(T, mask)
+    d = (torch.arange(T)[:, None] - torch.arange(T)[None, :]).to(torch.float64)
+    qk = 3 * q.double() @ k.double().transpose(-1, -2)  # scores of several units: maxima move
+    S = 2 * torch.tanh(qk / 2) + 0.3 * d
+    gq = 1 - torch.tanh(qk / 2) ** 2
+    ref_R = torch.where(m.any(-1), torch.logsumexp(S.masked_fill(~m, -torch.inf), -1), 0.0)
+    P = torch.where(m, torch.exp(S - ref_R[..., None]), 0.0)
+
+    def phi_g(u_, d_, e_):
+        c = torch.tanh(3 * u_[0] / 2)
+        return 2 * c + 0.3 * d_, 1 - c ** 2, 1
+
+    kw = dict(T=T, shape=(B, H), uses_offset=True, dtype=dtype, device=q.device)
+    R, o, s, o1 = kernels.pair_softmax_sums([q], [k], [], phi_g,
+                                            [("i", v, 0), ("i", None, 0), ("i", v, 1)],
+                                            (kind, w), **kw)
+    rtol, atol = tolerance(dtype)
+    assert R.dtype == o.dtype == dtype
+    torch.testing.assert_close(R.double(), ref_R, rtol=rtol, atol=atol)
+    torch.testing.assert_close(o.double(), (P * gq) @ v.double(), rtol=rtol, atol=atol)
+    torch.testing.assert_close(s.double(), (P * gq).sum(-1), rtol=rtol, atol=atol)
+    torch.testing.assert_close(o1.double(), P @ v.double(), rtol=rtol, atol=atol)
+
+
+def test_softmax_sums_fuse_into_the_log_sum_exp_pass():
+    """softcap attention's forward: R and its softmax-weighted sum come from one pass over the
+    tiles (pair_softmax_sums), not a log-sum-exp pass and a sums pass."""
+    import inspect
+
+    import generated.softcap_attention.layer as mod
+
+    src = inspect.getsource(mod._grad_forward)
+    assert src.count("_rt.pair_softmax_sums(") == 1
+    assert "_rt.pair_lse(" not in src and "_rt.pair_sums(" not in src

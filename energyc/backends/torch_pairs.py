@@ -82,9 +82,13 @@ def _call_tail(em, form: PairForm, bodies) -> str:
 
 
 def emit_pair_lse(em, nid: int, node: Node) -> None:
-    """``R = pair_lse(...)``: an online log-sum-exp over the context's tiles."""
+    """``R = pair_lse(...)``: an online log-sum-exp over the context's tiles; with the pair sums
+    over the same pairs whose weights are softmax weights times an R-free factor, one pass
+    (``_softmax_sums``)."""
     var = em.pending[nid]
     form = form_of(em.graph, node)
+    if _softmax_sums(em, nid, node, form, var):
+        return None
     phi = _function(em, [node.attr("body")], f"{var}_phi", several=False)
     q, k, ex = _operands(em, form, form.extras)
     tail = _call_tail(em, form, [node.attr("body")])
@@ -98,22 +102,14 @@ def _group_key(node: Node) -> tuple:
     return (node.attr("heads"), node.attr("mask"))
 
 
-def _ready(em, node: Node) -> bool:
-    return all(x in em.names for x in node.inputs)
+def _ready(em, node: Node, also: int | None = None) -> bool:
+    return all(x in em.names or x == also for x in node.inputs)
 
 
-def emit_pair_sum(em, nid: int, node: Node) -> None:
-    """Every pair sum over the same pairs (context set, heads) whose inputs are ready: one pass
-    over the tiles, each tile's contractions computed once for all of them."""
-    key = _group_key(node)
-    group = [nid] + [n for n in sorted(em.region) if n != nid and n not in em.names
-                     and em.graph.node(n).op == "pair_sum"
-                     and _group_key(em.graph.node(n)) == key and _ready(em, em.graph.node(n))]
-    var = em.pending[nid]
-    heads = node.attr("heads")
-    union = PairForm([], [], [], [], heads, node.attr("mask"))
-    bodies: list[sympy.Expr] = []
-    outputs = []
+def _gather(em, group: list[int], union: PairForm) -> list[tuple[sympy.Expr, str, str]]:
+    """Each pair sum of ``group`` as (its body on the symbols of ``union``, which grows to hold
+    their terms and extras; its token; its value's view or "None")."""
+    out = []
     for n in group:
         member = em.graph.node(n)
         mf = form_of(em.graph, member)
@@ -130,29 +126,97 @@ def emit_pair_sum(em, nid: int, node: Node) -> None:
             if x not in union.extras:
                 union.extras.append(x)
             renum[e(m)] = e(union.extras.index(x))
-        body = member.attr("body").xreplace(renum)
-        if body not in bodies:
-            bodies.append(body)
         token = member.attr("token")
+        value = "None"
         if member.attr("value"):
             v = member.inputs[-1]
-            feature = next(a for a in member.axes if a not in ("b", token, *heads))
-            other = "j" if token == "i" else "i"
-            value = _view(em, v, ("b", *heads, other, feature))
-        else:
-            value = "None"
-        outputs.append(f"({token!r}, {value}, {bodies.index(body)})")
-    fn = _function(em, bodies, f"{var}_w", several=True)
-    q, k, ex = _operands(em, union, union.extras)
-    names = [em.pending[n] for n in group]
-    em.lines.append(f"{', '.join(names)}, = _rt.pair_sums({q}, {k}, {ex}, {fn}, "
-                    f"[{', '.join(outputs)}], {_call_tail(em, union, bodies)})")
+            feature = next(a for a in member.axes if a not in ("b", token, *union.heads))
+            value = _view(em, v, ("b", *union.heads, "j" if token == "i" else "i", feature))
+        out.append((member.attr("body").xreplace(renum), token, value))
+    return out
+
+
+def _emit_sums_back(em, group: list[int], names: list[str], heads: tuple[str, ...]) -> None:
     for n, name in zip(group, names):
         member = em.graph.node(n)
         token = member.attr("token")
         feature = [a for a in member.axes if a not in ("b", token, *heads)]
         _back(em, name, ("b", *heads, token, *feature), member.axes)
         em.names[n] = name
+
+
+def _softmax_sums(em, nid: int, node: Node, form: PairForm, var: str) -> bool:
+    """Emit R with the query-role pair sums (same pairs) whose every weight is
+    ``A_ij = g_ij exp(phi_ij - R_i)`` with g free of R, in one pass: the online log-sum-exp
+    rescales their accumulators as it goes (``_rt.pair_softmax_sums``), so phi's tiles are made
+    once, not once for R and again for the sums. Whether a weight has that form is SymPy's:
+    ``powsimp(A exp(R - phi))`` must be free of R. False when no pair sum qualifies."""
+    key = _group_key(node)
+    cands = [n for n in sorted(em.region) if n not in em.names and n != nid
+             and em.graph.node(n).op == "pair_sum" and _group_key(em.graph.node(n)) == key
+             and em.graph.node(n).attr("token") == "i" and nid in em.graph.node(n).inputs
+             and _ready(em, em.graph.node(n), also=nid)]
+    if not cands:
+        return False
+    union = PairForm(list(form.q), list(form.k), list(form.features), list(form.extras),
+                     form.heads, form.mask)
+    gathered = _gather(em, cands, union)
+    phi = node.attr("body")
+    R = e(union.extras.index(nid))
+    group, factors = [], []
+    for n, (body, _, value) in zip(cands, gathered):
+        g = sympy.powsimp(body * sympy.exp(R - phi))
+        if R not in g.free_symbols:
+            group.append(n)
+            factors.append((g, value))
+    if not group:
+        return False
+    # R is what this call makes: drop it from the extras, renumber those after it
+    keep = [x for x in union.extras if x != nid]
+    renum = {e(union.extras.index(x)): e(m) for m, x in enumerate(keep)}
+    union.extras = keep
+    phi = phi.xreplace(renum)
+    bodies: list[sympy.Expr] = []
+    outputs = []
+    for g, value in factors:
+        g = g.xreplace(renum)
+        if g not in bodies:
+            bodies.append(g)
+        outputs.append(f"('i', {value}, {bodies.index(g)})")
+    fn = _function(em, [phi, *bodies], f"{var}_phi_g", several=True)  # phi and g share cse
+    q, k, ex = _operands(em, union, union.extras)
+    names = [em.pending[n] for n in group]
+    em.lines.append(f"{var}, {', '.join(names)}, = _rt.pair_softmax_sums({q}, {k}, {ex}, "
+                    f"{fn}, [{', '.join(outputs)}], "
+                    f"{_call_tail(em, union, [phi, *bodies])})")
+    _back(em, var, ("b", *form.heads, "i"), node.axes)
+    em.names[nid] = var
+    _emit_sums_back(em, group, names, form.heads)
+    return True
+
+
+def emit_pair_sum(em, nid: int, node: Node) -> None:
+    """Every pair sum over the same pairs (context set, heads) whose inputs are ready: one pass
+    over the tiles, each tile's contractions computed once for all of them."""
+    key = _group_key(node)
+    group = [nid] + [n for n in sorted(em.region) if n != nid and n not in em.names
+                     and em.graph.node(n).op == "pair_sum"
+                     and _group_key(em.graph.node(n)) == key and _ready(em, em.graph.node(n))]
+    var = em.pending[nid]
+    heads = node.attr("heads")
+    union = PairForm([], [], [], [], heads, node.attr("mask"))
+    bodies: list[sympy.Expr] = []
+    outputs = []
+    for body, token, value in _gather(em, group, union):
+        if body not in bodies:
+            bodies.append(body)
+        outputs.append(f"({token!r}, {value}, {bodies.index(body)})")
+    fn = _function(em, bodies, f"{var}_w", several=True)
+    q, k, ex = _operands(em, union, union.extras)
+    names = [em.pending[n] for n in group]
+    em.lines.append(f"{', '.join(names)}, = _rt.pair_sums({q}, {k}, {ex}, {fn}, "
+                    f"[{', '.join(outputs)}], {_call_tail(em, union, bodies)})")
+    _emit_sums_back(em, group, names, heads)
     return None
 
 

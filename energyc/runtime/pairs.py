@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterator, Sequence
 
 import torch
 
-__all__ = ["pair_lse", "pair_sums", "running_sum", "pair_tiles", "partial_tile", "key_range",
+__all__ = ["pair_lse", "pair_sums", "pair_softmax_sums", "running_sum", "pair_tiles", "partial_tile", "key_range",
            "query_blocks", "band", "mask_tile"]
 
 # Tile sides. Each element-wise op of a pair function streams its tile through memory; 128 x 128
@@ -218,6 +218,75 @@ def pair_sums(q: Sequence[torch.Tensor], k: Sequence[torch.Tensor],
             else:
                 r[..., j0:j1, :] += a.transpose(-1, -2) @ v[..., i0:i1, :]
     return [r.to(dtype) for r in results]
+
+
+def pair_softmax_sums(q: Sequence[torch.Tensor], k: Sequence[torch.Tensor],
+                      extras: Sequence[torch.Tensor], phi_g: Callable,
+                      outputs: Sequence[tuple[str, torch.Tensor | None, int]], mask: tuple, *,
+                      T: int, shape: Sequence[int], uses_offset: bool, dtype: torch.dtype,
+                      device: torch.device) -> list[torch.Tensor]:
+    """``R_i = log sum_{j in C(i)} exp(phi_ij)`` and, in the same pass over the tiles, sums with
+    the softmax weights ``A_ij = g_ij exp(phi_ij - R_i)``: ``[R, *sums]``.
+
+    ``phi_g(u, d, e)`` returns the tiles ``(phi_ij, g^0_ij, g^1_ij, ...)`` (the g free of R);
+    output ``("i", v, n)`` is ``sum_{j in C(i)} A_ij v_j`` with ``g^n``, or without v the sum of
+    A. As in
+    FlashAttention, each query block keeps a running max ``m_i``, the sum ``s_i`` of
+    ``exp(phi_ij - m_i)`` and accumulators of ``g_ij exp(phi_ij - m_i) v_j``, all rescaled by
+    ``exp(m_old - m_new)`` when the max grows; at the end ``R_i = m_i + log s_i`` and each sum
+    is its accumulator over ``s_i``. An empty set gives R = 0 and sums 0."""
+    kind, w = mask
+    cdt = _compute_dtype(dtype)
+    q, kt, extras = _prepare(q, k, extras, cdt)
+    values = [None if v is None else v.to(cdt) for _, v, _ in outputs]
+    R = torch.zeros((*shape, T), dtype=cdt, device=device)
+    results = []
+    for v in values:
+        tail = () if v is None else (v.shape[-1],)
+        results.append(torch.zeros((*shape, T, *tail), dtype=cdt, device=device))
+    state: dict[int, list] = {}
+    for i0, i1, j0, j1, partial in pair_tiles(T, kind, w):
+        u, d, e = _tile_args(q, kt, extras, i0, i1, j0, j1, uses_offset, cdt, device)
+        full = (*shape, i1 - i0, j1 - j0)
+        phi, *factors = phi_g(u, d, e)
+        x = torch.broadcast_to(torch.as_tensor(phi, dtype=cdt, device=device), full)
+        inside = _context_tile(kind, w, i0, i1, j0, j1, device) if partial else None
+        if inside is not None:
+            x = torch.where(inside, x, -math.inf)
+        m_tile = x.amax(-1)
+        if i0 in state:
+            m, s, accs = state[i0]
+            m_new = torch.maximum(m, m_tile)
+        else:
+            m, s, accs, m_new = None, None, None, m_tile
+        safe = torch.where(torch.isneginf(m_new), 0.0, m_new)
+        p = torch.exp(x - safe[..., None])  # 0 outside the set
+        scale = None if m is None else torch.exp(m - safe)
+        s = p.sum(-1) if s is None else s.mul_(scale).add_(p.sum(-1))
+        new_accs = []
+        for n, ((_, _, f), v) in enumerate(zip(outputs, values)):
+            g = torch.broadcast_to(torch.as_tensor(factors[f], dtype=cdt, device=device), full)
+            a = g * p if inside is None else torch.where(inside, g * p, 0.0)
+            part = a.sum(-1) if v is None else a @ v[..., j0:j1, :]
+            if accs is None:
+                new_accs.append(part)
+            else:
+                acc = accs[n]
+                acc.mul_(scale if v is None else scale[..., None]).add_(part)
+                new_accs.append(acc)
+        state[i0] = [m_new, s, new_accs]
+    for i0, (m, s, accs) in state.items():
+        i1 = i0 + m.shape[-1]
+        safe = torch.where(torch.isneginf(m), 0.0, m)
+        empty = s == 0
+        R[..., i0:i1] = torch.where(empty, 0.0, safe + torch.log(s))
+        denom = torch.where(empty, 1.0, s)
+        for (_, v, _), acc, r in zip(outputs, accs, results):
+            if v is None:
+                r[..., i0:i1] = acc / denom
+            else:
+                r[..., i0:i1, :] = acc / denom[..., None]
+    return [R.to(dtype), *(r.to(dtype) for r in results)]
 
 
 def running_sum(v: torch.Tensor, dim: int, mask: tuple, keys_major: bool) -> torch.Tensor:
