@@ -1,16 +1,15 @@
 """Generated layers inside torch.autocast, as built-in modules behave there.
 
-With float32 parameters under ``torch.autocast("cpu", dtype=torch.bfloat16)`` a layer computes in
-bfloat16 (its input, parameters and hyperparameters cast to it, as autocast casts the operands of
-a matmul; energyc.runtime.apply_layer), returns bfloat16, and the gradients of its float32
-parameters (and of a float32 input) come back in float32. Outside autocast the strict dtype check
-stays.
+With float32 parameters under ``torch.autocast("cpu", dtype=torch.bfloat16)`` a layer runs its
+steps inside the autocast region on float32 values (energyc.runtime.apply_layer): autocast casts
+the operands of each contraction to bfloat16, the element-wise work, the reductions and the saved
+statistics stay float32. It returns bfloat16, and the gradients of its float32 parameters (and of
+a float32 input) come back in float32. Outside autocast the strict dtype check stays.
 
 The reference is torch.autograd on the independent float64 interpreter of the energy
 (energyc.reference), started from the same bfloat16-rounded values the layer computes from
-(parameters, hyperparameters and input rounded to bfloat16 and back): the cast of the operands is
-what autocast does, so the comparison measures the layer's bfloat16 arithmetic, within the
-bfloat16 entry of energyc.tolerances.
+(parameters, hyperparameters and input rounded to bfloat16 and back), so the comparison measures
+the layer's bfloat16 arithmetic, within the bfloat16 entry of energyc.tolerances.
 """
 
 from __future__ import annotations
@@ -68,15 +67,9 @@ BACKENDS = ["torch", pytest.param("triton", marks=pytest.mark.slow)]
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("layer", LAYERS, ids=IDS)
-def test_autocast_bf16_against_float64_reference(request, layer, backend):
+def test_autocast_bf16_against_float64_reference(layer, backend):
     """One preconditioned (DPLR) descent step and its derived backward of a float32 layer under
     autocast to bfloat16 (the Triton path under TRITON_INTERPRET=1)."""
-    if layer.name == "head_temperature_attention" and backend == "torch":
-        # a known defect, kept visible: values between kernels are rounded to bfloat16, and the
-        # temperature's gradient (a sum of row terms that cancel) is 4.5e-2 off, where autograd
-        # of the energy under the same autocast (fp32 between its bf16 products) is 1.8e-3 off
-        request.applymarker(pytest.mark.xfail(strict=True, reason=(
-            "d/dlog_beta: bf16 rounding between kernels; reductions must stay fp32")))
     if backend == "triton":
         pytest.importorskip("triton")
     module = importlib.import_module(f"generated.{layer.name}")

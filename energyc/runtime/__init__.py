@@ -11,7 +11,8 @@ and the energy's own Triton kernels); everything else they call is here, written
 * the layer's plumbing: argument checks, hyperparameter values, the choice of backend
   (``implementation``, ``preload``) and the runtime version check (``require``);
 * mixed precision: what a layer computes in under torch.autocast (``apply_layer``,
-  ``autocast_dtype``, ``energy_inputs``, ``autocast_off``);
+  ``autocast_dtype``, ``energy_inputs``, ``autocast_off``, ``autocast_state``,
+  ``autocast_as``);
 * the block-sparse pair reductions of ``energyc.runtime.pairs``, re-exported.
 
 The Triton path's shared pieces are separate modules, imported only when that path is used:
@@ -618,15 +619,17 @@ def check_input(
 
 # -- mixed precision ------------------------------------------------------------------------------
 #
-# Inside a torch.autocast region a layer computes as autocast computes a matmul: its input, its
-# parameters and its hyperparameters are cast to the autocast dtype (differentiably, so the
-# parameters' gradients come back in their own dtype, as through nn.Linear under autocast), and
-# the descent steps and their derived backward run on those tensors with autocast off, so that
-# every op of the step sees one dtype and the runtime's kernels keep their own precision: they
-# compute half-precision inputs in float32 and keep what they save for the backward (the
-# attention log-sum-exp, the pair log-sum-exp) in float32. The output is in the autocast dtype,
-# as nn.Linear's is. float64 tensors are not cast (autocast leaves them alone too): a float64
-# layer under autocast runs in float64, with the strict dtype check of outside autocast.
+# Inside a torch.autocast region a layer computes as the same steps written in torch would under
+# autocast: its input is taken in the parameters' dtype (float32: a bfloat16 input from an
+# earlier autocast layer converts exactly), and the descent steps and their derived backward run
+# inside the autocast region, so that autocast casts the operands of every contraction (einsum,
+# bmm) to the autocast dtype, while the element-wise work between them, the runtime's reductions
+# (pair log-sum-exps and sums, returned in the dtype the layer computes in) and the statistics
+# saved for the backward (the attention log-sum-exp) stay float32 where their inputs are. The
+# backward re-enters the forward's autocast state (backward() may run outside the region). The
+# output is in the autocast dtype, as nn.Linear's is. float64 tensors are not cast (autocast
+# leaves them alone too): a float64 layer under autocast runs in float64, with the strict dtype
+# check of outside autocast.
 
 AUTOCAST_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -661,16 +664,28 @@ def apply_layer(
     check_input(name, x, dim, params, compute=compute)
     if compute is None:
         return function.apply(config, x, *params, *hypers(x), *precond)
-    x = x.to(compute)
-    params = [p.to(compute) for p in params]
-    precond = [None if p is None else p.to(compute) for p in precond]
-    with torch.autocast(x.device.type, enabled=False):
-        return function.apply(config, x, *params, *hypers(x), *precond)
+    x = x.to(params[0].dtype) if params else x
+    return function.apply(config, x, *params, *hypers(x), *precond).to(compute)
+
+
+def autocast_state(x: torch.Tensor) -> tuple[bool, torch.dtype]:
+    """Whether autocast is on for x's device type, and its dtype: what a layer's forward ran
+    under, for its backward to run under the same (``autocast_as``)."""
+    device_type = x.device.type
+    return torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type)
+
+
+def autocast_as(state: tuple[bool, torch.dtype], x: torch.Tensor) -> torch.autocast:
+    """A context with the autocast ``state`` of a layer's forward, for x's device type: its
+    backward's contractions are cast as the forward's were, also when backward() is called
+    outside (or inside another) autocast region."""
+    enabled, dtype = state
+    return torch.autocast(x.device.type, dtype=dtype, enabled=enabled)
 
 
 def autocast_off(x: torch.Tensor) -> torch.autocast:
-    """A context with autocast off for x's device type: a layer's backward runs on the dtypes its
-    forward saved (backward() may be called inside an autocast region)."""
+    """A context with autocast off for x's device type (a layer's ``energy``, a reduction,
+    evaluates in the parameters' dtype)."""
     return torch.autocast(x.device.type, enabled=False)
 
 

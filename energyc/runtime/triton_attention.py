@@ -370,6 +370,16 @@ def _slopes_arg(slopes: torch.Tensor | None, like: torch.Tensor) -> tuple[torch.
 
 # The launches are torch.library custom ops, so torch.compile(fullgraph=True) keeps them as opaque
 # nodes (the fake implementations give their output shapes) instead of tracing Triton. Custom ops
+def _alike(*tensors: torch.Tensor) -> list[torch.Tensor]:
+    """The operands in one dtype (their promoted one), contiguous: under torch.autocast a layer's
+    operands may mix bfloat16 contractions with float32 element-wise values, and a tile's dot
+    takes one dtype."""
+    dtype = tensors[0].dtype
+    for t in tensors[1:]:
+        dtype = torch.promote_types(dtype, t.dtype)
+    return [t.to(dtype).contiguous() for t in tensors]
+
+
 # return no None: an output not asked for is an empty tensor, which the wrappers above map to None.
 @torch.library.custom_op("energyc::triton_attention_forward", mutates_args=())
 def _attention_forward_op(
@@ -384,7 +394,8 @@ def _attention_forward_op(
     scale = float(scale)
     B, T, H, F = q.shape
     G = v.shape[-1]
-    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    out_dtype = v.dtype
+    q, k, v = _alike(q, k, v)
     o = torch.empty(B, T, H, G, dtype=storage(q.dtype), device=q.device)
     lse = torch.empty(B, H, T, dtype=torch.float32, device=q.device)
     slopes, has_bias = _slopes_arg(slopes, lse)
@@ -396,7 +407,7 @@ def _attention_forward_op(
         T, H, F, G, scale, **_mask_args(kind, window), HAS_BIAS=has_bias, **blocks,
     )
     # lse stays fp32: rounding it to half precision would cost the backward accuracy
-    return o.to(q.dtype), lse.transpose(1, 2).contiguous()
+    return o.to(out_dtype), lse.transpose(1, 2).contiguous()
 
 
 @_attention_forward_op.register_fake
@@ -422,7 +433,8 @@ def _attention_backward_op(
     scale = float(scale)
     B, T, H, F = q.shape
     G = v.shape[-1]
-    q, k, v, o, g = (t.contiguous() for t in (q, k, v, o, g))
+    dtypes = (q.dtype, k.dtype, v.dtype)
+    q, k, v, o, g = _alike(q, k, v, o, g)
     lse = lse.transpose(1, 2).float().contiguous()
     delta = torch.empty(B, H, T, dtype=torch.float32, device=q.device)
     dq, dk, dv = (torch.empty_like(t, dtype=storage(t.dtype)) for t in (q, k, v))
@@ -445,7 +457,7 @@ def _attention_backward_op(
     )
     dscale = dscale_rows.sum() if need_dscale else delta.new_empty(0)
     dslopes = dslopes_rows.sum((0, 2)) if has_bias else delta.new_empty(0)
-    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dscale, dslopes
+    return dq.to(dtypes[0]), dk.to(dtypes[1]), dv.to(dtypes[2]), dscale, dslopes
 
 
 @_attention_backward_op.register_fake
@@ -470,7 +482,8 @@ def _attention_transposed_op(
     scale = float(scale)
     B, T, H, F = q.shape
     G = v.shape[-1]
-    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    out_dtype = v.dtype
+    q, k, v = _alike(q, k, v)
     lse = lse.transpose(1, 2).float().contiguous()
     o_t = torch.empty_like(v, dtype=storage(v.dtype))
     slopes, has_bias = _slopes_arg(slopes, lse)
@@ -480,7 +493,7 @@ def _attention_transposed_op(
         q, k, v, v, slopes, lse, lse, q, o_t, T, H, F, G, scale, **_mask_args(kind, window),
         HAS_BIAS=has_bias, DV_ONLY=True, **blocks,
     )
-    return o_t.to(v.dtype)
+    return o_t.to(out_dtype)
 
 
 @_attention_transposed_op.register_fake
