@@ -42,3 +42,16 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+def assert_within_tolerance(name: str, got, want, dtype) -> None:
+    """Element-wise ``|got - want| <= atol + rtol |want|`` with the tolerances of ``dtype`` from
+    the one table (energyc.tolerances); the message names the value and the worst error."""
+    from energyc.tolerances import tolerance
+
+    rtol, atol = tolerance(dtype)
+    err = (got.double() - want).abs()
+    bound = atol + rtol * want.abs()
+    assert bool((err <= bound).all()), (
+        f"{name}: max abs error {float(err.max()):.3e} beyond the {dtype} tolerance "
+        f"(rtol={rtol}, atol={atol})")

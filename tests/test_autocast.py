@@ -23,8 +23,7 @@ from energyc.check import Case, build
 from energyc.compiler import compile_file
 from energyc.loader import load
 from energyc.reference import reference_step
-from energyc.tolerances import tolerance
-from tests.conftest import example_files
+from tests.conftest import assert_within_tolerance, example_files
 
 BF16 = torch.bfloat16
 
@@ -51,15 +50,6 @@ def _case(layer) -> Case:
         hypers[h.name] = _bf16(value)
     return Case(dims=dims, batch=2, tokens=7, seed=0, scale=0.7, hypers=hypers, eta=0.5,
                 steps=layer.decl.steps, precond="dplr", context=layer.decl.context)
-
-
-def _assert_close(name, got, want):
-    rtol, atol = tolerance(BF16)
-    err = (got.double() - want).abs()
-    bound = atol + rtol * want.abs()
-    assert bool((err <= bound).all()), (
-        f"{name}: max abs error {float(err.max()):.3e} beyond the bfloat16 tolerance "
-        f"(rtol={rtol}, atol={atol})")
 
 
 BACKENDS = ["torch", pytest.param("triton", marks=pytest.mark.slow)]
@@ -103,7 +93,7 @@ def test_autocast_bf16_against_float64_reference(layer, backend):
         if b is None:
             assert a is None or not a.any(), name
             continue
-        _assert_close(name, a, b.detach())
+        assert_within_tolerance(name, a, b.detach(), BF16)
 
 
 def _attention(**kwargs):

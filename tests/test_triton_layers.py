@@ -22,8 +22,7 @@ from energyc.compiler import compile_file
 from energyc.loader import load
 from energyc.reference import reference_step
 from energyc.render import package_spec
-from energyc.tolerances import tolerance
-from tests.conftest import example_files
+from tests.conftest import assert_within_tolerance, example_files
 
 pytest.importorskip("triton")
 
@@ -50,15 +49,6 @@ def _case(layer) -> Case:
         hypers[h.name] = 1.0 if d is None else float(d.subs({s: dims[s.name] for s in d.free_symbols}))
     return Case(dims=dims, batch=2, tokens=7, seed=0, scale=0.7, hypers=hypers, eta=0.5,
                 steps=layer.decl.steps, precond="dplr", context=layer.decl.context)
-
-
-def _assert_close(name, got, want, dtype):
-    rtol, atol = tolerance(dtype)
-    err = (got.double() - want).abs()
-    bound = atol + rtol * want.abs()
-    assert bool((err <= bound).all()), (
-        f"{name}: max abs error {float(err.max()):.3e} beyond the {dtype} tolerance "
-        f"(rtol={rtol}, atol={atol})")
 
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
@@ -96,7 +86,7 @@ def test_triton_path_against_autograd_reference(layer, dtype, device):
         if b is None:
             assert a is None or not a.any(), name
             continue
-        _assert_close(name, a, b.detach(), dtype)
+        assert_within_tolerance(name, a, b.detach(), dtype)
 
 
 # -- structure: kernels counted from the rendered source --------------------------------------------
