@@ -62,11 +62,11 @@ class TorchPrinter(PythonCodePrinter):
     def _print_Mul(self, expr):
         coeff, factors = expr.as_coeff_mul()
         tensors = [f for f in factors if self._is_tensor(f)]
+        if len(tensors) < 2:
+            return super()._print_Mul(expr)
         muls = [f for f in tensors if not (f.is_Pow and f.exp == -1)]
         divs = [f.base for f in tensors if f.is_Pow and f.exp == -1]
         # the first step, a fresh tensor of the full shape: (full * other) or (other / full)
-        if len(tensors) < 2:
-            return super()._print_Mul(expr)
         first = next((f for f in muls if self._is_full(f)), None)
         if first is not None:
             muls.remove(first)
@@ -90,9 +90,9 @@ class TorchPrinter(PythonCodePrinter):
     def _print_Add(self, expr):
         terms = list(expr.as_ordered_terms())
         tensors = [t for t in terms if self._is_tensor(t)]
-        positive = [t for t in tensors if not t.could_extract_minus_sign()]
         if len(tensors) < 2:
             return super()._print_Add(expr)
+        positive = [t for t in tensors if not t.could_extract_minus_sign()]
         # the first step, a fresh tensor of the full shape: (p + q) or (p - q), p positive
         first = next((t for t in positive if self._is_full(t)), None)
         if first is not None:

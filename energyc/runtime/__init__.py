@@ -658,8 +658,9 @@ def apply_layer(
 ) -> torch.Tensor:
     """A generated layer's forward: check argument ``name`` (``x``) and run ``function`` (its
     ``_LayerFunction``) on x, the parameters, the hyperparameters (``hypers(x)``, as 0-d tensors
-    of x's dtype) and the preconditioner's parameters; under torch.autocast in the autocast dtype
-    (see the comment above ``AUTOCAST_DTYPES``), else as given."""
+    of x's dtype) and the preconditioner's parameters. Under torch.autocast x is taken in the
+    parameters' dtype, the steps run inside the region and the output comes in the autocast dtype
+    (see the comment above ``AUTOCAST_DTYPES``)."""
     compute = autocast_dtype(x, params) if isinstance(x, torch.Tensor) else None
     check_input(name, x, dim, params, compute=compute)
     if compute is None:

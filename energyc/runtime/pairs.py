@@ -5,8 +5,8 @@ Operands come laid out as ``(B|1, *heads|1, T, F)`` (a size-1 axis broadcasts), 
 ``(B|1, *heads|1, T|1, T|1)`` (row extras vary along the first token axis, column extras along the
 second). Queries are taken ``BLOCK_Q`` at a time against only the blocks of ``BLOCK_K`` keys
 their context set reaches (causal: up to the diagonal; strict: below it; a window: its w keys;
-all and j != i: every block); a tile is masked only where it straddles the context set's edge. The element-wise pair
-functions are the generated package's (printed from SymPy); here they are called on tiles of
+all and j != i: every block); a tile is masked only where it straddles the context set's edge.
+The element-wise pair functions are the generated package's (printed from SymPy); here they are called on tiles of
 shape ``(B, *heads, I, J)``. Memory is O(tokens x BLOCK_K), never (tokens x tokens); arithmetic is
 float32 for half-precision inputs.
 """
@@ -18,8 +18,8 @@ from collections.abc import Callable, Iterator, Sequence
 
 import torch
 
-__all__ = ["pair_lse", "pair_sums", "pair_softmax_sums", "running_sum", "pair_tiles", "partial_tile", "key_range",
-           "query_blocks", "band", "mask_tile"]
+__all__ = ["pair_lse", "pair_sums", "pair_softmax_sums", "running_sum", "pair_tiles",
+           "partial_tile", "key_range", "query_blocks", "band", "mask_tile"]
 
 # Tile sides. Each element-wise op of a pair function streams its tile through memory; 128 x 128
 # tiles ran softcap_attention and grouped_query_attention (B=2, 4 heads, 1 thread) 1.3-2.5x faster
@@ -152,33 +152,10 @@ def pair_lse(q: Sequence[torch.Tensor], k: Sequence[torch.Tensor],
              device: torch.device) -> torch.Tensor:
     """``R_i = log sum_{j in C(i)} exp(phi_ij)``, shape ``(*shape, T)``; 0 for an empty set.
 
-    An online log-sum-exp over each query block's key tiles (a running max and a rescaled sum)."""
-    kind, w = mask
-    cdt = _compute_dtype(dtype)
-    q, kt, extras = _prepare(q, k, extras, cdt)
-    out = torch.zeros((*shape, T), dtype=cdt, device=device)
-    state: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-    for i0, i1, j0, j1, partial in pair_tiles(T, kind, w):
-        u, d, e = _tile_args(q, kt, extras, i0, i1, j0, j1, uses_offset, cdt, device)
-        x = torch.broadcast_to(torch.as_tensor(phi(u, d, e), dtype=cdt, device=device),
-                               (*shape, i1 - i0, j1 - j0))
-        if partial:
-            x = torch.where(_context_tile(kind, w, i0, i1, j0, j1, device), x, -math.inf)
-        tile_max = x.amax(-1)
-        if i0 in state:
-            m, s = state[i0]
-            m_new = torch.maximum(m, tile_max)
-        else:
-            m, s, m_new = None, None, tile_max
-        safe = torch.where(torch.isinf(m_new) & (m_new < 0), 0.0, m_new)
-        tile_sum = torch.exp(x - safe[..., None]).sum(-1)
-        s = tile_sum if s is None else s * torch.exp(m - safe) + tile_sum
-        state[i0] = (m_new, s)
-    for i0, (m, s) in state.items():
-        safe = torch.where(torch.isinf(m) & (m < 0), 0.0, m)
-        r = safe + torch.log(s)
-        out[..., i0:i0 + r.shape[-1]] = torch.where(s == 0, 0.0, r)
-    return out.to(dtype)
+    The online log-sum-exp of ``pair_softmax_sums`` (a running max and a rescaled sum over each
+    query block's key tiles), with no sums."""
+    return pair_softmax_sums(q, k, extras, lambda u, d, e: (phi(u, d, e),), [], mask, T=T,
+                             shape=shape, uses_offset=uses_offset, dtype=dtype, device=device)[0]
 
 
 def pair_sums(q: Sequence[torch.Tensor], k: Sequence[torch.Tensor],
@@ -230,8 +207,7 @@ def pair_softmax_sums(q: Sequence[torch.Tensor], k: Sequence[torch.Tensor],
 
     ``phi_g(u, d, e)`` returns the tiles ``(phi_ij, g^0_ij, g^1_ij, ...)`` (the g free of R);
     output ``("i", v, n)`` is ``sum_{j in C(i)} A_ij v_j`` with ``g^n``, or without v the sum of
-    A. As in
-    FlashAttention, each query block keeps a running max ``m_i``, the sum ``s_i`` of
+    A. As in FlashAttention, each query block keeps a running max ``m_i``, the sum ``s_i`` of
     ``exp(phi_ij - m_i)`` and accumulators of ``g_ij exp(phi_ij - m_i) v_j``, all rescaled by
     ``exp(m_old - m_new)`` when the max grows; at the end ``R_i = m_i + log s_i`` and each sum
     is its accumulator over ``s_i``. An empty set gives R = 0 and sums 0."""

@@ -368,8 +368,6 @@ def _slopes_arg(slopes: torch.Tensor | None, like: torch.Tensor) -> tuple[torch.
     return slopes.to(torch.float32).contiguous(), True
 
 
-# The launches are torch.library custom ops, so torch.compile(fullgraph=True) keeps them as opaque
-# nodes (the fake implementations give their output shapes) instead of tracing Triton. Custom ops
 def _alike(*tensors: torch.Tensor) -> list[torch.Tensor]:
     """The operands in one dtype (their promoted one), contiguous: under torch.autocast a layer's
     operands may mix bfloat16 contractions with float32 element-wise values, and a tile's dot
@@ -380,6 +378,8 @@ def _alike(*tensors: torch.Tensor) -> list[torch.Tensor]:
     return [t.to(dtype).contiguous() for t in tensors]
 
 
+# The launches are torch.library custom ops, so torch.compile(fullgraph=True) keeps them as opaque
+# nodes (the fake implementations give their output shapes) instead of tracing Triton. Custom ops
 # return no None: an output not asked for is an empty tensor, which the wrappers above map to None.
 @torch.library.custom_op("energyc::triton_attention_forward", mutates_args=())
 def _attention_forward_op(
