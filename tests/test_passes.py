@@ -24,7 +24,7 @@ from energyc.passes import PIPELINE, run_pipeline
 from energyc.passes.canonicalize import RULES, canonicalize
 from energyc.passes.cse import cse, dead_code
 from energyc.passes.fuse import fuse_pointwise, fuse_reductions
-from energyc.passes.share import share_subexpressions
+from energyc.passes.share import reuse_values, share_subexpressions
 from tests.conftest import example_files
 from tests.test_ops import evaluate, expand_to, random_env
 
@@ -85,7 +85,8 @@ def n_live(g: Graph) -> int:
 # -- coverage of the tables --------------------------------------------------------------------------
 
 TESTED_PASSES = {"dead_code", "canonicalize", "cse", "fuse_pointwise", "fuse_context_attention",
-                 "share_subexpressions", "fuse_reductions", "fuse_pair_reductions"}  # pairs: test_pairs.py
+                 "share_subexpressions", "reuse_values", "fuse_reductions",
+                 "fuse_pair_reductions"}  # pairs: test_pairs.py
 TESTED_RULES = {"broadcast_into_pointwise", "pointwise_of_mask", "pointwise_normalise",
                 "contract_normalise", "relabel_identity", "mask_idempotent"}
 
@@ -737,6 +738,52 @@ def test_share_subexpressions_keeps_values():
 def test_share_subexpressions_no_sharing_is_identity():
     g = dead_code_graph()
     assert share_subexpressions(g).op_counts() == g.op_counts()
+
+
+# -- reuse_values ----------------------------------------------------------------------------------
+
+
+def gated_step_graph():
+    """A gated unit's forward and the backward body that recomputes its product:
+    t = -(s a) (forward, also read by the backward), n = -(s a g (1 - s)) (backward), and a
+    forward-only value f = 2 exp(a) s whose product appears in the backward's m = exp(a) s g."""
+    g = new_graph()
+    a = inp(g, "a", ("b", "i", "D"))
+    z = inp(g, "z", ("b", "i", "D"))
+    up = inp(g, "grad_g", ("b", "i", "D"))  # the upstream gradient: the backward's side
+    s = ops.pointwise(g, 1 / (1 + sympy.exp(-a0)), [z])
+    t = ops.pointwise(g, -a0 * a1, [s, a])
+    f = ops.pointwise(g, 2 * sympy.exp(a0) * a1, [a, s])
+    n = ops.pointwise(g, -a0 * a1 * a2 * (1 - a0), [s, a, up])
+    m = ops.pointwise(g, sympy.exp(a0) * a1 * a2, [a, s, up])
+    r = ops.pointwise(g, a0 * a1, [t, up])  # the backward reads t anyway
+    g.outputs = {"t": t, "f": f, "n": n, "m": m, "r": r}
+    return g, t, n, m
+
+
+def test_reuse_values_structure():
+    """The backward body uses the saved product t (n = t g (1 - s)); the forward-only f is not
+    kept for the backward (m still computes exp(a) s itself)."""
+    g, t, n, m = gated_step_graph()
+    out = reuse_values(g)
+    n2, m2, t2 = out.outputs["n"], out.outputs["m"], out.outputs["t"]
+    assert t2 in out.node(n2).inputs
+    assert sympy.count_ops(out.node(n2).attr("body")) < sympy.count_ops(g.node(n).attr("body"))
+    assert out.node(m2).attr("body") == g.node(m).attr("body")
+    assert out.node(m2).inputs == g.node(m).inputs
+
+
+def test_reuse_values_keeps_values():
+    g, *_ = gated_step_graph()
+    assert_same_outputs(g, reuse_values(g))
+
+
+def test_reuse_values_no_reuse_is_identity():
+    g = shared_exp_graph()
+    out = reuse_values(g)
+    assert out.op_counts() == g.op_counts()
+    assert [out.node(n).attr("body") for n in out.live() if out.node(n).op == "pointwise"] == \
+        [g.node(n).attr("body") for n in g.live() if g.node(n).op == "pointwise"]
 
 
 def test_fuse_pointwise_expands_each_node_once():

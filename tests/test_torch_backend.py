@@ -106,7 +106,7 @@ def test_backward_calls_merge_only_where_their_gradients_are_summed():
 
 def _expressions():
     """Random element-wise bodies over a0..a3: sums, differences, products, quotients,
-    negations, numbers and functions, nested."""
+    negations, numbers and functions, nested; products with affine factors c + s y."""
     import sympy
     from hypothesis import strategies as st
 
@@ -119,7 +119,8 @@ def _expressions():
         return (pair.map(lambda p: p[0] + p[1]) | pair.map(lambda p: p[0] - p[1])
                 | pair.map(lambda p: p[0] * p[1]) | pair.map(lambda p: p[0] / (p[1] ** 2 + 1))
                 | children.map(lambda c: -c) | children.map(sympy.tanh)
-                | st.tuples(children, children, children).map(lambda p: p[0] * p[1] * (1 - p[2])))
+                | st.tuples(children, children, children).map(lambda p: p[0] * p[1] * (1 - p[2]))
+                | pair.map(lambda p: p[0] * (sympy.Rational(-1, 2) + 3 * sympy.tanh(p[1]) ** 2)))
 
     return st.recursive(leaves, grow, max_leaves=8)
 
@@ -139,6 +140,7 @@ def test_in_place_chains_print_the_same_values_and_leave_the_arguments_alone(bod
     import sympy
     import torch
 
+    from energyc import runtime
     from energyc.backends.torch_printer import TorchPrinter
 
     syms = sympy.symbols("a0:4")
@@ -148,7 +150,7 @@ def test_in_place_chains_print_the_same_values_and_leave_the_arguments_alone(bod
     args = {s.name: torch.randn(_SHAPES[k], generator=gen, dtype=torch.float64)
             for s, k in zip(syms, kinds)}
     before = {k: v.clone() for k, v in args.items()}
-    env = {"torch": torch, "math": math}
+    env = {"torch": torch, "math": math, "_rt": runtime}
     chained = TorchPrinter(names, set(syms), full).doprint(body)
     plain = TorchPrinter(names, set(syms)).doprint(body)
     got = eval(chained, {**env, **args})
@@ -159,3 +161,21 @@ def test_in_place_chains_print_the_same_values_and_leave_the_arguments_alone(bod
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12, msg=f"{chained}\n{plain}")
     for k in args:
         assert torch.equal(args[k], before[k]), f"{k} changed by {chained}"
+
+
+def test_affine_factors_print_as_one_pass_over_the_product():
+    """``a b (1 - c)`` (a sigmoid's derivative) multiplies the product by ``1 - c`` in place
+    (``_rt.mul_affine_``), and ``a (1 - c)`` alone makes its fresh tensor with
+    ``torch.addcmul``: no temporary for ``1 - c``."""
+    import sympy
+
+    from energyc.backends.torch_printer import TorchPrinter
+
+    a, b, c = sympy.symbols("a b c")
+    names = {s.name: s.name for s in (a, b, c)}
+    printer = TorchPrinter(names, {a, b, c}, {a})
+    assert printer.doprint(-a * b * (1 - c)) == "_rt.mul_affine_((a * b), c, 1, -1).neg_()"
+    assert printer.doprint(a * (1 - c)) == "torch.addcmul(a, a, c, value=-1)"
+    assert printer.doprint(a * (2 + 4 * c)) == "torch.addcmul(a, a, c, value=2).mul_(2)"
+    # without a full-shaped argument the plain printing stays
+    assert "addcmul" not in TorchPrinter(names, {a, b, c}).doprint(a * (1 - c))

@@ -62,10 +62,20 @@ class TorchPrinter(PythonCodePrinter):
     def _print_Mul(self, expr):
         coeff, factors = expr.as_coeff_mul()
         tensors = [f for f in factors if self._is_tensor(f)]
-        if len(tensors) < 2:
+        if not tensors:
             return super()._print_Mul(expr)
         muls = [f for f in tensors if not (f.is_Pow and f.exp == -1)]
         divs = [f.base for f in tensors if f.is_Pow and f.exp == -1]
+        # factors c + s y go last, each one pass over the product so far (_rt.mul_affine_)
+        affine = [f for f in muls if self._affine(f) is not None]
+        if affine and len(muls) + len(divs) > len(affine):
+            muls = [f for f in muls if f not in affine]
+        else:
+            affine = []
+        if not affine and len(tensors) < 2:
+            return super()._print_Mul(expr)
+        if affine and len(muls) + len(divs) == 1:
+            return self._affine_chain(coeff, factors, muls, divs, affine)
         # the first step, a fresh tensor of the full shape: (full * other) or (other / full)
         first = next((f for f in muls if self._is_full(f)), None)
         if first is not None:
@@ -82,10 +92,45 @@ class TorchPrinter(PythonCodePrinter):
                 f"{self.parenthesize(second, prec, strict=op == '/')})")
         code += "".join(f".mul_({self._print(f)})" for f in muls)
         code += "".join(f".div_({self._print(f)})" for f in divs)
+        return self._finish(code, coeff, factors, affine)
+
+    def _affine_chain(self, coeff, factors, muls, divs, affine) -> str:
+        """``a (c + s y) ...`` with ``a`` the one other tensor factor: the first affine factor
+        makes the fresh tensor, ``torch.addcmul(a, a, y, value=s / c)`` (times c), or the
+        quotient does when ``a`` divides."""
+        (a,) = muls or divs
+        if divs or not self._is_full(a):
+            return super()._print_Mul(sympy.Mul(coeff, *factors))
+        c, s, y = self._affine(affine[0])
+        ca = self._print(a)
+        code = f"torch.addcmul({ca}, {ca}, {self._print(y)}, value={self._print(s / c)})"
+        if c != 1:
+            code += f".mul_({self._print(c)})"
+        return self._finish(code, coeff, factors, affine[1:])
+
+    def _finish(self, code: str, coeff, factors, affine) -> str:
+        """The in-place tail of a product chain: affine factors, the scale, the sign."""
+        for f in affine:
+            c, s, y = self._affine(f)
+            code = f"_rt.mul_affine_({code}, {self._print(y)}, {self._print(c)}, {self._print(s)})"
         scale = sympy.Mul(abs(coeff), *(f for f in factors if not self._is_tensor(f)))
         if scale != 1:
             code += f".mul_({self._print(scale)})"
         return code + (".neg_()" if coeff < 0 else "")
+
+    def _affine(self, f: sympy.Expr):
+        """``(c, s, y)`` when the factor ``f`` is ``c + s y``: numbers c != 0 and s, y a tensor
+        expression that is not a sum; else None. (A sigmoid's derivative s (1 - s) and tanh's
+        1 - t**2 are of this form.)"""
+        if not f.is_Add or not self.full_names:
+            return None
+        c, rest = f.as_coeff_Add()
+        if c == 0 or not c.is_Number or rest.is_Add:
+            return None
+        s, y = rest.as_coeff_Mul()
+        if not s.is_Number or not self._is_tensor(y):
+            return None
+        return c, s, y
 
     def _print_Add(self, expr):
         terms = list(expr.as_ordered_terms())

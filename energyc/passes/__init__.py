@@ -15,7 +15,7 @@ from energyc.passes.canonicalize import canonicalize
 from energyc.passes.cse import cse, dead_code
 from energyc.passes.fuse import fuse_pointwise, fuse_reductions
 from energyc.passes.pairs import fuse_pair_reductions
-from energyc.passes.share import share_subexpressions
+from energyc.passes.share import reuse_values, share_subexpressions
 
 Pass = Callable[[Graph], Graph]
 
@@ -29,11 +29,12 @@ PIPELINE: list[tuple[str, Pass]] = [
     ("cse", cse),
     ("fuse_pointwise", fuse_pointwise),
     ("fuse_context_attention", fuse_context_attention),
+    ("reuse_values", reuse_values),
     ("share_subexpressions", share_subexpressions),
     ("fuse_reductions", fuse_reductions),
 ]
 
-STAGE = {"fuse_pair_reductions": "energy", "share_subexpressions": "lower",
+STAGE = {"fuse_pair_reductions": "energy", "reuse_values": "lower", "share_subexpressions": "lower",
          "fuse_reductions": "lower"}
 STAGES = ("energy", "simplify", "lower")
 

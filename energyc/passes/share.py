@@ -87,3 +87,62 @@ def _build(new: Graph, body: sympy.Expr, mapping: dict[int, int], shared: list, 
         subs[sym] = ARG_SYMBOLS[len(args)]
         args.append(arg)
     return pointwise(new, body.xreplace(subs), args, where=where)
+
+
+def _upstream_side(graph: Graph, live: list[int]) -> set[int]:
+    """The live nodes that depend on an upstream gradient (an input named ``grad_*``, the seed
+    ``differentiate`` adds): the backward's side of a step graph."""
+    side: set[int] = set()
+    for n in live:
+        node = graph.node(n)
+        if (node.op == "input" and str(node.attr("name")).startswith("grad_")) or any(
+                u in side for u in node.inputs):
+            side.add(n)
+    return side
+
+
+def reuse_values(graph: Graph) -> Graph:
+    """A pointwise body that computes again, up to a number factor, the body of an earlier
+    pointwise node uses that node's value:
+
+        t3 = -(a b);   t7 = -(a b c (1 - a))   =>   t7 = t3 c (1 - a)
+
+    (the backward of a gated unit recomputes the forward's product). Legal: the earlier node is
+    element-wise in arguments that the later body also has, so its value broadcasts to the same
+    numbers; it precedes in topological order, so no cycle forms. Taken only when the body gets
+    cheaper (fewer operations), and never where it would make the backward keep a forward value
+    that no backward node used before (memory that recomputation saved)."""
+    live = graph.live()
+    side = _upstream_side(graph, live)
+    used_by_backward = {u for n in side for u in graph.node(n).inputs}
+    bodies: dict[int, sympy.Expr] = {}
+    new = Graph(graph.dims)
+    mapping: dict[int, int] = {}
+    for n in live:
+        node = graph.node(n)
+        if node.op != "pointwise":
+            mapping[n] = new.add_like(node, [mapping[u] for u in node.inputs])
+            continue
+        body = _concrete(graph, n)
+        best = body, sympy.count_ops(body)
+        for m, earlier in bodies.items():
+            if m in side and n not in side:
+                continue
+            if n in side and m not in side and m not in used_by_backward:
+                continue
+            if not earlier.free_symbols <= body.free_symbols:
+                continue
+            coeff, rest = earlier.as_coeff_Mul()
+            if rest.is_Symbol:
+                continue
+            tried = best[0].subs(rest, _node_symbol(m) / coeff)
+            ops = sympy.count_ops(tried)
+            if ops < best[1] and _node_symbol(m) in tried.free_symbols:
+                best = tried, ops
+        bodies[n] = body
+        if best[0] is body:
+            mapping[n] = new.add_like(node, [mapping[u] for u in node.inputs])
+        else:
+            mapping[n] = _build(new, best[0], mapping, [], node.where)
+    new.outputs = {name: mapping[n] for name, n in graph.outputs.items()}
+    return new

@@ -447,6 +447,14 @@ def add(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:
     return a + b
 
 
+def mul_affine_(a: torch.Tensor, y: torch.Tensor, c: float, s: float) -> torch.Tensor:
+    """``a *= c + s y`` in one pass over ``a`` and no temporary, for a factor such as a sigmoid's
+    derivative ``1 - sigmoid``:  a (c + s y) = c (a + (s / c) a y)  (``addcmul_`` reads each
+    element of ``a`` before writing it). ``a`` has the broadcast shape of both; c != 0."""
+    a.addcmul_(a, y, value=s / c)
+    return a if c == 1 else a.mul_(c)
+
+
 def as_scalar(value: float | torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """A hyperparameter as a 0-dim tensor of x's dtype and device."""
     if isinstance(value, torch.Tensor):
