@@ -31,6 +31,7 @@ from energyc.backends.triton_backend import KernelSet, TritonEmitter
 from energyc.compiler import CompiledLayer, split
 from energyc.inspect import format_energy
 from energyc.ir.graph import Graph
+from energyc.ir.ops import describe_mask
 from energyc.runtime_version import RUNTIME_VERSION
 
 
@@ -61,6 +62,7 @@ def environment() -> jinja2.Environment:
         autoescape=False,
     )
     env.filters["pytuple"] = _pytuple
+    env.filters["pyrepr"] = repr
     return env
 
 
@@ -146,11 +148,13 @@ class PackageSpec:
     precond_kinds: list[str]
     triton_module: TritonModuleSpec | None = None
     runtime_version: str = RUNTIME_VERSION  # the energyc.runtime the package requires at least
+    decode_unsupported: str | None = None  # why Layer.decode raises; None: it decodes
+    decode_keys_from_context: bool = False  # the cached values depend on the context alone
 
 
 #: module-level names of layer.py that the class alias ``<ClassName> = Layer`` must not replace
 MODULE_GLOBALS = frozenset({"DIMS", "PARAMS", "HYPERS", "PRECONDITIONERS", "Layer", "math", "torch",
-                            "dataclass"})
+                            "dataclass", "DECODE_UNSUPPORTED", "DECODE_KEYS_FROM_CONTEXT"})
 
 
 def camel(name: str) -> str:
@@ -290,6 +294,9 @@ def package_spec(layer: CompiledLayer, source: str) -> PackageSpec:
         [(eg.outputs["energy"], ("b", "i"), ("b", "i"))], e_names, params=set(param_names),
     )
     functions = [energy_fn, *step_functions(layer, lambda stem: Emitter)]
+    needed, unsupported, from_context = decodable(layer)
+    if unsupported is None:
+        functions.insert(3, decode_function(layer, needed))  # after _grad_forward, _grad_backward
     kernel_set = KernelSet(decl.name)
     triton_functions = step_functions(
         layer, lambda stem: functools.partial(TritonEmitter, kernel_set=kernel_set, function=stem))
@@ -327,6 +334,7 @@ def package_spec(layer: CompiledLayer, source: str) -> PackageSpec:
         joint=decl.joint, functions=functions, precond_kinds=list(layer.precond),
         triton_module=TritonModuleSpec(decl.name, triton_functions, kernel_set.kernels,
                                        list(layer.precond), attention=attention),
+        decode_unsupported=unsupported, decode_keys_from_context=from_context,
     )
 
 
@@ -387,6 +395,115 @@ def step_functions(layer: CompiledLayer, emitter) -> list[FunctionSpec]:
             saved_in=pp.saved, emitter=emitter(f"precond_{kind}_bwd"),
         ))
     return functions
+
+
+_CAUSAL = ("causal", "strict", "window")
+
+
+def decodable(layer: CompiledLayer) -> tuple[list[int], str | None, bool]:
+    """The step-graph nodes that g = dE/dx needs, and whether the layer decodes incrementally:
+    ``None``, or the reason it cannot (a sentence). Also whether the j-side values it caches
+    depend on the context xbar alone (then, with context "input", one cache serves every step).
+
+    A layer decodes when each token's g depends on itself and earlier tokens alone: every context
+    set is causal (j <= i, j < i, a window), every reduction over j is fused (a pair or attention
+    op: no value with both token axes), every value over j is computed from the state's tokens
+    alone (not from a value over i: the key role of a joint energy), and no reduction runs over
+    every token."""
+    sg = layer.step
+    needed = sorted(sg.ancestors([sg.outputs["grad"]]))
+    inputs = {n for n in needed if sg.node(n).op == "input"}
+    token_dep: set[int] = set()
+    for n in needed:  # topological ids: inputs before their users
+        node = sg.node(n)
+        if n in inputs or any(u in token_dep for u in node.inputs):
+            token_dep.add(n)
+    if layer.decl.joint:
+        return needed, ("a joint energy: a token's update has a term from every token whose "
+                        "context holds it (the key role), later ones included"), False
+    for n in needed:
+        node = sg.node(n)
+        axes = set(node.axes)
+        mask = node.attr("mask")
+        where = f" ({node.where})" if node.where else ""
+        if mask is not None and mask[0] not in _CAUSAL:
+            return needed, (f"the context set {{{describe_mask(mask)}}}{where} holds tokens "
+                            f"after i"), False
+        if {"i", "j"} <= axes or node.op == "offset":
+            return needed, (f"a reduction over j stays materialised{where}: decode runs fused "
+                            f"context reductions"), False
+        if "j" in axes and any("i" in sg.node(u).axes and u not in inputs for u in node.inputs):
+            return needed, (f"a value over j is computed from one over i{where} (a key role, or "
+                            f"a query-side value reused as a key): decode caches values of the "
+                            f"context alone"), False
+        if n in token_dep and "i" not in axes and "j" not in axes:
+            return needed, f"a reduction over every token{where}", False
+    frontier = _decode_frontier(sg, needed)
+    x_leaf = [n for n in inputs if sg.node(n).attr("name") == "x"]
+    from_context = not (set(x_leaf) & sg.ancestors(frontier))
+    return needed, None, from_context
+
+
+def _decode_frontier(sg: Graph, needed: list[int]) -> list[int]:
+    """The j-side values (over j, not i) that a value over i reads: what decoding caches."""
+    users: dict[int, list[int]] = {}
+    for n in needed:
+        for u in sg.node(n).inputs:
+            users.setdefault(u, []).append(n)
+    return [n for n in needed if "j" in sg.node(n).axes and "i" not in sg.node(n).axes
+            and any("i" in sg.node(m).axes for m in users.get(n, []))]
+
+
+def decode_function(layer: CompiledLayer, needed: list[int]) -> FunctionSpec:
+    """``_grad_decode``: g at t new tokens after a prefix of P, the cached j-side values
+    extended by the new tokens' (``_rt.extend``). The values that do not vary over i (the j side
+    and the parameters' alone) print first, the cache joins at the frontier, then the rest with the
+    queries at positions P ...; position-dependent calls take ``offset=P``."""
+    sg = layer.step
+    D = layer.state_dim
+    state_order = ("b", "i", D)
+    param_names = [p.name for p in layer.params]
+    hyper_names = [h.name for h in layer.hypers]
+    names = _names(sg)
+    frontier = _decode_frontier(sg, needed)
+    first = [n for n in needed if "i" not in sg.node(n).axes]
+    rest = [n for n in needed if "i" in sg.node(n).axes]
+    em = Emitter(sg, {}, einsum_letters(sg.dims), position="P")
+    em.region = set(needed)
+    leaves = _leaf_map(layer, sg, [])
+    lines: list[str] = []
+    for var, (nid, order) in leaves.items():
+        if nid < 0:
+            continue
+        canon = sg.node(nid).axes
+        if tuple(order) != canon:
+            perm = ", ".join(str(order.index(a)) for a in canon)
+            lines.append(f"{var}_ = {var}.permute({perm})  # ({', '.join(canon)})")
+            em.names[nid] = f"{var}_"
+        else:
+            em.names[nid] = var
+    em.pending.update(names)
+    for n in first:
+        if n not in em.names:
+            em.emit(n, names.get(n, ""))
+    for n in frontier:
+        node = sg.node(n)
+        key = names.get(n) or sg.node(node.inputs[0]).attr("name")  # a relabelled argument
+        code = em.names[n]
+        var = f"{key}_all"
+        em.lines.append(f"{var} = _rt.extend(cache, {key!r}, {code}, {node.axes.index('j')}, P)"
+                        f"  # ({', '.join(node.axes)}) over the P + T tokens")
+        em.names[n] = var
+    for n in rest:
+        if n not in em.names:
+            em.emit(n, names.get(n, ""))
+    body = _size_lines(leaves, set(param_names)) + em.mask_lines + lines + em.lines
+    out = full_output(em, sg.outputs["grad"], state_order, state_order)
+    return FunctionSpec(
+        "_grad_decode",
+        ["kernels", "cache", "P", "x", "xbar", *param_names, *hyper_names],
+        "g = dE/dx (B, T, D) at T new tokens after P cached ones (``cache``, extended here).",
+        body, out)
 
 
 def _module_doc(layer: CompiledLayer) -> str:

@@ -20,11 +20,11 @@ if ROOT not in sys.path:
 
 
 def example_files() -> list[str]:
-    return sorted(
-        os.path.join("examples", f)
-        for f in os.listdir(EXAMPLES)
-        if f.endswith(".py") and not f.startswith(("demo", "train", "compare", "_"))
-    )
+    """The energy files of examples/, as `energyc compile examples/` finds them (the .py files
+    that import energyc.dsl; not the scripts that train, compare or generate)."""
+    from energyc.cli import energy_files
+
+    return sorted(os.path.relpath(f, ROOT) for f in energy_files([EXAMPLES]))
 
 
 @pytest.fixture(autouse=True)

@@ -52,6 +52,12 @@ class Emitter:
     # gradients folded into another's backward call (_merge_backwards): 0 in their one consumer
     zeros: set[int] = field(default_factory=set)
     merge_backwards: bool = True  # an emitter whose element-wise nodes are kernels sets False
+    # decoding: the variable holding the position of the first token (the queries' offset); ops
+    # that depend on token positions pass it on as ``offset=`` (rotary, the context reductions)
+    position: str = ""
+
+    def offset_arg(self) -> str:
+        return f", offset={self.position}" if self.position else ""
 
     def size(self, axis: str) -> str:
         return SIZE_NAMES.get(axis, axis)
@@ -191,7 +197,7 @@ def _emit_rotary(em: Emitter, nid: int, node: Node) -> str:
     inverse = node.attr("inverse")
     return (f"_rt.rotary({em.names[node.inputs[0]]}, token_dim={axes.index(token)}, "
             f"feature_dim={axes.index(node.attr('feature'))}, base={node.attr('base')!r}, "
-            f"inverse={inverse})")
+            f"inverse={inverse}{em.offset_arg()})")
 
 
 # -- fused context reductions: every attention-family node is one call into ``kernels`` ----------
@@ -319,7 +325,7 @@ def _emit_attention(em: Emitter, nid: int, node: Node) -> None:
         v = _bind(em, f"torch.cat([{', '.join(code for code, _ in values)}], dim=-1)", f"{var}_v")
         out = f"{var}_o"
     em.lines.append(f"{out}, {em.pending.get(lse[0], '_') if lse else '_'} = "
-                    f"kernels.attention_forward({q}, {k}, {v}, {extra})")
+                    f"kernels.attention_forward({q}, {k}, {v}, {extra}{em.offset_arg()})")
     start = ""
     for n, name, (_, feature) in zip(group, names, values):
         if len(group) > 1:  # this value's features of the shared output
@@ -338,8 +344,8 @@ def _emit_attention(em: Emitter, nid: int, node: Node) -> None:
 def _emit_attention_lse(em: Emitter, nid: int, node: Node) -> None:
     var = em.pending[nid]
     q, k, extra = _scores_args(em, node, var)
-    em.lines.append(f"_, {var} = kernels.attention_forward({q}, {k}, {k}, {extra})"
-                    f"  # the normaliser only")
+    em.lines.append(f"_, {var} = kernels.attention_forward({q}, {k}, {k}, {extra}"
+                    f"{em.offset_arg()})  # the normaliser only")
     _relayout(em, var, _from_layout(var, "i", node.attr("heads"), None, node.axes))
     em.names[nid] = var
     return None

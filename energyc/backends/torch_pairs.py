@@ -78,7 +78,7 @@ def _call_tail(em, form: PairForm, bodies) -> str:
     offset = any(DIST in b.free_symbols for b in bodies)
     kind, w = form.mask[0], (form.mask[1] if form.mask[0] == "window" else 0)
     return (f"({kind!r}, {w}), T=T, shape={_shape(em, form)}, uses_offset={offset}, "
-            f"dtype=x.dtype, device=x.device")
+            f"dtype=x.dtype, device=x.device{em.offset_arg()}")
 
 
 def emit_pair_lse(em, nid: int, node: Node) -> None:
@@ -227,7 +227,7 @@ def emit_running_sum(em, nid: int, node: Node) -> str:
     kind, w = node.attr("mask")[0], (node.attr("mask")[1] if node.attr("mask")[0] == "window"
                                      else 0)
     return (f"_rt.running_sum({em.names[v]}, dim={dim}, mask=({kind!r}, {w}), "
-            f"keys_major={token == 'j'})")
+            f"keys_major={token == 'j'}{em.offset_arg()})")
 
 
 PAIR_EMITTERS = {"pair_lse": emit_pair_lse, "pair_sum": emit_pair_sum,

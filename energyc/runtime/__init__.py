@@ -137,14 +137,21 @@ def _rotary_table(
 
 
 def rotary(
-    t: torch.Tensor, token_dim: int, feature_dim: int, base: float, inverse: bool
+    t: torch.Tensor, token_dim: int, feature_dim: int, base: float, inverse: bool,
+    offset: int = 0,
 ) -> torch.Tensor:
     """Rotate feature pairs (2m, 2m+1) of ``t`` by angle p * base^(-2m/F) at token position p
-    (by the opposite angle when ``inverse``)."""
+    (by the opposite angle when ``inverse``); the tokens of ``t`` are at positions offset,
+    offset + 1, ... (decoding after a cached prefix)."""
     T, F = t.shape[token_dim], t.shape[feature_dim]
     if F % 2:
         raise ValueError(f"rotary position embedding needs an even feature size, got {F}")
-    cos, sin = _rotary_table(T, F, base, t.dtype, t.device)
+    if offset:  # a table of a power-of-two length serves every offset below it: few tables
+        n = 1 << (offset + T - 1).bit_length()
+        cos, sin = _rotary_table(n, F, base, t.dtype, t.device)
+        cos, sin = cos[offset:offset + T], sin[offset:offset + T]
+    else:
+        cos, sin = _rotary_table(T, F, base, t.dtype, t.device)
     if inverse:
         sin = -sin
     u = t.movedim((token_dim, feature_dim), (-2, -1)).unflatten(-1, (F // 2, 2))
@@ -291,6 +298,7 @@ def attention_forward(
     scale: float | torch.Tensor,
     kind: tuple,
     slopes: torch.Tensor | None = None,
+    offset: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Softmax attention over the context set ``kind`` (a mask tuple such as ("causal",)).
 
@@ -302,6 +310,9 @@ def attention_forward(
         scale: a scalar (a float, or a 0-d tensor: no device sync).
         kind: the context set, e.g. ("causal",) or ("window", 64).
         slopes: None or (H,): the bias term's slopes.
+        offset: the queries are the tokens offset .. offset + T - 1 of a sequence whose keys
+            k, v (B, offset + T, H, .) are its first offset + T tokens (decoding after a cached
+            prefix): the context set and i - j at those positions.
 
     Returns:
         o (B, T, H, G) in q's dtype, and lse (B, T, H) in float32 (float64 for float64 inputs;
@@ -315,6 +326,8 @@ def attention_forward(
         o = q.new_zeros((*q.shape[:-1], v.shape[-1]))
         return o, q.new_zeros(q.shape[:-1], dtype=_accumulator(q))
     qh, kh, vh = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    if offset:  # queries after a prefix: the chunked path, at their positions
+        return _attention_chunks(qh, kh, vh, scale, kind, slopes, offset, q.dtype)
     if _flash_cpu_serves(q, v, kind, slopes, scale=scale):
         o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
             qh, kh, vh, 0.0, kind[0] == "causal", scale=float(scale)
@@ -322,17 +335,24 @@ def attention_forward(
     elif flash_cpu.serves(q, v, scale, slopes):  # other context sets, a bias: masked blocks
         return flash_cpu.forward(q, k, v, scale, kind, slopes)
     else:  # the scale stays a tensor (no device sync)
-        acc = _accumulator(q)
-        qh, kh, vh = qh.to(acc), kh.to(acc), vh.to(acc)
-        outs, lses = [], []
-        for r0, r1, c0, c1 in query_blocks(kind, q.shape[1], QUERY_CHUNK):
-            scores, _ = _masked_scores(qh[..., r0:r1, :], kh[..., c0:c1, :], scale, kind, slopes,
-                                       r0, c0=c0)
-            o_block, lse_block = _softmax_apply(scores, vh[..., c0:c1, :])
-            outs.append(o_block)
-            lses.append(lse_block)
-        o, lse = torch.cat(outs, dim=-2), torch.cat(lses, dim=-1)
+        return _attention_chunks(qh, kh, vh, scale, kind, slopes, 0, q.dtype)
     return o.transpose(1, 2).to(q.dtype), lse.transpose(1, 2).to(_accumulator(q))
+
+
+def _attention_chunks(qh, kh, vh, scale, kind, slopes, offset: int, dtype: torch.dtype):
+    """``attention_forward`` QUERY_CHUNK queries at a time on (B, H, T, F) operands, each chunk
+    against the keys its context set reaches, the queries at positions offset + r."""
+    acc = _accumulator(qh)
+    qh, kh, vh = qh.to(acc), kh.to(acc), vh.to(acc)
+    outs, lses = [], []
+    for r0, r1, c0, c1 in query_blocks(kind, qh.shape[-2], QUERY_CHUNK, offset):
+        scores, _ = _masked_scores(qh[..., r0:r1, :], kh[..., c0:c1, :], scale, kind, slopes,
+                                   offset + r0, c0=c0)
+        o_block, lse_block = _softmax_apply(scores, vh[..., c0:c1, :])
+        outs.append(o_block)
+        lses.append(lse_block)
+    o, lse = torch.cat(outs, dim=-2), torch.cat(lses, dim=-1)
+    return o.transpose(1, 2).to(dtype), lse.transpose(1, 2).to(acc)
 
 
 def attention_backward(
@@ -716,5 +736,102 @@ def energy_inputs(
 
 
 # -- block-sparse pair reductions (last: pairs.py may use the helpers above) ---------------------
+
+# -- decoding -------------------------------------------------------------------------------------
+#
+# A causal layer's output at token i depends on tokens <= i alone, and the context enters each
+# step only through per-token values on the j side of its reductions (keys such as W_k xbar_j).
+# ``Layer.decode`` maps the states of t new tokens that follow a prefix of P tokens to their
+# outputs with a cache of those values: each step's ``_grad_decode`` computes the new tokens'
+# values, joins them to the cached ones (``extend``) and runs the reductions with the new tokens as
+# queries at positions P .. P + t - 1 (the ``offset`` of the pair kernels, attention and rotary).
+
+
+class DecodeCache:
+    """What ``Layer.decode`` keeps between calls: the number of tokens seen (``position``) and,
+    per descent step, the j-side values over those tokens by name (``steps``; with context
+    "input" and values of the context alone, one dictionary serves every step). Opaque to users:
+    pass back what ``decode`` returned; ``None`` starts a sequence."""
+
+    def __init__(self, package: str, batch: int, steps: list[dict[str, torch.Tensor]],
+                 position: int = 0) -> None:
+        self.package, self.batch, self.steps, self.position = package, batch, steps, position
+
+    def __repr__(self) -> str:
+        names = sorted({name for step in self.steps for name in step})
+        return (f"DecodeCache({self.package}, batch={self.batch}, position={self.position}, "
+                f"steps={len(self.steps)}, values={names})")
+
+
+def extend(cache: dict[str, torch.Tensor], name: str, new: torch.Tensor, dim: int,
+           position: int) -> torch.Tensor:
+    """The j-side value ``name`` over every token so far: the cached ``position`` tokens' and the
+    new tokens' (``new``), joined along the token axis ``dim`` and kept in ``cache``. A step that
+    shares its cache with an earlier one of the same call (context "input") finds it extended
+    already (position + t tokens) and takes it as it is."""
+    old = cache.get(name)
+    t = new.shape[dim]
+    if old is None and position == 0:
+        cache[name] = new
+    elif old is not None and old.shape[dim] == position + t:
+        return old
+    elif old is not None and old.shape[dim] == position:
+        cache[name] = torch.cat([old, new], dim=dim)
+    else:
+        have = "none" if old is None else old.shape[dim]
+        raise RuntimeError(f"decode cache: {name} holds {have} tokens, expected {position}")
+    return cache[name]
+
+
+def decode_layer(package: str, config: Any, x: Any, cache: DecodeCache | None, dim: int,
+                 params: Sequence[torch.Tensor],
+                 hypers: Callable[[torch.Tensor], tuple[torch.Tensor, ...]],
+                 precond: Sequence[torch.Tensor | None], grad_decode: Callable | None,
+                 precond_forward: dict[str, Callable], unsupported: str | None,
+                 keys_from_context: bool) -> tuple[torch.Tensor, DecodeCache]:
+    """A generated layer's ``decode``: the outputs of the ``steps`` descent steps at the t new
+    tokens of ``x`` (batch, t, dim) that follow the ``cache.position`` tokens of ``cache``, and
+    the cache extended by them. Without autograd (inference). Under torch.autocast, as
+    ``apply_layer``: x in the parameters' dtype, steps inside the region, output in the autocast
+    dtype.
+
+    Raises:
+        ValueError: the layer cannot decode (``unsupported`` says why), or the cache is not one
+            of this layer's for this batch.
+    """
+    if unsupported is not None:
+        raise ValueError(f"{package}: decode needs every token's update to depend on earlier "
+                         f"tokens alone: {unsupported}")
+    compute = autocast_dtype(x, params) if isinstance(x, torch.Tensor) else None
+    check_input("x", x, dim, params, compute=compute)
+    eta, steps, precond_kind, context, _ = config
+    if cache is None:
+        shared = context == "input" and keys_from_context
+        first: dict[str, torch.Tensor] = {}
+        cache = DecodeCache(package, x.shape[0],
+                            [first] * steps if shared else [{} for _ in range(steps)])
+    elif not isinstance(cache, DecodeCache) or cache.package != package:
+        raise ValueError(f"argument cache: expected None or a DecodeCache from {package}.decode, "
+                         f"got {cache!r}")
+    elif cache.batch != x.shape[0]:
+        raise ValueError(f"argument x: batch {x.shape[0]} does not match the cache's "
+                         f"({cache.batch})")
+    # a new cache: the dictionaries copied (shared ones stay shared), the tensors joined anew
+    copies = {id(d): dict(d) for d in cache.steps}
+    new = DecodeCache(package, cache.batch, [copies[id(d)] for d in cache.steps], cache.position)
+    if compute is not None:
+        x = x.to(params[0].dtype) if params else x
+    forward = precond_forward[precond_kind]
+    with torch.no_grad():
+        x0 = x
+        for step in new.steps:
+            xbar = x if context == "current" else x0
+            g = grad_decode(sys.modules[__name__], step, new.position, x, xbar, *params,
+                            *hypers(x))
+            u, _ = forward(g, *precond)
+            x = torch.add(x, u, alpha=-eta)
+    new.position += x.shape[1]
+    return (x if compute is None else x.to(compute)), new
+
 
 from energyc.runtime.pairs import *  # noqa: E402,F401,F403

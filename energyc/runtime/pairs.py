@@ -82,32 +82,40 @@ def key_range(kind: str, w: int, i0: int, i1: int, T: int) -> tuple[int, int]:
             "all": (0, T), "not_self": (0, T)}[kind]
 
 
-def query_blocks(kind: tuple, T: int, block: int) -> list[tuple[int, int, int, int]]:
+def query_blocks(kind: tuple, T: int, block: int,
+                 offset: int = 0) -> list[tuple[int, int, int, int]]:
     """(r0, r1, c0, c1): each block of at most ``block`` queries with the keys [c0, c1) its
     context set reaches (causal: up to the block's last query; a window: its w keys before; all:
-    every key), one (masked) key at least."""
+    every key), one (masked) key at least. With ``offset`` the T queries are the tokens
+    offset .. offset + T - 1 of a sequence whose keys are its first offset + T tokens (decoding
+    after a cached prefix): r0, r1 count queries from 0, c0, c1 are key positions."""
     w = kind[1] if kind[0] == "window" else 0
+    keys = offset + T
     blocks = []
     for r0 in range(0, max(T, 1), block):
         r1 = min(r0 + block, T)
-        c0, c1 = key_range(kind[0], w, r0, r1, T)
-        blocks.append((r0, r1, c0, max(c1, min(c0 + 1, T))))
+        c0, c1 = key_range(kind[0], w, offset + r0, offset + r1, keys)
+        blocks.append((r0, r1, c0, max(c1, min(c0 + 1, keys))))
     return blocks
 
 
 def pair_tiles(T: int, kind: str, w: int, block_q: int | None = None,
-               block_k: int | None = None) -> Iterator[tuple[int, int, int, int, bool]]:
+               block_k: int | None = None,
+               offset: int = 0) -> Iterator[tuple[int, int, int, int, bool]]:
     """``(i0, i1, j0, j1, partial)`` for every tile of queries [i0, i1) x keys [j0, j1) that
     the context set reaches; ``partial`` when some of its pairs are outside the set. Tiles are
-    ``block_q`` x ``block_k`` (default BLOCK_Q x BLOCK_K)."""
+    ``block_q`` x ``block_k`` (default BLOCK_Q x BLOCK_K). With ``offset`` the queries are the
+    tokens offset .. offset + T - 1 (``query_blocks``): i0, i1 count from 0, the set is tested
+    at position offset + i."""
     block_q = block_q or BLOCK_Q
     block_k = block_k or BLOCK_K
     for i0 in range(0, T, block_q):
         i1 = min(i0 + block_q, T)
-        lo, hi = key_range(kind, w, i0, i1, T)
+        a0, a1 = offset + i0, offset + i1
+        lo, hi = key_range(kind, w, a0, a1, offset + T)
         for j0 in range(lo, hi, block_k):
             j1 = min(j0 + block_k, hi)
-            yield i0, i1, j0, j1, partial_tile(kind, w, i0, i1, j0, j1)
+            yield i0, i1, j0, j1, partial_tile(kind, w, a0, a1, j0, j1)
 
 
 def partial_tile(kind: str, w: int, i0: int, i1: int, j0: int, j1: int) -> bool:
@@ -130,44 +138,51 @@ def _prepare(q, k, extras, dtype):
     return q, kt, extras
 
 
-def _tile_args(q, kt, extras, i0, i1, j0, j1, uses_offset, dtype, device):
+def _tile_args(q, kt, extras, i0, i1, j0, j1, uses_offset, dtype, device, offset=0):
     u = [a[..., i0:i1, :] @ b[..., :, j0:j1] for a, b in zip(q, kt)]
     e = [x[..., i0:i1, :] if x.dim() >= 2 and x.shape[-2] > 1 else x for x in extras]
     e = [x[..., :, j0:j1] if x.dim() >= 1 and x.shape[-1] > 1 else x for x in e]
     d = None
     if uses_offset:
-        d = (torch.arange(i0, i1, device=device, dtype=dtype)[:, None]
+        d = (torch.arange(offset + i0, offset + i1, device=device, dtype=dtype)[:, None]
              - torch.arange(j0, j1, device=device, dtype=dtype)[None, :])
     return u, d, e
 
 
-def _context_tile(kind, w, i0, i1, j0, j1, device):
-    d = (torch.arange(i0, i1, device=device)[:, None] - torch.arange(j0, j1, device=device)[None, :])
+def _context_tile(kind, w, i0, i1, j0, j1, device, offset=0):
+    d = (torch.arange(offset + i0, offset + i1, device=device)[:, None]
+         - torch.arange(j0, j1, device=device)[None, :])
     return _in_context(kind, w, d)
 
 
 def pair_lse(q: Sequence[torch.Tensor], k: Sequence[torch.Tensor],
              extras: Sequence[torch.Tensor], phi: Callable, mask: tuple, *, T: int,
              shape: Sequence[int], uses_offset: bool, dtype: torch.dtype,
-             device: torch.device) -> torch.Tensor:
+             device: torch.device, offset: int = 0) -> torch.Tensor:
     """``R_i = log sum_{j in C(i)} exp(phi_ij)``, shape ``(*shape, T)``; 0 for an empty set.
 
     The online log-sum-exp of ``pair_softmax_sums`` (a running max and a rescaled sum over each
     query block's key tiles), with no sums."""
     return pair_softmax_sums(q, k, extras, lambda u, d, e: (phi(u, d, e),), [], mask, T=T,
-                             shape=shape, uses_offset=uses_offset, dtype=dtype, device=device)[0]
+                             shape=shape, uses_offset=uses_offset, dtype=dtype, device=device,
+                             offset=offset)[0]
 
 
 def pair_sums(q: Sequence[torch.Tensor], k: Sequence[torch.Tensor],
               extras: Sequence[torch.Tensor], weights: Callable,
               outputs: Sequence[tuple[str, torch.Tensor | None]], mask: tuple, *, T: int,
               shape: Sequence[int], uses_offset: bool, dtype: torch.dtype,
-              device: torch.device) -> list[torch.Tensor]:
+              device: torch.device, offset: int = 0) -> list[torch.Tensor]:
     """Several sums over the same pairs in one pass over the tiles.
 
     ``weights(u, d, e)`` returns weight tiles ``A_ij``; output ``(token, v, n)`` is, with the
     n-th of them, ``sum_{j in C(i)} A_ij v_j`` (``token="i"``, v of shape ``(.., T, G)`` indexed
-    by j), ``sum_{i : j in C(i)} A_ij v_i`` (``token="j"``), or without v the sums of A alone."""
+    by j), ``sum_{i : j in C(i)} A_ij v_i`` (``token="j"``), or without v the sums of A alone.
+    With ``offset`` the T queries follow a prefix of ``offset`` tokens (``pair_tiles``); the keys,
+    k and v indexed by j, are the offset + T tokens, and the sums are the queries' (token "i")."""
+    if offset and any(token == "j" for token, _, _ in outputs):
+        raise ValueError("pair_sums: a sum over queries (token 'j') needs every query, not a "
+                         "query offset")
     kind, w = mask
     cdt = _compute_dtype(dtype)
     q, kt, extras = _prepare(q, k, extras, cdt)
@@ -176,9 +191,9 @@ def pair_sums(q: Sequence[torch.Tensor], k: Sequence[torch.Tensor],
     for _, v in zip(outputs, values):
         tail = () if v is None else (v.shape[-1],)
         results.append(torch.zeros((*shape, T, *tail), dtype=cdt, device=device))
-    for i0, i1, j0, j1, partial in pair_tiles(T, kind, w):
-        u, d, e = _tile_args(q, kt, extras, i0, i1, j0, j1, uses_offset, cdt, device)
-        inside = _context_tile(kind, w, i0, i1, j0, j1, device) if partial else None
+    for i0, i1, j0, j1, partial in pair_tiles(T, kind, w, offset=offset):
+        u, d, e = _tile_args(q, kt, extras, i0, i1, j0, j1, uses_offset, cdt, device, offset)
+        inside = _context_tile(kind, w, i0, i1, j0, j1, device, offset) if partial else None
         tiles = []
         for a in weights(u, d, e):
             a = torch.broadcast_to(torch.as_tensor(a, dtype=cdt, device=device),
@@ -201,7 +216,7 @@ def pair_softmax_sums(q: Sequence[torch.Tensor], k: Sequence[torch.Tensor],
                       extras: Sequence[torch.Tensor], phi_g: Callable,
                       outputs: Sequence[tuple[str, torch.Tensor | None, int]], mask: tuple, *,
                       T: int, shape: Sequence[int], uses_offset: bool, dtype: torch.dtype,
-                      device: torch.device) -> list[torch.Tensor]:
+                      device: torch.device, offset: int = 0) -> list[torch.Tensor]:
     """``R_i = log sum_{j in C(i)} exp(phi_ij)`` and, in the same pass over the tiles, sums with
     the softmax weights ``A_ij = g_ij exp(phi_ij - R_i)``: ``[R, *sums]``.
 
@@ -210,7 +225,8 @@ def pair_softmax_sums(q: Sequence[torch.Tensor], k: Sequence[torch.Tensor],
     A. As in FlashAttention, each query block keeps a running max ``m_i``, the sum ``s_i`` of
     ``exp(phi_ij - m_i)`` and accumulators of ``g_ij exp(phi_ij - m_i) v_j``, all rescaled by
     ``exp(m_old - m_new)`` when the max grows; at the end ``R_i = m_i + log s_i`` and each sum
-    is its accumulator over ``s_i``. An empty set gives R = 0 and sums 0."""
+    is its accumulator over ``s_i``. An empty set gives R = 0 and sums 0. ``offset``: the T
+    queries follow a prefix of that many tokens (``pair_tiles``)."""
     kind, w = mask
     cdt = _compute_dtype(dtype)
     q, kt, extras = _prepare(q, k, extras, cdt)
@@ -221,12 +237,12 @@ def pair_softmax_sums(q: Sequence[torch.Tensor], k: Sequence[torch.Tensor],
         tail = () if v is None else (v.shape[-1],)
         results.append(torch.zeros((*shape, T, *tail), dtype=cdt, device=device))
     state: dict[int, list] = {}
-    for i0, i1, j0, j1, partial in pair_tiles(T, kind, w):
-        u, d, e = _tile_args(q, kt, extras, i0, i1, j0, j1, uses_offset, cdt, device)
+    for i0, i1, j0, j1, partial in pair_tiles(T, kind, w, offset=offset):
+        u, d, e = _tile_args(q, kt, extras, i0, i1, j0, j1, uses_offset, cdt, device, offset)
         full = (*shape, i1 - i0, j1 - j0)
         phi, *factors = phi_g(u, d, e)
         x = torch.broadcast_to(torch.as_tensor(phi, dtype=cdt, device=device), full)
-        inside = _context_tile(kind, w, i0, i1, j0, j1, device) if partial else None
+        inside = _context_tile(kind, w, i0, i1, j0, j1, device, offset) if partial else None
         if inside is not None:
             x = torch.where(inside, x, -math.inf)
         m_tile = x.amax(-1)
@@ -265,9 +281,17 @@ def pair_softmax_sums(q: Sequence[torch.Tensor], k: Sequence[torch.Tensor],
     return [R.to(dtype), *(r.to(dtype) for r in results)]
 
 
-def running_sum(v: torch.Tensor, dim: int, mask: tuple, keys_major: bool) -> torch.Tensor:
+def running_sum(v: torch.Tensor, dim: int, mask: tuple, keys_major: bool,
+                offset: int = 0) -> torch.Tensor:
     """``o_i = sum_{j in C(i)} v_j`` along ``dim`` (the token axis), or with ``keys_major`` the
-    transposed ``o_j = sum_{i : j in C(i)} v_i``: prefix sums, O(tokens)."""
+    transposed ``o_j = sum_{i : j in C(i)} v_i``: prefix sums, O(tokens). With ``offset`` the
+    queries are the tokens from ``offset`` on of the sequence ``v`` holds (decoding after a
+    cached prefix): the sums of those, O(tokens) still."""
+    if offset:
+        if keys_major:
+            raise ValueError("running_sum: a sum over queries needs every query, not an offset")
+        out = running_sum(v, dim, mask, keys_major)
+        return out.narrow(dim, offset, v.shape[dim] - offset)
     kind, w = mask
     if kind in ("all", "not_self"):
         total = v.sum(dim, keepdim=True).expand_as(v)
