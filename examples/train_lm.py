@@ -292,14 +292,15 @@ def validation_batches(
 # -- models ----------------------------------------------------------------------------------------
 
 
-def rotary(t: torch.Tensor, base: float = 10000.0) -> torch.Tensor:
+def rotary(t: torch.Tensor, base: float = 10000.0, offset: int = 0) -> torch.Tensor:
     """Rotary position embedding of t (..., T, K), interleaved pairs (2m, 2m+1).
 
     out[2m] = t[2m] cos(p w_m) - t[2m+1] sin(p w_m), out[2m+1] = t[2m] sin + t[2m+1] cos, with
-    p the token position and w_m = base^(-2m/K).
+    p = offset + the token's index in t (its absolute position when t follows ``offset`` earlier
+    tokens) and w_m = base^(-2m/K).
     """
     T, K = t.shape[-2], t.shape[-1]
-    pos = torch.arange(T, device=t.device, dtype=torch.float32)
+    pos = torch.arange(offset, offset + T, device=t.device, dtype=torch.float32)
     freq = base ** (-torch.arange(0, K, 2, device=t.device, dtype=torch.float32) / K)
     angle = pos[:, None] * freq[None, :]  # (T, K/2)
     cos, sin = angle.cos().to(t.dtype), angle.sin().to(t.dtype)
@@ -313,12 +314,43 @@ def alibi_slopes(heads: int) -> torch.Tensor:
     return torch.tensor([2.0 ** (-8.0 * h / heads) for h in range(1, heads + 1)])
 
 
-def alibi_bias(heads: int, T: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """(H, T, T) additive mask: -slope_h (i - j) for j <= i, -inf for j > i."""
-    i = torch.arange(T, device=device)
-    dist_ij = (i[:, None] - i[None, :]).to(dtype)
+def alibi_bias(
+    heads: int, T: int, device: torch.device, dtype: torch.dtype, start: int = 0
+) -> torch.Tensor:
+    """(H, T - start, T) additive mask of queries i = start..T-1 over keys j = 0..T-1:
+    -slope_h (i - j) for j <= i, -inf for j > i (start = 0: the full (H, T, T) mask)."""
+    i, j = torch.arange(start, T, device=device), torch.arange(T, device=device)
+    dist_ij = (i[:, None] - j[None, :]).to(dtype)
     bias = -alibi_slopes(heads).to(device=device, dtype=dtype)[:, None, None] * dist_ij
     return bias.masked_fill(dist_ij < 0, -math.inf)
+
+
+def causal_mask(T: int, device: torch.device, start: int = 0) -> torch.Tensor:
+    """(T - start, T) boolean mask of queries i = start..T-1 over keys j = 0..T-1: j <= i."""
+    i, j = torch.arange(start, T, device=device), torch.arange(T, device=device)
+    return j[None, :] <= i[:, None]
+
+
+@dataclasses.dataclass
+class KVCache:
+    """Keys (rotated, under rope) and values of the P tokens an Attention has decoded so far,
+    each (B, H, P, K)."""
+
+    k: torch.Tensor
+    v: torch.Tensor
+
+    @property
+    def length(self) -> int:
+        """P, the number of cached tokens."""
+        return self.k.shape[-2]
+
+
+@dataclasses.dataclass
+class DecodeCache:
+    """LanguageModel.decode's state after P tokens: each block's cache and P."""
+
+    blocks: list[Any]
+    length: int
 
 
 class Attention(nn.Module):
@@ -332,19 +364,47 @@ class Attention(nn.Module):
         self.v = nn.Linear(dim, dim, bias=False)
         self.o = nn.Linear(dim, dim, bias=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        B, T, D = x.shape
+    def _qkv(self, x: torch.Tensor, offset: int) -> tuple[torch.Tensor, ...]:
+        """q, k, v (B, H, T, K) of x (B, T, D) at absolute positions offset..offset+T-1."""
+        B, T, _ = x.shape
         q, k, v = (
             p(x).view(B, T, self.heads, -1).transpose(1, 2) for p in (self.q, self.k, self.v)
         )
         if self.position == "rope":
-            q, k = rotary(q), rotary(k)
+            q, k = rotary(q, offset=offset), rotary(k, offset=offset)
+        return q, k, v
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, D = x.shape
+        q, k, v = self._qkv(x, 0)
         if self.position == "alibi":
             mask = alibi_bias(self.heads, T, x.device, x.dtype)
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         else:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         return self.o(out.transpose(1, 2).reshape(B, T, D))
+
+    def decode(
+        self, x_new: torch.Tensor, cache: KVCache | None = None
+    ) -> tuple[torch.Tensor, KVCache]:
+        """Attention of t >= 1 new tokens x_new (B, t, D) that follow the P tokens in ``cache``
+        (None: P = 0): the rows P..P+t-1 of ``forward`` on the whole sequence.
+
+        Query i (absolute position P..P+t-1) attends to the keys j <= i of all P + t tokens; rope
+        rotates the new q and k by their absolute positions, alibi adds -slope_h (i - j).
+        Returns (out (B, t, D), the cache with the new keys and values appended).
+        """
+        B, t, D = x_new.shape
+        P = 0 if cache is None else cache.length
+        q, k, v = self._qkv(x_new, P)
+        if cache is not None:
+            k, v = torch.cat((cache.k, k), dim=2), torch.cat((cache.v, v), dim=2)
+        if self.position == "alibi":
+            mask = alibi_bias(self.heads, P + t, x_new.device, x_new.dtype, start=P)
+        else:
+            mask = causal_mask(P + t, x_new.device, start=P)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.o(out.transpose(1, 2).reshape(B, t, D)), KVCache(k, v)
 
 
 class SwiGLU(nn.Module):
@@ -379,6 +439,15 @@ class BaselineBlock(nn.Module):
         x = x + self.attention(self.attention_norm(x))
         return x + self.mlp(self.mlp_norm(x))
 
+    def decode(
+        self, x_new: torch.Tensor, cache: KVCache | None = None
+    ) -> tuple[torch.Tensor, KVCache]:
+        """``forward`` on t new tokens (B, t, D) after the cached ones: (the new rows, the cache).
+        Only the attention looks back; norms and MLP act per token."""
+        a, cache = self.attention.decode(self.attention_norm(x_new), cache)
+        x = x_new + a
+        return x + self.mlp(self.mlp_norm(x)), cache
+
 
 class CemBlock(nn.Module):
     """RMSNorm -> CEM attention step -> RMSNorm -> CEM MLP step, each a residual update."""
@@ -397,6 +466,35 @@ class CemBlock(nn.Module):
         h = self.mlp_norm(x)
         return x + (self.mlp(h) - h)
 
+    def decode(
+        self, x_new: torch.Tensor, cache: tuple[Any, Any] | None = None
+    ) -> tuple[torch.Tensor, tuple[Any, Any]]:
+        """``forward`` on t new tokens (B, t, D) after the cached ones: (the new rows, the cache).
+
+        Each generated layer's ``decode(h_new, cache) -> (y_new, cache)`` returns the rows of
+        ``layer(h)`` for the new tokens; the cache is the pair of the layers' opaque caches.
+
+        Raises:
+            NotImplementedError: a layer has no ``decode`` (generated without incremental
+                decoding).
+        """
+        for layer in (self.attention, self.mlp):
+            if not hasattr(layer, "decode"):
+                kind = type(layer)
+                raise NotImplementedError(
+                    f"{kind.__module__}.{kind.__qualname__} has no decode() (generated without "
+                    f"incremental decoding; regenerate with `python -m energyc compile "
+                    f"examples/`), so this CEM model cannot decode incrementally; run the full "
+                    f"forward model(tokens) instead"
+                )
+        attention_cache, mlp_cache = (None, None) if cache is None else cache
+        h = self.attention_norm(x_new)
+        y, attention_cache = self.attention.decode(h, attention_cache)
+        x = x_new + (y - h)
+        h = self.mlp_norm(x)
+        y, mlp_cache = self.mlp.decode(h, mlp_cache)
+        return x + (y - h), (attention_cache, mlp_cache)
+
 
 class LanguageModel(nn.Module):
     """Byte embedding (scaled by sqrt(dim)), blocks, final RMSNorm, tied output projection."""
@@ -410,11 +508,38 @@ class LanguageModel(nn.Module):
         self.norm = nn.RMSNorm(dim)
         self.input_scale = math.sqrt(dim)  # the residual stream starts at unit RMS
 
+    def _embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.embed(tokens) * self.input_scale
+
+    def _logits(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(x) @ self.embed.weight.T  # tied embeddings
+
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        x = self.embed(tokens) * self.input_scale
+        x = self._embed(tokens)
         for block in self.blocks:
             x = block(x)
-        return self.norm(x) @ self.embed.weight.T  # tied embeddings
+        return self._logits(x)
+
+    def decode(
+        self, tokens_new: torch.Tensor, cache: DecodeCache | None = None
+    ) -> tuple[torch.Tensor, DecodeCache]:
+        """Incremental ``forward``: the logits (B, t, VOCAB) of t >= 1 new tokens (B, t) that follow
+        the P tokens in ``cache`` (None: a new sequence), and the cache after P + t tokens.
+
+        Decoding a sequence in pieces gives ``forward``'s logits on the whole of it (to rounding):
+        the same embedding, blocks and tied output, each block looking back through its cache.
+
+        Raises:
+            NotImplementedError: a block's layers cannot decode (see CemBlock.decode).
+        """
+        previous = [None] * len(self.blocks) if cache is None else cache.blocks
+        x = self._embed(tokens_new)
+        caches = []
+        for block, block_cache in zip(self.blocks, previous):
+            x, block_cache = block.decode(x, block_cache)
+            caches.append(block_cache)
+        P = 0 if cache is None else cache.length
+        return self._logits(x), DecodeCache(caches, P + tokens_new.shape[1])
 
 
 def attention_layer_name(position: str, interaction: str) -> str:
