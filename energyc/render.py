@@ -456,8 +456,9 @@ def _decode_frontier(sg: Graph, needed: list[int]) -> list[int]:
 
 def decode_function(layer: CompiledLayer, needed: list[int]) -> FunctionSpec:
     """``_grad_decode``: g at t new tokens after a prefix of P, the cached j-side values
-    extended by the new tokens' (``_rt.extend``). The values that do not vary over i (the j side
-    and the parameters' alone) print first, the cache joins at the frontier, then the rest with the
+    extended by the new tokens' (``_rt.extend``; a value that windows alone read keeps the
+    window's last tokens only). The values that do not vary over i (the j side and the
+    parameters' alone) print first, the cache joins at the frontier, then the rest with the
     queries at positions P ...; position-dependent calls take ``offset=P``."""
     sg = layer.step
     D = layer.state_dim
@@ -486,13 +487,25 @@ def decode_function(layer: CompiledLayer, needed: list[int]) -> FunctionSpec:
     for n in first:
         if n not in em.names:
             em.emit(n, names.get(n, ""))
+    users: dict[int, list[int]] = {}
+    for m in rest:
+        for u in sg.node(m).inputs:
+            users.setdefault(u, []).append(m)
     for n in frontier:
         node = sg.node(n)
         key = names.get(n) or sg.node(node.inputs[0]).attr("name")  # a relabelled argument
         code = em.names[n]
         var = f"{key}_all"
-        em.lines.append(f"{var} = _rt.extend(cache, {key!r}, {code}, {node.axes.index('j')}, P)"
-                        f"  # ({', '.join(node.axes)}) over the P + T tokens")
+        masks = [sg.node(m).attr("mask") for m in users.get(n, [])]
+        if all(m is not None and m[0] == "window" for m in masks):  # read by windows alone
+            keep = max(m[1] for m in masks)
+            em.lines.append(f"{var} = _rt.extend(cache, {key!r}, {code}, {node.axes.index('j')}, "
+                            f"P, keep={keep})  # ({', '.join(node.axes)}): the window's last "
+                            f"{keep} tokens and the T new")
+        else:
+            em.lines.append(f"{var} = _rt.extend(cache, {key!r}, {code}, "
+                            f"{node.axes.index('j')}, P)  # ({', '.join(node.axes)}) over the "
+                            f"P + T tokens")
         em.names[n] = var
     for n in rest:
         if n not in em.names:

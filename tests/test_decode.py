@@ -109,12 +109,31 @@ def test_the_cache_holds_the_keys_per_step_and_one_set_with_a_frozen_context():
         x = torch.randn(2, 5, state_dim(layer), dtype=torch.float64)
         _, cache = layer.decode(x[:, :3])
         assert len({id(step) for step in cache.steps}) == sets
-        keys = cache.steps[0]["t3"]
+        keys = cache.values(0)["t3"].clone()
         assert keys.shape == (2, 3, 4, 4)  # (b, j, H, K) over the 3 tokens
         y, later = layer.decode(x[:, 3:], cache)
-        assert cache.position == 3 and cache.steps[0]["t3"] is keys
-        assert later.position == 5 and later.steps[0]["t3"].shape[1] == 5
+        assert cache.position == 3 and torch.equal(cache.values(0)["t3"], keys)
+        assert later.position == 5 and later.values(0)["t3"].shape[1] == 5
+        assert torch.equal(later.values(0)["t3"][:, :3], keys)
         assert not y.requires_grad
+
+
+def test_a_cache_can_branch():
+    """Two continuations decoded from one cache (the buffers grow in place) each give the
+    forward's outputs of their own sequence."""
+    layer = _layer("lm_attention_rope", steps=2)
+    gen = torch.Generator().manual_seed(3)
+    prefix, a, b = (torch.randn(1, n, state_dim(layer), dtype=torch.float64, generator=gen)
+                    for n in (4, 3, 2))
+    _, cache = layer.decode(prefix)
+    ya1, cache_a = layer.decode(a[:, :1], cache)
+    yb, _ = layer.decode(b, cache)  # writes where branch a wrote its first token
+    ya2, _ = layer.decode(a[:, 1:], cache_a)
+    with torch.no_grad():
+        want_a = layer(torch.cat([prefix, a], 1))[:, 4:]
+        want_b = layer(torch.cat([prefix, b], 1))[:, 4:]
+    _assert_close(torch.cat([ya1, ya2], 1), want_a)
+    _assert_close(yb, want_b)
 
 
 def test_decode_checks_its_arguments():
@@ -137,13 +156,17 @@ def test_decode_checks_its_arguments():
 def test_extend_joins_the_new_tokens_once_per_call():
     cache: dict = {}
     a = torch.zeros(1, 2, 3)
-    assert rt.extend(cache, "k", a, 1, 0) is a
+    assert torch.equal(rt.extend(cache, "k", a, 1, 0), a)
     b = torch.ones(1, 1, 3)
     joined = rt.extend(cache, "k", b, 1, 2)
     assert joined.shape == (1, 3, 3) and torch.equal(joined[:, 2], b[:, 0])
-    assert rt.extend(cache, "k", b, 1, 2) is joined  # a second step of the same call
+    again = rt.extend(cache, "k", b, 1, 2)  # a second step of the same call: no second join
+    assert again.shape == (1, 3, 3) and again.data_ptr() == joined.data_ptr()
     with pytest.raises(RuntimeError, match="holds 3 tokens, expected 5"):
         rt.extend(cache, "k", b, 1, 5)
+    for n in range(3, 40):  # the buffer grows by doubling: few copies of the prefix
+        rt.extend(cache, "k", b, 1, n)
+    assert cache["k"].buffer.shape[1] < 2 * 40 + 16
 
 
 @pytest.mark.parametrize("kind", [("causal", 0), ("strict", 0), ("window", 3)])
@@ -183,3 +206,18 @@ def test_pair_kernels_with_a_query_offset_give_the_rows_of_the_whole_sequence(ki
     _assert_close(sums_part[0], sums[0][..., P:, :])
     running = pairs.running_sum(v, 2, kind, keys_major=False)
     _assert_close(pairs.running_sum(v, 2, kind, keys_major=False, offset=P), running[..., P:, :])
+
+
+def test_a_window_caches_its_last_tokens_alone():
+    """window_alibi (w = 4) keeps the keys of the window before the latest call's queries and
+    that call's: memory bounded by the window, outputs those of the whole sequence."""
+    layer = _layer("window_alibi", steps=2)
+    x = torch.randn(1, 20, state_dim(layer), dtype=torch.float64,
+                    generator=torch.Generator().manual_seed(5))
+    cache, outs = None, []
+    for start in range(0, 20, 2):
+        y, cache = layer.decode(x[:, start:start + 2], cache)
+        assert cache.values(0)["t1"].shape[1] <= 4 + 2
+        outs.append(y)
+    with torch.no_grad():
+        _assert_close(torch.cat(outs, 1), layer(x))

@@ -227,7 +227,7 @@ def emit_running_sum(em, nid: int, node: Node) -> str:
     kind, w = node.attr("mask")[0], (node.attr("mask")[1] if node.attr("mask")[0] == "window"
                                      else 0)
     return (f"_rt.running_sum({em.names[v]}, dim={dim}, mask=({kind!r}, {w}), "
-            f"keys_major={token == 'j'}{em.offset_arg()})")
+            f"keys_major={token == 'j'}{em.offset_arg()}{', T=T' if em.position else ''})")
 
 
 PAIR_EMITTERS = {"pair_lse": emit_pair_lse, "pair_sum": emit_pair_sum,

@@ -33,7 +33,7 @@ from typing import Any
 import torch
 
 from energyc.runtime import flash_cpu
-from energyc.runtime.pairs import _in_context, query_blocks
+from energyc.runtime.pairs import _in_context, key_start, query_blocks
 from energyc.runtime_version import RUNTIME_VERSION
 
 # -- version --------------------------------------------------------------------------------------
@@ -341,13 +341,16 @@ def attention_forward(
 
 def _attention_chunks(qh, kh, vh, scale, kind, slopes, offset: int, dtype: torch.dtype):
     """``attention_forward`` QUERY_CHUNK queries at a time on (B, H, T, F) operands, each chunk
-    against the keys its context set reaches, the queries at positions offset + r."""
+    against the keys its context set reaches, the queries at positions offset + r, the keys the
+    last ones up to the last query (``query_blocks``)."""
     acc = _accumulator(qh)
     qh, kh, vh = qh.to(acc), kh.to(acc), vh.to(acc)
     outs, lses = [], []
-    for r0, r1, c0, c1 in query_blocks(kind, qh.shape[-2], QUERY_CHUNK, offset):
+    T, keys = qh.shape[-2], kh.shape[-2]
+    k0 = key_start(T, offset, keys)  # a window's cache holds its last keys alone
+    for r0, r1, c0, c1 in query_blocks(kind, T, QUERY_CHUNK, offset, keys):
         scores, _ = _masked_scores(qh[..., r0:r1, :], kh[..., c0:c1, :], scale, kind, slopes,
-                                   offset + r0, c0=c0)
+                                   offset + r0, c0=k0 + c0)
         o_block, lse_block = _softmax_apply(scores, vh[..., c0:c1, :])
         outs.append(o_block)
         lses.append(lse_block)
@@ -751,11 +754,17 @@ class DecodeCache:
     """What ``Layer.decode`` keeps between calls: the number of tokens seen (``position``) and,
     per descent step, the j-side values over those tokens by name (``steps``; with context
     "input" and values of the context alone, one dictionary serves every step). Opaque to users:
-    pass back what ``decode`` returned; ``None`` starts a sequence."""
+    pass back what ``decode`` returned; ``None`` starts a sequence. ``values(step)`` shows what a
+    step holds."""
 
-    def __init__(self, package: str, batch: int, steps: list[dict[str, torch.Tensor]],
+    def __init__(self, package: str, batch: int, steps: list[dict[str, Any]],
                  position: int = 0) -> None:
         self.package, self.batch, self.steps, self.position = package, batch, steps, position
+
+    def values(self, step: int = 0) -> dict[str, torch.Tensor]:
+        """The cached values of descent step ``step`` by name: over the ``position`` tokens, or
+        a window's last ones."""
+        return {name: entry.view() for name, entry in self.steps[step].items()}
 
     def __repr__(self) -> str:
         names = sorted({name for step in self.steps for name in step})
@@ -763,24 +772,71 @@ class DecodeCache:
                 f"steps={len(self.steps)}, values={names})")
 
 
-def extend(cache: dict[str, torch.Tensor], name: str, new: torch.Tensor, dim: int,
-           position: int) -> torch.Tensor:
-    """The j-side value ``name`` over every token so far: the cached ``position`` tokens' and the
-    new tokens' (``new``), joined along the token axis ``dim`` and kept in ``cache``. A step that
-    shares its cache with an earlier one of the same call (context "input") finds it extended
-    already (position + t tokens) and takes it as it is."""
-    old = cache.get(name)
+class _Tokens:
+    """A value over the first ``n`` tokens, kept in a buffer along the token axis ``dim`` with
+    room to grow: appending t tokens writes t rows (amortised by doubling the room), not the
+    whole prefix again. Caches branch: each keeps its own ``n``, and a buffer that another branch
+    has already written past ``n`` is copied before this one writes."""
+
+    def __init__(self, buffer: torch.Tensor, dim: int, n: int, owner: list[int]) -> None:
+        self.buffer, self.dim, self.n, self.owner = buffer, dim, n, owner  # owner[0]: rows written
+
+    def view(self) -> torch.Tensor:
+        return self.buffer.narrow(self.dim, 0, self.n)
+
+    def append(self, new: torch.Tensor) -> _Tokens:
+        t = new.shape[self.dim]
+        buffer, owner = self.buffer, self.owner
+        if owner[0] != self.n or buffer.shape[self.dim] < self.n + t:
+            shape = list(new.shape)
+            shape[self.dim] = max(2 * (self.n + t), 16)
+            buffer = new.new_empty(shape)
+            buffer.narrow(self.dim, 0, self.n).copy_(self.view())
+            owner = [self.n]
+        buffer.narrow(self.dim, self.n, t).copy_(new)
+        owner[0] = self.n + t
+        return _Tokens(buffer, self.dim, self.n + t, owner)
+
+
+class _Last:
+    """A value over ``n`` tokens of which only the last ones are kept: those a window of
+    ``keep`` tokens before the latest call's queries reaches, and that call's (at most
+    keep + t)."""
+
+    def __init__(self, tokens: torch.Tensor, dim: int, n: int, keep: int) -> None:
+        self.tokens, self.dim, self.n, self.keep = tokens, dim, n, keep
+
+    def view(self) -> torch.Tensor:
+        return self.tokens
+
+    def append(self, new: torch.Tensor) -> _Last:
+        size = self.tokens.shape[self.dim]
+        old = self.tokens.narrow(self.dim, max(size - self.keep, 0), min(size, self.keep))
+        joined = torch.cat([old, new], dim=self.dim)
+        return _Last(joined, self.dim, self.n + new.shape[self.dim], self.keep)
+
+
+def extend(cache: dict[str, _Tokens | _Last], name: str, new: torch.Tensor, dim: int,
+           position: int, keep: int | None = None) -> torch.Tensor:
+    """The j-side value ``name`` over the tokens so far: the cached ``position`` tokens' and the
+    new tokens' (``new``), joined along the token axis ``dim`` and kept in ``cache``. With
+    ``keep`` (a value that only windows of at most ``keep`` tokens read) only the last ``keep``
+    cached tokens are kept and joined: memory O(keep), not O(tokens). A step that shares its
+    cache with an earlier one of the same call (context "input") finds it extended already
+    (position + t tokens) and takes it as it is."""
+    entry = cache.get(name)
     t = new.shape[dim]
-    if old is None and position == 0:
-        cache[name] = new
-    elif old is not None and old.shape[dim] == position + t:
-        return old
-    elif old is not None and old.shape[dim] == position:
-        cache[name] = torch.cat([old, new], dim=dim)
-    else:
-        have = "none" if old is None else old.shape[dim]
+    have = 0 if entry is None else entry.n
+    if entry is not None and have == position + t:
+        return entry.view()
+    if have != position:
         raise RuntimeError(f"decode cache: {name} holds {have} tokens, expected {position}")
-    return cache[name]
+    if entry is None and keep is not None:
+        entry = _Last(new.narrow(dim, 0, 0), dim, 0, keep)
+    elif entry is None:  # an empty buffer: the first append makes room to grow
+        entry = _Tokens(new.narrow(dim, 0, 0), dim, 0, [0])
+    cache[name] = entry.append(new)
+    return cache[name].view()
 
 
 def decode_layer(package: str, config: Any, x: Any, cache: DecodeCache | None, dim: int,

@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterator, Sequence
 import torch
 
 __all__ = ["pair_lse", "pair_sums", "pair_softmax_sums", "running_sum", "pair_tiles",
-           "partial_tile", "key_range", "query_blocks", "band", "mask_tile"]
+           "partial_tile", "key_range", "key_start", "query_blocks", "band", "mask_tile"]
 
 # Tile sides. Each element-wise op of a pair function streams its tile through memory; 128 x 128
 # tiles ran softcap_attention and grouped_query_attention (B=2, 4 heads, 1 thread) 1.3-2.5x faster
@@ -82,40 +82,56 @@ def key_range(kind: str, w: int, i0: int, i1: int, T: int) -> tuple[int, int]:
             "all": (0, T), "not_self": (0, T)}[kind]
 
 
-def query_blocks(kind: tuple, T: int, block: int,
-                 offset: int = 0) -> list[tuple[int, int, int, int]]:
+def query_blocks(kind: tuple, T: int, block: int, offset: int = 0,
+                 keys: int | None = None) -> list[tuple[int, int, int, int]]:
     """(r0, r1, c0, c1): each block of at most ``block`` queries with the keys [c0, c1) its
     context set reaches (causal: up to the block's last query; a window: its w keys before; all:
-    every key), one (masked) key at least. With ``offset`` the T queries are the tokens
-    offset .. offset + T - 1 of a sequence whose keys are its first offset + T tokens (decoding
-    after a cached prefix): r0, r1 count queries from 0, c0, c1 are key positions."""
+    every key), one (masked) key at least.
+
+    Decoding after a cached prefix: the T queries are the tokens at positions offset .. offset +
+    T - 1, and the ``keys`` (default offset + T) are the last ones of the sequence up to the last
+    query, at positions ``key_start(T, offset, keys)`` on (a window's cache keeps only its last
+    tokens). r0, r1 count queries and c0, c1 keys, both from 0."""
     w = kind[1] if kind[0] == "window" else 0
-    keys = offset + T
+    keys = offset + T if keys is None else keys
+    k0 = key_start(T, offset, keys)
     blocks = []
     for r0 in range(0, max(T, 1), block):
         r1 = min(r0 + block, T)
-        c0, c1 = key_range(kind[0], w, offset + r0, offset + r1, keys)
+        c0, c1 = key_range(kind[0], w, offset + r0, offset + r1, offset + T)
+        c0, c1 = max(c0 - k0, 0), max(c1 - k0, 0)
         blocks.append((r0, r1, c0, max(c1, min(c0 + 1, keys))))
     return blocks
 
 
+def key_start(T: int, offset: int, keys: int) -> int:
+    """The position of the first of ``keys`` keys that end with the last of T queries at
+    positions offset .. offset + T - 1 (0 when the keys are the whole sequence)."""
+    k0 = offset + T - keys
+    if k0 < 0 or k0 > offset:
+        raise ValueError(f"{keys} keys cannot end at the last of {T} queries after {offset} "
+                         f"tokens")
+    return k0
+
+
 def pair_tiles(T: int, kind: str, w: int, block_q: int | None = None,
-               block_k: int | None = None,
-               offset: int = 0) -> Iterator[tuple[int, int, int, int, bool]]:
+               block_k: int | None = None, offset: int = 0,
+               keys: int | None = None) -> Iterator[tuple[int, int, int, int, bool]]:
     """``(i0, i1, j0, j1, partial)`` for every tile of queries [i0, i1) x keys [j0, j1) that
     the context set reaches; ``partial`` when some of its pairs are outside the set. Tiles are
-    ``block_q`` x ``block_k`` (default BLOCK_Q x BLOCK_K). With ``offset`` the queries are the
-    tokens offset .. offset + T - 1 (``query_blocks``): i0, i1 count from 0, the set is tested
-    at position offset + i."""
+    ``block_q`` x ``block_k`` (default BLOCK_Q x BLOCK_K). With ``offset`` and ``keys``, as in
+    ``query_blocks``: the set is tested at positions offset + i and key_start + j."""
     block_q = block_q or BLOCK_Q
     block_k = block_k or BLOCK_K
+    k0 = key_start(T, offset, offset + T if keys is None else keys)
     for i0 in range(0, T, block_q):
         i1 = min(i0 + block_q, T)
         a0, a1 = offset + i0, offset + i1
         lo, hi = key_range(kind, w, a0, a1, offset + T)
+        lo, hi = max(lo - k0, 0), hi - k0
         for j0 in range(lo, hi, block_k):
             j1 = min(j0 + block_k, hi)
-            yield i0, i1, j0, j1, partial_tile(kind, w, a0, a1, j0, j1)
+            yield i0, i1, j0, j1, partial_tile(kind, w, a0, a1, k0 + j0, k0 + j1)
 
 
 def partial_tile(kind: str, w: int, i0: int, i1: int, j0: int, j1: int) -> bool:
@@ -138,21 +154,33 @@ def _prepare(q, k, extras, dtype):
     return q, kt, extras
 
 
-def _tile_args(q, kt, extras, i0, i1, j0, j1, uses_offset, dtype, device, offset=0):
+def _tile_args(q, kt, extras, i0, i1, j0, j1, uses_offset, dtype, device, offset=0, k0=0):
     u = [a[..., i0:i1, :] @ b[..., :, j0:j1] for a, b in zip(q, kt)]
     e = [x[..., i0:i1, :] if x.dim() >= 2 and x.shape[-2] > 1 else x for x in extras]
     e = [x[..., :, j0:j1] if x.dim() >= 1 and x.shape[-1] > 1 else x for x in e]
     d = None
     if uses_offset:
         d = (torch.arange(offset + i0, offset + i1, device=device, dtype=dtype)[:, None]
-             - torch.arange(j0, j1, device=device, dtype=dtype)[None, :])
+             - torch.arange(k0 + j0, k0 + j1, device=device, dtype=dtype)[None, :])
     return u, d, e
 
 
-def _context_tile(kind, w, i0, i1, j0, j1, device, offset=0):
+def _context_tile(kind, w, i0, i1, j0, j1, device, offset=0, k0=0):
     d = (torch.arange(offset + i0, offset + i1, device=device)[:, None]
-         - torch.arange(j0, j1, device=device)[None, :])
+         - torch.arange(k0 + j0, k0 + j1, device=device)[None, :])
     return _in_context(kind, w, d)
+
+
+def _keys(T, offset, kt, values):
+    """How many keys the operands hold (the k operands' or the values' token extent), and the
+    position of the first (``key_start``)."""
+    if kt:
+        keys = kt[0].shape[-1]
+    elif values:
+        keys = values[0].shape[-2]
+    else:
+        keys = offset + T
+    return keys, key_start(T, offset, keys)
 
 
 def pair_lse(q: Sequence[torch.Tensor], k: Sequence[torch.Tensor],
@@ -191,9 +219,11 @@ def pair_sums(q: Sequence[torch.Tensor], k: Sequence[torch.Tensor],
     for _, v in zip(outputs, values):
         tail = () if v is None else (v.shape[-1],)
         results.append(torch.zeros((*shape, T, *tail), dtype=cdt, device=device))
-    for i0, i1, j0, j1, partial in pair_tiles(T, kind, w, offset=offset):
-        u, d, e = _tile_args(q, kt, extras, i0, i1, j0, j1, uses_offset, cdt, device, offset)
-        inside = _context_tile(kind, w, i0, i1, j0, j1, device, offset) if partial else None
+    keys, k0 = _keys(T, offset, kt, [v for (token, _, _), v in zip(outputs, values)
+                                     if v is not None and token == "i"])
+    for i0, i1, j0, j1, partial in pair_tiles(T, kind, w, offset=offset, keys=keys):
+        u, d, e = _tile_args(q, kt, extras, i0, i1, j0, j1, uses_offset, cdt, device, offset, k0)
+        inside = _context_tile(kind, w, i0, i1, j0, j1, device, offset, k0) if partial else None
         tiles = []
         for a in weights(u, d, e):
             a = torch.broadcast_to(torch.as_tensor(a, dtype=cdt, device=device),
@@ -237,12 +267,13 @@ def pair_softmax_sums(q: Sequence[torch.Tensor], k: Sequence[torch.Tensor],
         tail = () if v is None else (v.shape[-1],)
         results.append(torch.zeros((*shape, T, *tail), dtype=cdt, device=device))
     state: dict[int, list] = {}
-    for i0, i1, j0, j1, partial in pair_tiles(T, kind, w, offset=offset):
-        u, d, e = _tile_args(q, kt, extras, i0, i1, j0, j1, uses_offset, cdt, device, offset)
+    keys, k0 = _keys(T, offset, kt, [v for v in values if v is not None])
+    for i0, i1, j0, j1, partial in pair_tiles(T, kind, w, offset=offset, keys=keys):
+        u, d, e = _tile_args(q, kt, extras, i0, i1, j0, j1, uses_offset, cdt, device, offset, k0)
         full = (*shape, i1 - i0, j1 - j0)
         phi, *factors = phi_g(u, d, e)
         x = torch.broadcast_to(torch.as_tensor(phi, dtype=cdt, device=device), full)
-        inside = _context_tile(kind, w, i0, i1, j0, j1, device, offset) if partial else None
+        inside = _context_tile(kind, w, i0, i1, j0, j1, device, offset, k0) if partial else None
         if inside is not None:
             x = torch.where(inside, x, -math.inf)
         m_tile = x.amax(-1)
@@ -282,16 +313,18 @@ def pair_softmax_sums(q: Sequence[torch.Tensor], k: Sequence[torch.Tensor],
 
 
 def running_sum(v: torch.Tensor, dim: int, mask: tuple, keys_major: bool,
-                offset: int = 0) -> torch.Tensor:
+                offset: int = 0, T: int | None = None) -> torch.Tensor:
     """``o_i = sum_{j in C(i)} v_j`` along ``dim`` (the token axis), or with ``keys_major`` the
-    transposed ``o_j = sum_{i : j in C(i)} v_i``: prefix sums, O(tokens). With ``offset`` the
-    queries are the tokens from ``offset`` on of the sequence ``v`` holds (decoding after a
-    cached prefix): the sums of those, O(tokens) still."""
+    transposed ``o_j = sum_{i : j in C(i)} v_i``: prefix sums, O(tokens). With ``offset``, the
+    sums of the T queries at positions offset .. offset + T - 1, v holding the tokens up to the
+    last of them (all of them, or for a window at least its w before the first query)."""
     if offset:
         if keys_major:
             raise ValueError("running_sum: a sum over queries needs every query, not an offset")
+        T = v.shape[dim] - offset if T is None else T
+        key_start(T, offset, v.shape[dim])
         out = running_sum(v, dim, mask, keys_major)
-        return out.narrow(dim, offset, v.shape[dim] - offset)
+        return out.narrow(dim, v.shape[dim] - T, T)
     kind, w = mask
     if kind in ("all", "not_self"):
         total = v.sum(dim, keepdim=True).expand_as(v)
