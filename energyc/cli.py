@@ -49,6 +49,7 @@ def _inspect(args: argparse.Namespace) -> int:
     from energyc.compiler import compile_file, split
     from energyc.inspect import format_energy, format_graph, to_dot
     from energyc.loader import load
+    from energyc.render import decode_frontier, decodable
 
     layers = compile_file(load(args.file))
     for layer in layers:
@@ -61,6 +62,13 @@ def _inspect(args: argparse.Namespace) -> int:
         print(f"  E_i = {format_energy(layer.energy, 'energy', layer.file.public)}")
         for note in layer.notes:
             print(f"  note: {note}")
+        needed, unsupported, _ = decodable(layer)
+        if unsupported is None:
+            cached = ", ".join(f"({', '.join(layer.step.node(n).axes)})"
+                               for n in decode_frontier(layer.step, needed))
+            print(f"  decode: incremental; caches per step {cached or 'nothing'}")
+        else:
+            print(f"  decode: not available: {unsupported}")
         sp = split(layer.step, ["grad"], ["grad_g"])
         graphs = {"energy": layer.energy, "step": layer.step}
         if args.graph in ("energy", "all"):

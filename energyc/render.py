@@ -438,13 +438,13 @@ def decodable(layer: CompiledLayer) -> tuple[list[int], str | None, bool]:
                             f"context alone"), False
         if n in token_dep and "i" not in axes and "j" not in axes:
             return needed, f"a reduction over every token{where}", False
-    frontier = _decode_frontier(sg, needed)
+    frontier = decode_frontier(sg, needed)
     x_leaf = [n for n in inputs if sg.node(n).attr("name") == "x"]
     from_context = not (set(x_leaf) & sg.ancestors(frontier))
     return needed, None, from_context
 
 
-def _decode_frontier(sg: Graph, needed: list[int]) -> list[int]:
+def decode_frontier(sg: Graph, needed: list[int]) -> list[int]:
     """The j-side values (over j, not i) that a value over i reads: what decoding caches."""
     users: dict[int, list[int]] = {}
     for n in needed:
@@ -466,7 +466,7 @@ def decode_function(layer: CompiledLayer, needed: list[int]) -> FunctionSpec:
     param_names = [p.name for p in layer.params]
     hyper_names = [h.name for h in layer.hypers]
     names = _names(sg)
-    frontier = _decode_frontier(sg, needed)
+    frontier = decode_frontier(sg, needed)
     first = [n for n in needed if "i" not in sg.node(n).axes]
     rest = [n for n in needed if "i" in sg.node(n).axes]
     em = Emitter(sg, {}, einsum_letters(sg.dims), position="P")

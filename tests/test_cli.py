@@ -36,6 +36,7 @@ def test_inspect_prints_ops_and_shapes_and_writes_dot(tmp_path, capsys):
     assert "E_i = " in out and "logsumexp_{j <= i}" in out
     assert "contract" in out and "(b, i, j, H)" in out
     assert "saved for backward" in out
+    assert "decode: incremental; caches per step (b, j, H, K)" in out  # the keys W_k xbar_j
     for name in ("g.energy.dot", "g.step.dot"):
         text = (tmp_path / name).read_text()
         assert text.startswith('digraph "cem_attention_') and "->" in text
@@ -75,3 +76,8 @@ def test_debug_env_dumps_graph_after_each_pass():
 
     for name, _ in PIPELINE:
         assert f"--- after {name} ---" in proc.stdout
+
+
+def test_inspect_says_why_a_layer_does_not_decode(capsys):
+    assert main(["inspect", "examples/bidirectional_gelu.py"]) == 0
+    assert "decode: not available: the context set {all j}" in capsys.readouterr().out
