@@ -49,7 +49,7 @@ def _inspect(args: argparse.Namespace) -> int:
     from energyc.compiler import compile_file, split
     from energyc.inspect import format_energy, format_graph, to_dot
     from energyc.loader import load
-    from energyc.render import decode_frontier, decodable
+    from energyc.render import decodable, decode_frontier
 
     layers = compile_file(load(args.file))
     for layer in layers:
