@@ -193,7 +193,8 @@ def load_report(path: str) -> Report:
         variants = {v: VariantResult(**{k: x for k, x in r[v].items() if k in names})
                     for v in ("generated", "autograd")}
         rows.append(Row(r["file"], r["layer"], r["tokens"], r["dims"], **variants,
-                        agreement=r["agreement"], context_sets=r["context_sets"]))
+                        agreement=r["agreement"], context_sets=r["context_sets"],
+                        threads=r.get("threads", data["machine"]["threads"])))
     return Report(data["machine"], data["options"], rows, data.get("command", ""))
 
 

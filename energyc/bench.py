@@ -132,6 +132,7 @@ class Row:
     autograd: VariantResult
     agreement: dict = field(default_factory=dict)
     context_sets: list[str] = field(default_factory=list)  # of its reductions over j; [] per token
+    threads: int = 1  # torch's CPU threads for both variants
 
     @property
     def speedup(self) -> float | None:
@@ -558,7 +559,7 @@ def bench_size(layer: CompiledLayer, module: ModuleType, file: str, tokens: int,
     from energyc.check import context_sets
 
     row = Row(file, layer.name, tokens, layer_dims(layer, opts.dims), results["generated"],
-              results["autograd"], context_sets=sorted(context_sets(layer)))
+              results["autograd"], context_sets=sorted(context_sets(layer)), threads=opts.threads)
     cuda = opts.device.startswith("cuda")
     if server is not None:  # CPU: memory (and the budgets) first, in fresh processes
         for v in VARIANTS:
@@ -738,8 +739,8 @@ def _check_dim_names(dims: dict[str, int], layers: list[CompiledLayer]) -> None:
 
 # -- the table -----------------------------------------------------------------------------------------
 
-COLUMNS = ("layer", "tokens", "generated ms", "autograd ms", "speed-up", "generated peak MiB",
-           "autograd peak MiB", "memory ratio", "agree")
+COLUMNS = ("layer", "tokens", "threads", "generated ms", "autograd ms", "speed-up",
+           "generated peak MiB", "autograd peak MiB", "memory ratio", "agree")
 
 
 def _ms(r: VariantResult) -> str:
@@ -757,7 +758,7 @@ def _cells(row: Row) -> list[str]:
     agree = row.agreement.get("status", "-")
     if agree != "ok" and row.agreement:
         agree += f" ({row.agreement['name']}: {row.agreement['excess']:.1f}x tol)"
-    return [row.layer, str(row.tokens), _ms(row.generated), _ms(row.autograd),
+    return [row.layer, str(row.tokens), str(row.threads), _ms(row.generated), _ms(row.autograd),
             f"{row.speedup:.2f}x" if row.speedup else "-",
             _mib(row.generated), _mib(row.autograd),
             f"{row.memory_ratio:.2f}x" if row.memory_ratio else "-", agree]

@@ -153,14 +153,23 @@ def _bench(args: argparse.Namespace) -> int:
         if not sep or not name.strip() or not size.strip().isdigit():
             raise EnergyError(f"expected NAME=SIZE (e.g. D=128), got {item!r}", "--dim")
         dims[name.strip()] = int(size)
-    opts = BenchOptions(tokens=tuple(args.tokens), batch=args.batch, dtype=args.dtype,
-                        device=args.device, backend=args.backend, threads=args.threads,
-                        dims=dims, repeats=args.repeats, warmup=args.warmup,
-                        max_seconds=args.max_seconds, max_memory_mib=args.max_memory,
-                        memory=not args.no_memory)
-    report = run_bench(energy_files(args.files), opts,
-                       log=lambda m: print(m, file=sys.stderr, flush=True))
-    report.command = opts.command(args.files)
+    files = energy_files(args.files)
+    report = None
+    for threads in args.threads:  # a sweep: one run per thread count, their rows in one table
+        opts = BenchOptions(tokens=tuple(args.tokens), batch=args.batch, dtype=args.dtype,
+                            device=args.device, backend=args.backend, threads=threads,
+                            dims=dims, repeats=args.repeats, warmup=args.warmup,
+                            max_seconds=args.max_seconds, max_memory_mib=args.max_memory,
+                            memory=not args.no_memory)
+        run = run_bench(files, opts, log=lambda m: print(m, file=sys.stderr, flush=True))
+        if report is None:
+            report = run
+        else:
+            report.rows += run.rows
+    if len(args.threads) > 1:
+        report.machine["threads"] = ", ".join(map(str, args.threads))
+    report.command = opts.command(args.files).replace(
+        f"--threads {opts.threads}", "--threads " + " ".join(map(str, args.threads)))
     print("\n".join(format_header(report)))
     print()
     print(format_table(report))
@@ -220,7 +229,8 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--backend", choices=["torch", "triton", "auto"], default="auto",
                    help="the generated layer's backend (default auto: torch on CPU, Triton on "
                         "CUDA)")
-    b.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
+    b.add_argument("--threads", type=int, nargs="+", default=[1], metavar="N",
+                   help="torch CPU threads (default 1); several: a sweep, one row per count")
     b.add_argument("--dim", nargs="+", action="extend", default=[], metavar="NAME=SIZE",
                    help="dim sizes (defaults D=128 H=4 K=32 M=512, any other dim 32)")
     b.add_argument("--repeats", type=int, default=5,

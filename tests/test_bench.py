@@ -17,8 +17,9 @@ TINY = ["--dim", "D=16", "H=2", "K=8", "M=32", "--repeats", "1"]
 TINY_MLP = ["--dim", "D=16", "M=32", "--repeats", "1"]
 
 
-def _table_rows(out: str) -> dict[tuple[str, int], list[str]]:
-    """(layer, tokens) -> the cells of the printed table (split on runs of two spaces)."""
+def _table_rows(out: str) -> dict[tuple[str, int, int], list[str]]:
+    """(layer, tokens, threads) -> the cells of the printed table (split on runs of two
+    spaces)."""
     lines = out.splitlines()
     start = next(k for k, line in enumerate(lines) if line.startswith("layer "))
     rows = {}
@@ -26,8 +27,24 @@ def _table_rows(out: str) -> dict[tuple[str, int], list[str]]:
         if not line.strip() or line.startswith("wrote "):
             break
         cells = [c.strip() for c in line.split("  ") if c.strip()]
-        rows[(cells[0], int(cells[1]))] = cells
+        rows[(cells[0], int(cells[1]), int(cells[2]))] = cells
     return rows
+
+
+def test_bench_sweeps_thread_counts(tmp_path, capsys):
+    """--threads 1 2: one row per layer, size and thread count, the sweep in the header, the
+    command and the JSON rows; torch's own setting is as it was."""
+    before = torch.get_num_threads()
+    out_json = tmp_path / "bench.json"
+    assert main(["bench", "examples/cem_mlp.py", "--tokens", "16", *TINY_MLP, "--no-memory",
+                 "--threads", "1", "2", "--json", str(out_json)]) == 0
+    out = capsys.readouterr().out
+    assert sorted(_table_rows(out)) == [("cem_mlp", 16, 1), ("cem_mlp", 16, 2)]
+    assert "threads 1, 2" in out.splitlines()[0]
+    data = json.loads(out_json.read_text())
+    assert [r["threads"] for r in data["rows"]] == [1, 2]
+    assert "--threads 1 2" in data["command"]
+    assert torch.get_num_threads() == before
 
 
 def test_bench_cli_table_and_json(tmp_path, capsys):
@@ -38,11 +55,11 @@ def test_bench_cli_table_and_json(tmp_path, capsys):
     assert out.startswith("machine: ") and "threads 1" in out and f"torch {torch.__version__}" in out
     assert "float32" in out and "batch 2" in out
     rows = _table_rows(out)
-    assert sorted(rows) == [("cem_attention", 32), ("cem_mlp", 32)]
+    assert sorted(rows) == [("cem_attention", 32, 1), ("cem_mlp", 32, 1)]
     for cells in rows.values():
-        assert float(cells[2]) > 0 and float(cells[3]) > 0  # generated, autograd ms
-        assert cells[4].endswith("x") and float(cells[4][:-1]) > 0  # speed-up (checked in JSON)
-        assert cells[5].split()[0].isdigit() and cells[6].split()[0].isdigit()  # peak MiB
+        assert float(cells[3]) > 0 and float(cells[4]) > 0  # generated, autograd ms
+        assert cells[5].endswith("x") and float(cells[5][:-1]) > 0  # speed-up (checked in JSON)
+        assert cells[6].split()[0].isdigit() and cells[7].split()[0].isdigit()  # peak MiB
         assert cells[-1] == "ok"
     assert "memory probe" in captured.err and "repetition 1/1" in captured.err  # progress
 
@@ -108,7 +125,7 @@ def test_bench_over_budget_is_shown_not_raised(capsys):
     assert main(["bench", FILES[0], "--tokens", "16", *TINY_MLP, "--no-memory",
                  "--max-seconds", "1e-9"]) == 0
     (cells,) = _table_rows(capsys.readouterr().out).values()
-    assert cells[2:5] == ["over budget", "over budget", "-"]
+    assert cells[3:6] == ["over budget", "over budget", "-"]
 
 
 @pytest.fixture
