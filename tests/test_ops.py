@@ -818,3 +818,24 @@ def test_undefined_function_is_a_compile_error():
     s2 = g.add("input", name="seed2", axes=g.node(z).axes)
     with pytest.raises(CompileError, match="elementwise"):
         vjp(g, z, s2, [x])
+
+
+def test_product_identities_of_relu_and_step_keep_values():
+    """functions.PRODUCT_IDENTITIES: relu(u) step(u) = relu(u) and step(u)**n = step(u), at
+    negative, zero and positive u (step(0) = 0 = relu(0))."""
+    from energyc.ir.functions import relu, simplify_functions, step
+
+    u, a = sympy.symbols("u a")
+    body = relu(u) * step(u) ** 2 * a
+    simple = simplify_functions(body)
+    assert simple == relu(u) * a
+    assert step(u) ** 3 == step(u)
+
+    def value(expr, at):
+        defined = expr.replace(lambda e: isinstance(e, (relu, step)),
+                               lambda e: type(e).definition(e.args[0]))
+        return float(defined.subs({u: at, a: 3.0}))
+
+    unsimplified = relu(u) * sympy.Piecewise((1, u > 0), (0, True)) ** 2 * a  # as defined
+    for at in (-1.5, 0.0, 2.0):
+        assert value(simple, at) == value(unsimplified, at)

@@ -179,3 +179,41 @@ def test_affine_factors_print_as_one_pass_over_the_product():
     assert printer.doprint(a * (2 + 4 * c)) == "torch.addcmul(a, a, c, value=2).mul_(2)"
     # without a full-shaped argument the plain printing stays
     assert "addcmul" not in TorchPrinter(names, {a, b, c}).doprint(a * (1 - c))
+
+
+def _elementwise_ops(source: str, function: str) -> int:
+    """The element-wise passes over memory of a generated step function: each torch function,
+    operator and in-place step of its element-wise lines (einsums, kernel calls and views are
+    not element-wise)."""
+    import re
+
+    body = source.split(f"def {function}(", 1)[1].split("\ndef ", 1)[0]
+    count = 0
+    for line in body.splitlines():
+        code = line.split("#", 1)[0]
+        if not re.match(r"\s+t\d+ = ", code) or re.search(r"einsum|kernels\.|_rt\.pair|permute",
+                                                           code):
+            continue
+        rhs = code.split(" = ", 1)[1]
+        count += len(re.findall(r"torch\.\w+\(|_rt\.mul_affine_\(|\.(?:mul|div|add|sub|neg)_\("
+                                r"|\.to\(", rhs))
+        count += len(re.findall(r" [-+*/<>] |\*\*", rhs))
+    return count
+
+
+def test_gated_units_step_element_wise_passes():
+    """The element-wise passes of cem_mlp's and recurrent_mlp's steps (the glue between their
+    matrix products), fixed here so that a change in them is seen: cem_mlp's backward reuses the
+    forward's product and multiplies by 1 - sigmoid in one pass; recurrent_mlp's relu(u)
+    step(u) is relu(u) (functions.PRODUCT_IDENTITIES), its forward makes no step tensor."""
+    import pathlib
+
+    passes = {}
+    for package in ("cem_mlp", "recurrent_mlp"):
+        source = (pathlib.Path("generated") / package / "layer.py").read_text()
+        passes[package] = tuple(_elementwise_ops(source, f) for f in
+                                ("_grad_forward", "_grad_backward"))
+    # cem_mlp: sigmoid, *, neg_ | *, mul_affine_; *, neg_; +
+    assert passes["cem_mlp"] == (3, 5)
+    # recurrent_mlp: relu, *, neg_ | *, step (>, .to), mul_, neg_; *, neg_; +
+    assert passes["recurrent_mlp"] == (3, 8)

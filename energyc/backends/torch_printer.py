@@ -73,6 +73,10 @@ class TorchPrinter(PythonCodePrinter):
         else:
             affine = []
         if not affine and len(tensors) < 2:
+            (f,) = tensors
+            if isinstance(f, sympy.Function) and self._is_full(f) and f.is_commutative:
+                # c * f(a): f's result is a fresh tensor of the full shape: scale it in place
+                return self._finish(self._print(f), coeff, factors, [])
             return super()._print_Mul(expr)
         if affine and len(muls) + len(divs) == 1:
             return self._affine_chain(coeff, factors, muls, divs, affine)
@@ -114,8 +118,12 @@ class TorchPrinter(PythonCodePrinter):
             c, s, y = self._affine(f)
             code = f"_rt.mul_affine_({code}, {self._print(y)}, {self._print(c)}, {self._print(s)})"
         scale = sympy.Mul(abs(coeff), *(f for f in factors if not self._is_tensor(f)))
-        if scale != 1:
-            code += f".mul_({self._print(scale)})"
+        if not (scale.is_Number and float(scale) == 1.0):  # 1.0 (a float) too: no pass
+            inverse = 1 / scale
+            if not scale.is_Float and sympy.count_ops(inverse) < sympy.count_ops(scale):
+                code += f".div_({self._print(inverse)})"  # x / sqrt(K), as written
+            else:
+                code += f".mul_({self._print(scale)})"
         return code + (".neg_()" if coeff < 0 else "")
 
     def _affine(self, f: sympy.Expr):

@@ -74,6 +74,12 @@ class step(EnergyFunction):  # noqa: N801
     def fdiff(self, argindex=1):
         return sympy.Integer(0)
 
+    def _eval_power(self, expt):
+        # step(u)**n = step(u) for n > 0: its values are 0 and 1
+        if expt.is_positive:
+            return self
+        return None
+
 
 class relu(EnergyFunction):  # noqa: N801
     """relu(u) = max(u, 0);  relu' = step."""
@@ -87,6 +93,36 @@ class relu(EnergyFunction):  # noqa: N801
 
     def fdiff(self, argindex=1):
         return step(self.args[0])
+
+
+def _relu_absorbs_step(expr: sympy.Expr) -> sympy.Expr | None:
+    """relu(u) step(u) = relu(u): step(u) is 1 wherever relu(u) is not 0 (relu(u)**2 / 2's
+    derivative is their product)."""
+    relus = {f.args[0] for f in expr.args if isinstance(f, relu)}
+    kept = [f for f in expr.args if not (isinstance(f, step) and f.args[0] in relus)]
+    return sympy.Mul(*kept) if len(kept) < len(expr.args) else None
+
+
+#: Identities of products of the functions here, (name, rewrite of a Mul or None), applied by
+#: ``simplify_functions`` wherever a pointwise body is made (energyc.ir.ops.pointwise).
+PRODUCT_IDENTITIES = [
+    ("relu_absorbs_step", _relu_absorbs_step),
+]
+
+
+def simplify_functions(expr: sympy.Expr) -> sympy.Expr:
+    """``expr`` with PRODUCT_IDENTITIES applied to every product in it."""
+    if not expr.has(step):
+        return expr
+
+    def rewrite(e):
+        for _, rule in PRODUCT_IDENTITIES:
+            out = rule(e)
+            if out is not None:
+                return out
+        return e
+
+    return expr.replace(lambda e: e.is_Mul, rewrite)
 
 
 BUILTIN_FUNCTIONS: dict[str, type[EnergyFunction]] = {

@@ -34,6 +34,8 @@ from typing import TYPE_CHECKING, Any
 
 import sympy
 
+from energyc.ir.functions import simplify_functions
+
 if TYPE_CHECKING:
     from energyc.ir.graph import Graph, Node
 
@@ -122,8 +124,9 @@ def const(graph: Graph, value: Any, where: str | None = None) -> int:
 
 
 def pointwise(graph: Graph, body: sympy.Expr, args: list[int], where: str | None = None) -> int:
-    """Add ``body(args)``: constants folded in, duplicate and unused arguments dropped."""
-    body = sympy.sympify(body)
+    """Add ``body(args)``: constants folded in, duplicate and unused arguments dropped, the
+    identities of energyc's own functions applied (``functions.simplify_functions``)."""
+    body = simplify_functions(sympy.sympify(body))
     subs: dict[sympy.Symbol, Any] = {}
     kept: list[int] = []
     for k, arg in enumerate(args):
