@@ -49,10 +49,10 @@ def load(run_dir: str, model: str) -> tuple[train_lm.LanguageModel, str]:
     """The model of a train_lm.py run, or an untrained one of the default settings."""
     if os.path.exists(os.path.join(run_dir, generate.CHECKPOINT_FILE)):
         m, _ = generate.load_model(run_dir, torch.device("cpu"))
-        return m, f"trained ({run_dir})"
+        return m, f"trained ({os.path.relpath(run_dir, ROOT)})"
     args = train_lm.parse_args(["--model", model, "--out", run_dir])
     m = train_lm.build_model(args, warn=False).eval()
-    return m, "untrained, default settings (no run in " + run_dir + ")"
+    return m, f"untrained, default settings (no run in {os.path.relpath(run_dir, ROOT)})"
 
 
 def prompt(n: int) -> bytes:
