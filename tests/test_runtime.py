@@ -108,3 +108,27 @@ def test_generated_packages_hold_no_runtime_copy():
             continue
         files = {f for f in os.listdir(os.path.join(root, package)) if f.endswith(".py")}
         assert files == {"__init__.py", "layer.py", "_triton_layer.py"}, (package, files)
+
+
+def test_sums_add_in_place_into_their_own_tensor_only():
+    """_rt.Sums: the first part is kept (never written: it may be the caller's gradient), the
+    first sum is a new tensor, later parts go into it in place; a part that would promote the
+    dtype or broadcast the shape makes a new tensor."""
+    import torch
+
+    from energyc import runtime as rt
+
+    sums = rt.Sums()
+    upstream = torch.ones(2, 3)
+    kept = upstream.clone()
+    total = sums.add(None, upstream)
+    assert total is upstream
+    first = sums.add(total, torch.ones(2, 3))
+    assert first is not upstream and torch.equal(upstream, kept)
+    again = sums.add(first, torch.full((2, 3), 2.0))
+    assert again is first and torch.equal(again, torch.full((2, 3), 4.0))
+    assert sums.add(again, None) is again
+    wider = sums.add(again, torch.ones(2, 3, dtype=torch.float64))
+    assert wider is not again and wider.dtype == torch.float64
+    broadcast = sums.add(torch.ones(3) + 0, torch.ones(2, 3))  # not one of its own: new
+    assert broadcast.shape == (2, 3)

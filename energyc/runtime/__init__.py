@@ -478,6 +478,30 @@ def mul_affine_(a: torch.Tensor, y: torch.Tensor, c: float, s: float) -> torch.T
     return a if c == 1 else a.mul_(c)
 
 
+class Sums:
+    """Running sums of a backward's gradient parts across the descent steps. The first part is
+    kept as it is (it may be another tensor's view, or the caller's upstream gradient), the
+    first sum makes a new tensor, and later parts add into that one in place: one pass per step,
+    no new tensor per step. A part that would change the sum's shape or dtype (broadcasting,
+    type promotion) makes a new tensor instead."""
+
+    def __init__(self) -> None:
+        self._owned: list[torch.Tensor] = []
+
+    def add(self, total: torch.Tensor | None, part: torch.Tensor | None) -> torch.Tensor | None:
+        """total + part, where either may be None (no contribution)."""
+        if part is None:
+            return total
+        if total is None:
+            return part
+        if (any(total is t for t in self._owned) and part.dtype == total.dtype
+                and torch.broadcast_shapes(total.shape, part.shape) == total.shape):
+            return total.add_(part)
+        out = total + part
+        self._owned.append(out)
+        return out
+
+
 def as_scalar(value: float | torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """A hyperparameter as a 0-dim tensor of x's dtype and device."""
     if isinstance(value, torch.Tensor):
