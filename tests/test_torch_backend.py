@@ -1,5 +1,6 @@
 """Printing helpers of the torch backend."""
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -205,7 +206,8 @@ def test_gated_units_step_element_wise_passes():
     """The element-wise passes of cem_mlp's and recurrent_mlp's steps (the glue between their
     matrix products), fixed here so that a change in them is seen: cem_mlp's backward reuses the
     forward's product and multiplies by 1 - sigmoid in one pass; recurrent_mlp's relu(u)
-    step(u) is relu(u) (functions.PRODUCT_IDENTITIES), its forward makes no step tensor."""
+    step(u) is relu(u) (functions.PRODUCT_IDENTITIES), its forward makes no step tensor; a sum
+    of two products of the weights' gradient is one GEMM (_rt.contract_add)."""
     import pathlib
 
     passes = {}
@@ -213,7 +215,42 @@ def test_gated_units_step_element_wise_passes():
         source = (pathlib.Path("generated") / package / "layer.py").read_text()
         passes[package] = tuple(_elementwise_ops(source, f) for f in
                                 ("_grad_forward", "_grad_backward"))
-    # cem_mlp: sigmoid, *, neg_ | *, mul_affine_; *, neg_; +
-    assert passes["cem_mlp"] == (3, 5)
-    # recurrent_mlp: relu, *, neg_ | *, step (>, .to), mul_, neg_; *, neg_; +
-    assert passes["recurrent_mlp"] == (3, 8)
+    # cem_mlp: sigmoid, *, neg_ | *, mul_affine_; *, neg_ (d/dW's sum is inside its GEMM)
+    assert passes["cem_mlp"] == (3, 4)
+    # recurrent_mlp: relu, *, neg_ | *, step (>, .to), mul_, neg_; *, neg_
+    assert passes["recurrent_mlp"] == (3, 7)
+    assert "_rt.contract_add(" in source  # d/dW = grad_g^T t + x^T t': one GEMM with beta 1
+
+
+@pytest.mark.parametrize("equation", ["bim,bid->dm", "bid,bim->dm", "bim,dm->bid", "dm,bim->bid",
+                                      "bjhk,bjd->dhk", "ij,jk->ki"])
+def test_contract_add_is_the_sum_and_the_product(equation):
+    """_rt.contract_add(total, eq, a, b) = total + einsum(eq, a, b): in one GEMM for the
+    contractions without a batch axis, in either output order, on transposed views too."""
+    import torch
+
+    from energyc import runtime as rt
+
+    gen = torch.Generator().manual_seed(0)
+    size = {"b": 2, "i": 5, "d": 3, "m": 4, "j": 5, "h": 2, "k": 3}
+    ins, out = equation.split("->")
+    a, b = (torch.randn(*(size[c] for c in ix), dtype=torch.float64, generator=gen)
+            for ix in ins.split(","))
+    a = a.transpose(0, -1).contiguous().transpose(0, -1)  # a strided view
+    total = torch.randn(*(size[c] for c in out), dtype=torch.float64, generator=gen)
+    got = rt.contract_add(total, equation, a, b)
+    torch.testing.assert_close(got, total + torch.einsum(equation, a, b), rtol=1e-12, atol=1e-12)
+
+
+def test_contract_add_falls_back_where_it_is_no_single_gemm():
+    """A batch axis (in both operands and the output), other dtypes: einsum and an add."""
+    import torch
+
+    from energyc import runtime as rt
+
+    a, b = torch.randn(2, 3, 4), torch.randn(2, 4, 5)
+    total = torch.randn(2, 3, 5)
+    torch.testing.assert_close(rt.contract_add(total, "bij,bjk->bik", a, b),
+                               total + torch.einsum("bij,bjk->bik", a, b))
+    got = rt.contract_add(total.double(), "bij,bjk->bik", a, b)
+    assert got.dtype == torch.float64

@@ -55,6 +55,20 @@ class Emitter:
     # decoding: the variable holding the position of the first token (the queries' offset); ops
     # that depend on token positions pass it on as ``offset=`` (rotary, the context reductions)
     position: str = ""
+    # a sum whose term is a matrix product used nowhere else takes that product inside one GEMM
+    # (_rt.contract_add); an emitter whose element-wise nodes are kernels sets False
+    accumulate_products: bool = True
+    deferred: dict[int, str] = field(default_factory=dict)  # such products: their einsum args
+    _users: dict[int, list[int]] | None = None
+
+    def users(self, nid: int) -> list[int]:
+        """The nodes of the graph that read node ``nid`` (each once)."""
+        if self._users is None:
+            self._users = {}
+            for n in self.graph.live():
+                for u in dict.fromkeys(self.graph.node(n).inputs):
+                    self._users.setdefault(u, []).append(n)
+        return self._users.get(nid, [])
 
     def offset_arg(self) -> str:
         return f", offset={self.position}" if self.position else ""
@@ -129,17 +143,59 @@ def _emit_offset(em: Emitter, nid: int, node: Node) -> str:
     return "_rt.token_offset(T, x.dtype, x.device)"
 
 
-def _emit_contract(em: Emitter, nid: int, node: Node) -> str:
+def _emit_contract(em: Emitter, nid: int, node: Node) -> str | None:
     subs = []
     for u in node.inputs:
         subs.append("".join(em.letters[a] for a in em.graph.node(u).axes))
     out = "".join(em.letters[a] for a in node.axes)
     args = ", ".join(em.names[u] for u in node.inputs)
-    return f'torch.einsum("{",".join(subs)}->{out}", {args})'
+    call = f'"{",".join(subs)}->{out}", {args}'
+    if _accumulates(em, nid, node):
+        em.deferred[nid] = call  # printed inside its sum (_emit_pointwise)
+        return None
+    return f"torch.einsum({call})"
+
+
+def _plain_sum(node: Node) -> bool:
+    """Whether a pointwise body is a0 + a1 + ... (each argument once, coefficient 1)."""
+    body = node.attr("body")
+    return body.is_Add and set(body.args) == set(ARG_SYMBOLS[: len(node.inputs)]) and len(
+        body.args) == len(node.inputs)
+
+
+def _accumulates(em: Emitter, nid: int, node: Node) -> bool:
+    """A product of two operands with no batch axis (every axis of the output belongs to one
+    operand: one GEMM of the flattened axes), read only by a plain sum of values of its own
+    axes in this function: the sum takes it inside the GEMM, ``total + A B`` with beta = 1,
+    instead of a product into a new tensor and an add (whose operands may not even share a
+    memory layout: einsum returns a transposed view where that is cheaper)."""
+    if not em.accumulate_products or len(node.inputs) != 2 or nid in em.graph.outputs.values():
+        return False
+    a, b = (set(em.graph.node(u).axes) for u in node.inputs)
+    if a & b & set(node.axes):
+        return False
+    users = em.users(nid)
+    if len(users) != 1 or users[0] not in em.region:
+        return False
+    user = em.graph.node(users[0])
+    return (user.op == "pointwise" and _plain_sum(user) and len(user.inputs) >= 2
+            and all(set(em.graph.node(u).axes) == set(node.axes) for u in user.inputs)
+            and user.axes == node.axes)
 
 
 def _emit_pointwise(em: Emitter, nid: int, node: Node) -> str:
-    return em.print_body(node.attr("body"), list(node.inputs), node.axes)
+    products = [u for u in node.inputs if u in em.deferred]
+    if not products:
+        return em.print_body(node.attr("body"), list(node.inputs), node.axes)
+    # total + A1 B1 + A2 B2 ...: each deferred product accumulates into the sum of the others
+    rest = [u for u in node.inputs if u not in em.deferred]
+    if rest:
+        code = em.print_body(sympy.Add(*ARG_SYMBOLS[: len(rest)]), rest, node.axes)
+    else:
+        code = f"torch.einsum({em.deferred[products.pop(0)]})"
+    for u in products:
+        code = f"_rt.contract_add({code}, {em.deferred[u]})"
+    return code
 
 
 def _reduce_code(em: Emitter, src: str, in_axes: tuple[str, ...], node: Node) -> str:

@@ -478,6 +478,37 @@ def mul_affine_(a: torch.Tensor, y: torch.Tensor, c: float, s: float) -> torch.T
     return a if c == 1 else a.mul_(c)
 
 
+def contract_add(total: torch.Tensor, equation: str, a: torch.Tensor,
+                 b: torch.Tensor) -> torch.Tensor:
+    """``total + einsum(equation, a, b)`` with the sum inside one matrix product (addmm, beta 1):
+
+        out[P, Q] = total[P, Q] + sum_S a[P, S] b[S, Q]
+
+    for a contraction of two operands whose output axes each belong to one of them (P: a's, Q:
+    b's, in the output in that order or the other; S: the summed ones). The axes flatten to a
+    matrix as views where the layouts allow (a (b, i, D) state is a transposed (b i) x D matrix);
+    else reshape copies. Any other contraction, operands of other dtypes, or autocast (which
+    would round the sum to its dtype) take the einsum and an add."""
+    ins, out = equation.split("->")
+    ia, ib = ins.split(",")
+    S = [c for c in ia if c in ib]
+    P = [c for c in ia if c not in S]
+    Q = [c for c in ib if c not in S]
+    autocast = torch.is_autocast_enabled(total.device.type)
+    if (autocast or len(set(ia)) < len(ia) or len(set(ib)) < len(ib) or S != [c for c in ib if c in ia]
+            or out not in ("".join(P + Q), "".join(Q + P)) or not a.dtype == b.dtype == total.dtype):
+        return total + torch.einsum(equation, a, b)
+    size = dict(zip(ia, a.shape)) | dict(zip(ib, b.shape))
+    n_p, n_q, n_s = (math.prod(size[c] for c in axes) for axes in (P, Q, S))
+    A = a.permute([ia.index(c) for c in P + S]).reshape(n_p, n_s)
+    B = b.permute([ib.index(c) for c in S + Q]).reshape(n_s, n_q)
+    if out == "".join(P + Q):
+        r = torch.addmm(total.reshape(n_p, n_q), A, B)
+    else:
+        r = torch.addmm(total.reshape(n_q, n_p), B.T, A.T)
+    return r.view(total.shape)
+
+
 class Sums:
     """Running sums of a backward's gradient parts across the descent steps. The first part is
     kept as it is (it may be another tensor's view, or the caller's upstream gradient), the
