@@ -499,7 +499,8 @@ def contract_add(total: torch.Tensor, equation: str, a: torch.Tensor,
             or out not in ("".join(P + Q), "".join(Q + P)) or not a.dtype == b.dtype == total.dtype):
         return total + torch.einsum(equation, a, b)
     size = dict(zip(ia, a.shape)) | dict(zip(ib, b.shape))
-    n_p, n_q, n_s = (math.prod(size[c] for c in axes) for axes in (P, Q, S))
+    # (list comprehensions, not generators: torch.compile traces this)
+    n_p, n_q, n_s = [math.prod([size[c] for c in axes]) for axes in (P, Q, S)]
     A = a.permute([ia.index(c) for c in P + S]).reshape(n_p, n_s)
     B = b.permute([ib.index(c) for c in S + Q]).reshape(n_s, n_q)
     if out == "".join(P + Q):
@@ -525,7 +526,7 @@ class Sums:
             return total
         if total is None:
             return part
-        if (any(total is t for t in self._owned) and part.dtype == total.dtype
+        if (any([total is t for t in self._owned]) and part.dtype == total.dtype
                 and torch.broadcast_shapes(total.shape, part.shape) == total.shape):
             return total.add_(part)
         out = total + part
