@@ -2,7 +2,8 @@
 
 Each op prints itself here (one ``_emit_<op>`` per op, see :data:`EMITTERS`). Values keep the
 graph's canonical axis order, so broadcasting an argument only inserts ``None`` indices; contractions
-print as ``torch.einsum``; masks are boolean (T, T) tensors built once per function.
+print as ``torch.einsum`` (``_rt.contract`` for two operands); masks are boolean (T, T) tensors
+built once per function.
 """
 
 from __future__ import annotations
@@ -153,7 +154,13 @@ def _emit_contract(em: Emitter, nid: int, node: Node) -> str | None:
     if _accumulates(em, nid, node):
         em.deferred[nid] = call  # printed inside its sum (_emit_pointwise)
         return None
-    return f"torch.einsum({call})"
+    return _contraction(call, len(node.inputs))
+
+
+def _contraction(call: str, n_inputs: int) -> str:
+    """A contraction's code: ``_rt.contract`` for two operands (one GEMM on the faster CPU
+    GEMM where it is one), ``torch.einsum`` otherwise."""
+    return f"_rt.contract({call})" if n_inputs == 2 else f"torch.einsum({call})"
 
 
 def _plain_sum(node: Node) -> bool:
@@ -192,7 +199,7 @@ def _emit_pointwise(em: Emitter, nid: int, node: Node) -> str:
     if rest:
         code = em.print_body(sympy.Add(*ARG_SYMBOLS[: len(rest)]), rest, node.axes)
     else:
-        code = f"torch.einsum({em.deferred[products.pop(0)]})"
+        code = f"_rt.contract({em.deferred[products.pop(0)]})"
     for u in products:
         code = f"_rt.contract_add({code}, {em.deferred[u]})"
     return code

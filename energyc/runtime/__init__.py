@@ -13,6 +13,8 @@ and the energy's own Triton kernels); everything else they call is here, written
 * mixed precision: what a layer computes in under torch.autocast (``apply_layer``,
   ``autocast_dtype``, ``energy_inputs``, ``autocast_off``, ``autocast_state``,
   ``autocast_as``);
+* two-operand contractions as one GEMM, on oneDNN where it is the faster CPU GEMM
+  (``contract``, ``contract_add``: ``energyc.runtime.gemm``);
 * the block-sparse pair reductions of ``energyc.runtime.pairs``, re-exported.
 
 The Triton path's shared pieces are separate modules, imported only when that path is used:
@@ -33,6 +35,7 @@ from typing import Any
 import torch
 
 from energyc.runtime import flash_cpu
+from energyc.runtime.gemm import contract, contract_add  # noqa: F401 (generated code calls them)
 from energyc.runtime.pairs import _in_context, key_start, query_blocks
 from energyc.runtime_version import RUNTIME_VERSION
 
@@ -476,38 +479,6 @@ def mul_affine_(a: torch.Tensor, y: torch.Tensor, c: float, s: float) -> torch.T
     element of ``a`` before writing it). ``a`` has the broadcast shape of both; c != 0."""
     a.addcmul_(a, y, value=s / c)
     return a if c == 1 else a.mul_(c)
-
-
-def contract_add(total: torch.Tensor, equation: str, a: torch.Tensor,
-                 b: torch.Tensor) -> torch.Tensor:
-    """``total + einsum(equation, a, b)`` with the sum inside one matrix product (addmm, beta 1):
-
-        out[P, Q] = total[P, Q] + sum_S a[P, S] b[S, Q]
-
-    for a contraction of two operands whose output axes each belong to one of them (P: a's, Q:
-    b's, in the output in that order or the other; S: the summed ones). The axes flatten to a
-    matrix as views where the layouts allow (a (b, i, D) state is a transposed (b i) x D matrix);
-    else reshape copies. Any other contraction, operands of other dtypes, or autocast (which
-    would round the sum to its dtype) take the einsum and an add."""
-    ins, out = equation.split("->")
-    ia, ib = ins.split(",")
-    S = [c for c in ia if c in ib]
-    P = [c for c in ia if c not in S]
-    Q = [c for c in ib if c not in S]
-    autocast = torch.is_autocast_enabled(total.device.type)
-    if (autocast or len(set(ia)) < len(ia) or len(set(ib)) < len(ib) or S != [c for c in ib if c in ia]
-            or out not in ("".join(P + Q), "".join(Q + P)) or not a.dtype == b.dtype == total.dtype):
-        return total + torch.einsum(equation, a, b)
-    size = dict(zip(ia, a.shape)) | dict(zip(ib, b.shape))
-    # (list comprehensions, not generators: torch.compile traces this)
-    n_p, n_q, n_s = [math.prod([size[c] for c in axes]) for axes in (P, Q, S)]
-    A = a.permute([ia.index(c) for c in P + S]).reshape(n_p, n_s)
-    B = b.permute([ib.index(c) for c in S + Q]).reshape(n_s, n_q)
-    if out == "".join(P + Q):
-        r = torch.addmm(total.reshape(n_p, n_q), A, B)
-    else:
-        r = torch.addmm(total.reshape(n_q, n_p), B.T, A.T)
-    return r.view(total.shape)
 
 
 class Sums:
