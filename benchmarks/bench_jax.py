@@ -46,7 +46,7 @@ call is a request to its worker, run while this process waits. Medians are repor
 printed, never asserted.
 
 Profile: the energyc ET step at its best thread count under torch.profiler; the share of the self
-CPU time of all ops spent outside matrix products (GEMM ops: mm, bmm, addmm, baddbmm, matmul, ...;
+CPU time of all ops spent outside matrix products (GEMM ops: mm, bmm, addmm, baddbmm, matmul, oneDNN's linear, ...;
 the fused CPU flash-attention kernels are counted as a class of their own), and the top other ops.
 
 Run from the repository root (needs `pip install -e ".[bench]"`, i.e. jax[cpu]):
@@ -118,6 +118,7 @@ CEM_ETA = 1.0
 GEMM_OPS = {
     "aten::mm", "aten::bmm", "aten::addmm", "aten::baddbmm", "aten::addbmm", "aten::matmul",
     "aten::dot", "aten::vdot", "aten::mv", "aten::addmv", "aten::_addmm_activation",
+    "mkldnn::_linear_pointwise",  # energyc.runtime.gemm's oneDNN GEMM
 }
 ATTENTION_MARKS = ("scaled_dot_product", "flash_attention")
 
