@@ -54,6 +54,7 @@ from types import ModuleType
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # the generated package imports energyc.runtime from this checkout
 EXAMPLE = Path("examples") / "cem_attention.py"
 PACKAGE = "cem_attention"
 CHECK_TOL = 1e-8
