@@ -232,6 +232,10 @@ def function_spec(
         unpack = ", ".join(names[n] for n in saved_in)
         lines.append(f"({unpack},) = saved" if len(saved_in) == 1 else f"{unpack} = saved")
     em.pending.update(names)
+    kept = set(saved_out or ())
+    em.wanted_order = {nid: tuple(order) for nid, axes, order in returns
+                       if nid is not None and nid not in kept and graph.node(nid).axes == tuple(axes)
+                       and tuple(order) != tuple(axes)}
     for n in nodes:
         if n in em.names:
             continue

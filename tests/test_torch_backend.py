@@ -222,6 +222,31 @@ def test_gated_units_step_element_wise_passes():
     assert "_rt.contract_add(" in source  # d/dW = grad_g^T t + x^T t': one GEMM with beta 1
 
 
+def test_weight_gradients_come_out_in_the_weights_layout():
+    """A parameter's gradient that is a product (or a sum of products) read by nothing else is
+    printed with its einsum's output in the parameter's own axis order, so the backward returns
+    it contiguous, not as a permuted view: autograd adds such a view into ``.grad`` by a strided
+    pass. cem_mlp's d/dU and d/dW (whose sum of two products is one GEMM) and the Energy
+    Transformer's d/dW_q, d/dW_k and d/dXi are returned as they are."""
+    import pathlib
+
+    def returned(package):
+        source = (pathlib.Path("generated") / package / "layer.py").read_text()
+        body = source.split("def _grad_backward", 1)[1].split("\ndef ", 1)[0]
+        return body, body.strip().splitlines()[-1].strip()
+
+    body, ret = returned("cem_mlp")
+    assert ret == "return t10, t12, t13, t11"
+    assert '"bim,bid->md", t8, xbar)' in body and '"bim,bid->md", t7, x)' in body
+    body, ret = returned("energy_transformer")
+    assert "permute" not in ret, ret
+    # on the Triton path d/dW is an element-wise kernel's output (no GEMM takes the sum): it
+    # keeps the canonical order and is permuted on return
+    source = (pathlib.Path("generated") / "cem_mlp" / "_triton_layer.py").read_text()
+    body = source.split("def _grad_backward", 1)[1].split("\ndef ", 1)[0]
+    assert body.strip().splitlines()[-1].strip() == "return t10, t12, t13.permute(1, 0), t11"
+
+
 @pytest.mark.parametrize("equation", ["bim,bid->dm", "bid,bim->dm", "bim,dm->bid", "dm,bim->bid",
                                       "bjhk,bjd->dhk", "ij,jk->ki"])
 def test_contract_add_is_the_sum_and_the_product(equation):

@@ -59,7 +59,12 @@ class Emitter:
     # a sum whose term is a matrix product used nowhere else takes that product inside one GEMM
     # (_rt.contract_add); an emitter whose element-wise nodes are kernels sets False
     accumulate_products: bool = True
-    deferred: dict[int, str] = field(default_factory=dict)  # such products: their einsum args
+    deferred: dict[int, int] = field(default_factory=dict)  # such products -> their sum
+    # returned values wanted in an axis order other than the canonical one (a parameter's
+    # gradient in the parameter's layout); a contraction (or a sum of them) read by nothing
+    # else prints its einsum's output in that order, recorded in ``printed_order``
+    wanted_order: dict[int, tuple[str, ...]] = field(default_factory=dict)
+    printed_order: dict[int, tuple[str, ...]] = field(default_factory=dict)
     _users: dict[int, list[int]] | None = None
 
     def users(self, nid: int) -> list[int]:
@@ -127,7 +132,8 @@ class Emitter:
         if expr is None:
             return
         self.names[nid] = var
-        comment = f"# ({', '.join(node.axes)})" if node.axes else "# scalar"
+        axes = self.printed_order.get(nid, node.axes)
+        comment = f"# ({', '.join(axes)})" if axes else "# scalar"
         self.lines.append(f"{var} = {expr}  {comment}")
 
 
@@ -144,17 +150,34 @@ def _emit_offset(em: Emitter, nid: int, node: Node) -> str:
     return "_rt.token_offset(T, x.dtype, x.device)"
 
 
-def _emit_contract(em: Emitter, nid: int, node: Node) -> str | None:
-    subs = []
-    for u in node.inputs:
-        subs.append("".join(em.letters[a] for a in em.graph.node(u).axes))
-    out = "".join(em.letters[a] for a in node.axes)
+def _einsum_call(em: Emitter, node: Node, out_axes: tuple[str, ...]) -> str:
+    """``"subscripts", operands`` of contraction ``node`` with its output in ``out_axes``."""
+    subs = ["".join(em.letters[a] for a in em.graph.node(u).axes) for u in node.inputs]
+    out = "".join(em.letters[a] for a in out_axes)
     args = ", ".join(em.names[u] for u in node.inputs)
-    call = f'"{",".join(subs)}->{out}", {args}'
+    return f'"{",".join(subs)}->{out}", {args}'
+
+
+def _output_order(em: Emitter, nid: int) -> tuple[str, ...]:
+    """The axis order node ``nid`` is printed in: the storage order it is returned in where it is
+    a value read by nothing else (so no permuted view goes out: a gradient returned as a
+    transposed view costs its consumer a strided pass, e.g. autograd's accumulation into the
+    parameter's .grad, 25x slower than a contiguous add for a (3072, 768) weight), else its
+    canonical axes. ``sum_S A[P, S] B[S, Q]`` is one GEMM in either output order (P Q or Q P),
+    so the order costs nothing."""
+    node = em.graph.node(nid)
+    order = em.wanted_order.get(nid)
+    if order is None or em.users(nid) or sorted(order) != sorted(node.axes):
+        return node.axes
+    em.printed_order[nid] = order
+    return order
+
+
+def _emit_contract(em: Emitter, nid: int, node: Node) -> str | None:
     if _accumulates(em, nid, node):
-        em.deferred[nid] = call  # printed inside its sum (_emit_pointwise)
+        em.deferred[nid] = em.users(nid)[0]  # printed inside its sum (_emit_pointwise)
         return None
-    return _contraction(call, len(node.inputs))
+    return _contraction(_einsum_call(em, node, _output_order(em, nid)), len(node.inputs))
 
 
 def _contraction(call: str, n_inputs: int) -> str:
@@ -198,10 +221,12 @@ def _emit_pointwise(em: Emitter, nid: int, node: Node) -> str:
     rest = [u for u in node.inputs if u not in em.deferred]
     if rest:
         code = em.print_body(sympy.Add(*ARG_SYMBOLS[: len(rest)]), rest, node.axes)
-    else:
-        code = f"_rt.contract({em.deferred[products.pop(0)]})"
+        order = node.axes
+    else:  # a sum of products alone may come out in its returned order (_output_order)
+        order = _output_order(em, nid)
+        code = f"_rt.contract({_einsum_call(em, em.graph.node(products.pop(0)), order)})"
     for u in products:
-        code = f"_rt.contract_add({code}, {em.deferred[u]})"
+        code = f"_rt.contract_add({code}, {_einsum_call(em, em.graph.node(u), order)})"
     return code
 
 
@@ -603,6 +628,8 @@ def full_output(em: Emitter, nid: int | None, axes: tuple[str, ...], order: tupl
         return "None"
     node_axes = em.graph.node(nid).axes
     expr = em.names[nid]
+    if em.printed_order.get(nid) == tuple(order):  # printed in the returned order already
+        return expr
     if node_axes != axes:
         if not node_axes:
             expr = f"torch.as_tensor({expr}).expand({', '.join(em.size(a) for a in axes)})"
