@@ -32,10 +32,18 @@ def dense(q, k, v, scale, kind, slopes):
     return torch.einsum("bhij,bjhf->bihf", P, v), lse.transpose(1, 2), P
 
 
+@pytest.fixture(params=[None, 1], ids=["default_parts", "every_part_a_call"])
+def unmasked_parts(request, monkeypatch):
+    """The kernels as they are, and with every run of keys inside the context set its own call
+    without a mask (flash_cpu.MIN_UNMASKED = 1), whatever its width."""
+    if request.param is not None:
+        monkeypatch.setattr(flash_cpu, "MIN_UNMASKED", request.param)
+
+
 @pytest.mark.parametrize("kind", KINDS, ids=lambda k: "_".join(map(str, k)))
 @pytest.mark.parametrize("T,G", [(1, 4), (5, 5), (300, 3), (600, 6)])
 @pytest.mark.parametrize("bias", [False, True], ids=["no_bias", "slopes"])
-def test_masked_blocks_match_the_materialised_attention(kind, T, G, bias):
+def test_masked_blocks_match_the_materialised_attention(kind, T, G, bias, unmasked_parts):
     torch.manual_seed(T + G)
     dt = torch.float64
     B, H, F = 2, 3, 4
@@ -96,3 +104,58 @@ def test_a_zero_scale_with_a_learned_scale_or_slopes_is_not_served():
     assert not flash_cpu.serves(q, q, 0.0, None, need_dscale=True)
     assert not flash_cpu.serves(q, q, 0.0, torch.ones(1))
     assert flash_cpu.serves(q, q, 0.0)
+
+
+@pytest.mark.parametrize("kind", KINDS + [("window", 0), ("window", 2)],
+                         ids=lambda k: "_".join(map(str, k)))
+def test_parts_split_the_keys_where_the_context_set_cuts_them(kind, monkeypatch):
+    """key_parts and query_parts cover the range in order; a part without a mask lies wholly in
+    the context set; each masked part has a pair outside it (so no mask is wasted);
+    _no_keys names exactly the rows without a key in a part. Every rectangle of 12 tokens."""
+    monkeypatch.setattr(flash_cpu, "MIN_UNMASKED", 1)
+    T = 12
+    w = kind[1] if kind[0] == "window" else 0
+    d = torch.arange(T)[:, None] - torch.arange(T)[None, :]
+    inside = _in_context(kind[0], w, d)
+    spans = [(a, b) for a in range(T) for b in range(a + 1, T + 1)]
+    for r0, r1 in spans:
+        for c0, c1 in spans:
+            for parts, tile in ((flash_cpu.key_parts(kind, r0, r1, c0, c1),
+                                 lambda a, b, r0=r0, r1=r1: inside[r0:r1, a:b]),
+                                (flash_cpu.query_parts(kind, r0, r1, c0, c1),
+                                 lambda a, b, r0=r0, r1=r1: inside[a:b, r0:r1])):
+                assert [p[0] for p in parts] == [c0] + [p[1] for p in parts[:-1]]
+                assert parts[-1][1] == c1
+                for a, b, masked in parts:
+                    assert bool(tile(a, b).all()) != masked, (kind, r0, r1, c0, c1, parts)
+            for a, b, _ in flash_cpu.key_parts(kind, r0, r1, c0, c1):
+                want = ~inside[r0:r1, a:b].any(1)
+                assert torch.equal(flash_cpu._no_keys(kind, r0, r1, a, b, torch.device("cpu")),
+                                   want)
+
+
+def test_long_sequences_run_most_keys_without_a_mask(monkeypatch):
+    """At 600 tokens (blocks of 256) a not-self block's keys are three calls: two without a
+    mask around the masked diagonal tile, whose mask is (256, 256), not (256, 600), where runs
+    of 64 keys are worth a call; with the default MIN_UNMASKED (1024) they stay one masked call."""
+    calls = []
+    real = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+
+    class Ops:
+        def __getattr__(self, name):
+            if name == "_scaled_dot_product_flash_attention_for_cpu":
+                def counting(q, k, v, *args, attn_mask=None, **kw):
+                    calls.append(None if attn_mask is None else tuple(attn_mask.shape))
+                    return real(q, k, v, *args, attn_mask=attn_mask, **kw)
+                return counting
+            return getattr(torch.ops.aten, name)
+
+    monkeypatch.setattr(flash_cpu.torch.ops, "aten", Ops(), raising=False)
+    q, k, v = (torch.randn(1, 600, 2, 8) for _ in range(3))
+    flash_cpu.forward(q, k, v, 0.5, ("not_self",))
+    assert calls == [(256, 600), (256, 600), (88, 600)]
+    calls.clear()
+    monkeypatch.setattr(flash_cpu, "MIN_UNMASKED", 64)
+    flash_cpu.forward(q, k, v, 0.5, ("not_self",))
+    assert calls[:2] == [(256, 256), None] and calls[2:5] == [None, (256, 256), None]
+    assert all(c is None or c[1] <= 256 for c in calls)

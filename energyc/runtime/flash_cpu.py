@@ -31,6 +31,18 @@ the three products are:
   (whose product is ``S_ij - lse_i`` without the bias, so the mask stays a context tile), gives
   ``o'_j = sum_i P_ij v_i / Z_j`` and ``log Z_j``, so ``o_j = o'_j Z_j``.
 
+Without a bias, a block's keys are split where the context set's boundaries cross them
+(``key_parts``): the keys every query of the block sees run without a mask, and only the keys
+near a boundary (at most a block's width per boundary: the diagonal, a window's far edge) take a
+mask tile. The mask costs the kernels about 8% of their time (256 x 4096 tiles, one thread). The
+forward merges the parts' results as flash attention merges key blocks,
+
+    lse_i = log sum_r exp(lse_i^r),    o_i = sum_r exp(lse_i^r - lse_i) o_i^r,
+
+with lse_i^r = -inf where part r holds no key of row i (the kernel reports 0 there); the
+backward's dq sums over the parts (each with the row's full lse and o), dk and dv are per part's
+keys; the key role sums o'_j^r Z_j^r over the parts of its queries.
+
 The kernels want the same feature size for q, k and v: the narrower side is padded with zero
 features, which changes neither S nor o (the padded features of o and dv are dropped). They want
 a mask of the query's dtype, and compute in float32 for float32 and half-precision inputs (inputs
@@ -39,11 +51,18 @@ are converted), float64 for float64.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
-from energyc.runtime.pairs import _compute_dtype, mask_tile, partial_tile, query_blocks
+from energyc.runtime.pairs import _compute_dtype, band, mask_tile, partial_tile, query_blocks
 
 BLOCK = 256  # queries per kernel call: a mask tile is (H|1, BLOCK, keys)
+# the narrowest run of keys worth a call of its own without a mask: narrower ones stay in the
+# masked call of their neighbours (on one core, energy_transformer's step at 300 tokens took 1.2x
+# as long with every part its own call; at 1024 tokens the two were even, at 4096 the split
+# was 1.17x faster)
+MIN_UNMASKED = 1024
 
 _OPS = all(hasattr(torch.ops.aten, name) for name in (
     "_scaled_dot_product_flash_attention_for_cpu",
@@ -80,6 +99,62 @@ def _mask(kind: tuple, slopes: torch.Tensor | None, block: tuple[int, int, int, 
         d = _offsets(r0, r1, c0, c1, device)
         mask = mask + slopes.to(dtype)[None, :, None, None] * d.to(dtype)
     return mask
+
+
+def key_parts(kind: tuple, r0: int, r1: int, c0: int, c1: int) -> list[tuple[int, int, bool]]:
+    """Keys [c0, c1) of queries [r0, r1) as consecutive parts (a, b, masked): a part is masked
+    when some of its pairs are outside the context set (``partial_tile``), else every query of
+    the block sees every key of it. With the band lo <= i - j <= hi, i - j != hole, a key j is
+    seen by every query of the block when r0 - j >= lo (j <= r0 - lo), r1 - 1 - j <= hi
+    (j >= r1 - 1 - hi) and j is outside [r0 - hole, r1 - hole): the parts are cut there and
+    adjacent parts of the same kind joined; a part without a mask narrower than MIN_UNMASKED
+    joins the masked calls (a call costs more than its mask there)."""
+    w = kind[1] if kind[0] == "window" else 0
+    return _parts(kind, w, c0, c1, lambda a, b: partial_tile(kind[0], w, r0, r1, a, b),
+                  lambda lo, hi, hole: [r0 - lo + 1 if lo is not None else None,
+                                        r1 - 1 - hi if hi is not None else None,
+                                        *((r0 - hole, r1 - hole) if hole is not None else ())])
+
+
+def query_parts(kind: tuple, j0: int, j1: int, i0: int, i1: int) -> list[tuple[int, int, bool]]:
+    """Queries [i0, i1) of keys [j0, j1) (the key role) as consecutive parts (a, b, masked), as
+    ``key_parts`` with the roles swapped: query i sees every key of the block when
+    i - (j1 - 1) >= lo, i - j0 <= hi and i is outside [j0 + hole, j1 + hole)."""
+    w = kind[1] if kind[0] == "window" else 0
+    return _parts(kind, w, i0, i1, lambda a, b: partial_tile(kind[0], w, a, b, j0, j1),
+                  lambda lo, hi, hole: [j1 - 1 + lo if lo is not None else None,
+                                        j0 + hi + 1 if hi is not None else None,
+                                        *((j0 + hole, j1 + hole) if hole is not None else ())])
+
+
+def _parts(kind: tuple, w: int, a0: int, a1: int, masked, cuts) -> list[tuple[int, int, bool]]:
+    points = {a0, a1} | {c for c in cuts(*band(kind[0], w)) if c is not None and a0 < c < a1}
+    points = sorted(points)
+    parts: list[tuple[int, int, bool]] = []
+    for a, b in zip(points, points[1:]):
+        m = masked(a, b) or b - a < MIN_UNMASKED
+        if parts and parts[-1][2] == m:
+            parts[-1] = (parts[-1][0], b, m)
+        else:
+            parts.append((a, b, m))
+    return parts
+
+
+def _no_keys(kind: tuple, r0: int, r1: int, a: int, b: int, device: torch.device) -> torch.Tensor:
+    """(r1 - r0,) bool: the queries of [r0, r1) none of whose context keys lies in [a, b). Row i
+    meets offsets i - b + 1 .. i - a there; it has a key when that range meets the band other
+    than at its hole alone."""
+    lo, hi, hole = band(kind[0], kind[1] if kind[0] == "window" else 0)
+    i = torch.arange(r0, r1, device=device)
+    dl, dh = i - b + 1, i - a
+    if lo is not None:
+        dl = dl.clamp(min=lo)
+    if hi is not None:
+        dh = dh.clamp(max=hi)
+    empty = dl > dh
+    if hole is not None:
+        empty |= (dl == dh) & (dl == hole)
+    return empty
 
 
 def _empty_rows(kind: tuple, T: int) -> int:
@@ -133,9 +208,13 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | to
     outs, lses = [], []
     for block in query_blocks(kind, T, BLOCK):
         r0, r1, c0, c1 = block
-        ob, lb = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-            qh[:, :, r0:r1], kh[:, :, c0:c1], vh[:, :, c0:c1], 0.0, False,
-            attn_mask=_mask(kind, slopes, block, dt, q.device), scale=s)
+        parts = [(c0, c1, True)] if slopes is not None else key_parts(kind, r0, r1, c0, c1)
+        if len(parts) == 1:
+            ob, lb = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+                qh[:, :, r0:r1], kh[:, :, c0:c1], vh[:, :, c0:c1], 0.0, False,
+                attn_mask=_mask(kind, slopes, block, dt, q.device), scale=s)
+        else:
+            ob, lb = _merged_forward(qh, kh, vh, s, kind, r0, r1, parts)
         outs.append(ob)
         lses.append(lb)
     o, lse = _rows(outs), _rows(lses)
@@ -144,6 +223,27 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | to
         o[:, :, :n] = 0.0
         lse[:, :, :n] = 0.0
     return o[..., :v.shape[-1]].transpose(1, 2).to(q.dtype), lse.transpose(1, 2)
+
+
+def _merged_forward(qh: torch.Tensor, kh: torch.Tensor, vh: torch.Tensor, s: float, kind: tuple,
+                    r0: int, r1: int, parts: list[tuple[int, int, bool]]
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """o and lse of queries [r0, r1) over the keys of ``parts``, one kernel call per part, merged
+    (see the module): (B, H, r1 - r0, G) and (B, H, r1 - r0)."""
+    obs, lbs = [], []
+    for a, b, masked in parts:
+        mask = mask_tile(kind[0], kind[1] if kind[0] == "window" else 0, r0, r1, a, b, qh.dtype,
+                         qh.device) if masked else None
+        ob, lb = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            qh[:, :, r0:r1], kh[:, :, a:b], vh[:, :, a:b], 0.0, False, attn_mask=mask, scale=s)
+        if masked:  # a row with no key in this part: the kernel says lse 0, o 0
+            lb = lb.masked_fill(_no_keys(kind, r0, r1, a, b, qh.device), -math.inf)
+        obs.append(ob)
+        lbs.append(lb.to(ob.dtype))
+    lse = torch.logsumexp(torch.stack(lbs), dim=0)
+    finite = torch.where(torch.isneginf(lse), 0.0, lse)  # no key at all: 0, as the kernel
+    o = sum(ob * torch.exp(lb - finite)[..., None] for ob, lb in zip(obs, lbs))
+    return o, finite
 
 
 def backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | torch.Tensor,
@@ -163,21 +263,32 @@ def backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | t
     dqs, dk, dv = [], _Keys(T), _Keys(T)
     dslopes = qh.new_zeros(H) if slopes is not None else None
     s = float(scale)
+    w = kind[1] if kind[0] == "window" else 0
     for block in query_blocks(kind, T, BLOCK):
         r0, r1, c0, c1 = block
-        kb = kh[:, :, c0:c1]
         if slopes is not None:
+            kb = kh[:, :, c0:c1]
             j = torch.arange(c0 - r0, c1 - r0, device=q.device, dtype=dt)
             kb = torch.cat([kb, j[:, None].expand(B, H, c1 - c0, 1)], -1)
-        dqb, dkb, dvb = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-            gh[:, :, r0:r1], qh[:, :, r0:r1], kb, vh[:, :, c0:c1], oh[:, :, r0:r1],
-            lseh[:, :, r0:r1], 0.0, False, attn_mask=_mask(kind, slopes, block, dt, q.device),
-            scale=s)
-        dqs.append(dqb)
-        dk.add(dkb, c0, c1)
-        dv.add(dvb, c0, c1)
-        if slopes is not None:
+            dqb, dkb, dvb = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+                gh[:, :, r0:r1], qh[:, :, r0:r1], kb, vh[:, :, c0:c1], oh[:, :, r0:r1],
+                lseh[:, :, r0:r1], 0.0, False, attn_mask=_mask(kind, slopes, block, dt, q.device),
+                scale=s)
+            dqs.append(dqb)
+            dk.add(dkb, c0, c1)
+            dv.add(dvb, c0, c1)
             dslopes -= dqb[..., -1].sum((0, 2)) / s
+            continue
+        dqb = None
+        for a, b, masked in key_parts(kind, r0, r1, c0, c1):  # each with the rows' full lse, o
+            mask = mask_tile(kind[0], w, r0, r1, a, b, dt, q.device) if masked else None
+            dqp, dkb, dvb = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+                gh[:, :, r0:r1], qh[:, :, r0:r1], kh[:, :, a:b], vh[:, :, a:b], oh[:, :, r0:r1],
+                lseh[:, :, r0:r1], 0.0, False, attn_mask=mask, scale=s)
+            dqb = dqp if dqb is None else dqb.add_(dqp)
+            dk.add(dkb, a, b)
+            dv.add(dvb, a, b)
+        dqs.append(dqb)
     dq, dk, dv = _rows(dqs), dk.total, dv.total
     dq, dk, dv = dq[..., :F], dk[..., :F], dv[..., :G]
     dscale = (qh[..., :F] * dq).sum() / s if need_dscale else None
@@ -209,14 +320,19 @@ def transposed(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float |
         i0 = max(i0, n)  # rows with an empty context set have no weights
         if i1 <= i0:
             continue
-        mask = _mask(kind, slopes, (i0, i1, j0, j1), dt, q.device)  # queries x keys ...
-        if mask is not None:
-            mask = mask.transpose(-1, -2).contiguous()  # ... as keys x queries here
-        ob, lb = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-            kq[:, :, j0:j1], qk[:, :, i0:i1], vh[:, :, i0:i1], 0.0, False, attn_mask=mask,
-            scale=1.0)
-        z = torch.exp(lb)[..., None]
-        out[:, :, j0:j1] = torch.where(torch.isneginf(lb)[..., None], 0.0, ob * z)
+        parts = [(i0, i1, True)] if slopes is not None else query_parts(kind, j0, j1, i0, i1)
+        total = None
+        for a, b, masked in parts:
+            mask = _mask(kind, slopes, (a, b, j0, j1), dt, q.device) if masked else None
+            if mask is not None:  # queries x keys ...
+                mask = mask.transpose(-1, -2).contiguous()  # ... as keys x queries here
+            ob, lb = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+                kq[:, :, j0:j1], qk[:, :, a:b], vh[:, :, a:b], 0.0, False, attn_mask=mask,
+                scale=1.0)
+            # o'_j Z_j = sum_i P_ij v_i over this part's queries (0 where none reaches j)
+            part = torch.where(torch.isneginf(lb)[..., None], 0.0, ob * torch.exp(lb)[..., None])
+            total = part if total is None else total.add_(part)
+        out[:, :, j0:j1] = total
     return out[..., :G].transpose(1, 2).to(q.dtype)
 
 
