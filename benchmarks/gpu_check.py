@@ -72,7 +72,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def run(cmd: list[str], log: str, budget: float, env: dict | None = None) -> tuple[str, float]:
+def run(cmd: list[str], log: str, budget: float) -> tuple[str, float]:
     """Run ``cmd`` from the repository root with stdout and stderr into ``log``; stop it after
     ``budget`` seconds. Returns (status, seconds)."""
     t0 = time.perf_counter()
@@ -81,7 +81,7 @@ def run(cmd: list[str], log: str, budget: float, env: dict | None = None) -> tup
         fh.flush()
         try:
             proc = subprocess.run(cmd, cwd=ROOT, stdout=fh, stderr=subprocess.STDOUT,
-                                  timeout=max(budget, 1), env=env)
+                                  timeout=max(budget, 1))
             status = "ok" if proc.returncode == 0 else f"failed (exit {proc.returncode})"
         except subprocess.TimeoutExpired:
             status = f"timed out ({budget:.0f} s)"

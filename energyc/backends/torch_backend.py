@@ -59,7 +59,7 @@ class Emitter:
     # a sum whose term is a matrix product used nowhere else takes that product inside one GEMM
     # (_rt.contract_add); an emitter whose element-wise nodes are kernels sets False
     accumulate_products: bool = True
-    deferred: dict[int, int] = field(default_factory=dict)  # such products -> their sum
+    deferred: set[int] = field(default_factory=set)  # such products
     # returned values wanted in an axis order other than the canonical one (a parameter's
     # gradient in the parameter's layout); a contraction (or a sum of them) read by nothing
     # else prints its einsum's output in that order, recorded in ``printed_order``
@@ -175,7 +175,7 @@ def _output_order(em: Emitter, nid: int) -> tuple[str, ...]:
 
 def _emit_contract(em: Emitter, nid: int, node: Node) -> str | None:
     if _accumulates(em, nid, node):
-        em.deferred[nid] = em.users(nid)[0]  # printed inside its sum (_emit_pointwise)
+        em.deferred.add(nid)  # printed inside its sum (_emit_pointwise)
         return None
     return _contraction(_einsum_call(em, node, _output_order(em, nid)), len(node.inputs))
 

@@ -232,10 +232,9 @@ def _merged_forward(qh: torch.Tensor, kh: torch.Tensor, vh: torch.Tensor, s: flo
     (see the module): (B, H, r1 - r0, G) and (B, H, r1 - r0)."""
     obs, lbs = [], []
     for a, b, masked in parts:
-        mask = mask_tile(kind[0], kind[1] if kind[0] == "window" else 0, r0, r1, a, b, qh.dtype,
-                         qh.device) if masked else None
         ob, lb = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-            qh[:, :, r0:r1], kh[:, :, a:b], vh[:, :, a:b], 0.0, False, attn_mask=mask, scale=s)
+            qh[:, :, r0:r1], kh[:, :, a:b], vh[:, :, a:b], 0.0, False,
+            attn_mask=_mask(kind, None, (r0, r1, a, b), qh.dtype, qh.device), scale=s)
         if masked:  # a row with no key in this part: the kernel says lse 0, o 0
             lb = lb.masked_fill(_no_keys(kind, r0, r1, a, b, qh.device), -math.inf)
         obs.append(ob)
@@ -263,32 +262,25 @@ def backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | t
     dqs, dk, dv = [], _Keys(T), _Keys(T)
     dslopes = qh.new_zeros(H) if slopes is not None else None
     s = float(scale)
-    w = kind[1] if kind[0] == "window" else 0
     for block in query_blocks(kind, T, BLOCK):
         r0, r1, c0, c1 = block
-        if slopes is not None:
-            kb = kh[:, :, c0:c1]
-            j = torch.arange(c0 - r0, c1 - r0, device=q.device, dtype=dt)
-            kb = torch.cat([kb, j[:, None].expand(B, H, c1 - c0, 1)], -1)
-            dqb, dkb, dvb = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-                gh[:, :, r0:r1], qh[:, :, r0:r1], kb, vh[:, :, c0:c1], oh[:, :, r0:r1],
-                lseh[:, :, r0:r1], 0.0, False, attn_mask=_mask(kind, slopes, block, dt, q.device),
-                scale=s)
-            dqs.append(dqb)
-            dk.add(dkb, c0, c1)
-            dv.add(dvb, c0, c1)
-            dslopes -= dqb[..., -1].sum((0, 2)) / s
-            continue
+        parts = [(c0, c1, True)] if slopes is not None else key_parts(kind, r0, r1, c0, c1)
         dqb = None
-        for a, b, masked in key_parts(kind, r0, r1, c0, c1):  # each with the rows' full lse, o
-            mask = mask_tile(kind[0], w, r0, r1, a, b, dt, q.device) if masked else None
+        for a, b, _ in parts:  # each with the rows' full lse and o
+            kb = kh[:, :, a:b]
+            if slopes is not None:
+                j = torch.arange(a - r0, b - r0, device=q.device, dtype=dt)
+                kb = torch.cat([kb, j[:, None].expand(B, H, b - a, 1)], -1)
             dqp, dkb, dvb = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-                gh[:, :, r0:r1], qh[:, :, r0:r1], kh[:, :, a:b], vh[:, :, a:b], oh[:, :, r0:r1],
-                lseh[:, :, r0:r1], 0.0, False, attn_mask=mask, scale=s)
+                gh[:, :, r0:r1], qh[:, :, r0:r1], kb, vh[:, :, a:b], oh[:, :, r0:r1],
+                lseh[:, :, r0:r1], 0.0, False,
+                attn_mask=_mask(kind, slopes, (r0, r1, a, b), dt, q.device), scale=s)
             dqb = dqp if dqb is None else dqb.add_(dqp)
             dk.add(dkb, a, b)
             dv.add(dvb, a, b)
         dqs.append(dqb)
+        if slopes is not None:
+            dslopes -= dqb[..., -1].sum((0, 2)) / s
     dq, dk, dv = _rows(dqs), dk.total, dv.total
     dq, dk, dv = dq[..., :F], dk[..., :F], dv[..., :G]
     dscale = (qh[..., :F] * dq).sum() / s if need_dscale else None
@@ -322,8 +314,8 @@ def transposed(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float |
             continue
         parts = [(i0, i1, True)] if slopes is not None else query_parts(kind, j0, j1, i0, i1)
         total = None
-        for a, b, masked in parts:
-            mask = _mask(kind, slopes, (a, b, j0, j1), dt, q.device) if masked else None
+        for a, b, _ in parts:
+            mask = _mask(kind, slopes, (a, b, j0, j1), dt, q.device)
             if mask is not None:  # queries x keys ...
                 mask = mask.transpose(-1, -2).contiguous()  # ... as keys x queries here
             ob, lb = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
