@@ -90,7 +90,12 @@ class TritonModuleSpec:
     @property
     def context_test(self) -> bool:
         """Whether a kernel tests a context set (``_in_context``, from energyc.runtime)."""
-        return any("_in_context(" in getattr(k, "valid", "") for k in self.kernels)
+        return self.pairs or any("_in_context(" in getattr(k, "valid", "") for k in self.kernels)
+
+    @property
+    def pairs(self) -> bool:
+        """Whether a kernel is a pair kernel (energyc.runtime.triton_pairs's helpers)."""
+        return any(k.family == "pair" for k in self.kernels)
 
     @property
     def counts(self) -> dict[str, int]:

@@ -41,30 +41,27 @@ LAYERS = _layers()
 IDS = [layer.name for layer in LAYERS]
 
 
-def _case(layer) -> Case:
+def _case(layer, tokens: int = 7) -> Case:
     dims = {d: (4 if d in layer.even_dims else 3) for d in layer.dims}
     hypers = {}
     for h in layer.hypers:
         d = h.default
         hypers[h.name] = 1.0 if d is None else float(d.subs({s: dims[s.name] for s in d.free_symbols}))
-    return Case(dims=dims, batch=2, tokens=7, seed=0, scale=0.7, hypers=hypers, eta=0.5,
+    return Case(dims=dims, batch=2, tokens=tokens, seed=0, scale=0.7, hypers=hypers, eta=0.5,
                 steps=layer.decl.steps, precond="dplr", context=layer.decl.context)
 
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
 
 
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("layer", LAYERS, ids=IDS)
-def test_triton_path_against_autograd_reference(layer, dtype, device):
-    """One descent step (preconditioned, DPLR) and its backward on the Triton path (on CPU under
-    the interpreter; with the gpu marker, compiled for CUDA)."""
-    module = importlib.import_module(f"generated.{layer.name}")
-    case = _case(layer)
+def step_and_grads(layer, module, dtype, device, tokens: int = 7, backend: str = "triton"):
+    """One descent step (preconditioned, DPLR) and its backward (x and every parameter) of
+    ``module``'s layer on ``backend``, and the same from torch.autograd on the float64 reference
+    interpreter: ``(names, got, expected)``, got in float64 on the CPU."""
+    case = _case(layer, tokens)
     exact, x = build(layer, module, case)  # float64 parameters and input
     # the reference starts from the same inputs as the layer (rounded to dtype), so the comparison
-    # measures the Triton path's arithmetic, not the rounding of its inputs
+    # measures the layer's arithmetic, not the rounding of its inputs
     exact.load_state_dict({k: v.to(dtype).double() for k, v in exact.state_dict().items()})
     x = x.to(dtype).double().requires_grad_()
     w = torch.randn(x.shape, dtype=x.dtype, generator=torch.Generator().manual_seed(1))
@@ -74,33 +71,68 @@ def test_triton_path_against_autograd_reference(layer, dtype, device):
 
     lay = module.Layer(**case.dims, **case.hypers, eta=case.eta, steps=case.steps,
                        precond=case.precond, precond_rank=2, context=case.context,
-                       backend="triton", dtype=dtype, device=device)
+                       backend=backend, dtype=dtype, device=device)
     lay.load_state_dict({k: v.to(dtype) for k, v in exact.state_dict().items()})
     xt = x.detach().to(device, dtype).requires_grad_()
     yt = lay(xt)
     got = [yt, *torch.autograd.grad((yt * w.to(device, dtype)).sum(), [xt, *lay.parameters()],
                                     allow_unused=True)]
-    got = [None if t is None else t.cpu() for t in got]
+    got = [None if t is None else t.detach().cpu().double() for t in got]
     names = ["forward", "d/dx", *(f"d/d{n}" for n, _ in lay.named_parameters())]
-    for name, a, b in zip(names, got, expected):
+    return names, got, [None if t is None else t.detach() for t in expected]
+
+
+def check_triton_path(layer, module, dtype, device, tokens: int = 7) -> None:
+    """The Triton path of ``module`` against the float64 reference (``step_and_grads``), with
+    the dtype's tolerances."""
+    for name, a, b in zip(*step_and_grads(layer, module, dtype, device, tokens)):
         if b is None:
             assert a is None or not a.any(), name
             continue
-        assert_within_tolerance(name, a, b.detach(), dtype)
+        assert_within_tolerance(name, a, b, dtype)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("layer", LAYERS, ids=IDS)
+def test_triton_path_against_autograd_reference(layer, dtype, device):
+    """Each example's Triton path (on CPU under the interpreter; with the gpu marker, compiled
+    for CUDA)."""
+    check_triton_path(layer, importlib.import_module(f"generated.{layer.name}"), dtype, device)
 
 
 # -- structure: kernels counted from the rendered source --------------------------------------------
 
 
+def _source(package: str) -> str:
+    return open(os.path.join("generated", package, "_triton_layer.py"), encoding="utf-8").read()
+
+
 def _kernels_and_launches(package: str) -> tuple[list[str], list[str]]:
-    path = os.path.join("generated", package, "_triton_layer.py")
-    tree = ast.parse(open(path, encoding="utf-8").read())
+    """The module's kernels (its ``@triton.jit`` functions but the pair kernels' tile functions,
+    which kernels call) and the kernels its step functions launch."""
+    tree = ast.parse(_source(package))
     kernels = [f.name for f in tree.body if isinstance(f, ast.FunctionDef)
-               and any(ast.unparse(d) == "triton.jit" for d in f.decorator_list)]
+               and any(ast.unparse(d) == "triton.jit" for d in f.decorator_list)
+               and not f.name.endswith("_tile")]
     launches = [call.args[0].value for call in ast.walk(tree) if isinstance(call, ast.Call)
-                and isinstance(call.func, ast.Name) and call.func.id in ("_pointwise", "_reduction")
+                and isinstance(call.func, ast.Name)
+                and call.func.id in ("_pointwise", "_reduction", "_pairs")
                 and isinstance(call.args[0], ast.Constant)]
     return kernels, launches
+
+
+def _tile_functions(package: str) -> dict[str, list[str]]:
+    """Each tile function of the module with the functions that call it."""
+    tree = ast.parse(_source(package))
+    tiles = {f.name: [] for f in tree.body if isinstance(f, ast.FunctionDef)
+             and f.name.endswith("_tile")}
+    for f in tree.body:
+        if isinstance(f, ast.FunctionDef):
+            for call in ast.walk(f):
+                if isinstance(call, ast.Call) and getattr(call.func, "id", None) in tiles:
+                    tiles[call.func.id].append(f.name)
+    return tiles
 
 
 def _fusable_nodes(layer) -> int:
@@ -119,8 +151,14 @@ def test_one_kernel_per_fused_node_each_launched_once(layer):
     kernels, launches = _kernels_and_launches(layer.name)
     assert kernels, "no kernel generated"
     assert sorted(launches) == sorted(kernels)  # each kernel launched once, nothing else launched
-    assert len(kernels) == _fusable_nodes(layer)
+    pair = [k for k in kernels if "_pairs" in k]
+    assert len(kernels) - len(pair) == _fusable_nodes(layer)
     assert all(k.startswith(f"_{layer.name}_") for k in kernels)
+    # every pair kernel calls its own tile function, which nothing else calls
+    assert _tile_functions(layer.name) == {f"{k}_tile": [k] for k in pair}
+    # every pass over pairs is a kernel: no pair op is left to torch's tiles
+    assert "_rt.pair_" not in _source(layer.name)
+    assert bool(pair) == bool({"pair_lse", "pair_sum"} & set(layer.step.op_counts()))
     spec = package_spec(layer, "examples/x.py").triton_module
     assert len(spec.kernels) == len(kernels)
 
@@ -130,6 +168,9 @@ def test_one_kernel_per_fused_node_each_launched_once(layer):
 EXPECTED_KERNELS = {
     "cem_mlp": {"pointwise": 12, "reduction": 2},
     "cem_attention": {"pointwise": 11, "reduction": 2},
+    # forward: R and the sums over keys in one pass; backward: one pass over pairs, as a
+    # queries-major kernel (dq) and a keys-major one (dk and the value term)
+    "softcap_attention": {"pair": 3, "pointwise": 12, "reduction": 3},
 }
 
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import sympy
 
-from energyc.backends.torch_pairs import PAIR_EMITTERS
+from energyc.backends.torch_pairs import PAIR_EMITTERS, print_call
 from energyc.backends.torch_printer import TorchPrinter
 from energyc.errors import CompileError
 from energyc.ir.graph import Graph, Node
@@ -124,6 +124,10 @@ class Emitter:
     def emitters(self) -> dict:
         """The op -> printer table (a subclass overrides some entries)."""
         return EMITTERS
+
+    def print_pair_call(self, call) -> None:
+        """Print one pass over pairs (a ``torch_pairs.PairCall``): one runtime call here."""
+        print_call(self, call)
 
     def emit(self, nid: int, var: str) -> None:
         node = self.graph.node(nid)

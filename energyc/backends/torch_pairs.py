@@ -9,6 +9,8 @@ contractions), ``d`` (i - j) and ``e`` (the extras).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import sympy
 
 from energyc.backends.torch_printer import TorchPrinter
@@ -55,6 +57,70 @@ def _function(em, bodies: list[sympy.Expr], var: str, several: bool) -> str:
     return var
 
 
+@dataclass
+class PairCall:
+    """One pass over the pairs of ``form`` that a backend prints as one call (or kernels).
+
+    ``softmax``: ``bodies[0]`` is phi, and the call returns ``R_i = log sum_j exp(phi_ij)``
+    first, then each output with the weights ``A = bodies[n] exp(phi - R)``; otherwise each
+    output is a plain sum of the weights ``A = bodies[n]``. ``outputs`` are ``(token, value,
+    n)``: the sum over the other token of the weights of ``bodies[n]``, times ``value`` (a node
+    indexed by the other token) or alone (None). ``results`` are the variables to bind, in
+    order, with the (node, layout) each holds, the layout being the kernel's
+    ``(b, *heads, token[, feature])``."""
+
+    var: str
+    form: PairForm
+    softmax: bool
+    bodies: list[sympy.Expr]
+    outputs: list[tuple[str, int | None, int]]
+    results: list[tuple[int, tuple[str, ...]]]
+
+
+def value_view(em, call: PairCall, token: str, v: int | None) -> str:
+    """The value of an output summed over ``token``'s partner, laid out (b, *heads, token', F)."""
+    if v is None:
+        return "None"
+    heads = call.form.heads
+    return _view(em, v, ("b", *heads, "j" if token == "i" else "i", feature_of(em, v, heads)))
+
+
+def feature_of(em, v: int, heads: tuple[str, ...]) -> str:
+    """The feature axis of a value node (its one axis besides b, the token and the heads)."""
+    return next(a for a in em.graph.node(v).axes if a not in ("b", "i", "j", *heads))
+
+
+def print_call(em, call: PairCall) -> None:
+    """The call as one call into ``energyc.runtime.pairs`` (the torch printing of a pair call;
+    its pair functions a nested def)."""
+    form = call.form
+    names = [em.pending[n] for n, _ in call.results]
+    q, k, ex = _operands(em, form, form.extras)
+    tail = _call_tail(em, form, call.bodies)
+    first = 1 if call.softmax else 0  # the runtime numbers the factors g after phi from 0
+    outputs = ", ".join(f"({t!r}, {value_view(em, call, t, v)}, {n - first})"
+                        for t, v, n in call.outputs)
+    if call.softmax and not call.outputs:
+        phi = _function(em, call.bodies, f"{call.var}_phi", several=False)
+        em.lines.append(f"{names[0]} = _rt.pair_lse({q}, {k}, {ex}, {phi}, {tail})")
+    elif call.softmax:
+        fn = _function(em, call.bodies, f"{call.var}_phi_g", several=True)
+        em.lines.append(f"{', '.join(names)}, = _rt.pair_softmax_sums({q}, {k}, {ex}, {fn}, "
+                        f"[{outputs}], {tail})")
+    else:
+        fn = _function(em, call.bodies, f"{call.var}_w", several=True)
+        em.lines.append(f"{', '.join(names)}, = _rt.pair_sums({q}, {k}, {ex}, {fn}, "
+                        f"[{outputs}], {tail})")
+    bind_results(em, call, names)
+
+
+def bind_results(em, call: PairCall, names: list[str]) -> None:
+    """Each result variable permuted from its kernel layout to its node's axes, and named."""
+    for (n, layout), name in zip(call.results, names):
+        _back(em, name, layout, em.graph.node(n).axes)
+        em.names[n] = name
+
+
 def _operands(em, form: PairForm, extras: list[int]) -> tuple[str, str, str]:
     heads = form.heads
     q = [_view(em, x, ("b", *heads, "i", f)) for x, f in zip(form.q, form.features)]
@@ -89,12 +155,8 @@ def emit_pair_lse(em, nid: int, node: Node) -> None:
     form = form_of(em.graph, node)
     if _softmax_sums(em, nid, node, form, var):
         return None
-    phi = _function(em, [node.attr("body")], f"{var}_phi", several=False)
-    q, k, ex = _operands(em, form, form.extras)
-    tail = _call_tail(em, form, [node.attr("body")])
-    em.lines.append(f"{var} = _rt.pair_lse({q}, {k}, {ex}, {phi}, {tail})")
-    _back(em, var, ("b", *form.heads, "i"), node.axes)
-    em.names[nid] = var
+    em.print_pair_call(PairCall(var, form, True, [node.attr("body")], [],
+                                [(nid, ("b", *form.heads, "i"))]))
     return None
 
 
@@ -106,9 +168,9 @@ def _ready(em, node: Node, also: int | None = None) -> bool:
     return all(x in em.names or x == also for x in node.inputs)
 
 
-def _gather(em, group: list[int], union: PairForm) -> list[tuple[sympy.Expr, str, str]]:
+def _gather(em, group: list[int], union: PairForm) -> list[tuple[sympy.Expr, str, int | None]]:
     """Each pair sum of ``group`` as (its body on the symbols of ``union``, which grows to hold
-    their terms and extras; its token; its value's view or "None")."""
+    their terms and extras; its token; its value node or None)."""
     out = []
     for n in group:
         member = em.graph.node(n)
@@ -126,23 +188,20 @@ def _gather(em, group: list[int], union: PairForm) -> list[tuple[sympy.Expr, str
             if x not in union.extras:
                 union.extras.append(x)
             renum[e(m)] = e(union.extras.index(x))
-        token = member.attr("token")
-        value = "None"
-        if member.attr("value"):
-            v = member.inputs[-1]
-            feature = next(a for a in member.axes if a not in ("b", token, *union.heads))
-            value = _view(em, v, ("b", *union.heads, "j" if token == "i" else "i", feature))
-        out.append((member.attr("body").xreplace(renum), token, value))
+        value = member.inputs[-1] if member.attr("value") else None
+        out.append((member.attr("body").xreplace(renum), member.attr("token"), value))
     return out
 
 
-def _emit_sums_back(em, group: list[int], names: list[str], heads: tuple[str, ...]) -> None:
-    for n, name in zip(group, names):
+def _layouts(em, group: list[int], heads: tuple[str, ...]) -> list[tuple[int, tuple[str, ...]]]:
+    """Each pair sum of ``group`` with its kernel layout ``(b, *heads, token[, feature])``."""
+    out = []
+    for n in group:
         member = em.graph.node(n)
         token = member.attr("token")
         feature = [a for a in member.axes if a not in ("b", token, *heads)]
-        _back(em, name, ("b", *heads, token, *feature), member.axes)
-        em.names[n] = name
+        out.append((n, ("b", *heads, token, *feature)))
+    return out
 
 
 def _softmax_sums(em, nid: int, node: Node, form: PairForm, var: str) -> bool:
@@ -176,22 +235,16 @@ def _softmax_sums(em, nid: int, node: Node, form: PairForm, var: str) -> bool:
     renum = {e(union.extras.index(x)): e(m) for m, x in enumerate(keep)}
     union.extras = keep
     phi = phi.xreplace(renum)
-    bodies: list[sympy.Expr] = []
+    bodies: list[sympy.Expr] = [phi]
     outputs = []
     for g, value in factors:
         g = g.xreplace(renum)
-        if g not in bodies:
+        if g not in bodies[1:]:
             bodies.append(g)
-        outputs.append(f"('i', {value}, {bodies.index(g)})")
-    fn = _function(em, [phi, *bodies], f"{var}_phi_g", several=True)  # phi and g share cse
-    q, k, ex = _operands(em, union, union.extras)
-    names = [em.pending[n] for n in group]
-    em.lines.append(f"{var}, {', '.join(names)}, = _rt.pair_softmax_sums({q}, {k}, {ex}, "
-                    f"{fn}, [{', '.join(outputs)}], "
-                    f"{_call_tail(em, union, [phi, *bodies])})")
-    _back(em, var, ("b", *form.heads, "i"), node.axes)
-    em.names[nid] = var
-    _emit_sums_back(em, group, names, form.heads)
+        outputs.append(("i", value, bodies.index(g, 1)))
+    em.print_pair_call(PairCall(var, union, True, bodies, outputs,
+                                [(nid, ("b", *form.heads, "i")),
+                                 *_layouts(em, group, form.heads)]))
     return True
 
 
@@ -210,13 +263,8 @@ def emit_pair_sum(em, nid: int, node: Node) -> None:
     for body, token, value in _gather(em, group, union):
         if body not in bodies:
             bodies.append(body)
-        outputs.append(f"({token!r}, {value}, {bodies.index(body)})")
-    fn = _function(em, bodies, f"{var}_w", several=True)
-    q, k, ex = _operands(em, union, union.extras)
-    names = [em.pending[n] for n in group]
-    em.lines.append(f"{', '.join(names)}, = _rt.pair_sums({q}, {k}, {ex}, {fn}, "
-                    f"[{', '.join(outputs)}], {_call_tail(em, union, bodies)})")
-    _emit_sums_back(em, group, names, heads)
+        outputs.append((token, value, bodies.index(body)))
+    em.print_pair_call(PairCall(var, union, False, bodies, outputs, _layouts(em, group, heads)))
     return None
 
 

@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 
 import sympy
 
-from energyc.backends import torch_backend
+from energyc.backends import torch_backend, triton_pairs
 from energyc.backends.torch_backend import Emitter, Node
 from energyc.backends.triton_printer import NoTritonSpellingError, TritonPrinter
 from energyc.inspect import formula
@@ -113,6 +113,10 @@ class TritonEmitter(Emitter):
     function: str = "fn"  # fwd, bwd, precond_dplr_fwd, ...: the stem of its kernels' names
     merge_backwards: bool = False  # its element-wise nodes are kernels: no gradient folds to 0
     accumulate_products: bool = False  # a sum is a kernel: its terms are tensors
+
+    def print_pair_call(self, call) -> None:
+        """A pass over pairs as the pair kernels of ``triton_pairs`` (torch where they cannot)."""
+        triton_pairs.print_call(self, call)
 
     def emitters(self) -> dict:
         table = dict(torch_backend.EMITTERS)

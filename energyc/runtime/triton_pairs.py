@@ -1,0 +1,210 @@
+"""What the generated Triton pair kernels share: the block ranges of each context set, the
+tile products, and the launch (``energyc::triton_pairs``, registered once here).
+
+A pair kernel is printed per call site from ``codegen_templates/triton/pair.py.j2`` (its loops
+over the call's contractions, extras and outputs unrolled there: a Triton kernel takes no
+variable-length list of tensors) with the energy's element-wise functions as ``@triton.jit`` tile
+functions printed from SymPy. Over the pairs ``(i, j)``, ``j in C(i)``, of one (batch, heads)
+slice:
+
+    u^t_ij = q^t_i . k^t_j      d_ij = i - j      e^m: row (i), column (j) or scalar extras
+
+queries-major (one program per block of BLOCK_I queries, looping over the key blocks C reaches):
+
+    o^n_i = sum_{j in C(i)} A^n_ij [v^n_j]
+
+and with SOFTMAX the online log-sum-exp of FlashAttention's forward in the same pass, where the
+tile function returns ``(phi, g^0, g^1, ..)`` and ``A^n = g^n exp(phi - R)``:
+
+    R_i = log sum_{j in C(i)} exp(phi_ij)     (m, s rescaled by exp(m_old - m_new) per tile)
+
+keys-major (one program per block of BLOCK_J keys, looping over the query blocks that reach it;
+the backward's dk and value terms, and the key role of a joint energy):
+
+    o^n_j = sum_{i : j in C(i)} A^n_ij [v^n_i]
+
+Every sum is written by the one program that owns its token: no atomics. Products of tiles
+accumulate in ACC (fp32; fp64 for float64 operands), float32 operands multiply in full precision
+(``input_precision="ieee"``), half-precision ones on tensor cores with fp32 accumulation.
+"""
+
+import math
+import sys
+
+import torch
+import triton
+import triton.language as tl
+
+from energyc.runtime.triton_layer import INTERPRETED, MASK_KINDS
+
+# (BLOCK_I, BLOCK_J) of the one tile the interpreter runs
+INTERPRETER_TILE = (16, 16)
+# (BLOCK_I, BLOCK_J, num_warps, num_stages) Triton's autotuner tries on a GPU; a pair kernel
+# holds a tile per contraction and per accumulator, so the tiles stay at most 64 wide
+GPU_TILES = ((64, 64, 4, 3), (64, 32, 4, 2), (32, 64, 4, 2), (32, 32, 4, 2), (16, 16, 4, 1))
+TUNING_KEY = ["T", "MASK_KIND"]  # and every constexpr of a kernel (its widths), by Triton
+
+
+def tiles() -> list:
+    """The tiles and launch settings of the pair kernels: on a GPU those Triton's autotuner
+    times (per T and context set; configurations that do not fit the device are skipped); the
+    interpreter runs one small tile."""
+    if INTERPRETED:
+        return [triton.Config({"BLOCK_I": INTERPRETER_TILE[0], "BLOCK_J": INTERPRETER_TILE[1]})]
+    return [triton.Config({"BLOCK_I": i, "BLOCK_J": j}, num_warps=warps, num_stages=stages)
+            for i, j, warps, stages in GPU_TILES]
+
+
+@triton.jit
+def key_blocks(pid, T, MASK_KIND: tl.constexpr, WINDOW, BLOCK_I: tl.constexpr,
+               BLOCK_J: tl.constexpr):
+    """[lo, hi): the keys the queries [pid BLOCK_I, (pid + 1) BLOCK_I) reach in the context
+    set (causal, strict: up to the block's last query; a window: its WINDOW keys before)."""
+    lo = 0
+    hi = T
+    if MASK_KIND == 1 or MASK_KIND == 2 or MASK_KIND == 3:
+        hi = tl.minimum((pid + 1) * BLOCK_I, T)
+    if MASK_KIND == 3:
+        lo = tl.maximum(pid * BLOCK_I - WINDOW, 0)
+    return lo, hi
+
+
+@triton.jit
+def query_blocks(pid, T, MASK_KIND: tl.constexpr, WINDOW, BLOCK_I: tl.constexpr,
+                 BLOCK_J: tl.constexpr):
+    """[lo, hi): the queries that reach a key of [pid BLOCK_J, (pid + 1) BLOCK_J) (causal,
+    strict: from the block's first key on; a window: up to WINDOW after its last)."""
+    lo = 0
+    hi = T
+    if MASK_KIND == 1 or MASK_KIND == 2 or MASK_KIND == 3:
+        lo = pid * BLOCK_J
+    if MASK_KIND == 3:
+        hi = tl.minimum((pid + 1) * BLOCK_J + WINDOW, T)
+    return lo, hi
+
+
+@triton.jit
+def tile_dot(a, b, ACC: tl.constexpr, UPCAST: tl.constexpr):
+    """a @ b accumulated in ACC. float32 operands multiply in full precision ("ieee", as torch's
+    matmul by default), not TF32; under UPCAST (the interpreter, bfloat16) the operands are
+    widened first, since the interpreter multiplies bfloat16 bits wrongly (bf16 x bf16 products
+    are exact in fp32, so this is what a GPU's bf16 dot with fp32 accumulation computes)."""
+    if UPCAST:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee").to(ACC)
+    return tl.dot(a, b, input_precision="ieee").to(ACC)
+
+
+@triton.jit
+def operand(x, like, UPCAST: tl.constexpr):
+    """The ACC tile ``x`` (a weight tile) as a dot operand against ``like`` (a value tile): in
+    ``like``'s dtype, rounded to nearest even (done on the bits under UPCAST, where the
+    interpreter's conversion truncates; the result then stays fp32 for ``tile_dot``)."""
+    if UPCAST:
+        bits = x.to(tl.float32).to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        return bits.to(tl.float32, bitcast=True)
+    return x.to(like.dtype)
+
+
+def _strides(t: torch.Tensor, shape: tuple[int, ...]) -> list[int]:
+    """The strides of ``t`` broadcast to ``shape`` (0 along the axes it lacks or has once),
+    without making the (tokens x tokens) view of an extra that varies with one token only."""
+    sizes = (1,) * (len(shape) - t.dim()) + tuple(t.shape)
+    strides = (0,) * (len(shape) - t.dim()) + tuple(t.stride())
+    return [0 if n == 1 else s for n, s in zip(sizes, strides)]
+
+
+def _acc(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+@torch.library.custom_op("energyc::triton_pairs", mutates_args=())
+def _pairs_op(
+    module: str,
+    kernel: str,
+    keys_major: bool,
+    softmax: bool,
+    q: list[torch.Tensor],
+    k: list[torch.Tensor],
+    extras: list[torch.Tensor],
+    values: list[torch.Tensor | None],
+    kind: str,
+    window: int,
+    T: int,
+    shape: list[int],
+    dims: list[float],
+    dtype: torch.dtype,
+    device: torch.device,
+) -> list[torch.Tensor]:
+    """Launch pair ``kernel`` of ``module``: operands laid out ``(*shape|1, T, F)`` (q, k; a
+    size-1 axis broadcasts), extras ``(*shape|1, T|1, T|1)``, one value ``(*shape|1, T, G)`` or
+    None per output; returns the outputs ``(*shape, T[, G])`` (with ``softmax``, R first) in the
+    operands' promoted dtype (``dtype`` without operands)."""
+    fn = getattr(sys.modules[module], kernel)
+    dtype = _dtype(q, k, values, dtype)
+    acc = _acc(dtype)
+    q = [t.to(dtype).expand(*shape, T, t.shape[-1]) for t in q]
+    k = [t.to(dtype).expand(*shape, T, t.shape[-1]) for t in k]
+    extras = [t.to(device, acc) for t in extras]
+    vals = [v.to(dtype).expand(*shape, T, v.shape[-1]) for v in values if v is not None]
+    outs = [torch.empty((*shape, T), dtype=acc, device=device)] if softmax else []
+    outs += [torch.empty((*shape, T) if v is None else (*shape, T, v.shape[-1]), dtype=acc,
+                         device=device) for v in values]
+    tensors = [*q, *k, *extras, *vals, *outs]
+    n_q = 2 * len(q)
+    strides = [s for n, t in enumerate(tensors)
+               for s in (_strides(t, (*shape, T, T)) if n_q <= n < n_q + len(extras)
+                         else t.stride())]
+    widths = [t.shape[-1] for t in (*q, *vals)]
+    blocks = {f"BF{n}": max(16, triton.next_power_of_2(t.shape[-1])) for n, t in enumerate(q)}
+    blocks.update({f"BG{n}": max(16, triton.next_power_of_2(t.shape[-1]))
+                   for n, t in enumerate(vals)})
+    block = "BLOCK_J" if keys_major else "BLOCK_I"
+    grid = lambda meta: (triton.cdiv(T, meta[block]), max(math.prod(shape), 1))  # noqa: E731
+    fn[grid](
+        *tensors, T, *shape[1:], *strides, *widths, window, *dims,
+        MASK_KIND=MASK_KINDS[kind], ACC=tl.float64 if acc == torch.float64 else tl.float32,
+        UPCAST=INTERPRETED and dtype == torch.bfloat16, **blocks,
+    )
+    return [o.to(dtype) for o in outs]  # the sums are ACC: rounded once, by torch
+
+
+@_pairs_op.register_fake
+def _(module, kernel, keys_major, softmax, q, k, extras, values, kind, window, T, shape, dims,
+      dtype, device):
+    dtype = _dtype(q, k, values, dtype)
+    outs = [torch.empty((*shape, T), dtype=dtype, device=device)] if softmax else []
+    outs += [torch.empty((*shape, T) if v is None else (*shape, T, v.shape[-1]), dtype=dtype,
+                         device=device) for v in values]
+    return outs
+
+
+def _dtype(q, k, values, default: torch.dtype) -> torch.dtype:
+    """The operands' promoted dtype: under torch.autocast a layer's operands may mix bfloat16
+    contractions with float32 element-wise values, and a tile's dot takes one dtype."""
+    operands = [*q, *k, *(v for v in values if v is not None)]
+    if not operands:
+        return default
+    dtype = operands[0].dtype
+    for t in operands[1:]:
+        dtype = torch.promote_types(dtype, t.dtype)
+    return dtype
+
+
+def launcher(module: str):
+    """The pair launcher of the kernels defined in ``module`` (its ``__name__``), as its step
+    functions call it::
+
+        outs = pairs(kernel, keys_major, softmax, q, k, extras, values, (kind, w), T=T,
+                     shape=(B, *heads), dims=(...), dtype=x.dtype, device=x.device)
+    """
+
+    def pairs(kernel: str, keys_major: bool, softmax: bool, q, k, extras, values, mask: tuple,
+              *, T: int, shape, dims=(), dtype: torch.dtype,
+              device: torch.device) -> list[torch.Tensor]:
+        extras = [torch.as_tensor(x, device=device) for x in extras]
+        return _pairs_op(module, kernel, keys_major, softmax, list(q), list(k), extras,
+                         list(values), mask[0], mask[1] if mask[0] == "window" else 0, T,
+                         [int(s) for s in shape], [float(d) for d in dims], dtype, device)
+
+    return pairs
