@@ -237,6 +237,25 @@ def test_no_token_pair_tensor(backend, name):
     assert _token_pair_shapes(name, backend, chunk=16) == []
 
 
+@pytest.mark.parametrize("name", sorted(set(CONTEXT_LAYERS) - set(ATTENTION_LAYERS)))
+def test_no_token_pair_tensor_inside_the_pair_launches(monkeypatch, name):
+    """The probe above sees a custom op's outputs, not what its implementation makes; here the
+    pair kernels' launches run as plain functions, so every tensor the launcher makes (its
+    views of the operands, the outputs) is seen too: none has two token axes."""
+    triton_pairs = importlib.import_module("energyc.runtime.triton_pairs")
+    monkeypatch.setattr(triton_pairs, "_pairs_op", triton_pairs._pairs_op._init_fn)
+    assert _token_pair_shapes(name, "triton", chunk=16) == []
+
+
+def test_the_launch_probe_sees_a_token_pair_view(monkeypatch):
+    """It can fail: a launcher that broadcasts a row extra to (T, T) is seen."""
+    triton_pairs = importlib.import_module("energyc.runtime.triton_pairs")
+    monkeypatch.setattr(triton_pairs, "_pairs_op", triton_pairs._pairs_op._init_fn)
+    real = triton_pairs._strides
+    monkeypatch.setattr(triton_pairs, "_strides", lambda t, shape: real(t.expand(shape), shape))
+    assert _token_pair_shapes("softcap_attention", "triton", chunk=16)
+
+
 def test_one_pair_tile_does_create_token_pairs():
     """The probe sees the (T x T) tile of a pair op where one tile holds every pair (the default
     128 x 128 at 37 tokens): the soft-capped scores."""
