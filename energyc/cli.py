@@ -46,10 +46,10 @@ def energy_files(paths: list[str]) -> list[str]:
 
 
 def _inspect(args: argparse.Namespace) -> int:
-    from energyc.compiler import compile_file, split
+    from energyc.backends.lowering import decodable, decode_frontier, split
+    from energyc.compiler import compile_file
     from energyc.inspect import format_energy, format_graph, to_dot
     from energyc.loader import load
-    from energyc.render import decodable, decode_frontier
 
     layers = compile_file(load(args.file))
     for layer in layers:

@@ -173,43 +173,6 @@ def _precond_graph(kind: str, dim: str, verify: bool) -> Graph:
     return run_pipeline(g, verify=verify)
 
 
-@dataclass
-class Split:
-    """Which nodes the forward and backward functions compute, and what the forward saves."""
-
-    forward: list[int]
-    backward: list[int]
-    saved: list[int]
-
-
-def split(graph: Graph, forward_outputs: list[str], upstream_inputs: list[str]) -> Split:
-    live = graph.live()
-    up = {n for n in live if graph.node(n).op == "input" and graph.node(n).attr("name") in upstream_inputs}
-    backward_set: set[int] = set()
-    for n in live:
-        if n in up or any(u in backward_set for u in graph.node(n).inputs):
-            backward_set.add(n)
-    fwd_needed = graph.ancestors([graph.outputs[o] for o in forward_outputs])
-    saved: set[int] = set()
-    recomputed: set[int] = set()  # leaves and relabels (free) that the backward re-emits
-    stack = [u for n in backward_set for u in graph.node(n).inputs if u not in backward_set]
-    while stack:
-        u = stack.pop()
-        op = graph.node(u).op
-        if op in LEAF_OPS:
-            recomputed.add(u)
-        elif op == "relabel":
-            recomputed.add(u)
-            stack.extend(graph.node(u).inputs)
-        else:
-            saved.add(u)
-    fwd_needed |= graph.ancestors(saved)  # once (it was recomputed for every live node)
-    forward = [n for n in live if n in fwd_needed]
-    forward = [n for n in forward if n not in backward_set]
-    backward = [n for n in live if n in backward_set or n in recomputed]
-    return Split(forward, backward, sorted(saved))
-
-
 def compile_file(energy_file: EnergyFile, verify: bool = False) -> list[CompiledLayer]:
     out = []
     for decl in energy_file.layers:

@@ -1,7 +1,8 @@
 """Render compiled layers into Python packages (the one place that owns the Jinja environment).
 
-All decisions are made here, in plain data (:class:`FunctionSpec`, :class:`PackageSpec`); the
-templates under ``codegen_templates/`` only loop over fields. Only what depends on the energy is
+Each backend's lowering (``energyc.backends``: ``Backend.lower``) decides everything, in plain
+data (``energyc.backends.specs``); here its templates under ``codegen_templates/`` render that
+data (they only loop over fields), ruff formats it and the package is written. Only what depends on the energy is
 rendered (layer.py, _triton_layer.py and the package's __init__.py); what every package shares is
 ``energyc.runtime``, which generated code imports, checking its version (``RUNTIME_VERSION``).
 Output is deterministic: stable names, sorted iteration, no timestamps; a header names the energy
@@ -12,26 +13,18 @@ leaves no half-written package.
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
-from collections.abc import Callable
-from dataclasses import dataclass, field
 
 import jinja2
-import sympy
 
 from energyc import __version__
-from energyc.backends.torch_backend import Emitter, einsum_letters, full_output
-from energyc.backends.triton_backend import KernelSet, TritonEmitter
-from energyc.compiler import CompiledLayer, split
-from energyc.inspect import format_energy
-from energyc.ir.graph import Graph
-from energyc.ir.ops import describe_mask
+from energyc.backends import BACKENDS
+from energyc.compiler import CompiledLayer
 from energyc.runtime_version import RUNTIME_VERSION
 
 
@@ -66,483 +59,6 @@ def environment() -> jinja2.Environment:
     return env
 
 
-@dataclass
-class FunctionSpec:
-    """A straight-line function: ``def name(args): doc; lines; return returns``."""
-
-    name: str
-    args: list[str]
-    doc: str
-    lines: list[str]
-    returns: str
-
-
-@dataclass
-class TritonModuleSpec:
-    """The Triton path of one package: its step functions and the kernels they launch."""
-
-    energy: str
-    functions: list[FunctionSpec]
-    kernels: list = field(default_factory=list)  # PointwiseKernel | ReductionKernel
-    precond_kinds: list[str] = field(default_factory=list)
-    attention: bool = False  # whether energyc.runtime.triton_attention serves fused reductions
-
-    @property
-    def context_test(self) -> bool:
-        """Whether a kernel tests a context set (``_in_context``, from energyc.runtime)."""
-        return self.pairs or any("_in_context(" in getattr(k, "valid", "") for k in self.kernels)
-
-    @property
-    def pairs(self) -> bool:
-        """Whether a kernel is a pair kernel (energyc.runtime.triton_pairs's helpers)."""
-        return any(k.family == "pair" for k in self.kernels)
-
-    @property
-    def counts(self) -> dict[str, int]:
-        """Kernels per family."""
-        out: dict[str, int] = {}
-        for k in self.kernels:
-            out[k.family] = out.get(k.family, 0) + 1
-        return out
-
-
-@dataclass
-class DimSpec:
-    name: str  # the code name (energyc.names): a local variable of generated code
-    attr: str  # the Layer's attribute and constructor keyword
-    public: str  # as declared
-    even: bool = False
-
-
-@dataclass
-class HyperSpec:
-    name: str  # the code name
-    default: str  # Python expression in the dims, or "None" (then required)
-    learnable: bool
-    attr: str = ""  # the Layer's attribute and constructor keyword
-    public: str = ""
-
-
-@dataclass
-class ParamSpec:
-    name: str  # the code name
-    shape: str  # "(H, K, D)"
-    init: str  # a statement initialising self.<attr>
-    attr: str = ""  # the Layer's attribute
-    public: str = ""
-
-
-@dataclass
-class PackageSpec:
-    name: str
-    class_name: str
-    source: str
-    doc: str
-    dims: list[DimSpec]
-    state_dim: str  # its code name
-    state_attr: str  # its attribute
-    hypers: list[HyperSpec]
-    params: list[ParamSpec]
-    eta: float
-    steps: int
-    precond: str
-    rank: int
-    context: str
-    joint: bool
-    functions: list[FunctionSpec]
-    precond_kinds: list[str]
-    triton_module: TritonModuleSpec | None = None
-    runtime_version: str = RUNTIME_VERSION  # the energyc.runtime the package requires at least
-    decode_unsupported: str | None = None  # why Layer.decode raises; None: it decodes
-    decode_keys_from_context: bool = False  # the cached values depend on the context alone
-
-
-#: module-level names of layer.py that the class alias ``<ClassName> = Layer`` must not replace
-MODULE_GLOBALS = frozenset({"DIMS", "PARAMS", "HYPERS", "PRECONDITIONERS", "Layer", "math", "torch",
-                            "dataclass", "DECODE_UNSUPPORTED", "DECODE_KEYS_FROM_CONTEXT"})
-
-
-def camel(name: str) -> str:
-    return "".join(part[:1].upper() + part[1:] for part in name.split("_") if part)
-
-
-def class_name(name: str) -> str:
-    """The layer's class name: ``cem_attention`` -> ``CemAttention`` (``...Layer`` if that would
-    replace a name layer.py defines, e.g. ``d_i_m_s`` -> ``DIMSLayer``)."""
-    out = camel(name)
-    return out + "Layer" if out in MODULE_GLOBALS - {"Layer"} else out
-
-
-def _code(expr: sympy.Expr) -> str:
-    """A SymPy constant expression in the dims, as Python code (``1 / math.sqrt(K)``)."""
-    from energyc.backends.torch_printer import TorchPrinter
-
-    names = {s.name: s.name for s in sympy.sympify(expr).free_symbols}
-    return TorchPrinter(names, set()).doprint(expr)
-
-
-ALWAYS_TENSORS = {"x", "xbar", "g", "grad_u", "grad_g"}
-
-
-def _size_lines(leaves: dict[str, tuple[int, tuple[str, ...]]], params: set[str]) -> list[str]:
-    """``B, T, D = x.shape`` and one unpacking per further source of a dim size."""
-    lines = []
-    known: set[str] = set()
-    for var, (nid, axes_order) in leaves.items():
-        if nid < 0 and var not in ALWAYS_TENSORS and var not in params:
-            continue  # may be None (an unused preconditioner parameter)
-        names = [{"b": "B", "i": "T"}.get(a, a) for a in axes_order]
-        if set(names) - known:
-            parts = [n if n not in known else "_" for n in names]
-            lines.append(f"{', '.join(parts)} = {var}.shape")
-            known.update(names)
-    return lines
-
-
-def function_spec(
-    graph: Graph,
-    name: str,
-    doc: str,
-    nodes: list[int],
-    args: list[str],
-    leaves: dict[str, tuple[int, tuple[str, ...]]],
-    returns: list[tuple[int | None, tuple[str, ...], tuple[str, ...]]],
-    names: dict[int, str],
-    saved_in: list[int] | None = None,
-    saved_out: list[int] | None = None,
-    params: set[str] | None = None,
-    emitter: Callable[[Graph, dict, dict], Emitter] = Emitter,
-) -> FunctionSpec:
-    """Print ``nodes`` of ``graph`` as a function.
-
-    ``leaves`` maps argument names to (node id or -1, storage order of its axes); ``returns`` lists
-    (node, canonical axes, storage order) per returned value; ``names`` gives every node's variable.
-    """
-    em = emitter(graph, {}, einsum_letters(graph.dims))
-    em.region = set(nodes)
-    lines: list[str] = []
-    for var, (nid, order) in leaves.items():
-        if nid < 0:
-            continue
-        canon = graph.node(nid).axes
-        if tuple(order) != canon:
-            perm = ", ".join(str(order.index(a)) for a in canon)
-            lines.append(f"{var}_ = {var}.permute({perm})  # ({', '.join(canon)})")
-            em.names[nid] = f"{var}_"
-        else:
-            em.names[nid] = var
-    if saved_in:
-        for n in saved_in:
-            em.names[n] = names[n]
-        unpack = ", ".join(names[n] for n in saved_in)
-        lines.append(f"({unpack},) = saved" if len(saved_in) == 1 else f"{unpack} = saved")
-    em.pending.update(names)
-    kept = set(saved_out or ())
-    em.wanted_order = {nid: tuple(order) for nid, axes, order in returns
-                       if nid is not None and nid not in kept and graph.node(nid).axes == tuple(axes)
-                       and tuple(order) != tuple(axes)}
-    for n in nodes:
-        if n in em.names:
-            continue
-        em.emit(n, names.get(n, ""))
-    size_lines = _size_lines(leaves, params or set())
-    body = size_lines + em.mask_lines + lines + em.lines
-    outs = [full_output(em, nid, axes, order) for nid, axes, order in returns]
-    if saved_out is not None:
-        saved_tuple = ", ".join(em.names[n] for n in saved_out)
-        outs.append(f"({saved_tuple},)" if len(saved_out) == 1 else f"({saved_tuple})")
-    return FunctionSpec(name, args, doc, body, ", ".join(outs))
-
-
-def _named_leaves(graph: Graph) -> dict[str, int]:
-    """The live inputs, parameters and hyperparameters of ``graph`` by name."""
-    return {graph.node(n).attr("name"): n for n in graph.live()
-            if graph.node(n).op in ("input", "param", "hyper")}
-
-
-def _names(graph: Graph) -> dict[int, str]:
-    names = {}
-    k = 0
-    for n in graph.live():
-        if graph.node(n).op not in ("input", "param", "hyper", "const", "relabel"):
-            names[n] = f"t{k}"
-            k += 1
-    return names
-
-
-def _leaf_map(layer: CompiledLayer, graph: Graph,
-              extra_inputs: list[str]) -> dict[str, tuple[int, tuple[str, ...]]]:
-    """Argument name -> (leaf node or -1, storage order of its axes)."""
-    state_order = ("b", "i", layer.state_dim)
-    found = _named_leaves(graph)
-    leaves: dict[str, tuple[int, tuple[str, ...]]] = {}
-    for var in ["x", "xbar", *extra_inputs]:
-        leaves[var] = (found.get(var, -1), state_order)
-    for p in layer.params:
-        leaves[p.name] = (found.get(p.name, -1), p.dims)
-    for h in layer.hypers:
-        leaves[h.name] = (found.get(h.name, -1), ())
-    return leaves
-
-
-def package_spec(layer: CompiledLayer, source: str) -> PackageSpec:
-    decl = layer.decl
-    D = layer.state_dim
-    param_names = [p.name for p in layer.params]
-    hyper_names = [h.name for h in layer.hypers]
-
-    def leaf_map(graph: Graph, extra_inputs: list[str]) -> dict[str, tuple[int, tuple[str, ...]]]:
-        return _leaf_map(layer, graph, extra_inputs)
-
-    # energy
-    eg = layer.energy
-    e_names = _names(eg)
-    energy_fn = function_spec(
-        eg, "_energy", "Per-token energy E_i, shape (B, T).",
-        eg.live(), ["x", "xbar", *param_names, *hyper_names], leaf_map(eg, []),
-        [(eg.outputs["energy"], ("b", "i"), ("b", "i"))], e_names, params=set(param_names),
-    )
-    functions = [energy_fn, *step_functions(layer, lambda stem: Emitter)]
-    needed, unsupported, from_context = decodable(layer)
-    if unsupported is None:
-        functions.insert(3, decode_function(layer, needed))  # after _grad_forward, _grad_backward
-    kernel_set = KernelSet(decl.name)
-    triton_functions = step_functions(
-        layer, lambda stem: functools.partial(TritonEmitter, kernel_set=kernel_set, function=stem))
-
-    f = layer.file
-    hypers = [HyperSpec(h.name, _code(h.default) if h.default is not None else "None", h.learnable,
-                        f.attribute(h.name), f.public_name(h.name))
-              for h in layer.hypers]
-    params = []
-    for p in layer.params:
-        fan_in = p.dims[-1] if p.dims else "1"  # a scalar parameter: fan-in 1
-        init = p.init
-        attr = f.attribute(p.name)
-        if init.kind == "normal":
-            std = _code(init.args["std"]) if init.args["std"] is not None else f"1 / math.sqrt({fan_in})"
-            stmt = f"torch.nn.init.normal_(self.{attr}, mean={_code(init.args['mean'])}, std={std})"
-        elif init.kind == "uniform":
-            stmt = (f"torch.nn.init.uniform_(self.{attr}, a={_code(init.args['low'])}, "
-                    f"b={_code(init.args['high'])})")
-        elif init.kind == "alibi":
-            stmt = f"_rt.alibi_slopes_(self.{attr})"
-        else:
-            stmt = f"torch.nn.init.constant_(self.{attr}, {_code(init.args['value'])})"
-        params.append(ParamSpec(p.name, "(" + "".join(f"{d}, " for d in p.dims) + ")", stmt,
-                                attr, f.public_name(p.name)))
-    doc = _module_doc(layer)
-    sg = layer.step
-    attention = any(sg.node(n).op in ("attention", "attention_transposed") for n in sg.live())
-    dims = [DimSpec(d, f.attribute(d), f.public_name(d), d in layer.even_dims) for d in layer.dims]
-    return PackageSpec(
-        name=decl.name, class_name=class_name(decl.name), source=source, doc=doc,
-        dims=dims, state_dim=D, state_attr=f.attribute(D), hypers=hypers, params=params,
-        eta=decl.eta,
-        steps=decl.steps, precond=decl.precond, rank=decl.rank, context=decl.context,
-        joint=decl.joint, functions=functions, precond_kinds=list(layer.precond),
-        triton_module=TritonModuleSpec(decl.name, triton_functions, kernel_set.kernels,
-                                       list(layer.precond), attention=attention),
-        decode_unsupported=unsupported, decode_keys_from_context=from_context,
-    )
-
-
-def step_functions(layer: CompiledLayer, emitter) -> list[FunctionSpec]:
-    """The step's forward and backward and each preconditioner's; ``emitter(stem)`` makes the
-    emitter of one function (``stem`` names its kernels: fwd, bwd, precond_<kind>_fwd, ...)."""
-    D = layer.state_dim
-    state_order = ("b", "i", D)
-    param_names = [p.name for p in layer.params]
-    hyper_names = [h.name for h in layer.hypers]
-
-    def leaf_map(graph: Graph, extra_inputs: list[str]) -> dict[str, tuple[int, tuple[str, ...]]]:
-        return _leaf_map(layer, graph, extra_inputs)
-
-    # step: forward (g = dE/dx) and backward (its VJP)
-    sg = layer.step
-    sp = split(sg, ["grad"], ["grad_g"])
-    s_names = _names(sg)
-    fwd = function_spec(
-        sg, "_grad_forward",
-        "g = dE/dx (B, T, D), and the intermediates the backward needs.",
-        sp.forward, ["kernels", "x", "xbar", *param_names, *hyper_names], leaf_map(sg, []),
-        [(sg.outputs["grad"], state_order, state_order)], s_names, saved_out=sp.saved,
-        params=set(param_names), emitter=emitter("fwd"),
-    )
-    grads = [("x", state_order, state_order), ("xbar", state_order, state_order)]
-    grads += [(p.name, sg.canonical(p.dims), p.dims) for p in layer.params]
-    grads += [(h.name, (), ()) for h in layer.hypers]
-    bwd = function_spec(
-        sg, "_grad_backward",
-        "Vector-Jacobian product of g w.r.t. x, xbar, the parameters and the hyperparameters.",
-        sp.backward, ["kernels", "saved", "grad_g", "x", "xbar", *param_names, *hyper_names],
-        leaf_map(sg, ["grad_g"]),
-        [(sg.outputs.get(f"grad_{n}"), axes, order) for n, axes, order in grads], s_names,
-        saved_in=sp.saved, params=set(param_names), emitter=emitter("bwd"),
-    )
-    functions = [fwd, bwd]
-    for kind, pg in layer.precond.items():
-        pp = split(pg, ["u"], ["grad_u"])
-        p_names = _names(pg)
-        found = _named_leaves(pg)
-        R = pg.dims[1]  # the low-rank axis (compiler._precond_graph)
-        orders = {"g": state_order, "P_diag": (D,), "P_lowrank": (D, R)}
-        pleaves = {name: (found.get(name, -1), order) for name, order in orders.items()}
-        pleaves_b = {"grad_u": (found.get("grad_u", -1), state_order), **pleaves}
-        functions.append(function_spec(
-            pg, f"_precond_{kind}_forward", f"u = P g with the {kind} preconditioner.",
-            pp.forward, ["g", "P_diag", "P_lowrank"], pleaves,
-            [(pg.outputs["u"], state_order, state_order)], p_names, saved_out=pp.saved,
-            emitter=emitter(f"precond_{kind}_fwd"),
-        ))
-        rets = [(pg.outputs.get("grad_g"), state_order, state_order),
-                (pg.outputs.get("grad_P_diag"), (D,), (D,)),
-                (pg.outputs.get("grad_P_lowrank"), (D, R), (D, R))]
-        functions.append(function_spec(
-            pg, f"_precond_{kind}_backward", f"VJP of u = P g ({kind}) w.r.t. g and P's parameters.",
-            pp.backward, ["saved", "grad_u", "g", "P_diag", "P_lowrank"], pleaves_b, rets, p_names,
-            saved_in=pp.saved, emitter=emitter(f"precond_{kind}_bwd"),
-        ))
-    return functions
-
-
-_CAUSAL = ("causal", "strict", "window")
-
-
-def decodable(layer: CompiledLayer) -> tuple[list[int], str | None, bool]:
-    """The step-graph nodes that g = dE/dx needs, and whether the layer decodes incrementally:
-    ``None``, or the reason it cannot (a sentence). Also whether the j-side values it caches
-    depend on the context xbar alone (then, with context "input", one cache serves every step).
-
-    A layer decodes when each token's g depends on itself and earlier tokens alone: every context
-    set is causal (j <= i, j < i, a window), every reduction over j is fused (a pair or attention
-    op: no value with both token axes), every value over j is computed from the state's tokens
-    alone (not from a value over i: the key role of a joint energy), and no reduction runs over
-    every token."""
-    sg = layer.step
-    needed = sorted(sg.ancestors([sg.outputs["grad"]]))
-    inputs = {n for n in needed if sg.node(n).op == "input"}
-    token_dep: set[int] = set()
-    for n in needed:  # topological ids: inputs before their users
-        node = sg.node(n)
-        if n in inputs or any(u in token_dep for u in node.inputs):
-            token_dep.add(n)
-    if layer.decl.joint:
-        return needed, ("a joint energy: a token's update has a term from every token whose "
-                        "context holds it (the key role), later ones included"), False
-    for n in needed:
-        node = sg.node(n)
-        axes = set(node.axes)
-        mask = node.attr("mask")
-        where = f" ({node.where})" if node.where else ""
-        if mask is not None and mask[0] not in _CAUSAL:
-            return needed, (f"the context set {{{describe_mask(mask)}}}{where} holds tokens "
-                            f"after i"), False
-        if {"i", "j"} <= axes or node.op == "offset":
-            return needed, (f"a reduction over j stays materialised{where}: decode runs fused "
-                            f"context reductions"), False
-        if "j" in axes and any("i" in sg.node(u).axes and u not in inputs for u in node.inputs):
-            return needed, (f"a value over j is computed from one over i{where} (a key role, or "
-                            f"a query-side value reused as a key): decode caches values of the "
-                            f"context alone"), False
-        if n in token_dep and "i" not in axes and "j" not in axes:
-            return needed, f"a reduction over every token{where}", False
-    frontier = decode_frontier(sg, needed)
-    x_leaf = [n for n in inputs if sg.node(n).attr("name") == "x"]
-    from_context = not (set(x_leaf) & sg.ancestors(frontier))
-    return needed, None, from_context
-
-
-def decode_frontier(sg: Graph, needed: list[int]) -> list[int]:
-    """The j-side values (over j, not i) that a value over i reads: what decoding caches."""
-    users: dict[int, list[int]] = {}
-    for n in needed:
-        for u in sg.node(n).inputs:
-            users.setdefault(u, []).append(n)
-    return [n for n in needed if "j" in sg.node(n).axes and "i" not in sg.node(n).axes
-            and any("i" in sg.node(m).axes for m in users.get(n, []))]
-
-
-def decode_function(layer: CompiledLayer, needed: list[int]) -> FunctionSpec:
-    """``_grad_decode``: g at t new tokens after a prefix of P, the cached j-side values
-    extended by the new tokens' (``_rt.extend``; a value that windows alone read keeps the
-    window's last tokens only). The values that do not vary over i (the j side and the
-    parameters' alone) print first, the cache joins at the frontier, then the rest with the
-    queries at positions P ...; position-dependent calls take ``offset=P``."""
-    sg = layer.step
-    D = layer.state_dim
-    state_order = ("b", "i", D)
-    param_names = [p.name for p in layer.params]
-    hyper_names = [h.name for h in layer.hypers]
-    names = _names(sg)
-    frontier = decode_frontier(sg, needed)
-    first = [n for n in needed if "i" not in sg.node(n).axes]
-    rest = [n for n in needed if "i" in sg.node(n).axes]
-    em = Emitter(sg, {}, einsum_letters(sg.dims), position="P")
-    em.region = set(needed)
-    leaves = _leaf_map(layer, sg, [])
-    lines: list[str] = []
-    for var, (nid, order) in leaves.items():
-        if nid < 0:
-            continue
-        canon = sg.node(nid).axes
-        if tuple(order) != canon:
-            perm = ", ".join(str(order.index(a)) for a in canon)
-            lines.append(f"{var}_ = {var}.permute({perm})  # ({', '.join(canon)})")
-            em.names[nid] = f"{var}_"
-        else:
-            em.names[nid] = var
-    em.pending.update(names)
-    for n in first:
-        if n not in em.names:
-            em.emit(n, names.get(n, ""))
-    users: dict[int, list[int]] = {}
-    for m in rest:
-        for u in sg.node(m).inputs:
-            users.setdefault(u, []).append(m)
-    for n in frontier:
-        node = sg.node(n)
-        key = names.get(n) or sg.node(node.inputs[0]).attr("name")  # a relabelled argument
-        code = em.names[n]
-        var = f"{key}_all"
-        masks = [sg.node(m).attr("mask") for m in users.get(n, [])]
-        if all(m is not None and m[0] == "window" for m in masks):  # read by windows alone
-            keep = max(m[1] for m in masks)
-            em.lines.append(f"{var} = _rt.extend(cache, {key!r}, {code}, {node.axes.index('j')}, "
-                            f"P, keep={keep})  # ({', '.join(node.axes)}): the window's last "
-                            f"{keep} tokens and the T new")
-        else:
-            em.lines.append(f"{var} = _rt.extend(cache, {key!r}, {code}, "
-                            f"{node.axes.index('j')}, P)  # ({', '.join(node.axes)}) over the "
-                            f"P + T tokens")
-        em.names[n] = var
-    for n in rest:
-        if n not in em.names:
-            em.emit(n, names.get(n, ""))
-    body = _size_lines(leaves, set(param_names)) + em.mask_lines + lines + em.lines
-    out = full_output(em, sg.outputs["grad"], state_order, state_order)
-    return FunctionSpec(
-        "_grad_decode",
-        ["kernels", "cache", "P", "x", "xbar", *param_names, *hyper_names],
-        "g = dE/dx (B, T, D) at T new tokens after P cached ones (``cache``, extended here).",
-        body, out)
-
-
-def _module_doc(layer: CompiledLayer) -> str:
-    decl = layer.decl
-    parts = []
-    if decl.doc or layer.file.doc:
-        parts.append((decl.doc or layer.file.doc).strip())
-    parts.append("Energy (per updated token i):\n\n    E_i = " + format_energy(layer.energy, "energy", layer.file.public))
-    role = "both roles of x (joint energy)" if decl.joint else "x_i only (xbar is held fixed)"
-    parts.append(
-        "Layer: `steps` descent steps  x <- x - eta * P * dE/dx,  differentiating through "
-        f"{role}.\nThe backward (second derivatives of E) is derived symbolically: see "
-        "_grad_backward."
-    )
-    return "\n\n".join(parts).replace('"""', "'''").replace("\\", "\\\\")
-
-
 def render_files(layer: CompiledLayer, source: str) -> dict[str, str]:
     """Render the package's files: {relative path: text}.
 
@@ -550,22 +66,20 @@ def render_files(layer: CompiledLayer, source: str) -> dict[str, str]:
     hash of the content, and what it depends on (torch and ``energyc.runtime`` at least
     ``RUNTIME_VERSION``; triton for the Triton path).
     """
-    spec = package_spec(layer, source)
     env = environment()
     files = {}
-    templates = [("torch/layer.py.j2", "layer.py", spec, ""),
-                 ("torch/__init__.py.j2", "__init__.py", spec, ""),
-                 ("triton/layer.py.j2", "_triton_layer.py", spec.triton_module,
-                  "; this module also on triton")]
-    for template, out, fields, also in templates:
-        body = format_code(env.get_template(template).render(spec=fields))
-        digest = hashlib.sha256(body.encode()).hexdigest()[:16]
-        header = (f"# Generated by energyc {__version__} from {source} with template {template}.\n"
-                  f"# Do not edit: run `energyc compile {source}` instead. "
-                  f"Content hash: {digest}.\n"
-                  f"# Depends on torch and energyc.runtime (energyc >= {spec.runtime_version})"
-                  f"{also}.\n")
-        files[out] = header + body
+    for backend in BACKENDS:
+        spec = backend.lower(layer, source)
+        for template, out, also in backend.templates:
+            body = format_code(env.get_template(template).render(spec=spec))
+            digest = hashlib.sha256(body.encode()).hexdigest()[:16]
+            header = (f"# Generated by energyc {__version__} from {source} with template "
+                      f"{template}.\n"
+                      f"# Do not edit: run `energyc compile {source}` instead. "
+                      f"Content hash: {digest}.\n"
+                      f"# Depends on torch and energyc.runtime (energyc >= {RUNTIME_VERSION})"
+                      f"{also}.\n")
+            files[out] = header + body
     return files
 
 

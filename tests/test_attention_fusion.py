@@ -4,8 +4,9 @@ of both runtime paths (CPU flash kernels and the materialised fallback)."""
 import pytest
 import torch
 
+from energyc.backends.lowering import split
 from energyc.check import import_generated
-from energyc.compiler import compile_file, split
+from energyc.compiler import compile_file
 from energyc.loader import load
 from energyc.passes import PIPELINE
 from energyc.passes.attention import fuse_context_attention

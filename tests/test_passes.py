@@ -804,7 +804,7 @@ def test_fuse_pointwise_expands_each_node_once():
 def test_split_walks_the_saved_tensors_ancestors_once(monkeypatch):
     """compiler.split computed the ancestors of the saved tensors again for every live node not
     needed by the forward outputs: quadratic in the graph (6 s of a 300-term energy)."""
-    from energyc.compiler import split
+    from energyc.backends.lowering import split
 
     (layer,) = compile_file(load("examples/cem_mlp.py"))
     calls = []

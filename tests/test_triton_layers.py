@@ -17,11 +17,11 @@ import os
 import pytest
 import torch
 
+from energyc.backends import TRITON
 from energyc.check import Case, build
 from energyc.compiler import compile_file
 from energyc.loader import load
 from energyc.reference import reference_step
-from energyc.render import package_spec
 from tests.conftest import assert_within_tolerance, example_files
 
 pytest.importorskip("triton")
@@ -159,7 +159,7 @@ def test_one_kernel_per_fused_node_each_launched_once(layer):
     # every pass over pairs is a kernel: no pair op is left to torch's tiles
     assert "_rt.pair_" not in _source(layer.name)
     assert bool(pair) == bool({"pair_lse", "pair_sum"} & set(layer.step.op_counts()))
-    spec = package_spec(layer, "examples/x.py").triton_module
+    spec = TRITON.lower(layer, "examples/x.py")
     assert len(spec.kernels) == len(kernels)
 
 
@@ -177,7 +177,7 @@ EXPECTED_KERNELS = {
 @pytest.mark.parametrize("name", sorted(EXPECTED_KERNELS))
 def test_kernel_counts_per_family(name):
     layer = next(la for la in LAYERS if la.name == name)
-    spec = package_spec(layer, "examples/x.py").triton_module
+    spec = TRITON.lower(layer, "examples/x.py")
     assert spec.counts == EXPECTED_KERNELS[name]
 
 
@@ -189,7 +189,7 @@ def _counts_without(monkeypatch, path: str, skip: str) -> dict[str, int]:
     monkeypatch.setattr(passes, "PIPELINE", pipeline)
     (layer,) = [la for la in compile_file(load(path))][:1]
     monkeypatch.undo()
-    return package_spec(layer, path).triton_module.counts
+    return TRITON.lower(layer, path).counts
 
 
 @pytest.mark.parametrize("path", ["examples/cem_mlp.py", "examples/hopfield.py",
@@ -197,7 +197,7 @@ def _counts_without(monkeypatch, path: str, skip: str) -> dict[str, int]:
 def test_fuse_pointwise_removes_kernels(monkeypatch, path):
     """Without fuse_pointwise each element-wise op of a chain is its own kernel."""
     (layer,) = compile_file(load(path))[:1]
-    fused = package_spec(layer, path).triton_module.counts
+    fused = TRITON.lower(layer, path).counts
     unfused = _counts_without(monkeypatch, path, "fuse_pointwise")
     assert sum(fused.values()) < sum(unfused.values())
 
@@ -207,7 +207,7 @@ def test_fuse_pointwise_removes_kernels(monkeypatch, path):
 def test_fuse_reductions_removes_kernels(monkeypatch, path):
     """Without fuse_reductions the work before and after each reduction is separate kernels."""
     (layer,) = compile_file(load(path))[:1]
-    fused = package_spec(layer, path).triton_module.counts
+    fused = TRITON.lower(layer, path).counts
     unfused = _counts_without(monkeypatch, path, "fuse_reductions")
     assert fused.get("pointwise", 0) < unfused.get("pointwise", 0)
     assert sum(fused.values()) < sum(unfused.values())

@@ -26,7 +26,7 @@ from energyc.compiler import compile_file
 from energyc.loader import load
 from energyc.tolerances import tolerance
 from tests.test_pairs import FORMS, _energy_file
-from tests.test_triton_layers import DTYPES, check_triton_path, step_and_grads
+from tests.test_triton_layers import DEVICES, DTYPES, check_triton_path, step_and_grads
 
 pytest.importorskip("triton")
 
@@ -43,13 +43,14 @@ def _triton_source(module) -> str:
     return open(importlib.import_module(f"{module.__name__}._triton_layer").__file__).read()
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("name", PAIR_FORMS)
-def test_pair_kernels_against_autograd_reference(tmp_path, name):
+def test_pair_kernels_against_autograd_reference(tmp_path, name, device):
     layer, module = _module(tmp_path, name)
     source = _triton_source(module)
     assert "_rt.pair_" not in source  # every pass over pairs is a kernel
     assert re.search(r"= _pairs\(", source)
-    check_triton_path(layer, module, torch.float32, "cpu", tokens=TOKENS)
+    check_triton_path(layer, module, torch.float32, device, tokens=TOKENS)
 
 
 @pytest.mark.parametrize("dtype", DTYPES[1:], ids=str)

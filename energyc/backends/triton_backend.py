@@ -119,10 +119,7 @@ class TritonEmitter(Emitter):
         triton_pairs.print_call(self, call)
 
     def emitters(self) -> dict:
-        table = dict(torch_backend.EMITTERS)
-        table.update({"pointwise": _emit_pointwise, "reduce": _emit_reduction,
-                      "fused_reduce": _emit_reduction})
-        return table
+        return EMITTERS
 
 
 def _dims(*bodies: sympy.Expr) -> list[str]:
@@ -265,3 +262,8 @@ def _emit_reduction(em: TritonEmitter, nid: int, node: Node) -> str:
     return (f'_reduction("{name}", {in_shape},'
             f" {out_pos}, {red_pos}, {pre_in}, {epi_in}, "
             f"{_tuple(dims)}{', window=' + str(window) if masked else ''})")
+
+
+# torch's printers but for the nodes that are kernels here (pair ops go through print_pair_call)
+EMITTERS = {**torch_backend.EMITTERS, "pointwise": _emit_pointwise, "reduce": _emit_reduction,
+            "fused_reduce": _emit_reduction}

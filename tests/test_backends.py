@@ -1,0 +1,61 @@
+"""The backend objects: one per target, each with a printer for every op, and the reference
+evaluator of the op tests with a branch for every op."""
+
+from __future__ import annotations
+
+import ast
+import inspect
+import os
+
+import pytest
+
+from energyc.backends import BACKENDS, TRITON
+from energyc.ir.ops import OPS
+from energyc.render import templates_dir
+from tests import test_ops
+
+
+@pytest.mark.parametrize("backend", BACKENDS, ids=lambda b: b.name)
+def test_every_op_has_a_printer_in_every_backend(backend):
+    assert set(OPS) <= set(backend.emitters), set(OPS) - set(backend.emitters)
+    assert backend.emitter.emitters(None) is backend.emitters  # the table its emitter prints with
+
+
+def _evaluated_ops() -> set[str]:
+    """The ops ``tests.test_ops._eval_node`` has a branch for: the names it compares ``op``
+    with (``op == "x"``, ``op in (...)``, ``op in LEAF_OPS``)."""
+    tree = ast.parse(inspect.getsource(test_ops._eval_node))
+    names: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Compare) and getattr(node.left, "id", None) == "op":
+            for right in node.comparators:
+                if isinstance(right, ast.Constant):
+                    names.add(right.value)
+                elif isinstance(right, (ast.Tuple, ast.List, ast.Set)):
+                    names.update(e.value for e in right.elts)
+                elif isinstance(right, ast.Name):
+                    names.update(getattr(test_ops, right.id))
+    return names
+
+
+def test_every_op_has_a_branch_in_the_reference_evaluator():
+    assert set(OPS) <= _evaluated_ops(), set(OPS) - _evaluated_ops()
+
+
+@pytest.mark.parametrize("backend", BACKENDS, ids=lambda b: b.name)
+def test_backend_templates_and_tuning_tables_exist(backend):
+    if backend is TRITON:
+        pytest.importorskip("triton")
+    for template, out, _ in backend.templates:
+        assert os.path.exists(os.path.join(templates_dir(), template)), template
+        assert out.endswith(".py")
+    assert list(backend.tuning_tables()) == list(backend.tuning)  # each names a runtime table
+
+
+def test_render_walks_no_graph():
+    """render.py renders, formats and writes: lowering (graph -> specs) is the backends'."""
+    import energyc.render as render
+
+    source = inspect.getsource(render)
+    for walk in ("graph.live()", ".node(", "split(", "Emitter"):
+        assert walk not in source, walk
