@@ -17,6 +17,7 @@ only places them. A body with a function Triton cannot spell leaves the call to 
 
 from __future__ import annotations
 
+import textwrap
 from dataclasses import dataclass
 
 import sympy
@@ -127,8 +128,15 @@ class _Kernel:
                 n = None if self.softmax and o == 0 else self.picked[o - (1 if self.softmax else 0)]
                 last = ("t",) if n is None or call.outputs[n][1] is None else ("t", "f")
             strides += [f"s{p.lower()}_{a}" for a in range(r)] + [f"s{p.lower()}_{x}" for x in last]
-        widths = [f"F{t}" for t in range(self.n_terms)] + [f"G{n}" for n, _ in self.values]
+        widths = [f"F{t}" for t in range(self.n_terms)] + [f"G{p}" for p in range(len(self.values))]
         return [*ptrs, *sizes, *strides, *widths, "WINDOW", *(f"dim_{d}" for d in self.dims)]
+
+    def first_reads(self) -> dict[int, int]:
+        """Each value node the kernel's sums read, with the first output that reads it."""
+        out: dict[int, int] = {}
+        for n, v in self.values:
+            out.setdefault(v, n)
+        return out
 
     def constexprs(self) -> list[str]:
         return [f"BF{t}" for t in range(self.n_terms)] + [f"BG{p}" for p in range(len(self.values))]
@@ -175,7 +183,7 @@ class _Kernel:
             pro.append(f"K{t}_base = {self._base(f'K{t}')}")
         for m in self.extras:
             pro.append(f"E{m}_base = {self._base(f'E{m}')}")
-        for n, _ in self.values:
+        for n in self.first_reads().values():  # a value several sums share is read once
             pro.append(f"V{n}_base = {self._base(f'V{n}')}")
         pro.append(f"offs_{own} = pid * {block[own]} + tl.arange(0, {block[own]})")
         pro.append(f"valid_{own} = offs_{own} < T")
@@ -219,11 +227,10 @@ class _Kernel:
                      "p = tl.exp(x - m_safe[:, None])  # 0 outside the context set",
                      "scale = tl.exp(m - m_safe)",
                      "s = s * scale + tl.sum(p, axis=1)"]
-        loaded: dict[int, str] = {}
+        loaded = {v: f"v{n}" for v, n in self.first_reads().items()}
         for p, (n, v) in enumerate(self.values):
-            if v not in loaded:
-                loaded[v] = f"v{n}"
-                loop.append(f"v{n} = {self._rows(f'V{n}', other, f'BG{p}', f'G{n}')}")
+            if self.first_reads()[v] == n:
+                loop.append(f"v{n} = {self._rows(f'V{n}', other, f'BG{p}', f'G{p}')}")
         weights: dict[int, str] = {}
         for n in self.picked:
             b = self.body_ids.index(self.call.outputs[n][2])
@@ -265,7 +272,7 @@ class _Kernel:
                 feat = f"tl.arange(0, BG{p})"
                 epi.append(f"tl.store({self._base(out)} + offs_{own}[:, None] * s{lo}_t + "
                            f"{feat}[None, :] * s{lo}_f, acc{n}{norm}, "
-                           f"mask=valid_{own}[:, None] & ({feat}[None, :] < G{n}))")
+                           f"mask=valid_{own}[:, None] & ({feat}[None, :] < G{p}))")
         return pro, f"lo, hi, {block[other]}", loop, epi
 
     def build(self, name: str) -> PairKernel:
@@ -295,10 +302,11 @@ class _Kernel:
             sums.append(f"{results[n + (1 if self.softmax else 0)]}_{token} = "
                         f"sum_{self.other} {weight}{value}")
         role = "queries" if self.own == "i" else "keys"
+        weights = textwrap.fill(f"with the weights w of {self.fn_name} on " + ", ".join(where)
+                                + ".", width=96, initial_indent="    ", subsequent_indent="    ")
         doc = (f"Over the pairs j in {{{over}}} of each ({heads}) slice, one program per "
                f"block of {role}:\n\n" + "".join(f"        {line}\n" for line in sums)
-               + f"\n    with the weights w of {self.fn_name} on "
-               + ", ".join(where) + ".\n    ")
+               + f"\n{weights}\n    ")
         fn_doc = "; ".join(f"w{b} = {_readable(body)}" for b, body in enumerate(self.bodies))
         return PairKernel(name, doc, self.fn_name, args, fn_doc, fn_lines, returns,
                           self.params(), self.constexprs(), pro, loop_range, loop, epi)
