@@ -17,9 +17,11 @@ import sympy
 from energyc.backends.torch_pairs import PAIR_EMITTERS, print_call
 from energyc.backends.torch_printer import TorchPrinter
 from energyc.errors import CompileError
+from energyc.ir import ops
 from energyc.ir.graph import Graph, Node
 from energyc.ir.ops import (
     ARG_SYMBOLS,
+    OPS,
     FusedReduce,
     attention_operands,
     describe_mask,
@@ -132,7 +134,7 @@ class Emitter:
     def emit(self, nid: int, var: str) -> None:
         node = self.graph.node(nid)
         self.pending[nid] = var
-        expr = self.emitters()[node.op](self, nid, node)
+        expr = self.emitters()[OPS[node.op]](self, nid, node)
         if expr is None:
             return
         self.names[nid] = var
@@ -587,24 +589,25 @@ def _emit_attention_grad(em: Emitter, nid: int, node: Node) -> None:
     return None
 
 
+# op class -> its torch printing (one entry per op of energyc.ir.ops.OPS)
 EMITTERS = {
-    "input": _emit_leaf,
-    "param": _emit_leaf,
-    "hyper": _emit_leaf,
-    "const": _emit_const,
-    "offset": _emit_offset,
-    "contract": _emit_contract,
-    "pointwise": _emit_pointwise,
-    "reduce": _emit_reduce,
-    "fused_reduce": _emit_fused_reduce,
-    "mask": _emit_mask,
-    "broadcast": _emit_broadcast,
-    "relabel": _emit_relabel,
-    "rotary": _emit_rotary,
-    "attention": _emit_attention,
-    "attention_lse": _emit_attention_lse,
-    "attention_transposed": _emit_attention_transposed,
-    "attention_grad": _emit_attention_grad,
+    ops.Input: _emit_leaf,
+    ops.Param: _emit_leaf,
+    ops.Hyper: _emit_leaf,
+    ops.Const: _emit_const,
+    ops.Offset: _emit_offset,
+    ops.Contract: _emit_contract,
+    ops.Pointwise: _emit_pointwise,
+    ops.Reduce: _emit_reduce,
+    ops.FusedReduce: _emit_fused_reduce,
+    ops.Mask: _emit_mask,
+    ops.Broadcast: _emit_broadcast,
+    ops.Relabel: _emit_relabel,
+    ops.Rotary: _emit_rotary,
+    ops.Attention: _emit_attention,
+    ops.AttentionLse: _emit_attention_lse,
+    ops.AttentionTransposed: _emit_attention_transposed,
+    ops.AttentionGrad: _emit_attention_grad,
     **PAIR_EMITTERS,
 }
 

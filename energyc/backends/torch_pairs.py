@@ -15,7 +15,17 @@ import sympy
 
 from energyc.backends.torch_printer import TorchPrinter
 from energyc.ir.graph import Node
-from energyc.ir.pairs import DIST, PairForm, e, form_of, pair_symbols, u
+from energyc.ir.pairs import (
+    DIST,
+    PairForm,
+    PairLse,
+    PairSum,
+    RunningSum,
+    e,
+    form_of,
+    pair_symbols,
+    u,
+)
 
 
 def _view(em, nid: int, target: tuple[str, ...]) -> str:
@@ -278,5 +288,4 @@ def emit_running_sum(em, nid: int, node: Node) -> str:
             f"keys_major={token == 'j'}{em.offset_arg()}{', T=T' if em.position else ''})")
 
 
-PAIR_EMITTERS = {"pair_lse": emit_pair_lse, "pair_sum": emit_pair_sum,
-                 "running_sum": emit_running_sum}
+PAIR_EMITTERS = {PairLse: emit_pair_lse, PairSum: emit_pair_sum, RunningSum: emit_running_sum}

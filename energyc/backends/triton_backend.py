@@ -37,6 +37,7 @@ from energyc.backends import torch_backend, triton_pairs
 from energyc.backends.torch_backend import Emitter, Node
 from energyc.backends.triton_printer import NoTritonSpellingError, TritonPrinter
 from energyc.inspect import formula
+from energyc.ir import ops
 from energyc.ir.ops import ARG_SYMBOLS, MASK_KINDS, FusedReduce
 
 
@@ -265,5 +266,5 @@ def _emit_reduction(em: TritonEmitter, nid: int, node: Node) -> str:
 
 
 # torch's printers but for the nodes that are kernels here (pair ops go through print_pair_call)
-EMITTERS = {**torch_backend.EMITTERS, "pointwise": _emit_pointwise, "reduce": _emit_reduction,
-            "fused_reduce": _emit_reduction}
+EMITTERS = {**torch_backend.EMITTERS, ops.Pointwise: _emit_pointwise, ops.Reduce: _emit_reduction,
+            FusedReduce: _emit_reduction}
