@@ -97,3 +97,54 @@ def _reimport(module, path):
     sys.modules[module.__name__] = fresh
     spec.loader.exec_module(fresh)
     return fresh
+
+
+NO_TRITON_SPELLING = """from energyc.dsl import *
+import sympy
+D, H, K = dims("D H K"); i, j = tokens(); x, xbar = state(D)
+W_q = param("W_q", (H, K, D)); W_k = param("W_k", (H, K, D))
+s = dot(W_q @ x[i], W_k @ xbar[j], over=K)
+E = -logsumexp(apply(lambda v: 2 * sympy.atan(v / 2), s), over=j <= i).sum(H)
+layer("f", E, eta=0.5)
+"""
+
+
+def test_a_body_triton_cannot_spell_stays_on_torch(tmp_path):
+    """arctan has no Triton spelling: its passes over pairs are the torch runtime's calls on
+    the Triton path (slower, never wrong), and the layer is right."""
+    path = tmp_path / "f.py"
+    path.write_text(NO_TRITON_SPELLING)
+    (layer,) = compile_file(load(str(path)))
+    module = import_generated(layer)
+    source = _triton_source(module)
+    assert "_rt.pair_softmax_sums(" in source and "= _pairs(" not in source
+    assert "math.atan" not in source
+    check_triton_path(layer, module, torch.float32, "cpu", tokens=TOKENS)
+
+
+def test_the_kernel_printer_never_spells_math():
+    """Every function SymPy's Python printer knows prints as Triton's or is refused (then the
+    node stays on torch); none as ``math.*``, which a kernel cannot call on a tile."""
+    import sympy
+    from sympy.printing.pycode import _known_functions, _known_functions_math
+
+    from energyc.backends.triton_printer import NoTritonSpellingError, TritonPrinter
+
+    x = sympy.Symbol("x")
+    printer = TritonPrinter({"x": "a0"})
+    spelled = []
+    for name in sorted({**_known_functions, **_known_functions_math}):
+        fn = getattr(sympy, name, None)
+        if not isinstance(fn, sympy.FunctionClass):
+            continue
+        try:
+            expr = fn(x)
+        except TypeError:  # takes two arguments
+            continue
+        try:
+            code = printer.doprint(expr)
+        except NoTritonSpellingError:
+            continue
+        assert "math." not in code, (name, code)
+        spelled.append(name)
+    assert {"exp", "log", "erf", "tanh"} <= set(spelled)

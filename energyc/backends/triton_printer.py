@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import sympy
 from sympy.printing.precedence import PRECEDENCE
-from sympy.printing.pycode import PythonCodePrinter
+from sympy.printing.pycode import PythonCodePrinter, _known_functions, _known_functions_math
 
 from energyc.ir.functions import EnergyFunction
 
@@ -139,3 +139,9 @@ class TritonPrinter(PythonCodePrinter):
 
     def emptyPrinter(self, expr):  # noqa: N802 - SymPy's name
         raise NoTritonSpellingError(type(expr).__name__)
+
+
+# SymPy's Python printer spells the functions it knows as math.* (math.atan, math.gamma): inside
+# a kernel each must be Triton's spelling above or NoTritonSpellingError, never math.*
+for _name in {**_known_functions, **_known_functions_math}:
+    setattr(TritonPrinter, f"_print_{_name}", TritonPrinter._print_Function)
