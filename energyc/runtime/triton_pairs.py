@@ -42,7 +42,9 @@ INTERPRETER_TILE = (16, 16)
 # (BLOCK_I, BLOCK_J, num_warps, num_stages) Triton's autotuner tries on a GPU; a pair kernel
 # holds a tile per contraction and per accumulator, so the tiles stay at most 64 wide
 GPU_TILES = ((64, 64, 4, 3), (64, 32, 4, 2), (32, 64, 4, 2), (32, 32, 4, 2), (16, 16, 4, 1))
-TUNING_KEY = ["T", "MASK_KIND"]  # and every constexpr of a kernel (its widths), by Triton
+# what the best tile depends on: tokens and context set; a kernel adds its feature widths (Triton's
+# autotuner keys on the names listed and the tensors' dtypes only)
+TUNING_KEY = ["T", "MASK_KIND"]
 
 
 def tiles() -> list:
