@@ -58,9 +58,9 @@ def _symbol_name(s: sympy.Symbol) -> str:
     return f"dim_{s.name}"
 
 
-def _tile_function(name: str, bodies: list[sympy.Expr]) -> tuple[list[str], list[str], str]:
-    """(args, lines, returns) of ``name(args) -> bodies`` with their common subexpressions
-    computed once. Raises NoTritonSpellingError for a body Triton cannot spell."""
+def _tile_function(bodies: list[sympy.Expr]) -> tuple[list[str], list[str], str]:
+    """(args, lines, returns) of a tile function returning ``bodies``, their common
+    subexpressions computed once. Raises NoTritonSpellingError for a body Triton cannot spell."""
     used = set().union(*(b.free_symbols for b in bodies))
     order = sorted(used, key=lambda s: (not s.name.startswith("pair_u"), s != DIST,
                                         not s.name.startswith("pair_e"), _key(s)))
@@ -277,7 +277,7 @@ class _Kernel:
 
     def build(self, name: str) -> PairKernel:
         self.fn_name = f"{name}_tile"
-        self.fn = _tile_function(self.fn_name, self.bodies)
+        self.fn = _tile_function(self.bodies)
         args, fn_lines, returns = self.fn
         pro, loop_range, loop, epi = self.lines()
         names = self.em.names
