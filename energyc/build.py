@@ -66,9 +66,11 @@ def compile_paths(
         for layer in layers:
             log(f"  {layer.name}: derived forward and backward graphs "
                 f"({len(layer.step.live())} nodes) in {sum(layer.timings.values()):.2f}s")
-            for note in layer.notes:
+            notes = list(layer.notes)
+            files = render_files(layer, source_name(path), notes)
+            for note in notes:
                 print(f"energyc: note: {note}", file=sys.stderr, flush=True)
-            rendered.append((layer.name, render_files(layer, source_name(path))))
+            rendered.append((layer.name, files))
     written = [write_package(files, outdir, name) for name, files in rendered]
     for target in written:
         log(f"  wrote {target}/")

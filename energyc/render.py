@@ -59,17 +59,21 @@ def environment() -> jinja2.Environment:
     return env
 
 
-def render_files(layer: CompiledLayer, source: str) -> dict[str, str]:
+def render_files(layer: CompiledLayer, source: str,
+                 notes: list[str] | None = None) -> dict[str, str]:
     """Render the package's files: {relative path: text}.
 
     Each starts with a header: the energyc that generated it, the energy file, the template, a
     hash of the content, and what it depends on (torch and ``energyc.runtime`` at least
-    ``RUNTIME_VERSION``; triton for the Triton path).
+    ``RUNTIME_VERSION``; triton for the Triton path). ``notes``, when given, receives the
+    backends' notes (what the Triton path leaves on torch, with file:line).
     """
     env = environment()
     files = {}
     for backend in BACKENDS:
         spec = backend.lower(layer, source)
+        if notes is not None:
+            notes.extend(getattr(spec, "notes", ()))
         for template, out, also in backend.templates:
             body = format_code(env.get_template(template).render(spec=spec))
             digest = hashlib.sha256(body.encode()).hexdigest()[:16]

@@ -24,6 +24,7 @@ import torch
 from energyc.check import import_generated
 from energyc.compiler import compile_file
 from energyc.loader import load
+from energyc.render import render_files
 from energyc.tolerances import tolerance
 from tests.test_pairs import FORMS, _energy_file
 from tests.test_triton_layers import DEVICES, DTYPES, check_triton_path, step_and_grads
@@ -115,6 +116,10 @@ def test_a_body_triton_cannot_spell_stays_on_torch(tmp_path):
     path = tmp_path / "f.py"
     path.write_text(NO_TRITON_SPELLING)
     (layer,) = compile_file(load(str(path)))
+    notes: list[str] = []
+    render_files(layer, str(path), notes)  # energyc compile prints these as notes
+    assert notes == [f"{path}:6: a pass over the pairs of a context set runs torch's code on the "
+                     "Triton path: atan has no Triton spelling (correct; slower on a GPU)"]
     module = import_generated(layer)
     source = _triton_source(module)
     assert "_rt.pair_softmax_sums(" in source and "= _pairs(" not in source

@@ -261,8 +261,11 @@ def triton_module_spec(layer: CompiledLayer, source: str) -> TritonModuleSpec:
         layer, lambda stem: functools.partial(TritonEmitter, kernel_set=kernel_set, function=stem))
     sg = layer.step
     attention = any(sg.node(n).op in ("attention", "attention_transposed") for n in sg.live())
+    notes = [f"{where or layer.decl.where}: {what} runs torch's code on the Triton path: "
+             f"{error} has no Triton spelling (correct; slower on a GPU)"
+             for (where, what), error in kernel_set.on_torch.items()]
     return TritonModuleSpec(layer.decl.name, functions, kernel_set.kernels, list(layer.precond),
-                            attention=attention)
+                            attention=attention, notes=notes)
 
 
 def step_functions(layer: CompiledLayer, emitter) -> list[FunctionSpec]:

@@ -28,6 +28,7 @@ class TritonModuleSpec:
     kernels: list = field(default_factory=list)  # PointwiseKernel | ReductionKernel
     precond_kinds: list[str] = field(default_factory=list)
     attention: bool = False  # whether energyc.runtime.triton_attention serves fused reductions
+    notes: list[str] = field(default_factory=list)  # what stays on torch, and why (file:line)
 
     @property
     def context_test(self) -> bool:

@@ -80,6 +80,13 @@ class KernelSet:
 
     energy: str
     kernels: list = field(default_factory=list)
+    # what stays on torch on this path: {(where or None, what): why}, in the order found
+    on_torch: dict = field(default_factory=dict)
+
+    def stays_on_torch(self, where: str | None, what: str, error: Exception) -> None:
+        """Record that ``what`` (a node's kind) runs torch's code on the Triton path because
+        its body has a function Triton cannot spell (``error`` names it)."""
+        self.on_torch.setdefault((where, what), str(error))
 
     def name(self, function: str, family: str) -> str:
         stem = f"_{self.energy}_{function}_{family}"
@@ -152,7 +159,8 @@ def _emit_pointwise(em: TritonEmitter, nid: int, node: Node) -> str:
     params += [f"dim_{d}" for d in dims]
     try:
         expr = _print(body, names, dims)
-    except NoTritonSpellingError:
+    except NoTritonSpellingError as error:
+        em.kernel_set.stays_on_torch(node.where, "an element-wise node", error)
         return torch_backend._emit_pointwise(em, nid, node)
     loads = []
     for k, u in enumerate(args):
@@ -203,7 +211,8 @@ def _emit_reduction(em: TritonEmitter, nid: int, node: Node) -> str:
     try:
         pre = _print(pre_body, pre_names, dims)
         post = _print(post_body, post_names, dims)
-    except NoTritonSpellingError:
+    except NoTritonSpellingError as error:
+        em.kernel_set.stays_on_torch(node.where, "a reduction", error)
         emit = torch_backend._emit_fused_reduce if fused else torch_backend._emit_reduce
         return emit(em, nid, node)
 

@@ -339,7 +339,9 @@ def print_call(em, call: PairCall) -> None:
                 builder = _Kernel(em, call, picked, own)
                 kernels.append((builder.build(name), builder, picked, own))
                 em.kernel_set.kernels.append(kernels[-1][0])
-    except NoTritonSpellingError:
+    except NoTritonSpellingError as error:
+        where = em.graph.node(call.results[0][0]).where
+        em.kernel_set.stays_on_torch(where, "a pass over the pairs of a context set", error)
         for k in kernels:
             em.kernel_set.kernels.remove(k[0])
         torch_pairs.print_call(em, call)
