@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import os
-
 import pytest
 import torch
 
@@ -47,5 +44,4 @@ def test_examples_table_gathers_the_runs_and_names_the_missing(tmp_path):
     text = (tmp_path / "examples.md").read_text()
     assert "| cem_mlp | 1024 |" in text and "3.00x" in text
     assert "- window_alibi: timed out (20 s), no results" in text
-    assert json.loads((tmp_path / "cem_mlp.json").read_text())["rows"][0]["tokens"] == 1024
-    assert os.path.exists(tmp_path / "examples.md")
+    assert "| window_alibi |" not in text  # an example without a JSON has no row
