@@ -149,10 +149,8 @@ class _Kernel:
     def _rows(self, p: str, token: str, feature_block: str, width: str) -> str:
         """A (tokens, features) tile of operand pointer ``p`` at the token offsets ``offs_<token>``."""
         lp = p.lower()
-        offs = f"offs_{token}"
-        feat = f"tl.arange(0, {feature_block})"
-        return (f"tl.load({p}_base + {offs}[:, None] * s{lp}_t + {feat}[None, :] * s{lp}_f, "
-                f"mask=valid_{token}[:, None] & ({feat}[None, :] < {width}), other=0.0)")
+        return (f"_load_rows({p}_base, offs_{token}, valid_{token}, s{lp}_t, s{lp}_f, "
+                f"{feature_block}, {width})")
 
     def _extra(self, m: int) -> tuple[str | None, str]:
         """(the token the extra varies with, or None; its load)."""
@@ -220,13 +218,8 @@ class _Kernel:
         args, _, _ = self.fn
         ws = [f"w{b}" for b in range(len(self.bodies))]
         loop.append(f"{', '.join(ws)} = {self.fn_name}({', '.join(args)})")
-        if self.softmax:
-            loop += ['x = tl.where(valid, w0, float("-inf"))',
-                     "m_new = tl.maximum(m, tl.max(x, axis=1))",
-                     'm_safe = tl.where(m_new == float("-inf"), 0.0, m_new)',
-                     "p = tl.exp(x - m_safe[:, None])  # 0 outside the context set",
-                     "scale = tl.exp(m - m_safe)",
-                     "s = s * scale + tl.sum(p, axis=1)"]
+        if self.softmax:  # p: the tile's exp(phi - m), 0 outside the context set
+            loop.append("m, s, p, scale = _online_step(m, s, w0, valid)")
         loaded = {v: f"v{n}" for v, n in self.first_reads().items()}
         for p, (n, v) in enumerate(self.values):
             if self.first_reads()[v] == n:
@@ -248,15 +241,11 @@ class _Kernel:
                 if own == "j":
                     lhs = f"tl.trans({lhs})"
                 loop.append(f"acc{n} = acc{n}{rescale} + _tile_dot({lhs}, {vt}, ACC, UPCAST)")
-        if self.softmax:
-            loop.append("m = m_new")
 
         epi = []
         if self.softmax:
-            epi += ["empty = s == 0.0  # no key in the context set: R = 0, sums 0",
-                    'r = tl.where(empty, 0.0, m + tl.log(tl.where(empty, 1.0, s)))',
-                    f"tl.store({self._base('OUT0')} + offs_i * sout0_t, r, mask=valid_i)",
-                    "denom = tl.where(empty, 1.0, s)"]
+            epi += ["r, denom = _online_result(m, s)  # no key in the context set: R = 0, sums 0",
+                    f"tl.store({self._base('OUT0')} + offs_i * sout0_t, r, mask=valid_i)"]
         first = 1 if self.softmax else 0
         for o, n in enumerate(self.picked, start=first):
             out = f"OUT{o}"
@@ -269,10 +258,8 @@ class _Kernel:
                            f"mask=valid_{own})")
             else:
                 p = [m for m, _ in self.values].index(n)
-                feat = f"tl.arange(0, BG{p})"
-                epi.append(f"tl.store({self._base(out)} + offs_{own}[:, None] * s{lo}_t + "
-                           f"{feat}[None, :] * s{lo}_f, acc{n}{norm}, "
-                           f"mask=valid_{own}[:, None] & ({feat}[None, :] < G{p}))")
+                epi.append(f"_store_rows({self._base(out)}, offs_{own}, valid_{own}, s{lo}_t, "
+                           f"s{lo}_f, acc{n}{norm}, BG{p}, G{p})")
         return pro, f"lo, hi, {block[other]}", loop, epi
 
     def build(self, name: str) -> PairKernel:

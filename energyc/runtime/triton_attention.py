@@ -29,7 +29,14 @@ import torch
 import triton
 import triton.language as tl
 
-from energyc.runtime.triton_layer import INTERPRETED, MASK_KINDS, in_context, storage
+from energyc.runtime.triton_layer import (
+    INTERPRETED,
+    MASK_KINDS,
+    in_context,
+    operand,
+    storage,
+    tile_dot,
+)
 
 # (BLOCK_M queries, BLOCK_N keys) of the one tile the interpreter runs; BLOCK_M is also the
 # backward's preprocess block on every device
@@ -72,23 +79,8 @@ def _key_range(pid_m, T, MASK_KIND: tl.constexpr, WINDOW, BLOCK_M: tl.constexpr,
 
 @triton.jit
 def _dot(a, b, UPCAST: tl.constexpr):
-    """a @ b with fp32 accumulation. float32 operands multiply in full precision ("ieee", as
-    torch's matmul by default), not TF32; for half-precision operands the option is ignored."""
-    if UPCAST:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
-    return tl.dot(a, b, input_precision="ieee").to(tl.float32)
-
-
-@triton.jit
-def _low(x, like, UPCAST: tl.constexpr):
-    """fp32 ``x`` rounded to the dtype of ``like`` for a dot's operand (P or dS). Under UPCAST
-    (the interpreter, bfloat16) the rounding to nearest even is done on the bits, since the
-    interpreter's conversion truncates; the result stays in fp32 for ``_dot``."""
-    if UPCAST:
-        bits = x.to(tl.uint32, bitcast=True)
-        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-        return bits.to(tl.float32, bitcast=True)
-    return x.to(like.dtype)
+    """a @ b with fp32 accumulation (``tile_dot`` of the generated kernels, in fp32)."""
+    return tile_dot(a, b, tl.float32, UPCAST)
 
 
 @triton.jit
@@ -149,7 +141,7 @@ def _attention_fwd(
         p = tl.exp(s - m_safe[:, None])
         alpha = tl.exp(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + _dot(_low(p, v, UPCAST), v, UPCAST)
+        acc = acc * alpha[:, None] + _dot(operand(p, v, UPCAST), v, UPCAST)
         m_i = m_new
     l_safe = tl.where(l_i > 0, l_i, 1.0)
     o = acc / l_safe[:, None]
@@ -226,12 +218,12 @@ def _attention_bwd_dkdv(
         s = _scores(_dot(q, tl.trans(k), UPCAST), scale, slope, offs_m, offs_n, HAS_BIAS)  # (M, N)
         valid = mask_m[:, None] & mask_n[None, :] & in_context(offs_m, offs_n, MASK_KIND, WINDOW)
         p = tl.where(valid, tl.exp(s - lse[:, None]), 0.0)
-        dv += _dot(_low(tl.trans(p), do, UPCAST), do, UPCAST)
+        dv += _dot(operand(tl.trans(p), do, UPCAST), do, UPCAST)
         if not DV_ONLY:
             delta = tl.load(DELTA + pid_bh * T + offs_m, mask=mask_m, other=0.0)
             dp = _dot(do, tl.trans(v), UPCAST)
             ds = p * (dp - delta[:, None])
-            dk += _dot(_low(tl.trans(ds), q, UPCAST), q, UPCAST)
+            dk += _dot(operand(tl.trans(ds), q, UPCAST), q, UPCAST)
     if not DV_ONLY:
         tl.store(DK + row_n * F + offs_f[None, :], (dk * scale).to(DK.dtype.element_ty),
                  mask=mask_n[:, None] & (offs_f[None, :] < F))
@@ -287,7 +279,7 @@ def _attention_bwd_dq(
         p = tl.where(valid, tl.exp(s - lse[:, None]), 0.0)
         dp = _dot(do, tl.trans(v), UPCAST)
         ds = p * (dp - delta[:, None])
-        dq += _dot(_low(ds, k, UPCAST), k, UPCAST)
+        dq += _dot(operand(ds, k, UPCAST), k, UPCAST)
         if NEED_DSCALE:
             dscale += tl.sum(ds * qk, 1)
         if HAS_BIAS:

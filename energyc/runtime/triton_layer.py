@@ -22,8 +22,9 @@ its module and function), so torch.compile(fullgraph=True) keeps them as opaque 
 implementations giving their output shapes, instead of tracing Triton. Kernels compute in
 ``ACC``: fp32, fp64 for float64 inputs; results are stored in the inputs' dtype.
 
-Also here: the kernels' context test ``in_context`` (shared with the flash kernels of
-``energyc.runtime.triton_attention``) and the interpreter helpers.
+Also here, shared with the flash kernels of ``energyc.runtime.triton_attention`` and the
+generated pair kernels: the kernels' context test ``in_context``, the tile product ``tile_dot``
+and the rounding of a weight tile to a dot operand (``operand``); and the interpreter helpers.
 """
 
 import math
@@ -70,6 +71,29 @@ def in_context(offs_m, offs_n, MASK_KIND: tl.constexpr, WINDOW):
         return n != m
     else:
         return (n >= 0) & (m >= 0)
+
+
+@triton.jit
+def tile_dot(a, b, ACC: tl.constexpr, UPCAST: tl.constexpr):
+    """a @ b accumulated in ACC. float32 operands multiply in full precision ("ieee", as torch's
+    matmul by default), not TF32; under UPCAST (the interpreter, bfloat16) the operands are
+    widened first, since the interpreter multiplies bfloat16 bits wrongly (bf16 x bf16 products
+    are exact in fp32, so this is what a GPU's bf16 dot with fp32 accumulation computes)."""
+    if UPCAST:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee").to(ACC)
+    return tl.dot(a, b, input_precision="ieee").to(ACC)
+
+
+@triton.jit
+def operand(x, like, UPCAST: tl.constexpr):
+    """The ACC tile ``x`` (a weight tile) as a dot operand against ``like`` (a value tile): in
+    ``like``'s dtype, rounded to nearest even (done on the bits under UPCAST, where the
+    interpreter's conversion truncates; the result then stays fp32 for ``tile_dot``)."""
+    if UPCAST:
+        bits = x.to(tl.float32).to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        return bits.to(tl.float32, bitcast=True)
+    return x.to(like.dtype)
 
 
 def _acc(dtype: torch.dtype):

@@ -25,7 +25,10 @@ the backward's dk and value terms, and the key role of a joint energy):
 
 Every sum is written by the one program that owns its token: no atomics. Products of tiles
 accumulate in ACC (fp32; fp64 for float64 operands), float32 operands multiply in full precision
-(``input_precision="ieee"``), half-precision ones on tensor cores with fp32 accumulation.
+(``input_precision="ieee"``), half-precision ones on tensor cores with fp32 accumulation
+(``tile_dot`` and ``operand`` of ``energyc.runtime.triton_layer``, which the flash kernels use
+too). What does not depend on the energy is here, once: the block ranges, the row loads and
+stores, and the online log-sum-exp's step and result.
 """
 
 import math
@@ -35,7 +38,8 @@ import torch
 import triton
 import triton.language as tl
 
-from energyc.runtime.triton_layer import INTERPRETED, MASK_KINDS
+from energyc.runtime.pairs import _compute_dtype
+from energyc.runtime.triton_layer import INTERPRETED, MASK_KINDS, _acc
 
 # (BLOCK_I, BLOCK_J) of the one tile the interpreter runs
 INTERPRETER_TILE = (16, 16)
@@ -86,26 +90,43 @@ def query_blocks(pid, T, MASK_KIND: tl.constexpr, WINDOW, BLOCK_I: tl.constexpr,
 
 
 @triton.jit
-def tile_dot(a, b, ACC: tl.constexpr, UPCAST: tl.constexpr):
-    """a @ b accumulated in ACC. float32 operands multiply in full precision ("ieee", as torch's
-    matmul by default), not TF32; under UPCAST (the interpreter, bfloat16) the operands are
-    widened first, since the interpreter multiplies bfloat16 bits wrongly (bf16 x bf16 products
-    are exact in fp32, so this is what a GPU's bf16 dot with fp32 accumulation computes)."""
-    if UPCAST:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee").to(ACC)
-    return tl.dot(a, b, input_precision="ieee").to(ACC)
+def load_rows(base, offs, valid, s_t, s_f, BLOCK_F: tl.constexpr, F):
+    """The (len(offs), BLOCK_F) tile of the rows ``offs`` of an operand at ``base`` (token
+    stride s_t, feature stride s_f): features past F and rows not ``valid`` read 0."""
+    feat = tl.arange(0, BLOCK_F)
+    return tl.load(base + offs[:, None] * s_t + feat[None, :] * s_f,
+                   mask=valid[:, None] & (feat[None, :] < F), other=0.0)
 
 
 @triton.jit
-def operand(x, like, UPCAST: tl.constexpr):
-    """The ACC tile ``x`` (a weight tile) as a dot operand against ``like`` (a value tile): in
-    ``like``'s dtype, rounded to nearest even (done on the bits under UPCAST, where the
-    interpreter's conversion truncates; the result then stays fp32 for ``tile_dot``)."""
-    if UPCAST:
-        bits = x.to(tl.float32).to(tl.uint32, bitcast=True)
-        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-        return bits.to(tl.float32, bitcast=True)
-    return x.to(like.dtype)
+def store_rows(base, offs, valid, s_t, s_f, x, BLOCK_F: tl.constexpr, F):
+    """Store the (len(offs), BLOCK_F) tile ``x`` into the rows ``offs`` (features below F)."""
+    feat = tl.arange(0, BLOCK_F)
+    tl.store(base + offs[:, None] * s_t + feat[None, :] * s_f, x,
+             mask=valid[:, None] & (feat[None, :] < F))
+
+
+@triton.jit
+def online_step(m, s, phi, valid):
+    """One key tile of the online log-sum-exp: with ``x = phi`` on the context set and -inf
+    off it, the new running max ``m' = max(m, max_j x)``, the weights ``p = exp(x - m')`` (0
+    off the set), the factor ``exp(m - m')`` that rescales what was summed so far, and the new
+    sum ``s' = s exp(m - m') + sum_j p``: (m', s', p, scale). A row with no key yet keeps
+    m' = -inf and p = 0."""
+    x = tl.where(valid, phi, float("-inf"))
+    m_new = tl.maximum(m, tl.max(x, axis=1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.exp(x - m_safe[:, None])
+    scale = tl.exp(m - m_safe)
+    return m_new, s * scale + tl.sum(p, axis=1), p, scale
+
+
+@triton.jit
+def online_result(m, s):
+    """``R = m + log s`` of the online log-sum-exp, 0 for a row with no key in its context set,
+    and the divisor of its sums (1 there): (R, denom)."""
+    empty = s == 0.0
+    return tl.where(empty, 0.0, m + tl.log(tl.where(empty, 1.0, s))), tl.where(empty, 1.0, s)
 
 
 def _strides(t: torch.Tensor, shape: tuple[int, ...]) -> list[int]:
@@ -114,10 +135,6 @@ def _strides(t: torch.Tensor, shape: tuple[int, ...]) -> list[int]:
     sizes = (1,) * (len(shape) - t.dim()) + tuple(t.shape)
     strides = (0,) * (len(shape) - t.dim()) + tuple(t.stride())
     return [0 if n == 1 else s for n, s in zip(sizes, strides)]
-
-
-def _acc(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 @torch.library.custom_op("energyc::triton_pairs", mutates_args=())
@@ -144,7 +161,7 @@ def _pairs_op(
     operands' promoted dtype (``dtype`` without operands)."""
     fn = getattr(sys.modules[module], kernel)
     dtype = _dtype(q, k, values, dtype)
-    acc = _acc(dtype)
+    acc = _compute_dtype(dtype)  # as the torch pair kernels: float32 for half precision
     q = [t.to(dtype).expand(*shape, T, t.shape[-1]) for t in q]
     k = [t.to(dtype).expand(*shape, T, t.shape[-1]) for t in k]
     extras = [t.to(device, acc) for t in extras]
@@ -165,7 +182,7 @@ def _pairs_op(
     grid = lambda meta: (triton.cdiv(T, meta[block]), max(math.prod(shape), 1))  # noqa: E731
     fn[grid](
         *tensors, T, *shape[1:], *strides, *widths, window, *dims,
-        MASK_KIND=MASK_KINDS[kind], ACC=tl.float64 if acc == torch.float64 else tl.float32,
+        MASK_KIND=MASK_KINDS[kind], ACC=_acc(dtype),
         UPCAST=INTERPRETED and dtype == torch.bfloat16, **blocks,
     )
     return [o.to(dtype) for o in outs]  # the sums are ACC: rounded once, by torch
