@@ -139,7 +139,8 @@ def _operands(em, form: PairForm, extras: list[int]) -> tuple[str, str, str]:
     return f"[{', '.join(q)}]", f"[{', '.join(k)}]", f"[{', '.join(ex)}]"
 
 
-def _shape(em, form: PairForm) -> str:
+def shape_arg(em, form: PairForm) -> str:
+    """``(B, *heads)``: the batch and head sizes the pair kernels run over."""
     return f"({', '.join(['B', *(em.size(h) for h in form.heads)])},)"
 
 
@@ -150,10 +151,15 @@ def _back(em, var: str, layout: tuple[str, ...], axes: tuple[str, ...]) -> None:
         em.lines.append(f"{var} = {var}.permute({', '.join(map(str, perm))})")
 
 
+def mask_arg(form: PairForm) -> str:
+    """The context set as the runtime's ``(kind, width)`` argument."""
+    kind, w = form.mask[0], (form.mask[1] if form.mask[0] == "window" else 0)
+    return f"({kind!r}, {w})"
+
+
 def _call_tail(em, form: PairForm, bodies) -> str:
     offset = any(DIST in b.free_symbols for b in bodies)
-    kind, w = form.mask[0], (form.mask[1] if form.mask[0] == "window" else 0)
-    return (f"({kind!r}, {w}), T=T, shape={_shape(em, form)}, uses_offset={offset}, "
+    return (f"{mask_arg(form)}, T=T, shape={shape_arg(em, form)}, uses_offset={offset}, "
             f"dtype=x.dtype, device=x.device{em.offset_arg()}")
 
 

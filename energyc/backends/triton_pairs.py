@@ -304,13 +304,11 @@ def _launch(em, call: PairCall, kernel: str, picked: list[int], own: str,
     q, k, ex = torch_pairs._operands(em, call.form, call.form.extras)
     values = [torch_pairs.value_view(em, call, call.outputs[n][0], call.outputs[n][1])
               for n in picked]
-    kind = call.form.mask[0]
-    w = call.form.mask[1] if kind == "window" else 0
-    shape = f"({', '.join(['B', *(em.size(h) for h in call.form.heads)])},)"
+    shape = torch_pairs.shape_arg(em, call.form)
     dim_args = f"({', '.join(dims)}{',' if len(dims) == 1 else ''})"
     return (f'_pairs("{kernel}", {own == "j"}, {call.softmax}, {q}, {k}, {ex}, '
-            f"[{', '.join(values)}], ({kind!r}, {w}), T=T, shape={shape}, dims={dim_args}, "
-            f"dtype=x.dtype, device=x.device)")
+            f"[{', '.join(values)}], {torch_pairs.mask_arg(call.form)}, T=T, shape={shape}, "
+            f"dims={dim_args}, dtype=x.dtype, device=x.device)")
 
 
 def print_call(em, call: PairCall) -> None:
