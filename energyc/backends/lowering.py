@@ -112,6 +112,23 @@ def _size_lines(leaves: dict[str, tuple[int, tuple[str, ...]]], params: set[str]
     return lines
 
 
+def _bind_arguments(em: Emitter, leaves: dict[str, tuple[int, tuple[str, ...]]]) -> list[str]:
+    """Name each argument's leaf node for ``em``: the argument itself, or a permuted view
+    ``<arg>_`` where its storage order is not the canonical one (the lines that make those)."""
+    lines = []
+    for var, (nid, order) in leaves.items():
+        if nid < 0:
+            continue
+        canon = em.graph.node(nid).axes
+        if tuple(order) != canon:
+            perm = ", ".join(str(order.index(a)) for a in canon)
+            lines.append(f"{var}_ = {var}.permute({perm})  # ({', '.join(canon)})")
+            em.names[nid] = f"{var}_"
+        else:
+            em.names[nid] = var
+    return lines
+
+
 def function_spec(
     graph: Graph,
     name: str,
@@ -133,17 +150,7 @@ def function_spec(
     """
     em = emitter(graph, {}, einsum_letters(graph.dims))
     em.region = set(nodes)
-    lines: list[str] = []
-    for var, (nid, order) in leaves.items():
-        if nid < 0:
-            continue
-        canon = graph.node(nid).axes
-        if tuple(order) != canon:
-            perm = ", ".join(str(order.index(a)) for a in canon)
-            lines.append(f"{var}_ = {var}.permute({perm})  # ({', '.join(canon)})")
-            em.names[nid] = f"{var}_"
-        else:
-            em.names[nid] = var
+    lines = _bind_arguments(em, leaves)
     if saved_in:
         for n in saved_in:
             em.names[n] = names[n]
@@ -402,17 +409,7 @@ def decode_function(layer: CompiledLayer, needed: list[int]) -> FunctionSpec:
     em = Emitter(sg, {}, einsum_letters(sg.dims), position="P")
     em.region = set(needed)
     leaves = _leaf_map(layer, sg, [])
-    lines: list[str] = []
-    for var, (nid, order) in leaves.items():
-        if nid < 0:
-            continue
-        canon = sg.node(nid).axes
-        if tuple(order) != canon:
-            perm = ", ".join(str(order.index(a)) for a in canon)
-            lines.append(f"{var}_ = {var}.permute({perm})  # ({', '.join(canon)})")
-            em.names[nid] = f"{var}_"
-        else:
-            em.names[nid] = var
+    lines = _bind_arguments(em, leaves)
     em.pending.update(names)
     for n in first:
         if n not in em.names:
