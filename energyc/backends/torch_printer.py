@@ -14,6 +14,9 @@ since element-wise ops only broadcast up). The rules, with the identity each one
     -a * b * c      -> (a * b).mul_(c).neg_()        x * (-1) = -x
     k * a * b / c   -> (a * b).div_(c).mul_(k)       x / c = x * c**-1, k a number
     a + b - c       -> (a + b).sub_(c)                x + (-1) c = x - c
+    a * step(u) * b -> threshold_backward(a, u, 0).mul_(b)
+                                        a step(u) = (a where u > 0, else 0): relu's backward op,
+                                        one pass instead of a mask, a cast and a product
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from __future__ import annotations
 import sympy
 from sympy.printing.pycode import PythonCodePrinter
 
-from energyc.ir.functions import EnergyFunction
+from energyc.ir.functions import EnergyFunction, step
 
 # SymPy function -> torch function (tensor arguments); math fallbacks come from PythonCodePrinter.
 TORCH_FUNCTIONS = {
@@ -80,6 +83,12 @@ class TorchPrinter(PythonCodePrinter):
             return super()._print_Mul(expr)
         if affine and len(muls) + len(divs) == 1:
             return self._affine_chain(coeff, factors, muls, divs, affine)
+        masked = self._masked_first(muls)
+        if masked is not None:
+            code, muls = masked
+            code += "".join(f".mul_({self._print(f)})" for f in muls)
+            code += "".join(f".div_({self._print(f)})" for f in divs)
+            return self._finish(code, coeff, factors, affine)
         # the first step, a fresh tensor of the full shape: (full * other) or (other / full)
         first = next((f for f in muls if self._is_full(f)), None)
         if first is not None:
@@ -97,6 +106,17 @@ class TorchPrinter(PythonCodePrinter):
         code += "".join(f".mul_({self._print(f)})" for f in muls)
         code += "".join(f".div_({self._print(f)})" for f in divs)
         return self._finish(code, coeff, factors, affine)
+
+    def _masked_first(self, muls: list) -> tuple[str, list] | None:
+        """``a * step(u)`` as the chain's first step, one pass (relu's backward op), with the
+        factors left: a full factor ``a`` and a step of a tensor among ``muls``; else None."""
+        masks = [f for f in muls if isinstance(f, step) and self._is_tensor(f.args[0])]
+        first = next((f for f in muls if self._is_full(f) and f not in masks), None)
+        if not masks or first is None:
+            return None
+        rest = [f for f in muls if f is not first and f is not masks[0]]
+        return (f"torch.ops.aten.threshold_backward({self._print(first)}, "
+                f"{self._print(masks[0].args[0])}, 0)"), rest
 
     def _affine_chain(self, coeff, factors, muls, divs, affine) -> str:
         """``a (c + s y) ...`` with ``a`` the one other tensor factor: the first affine factor
