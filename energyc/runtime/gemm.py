@@ -61,18 +61,30 @@ def gemm_plan(equation: str) -> tuple[str, str, str, str, str, bool] | None:
 def _matrices(plan: tuple, a: torch.Tensor,
               b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int, int]:
     """A (|P|, |S|) and B^T (|Q|, |S|): views where the layouts allow, else copies."""
+    order_a, order_b, n_p_axes, n_q_axes = _per_plan(_orders, plan)
+    a = a.permute(order_a)
+    b = b.permute(order_b)
+    n_p, n_q, n_s = math.prod(a.shape[:n_p_axes]), math.prod(b.shape[:n_q_axes]), \
+        math.prod(a.shape[n_p_axes:])
+    return a.reshape(n_p, n_s), b.reshape(n_q, n_s), n_p, n_q
+
+
+@functools.lru_cache(maxsize=512)
+def _orders(plan: tuple) -> tuple[list[int], list[int], int, int]:
+    """The permutations that put a's axes in the order P S and b's in Q S, and |P|'s and |Q|'s
+    numbers of axes (once per plan, not per call)."""
     ia, ib, P, Q, S, _ = plan
-    size = dict(zip(ia, a.shape)) | dict(zip(ib, b.shape))
-    # (list comprehensions, not generators: torch.compile traces this)
-    n_p, n_q, n_s = [math.prod([size[c] for c in axes]) for axes in (P, Q, S)]
-    A = a.permute([ia.index(c) for c in P + S]).reshape(n_p, n_s)
-    Bt = b.permute([ib.index(c) for c in Q + S]).reshape(n_q, n_s)
-    return A, Bt, n_p, n_q
+    return [ia.index(c) for c in P + S], [ib.index(c) for c in Q + S], len(P), len(Q)
 
 
 def _plan(equation: str) -> tuple[str, str, str, str, str, bool] | None:
-    # torch.compile traces the function itself, not its cache
-    return gemm_plan.__wrapped__(equation) if torch.compiler.is_compiling() else gemm_plan(equation)
+    return _per_plan(gemm_plan, equation)
+
+
+def _per_plan(cached, key):
+    """``cached(key)`` from its cache; under torch.compile, which traces the function itself and
+    not its cache, the function."""
+    return cached.__wrapped__(key) if torch.compiler.is_compiling() else cached(key)
 
 
 def _onednn_serves(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -108,8 +120,16 @@ def contract(equation: str, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 def _out_shape(plan: tuple, a: torch.Tensor, b: torch.Tensor) -> list[int]:
     ia, ib, P, Q, S, q_first = plan
-    size = dict(zip(ia, a.shape)) | dict(zip(ib, b.shape))
-    return [size[c] for c in (Q + P if q_first else P + Q)]
+    pos_p, pos_q = _per_plan(_out_positions, plan)
+    p_sizes, q_sizes = [a.shape[k] for k in pos_p], [b.shape[k] for k in pos_q]
+    return q_sizes + p_sizes if q_first else p_sizes + q_sizes
+
+
+@functools.lru_cache(maxsize=512)
+def _out_positions(plan: tuple) -> tuple[list[int], list[int]]:
+    """Where P's axes are in a and Q's in b (once per plan)."""
+    ia, ib, P, Q, _, _ = plan
+    return [ia.index(c) for c in P], [ib.index(c) for c in Q]
 
 
 def contract_add(total: torch.Tensor, equation: str, a: torch.Tensor,
