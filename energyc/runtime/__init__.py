@@ -231,13 +231,14 @@ def _softmax_apply(scores: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor,
     K), -inf outside the context set: o = (exp(S - m) @ v) / l with the row max m and sum l, as
     the flash kernels do, not exp(S - lse) @ v, whose rounding of lse = m + log l (a few ulps of
     |m|) would scale every weight of the row by exp of it. An empty row gives o = 0, lse = 0;
-    NaN stays NaN."""
+    NaN stays NaN. ``scores`` is a fresh tensor of the caller's: it becomes exp(S - m) in place
+    (one pass, no temporary)."""
     m = scores.amax(dim=-1, keepdim=True)
     m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))  # empty row: all -inf
-    e = torch.exp(scores - m)
+    e = scores.sub_(m).exp_()
     total = e.sum(dim=-1, keepdim=True)
     safe = torch.where(total == 0, 1.0, total)  # False for NaN: NaN stays
-    o = (e @ v) / safe
+    o = (e @ v).div_(safe)
     lse = torch.where(total == 0, 0.0, m + torch.log(safe))
     return o, lse.squeeze(-1)
 
@@ -251,10 +252,11 @@ def _softmax_rows(scores: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
     ulps of |lse|, so 0.06 at |lse| ~ 1e6 in float32, 6% on every weight. The factor is the same
     for every j of the row, so dividing by the row's sum removes it: what remains is the rounding
     of exp(S_ij - lse_i) itself, relative to the scores' spread S_ij - lse_i rather than their
-    magnitude (as softmax's own exp(S_ij - max_j S_ij) / sum). An empty row (all -inf) stays 0."""
-    p = torch.exp(scores - lse[..., None])
+    magnitude (as softmax's own exp(S_ij - max_j S_ij) / sum). An empty row (all -inf) stays 0.
+    ``scores`` is a fresh tensor of the caller's: P is computed in its memory."""
+    p = scores.sub_(lse[..., None]).exp_()
     total = p.sum(-1, keepdim=True)
-    return p / torch.where(total == 0, 1.0, total)
+    return p.div_(torch.where(total == 0, 1.0, total))
 
 
 def _accumulator(q: torch.Tensor) -> torch.dtype:
@@ -279,18 +281,21 @@ def _masked_scores(
     """Scores (B, H, C, K) of the C queries from ``r0`` on against the K keys from ``c0`` on:
     scale * (q_i . k_j) + slopes_h * (i - j) (the bias only when slopes is not None), -inf outside
     the context set ``kind``; ``qk`` is qc @ kh^T when already formed. Also returns the (C, K)
-    offsets i - j."""
+    offsets i - j. The scores are a fresh tensor (``qk`` is left as it is), changed in place
+    after their first pass."""
     if qk is None:
         qk = qc @ kh.transpose(-1, -2)
-    scores = scale * qk
+        scores = qk.mul_(scale)
+    else:
+        scores = qk * scale
     i = torch.arange(r0, r0 + qc.shape[-2], device=qc.device, dtype=scores.dtype)
     j = torch.arange(c0, c0 + kh.shape[-2], device=qc.device, dtype=scores.dtype)
     offset = i[:, None] - j
     if slopes is not None:
-        scores = scores + slopes.to(scores.dtype)[:, None, None] * offset
+        scores = scores.add_(slopes.to(scores.dtype)[:, None, None] * offset)
     if kind[0] != "all":
         w = kind[1] if kind[0] == "window" else 0
-        scores = scores.masked_fill(~_in_context(kind[0], w, offset), -math.inf)
+        scores = scores.masked_fill_(~_in_context(kind[0], w, offset), -math.inf)
     return scores, offset
 
 
@@ -420,9 +425,9 @@ def attention_backward(
             p = _softmax_rows(scores, lseh[..., r0:r1])
             dv[..., c0:c1, :] += p.transpose(-1, -2) @ gc
             dp = gc @ vc.transpose(-1, -2)
-            ds = p * (dp - (p * dp).sum(-1, keepdim=True))  # delta from P and dp themselves
-            dqs.append(scale * (ds @ kc))
-            dk[..., c0:c1, :] += scale * (ds.transpose(-1, -2) @ qc)
+            ds = dp.sub_((p * dp).sum(-1, keepdim=True)).mul_(p)  # delta from P and dp themselves
+            dqs.append((ds @ kc).mul_(scale))
+            dk[..., c0:c1, :] += (ds.transpose(-1, -2) @ qc).mul_(scale)
             if need_dscale:
                 dscale = dscale + (ds * qk).sum()
             if slopes is not None:
