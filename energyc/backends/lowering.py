@@ -25,7 +25,7 @@ from energyc.backends.specs import (
     ParamSpec,
     TritonModuleSpec,
 )
-from energyc.backends.torch_backend import Emitter, einsum_letters, full_output
+from energyc.backends.torch_backend import Emitter, einsum_letters, full_output, keeps_probs
 from energyc.backends.triton_backend import KernelSet, TritonEmitter
 from energyc.compiler import LEAF_OPS, CompiledLayer
 from energyc.inspect import format_energy
@@ -154,8 +154,8 @@ def function_spec(
     if saved_in:
         for n in saved_in:
             em.names[n] = names[n]
-        unpack = ", ".join(names[n] for n in saved_in)
-        lines.append(f"({unpack},) = saved" if len(saved_in) == 1 else f"{unpack} = saved")
+        unpack = ", ".join(_saved_names(graph, n, names[n]) for n in saved_in)
+        lines.append(f"{unpack} = saved" if "," in unpack else f"({unpack},) = saved")
     em.pending.update(names)
     kept = set(saved_out or ())
     em.wanted_order = {nid: tuple(order) for nid, axes, order in returns
@@ -169,9 +169,17 @@ def function_spec(
     body = size_lines + em.mask_lines + lines + em.lines
     outs = [full_output(em, nid, axes, order) for nid, axes, order in returns]
     if saved_out is not None:
-        saved_tuple = ", ".join(em.names[n] for n in saved_out)
-        outs.append(f"({saved_tuple},)" if len(saved_out) == 1 else f"({saved_tuple})")
+        saved_names = [_saved_names(graph, n, em.names[n]) for n in saved_out]
+        saved_tuple = ", ".join(saved_names)
+        outs.append(f"({saved_tuple},)" if len(saved_names) == 1 and "," not in saved_tuple
+                    else f"({saved_tuple})")
     return FunctionSpec(name, args, doc, body, ", ".join(outs))
+
+
+def _saved_names(graph: Graph, n: int, name: str) -> str:
+    """The variables that carry saved node ``n``: its own, and for a log-sum-exp whose weights
+    are kept (torch_backend.keeps_probs) their companion ``<name>_p`` beside it."""
+    return f"{name}, {name}_p" if keeps_probs(graph, n) else name
 
 
 def _named_leaves(graph: Graph) -> dict[str, int]:

@@ -396,6 +396,52 @@ def _siblings(em: Emitter, node: Node, op: str) -> list[int]:
             and _same_scores(em.graph.node(n), node)]
 
 
+# A log-sum-exp whose scores this many calls read, its forward's included, keeps the attention
+# weights P (``probs``): the runtime may form them once in the forward (where the tokens fit
+# one query block, ``_rt.probs_fit``) and each later call multiplies by them. With fewer
+# calls (a forward and its backward) P costs more than the flash kernels' recomputation
+# (measured on the 2-core machine of benchmarks/RESULTS.md at 64-256 tokens: a forward and a
+# backward 1.1-2x slower with P kept; the Energy Transformer's four calls 1.4-2x faster).
+PROBS_MIN_CALLS = 3
+
+
+def keeps_probs(graph, lse: int) -> bool:
+    """Whether the attention_lse node ``lse`` has a companion variable ``<name>_p``: the weights
+    P its forward kept (or None), saved beside it and passed as ``probs=`` to every call over
+    the same scores. The calls counted: the forward, the key role (attention_transposed), the
+    forwards of the backward (values that depend on the upstream gradient ``grad_g``) and the
+    backward (attention_grad; calls over the same scores merge into one). A function of the graph
+    alone, so that the forward (which makes and saves it) and the backward (which unpacks it)
+    agree."""
+    node = graph.node(lse)
+    if node.op != "attention_lse":
+        return False
+    upstream = {n for n in graph.live() if graph.node(n).op == "input"
+                and graph.node(n).attr("name") == "grad_g"}
+    calls = {"forward"}
+    for n in graph.live():
+        other = graph.node(n)
+        if other.op not in ("attention", "attention_transposed", "attention_grad") or not (
+                _same_scores(other, node)):
+            continue
+        if other.op == "attention":
+            if upstream & graph.ancestors([n]):
+                calls.add("backward forward")
+        elif attention_operands(other).get("lse") == lse:
+            calls.add(other.op)
+    return len(calls) >= PROBS_MIN_CALLS
+
+
+def _probs_arg(em: Emitter, node: Node, lse: int | None = None) -> str:
+    """``, probs=<name>_p`` where a log-sum-exp over ``node``'s scores (``lse``, or any named
+    one) keeps its weights and is named; else nothing."""
+    known = [lse] if lse is not None else _siblings(em, node, "attention_lse")
+    for n in known:
+        if n in em.names and keeps_probs(em.graph, n) and _same_scores(em.graph.node(n), node):
+            return f", probs={em.names[n]}_p"
+    return ""
+
+
 def _emit_attention(em: Emitter, nid: int, node: Node) -> None:
     """Forward and its saved log-sum-exp in one fused call: ``o, lse = attention_forward(...)``.
 
@@ -418,8 +464,14 @@ def _emit_attention(em: Emitter, nid: int, node: Node) -> None:
     else:
         v = _bind(em, f"torch.cat([{', '.join(code for code, _ in values)}], dim=-1)", f"{var}_v")
         out = f"{var}_o"
-    em.lines.append(f"{out}, {em.pending.get(lse[0], '_') if lse else '_'} = "
-                    f"kernels.attention_forward({q}, {k}, {v}, {extra}{em.offset_arg()})")
+    if lse and keeps_probs(em.graph, lse[0]):  # this call makes the weights later calls use
+        name = em.pending[lse[0]]
+        em.lines.append(f"{out}, {name}, {name}_p = kernels.attention_forward({q}, {k}, {v}, "
+                        f"{extra}{em.offset_arg()}, keep_probs=True)")
+    else:
+        em.lines.append(f"{out}, {em.pending.get(lse[0], '_') if lse else '_'} = "
+                        f"kernels.attention_forward({q}, {k}, {v}, {extra}{em.offset_arg()}"
+                        f"{'' if lse else _probs_arg(em, node)})")
     start = ""
     for n, name, (_, feature) in zip(group, names, values):
         if len(group) > 1:  # this value's features of the shared output
@@ -438,8 +490,12 @@ def _emit_attention(em: Emitter, nid: int, node: Node) -> None:
 def _emit_attention_lse(em: Emitter, nid: int, node: Node) -> None:
     var = em.pending[nid]
     q, k, extra = _scores_args(em, node, var)
-    em.lines.append(f"_, {var} = kernels.attention_forward({q}, {k}, {k}, {extra}"
-                    f"{em.offset_arg()})  # the normaliser only")
+    if keeps_probs(em.graph, nid):
+        em.lines.append(f"_, {var}, {var}_p = kernels.attention_forward({q}, {k}, {k}, {extra}"
+                        f"{em.offset_arg()}, keep_probs=True)  # the normaliser and weights")
+    else:
+        em.lines.append(f"_, {var} = kernels.attention_forward({q}, {k}, {k}, {extra}"
+                        f"{em.offset_arg()})  # the normaliser only")
     _relayout(em, var, _from_layout(var, "i", node.attr("heads"), None, node.axes))
     em.names[nid] = var
     return None
@@ -453,7 +509,8 @@ def _emit_attention_transposed(em: Emitter, nid: int, node: Node) -> None:
     q, k, extra = _scores_args(em, node, var)
     v, feature = _value(em, ins["v"], "i", heads, f"{var}_v")
     lse = _layout(em, ins["lse"], "i", heads, None)
-    em.lines.append(f"{var} = kernels.attention_transposed({q}, {k}, {v}, {extra}, lse={lse})")
+    em.lines.append(f"{var} = kernels.attention_transposed({q}, {k}, {v}, {extra}, lse={lse}"
+                    f"{_probs_arg(em, node, ins['lse'])})")
     _relayout(em, var, _from_layout(var, "j", heads, feature, node.axes))
     em.names[nid] = var
     return None
@@ -552,7 +609,7 @@ def _emit_attention_grad(em: Emitter, nid: int, node: Node) -> None:
             else "_" for w in "qkvsm"]
     need_ds = ", need_dscale=True" if "s" in sibs else ""
     em.lines.append(f"{', '.join(outs)} = kernels.attention_backward({q}, {k}, {v}, {extra}, "
-                    f"o={o}, lse={lse}, g={g}{need_ds})")
+                    f"o={o}, lse={lse}, g={g}{need_ds}{_probs_arg(em, node, ins['lse'])})")
     offsets = ["0"]
     for f in features:
         offsets.append(em.size(f) if offsets[-1] == "0" else f"{offsets[-1]} + {em.size(f)}")

@@ -307,7 +307,9 @@ def attention_forward(
     kind: tuple,
     slopes: torch.Tensor | None = None,
     offset: int = 0,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    keep_probs: bool = False,
+    probs: torch.Tensor | None = None,
+) -> tuple:
     """Softmax attention over the context set ``kind`` (a mask tuple such as ("causal",)).
 
         S_ij = scale * q_i . k_j + slopes_h * (i - j),   lse_i = log sum_{j in C(i)} exp(S_ij),
@@ -322,29 +324,83 @@ def attention_forward(
             k, v (B, offset + T, H, .) are its first offset + T tokens (decoding after a cached
             prefix): the context set and i - j at those positions.
 
+        keep_probs: also return the attention weights P for later calls over the same scores
+            (``probs`` there), or None where they are not kept (``probs_fit``).
+        probs: the weights of these scores, kept by an earlier call (or None): o = P v, from
+            them alone; lse is then None.
+
     Returns:
         o (B, T, H, G) in q's dtype, and lse (B, T, H) in float32 (float64 for float64 inputs;
         rounding it to half precision would cost the backward accuracy); a token with an empty
-        context set gets o = 0 and lse = 0.
+        context set gets o = 0 and lse = 0. With ``keep_probs``, P (B, H, T, keys) or None third.
 
     The CPU flash kernels serve what they can (see ``_flash_cpu_serves``); otherwise the scores
-    are formed QUERY_CHUNK queries at a time, so memory grows with tokens x QUERY_CHUNK.
+    are formed QUERY_CHUNK queries at a time, so memory grows with tokens x QUERY_CHUNK. Weights
+    that are kept are formed whole (``probs_fit``: tokens and keys at most QUERY_CHUNK).
     """
+    out = _attention_forward(q, k, v, scale, kind, slopes, offset, keep_probs, probs)
+    return out if keep_probs else out[:2]
+
+
+def _attention_forward(q, k, v, scale, kind, slopes, offset, keep_probs, probs) -> tuple:
+    """``attention_forward``'s (o, lse, P or None)."""
+    if probs is not None:
+        return _apply_probs(probs, v, q.dtype), None, probs
     if q.numel() == 0 or k.numel() == 0:  # 0 tokens or batch 0: the flash kernel would crash
         o = q.new_zeros((*q.shape[:-1], v.shape[-1]))
-        return o, q.new_zeros(q.shape[:-1], dtype=_accumulator(q))
+        return o, q.new_zeros(q.shape[:-1], dtype=_accumulator(q)), None
     qh, kh, vh = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
     if offset:  # queries after a prefix: the chunked path, at their positions
-        return _attention_chunks(qh, kh, vh, scale, kind, slopes, offset, q.dtype)
+        return *_attention_chunks(qh, kh, vh, scale, kind, slopes, offset, q.dtype), None
+    if keep_probs and probs_fit(q, k):
+        return _attention_whole(qh, kh, vh, scale, kind, slopes, q.dtype)
     if _flash_cpu_serves(q, v, kind, slopes, scale=scale):
         o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
             qh, kh, vh, 0.0, kind[0] == "causal", scale=float(scale)
         )
     elif flash_cpu.serves(q, v, scale, slopes):  # other context sets, a bias: masked blocks
-        return flash_cpu.forward(q, k, v, scale, kind, slopes)
+        return *flash_cpu.forward(q, k, v, scale, kind, slopes), None
     else:  # the scale stays a tensor (no device sync)
-        return _attention_chunks(qh, kh, vh, scale, kind, slopes, 0, q.dtype)
-    return o.transpose(1, 2).to(q.dtype), lse.transpose(1, 2).to(_accumulator(q))
+        return *_attention_chunks(qh, kh, vh, scale, kind, slopes, 0, q.dtype), None
+    return o.transpose(1, 2).to(q.dtype), lse.transpose(1, 2).to(_accumulator(q)), None
+
+
+# A forward asked to keep its attention weights (``keep_probs``: the compiler asks where three
+# or more calls read the same scores, see energyc.backends.torch_backend.keeps_probs) keeps them
+# where queries and keys both fit one query block of the chunked path (QUERY_CHUNK): P is then
+# formed whole, once, in the memory of one such block, (B, H, T, keys) <= (B, H, T, QUERY_CHUNK),
+# kept from the forward to the backward; the later calls over the same scores (the key role, the
+# backward's products with other values, the backward) multiply by it instead of forming the
+# scores and their exponentials again. Measured on the 2-core machine of benchmarks/RESULTS.md
+# (float32), the Energy Transformer's four calls over 12 heads took 0.55-0.7x the flash kernels'
+# time at 64-256 tokens. Longer sequences keep none: the kernels' recomputation serves.
+
+
+def probs_fit(q: torch.Tensor, k: torch.Tensor) -> bool:
+    """Whether ``attention_forward(..., keep_probs=True)`` keeps the weights of (q, k)."""
+    return (q.numel() > 0 and k.numel() > 0 and q.shape[1] <= QUERY_CHUNK
+            and k.shape[1] <= QUERY_CHUNK)
+
+
+def _attention_whole(qh, kh, vh, scale, kind, slopes, dtype):
+    """(o, lse, P) with every query's weights formed at once: P normalised row by row (an empty
+    row stays 0), o = P v, as ``_softmax_apply`` in the order P first."""
+    acc = _accumulator(qh)
+    scores, _ = _masked_scores(qh.to(acc), kh.to(acc), scale, kind, slopes, 0)
+    m = scores.amax(dim=-1, keepdim=True)
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))  # empty row: all -inf
+    p = scores.sub_(m).exp_()
+    total = p.sum(dim=-1, keepdim=True)
+    safe = torch.where(total == 0, 1.0, total)  # False for NaN: NaN stays
+    p = p.div_(safe)
+    lse = torch.where(total == 0, 0.0, m + torch.log(safe)).squeeze(-1)
+    o = p @ vh.to(acc)
+    return o.transpose(1, 2).to(dtype), lse.transpose(1, 2), p
+
+
+def _apply_probs(p: torch.Tensor, v: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """sum_j P_ij v_j (B, T, H, G) from kept weights P (B, H, T, keys)."""
+    return (p @ v.transpose(1, 2).to(p.dtype)).transpose(1, 2).to(dtype)
 
 
 def _attention_chunks(qh, kh, vh, scale, kind, slopes, offset: int, dtype: torch.dtype):
@@ -377,6 +433,7 @@ def attention_backward(
     g: torch.Tensor,
     slopes: torch.Tensor | None = None,
     need_dscale: bool = False,
+    probs: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """dq, dk, dv, dscale, dslopes of ``attention_forward`` for the upstream gradient g
     (B, T, H, G).
@@ -395,7 +452,12 @@ def attention_backward(
     |S| ~ 1e6 in float32). Its error is then that of autograd's softmax backward. The CPU flash
     kernel (which takes delta = g . o and exp(S - lse) unnormalised) serves a float32 call only while
     max |lse| <= FLASH_BACKWARD_MAX_LSE (see there).
+
+    With ``probs``, the weights P (B, H, T, keys) the forward kept (``keep_probs``), the products
+    take them as they are: no scores are formed, except q . k for dscale.
     """
+    if probs is not None:
+        return _backward_probs(q, k, v, scale, kind, g, slopes, need_dscale, probs)
     if q.numel() == 0 or k.numel() == 0:  # 0 tokens or batch 0: nothing flows back
         acc = _accumulator(q)
         dscale = q.new_zeros((), dtype=acc) if need_dscale else None
@@ -437,6 +499,26 @@ def attention_backward(
             dv.transpose(1, 2).to(q.dtype), dscale, dslopes)
 
 
+def _backward_probs(q, k, v, scale, kind, g, slopes, need_dscale, p) -> tuple:
+    """``attention_backward`` from kept weights P: dv = P^T g, dS = P (g v^T - rowsum(P g v^T))
+    (delta from P and the same products, as the fallback), dq = scale dS k, dk = scale dS^T q."""
+    acc = p.dtype
+    qh, kh, vh, gh = (t.transpose(1, 2).to(acc) for t in (q, k, v, g))
+    dv = p.transpose(-1, -2) @ gh
+    dp = gh @ vh.transpose(-1, -2)
+    ds = dp.sub_((p * dp).sum(-1, keepdim=True)).mul_(p)
+    dq = (ds @ kh).mul_(scale)
+    dk = (ds.transpose(-1, -2) @ qh).mul_(scale)
+    dscale = (ds * (qh @ kh.transpose(-1, -2))).sum() if need_dscale else None
+    dslopes = None
+    if slopes is not None:
+        i = torch.arange(q.shape[1], device=q.device, dtype=acc)
+        j = torch.arange(k.shape[1], device=q.device, dtype=acc)
+        dslopes = (ds * (i[:, None] - j)).sum((0, 2, 3))
+    return (dq.transpose(1, 2).to(q.dtype), dk.transpose(1, 2).to(k.dtype),
+            dv.transpose(1, 2).to(v.dtype), dscale, dslopes)
+
+
 def attention_transposed(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -445,12 +527,17 @@ def attention_transposed(
     kind: tuple,
     lse: torch.Tensor,
     slopes: torch.Tensor | None = None,
+    probs: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The attention weights of ``attention_forward`` applied keys-major (the key role): o_t
     (B, T, H, G) with o_t[b, j, h] = sum_{i : j in C(i)} P_ij v[b, i, h], v indexed by the query
     token; ``lse`` is the saved log-sum-exp of ``attention_forward``. P is recomputed
     QUERY_CHUNK queries at a time, each row renormalised (``_softmax_rows``), or by the CPU
-    flash kernels (``flash_cpu.transposed``) where they serve and are accurate."""
+    flash kernels (``flash_cpu.transposed``) where they serve and are accurate; with ``probs``,
+    the weights the forward kept, o_t = P^T v."""
+    if probs is not None:
+        return (probs.transpose(-1, -2) @ v.transpose(1, 2).to(probs.dtype)).transpose(1, 2).to(
+            v.dtype)
     if q.numel() == 0 or k.numel() == 0:  # 0 tokens or batch 0
         return torch.zeros_like(v)
     if flash_cpu.serves(q, v, scale, slopes) and _flash_backward_accurate(lse):

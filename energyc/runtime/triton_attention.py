@@ -311,20 +311,24 @@ def _grid(T: int, B: int, H: int, block: str):
 
 def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                       scale: float | torch.Tensor, kind: tuple,
-                      slopes: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                      slopes: torch.Tensor | None = None, keep_probs: bool = False,
+                      probs: None = None) -> tuple:
     """o (B, T, H, G) and lse (B, T, H) of softmax attention over the context set ``kind``
     (a mask tuple such as ("causal",) or ("window", 64)), with the bias slopes_h * (i - j) when
-    slopes (H,) is given; an empty set gives o = 0, lse = 0."""
-    return _attention_forward_op(q, k, v, torch.as_tensor(scale), *_kind_args(kind), slopes)
+    slopes (H,) is given; an empty set gives o = 0, lse = 0. These kernels keep no attention
+    weights: with ``keep_probs`` the third result is None (as the torch runtime's where it keeps
+    none), and ``probs`` is always None."""
+    o, lse = _attention_forward_op(q, k, v, torch.as_tensor(scale), *_kind_args(kind), slopes)
+    return (o, lse, None) if keep_probs else (o, lse)
 
 
 def attention_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                        scale: float | torch.Tensor, kind: tuple, o: torch.Tensor,
                        lse: torch.Tensor, g: torch.Tensor, slopes: torch.Tensor | None = None,
-                       need_dscale: bool = False) -> tuple:
+                       need_dscale: bool = False, probs: None = None) -> tuple:
     """dq, dk, dv, dscale, dslopes of ``attention_forward`` for the upstream gradient g
     (B, T, H, G); dscale (0-d, fp32) only when ``need_dscale``, dslopes ((H,), fp32) only when
-    ``slopes`` is given, else None."""
+    ``slopes`` is given, else None. ``probs`` is None here (``attention_forward`` keeps none)."""
     dq, dk, dv, dscale, dslopes = _attention_backward_op(
         q, k, v, torch.as_tensor(scale), *_kind_args(kind), o, lse, g, slopes, need_dscale
     )
@@ -334,10 +338,10 @@ def attention_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 
 def attention_transposed(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                          scale: float | torch.Tensor, kind: tuple, lse: torch.Tensor,
-                         slopes: torch.Tensor | None = None) -> torch.Tensor:
+                         slopes: torch.Tensor | None = None, probs: None = None) -> torch.Tensor:
     """The weights of ``attention_forward`` applied keys-major (the key role): o_t (B, T, H, G)
     with o_t[b, j, h] = sum_{i : j in C(i)} P_ij v[b, i, h], v indexed by the query token; lse is
-    the saved log-sum-exp of ``attention_forward``."""
+    the saved log-sum-exp of ``attention_forward``; ``probs`` is None here (as there)."""
     return _attention_transposed_op(
         q, k, v, torch.as_tensor(scale), *_kind_args(kind), lse, slopes
     )
