@@ -1,6 +1,7 @@
 """`energyc bench`: the table, the JSON, the agreement check, the memory probes and the budgets."""
 
 import importlib.util
+import math
 import json
 
 import pytest
@@ -119,6 +120,41 @@ def test_bench_rechecks_a_rounding_difference_in_float64(monkeypatch, capsys):
     assert "agree in float64" in captured.err
     (cells,) = _table_rows(captured.out).values()
     assert cells[-1].startswith("ok in float64")
+
+
+def _reference_not_finite(bad_first: bool):
+    """run_variant whose autograd y is NaN at one element (an overflow on a pair outside the
+    context set would give that); with ``bad_first`` the generated y is also off elsewhere."""
+    original = bench.run_variant
+
+    def run_variant(variant, layer, lay, x, w):
+        y, grads = original(variant, layer, lay, x, w)
+        if variant == "autograd":
+            y = y.clone()
+            y.view(-1)[0] = math.nan
+        elif bad_first:
+            y = y.clone()
+            y.view(-1)[1] += 1.0
+        return y, grads
+
+    return run_variant
+
+
+def test_bench_does_not_call_autograds_overflow_a_mismatch(monkeypatch, capsys):
+    """Autograd NaN where the generated layer is finite: not compared, said so, not a MISMATCH;
+    the other elements still are (one wrong one is a MISMATCH)."""
+    monkeypatch.setattr(bench, "run_variant", _reference_not_finite(bad_first=False))
+    assert main(["bench", FILES[0], "--tokens", "16", *TINY_MLP, "--no-memory"]) == 0
+    captured = capsys.readouterr()
+    assert "autograd of the energy is NaN or infinite where the generated layer is finite" in (
+        captured.err)
+    (cells,) = _table_rows(captured.out).values()
+    # y is (batch 2, 16 tokens, D=16): 512 elements, one NaN
+    assert cells[-1] == "ok where autograd is finite (autograd not finite: y 1/512)"
+    monkeypatch.setattr(bench, "run_variant", _reference_not_finite(bad_first=True))
+    assert main(["bench", FILES[0], "--tokens", "16", *TINY_MLP, "--no-memory"]) == 1
+    (cells,) = _table_rows(capsys.readouterr().out).values()
+    assert cells[-1].startswith("MISMATCH")
 
 
 def test_bench_over_budget_is_shown_not_raised(capsys):
