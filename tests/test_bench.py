@@ -1,8 +1,8 @@
 """`energyc bench`: the table, the JSON, the agreement check, the memory probes and the budgets."""
 
 import importlib.util
-import math
 import json
+import math
 
 import pytest
 import torch
