@@ -119,6 +119,13 @@ def test_weights_are_kept_up_to_the_limit_only(monkeypatch):
     assert torch.equal(o, o_ref) and torch.equal(lse, lse_ref)
     empty = q[:, :0]
     assert rt.attention_forward(empty, empty, empty, 0.5, ("causal",), keep_probs=True)[2] is None
+    # a window: kept where it reaches half the keys, or the keys fit half a block
+    monkeypatch.setattr(rt, "QUERY_CHUNK", 8)
+    kept = {w: rt.attention_forward(q, k, v, 0.5, ("window", w), keep_probs=True)[2] is not None
+            for w in (1, 2, 3)}
+    assert kept == {1: False, 2: True, 3: True}  # 6 keys: a window of w reaches w + 1
+    q4, k4, v4 = q[:, :4], k[:, :4], v[:, :4]
+    assert rt.attention_forward(q4, k4, v4, 0.5, ("window", 0), keep_probs=True)[2] is not None
 
 
 def _source(package: str, module: str = "layer") -> str:

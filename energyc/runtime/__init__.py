@@ -336,7 +336,8 @@ def attention_forward(
 
     The CPU flash kernels serve what they can (see ``_flash_cpu_serves``); otherwise the scores
     are formed QUERY_CHUNK queries at a time, so memory grows with tokens x QUERY_CHUNK. Weights
-    that are kept are formed whole (``probs_fit``: tokens and keys at most QUERY_CHUNK).
+    that are kept are formed whole (``probs_fit``: tokens and keys at most QUERY_CHUNK, and a
+    window not much narrower than the keys).
     """
     out = _attention_forward(q, k, v, scale, kind, slopes, offset, keep_probs, probs)
     return out if keep_probs else out[:2]
@@ -352,7 +353,7 @@ def _attention_forward(q, k, v, scale, kind, slopes, offset, keep_probs, probs) 
     qh, kh, vh = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
     if offset:  # queries after a prefix: the chunked path, at their positions
         return *_attention_chunks(qh, kh, vh, scale, kind, slopes, offset, q.dtype), None
-    if keep_probs and probs_fit(q, k):
+    if keep_probs and probs_fit(q, k, kind):
         return _attention_whole(qh, kh, vh, scale, kind, slopes, q.dtype)
     if _flash_cpu_serves(q, v, kind, slopes, scale=scale):
         o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
@@ -373,13 +374,19 @@ def _attention_forward(q, k, v, scale, kind, slopes, offset, keep_probs, probs) 
 # backward's products with other values, the backward) multiply by it instead of forming the
 # scores and their exponentials again. Measured on the 2-core machine of benchmarks/RESULTS.md
 # (float32), the Energy Transformer's four calls over 12 heads took 0.55-0.7x the flash kernels'
-# time at 64-256 tokens. Longer sequences keep none: the kernels' recomputation serves.
+# time at 64-256 tokens. Longer sequences keep none: the kernels' recomputation serves; so do
+# narrow windows over more than half a block of keys (``probs_fit``), where most of P is 0.
 
 
-def probs_fit(q: torch.Tensor, k: torch.Tensor) -> bool:
-    """Whether ``attention_forward(..., keep_probs=True)`` keeps the weights of (q, k)."""
-    return (q.numel() > 0 and k.numel() > 0 and q.shape[1] <= QUERY_CHUNK
-            and k.shape[1] <= QUERY_CHUNK)
+def probs_fit(q: torch.Tensor, k: torch.Tensor, kind: tuple) -> bool:
+    """Whether ``attention_forward(..., keep_probs=True)`` keeps the weights of (q, k) over the
+    context set ``kind``: queries and keys fit one query block, and a window reaches at least
+    half the keys or they fit half a block. (P is formed dense: a narrow window at 256 tokens
+    made the joint window energy's step 0.9x as fast with P kept, at 128 tokens 1.2x faster.)"""
+    queries, keys = q.shape[1], k.shape[1]
+    if not (q.numel() > 0 and k.numel() > 0 and queries <= QUERY_CHUNK and keys <= QUERY_CHUNK):
+        return False
+    return kind[0] != "window" or 2 * (kind[1] + 1) >= keys or 2 * keys <= QUERY_CHUNK
 
 
 def _attention_whole(qh, kh, vh, scale, kind, slopes, dtype):
