@@ -233,14 +233,21 @@ def _softmax_apply(scores: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor,
     |m|) would scale every weight of the row by exp of it. An empty row gives o = 0, lse = 0;
     NaN stays NaN. ``scores`` is a fresh tensor of the caller's: it becomes exp(S - m) in place
     (one pass, no temporary)."""
+    e, total, lse = _exp_rows(scores)
+    return (e @ v).div_(total), lse
+
+
+def _exp_rows(scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """exp(S - m) in the memory of ``scores`` (a fresh tensor), with m the row max; each row's
+    sum l (1 for an empty row, whose weights stay 0; NaN stays NaN) and lse = m + log l (0 for an
+    empty row): what ``_softmax_apply`` and ``_attention_whole`` divide by and return."""
     m = scores.amax(dim=-1, keepdim=True)
     m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))  # empty row: all -inf
     e = scores.sub_(m).exp_()
     total = e.sum(dim=-1, keepdim=True)
     safe = torch.where(total == 0, 1.0, total)  # False for NaN: NaN stays
-    o = (e @ v).div_(safe)
     lse = torch.where(total == 0, 0.0, m + torch.log(safe))
-    return o, lse.squeeze(-1)
+    return e, safe, lse.squeeze(-1)
 
 
 def _softmax_rows(scores: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
@@ -394,19 +401,15 @@ def _attention_whole(qh, kh, vh, scale, kind, slopes, dtype):
     row stays 0), o = P v, as ``_softmax_apply`` in the order P first."""
     acc = _accumulator(qh)
     scores, _ = _masked_scores(qh.to(acc), kh.to(acc), scale, kind, slopes, 0)
-    m = scores.amax(dim=-1, keepdim=True)
-    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))  # empty row: all -inf
-    p = scores.sub_(m).exp_()
-    total = p.sum(dim=-1, keepdim=True)
-    safe = torch.where(total == 0, 1.0, total)  # False for NaN: NaN stays
-    p = p.div_(safe)
-    lse = torch.where(total == 0, 0.0, m + torch.log(safe)).squeeze(-1)
+    e, total, lse = _exp_rows(scores)
+    p = e.div_(total)
     o = p @ vh.to(acc)
     return o.transpose(1, 2).to(dtype), lse.transpose(1, 2), p
 
 
 def _apply_probs(p: torch.Tensor, v: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """sum_j P_ij v_j (B, T, H, G) from kept weights P (B, H, T, keys)."""
+    """sum_j P_ij v_j (B, T, H, G) from kept weights P (B, H, T, keys); with P^T, the key
+    role's sum over queries."""
     return (p @ v.transpose(1, 2).to(p.dtype)).transpose(1, 2).to(dtype)
 
 
@@ -492,36 +495,48 @@ def attention_backward(
             qk = qc @ kc.transpose(-1, -2)
             scores, offset = _masked_scores(qc, kc, scale, kind, slopes, r0, qk, c0)
             p = _softmax_rows(scores, lseh[..., r0:r1])
-            dv[..., c0:c1, :] += p.transpose(-1, -2) @ gc
-            dp = gc @ vc.transpose(-1, -2)
-            ds = dp.sub_((p * dp).sum(-1, keepdim=True)).mul_(p)  # delta from P and dp themselves
-            dqs.append((ds @ kc).mul_(scale))
-            dk[..., c0:c1, :] += (ds.transpose(-1, -2) @ qc).mul_(scale)
+            dq_c, dk_c, dv_c, ds_c, dm_c = _weights_backward(
+                p, qc, kc, vc, gc, scale, qk if need_dscale else None,
+                offset if slopes is not None else None)
+            dqs.append(dq_c)
+            dk[..., c0:c1, :] += dk_c
+            dv[..., c0:c1, :] += dv_c
             if need_dscale:
-                dscale = dscale + (ds * qk).sum()
+                dscale = dscale + ds_c
             if slopes is not None:
-                dslopes = dslopes + (ds * offset).sum((0, 2, 3))
+                dslopes = dslopes + dm_c
         dq = torch.cat(dqs, dim=-2)
     return (dq.transpose(1, 2).to(q.dtype), dk.transpose(1, 2).to(q.dtype),
             dv.transpose(1, 2).to(q.dtype), dscale, dslopes)
 
 
+def _weights_backward(p, qc, kc, vc, gc, scale, qk=None, offset=None) -> tuple:
+    """The backward products of one block from its weights P (B, H, C, K): dv = P^T g,
+    dS = P (g v^T - rowsum(P g v^T)) (delta from P and the same products, not g . o: see
+    ``attention_backward``), dq = scale dS k, dk = scale dS^T q; dscale's part sum dS (q . k) when
+    the unscaled products ``qk`` are given, dslopes' part sum_{b,i,j} dS (i - j) when the
+    ``offset`` i - j is (else None)."""
+    dv = p.transpose(-1, -2) @ gc
+    dp = gc @ vc.transpose(-1, -2)
+    ds = dp.sub_((p * dp).sum(-1, keepdim=True)).mul_(p)
+    dq = (ds @ kc).mul_(scale)
+    dk = (ds.transpose(-1, -2) @ qc).mul_(scale)
+    dscale = (ds * qk).sum() if qk is not None else None
+    dslopes = (ds * offset).sum((0, 2, 3)) if offset is not None else None
+    return dq, dk, dv, dscale, dslopes
+
+
 def _backward_probs(q, k, v, scale, kind, g, slopes, need_dscale, p) -> tuple:
-    """``attention_backward`` from kept weights P: dv = P^T g, dS = P (g v^T - rowsum(P g v^T))
-    (delta from P and the same products, as the fallback), dq = scale dS k, dk = scale dS^T q."""
+    """``attention_backward`` from kept weights P (the whole of every row): the fallback's block
+    products (``_weights_backward``) once, over all queries and keys."""
     acc = p.dtype
     qh, kh, vh, gh = (t.transpose(1, 2).to(acc) for t in (q, k, v, g))
-    dv = p.transpose(-1, -2) @ gh
-    dp = gh @ vh.transpose(-1, -2)
-    ds = dp.sub_((p * dp).sum(-1, keepdim=True)).mul_(p)
-    dq = (ds @ kh).mul_(scale)
-    dk = (ds.transpose(-1, -2) @ qh).mul_(scale)
-    dscale = (ds * (qh @ kh.transpose(-1, -2))).sum() if need_dscale else None
-    dslopes = None
+    offset = None
     if slopes is not None:
         i = torch.arange(q.shape[1], device=q.device, dtype=acc)
-        j = torch.arange(k.shape[1], device=q.device, dtype=acc)
-        dslopes = (ds * (i[:, None] - j)).sum((0, 2, 3))
+        offset = i[:, None] - torch.arange(k.shape[1], device=q.device, dtype=acc)
+    dq, dk, dv, dscale, dslopes = _weights_backward(
+        p, qh, kh, vh, gh, scale, qh @ kh.transpose(-1, -2) if need_dscale else None, offset)
     return (dq.transpose(1, 2).to(q.dtype), dk.transpose(1, 2).to(k.dtype),
             dv.transpose(1, 2).to(v.dtype), dscale, dslopes)
 
@@ -543,8 +558,7 @@ def attention_transposed(
     flash kernels (``flash_cpu.transposed``) where they serve and are accurate; with ``probs``,
     the weights the forward kept, o_t = P^T v."""
     if probs is not None:
-        return (probs.transpose(-1, -2) @ v.transpose(1, 2).to(probs.dtype)).transpose(1, 2).to(
-            v.dtype)
+        return _apply_probs(probs.transpose(-1, -2), v, v.dtype)
     if q.numel() == 0 or k.numel() == 0:  # 0 tokens or batch 0
         return torch.zeros_like(v)
     if flash_cpu.serves(q, v, scale, slopes) and _flash_backward_accurate(lse):
