@@ -154,8 +154,9 @@ def function_spec(
     if saved_in:
         for n in saved_in:
             em.names[n] = names[n]
-        unpack = ", ".join(_saved_names(graph, n, names[n]) for n in saved_in)
-        lines.append(f"{unpack} = saved" if "," in unpack else f"({unpack},) = saved")
+        unpack = [v for n in saved_in for v in _saved_names(graph, n, names[n])]
+        lines.append(f"({unpack[0]},) = saved" if len(unpack) == 1
+                     else f"{', '.join(unpack)} = saved")
     em.pending.update(names)
     kept = set(saved_out or ())
     em.wanted_order = {nid: tuple(order) for nid, axes, order in returns
@@ -169,17 +170,15 @@ def function_spec(
     body = size_lines + em.mask_lines + lines + em.lines
     outs = [full_output(em, nid, axes, order) for nid, axes, order in returns]
     if saved_out is not None:
-        saved_names = [_saved_names(graph, n, em.names[n]) for n in saved_out]
-        saved_tuple = ", ".join(saved_names)
-        outs.append(f"({saved_tuple},)" if len(saved_names) == 1 and "," not in saved_tuple
-                    else f"({saved_tuple})")
+        saved = [v for n in saved_out for v in _saved_names(graph, n, em.names[n])]
+        outs.append(f"({saved[0]},)" if len(saved) == 1 else f"({', '.join(saved)})")
     return FunctionSpec(name, args, doc, body, ", ".join(outs))
 
 
-def _saved_names(graph: Graph, n: int, name: str) -> str:
+def _saved_names(graph: Graph, n: int, name: str) -> list[str]:
     """The variables that carry saved node ``n``: its own, and for a log-sum-exp whose weights
     are kept (torch_backend.keeps_probs) their companion ``<name>_p`` beside it."""
-    return f"{name}, {name}_p" if keeps_probs(graph, n) else name
+    return [name, f"{name}_p"] if keeps_probs(graph, n) else [name]
 
 
 def _named_leaves(graph: Graph) -> dict[str, int]:
