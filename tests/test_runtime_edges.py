@@ -108,3 +108,26 @@ def test_masked_logsumexp_keeps_nan_and_empty_sets():
     out = rt.masked_logsumexp(s, mask, dim=-1)
     assert torch.isnan(out[0]) and torch.isclose(out[1], torch.logsumexp(s[1], 0))
     assert out[2] == 0
+
+
+@pytest.mark.parametrize("kind", [("causal",), ("not_self",)])
+def test_attention_operands_of_mixed_dtypes_under_autocast(kind):
+    """Under autocast a query made by element-wise work (float32) meets keys and values made by
+    contractions (bfloat16): every attention call casts them as autocast casts a matrix product's
+    operands, and gives what it gives on operands rounded to bfloat16 beforehand."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v, gr = (torch.randn(2, 7, 3, 4, generator=g) for _ in range(4))
+    kb, vb = k.bfloat16(), v.bfloat16()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        o, lse = rt.attention_forward(q, kb, vb, 0.5, kind)
+        grads = rt.attention_backward(q, kb, vb, 0.5, kind, o.float(), lse, gr)
+        ot = rt.attention_transposed(q, kb, vb, 0.5, kind, lse)
+    qb, gb = q.bfloat16(), gr.bfloat16()
+    o2, lse2 = rt.attention_forward(qb, kb, vb, 0.5, kind)
+    grads2 = rt.attention_backward(qb, kb, vb, 0.5, kind, o2, lse2, gb)
+    ot2 = rt.attention_transposed(qb, kb, vb, 0.5, kind, lse2)
+    assert o.dtype == torch.bfloat16 and ot.dtype == torch.bfloat16
+    torch.testing.assert_close(o, o2, rtol=0, atol=0)  # the same bfloat16 computation
+    torch.testing.assert_close(ot, ot2, rtol=0, atol=0)
+    for a, b in zip(grads[:3], grads2[:3]):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
