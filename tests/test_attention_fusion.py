@@ -138,3 +138,102 @@ def test_energy_without_head_axis_fuses_and_matches_autograd(tmp_path, check):
     assert not [n for n in layer.step.live() if {"i", "j"} <= set(layer.step.node(n).axes)]
     result = run_check(layer, import_generated(layer), check, 8)
     assert not result.error and result.examples == 8, result.error
+
+
+# -- scales of the scores folded into the queries (fold_score_scales) ----------------------------
+
+FOLDS = {
+    # a learned temperature per head, also outside the log-sum-exp
+    "per_head": """
+        W_q = param("W_q", (H, K, D)); W_k = param("W_k", (H, K, D)); t = param("t", (H,))
+        beta = exp(t) / sqrt(K)
+        E = -(logsumexp(beta * dot(W_q @ x[i], W_k @ xbar[j], over=K), over=j <= i) / beta).sum(H)
+        layer("f", E, eta=0.5)
+    """,
+    # a scale per query token (a function of x_i), with a learned ALiBi slope per head
+    "per_query": """
+        W_q = param("W_q", (H, K, D)); W_k = param("W_k", (H, K, D)); w = param("w", (D,))
+        m = param("m", (H,), init=constant(0.2))
+        c = softplus(dot(w, x[i], over=D))
+        E = -logsumexp(c * dot(W_q @ x[i], W_k @ xbar[j], over=K) - m * (i - j),
+                       over=window(3)).sum(H)
+        layer("f", E, eta=0.5)
+    """,
+    # a scale per key token: it moves into the keys
+    "per_key": """
+        W_q = param("W_q", (H, K, D)); W_k = param("W_k", (H, K, D)); w = param("w", (D,))
+        c = sigmoid(dot(w, xbar[j], over=D))
+        E = -logsumexp(c * dot(W_q @ x[i], W_k @ xbar[j], over=K), over=j <= i).sum(H)
+        layer("f", E, eta=0.5)
+    """,
+    # two terms, each with its own coefficient (per head, scalar), in a joint energy (key role)
+    "two_terms_joint": """
+        W_q = param("W_q", (H, K, D)); W_k = param("W_k", (H, K, D)); t = param("t", (H,))
+        U = param("U", (H, K, D)); V = param("V", (H, K, D))
+        E = -logsumexp(exp(t) * dot(W_q @ x[i], W_k @ x[j], over=K)
+                       + 0.5 * dot(U @ x[i], V @ x[j], over=K), over=j != i).sum(H)
+        layer("f", E, eta=0.2, joint=True)
+    """,
+}
+FOLD_HEADER = '''from energyc.dsl import *
+D, H, K = dims("D H K"); i, j = tokens(); x, xbar = state(D)
+'''
+
+
+def _fold_layer(tmp_path, name):
+    import textwrap
+
+    path = tmp_path / f"{name}.py"
+    path.write_text(FOLD_HEADER + textwrap.dedent(FOLDS[name]))
+    return compile_file(load(str(path)))[0]
+
+
+@pytest.mark.parametrize("name", sorted(FOLDS))
+def test_scales_fold_into_attention(tmp_path, name):
+    """Linear scores whose scale is not one scalar run on the attention kernels (no pair ops, no
+    value over both tokens) and the generated layer agrees with autograd of the energy."""
+    from energyc.check import run_check
+
+    layer = _fold_layer(tmp_path, name)
+    counts = layer.step.op_counts()
+    assert counts.get("attention", 0) >= 1, counts
+    assert not set(counts) & {"pair_lse", "pair_sum", "running_sum"}, counts
+    assert not [n for n in layer.step.live() if {"i", "j"} <= set(layer.step.node(n).axes)]
+    module = import_generated(layer)
+    for check in ("forward", "backward", "descent"):
+        result = run_check(layer, module, check, 4)
+        assert not result.error and result.examples == 4, (check, result.error)
+
+
+@pytest.mark.parametrize("name", sorted(FOLDS))
+def test_fold_score_scales_keeps_the_energy(tmp_path, name):
+    """The pass changes the energy's graph, not its value."""
+    from energyc.compiler import _energy_subgraph
+    from energyc.passes.attention import fold_score_scales
+    from tests.test_ops import SIZES
+    from tests.test_passes import assert_same_outputs
+
+    g, out = _energy_subgraph(_fold_layer(tmp_path, name).decl)
+    g.outputs = {"energy": out}
+    from energyc.inspect import format_graph
+
+    folded = fold_score_scales(g)
+    assert format_graph(folded) != format_graph(g)  # something moved
+    sizes = dict(SIZES, **{d: 3 for d in g.dims if d not in SIZES})
+    assert_same_outputs(g, folded, sizes=sizes)
+
+
+def test_a_scale_of_both_tokens_stays_with_the_pair_kernels(tmp_path):
+    """A coefficient that is a product of a query-token and a key-token value moves nowhere: the
+    scores keep it, and the general pair kernels serve them."""
+    FOLDS["both_tokens"] = """
+        W_q = param("W_q", (H, K, D)); W_k = param("W_k", (H, K, D)); w = param("w", (D,))
+        c = sigmoid(dot(w, x[i], over=D)) * sigmoid(dot(w, xbar[j], over=D))
+        E = -logsumexp(c * dot(W_q @ x[i], W_k @ xbar[j], over=K), over=j <= i).sum(H)
+        layer("f", E, eta=0.5)
+    """
+    try:
+        counts = _fold_layer(tmp_path, "both_tokens").step.op_counts()
+    finally:
+        del FOLDS["both_tokens"]
+    assert "attention" not in counts and counts.get("pair_lse", 0) + counts.get("pair_sum", 0)

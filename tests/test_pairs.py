@@ -171,11 +171,14 @@ FORMS = {
         E = -logsumexp(s * s / 8 + 0.5 * c, over=window(3)).sum(H)
         layer("f", E, eta=0.5)
     """,
+    # a learned per-head value inside non-linear scores (linear scores with a per-head scale
+    # become attention: fold_score_scales)
     "per_head_theta": """
         D, H, K = dims("D H K"); i, j = tokens(); x, xbar = state(D)
         W_q = param("W_q", (H, K, D)); W_k = param("W_k", (H, K, D)); t = param("t", (H,))
         beta = exp(t)
-        E = -(logsumexp(beta * dot(W_q @ x[i], W_k @ xbar[j], over=K), over=j <= i) / beta).sum(H)
+        s = dot(W_q @ x[i], W_k @ xbar[j], over=K)
+        E = -(logsumexp(beta * tanh(s / beta), over=j <= i) / beta).sum(H)
         layer("f", E, eta=0.5)
     """,
     "grouped_heads": """

@@ -10,7 +10,7 @@ import os
 from collections.abc import Callable
 
 from energyc.ir.graph import Graph
-from energyc.passes.attention import fuse_context_attention
+from energyc.passes.attention import fold_score_scales, fuse_context_attention
 from energyc.passes.canonicalize import canonicalize
 from energyc.passes.cse import cse, dead_code
 from energyc.passes.fuse import fuse_pointwise, fuse_reductions
@@ -23,6 +23,7 @@ Pass = Callable[[Graph], Graph]
 #: ``energy`` passes run on the energy before the first differentiation, ``simplify`` passes after
 #: each differentiation, ``lower`` passes (which only serve the backends) once, after the last.
 PIPELINE: list[tuple[str, Pass]] = [
+    ("fold_score_scales", fold_score_scales),
     ("fuse_pair_reductions", fuse_pair_reductions),
     ("dead_code", dead_code),
     ("canonicalize", canonicalize),
@@ -34,7 +35,7 @@ PIPELINE: list[tuple[str, Pass]] = [
     ("fuse_reductions", fuse_reductions),
 ]
 
-STAGE = {"fuse_pair_reductions": "energy", "reuse_values": "lower", "share_subexpressions": "lower",
+STAGE = {"fold_score_scales": "energy", "fuse_pair_reductions": "energy", "reuse_values": "lower", "share_subexpressions": "lower",
          "fuse_reductions": "lower"}
 STAGES = ("energy", "simplify", "lower")
 

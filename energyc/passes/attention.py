@@ -20,6 +20,10 @@ reduces ``S`` over the same context set (any: ``j <= i``, ``j < i``, a window, `
 ``c`` does not depend on j; the scores have at most one head axis, which any operand may lack;
 ``V`` has one feature axis. Otherwise the graph is left as it is (the materialised form is correct,
 only slower).
+
+Scales that are not one scalar (a learned temperature per head, a scale per query or key token, a
+coefficient per term) are moved into the queries or keys on the energy first
+(:func:`fold_score_scales`), so such scores reach this pass with scale 1.
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ from dataclasses import dataclass
 import sympy
 
 from energyc.ir.graph import Graph
-from energyc.ir.ops import ARG_SYMBOLS, pointwise
+from energyc.ir.ops import ARG_SYMBOLS, contract, pointwise
 
 FUSABLE_KINDS = ("causal", "strict", "window", "not_self", "all")
 
@@ -205,5 +209,128 @@ def fuse_context_attention(graph: Graph) -> Graph:
                                 where=node.where, **attrs)
             mapping[n] = pointwise(new, ratio * ARG_SYMBOLS[len(others)], c_args + [attention],
                                    where=node.where)
+    new.outputs = {name: mapping[n] for name, n in graph.outputs.items()}
+    return new
+
+
+# -- scales of the scores folded into the query --------------------------------------------------
+
+
+def _linear_terms(graph: Graph, S: int, heads: tuple[str, ...]):
+    """``(terms, coefs, offset, slope)`` where the scores ``S`` are ``sum_t coef_t u_t + slope
+    (i - j)`` with ``u_t`` contractions ``q_i . k_j`` over one feature axis (``terms``: their
+    positions in S's inputs and their (q, k, feature)) and coefficients free of pairs; or None."""
+    if graph.node(S).op != "pointwise":
+        return None
+    body, inputs = _flat(graph, S)
+    syms = ARG_SYMBOLS[: len(inputs)]
+    terms, offset = [], None
+    for k, v in enumerate(inputs):
+        axes = set(graph.node(v).axes)
+        if {"i", "j"} <= axes:
+            if graph.node(v).op == "offset" and offset is None:
+                offset = k
+                continue
+            term = _term(graph, v, heads)
+            if term is None:
+                return None
+            terms.append((k, term))
+    pair = {syms[k] for k, _ in terms} | ({syms[offset]} if offset is not None else set())
+    coefs = [sympy.diff(body, syms[k]) for k, _ in terms]
+    slope = sympy.diff(body, syms[offset]) if offset is not None else sympy.Integer(0)
+    if not terms or any(c.free_symbols & pair for c in [*coefs, slope]):
+        return None
+    linear = sympy.Add(*(c * syms[k] for c, (k, _) in zip(coefs, terms)))
+    if offset is not None:
+        linear += slope * syms[offset]
+    if sympy.simplify(body - linear) != 0:
+        return None
+    return terms, coefs, offset, slope
+
+
+def _flat(graph: Graph, n: int) -> tuple[sympy.Expr, tuple[int, ...]]:
+    """Pointwise node ``n`` as one body over its leaves: the pair-valued pointwise nodes under it
+    (the energy's graph is not yet fused: ``c * dot(q, k) - m * (i - j)`` is two nodes) are
+    inlined; anything else is an argument."""
+    leaves: list[int] = []
+
+    def walk(v: int) -> sympy.Expr:
+        node = graph.node(v)
+        if node.op == "pointwise" and (v == n or {"i", "j"} <= set(node.axes)):
+            return node.attr("body").xreplace(
+                {ARG_SYMBOLS[k]: walk(a) for k, a in enumerate(node.inputs)})
+        if v not in leaves:
+            leaves.append(v)
+        return ARG_SYMBOLS[leaves.index(v)]
+
+    return walk(n), tuple(leaves)
+
+
+def _fold_scores(graph: Graph, new: Graph, mapping: dict[int, int], S: int,
+                 heads: tuple[str, ...]) -> int | None:
+    """The scores ``S`` rebuilt in ``new`` with each term's coefficient moved into its query (or
+    its key, for a coefficient of key-token values), or None where nothing is to fold or a
+    coefficient depends on both tokens. The identity, for ``c_t`` free of one token:
+
+        sum_t c_t (q_t,i . k_t,j) + m (i - j)  =  sum_t (c_t q_t,i) . k_t,j + m (i - j)
+    """
+    found = _linear_terms(graph, S, heads)
+    if found is None:
+        return None
+    terms, coefs, offset, slope = found
+    inputs = _flat(graph, S)[1]
+    scalar = all(not graph.node(v).axes for c in coefs for v in _sub_body(c, inputs)[1])
+    if scalar and all(sympy.simplify(c - coefs[0]) == 0 for c in coefs[1:]):
+        return None  # one scalar scale: the attention pass takes it as it is
+    new_terms = []
+    for coef, (_, (q, k, feature)) in zip(coefs, terms):
+        body, args = _sub_body(coef, inputs)
+        axes = set().union(*(graph.node(v).axes for v in args))
+        if axes <= {"b", "i", *heads}:
+            side = "q"
+        elif axes <= {"b", "j", *heads}:
+            side = "k"
+        else:
+            return None
+        c = pointwise(new, body, [mapping[v] for v in args])
+        q_new, k_new = mapping[q], mapping[k]
+        if side == "q":
+            q_new = pointwise(new, ARG_SYMBOLS[0] * ARG_SYMBOLS[1], [c, q_new])
+        else:
+            k_new = pointwise(new, ARG_SYMBOLS[0] * ARG_SYMBOLS[1], [c, k_new])
+        out = (set(new.node(q_new).axes) | set(new.node(k_new).axes)) - {feature}
+        new_terms.append(contract(new, [q_new, k_new], out, where=graph.node(S).where))
+    parts = [sympy.Add(*ARG_SYMBOLS[: len(new_terms)])]
+    args = list(new_terms)
+    if offset is not None:
+        body, slope_args = _sub_body(slope, inputs)
+        shift = {ARG_SYMBOLS[m]: ARG_SYMBOLS[len(args) + 1 + m] for m in range(len(slope_args))}
+        parts.append(body.xreplace(shift) * ARG_SYMBOLS[len(args)])
+        args += [mapping[inputs[offset]]] + [mapping[v] for v in slope_args]
+    return pointwise(new, sympy.Add(*parts), args, where=graph.node(S).where)
+
+
+def fold_score_scales(graph: Graph) -> Graph:
+    """Move the scales of linear log-sum-exp scores that are not one scalar (a learned
+    temperature per head, per query token, or per term) into the queries, so that the scores
+    are ``sum_t q'_t . k_t + m (i - j)`` with scale 1 and :func:`fuse_context_attention` takes
+    them (the attention kernels) instead of the general pair kernels. Runs on the energy, before
+    differentiation: the derivatives of ``q' = c q`` are those of any product."""
+    targets: dict[int, tuple[str, ...]] = {}
+    for n in graph.live():
+        node = graph.node(n)
+        if (node.op == "reduce" and node.attr("kind") == "lse" and node.attr("axes") == ("j",)
+                and (node.attr("mask") or ("all",))[0] in FUSABLE_KINDS):
+            S = node.inputs[0]
+            heads = tuple(a for a in graph.node(S).axes if a not in ("b", "i", "j"))
+            if len(heads) <= 1 and {"i", "j"} <= set(graph.node(S).axes):
+                targets[S] = heads
+    new = Graph(graph.dims)
+    mapping: dict[int, int] = {}
+    for n in graph.live():
+        node = graph.node(n)
+        folded = _fold_scores(graph, new, mapping, n, targets[n]) if n in targets else None
+        mapping[n] = folded if folded is not None else new.add_like(
+            node, [mapping[u] for u in node.inputs])
     new.outputs = {name: mapping[n] for name, n in graph.outputs.items()}
     return new
