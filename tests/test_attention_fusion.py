@@ -237,3 +237,32 @@ def test_a_scale_of_both_tokens_stays_with_the_pair_kernels(tmp_path):
     finally:
         del FOLDS["both_tokens"]
     assert "attention" not in counts and counts.get("pair_lse", 0) + counts.get("pair_sum", 0)
+
+
+SHARED_KEY = '''from energyc.dsl import *
+D, H, K = dims("D H K"); i, j = tokens(); x, xbar = state(D)
+W_q = param("W_q", (H, K, D)); W_k = param("W_k", (H, K, D)); A = param("A", (H, D))
+E = -logsumexp(dot(W_q @ x[i], W_k @ KEY[j], over=K) + dot(A * x[i], KEY[j], over=D),
+               over=CONTEXT).sum(H)
+layer("f", E, eta=0.2, joint=JOINT)
+'''
+
+
+@pytest.mark.parametrize("context,joint,key", [("j != i", True, "x"), ("j <= i", False, "xbar")])
+def test_a_key_shared_by_the_heads_fuses(tmp_path, context, joint, key):
+    """A score term whose key has no head axis (x_j itself): in the key role its gradient sums
+    over the heads as well as the queries, sum_h sum_i P_ijh q_ih, which is the transposed
+    attention summed over heads; every region fuses (nothing over both tokens is left) and the
+    layer agrees with autograd."""
+    from energyc.check import run_check
+
+    path = tmp_path / "shared_key.py"
+    path.write_text(SHARED_KEY.replace("CONTEXT", context).replace("JOINT", str(joint))
+                    .replace("KEY", key))
+    layer = compile_file(load(str(path)))[0]
+    assert not [layer.step.describe(n) for n in layer.step.live()
+                if {"i", "j"} <= set(layer.step.node(n).axes)]
+    module = import_generated(layer)
+    for check in ("forward", "backward", "descent"):
+        result = run_check(layer, module, check, 4)
+        assert not result.error and result.examples == 4, (check, result.error)

@@ -7,6 +7,9 @@ per-token value, the result is attention, in one of two directions:
     sum_j [j in C(i)] c_i exp(S_ij - L_i) V_j  =  c_i * attention(Q, K, V)_i              (query role)
     sum_i [j in C(i)] c_i exp(S_ij - L_i) V_i  =  attention_transposed(Q, K, c * V, L)_j  (key role)
 
+(per head; a sum that also runs over the head axis, where the value's partner lacks it, is the
+attention's output summed over heads)
+
 with scores ``S_ij = s * sum_t Q_t,i . K_t,j + m * (i - j)``. This pass rewrites each such region
 into one attention node (whose VJP is the attention backward), so the backends call fused kernels
 that never hold the (tokens x tokens) weights; the key role, which a joint energy has, gets the
@@ -33,7 +36,7 @@ from dataclasses import dataclass
 import sympy
 
 from energyc.ir.graph import Graph
-from energyc.ir.ops import ARG_SYMBOLS, contract, pointwise
+from energyc.ir.ops import ARG_SYMBOLS, contract, pointwise, reduce
 
 FUSABLE_KINDS = ("causal", "strict", "window", "not_self", "all")
 
@@ -148,7 +151,13 @@ def _match(graph: Graph, n: int):
         features = va - {"b", token, *heads}
         if len(features) != 1 or "b" not in va:
             continue
-        if node.axes != graph.canonical({"b", out_token, *heads, *features}):
+        # the weights' head axis kept in the output, or summed with the context tokens (a value
+        # without it, e.g. a key x_j shared by the heads, takes sum_h sum_i P_ijh q_ih)
+        if node.axes == graph.canonical({"b", out_token, *heads, *features}):
+            summed = ()
+        elif heads and node.axes == graph.canonical({"b", out_token, *features}):
+            summed = heads
+        else:
             continue
         # find L = lse_j S (same mask) and S among P's args
         for l_pos, L in enumerate(pn.inputs):
@@ -171,7 +180,7 @@ def _match(graph: Graph, n: int):
             if scores is None:
                 continue
             return dict(scores=scores, V=V, mask=mask, heads=heads, P=P, ratio=ratio,
-                        others=others, transposed=token == "i")
+                        others=others, transposed=token == "i", summed=summed)
     return None
 
 
@@ -209,6 +218,7 @@ def fuse_context_attention(graph: Graph) -> Graph:
                                 where=node.where, **attrs)
             mapping[n] = pointwise(new, ratio * ARG_SYMBOLS[len(others)], c_args + [attention],
                                    where=node.where)
+        mapping[n] = reduce(new, mapping[n], found["summed"], where=node.where)
     new.outputs = {name: mapping[n] for name, n in graph.outputs.items()}
     return new
 
