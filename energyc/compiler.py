@@ -72,6 +72,16 @@ def _energy_subgraph(decl: LayerDecl) -> tuple[Graph, int]:
     return g, mapping[decl.energy]
 
 
+def declared_energy(decl: LayerDecl) -> Graph:
+    """The layer's energy as declared, its output named "energy", simplified (stage "simplify":
+    canonical, element-wise chains fused) but not rewritten for the kernels (stages "energy" and
+    "lower": scales folded, pair ops, fused normalisers): what docstrings and ``energyc inspect``
+    print as E_i."""
+    g, out = _energy_subgraph(decl)
+    g.outputs = {"energy": out}
+    return run_pipeline(g, stages=("simplify",))
+
+
 def _leaves(graph: Graph, op: str) -> dict[str, int]:
     return {graph.node(n).attr("name"): n for n in graph.ids() if graph.node(n).op == op}
 
@@ -131,8 +141,8 @@ def compile_layer(decl: LayerDecl, verify: bool = False) -> CompiledLayer:
                 if h.learnable and h.name in step_hypers})
     step = differentiate(step, "grad", "grad_g", wrt)
     t2 = time.perf_counter()
-    step = run_pipeline(step, verify=verify, stages=("simplify", "lower"))
-    energy = run_pipeline(energy, verify=verify)
+    step = run_pipeline(step, verify=verify, stages=("simplify", "lower", "step"))
+    energy = run_pipeline(energy, verify=verify, stages=("energy", "simplify", "lower"))
     t3 = time.perf_counter()
     precond = {kind: _precond_graph(kind, f.state_dim, verify) for kind in ("identity", "diagonal", "dplr")}
     t4 = time.perf_counter()

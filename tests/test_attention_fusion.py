@@ -78,7 +78,8 @@ def test_unfused_graph_has_the_softmax_weighted_sum():
     g.outputs = {"grad": vjp(g, e, ops.const(g, 1), [x])[x]}
     before = run_pipeline.__globals__["PIPELINE"]
     try:
-        passes.PIPELINE = [p for p in before if p[0] != "fuse_context_attention"]
+        passes.PIPELINE = [p for p in before  # (the normaliser's pass runs after this one)
+                           if p[0] not in ("fuse_context_attention", "fuse_context_lse")]
         unfused = passes.run_pipeline(g)
     finally:
         passes.PIPELINE = before
@@ -266,3 +267,42 @@ def test_a_key_shared_by_the_heads_fuses(tmp_path, context, joint, key):
     for check in ("forward", "backward", "descent"):
         result = run_check(layer, module, check, 4)
         assert not result.error and result.examples == 4, (check, result.error)
+
+
+GATED = '''from energyc.dsl import *
+D, H, K = dims("D H K"); i, j = tokens(); x, xbar = state(D)
+W_q = param("W_q", (H, K, D)); W_k = param("W_k", (H, K, D)); w = param("w", (D,))
+gate = sigmoid(dot(w, x[i], over=D))
+E = -gate * logsumexp(dot(W_q @ x[i], W_k @ xbar[j], over=K) / sqrt(K), over=CONTEXT).sum(H)
+layer("f", E, eta=0.5)
+'''
+
+
+@pytest.mark.parametrize("context", ["j <= i", "j < i", "window(3)"])
+def test_a_normaliser_used_as_a_value_fuses(tmp_path, context):
+    """The log-sum-exp itself is a value of the step (a gate multiplies it, so dE/dx has the
+    gate's derivative times it): the step reads it from the attention call (attention_lse)
+    instead of materialised scores, and agrees with autograd (the strict set's empty first row
+    included); the energy's function keeps the reduction, which autograd can differentiate."""
+    from energyc.check import run_check
+    from energyc.reference import evaluate_energy
+
+    path = tmp_path / "gated.py"
+    path.write_text(GATED.replace("CONTEXT", context))
+    layer = compile_file(load(str(path)))[0]
+    assert "attention_lse" in layer.step.op_counts()
+    assert not [layer.step.describe(n) for n in layer.step.live()
+                if {"i", "j"} <= set(layer.step.node(n).axes)]
+    assert "attention_lse" not in layer.energy.op_counts()
+    module = import_generated(layer)
+    for check in ("forward", "backward", "descent"):
+        result = run_check(layer, module, check, 4)
+        assert not result.error and result.examples == 4, (check, result.error)
+    lay = module.Layer(D=6, H=2, K=3, dtype=torch.float64)
+    x = torch.randn(2, 5, 6, dtype=torch.float64)
+    params = dict(lay.named_parameters())
+    want = evaluate_energy(layer, x, x, params, {})
+    x.requires_grad_()
+    mine = lay.energy(x, per_token=True)
+    torch.testing.assert_close(mine, want, rtol=1e-12, atol=1e-12)
+    torch.autograd.grad(mine.sum(), [x, *lay.parameters()])  # differentiable

@@ -87,7 +87,7 @@ def n_live(g: Graph) -> int:
 TESTED_PASSES = {"dead_code", "canonicalize", "cse", "fuse_pointwise", "fuse_context_attention",
                  "share_subexpressions", "reuse_values", "fuse_reductions",
                  "fuse_pair_reductions",  # pairs: test_pairs.py
-                 "fold_score_scales"}  # test_attention_fusion.py
+                 "fold_score_scales", "fuse_context_lse"}  # test_attention_fusion.py
 TESTED_RULES = {"broadcast_into_pointwise", "pointwise_of_mask", "pointwise_normalise",
                 "contract_normalise", "relabel_identity", "mask_idempotent"}
 

@@ -432,6 +432,12 @@ def keeps_probs(graph, lse: int) -> bool:
     return len(calls) >= PROBS_MIN_CALLS
 
 
+def _keeps(em: Emitter, lse: int) -> bool:
+    """Whether this function's call makes the kept weights of ``lse``: not when decoding (at a
+    position after a prefix), where no backward reads them."""
+    return not em.position and keeps_probs(em.graph, lse)
+
+
 def _probs_arg(em: Emitter, node: Node, lse: int | None = None) -> str:
     """``, probs=<name>_p`` where a log-sum-exp over ``node``'s scores (``lse``, or any named
     one) keeps its weights and is named; else nothing."""
@@ -464,7 +470,7 @@ def _emit_attention(em: Emitter, nid: int, node: Node) -> None:
     else:
         v = _bind(em, f"torch.cat([{', '.join(code for code, _ in values)}], dim=-1)", f"{var}_v")
         out = f"{var}_o"
-    if lse and keeps_probs(em.graph, lse[0]):  # this call makes the weights later calls use
+    if lse and _keeps(em, lse[0]):  # this call makes the weights later calls use
         name = em.pending[lse[0]]
         em.lines.append(f"{out}, {name}, {name}_p = kernels.attention_forward({q}, {k}, {v}, "
                         f"{extra}{em.offset_arg()}, keep_probs=True)")
@@ -488,9 +494,14 @@ def _emit_attention(em: Emitter, nid: int, node: Node) -> None:
 
 
 def _emit_attention_lse(em: Emitter, nid: int, node: Node) -> None:
+    ready = [n for n in sorted(em.region) if n not in em.names
+             and em.graph.node(n).op == "attention" and _same_scores(em.graph.node(n), node)
+             and attention_operands(em.graph.node(n))["v"] in em.names]
+    if ready:  # the forward over these scores returns the normaliser with its output
+        return _emit_attention(em, ready[0], em.graph.node(ready[0]))
     var = em.pending[nid]
     q, k, extra = _scores_args(em, node, var)
-    if keeps_probs(em.graph, nid):
+    if _keeps(em, nid):
         em.lines.append(f"_, {var}, {var}_p = kernels.attention_forward({q}, {k}, {k}, {extra}"
                         f"{em.offset_arg()}, keep_probs=True)  # the normaliser and weights")
     else:

@@ -10,7 +10,11 @@ import os
 from collections.abc import Callable
 
 from energyc.ir.graph import Graph
-from energyc.passes.attention import fold_score_scales, fuse_context_attention
+from energyc.passes.attention import (
+    fold_score_scales,
+    fuse_context_attention,
+    fuse_context_lse,
+)
 from energyc.passes.canonicalize import canonicalize
 from energyc.passes.cse import cse, dead_code
 from energyc.passes.fuse import fuse_pointwise, fuse_reductions
@@ -21,7 +25,9 @@ Pass = Callable[[Graph], Graph]
 
 #: The pipeline, in order. Read it top to bottom. Each pass belongs to a stage (:data:`STAGE`):
 #: ``energy`` passes run on the energy before the first differentiation, ``simplify`` passes after
-#: each differentiation, ``lower`` passes (which only serve the backends) once, after the last.
+#: each differentiation, ``lower`` passes (which only serve the backends) once, after the last;
+#: ``step`` passes as ``lower`` ones, on the step graph only (the energy graph's function
+#: (``Layer.energy``) stays differentiable by autograd, which the fused attention calls are not).
 PIPELINE: list[tuple[str, Pass]] = [
     ("fold_score_scales", fold_score_scales),
     ("fuse_pair_reductions", fuse_pair_reductions),
@@ -30,14 +36,16 @@ PIPELINE: list[tuple[str, Pass]] = [
     ("cse", cse),
     ("fuse_pointwise", fuse_pointwise),
     ("fuse_context_attention", fuse_context_attention),
+    ("fuse_context_lse", fuse_context_lse),
     ("reuse_values", reuse_values),
     ("share_subexpressions", share_subexpressions),
     ("fuse_reductions", fuse_reductions),
 ]
 
-STAGE = {"fold_score_scales": "energy", "fuse_pair_reductions": "energy", "reuse_values": "lower", "share_subexpressions": "lower",
+STAGE = {"fold_score_scales": "energy", "fuse_pair_reductions": "energy",
+         "fuse_context_lse": "step", "reuse_values": "lower", "share_subexpressions": "lower",
          "fuse_reductions": "lower"}
-STAGES = ("energy", "simplify", "lower")
+STAGES = ("energy", "simplify", "lower", "step")
 
 
 def run_pipeline(graph: Graph, verify: bool = False, stages: tuple[str, ...] = STAGES) -> Graph:

@@ -184,6 +184,57 @@ def _match(graph: Graph, n: int):
     return None
 
 
+def _lse_scores(graph: Graph, n: int) -> tuple[Scores, tuple, tuple[str, ...]] | None:
+    """(scores, mask, heads) where node ``n`` is a log-sum-exp over a context set of j of scores
+    the attention kernels take; else None."""
+    node = graph.node(n)
+    if node.op != "reduce" or node.attr("kind") != "lse" or node.attr("axes") != ("j",):
+        return None
+    mask = node.attr("mask") or ("all",)
+    S = node.inputs[0]
+    heads = tuple(a for a in graph.node(S).axes if a not in ("b", "i", "j"))
+    if mask[0] not in FUSABLE_KINDS or len(heads) > 1 or not {"i", "j"} <= set(graph.node(S).axes):
+        return None
+    scores = _scores(graph, S, heads)
+    return None if scores is None else (scores, mask, heads)
+
+
+def _scores_inputs(new: Graph, mapping: dict[int, int], scores: Scores, mask: tuple,
+                   heads: tuple[str, ...]) -> tuple[list[int], list[int], dict]:
+    """The attention ops' operands (q.., k..), scalars (scale[, slopes]) and attributes."""
+    attrs = dict(mask=mask, features=tuple(scores.features), heads=heads,
+                 bias=scores.slope is not None)
+    operands = [mapping[u] for u in scores.q + scores.k]
+    scalars = [pointwise(new, scores.scale[0], [mapping[u] for u in scores.scale[1]])]
+    if scores.slope is not None:
+        scalars.append(pointwise(new, scores.slope[0], [mapping[u] for u in scores.slope[1]]))
+    return operands, scalars, attrs
+
+
+def fuse_context_lse(graph: Graph) -> Graph:
+    """Rewrite each log-sum-exp ``L`` of scores the attention kernels take that is still used as
+    a value (by a gate that multiplies it, whose derivative is the gate's derivative times L)
+    into ``attention_lse``, which the attention call over the same scores returns anyway; the
+    materialised form held (tokens x tokens) scores for it.
+
+    On the step graph after the last differentiation only (stage "step"): ``attention_lse`` has
+    no VJP, while the VJP of the reduction is the softmax weights, which
+    :func:`fuse_context_attention` makes attention of; and the energy's own function stays one
+    autograd can differentiate (``Layer.energy``)."""
+    new = Graph(graph.dims)
+    mapping: dict[int, int] = {}
+    for n in graph.live():
+        node = graph.node(n)
+        lse_of = _lse_scores(graph, n)
+        if lse_of is None:
+            mapping[n] = new.add_like(node, [mapping[u] for u in node.inputs])
+            continue
+        operands, scalars, attrs = _scores_inputs(new, mapping, *lse_of)
+        mapping[n] = new.add("attention_lse", (*operands, *scalars), where=node.where, **attrs)
+    new.outputs = {name: mapping[n] for name, n in graph.outputs.items()}
+    return new
+
+
 def fuse_context_attention(graph: Graph) -> Graph:
     """Rewrite each softmax-weighted context sum into ``c * attention(Q, K, V)`` (query role) or
     ``attention_transposed(Q, K, c * V, L)`` (key role)."""
@@ -195,13 +246,8 @@ def fuse_context_attention(graph: Graph) -> Graph:
         if found is None:
             mapping[n] = new.add_like(node, [mapping[u] for u in node.inputs])
             continue
-        scores: Scores = found["scores"]
-        attrs = dict(mask=found["mask"], features=tuple(scores.features), heads=found["heads"],
-                     bias=scores.slope is not None)
-        operands = [mapping[u] for u in scores.q + scores.k]
-        scalars = [pointwise(new, scores.scale[0], [mapping[u] for u in scores.scale[1]])]
-        if scores.slope is not None:
-            scalars.append(pointwise(new, scores.slope[0], [mapping[u] for u in scores.slope[1]]))
+        operands, scalars, attrs = _scores_inputs(new, mapping, found["scores"], found["mask"],
+                                                  found["heads"])
         pn = graph.node(found["P"])
         others = found["others"]
         renum = {ARG_SYMBOLS[k]: ARG_SYMBOLS[m] for m, k in enumerate(others)}
