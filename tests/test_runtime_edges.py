@@ -131,3 +131,27 @@ def test_attention_operands_of_mixed_dtypes_under_autocast(kind):
     torch.testing.assert_close(ot, ot2, rtol=0, atol=0)
     for a, b in zip(grads[:3], grads2[:3]):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("kind", [("causal",), ("all",), ("not_self",)])
+def test_attention_operands_whose_features_are_strided(dtype, kind):
+    """Operands whose feature axis is not the contiguous one (einsum's permuted output of a small
+    contraction): every attention call gives what it gives on contiguous copies (torch's CPU flash
+    kernel read such a query as if it were contiguous: garbage)."""
+    g = torch.Generator().manual_seed(0)
+
+    def strided(*shape):  # (B, T, H, F) stored F-major: stride(-1) = B * T * H
+        return torch.randn(shape[::-1], generator=g, dtype=dtype).permute(3, 2, 1, 0)
+
+    q, k, v, gr = (strided(2, 5, 3, 4) for _ in range(4))
+    assert q.stride(-1) != 1
+    got_o, got_lse = rt.attention_forward(q, k, v, 0.5, kind)
+    got = [got_o, got_lse, *rt.attention_backward(q, k, v, 0.5, kind, got_o, got_lse, gr)[:3],
+           rt.attention_transposed(q, k, v, 0.5, kind, got_lse)]
+    qc, kc, vc, gc = (t.contiguous() for t in (q, k, v, gr))
+    o, lse = rt.attention_forward(qc, kc, vc, 0.5, kind)
+    want = [o, lse, *rt.attention_backward(qc, kc, vc, 0.5, kind, o, lse, gc)[:3],
+            rt.attention_transposed(qc, kc, vc, 0.5, kind, lse)]
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)  # the same computation on the same values

@@ -346,17 +346,24 @@ def attention_forward(
     that are kept are formed whole (``probs_fit``: tokens and keys at most QUERY_CHUNK, and a
     window not much narrower than the keys).
     """
-    q, k, v = _autocast_operands(q, k, v)
+    q, k, v = _operands(q, k, v)
     out = _attention_forward(q, k, v, scale, kind, slopes, offset, keep_probs, probs)
     return out if keep_probs else out[:2]
 
 
-def _autocast_operands(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """An attention call's operands as autocast gives a matrix product's: inside an autocast
-    region each float tensor is cast to the autocast dtype (an operand made by element-wise work,
-    e.g. a query times a learned per-head scale, is float32 there, one made by a contraction is in
-    the autocast dtype already); float64 is left alone, as autocast leaves it; outside autocast
-    the operands are as given."""
+def _operands(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """An attention call's operands as its kernels take them.
+
+    * Feature rows in contiguous memory: torch's CPU flash kernels read the last axis as if its
+      stride were 1 (an operand with another, e.g. einsum's permuted output of a small
+      contraction, gave garbage), so such an operand is copied.
+    * Under autocast, as autocast gives a matrix product's: each float tensor cast to the autocast
+      dtype (an operand made by element-wise work, e.g. a query times a learned per-head scale, is
+      float32 there, one made by a contraction is in the autocast dtype already); float64 is left
+      alone, as autocast leaves it. Outside autocast the dtypes are as given.
+    """
+    tensors = tuple(t if t.stride(-1) == 1 or t.shape[-1] <= 1 else t.contiguous()
+                    for t in tensors)
     device = tensors[0].device.type
     if not torch.is_autocast_enabled(device):
         return tensors
@@ -480,7 +487,7 @@ def attention_backward(
     With ``probs``, the weights P (B, H, T, keys) the forward kept (``keep_probs``), the products
     take them as they are: no scores are formed, except q . k for dscale.
     """
-    q, k, v, o, g = _autocast_operands(q, k, v, o, g)
+    q, k, v, o, g = _operands(q, k, v, o, g)
     if probs is not None:
         return _backward_probs(q, k, v, scale, kind, g, slopes, need_dscale, probs)
     if q.numel() == 0 or k.numel() == 0:  # 0 tokens or batch 0: nothing flows back
@@ -572,7 +579,7 @@ def attention_transposed(
     QUERY_CHUNK queries at a time, each row renormalised (``_softmax_rows``), or by the CPU
     flash kernels (``flash_cpu.transposed``) where they serve and are accurate; with ``probs``,
     the weights the forward kept, o_t = P^T v."""
-    q, k, v = _autocast_operands(q, k, v)
+    q, k, v = _operands(q, k, v)
     if probs is not None:
         return _apply_probs(probs.transpose(-1, -2), v, v.dtype)
     if q.numel() == 0 or k.numel() == 0:  # 0 tokens or batch 0
