@@ -362,8 +362,9 @@ def _operands(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
       float32 there, one made by a contraction is in the autocast dtype already); float64 is left
       alone, as autocast leaves it. Outside autocast the dtypes are as given.
     """
-    tensors = tuple(t if t.stride(-1) == 1 or t.shape[-1] <= 1 else t.contiguous()
-                    for t in tensors)
+    if not torch.compiler.is_compiling():  # the compiler lays operands out for the kernels
+        tensors = tuple(t if t.stride(-1) == 1 or t.shape[-1] <= 1 else t.contiguous()
+                        for t in tensors)
     device = tensors[0].device.type
     if not torch.is_autocast_enabled(device):
         return tensors
