@@ -20,7 +20,8 @@ def step_graph(path):
 ATTENTION_EXAMPLES = ["examples/cem_attention.py", "examples/bidirectional_gelu.py",
                       "examples/energy_transformer.py", "examples/window_alibi.py",
                       "examples/strict_dplr.py", "examples/lm_attention.py",
-                      "examples/local_global_attention.py"]
+                      "examples/local_global_attention.py",
+                      "examples/grouped_query_attention.py"]
 
 
 @pytest.mark.parametrize("path,counts", [
@@ -38,6 +39,8 @@ ATTENTION_EXAMPLES = ["examples/cem_attention.py", "examples/bidirectional_gelu.
     ("examples/strict_dplr.py", {"attention": 2, "attention_grad": 10}),
     # two reductions on different context sets (a window and j <= i), each its own attention
     ("examples/local_global_attention.py", {"attention": 2, "attention_grad": 6}),
+    # two head axes (G groups of R query heads sharing keys): flattened into the kernels' one
+    ("examples/grouped_query_attention.py", {"attention": 1, "attention_grad": 3}),
 ])
 def test_which_layers_fuse(path, counts):
     found = step_graph(path).op_counts()
@@ -306,3 +309,36 @@ def test_a_normaliser_used_as_a_value_fuses(tmp_path, context):
     mine = lay.energy(x, per_token=True)
     torch.testing.assert_close(mine, want, rtol=1e-12, atol=1e-12)
     torch.autograd.grad(mine.sum(), [x, *lay.parameters()])  # differentiable
+
+
+GROUPED = '''from energyc.dsl import *
+D, G, R, K = dims("D G R K"); i, j = tokens(); x, xbar = state(D)
+W_q = param("W_q", (G, R, K, D)); W_k = param("W_k", (G, K, D)); t = param("t", (G,))
+m = param("m", (G, R), init=constant(0.1))
+beta = exp(t) / sqrt(K)
+E = -(logsumexp(beta * dot(W_q @ x[i], W_k @ KEY[j], over=K) BIAS, over=CONTEXT) / beta).sum(G, R)
+layer("f", E, eta=0.5, joint=JOINT)
+'''
+
+
+@pytest.mark.parametrize("bias,joint", [(False, False), (False, True), (True, False)])
+def test_grouped_heads(tmp_path, bias, joint):
+    """Scores over two head axes (a temperature per group): the attention kernels take them,
+    the heads flattened into one, keys expanded over the R heads of their group, the gradients
+    of what a head axis lacks summed over it; with slopes over the two head axes the pair
+    kernels do. Nothing over both tokens either way, and the layer agrees with autograd."""
+    from energyc.check import run_check
+
+    text = (GROUPED.replace("BIAS", "- m * (i - j)" if bias else "")
+            .replace("KEY", "x" if joint else "xbar").replace("JOINT", str(joint))
+            .replace("CONTEXT", "j != i" if joint else "j <= i"))
+    path = tmp_path / "grouped.py"
+    path.write_text(text)
+    layer = compile_file(load(str(path)))[0]
+    counts = layer.step.op_counts()
+    assert ("attention" in counts) == (not bias), counts
+    assert not [n for n in layer.step.live() if {"i", "j"} <= set(layer.step.node(n).axes)]
+    module = import_generated(layer)
+    for check in ("forward", "backward", "descent"):
+        result = run_check(layer, module, check, 4)
+        assert not result.error and result.examples == 4, (check, result.error)

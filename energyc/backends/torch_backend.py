@@ -302,11 +302,14 @@ def _emit_rotary(em: Emitter, nid: int, node: Node) -> str:
 
 
 def _layout_axes(token: str, heads: tuple[str, ...], feature: str | None) -> tuple[str, ...]:
-    return ("b", token, heads[0] if heads else "_h", *((feature,) if feature else ()))
+    return ("b", token, *(heads or ("_h",)), *((feature,) if feature else ()))
 
 
 def _layout(em: Emitter, nid: int, token: str, heads: tuple[str, ...], feature: str | None) -> str:
-    """Code for node ``nid`` as a (B, T, H, F) tensor (or (B, T, H) when ``feature`` is None)."""
+    """Code for node ``nid`` as a (B, T, H, F) tensor (or (B, T, H) when ``feature`` is None).
+
+    Head axes the operand lacks are inserted and expanded (it is shared by those heads); several
+    head axes (grouped heads, G x R) are flattened into the kernels' one, G major."""
     axes = em.graph.node(nid).axes
     target = _layout_axes(token, heads, feature)
     code = em.names[nid]
@@ -314,21 +317,33 @@ def _layout(em: Emitter, nid: int, token: str, heads: tuple[str, ...], feature: 
     perm = [axes.index(a) for a in present]
     if perm != list(range(len(axes))):
         code = f"{code}.permute({', '.join(map(str, perm))})"
-    if target[2] not in axes:
-        code = f"{code}.unsqueeze(2)"
-        if heads:
-            code += f".expand(-1, -1, {em.size(heads[0])}{', -1' if feature else ''})"
+    missing = [pos for pos, a in enumerate(target) if a not in axes]
+    for pos in missing:
+        code = f"{code}.unsqueeze({pos})"
+    if missing and heads:
+        sizes = [em.size(a) if a not in axes else "-1" for a in target]
+        code = f"{code}.expand({', '.join(sizes)})"
+    if len(heads) > 1:
+        code = f"{code}.flatten(2, {1 + len(heads)})"
     return code
 
 
 def _from_layout(code: str, token: str, heads: tuple[str, ...], feature: str | None,
                  axes: tuple[str, ...]) -> str:
-    """A kernel result ``code`` in (B, T, H, F) layout as a value with canonical ``axes``: the
-    head axis summed where the value lacks it (a shared operand's gradient), then permuted."""
+    """A kernel result ``code`` in (B, T, H, F) layout as a value with canonical ``axes``: several
+    head axes unflattened, the head axes summed where the value lacks them (a shared operand's
+    gradient), then permuted."""
     layout = list(_layout_axes(token, heads, feature))
-    if layout[2] not in axes:
-        code = f"{code}.sum(2)" if heads else f"{code}[:, :, 0]"
-        del layout[2]
+    if len(heads) > 1:
+        code = f"{code}.unflatten(2, ({', '.join(SIZE_NAMES.get(a, a) for a in heads)}))"
+    summed = [pos for pos, a in enumerate(layout) if a not in axes]
+    if summed:
+        if heads:
+            dims = summed[0] if len(summed) == 1 else tuple(summed)
+            code = f"{code}.sum({dims})"
+        else:
+            code = f"{code}[:, :, 0]"
+        layout = [a for a in layout if a in axes]
     perm = [layout.index(a) for a in axes]
     if perm != list(range(len(axes))):
         code = f"{code}.permute({', '.join(map(str, perm))})"

@@ -20,7 +20,8 @@ contraction of a query-side value (token i) with a key-side value (token j) over
 or the offset ``i - j``; the contractions share one scalar coefficient ``s`` (constants and scalar
 values, fixed or learned), and the offset's coefficient ``m`` has at most the head axis; ``L``
 reduces ``S`` over the same context set (any: ``j <= i``, ``j < i``, a window, ``j != i``, all);
-``c`` does not depend on j; the scores have at most one head axis, which any operand may lack;
+``c`` does not depend on j; the scores have any number of head axes (several: grouped heads, which
+the kernels see flattened into one; then without slopes), which any operand may lack;
 ``V`` has one feature axis. Otherwise the graph is left as it is (the materialised form is correct,
 only slower).
 
@@ -145,19 +146,17 @@ def _match(graph: Graph, n: int):
             continue
         heads = tuple(a for a in pn.axes if a not in ("b", "i", "j"))
         va = set(vn.axes)
-        if len(heads) > 1 or ("i" in va) == ("j" in va):
+        if ("i" in va) == ("j" in va):
             continue
         token, out_token = ("j", "i") if "j" in va else ("i", "j")
         features = va - {"b", token, *heads}
         if len(features) != 1 or "b" not in va:
             continue
-        # the weights' head axis kept in the output, or summed with the context tokens (a value
-        # without it, e.g. a key x_j shared by the heads, takes sum_h sum_i P_ijh q_ih)
-        if node.axes == graph.canonical({"b", out_token, *heads, *features}):
-            summed = ()
-        elif heads and node.axes == graph.canonical({"b", out_token, *features}):
-            summed = heads
-        else:
+        # the weights' head axes kept in the output, or summed with the context tokens (a value
+        # without one, e.g. a key x_j shared by the heads, takes sum_h sum_i P_ijh q_ih)
+        summed = tuple(h for h in heads if h not in node.axes)
+        kept = tuple(h for h in heads if h in node.axes)
+        if node.axes != graph.canonical({"b", out_token, *kept, *features}):
             continue
         # find L = lse_j S (same mask) and S among P's args
         for l_pos, L in enumerate(pn.inputs):
@@ -177,7 +176,7 @@ def _match(graph: Graph, n: int):
             if any("j" in graph.node(pn.inputs[k]).axes for k in others):
                 continue
             scores = _scores(graph, S, heads)
-            if scores is None:
+            if scores is None or (len(heads) > 1 and scores.slope is not None):
                 continue
             return dict(scores=scores, V=V, mask=mask, heads=heads, P=P, ratio=ratio,
                         others=others, transposed=token == "i", summed=summed)
@@ -193,10 +192,12 @@ def _lse_scores(graph: Graph, n: int) -> tuple[Scores, tuple, tuple[str, ...]] |
     mask = node.attr("mask") or ("all",)
     S = node.inputs[0]
     heads = tuple(a for a in graph.node(S).axes if a not in ("b", "i", "j"))
-    if mask[0] not in FUSABLE_KINDS or len(heads) > 1 or not {"i", "j"} <= set(graph.node(S).axes):
+    if mask[0] not in FUSABLE_KINDS or not {"i", "j"} <= set(graph.node(S).axes):
         return None
     scores = _scores(graph, S, heads)
-    return None if scores is None else (scores, mask, heads)
+    if scores is None or (len(heads) > 1 and scores.slope is not None):
+        return None
+    return scores, mask, heads
 
 
 def _scores_inputs(new: Graph, mapping: dict[int, int], scores: Scores, mask: tuple,
@@ -379,7 +380,7 @@ def fold_score_scales(graph: Graph) -> Graph:
                 and (node.attr("mask") or ("all",))[0] in FUSABLE_KINDS):
             S = node.inputs[0]
             heads = tuple(a for a in graph.node(S).axes if a not in ("b", "i", "j"))
-            if len(heads) <= 1 and {"i", "j"} <= set(graph.node(S).axes):
+            if {"i", "j"} <= set(graph.node(S).axes):
                 targets[S] = heads
     new = Graph(graph.dims)
     mapping: dict[int, int] = {}

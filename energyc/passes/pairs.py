@@ -20,7 +20,7 @@ element-wise body, may be any SymPy expression: its derivatives come from SymPy.
 summand depends on one token only is a running sum (O(tokens)).
 
 The linear log-sum-exp scores that :mod:`energyc.passes.attention` turns into attention ops
-(``s sum_t q_t . k_t + m (i - j)`` with a scalar s and at most one head axis; other scales free
+(``s sum_t q_t . k_t + m (i - j)`` with a scalar s, and no slopes m over several head axes; other scales free
 of one token are moved into the queries or keys first, ``attention.fold_score_scales``) are left to
 that pass: the attention kernels (CPU flash, Triton flash) serve them. Anything else is left as it is
 and reported by :func:`unfused_reductions` (correct, with (tokens x tokens) memory).
@@ -126,7 +126,7 @@ def _is_reduction_over_j(graph: Graph, n: int) -> bool:
 def _for_attention(graph: Graph, n: int) -> bool:
     """Whether the attention pass takes this reduction: a log-sum-exp of
     ``s sum_t u^t + m (i - j)`` with one coefficient s of scalars and slopes m of per-head values,
-    at most one head axis (the legality of :mod:`energyc.passes.attention`)."""
+    slopes only with at most one head axis (the legality of :mod:`energyc.passes.attention`)."""
     node = graph.node(n)
     if node.attr("kind") != "lse":
         return False
@@ -134,7 +134,7 @@ def _for_attention(graph: Graph, n: int) -> bool:
         form, phi = pair_form(graph, n)
     except NotFusableError:
         return False
-    if len(form.heads) > 1 or not form.q:
+    if not form.q:
         return False
     pair = {u(t) for t in range(len(form.q))} | {DIST}
     extras = {e(m): graph.node(x).axes for m, x in enumerate(form.extras)}
@@ -148,6 +148,8 @@ def _for_attention(graph: Graph, n: int) -> bool:
         return False  # a scale that is not a scalar
     if any(not set(extras[s]) <= set(form.heads) for s in slope.free_symbols if s in extras):
         return False
+    if len(form.heads) > 1 and slope != 0:
+        return False  # slopes over several head axes: not taken by the attention pass
     linear = coefs[0] * sympy.Add(*(u(t) for t in range(len(form.q)))) + slope * DIST
     return sympy.simplify(phi - linear) == 0
 
