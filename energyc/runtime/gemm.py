@@ -100,9 +100,10 @@ def _onednn_product(plan: tuple, a: torch.Tensor, b: torch.Tensor) -> torch.Tens
     by oneDNN, or None where that does not serve."""
     if not _onednn_serves(a, b):
         return None
-    A, Bt, n_p, n_q = _matrices(plan, a, b)
-    if n_p * n_q * A.shape[1] < MIN_MACS:
+    # |P| |S| |Q| from the shapes, before _matrices, whose reshapes may copy
+    if a.numel() * math.prod(b.shape[k] for k in _per_plan(_out_positions, plan)[1]) < MIN_MACS:
         return None
+    A, Bt, n_p, n_q = _matrices(plan, a, b)
     if plan[5]:  # out[Q, P] = B^T A^T:  x = B^T, w = A
         return _linear(Bt, A)
     return _linear(A, Bt)
