@@ -463,6 +463,14 @@ def _probs_arg(em: Emitter, node: Node, lse: int | None = None) -> str:
     return ""
 
 
+def _ready_attention(em: Emitter, node: Node) -> list[int]:
+    """The attention nodes of this function over ``node``'s scores, not yet printed, whose values
+    are ready: the ones one forward call can serve."""
+    return [n for n in sorted(em.region) if n not in em.names
+            and em.graph.node(n).op == "attention" and _same_scores(em.graph.node(n), node)
+            and attention_operands(em.graph.node(n))["v"] in em.names]
+
+
 def _emit_attention(em: Emitter, nid: int, node: Node) -> None:
     """Forward and its saved log-sum-exp in one fused call: ``o, lse = attention_forward(...)``.
 
@@ -471,10 +479,7 @@ def _emit_attention(em: Emitter, nid: int, node: Node) -> None:
     scores instead of one per value, as for the two values of a diagonal-plus-low-rank step)."""
     var = em.names.get(nid) or em.pending[nid]
     heads = node.attr("heads")
-    group = [nid] + [n for n in sorted(em.region) if n != nid and n not in em.names
-                     and em.graph.node(n).op == "attention"
-                     and _same_scores(em.graph.node(n), node)
-                     and attention_operands(em.graph.node(n))["v"] in em.names]
+    group = [nid] + [n for n in _ready_attention(em, node) if n != nid]
     lse = [n for n in _siblings(em, node, "attention_lse") if n not in em.names]
     q, k, extra = _scores_args(em, node, var)
     names = [var if n == nid else em.pending[n] for n in group]
@@ -509,9 +514,7 @@ def _emit_attention(em: Emitter, nid: int, node: Node) -> None:
 
 
 def _emit_attention_lse(em: Emitter, nid: int, node: Node) -> None:
-    ready = [n for n in sorted(em.region) if n not in em.names
-             and em.graph.node(n).op == "attention" and _same_scores(em.graph.node(n), node)
-             and attention_operands(em.graph.node(n))["v"] in em.names]
+    ready = _ready_attention(em, node)
     if ready:  # the forward over these scores returns the normaliser with its output
         return _emit_attention(em, ready[0], em.graph.node(ready[0]))
     var = em.pending[nid]

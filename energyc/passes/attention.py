@@ -88,41 +88,20 @@ def _scores(graph: Graph, S: int, heads: tuple[str, ...]) -> Scores | None:
         body, inputs = node.attr("body"), node.inputs
     else:
         return None
-    syms = ARG_SYMBOLS[: len(inputs)]
-    terms, offset = [], None
-    for k, u in enumerate(inputs):
-        axes = set(graph.node(u).axes)
-        if {"i", "j"} <= axes:
-            if graph.node(u).op == "offset" and offset is None:
-                offset = k
-                continue
-            term = _term(graph, u, heads)
-            if term is None:
-                return None
-            terms.append((k, term))
-        elif not axes <= set(heads):
-            return None
-    if not terms:
+    found = _linear_terms(graph, body, inputs, heads)
+    if found is None:
         return None
-    pair = {syms[k] for k, _ in terms} | ({syms[offset]} if offset is not None else set())
-    coefs = [sympy.diff(body, syms[k]) for k, _ in terms]
-    coef = coefs[0]
-    if coef.free_symbols & pair or any(sympy.simplify(c - coef) != 0 for c in coefs[1:]):
+    terms, coefs, offset, slope = found
+    if any(sympy.simplify(c - coefs[0]) != 0 for c in coefs[1:]):
         return None
-    slope = sympy.diff(body, syms[offset]) if offset is not None else sympy.Integer(0)
-    if slope.free_symbols & pair:
-        return None
-    linear = coef * sympy.Add(*(syms[k] for k, _ in terms))
-    if offset is not None:
-        linear += slope * syms[offset]
-    if sympy.simplify(body - linear) != 0:
-        return None
-    scale = _sub_body(coef, inputs)
+    scale = _sub_body(coefs[0], inputs)
     if any(graph.node(u).axes for u in scale[1]):
         return None  # a per-head scale: not a scalar
+    slopes = _sub_body(slope, inputs) if offset is not None else None
+    if slopes is not None and any(not set(graph.node(u).axes) <= set(heads) for u in slopes[1]):
+        return None
     return Scores(q=[t[1][0] for t in terms], k=[t[1][1] for t in terms],
-                  features=[t[1][2] for t in terms], scale=scale,
-                  slope=_sub_body(slope, inputs) if offset is not None else None)
+                  features=[t[1][2] for t in terms], scale=scale, slope=slopes)
 
 
 def _match(graph: Graph, n: int):
@@ -183,17 +162,26 @@ def _match(graph: Graph, n: int):
     return None
 
 
-def _lse_scores(graph: Graph, n: int) -> tuple[Scores, tuple, tuple[str, ...]] | None:
-    """(scores, mask, heads) where node ``n`` is a log-sum-exp over a context set of j of scores
-    the attention kernels take; else None."""
+def _lse_over_j(graph: Graph, n: int) -> tuple[int, tuple, tuple[str, ...]] | None:
+    """(scores S, mask, heads) where node ``n`` is a log-sum-exp over j, on a context set the
+    kernels know, of pair-valued scores; else None."""
     node = graph.node(n)
     if node.op != "reduce" or node.attr("kind") != "lse" or node.attr("axes") != ("j",):
         return None
     mask = node.attr("mask") or ("all",)
     S = node.inputs[0]
-    heads = tuple(a for a in graph.node(S).axes if a not in ("b", "i", "j"))
     if mask[0] not in FUSABLE_KINDS or not {"i", "j"} <= set(graph.node(S).axes):
         return None
+    return S, mask, tuple(a for a in graph.node(S).axes if a not in ("b", "i", "j"))
+
+
+def _lse_scores(graph: Graph, n: int) -> tuple[Scores, tuple, tuple[str, ...]] | None:
+    """(scores, mask, heads) where node ``n`` is a log-sum-exp over a context set of j of scores
+    the attention kernels take; else None."""
+    found = _lse_over_j(graph, n)
+    if found is None:
+        return None
+    S, mask, heads = found
     scores = _scores(graph, S, heads)
     if scores is None or (len(heads) > 1 and scores.slope is not None):
         return None
@@ -273,13 +261,12 @@ def fuse_context_attention(graph: Graph) -> Graph:
 # -- scales of the scores folded into the query --------------------------------------------------
 
 
-def _linear_terms(graph: Graph, S: int, heads: tuple[str, ...]):
-    """``(terms, coefs, offset, slope)`` where the scores ``S`` are ``sum_t coef_t u_t + slope
-    (i - j)`` with ``u_t`` contractions ``q_i . k_j`` over one feature axis (``terms``: their
-    positions in S's inputs and their (q, k, feature)) and coefficients free of pairs; or None."""
-    if graph.node(S).op != "pointwise":
-        return None
-    body, inputs = _flat(graph, S)
+def _linear_terms(graph: Graph, body: sympy.Expr, inputs: tuple[int, ...],
+                  heads: tuple[str, ...]):
+    """``(terms, coefs, offset, slope)`` where scores ``body(inputs)`` are ``sum_t coef_t u_t +
+    slope (i - j)`` with ``u_t`` contractions ``q_i . k_j`` over one feature axis (``terms``:
+    their positions in ``inputs`` and their (q, k, feature)) and coefficients free of pairs; or
+    None."""
     syms = ARG_SYMBOLS[: len(inputs)]
     terms, offset = [], None
     for k, v in enumerate(inputs):
@@ -331,11 +318,13 @@ def _fold_scores(graph: Graph, new: Graph, mapping: dict[int, int], S: int,
 
         sum_t c_t (q_t,i . k_t,j) + m (i - j)  =  sum_t (c_t q_t,i) . k_t,j + m (i - j)
     """
-    found = _linear_terms(graph, S, heads)
+    if graph.node(S).op != "pointwise":
+        return None
+    body, inputs = _flat(graph, S)
+    found = _linear_terms(graph, body, inputs, heads)
     if found is None:
         return None
     terms, coefs, offset, slope = found
-    inputs = _flat(graph, S)[1]
     scalar = all(not graph.node(v).axes for c in coefs for v in _sub_body(c, inputs)[1])
     if scalar and all(sympy.simplify(c - coefs[0]) == 0 for c in coefs[1:]):
         return None  # one scalar scale: the attention pass takes it as it is
@@ -373,15 +362,8 @@ def fold_score_scales(graph: Graph) -> Graph:
     are ``sum_t q'_t . k_t + m (i - j)`` with scale 1 and :func:`fuse_context_attention` takes
     them (the attention kernels) instead of the general pair kernels. Runs on the energy, before
     differentiation: the derivatives of ``q' = c q`` are those of any product."""
-    targets: dict[int, tuple[str, ...]] = {}
-    for n in graph.live():
-        node = graph.node(n)
-        if (node.op == "reduce" and node.attr("kind") == "lse" and node.attr("axes") == ("j",)
-                and (node.attr("mask") or ("all",))[0] in FUSABLE_KINDS):
-            S = node.inputs[0]
-            heads = tuple(a for a in graph.node(S).axes if a not in ("b", "i", "j"))
-            if {"i", "j"} <= set(graph.node(S).axes):
-                targets[S] = heads
+    targets = {S: heads for S, _, heads in filter(None, (_lse_over_j(graph, n)
+                                                          for n in graph.live()))}
     new = Graph(graph.dims)
     mapping: dict[int, int] = {}
     for n in graph.live():
