@@ -47,7 +47,7 @@ def energy_files(paths: list[str]) -> list[str]:
 
 def _inspect(args: argparse.Namespace) -> int:
     from energyc.backends.lowering import decodable, decode_frontier, split
-    from energyc.compiler import compile_file, declared_energy
+    from energyc.compiler import compile_file
     from energyc.inspect import format_energy, format_graph, to_dot
     from energyc.loader import load
 
@@ -59,7 +59,7 @@ def _inspect(args: argparse.Namespace) -> int:
         print(f"layer {layer.name}  (state dim {layer.state_dim}; dims {', '.join(layer.dims)};"
               f" params {params or '-'};"
               f" hypers {', '.join(h.name for h in layer.hypers) or '-'})")
-        print(f"  E_i = {format_energy(declared_energy(layer.decl), 'energy', layer.file.public)}")
+        print(f"  E_i = {format_energy(layer.energy, 'energy', layer.file.public)}")
         for note in layer.notes:
             print(f"  note: {note}")
         needed, unsupported, _ = decodable(layer)

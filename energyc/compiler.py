@@ -72,16 +72,6 @@ def _energy_subgraph(decl: LayerDecl) -> tuple[Graph, int]:
     return g, mapping[decl.energy]
 
 
-def declared_energy(decl: LayerDecl) -> Graph:
-    """The layer's energy as declared, its output named "energy", simplified (stage "simplify":
-    canonical, element-wise chains fused) but not rewritten for the kernels (stages "energy" and
-    "lower": scales folded, pair ops, fused normalisers): what docstrings and ``energyc inspect``
-    print as E_i."""
-    g, out = _energy_subgraph(decl)
-    g.outputs = {"energy": out}
-    return run_pipeline(g, stages=("simplify",))
-
-
 def _leaves(graph: Graph, op: str) -> dict[str, int]:
     return {graph.node(n).attr("name"): n for n in graph.ids() if graph.node(n).op == op}
 

@@ -96,28 +96,12 @@ def _format_energy(graph: Graph, output: str) -> str:
             text = _pair_formula(graph, node, fmt)
         elif op == "running_sum":
             text = f"sum_{{{describe_mask(node.attr('mask'))}}}({fmt(node.inputs[0])})"
-        elif op == "attention_lse":
-            text = _lse_formula(node, fmt)
         else:
             text = fmt(node.inputs[0])
         memo[n] = text
         return text
 
     return fmt(graph.outputs[output])
-
-
-def _lse_formula(node, fmt) -> str:
-    """``attention_lse`` as ``logsumexp_{C}((sum_F(q * k) + ...)*s + m*(i - j))``."""
-    from energyc.ir.ops import attention_operands
-
-    ins = attention_operands(node)
-    terms = " + ".join(f"sum_{{{f}}}({fmt(ins[f'q{t}'])} * {fmt(ins[f'k{t}'])})"
-                       for t, f in enumerate(node.attr("features")))
-    scale = fmt(ins["s"])
-    scores = f"({terms})" if scale == "1" else f"({terms})*{_wrap(scale)}"
-    if node.attr("bias"):
-        scores += f" + {_wrap(fmt(ins['m']))}*(i - j)"
-    return f"logsumexp_{{{describe_mask(node.attr('mask'))}}}({scores})"
 
 
 def _pair_formula(graph, node, fmt) -> str:

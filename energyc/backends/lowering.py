@@ -27,7 +27,7 @@ from energyc.backends.specs import (
 )
 from energyc.backends.torch_backend import Emitter, einsum_letters, full_output, keeps_probs
 from energyc.backends.triton_backend import KernelSet, TritonEmitter
-from energyc.compiler import LEAF_OPS, CompiledLayer, declared_energy
+from energyc.compiler import LEAF_OPS, CompiledLayer
 from energyc.inspect import format_energy
 from energyc.ir.graph import Graph
 from energyc.ir.ops import describe_mask
@@ -458,7 +458,7 @@ def _module_doc(layer: CompiledLayer) -> str:
     parts = []
     if decl.doc or layer.file.doc:
         parts.append((decl.doc or layer.file.doc).strip())
-    energy = format_energy(declared_energy(decl), "energy", layer.file.public)
+    energy = format_energy(layer.energy, "energy", layer.file.public)
     parts.append("Energy (per updated token i):\n\n    E_i = " + energy)
     role = "both roles of x (joint energy)" if decl.joint else "x_i only (xbar is held fixed)"
     parts.append(
