@@ -144,6 +144,23 @@ def test_energy_without_head_axis_fuses_and_matches_autograd(tmp_path, check):
     assert not result.error and result.examples == 8, result.error
 
 
+def _compile_text(tmp_path, text, name="energy"):
+    """The one layer of an energy file with ``text``."""
+    path = tmp_path / f"{name}.py"
+    path.write_text(text)
+    return compile_file(load(str(path)))[0]
+
+
+def _assert_agrees_with_autograd(layer, module=None):
+    """forward, backward and descent checks of the generated layer, 4 examples each."""
+    from energyc.check import run_check
+
+    module = module or import_generated(layer)
+    for check in ("forward", "backward", "descent"):
+        result = run_check(layer, module, check, 4)
+        assert not result.error and result.examples == 4, (check, result.error)
+
+
 # -- scales of the scores folded into the queries (fold_score_scales) ----------------------------
 
 FOLDS = {
@@ -187,26 +204,20 @@ D, H, K = dims("D H K"); i, j = tokens(); x, xbar = state(D)
 def _fold_layer(tmp_path, name):
     import textwrap
 
-    path = tmp_path / f"{name}.py"
-    path.write_text(FOLD_HEADER + textwrap.dedent(FOLDS[name]))
-    return compile_file(load(str(path)))[0]
+    return _compile_text(tmp_path, FOLD_HEADER + textwrap.dedent(FOLDS[name]), name)
 
 
 @pytest.mark.parametrize("name", sorted(FOLDS))
 def test_scales_fold_into_attention(tmp_path, name):
     """Linear scores whose scale is not one scalar run on the attention kernels (no pair ops, no
     value over both tokens) and the generated layer agrees with autograd of the energy."""
-    from energyc.check import run_check
 
     layer = _fold_layer(tmp_path, name)
     counts = layer.step.op_counts()
     assert counts.get("attention", 0) >= 1, counts
     assert not set(counts) & {"pair_lse", "pair_sum", "running_sum"}, counts
     assert not [n for n in layer.step.live() if {"i", "j"} <= set(layer.step.node(n).axes)]
-    module = import_generated(layer)
-    for check in ("forward", "backward", "descent"):
-        result = run_check(layer, module, check, 4)
-        assert not result.error and result.examples == 4, (check, result.error)
+    _assert_agrees_with_autograd(layer)
 
 
 @pytest.mark.parametrize("name", sorted(FOLDS))
@@ -230,16 +241,13 @@ def test_fold_score_scales_keeps_the_energy(tmp_path, name):
 def test_a_scale_of_both_tokens_stays_with_the_pair_kernels(tmp_path):
     """A coefficient that is a product of a query-token and a key-token value moves nowhere: the
     scores keep it, and the general pair kernels serve them."""
-    FOLDS["both_tokens"] = """
-        W_q = param("W_q", (H, K, D)); W_k = param("W_k", (H, K, D)); w = param("w", (D,))
-        c = sigmoid(dot(w, x[i], over=D)) * sigmoid(dot(w, xbar[j], over=D))
-        E = -logsumexp(c * dot(W_q @ x[i], W_k @ xbar[j], over=K), over=j <= i).sum(H)
-        layer("f", E, eta=0.5)
-    """
-    try:
-        counts = _fold_layer(tmp_path, "both_tokens").step.op_counts()
-    finally:
-        del FOLDS["both_tokens"]
+    both_tokens = FOLD_HEADER + '''
+W_q = param("W_q", (H, K, D)); W_k = param("W_k", (H, K, D)); w = param("w", (D,))
+c = sigmoid(dot(w, x[i], over=D)) * sigmoid(dot(w, xbar[j], over=D))
+E = -logsumexp(c * dot(W_q @ x[i], W_k @ xbar[j], over=K), over=j <= i).sum(H)
+layer("f", E, eta=0.5)
+'''
+    counts = _compile_text(tmp_path, both_tokens, "both_tokens").step.op_counts()
     assert "attention" not in counts and counts.get("pair_lse", 0) + counts.get("pair_sum", 0)
 
 
@@ -258,18 +266,12 @@ def test_a_key_shared_by_the_heads_fuses(tmp_path, context, joint, key):
     over the heads as well as the queries, sum_h sum_i P_ijh q_ih, which is the transposed
     attention summed over heads; every region fuses (nothing over both tokens is left) and the
     layer agrees with autograd."""
-    from energyc.check import run_check
 
-    path = tmp_path / "shared_key.py"
-    path.write_text(SHARED_KEY.replace("CONTEXT", context).replace("JOINT", str(joint))
-                    .replace("KEY", key))
-    layer = compile_file(load(str(path)))[0]
+    layer = _compile_text(tmp_path, SHARED_KEY.replace("CONTEXT", context)
+                          .replace("JOINT", str(joint)).replace("KEY", key), "shared_key")
     assert not [layer.step.describe(n) for n in layer.step.live()
                 if {"i", "j"} <= set(layer.step.node(n).axes)]
-    module = import_generated(layer)
-    for check in ("forward", "backward", "descent"):
-        result = run_check(layer, module, check, 4)
-        assert not result.error and result.examples == 4, (check, result.error)
+    _assert_agrees_with_autograd(layer)
 
 
 GATED = '''from energyc.dsl import *
@@ -287,20 +289,15 @@ def test_a_normaliser_used_as_a_value_fuses(tmp_path, context):
     gate's derivative times it): the step reads it from the attention call (attention_lse)
     instead of materialised scores, and agrees with autograd (the strict set's empty first row
     included); the energy's function keeps the reduction, which autograd can differentiate."""
-    from energyc.check import run_check
     from energyc.reference import evaluate_energy
 
-    path = tmp_path / "gated.py"
-    path.write_text(GATED.replace("CONTEXT", context))
-    layer = compile_file(load(str(path)))[0]
+    layer = _compile_text(tmp_path, GATED.replace("CONTEXT", context), "gated")
     assert "attention_lse" in layer.step.op_counts()
     assert not [layer.step.describe(n) for n in layer.step.live()
                 if {"i", "j"} <= set(layer.step.node(n).axes)]
     assert "attention_lse" not in layer.energy.op_counts()
     module = import_generated(layer)
-    for check in ("forward", "backward", "descent"):
-        result = run_check(layer, module, check, 4)
-        assert not result.error and result.examples == 4, (check, result.error)
+    _assert_agrees_with_autograd(layer, module)
     lay = module.Layer(D=6, H=2, K=3, dtype=torch.float64)
     x = torch.randn(2, 5, 6, dtype=torch.float64)
     params = dict(lay.named_parameters())
@@ -327,18 +324,12 @@ def test_grouped_heads(tmp_path, bias, joint):
     the heads flattened into one, keys expanded over the R heads of their group, the gradients
     of what a head axis lacks summed over it; with slopes over the two head axes the pair
     kernels do. Nothing over both tokens either way, and the layer agrees with autograd."""
-    from energyc.check import run_check
 
     text = (GROUPED.replace("BIAS", "- m * (i - j)" if bias else "")
             .replace("KEY", "x" if joint else "xbar").replace("JOINT", str(joint))
             .replace("CONTEXT", "j != i" if joint else "j <= i"))
-    path = tmp_path / "grouped.py"
-    path.write_text(text)
-    layer = compile_file(load(str(path)))[0]
+    layer = _compile_text(tmp_path, text, "grouped")
     counts = layer.step.op_counts()
     assert ("attention" in counts) == (not bias), counts
     assert not [n for n in layer.step.live() if {"i", "j"} <= set(layer.step.node(n).axes)]
-    module = import_generated(layer)
-    for check in ("forward", "backward", "descent"):
-        result = run_check(layer, module, check, 4)
-        assert not result.error and result.examples == 4, (check, result.error)
+    _assert_agrees_with_autograd(layer)
