@@ -20,10 +20,11 @@ element-wise body, may be any SymPy expression: its derivatives come from SymPy.
 summand depends on one token only is a running sum (O(tokens)).
 
 The linear log-sum-exp scores that :mod:`energyc.passes.attention` turns into attention ops
-(``s sum_t q_t . k_t + m (i - j)`` with a scalar s, and no slopes m over several head axes; other scales free
-of one token are moved into the queries or keys first, ``attention.fold_score_scales``) are left to
-that pass: the attention kernels (CPU flash, Triton flash) serve them. Anything else is left as it is
-and reported by :func:`unfused_reductions` (correct, with (tokens x tokens) memory).
+(``s sum_t q_t . k_t + m (i - j)`` with a scalar s, and no slopes m over several head axes;
+other scales free of one token are moved into the queries or keys first,
+``attention.fold_score_scales``) are left to that pass: the attention kernels (CPU flash, Triton
+flash) serve them. Anything else is left as it is and reported by :func:`unfused_reductions`
+(correct, with (tokens x tokens) memory).
 """
 
 from __future__ import annotations
