@@ -351,17 +351,21 @@ def _probe(layer: CompiledLayer, module: ModuleType, opts: BenchOptions, tokens:
         raise _OverBudgetError()
 
     signal.signal(signal.SIGALRM, over_budget)
-    signal.setitimer(signal.ITIMER_REAL, opts.max_seconds)
     status = "ok"
     t0 = time.perf_counter()
     try:
-        run_variant(variant, layer, lay, x, w)
+        # the one-shot alarm is armed and cancelled inside the handled block: wherever it fires
+        # (a short budget can expire before the call starts, or in the cancelling finally) its
+        # exception lands in the except below, not in the caller
+        try:
+            signal.setitimer(signal.ITIMER_REAL, opts.max_seconds)
+            run_variant(variant, layer, lay, x, w)
+        finally:
+            signal.setitimer(signal.ITIMER_REAL, 0)
     except _OverBudgetError:
         status = "over budget"
     except BaseException as exc:  # reported to the parent, never raised there
         status = _failure(exc)
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
     seconds = time.perf_counter() - t0
     if fired or seconds > opts.max_seconds:  # the alarm may surface wrapped by autograd
         status = "over budget"
