@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from functools import partial
 
 import sympy
 
@@ -26,7 +27,7 @@ from energyc.errors import CompileError, EnergyError
 from energyc.ir import ops
 from energyc.ir.graph import Graph
 from energyc.passes import run_pipeline
-from energyc.passes.pairs import unfused_reductions
+from energyc.passes.pairs import fuse_pair_reductions, unfused_reductions
 
 LEAF_OPS = ("input", "param", "hyper", "const", "offset")
 
@@ -44,6 +45,9 @@ class CompiledLayer:
     timings: dict[str, float] = field(default_factory=dict)
     #: what stays slow, each "FILE:LINE: why" (a reduction over j left materialised)
     notes: list[str] = field(default_factory=list)
+    #: whether the step runs every context reduction on the pair kernels because the attention
+    #: pass did not take a log-sum-exp the pair pass had left to it (see compile_layer)
+    attention_fallback: bool = False
 
     @property
     def even_dims(self) -> tuple[str, ...]:
@@ -110,20 +114,54 @@ def compile_layer(decl: LayerDecl, verify: bool = False) -> CompiledLayer:
 
     notes = [f"{where or decl.where}: the reduction over j stays materialised ((tokens x tokens) "
              f"memory and time): {reason}" for where, reason in unfused_reductions(energy)]
-    # step graph: g = dE/dx, then its VJP (second derivatives of E)
+    setup = time.perf_counter() - t0
+    step, times = _step_graph(decl, params, hypers, verify)
+    attention_fallback = False
+    if not notes and _pair_valued(step):
+        # The pair pass left a log-sum-exp to the attention pass (pairs._for_attention) that the
+        # attention pass did not take after differentiation: the two legality checks disagree.
+        # The pair kernels serve every reduction instead, in linear memory, where they can.
+        retry, times = _step_graph(decl, params, hypers, verify, _PAIR_KERNELS_ONLY)
+        if not _pair_valued(retry):
+            step, attention_fallback = retry, True
+    t3 = time.perf_counter()
+    energy = run_pipeline(energy, verify=verify, stages=("energy", "simplify", "lower"))
+    times["passes"] += time.perf_counter() - t3
+    t3 = time.perf_counter()
+    precond = {kind: _precond_graph(kind, f.state_dim, verify) for kind in ("identity", "diagonal", "dplr")}
+    t4 = time.perf_counter()
+    if not notes and _pair_valued(step):
+        notes.append(f"{decl.where}: the step graph keeps values over (i, j): "
+                     f"{', '.join(sorted(set(_pair_valued(step))))}")
+    times["first_order"] += setup
+    return CompiledLayer(decl, dims, f.state_dim, params, hypers, energy, step, precond,
+                         {**times, "precond": t4 - t3}, notes, attention_fallback)
+
+
+#: The pipeline's pair pass taking every context reduction of the pair form, the log-sum-exps
+#: the attention pass would take included.
+_PAIR_KERNELS_ONLY = {"fuse_pair_reductions": partial(fuse_pair_reductions, attention=False)}
+
+
+def _step_graph(decl: LayerDecl, params: list[ParamDecl], hypers: list[HyperDecl], verify: bool,
+                replace: dict | None = None) -> tuple[Graph, dict[str, float]]:
+    """The step graph: g = dE/dx, then its VJP w.r.t. the inputs, the parameters and the
+    learned hyperparameters (second derivatives of E), through the pipeline (``replace`` as
+    ``run_pipeline``'s); and the seconds each part took."""
+    t0 = time.perf_counter()
     step, e_step = _energy_subgraph(decl)
     step.outputs = {"energy": e_step}
-    step = run_pipeline(step, verify=verify, stages=("energy",))
+    step = run_pipeline(step, verify=verify, stages=("energy",), replace=replace)
     e_step = step.outputs["energy"]
     x = _leaves(step, "input")["x"]
     grads = vjp(step, e_step, ops.const(step, 1), [x])
     g = grads[x]
-    full = ("b", "i", f.state_dim)
+    full = ("b", "i", decl.file.state_dim)
     if step.node(g).axes != full:
         g = step.add("broadcast", (g,), out=full)
     step.outputs = {"grad": g}
     t1 = time.perf_counter()
-    step = run_pipeline(step, verify=verify, stages=("simplify",))
+    step = run_pipeline(step, verify=verify, stages=("simplify",), replace=replace)
     step_params, step_hypers = _leaves(step, "param"), _leaves(step, "hyper")
     wrt = dict(_leaves(step, "input"))
     wrt.update({p.name: step_params[p.name] for p in params if p.name in step_params})
@@ -131,17 +169,9 @@ def compile_layer(decl: LayerDecl, verify: bool = False) -> CompiledLayer:
                 if h.learnable and h.name in step_hypers})
     step = differentiate(step, "grad", "grad_g", wrt)
     t2 = time.perf_counter()
-    step = run_pipeline(step, verify=verify, stages=("simplify", "lower", "step"))
-    energy = run_pipeline(energy, verify=verify, stages=("energy", "simplify", "lower"))
-    t3 = time.perf_counter()
-    precond = {kind: _precond_graph(kind, f.state_dim, verify) for kind in ("identity", "diagonal", "dplr")}
-    t4 = time.perf_counter()
-    if not notes and _pair_valued(step):
-        notes.append(f"{decl.where}: the step graph keeps values over (i, j): "
-                     f"{', '.join(sorted(set(_pair_valued(step))))}")
-    return CompiledLayer(decl, dims, f.state_dim, params, hypers, energy, step, precond,
-                         {"first_order": t1 - t0, "second_order": t2 - t1, "passes": t3 - t2,
-                          "precond": t4 - t3}, notes)
+    step = run_pipeline(step, verify=verify, stages=("simplify", "lower", "step"), replace=replace)
+    return step, {"first_order": t1 - t0, "second_order": t2 - t1,
+                  "passes": time.perf_counter() - t2}
 
 
 def _pair_valued(graph: Graph) -> list[str]:

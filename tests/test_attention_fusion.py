@@ -54,6 +54,7 @@ def test_fused_step_has_no_token_pair_values(path):
     value has both token axes, and nothing saved for the backward has them."""
     for layer in compile_file(load(path)):
         g = layer.step
+        assert not layer.attention_fallback, layer.name  # the legality checks agree
         pairs = [n for n in g.live() if {"i", "j"} <= set(g.node(n).axes)]
         assert pairs == [], (layer.name, [g.describe(n) for n in pairs])
         sp = split(g, ["grad"], ["grad_g"])
@@ -332,4 +333,24 @@ def test_grouped_heads(tmp_path, bias, joint):
     counts = layer.step.op_counts()
     assert ("attention" in counts) == (not bias), counts
     assert not [n for n in layer.step.live() if {"i", "j"} <= set(layer.step.node(n).axes)]
+    _assert_agrees_with_autograd(layer)
+
+
+def test_attention_pass_declining_falls_back_to_pair_kernels(tmp_path, monkeypatch):
+    """Where the attention pass does not take a log-sum-exp that the pair pass left to it (the
+    two legality checks disagree; simulated by an attention pass that matches nothing), the
+    compiler builds the step again with the pair kernels taking every reduction: nothing over
+    both tokens, no attention op, and the layer agrees with autograd."""
+    from energyc import compiler
+    from energyc.passes import attention
+
+    monkeypatch.setattr(attention, "_match", lambda graph, n: None)
+    layer = compile_file(load("examples/window_alibi.py"))[0]
+    declined, _ = compiler._step_graph(layer.decl, layer.params, layer.hypers, False)
+    assert compiler._pair_valued(declined)  # what the fallback is for
+    assert layer.attention_fallback and not compiler._pair_valued(layer.step)
+    counts = layer.step.op_counts()
+    assert not [op for op in counts if op.startswith("attention")], counts
+    assert [op for op in counts if op.startswith("pair")], counts
+    assert layer.notes == []
     _assert_agrees_with_autograd(layer)

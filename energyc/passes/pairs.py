@@ -155,13 +155,16 @@ def _for_attention(graph: Graph, n: int) -> bool:
     return sympy.simplify(phi - linear) == 0
 
 
-def fuse_pair_reductions(graph: Graph) -> Graph:
-    """Rewrite each context reduction of the pair form into a pair_lse or pair_sum node."""
+def fuse_pair_reductions(graph: Graph, attention: bool = True) -> Graph:
+    """Rewrite each context reduction of the pair form into a pair_lse or pair_sum node; with
+    ``attention`` (the default), except those left to the attention pass (``_for_attention``).
+    ``attention=False`` takes those too: the compiler's fallback where the attention pass did
+    not take what was left to it (see ``energyc.compiler.compile_layer``)."""
     new = Graph(graph.dims)
     mapping: dict[int, int] = {}
     for n in graph.live():
         node = graph.node(n)
-        if _is_reduction_over_j(graph, n) and not _for_attention(graph, n):
+        if _is_reduction_over_j(graph, n) and not (attention and _for_attention(graph, n)):
             try:
                 form, phi = pair_form(graph, n)
             except NotFusableError:
