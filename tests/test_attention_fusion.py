@@ -309,6 +309,36 @@ def test_a_normaliser_used_as_a_value_fuses(tmp_path, context):
     torch.autograd.grad(mine.sum(), [x, *lay.parameters()])  # differentiable
 
 
+OF_LSE = '''from energyc.dsl import *
+D, H, K = dims("D H K"); i, j = tokens(); x, xbar = state(D)
+W_q = param("W_q", (H, K, D)); W_k = param("W_k", (H, K, D))
+s = dot(W_q @ x[i], W_k @ KEY[j], over=K) / sqrt(K)
+E = -F(logsumexp(s, over=CONTEXT)).sum(H)
+layer("f", E, eta=0.5, joint=JOINT)
+'''
+
+
+@pytest.mark.parametrize("f,context,joint", [
+    ("softplus", "j < i", False),  # log(1 + sum_j exp(s_ij)), stably: a softmax with a null key
+    ("tanh", "window(3)", False),
+    ("(lambda L: L * L)", "j <= i", False),
+    ("softplus", "j != i", True),
+])
+def test_a_function_of_the_normaliser_fuses(tmp_path, f, context, joint):
+    """E = f(L) for a log-sum-exp L: dE/dx has the weights f'(L_i) P_ij, a factor of token i
+    that uses L itself, and the step's VJP more of them (f''(L)): attention calls (with the
+    normaliser from attention_lse) and nothing over both tokens, agreeing with autograd. (These
+    fell to the fallback before: the attention pass refused weights whose factor used L.)"""
+    text = (OF_LSE.replace("F(", f + "(").replace("CONTEXT", context)
+            .replace("KEY", "x" if joint else "xbar").replace("JOINT", str(joint)))
+    layer = _compile_text(tmp_path, text, "of_lse")
+    assert not layer.attention_fallback
+    counts = layer.step.op_counts()
+    assert "attention" in counts and not [op for op in counts if op.startswith("pair")], counts
+    assert not [layer.step.describe(n) for n in layer.step.live()
+                if {"i", "j"} <= set(layer.step.node(n).axes)]
+    _assert_agrees_with_autograd(layer)
+
 GROUPED = '''from energyc.dsl import *
 D, G, R, K = dims("D G R K"); i, j = tokens(); x, xbar = state(D)
 W_q = param("W_q", (G, R, K, D)); W_k = param("W_k", (G, K, D)); t = param("t", (G,))

@@ -20,7 +20,8 @@ contraction of a query-side value (token i) with a key-side value (token j) over
 or the offset ``i - j``; the contractions share one scalar coefficient ``s`` (constants and scalar
 values, fixed or learned), and the offset's coefficient ``m`` has at most the head axis; ``L``
 reduces ``S`` over the same context set (any: ``j <= i``, ``j < i``, a window, ``j != i``, all);
-``c`` does not depend on j; the scores have any number of head axes (several: grouped heads, which
+``c`` does not depend on j (it may depend on ``L``: a function of the log-sum-exp, f(L), has
+the weights f'(L_i) P_ij); the scores have any number of head axes (several: grouped heads, which
 the kernels see flattened into one; then without slopes), which any operand may lack;
 ``V`` has one feature axis. Otherwise the graph is left as it is (the materialised form is correct,
 only slower).
@@ -149,9 +150,12 @@ def _match(graph: Graph, n: int):
             body = pn.attr("body")
             aS, aL = ARG_SYMBOLS[s_pos], ARG_SYMBOLS[l_pos]
             ratio = sympy.simplify(body * sympy.exp(aL - aS))
-            if ratio.has(aS) or ratio.has(aL):
+            if ratio.has(aS):
                 continue
-            others = [k for k in range(len(pn.inputs)) if k not in (s_pos, l_pos)]
+            # c_i may be a function of L itself (the derivative of f(L) is f'(L) P_ij): L is a
+            # value of token i, an argument of c like any other
+            others = [k for k in range(len(pn.inputs))
+                      if k != s_pos and (k != l_pos or ratio.has(aL))]
             if any("j" in graph.node(pn.inputs[k]).axes for k in others):
                 continue
             scores = _scores(graph, S, heads)
