@@ -339,6 +339,38 @@ def test_a_function_of_the_normaliser_fuses(tmp_path, f, context, joint):
                 if {"i", "j"} <= set(layer.step.node(n).axes)]
     _assert_agrees_with_autograd(layer)
 
+SHARED = '''from energyc.dsl import *
+D, H, K = dims("D H K"); i, j = tokens(); x, xbar = state(D)
+W_q = param("W_q", (H, K, D)); W_k = param("W_k", (H, K, D)); m = param("m", (H,))
+g = param("g", (H,))
+s = dot(W_q @ x[i], W_k @ xbar[j], over=K) / sqrt(K)
+E = -(sigmoid(g) * logsumexp(FIRST, over=A) + (1 - sigmoid(g)) * logsumexp(SECOND, over=B)).sum(H)
+layer("f", E, eta=0.5)
+'''
+
+
+@pytest.mark.parametrize("first,a,second,b", [
+    ("s", "window(3)", "s", "j < i"),  # one score tensor, two context sets
+    ("s - m * (i - j)", "window(3)", "s", "j < i"),  # a slope on one: a local and a global head
+    ("s - m * (i - j)", "j <= i", "s", "j <= i"),  # one context set, scores that share a term
+])
+def test_two_normalisers_of_shared_scores_fuse(tmp_path, first, a, second, b):
+    """Two log-sum-exps over one score tensor (or scores sharing a term): the gradient of the
+    shared scores sums both reductions' weights before the product with the key
+    (split_context_sums splits it per reduction), and the second reduction's scores build on
+    the first's node (the attention pass reads the scores flattened). Each is then an attention
+    call, nothing over both tokens, and the layer agrees with autograd. (These fell to the
+    fallback before; materialised before that.)"""
+    text = (SHARED.replace("FIRST", first).replace("SECOND", second).replace("A)", a + ")")
+            .replace("B)", b + ")"))
+    layer = _compile_text(tmp_path, text, "shared")
+    assert not layer.attention_fallback
+    counts = layer.step.op_counts()
+    assert counts.get("attention") == 2 and not [op for op in counts if op.startswith("pair")]
+    assert not [layer.step.describe(n) for n in layer.step.live()
+                if {"i", "j"} <= set(layer.step.node(n).axes)]
+    _assert_agrees_with_autograd(layer)
+
 GROUPED = '''from energyc.dsl import *
 D, G, R, K = dims("D G R K"); i, j = tokens(); x, xbar = state(D)
 W_q = param("W_q", (G, R, K, D)); W_k = param("W_k", (G, K, D)); t = param("t", (G,))

@@ -87,7 +87,8 @@ def n_live(g: Graph) -> int:
 TESTED_PASSES = {"dead_code", "canonicalize", "cse", "fuse_pointwise", "fuse_context_attention",
                  "share_subexpressions", "reuse_values", "fuse_reductions",
                  "fuse_pair_reductions",  # pairs: test_pairs.py
-                 "fold_score_scales", "fuse_context_lse"}  # test_attention_fusion.py
+                 "fold_score_scales", "fuse_context_lse",  # test_attention_fusion.py
+                 "split_context_sums"}
 TESTED_RULES = {"broadcast_into_pointwise", "pointwise_of_mask", "pointwise_normalise",
                 "contract_normalise", "relabel_identity", "mask_idempotent"}
 
@@ -315,6 +316,53 @@ def pair_values(g: Graph) -> list[int]:
 needs_attention = pytest.mark.skipif(
     "fuse_context_attention" not in {fn.__name__ for _, fn in PIPELINE},
     reason="no attention fusion pass in this tree")
+
+
+def two_reductions_region(second_mask=("window", 1), slope=False):
+    """o = sum_j (mask_A(c exp(S - L_A)) + mask_B(exp(S' - L_B)))_ij v_j: the weights of two
+    log-sum-exps of one score tensor S (S' = S, or S - m (i - j) on the same set) summed before
+    the product with v, as the gradient of shared scores sums them."""
+    g = Graph(("H", "K", "D"))
+    q = inp(g, "q", ("b", "i", "H", "K"))
+    k = inp(g, "k", ("b", "j", "H", "K"))
+    v = inp(g, "v", ("b", "j", "H", "D"))
+    c = inp(g, "c", ("b", "i", "H"))
+    beta = g.add("hyper", name="beta")
+    S = ops.pointwise(g, a0 * a1, [beta, ops.contract(g, [q, k], ("b", "i", "j", "H"))])
+    S2 = S
+    if slope:
+        m = g.add("param", name="m", axes=("H",))
+        S2 = ops.pointwise(g, a0 - a1 * a2, [S, m, g.add("offset")])
+    weights = []
+    for scores, mask, factor in ((S, ("causal",), c), (S2, second_mask, None)):
+        L = ops.reduce(g, scores, ["j"], kind="lse", mask=mask)
+        P = (ops.pointwise(g, a2 * sympy.exp(a0 - a1), [scores, L, factor]) if factor is not None
+             else ops.pointwise(g, sympy.exp(a0 - a1), [scores, L]))
+        weights.append(g.add("mask", (P,), mask=mask))
+    summed = ops.pointwise(g, a0 * (a1 + a2), [beta, *weights])
+    g.outputs = {"o": ops.contract(g, [summed, v], ("b", "i", "H", "D"))}
+    return g
+
+
+@needs_attention
+@pytest.mark.parametrize("second_mask,slope", [(("window", 1), False), (("causal",), True)])
+def test_split_context_sums(second_mask, slope):
+    """split_context_sums: the product of the summed weights of two reductions becomes one
+    product per reduction (the mask outermost, the weights' body composed in), with the same
+    value; the attention pass then takes both (two attention nodes, nothing over (i, j)). A sum
+    of one reduction's weights is left as it is."""
+    from energyc.passes.attention import split_context_sums
+
+    g = two_reductions_region(second_mask, slope)
+    assert fuse_attention(g).op_counts().get("attention") is None  # not as it stands
+    split = dead_code(split_context_sums(g))
+    assert split.op_counts()["contract"] == 3  # q . k and one product per reduction
+    assert_same_outputs(g, split)
+    out = fuse_attention(split)
+    assert out.op_counts().get("attention") == 2 and pair_values(out) == []
+    assert_same_outputs(g, out)
+    one = attention_region(("causal",))
+    assert dead_code(split_context_sums(one)).op_counts() == dead_code(one).op_counts()
 
 
 @needs_attention

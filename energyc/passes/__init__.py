@@ -14,6 +14,7 @@ from energyc.passes.attention import (
     fold_score_scales,
     fuse_context_attention,
     fuse_context_lse,
+    split_context_sums,
 )
 from energyc.passes.canonicalize import canonicalize
 from energyc.passes.cse import cse, dead_code
@@ -35,6 +36,7 @@ PIPELINE: list[tuple[str, Pass]] = [
     ("canonicalize", canonicalize),
     ("cse", cse),
     ("fuse_pointwise", fuse_pointwise),
+    ("split_context_sums", split_context_sums),
     ("fuse_context_attention", fuse_context_attention),
     ("fuse_context_lse", fuse_context_lse),
     ("reuse_values", reuse_values),

@@ -38,7 +38,7 @@ from dataclasses import dataclass
 import sympy
 
 from energyc.ir.graph import Graph
-from energyc.ir.ops import ARG_SYMBOLS, contract, pointwise, reduce
+from energyc.ir.ops import ARG_SYMBOLS, add_all, contract, pointwise, reduce
 
 FUSABLE_KINDS = ("causal", "strict", "window", "not_self", "all")
 
@@ -86,7 +86,9 @@ def _scores(graph: Graph, S: int, heads: tuple[str, ...]) -> Scores | None:
     if node.op == "contract":
         body, inputs = ARG_SYMBOLS[0], (S,)
     elif node.op == "pointwise":
-        body, inputs = node.attr("body"), node.inputs
+        # flattened: scores shared by two reductions stay a node of their own under a second
+        # reduction's own terms (s and s - m (i - j))
+        body, inputs = _flat(graph, S)
     else:
         return None
     found = _linear_terms(graph, body, inputs, heads)
@@ -164,6 +166,94 @@ def _match(graph: Graph, n: int):
             return dict(scores=scores, V=V, mask=mask, heads=heads, P=P, ratio=ratio,
                         others=others, transposed=token == "i", summed=summed)
     return None
+
+
+def split_context_sums(graph: Graph) -> Graph:
+    """Split each contraction of a sum of weights of different reductions (different context sets,
+    or log-sum-exps of different scores) into one contraction per reduction, so that
+    :func:`fuse_context_attention` finds each one's softmax weights on their own:
+
+        sum_j (mask_A(f_A) + mask_B(f_B))_ij V_j  =  sum_j mask_A(f_A)_ij V_j + sum_j mask_B(f_B)_ij V_j
+
+    Two log-sum-exps over one score tensor on different context sets (a window and j <= i), or
+    of scores that share a term, give such sums: the gradient of the shared scores adds both
+    reductions' weights before the product with the key. Each part's pointwise body is composed with the bodies of its masked values (the
+    weights exp(S - L) among them), the mask outermost: ``mask_A(f_A(u))`` for ``f_A(mask_A(u))``,
+    exact since every term of ``f_A`` vanishes where its masked values do."""
+    new = Graph(graph.dims)
+    mapping: dict[int, int] = {}
+    for n in graph.live():
+        node = graph.node(n)
+        split = _split_context_sum(graph, new, mapping, n)
+        mapping[n] = split if split is not None else new.add_like(
+            node, [mapping[u] for u in node.inputs])
+    new.outputs = {name: mapping[n] for name, n in graph.outputs.items()}
+    return new
+
+
+def _split_context_sum(graph: Graph, new: Graph, mapping: dict[int, int], n: int) -> int | None:
+    """``split_context_sums``' parts of contract node ``n`` built in ``new``, or None."""
+    node = graph.node(n)
+    if node.op != "contract" or len(node.inputs) != 2:
+        return None
+    for k, a in enumerate(node.inputs):
+        an = graph.node(a)
+        if an.op != "pointwise":
+            continue
+        body, leaves = _flat(graph, a)  # a sum of the weights may sit under a product
+        keys = {ARG_SYMBOLS[m]: _weights_of(graph, u) for m, u in enumerate(leaves)
+                if graph.node(u).op == "mask"}
+        if len(set(keys.values())) < 2:
+            continue
+        groups: dict[tuple, list[sympy.Expr]] = {}
+        for term in sympy.Add.make_args(sympy.expand_mul(body)):
+            found = {keys[s] for s in term.free_symbols if s in keys}
+            if len(found) != 1 or term.xreplace({s: 0 for s in keys}) != 0:
+                return None  # a term of no reduction's weights, of two, or not zero outside
+            groups.setdefault(found.pop(), []).append(term)
+        other = mapping[node.inputs[1 - k]]
+        parts = []
+        for (mask, _), terms in groups.items():
+            body, args = _unmasked(graph, sympy.Add(*terms), leaves)
+            inner = pointwise(new, body, [mapping[u] for u in args], where=an.where)
+            masked = new.add("mask", (inner,), mask=mask)
+            operands = [masked, other] if k == 0 else [other, masked]
+            parts.append(contract(new, operands, node.axes, where=node.where))
+        return add_all(new, parts)
+    return None
+
+
+def _weights_of(graph: Graph, m: int) -> tuple[tuple, frozenset[int]]:
+    """Which weights mask node ``m`` holds: its context set and the log-sum-exps its value
+    reads (the value itself where it reads none)."""
+    inner = graph.node(m).inputs[0]
+    node = graph.node(inner)
+    lses = frozenset(u for u in node.inputs if graph.node(u).op == "reduce"
+                     and graph.node(u).attr("kind") == "lse") if node.op == "pointwise" else None
+    return graph.node(m).attr("mask"), lses or frozenset({inner})
+
+
+def _unmasked(graph: Graph, body: sympy.Expr, inputs: tuple[int, ...]) -> tuple[sympy.Expr, list[int]]:
+    """``body(inputs)`` with each masked input replaced by the value under its mask (a pointwise
+    value's body inlined), over the arguments returned."""
+    args: list[int] = []
+
+    def arg(v: int) -> sympy.Symbol:
+        if v not in args:
+            args.append(v)
+        return ARG_SYMBOLS[args.index(v)]
+
+    subs = {}
+    for m, u in enumerate(inputs):
+        un = graph.node(u)
+        inner = un.inputs[0] if un.op == "mask" else None
+        if inner is not None and graph.node(inner).op == "pointwise":
+            inn = graph.node(inner)
+            subs[ARG_SYMBOLS[m]] = inn.attr("body").xreplace(
+                {ARG_SYMBOLS[q]: arg(w) for q, w in enumerate(inn.inputs)})
+        else:
+            subs[ARG_SYMBOLS[m]] = arg(inner if inner is not None else u)
+    return body.xreplace(subs), args
 
 
 def _lse_over_j(graph: Graph, n: int) -> tuple[int, tuple, tuple[str, ...]] | None:
