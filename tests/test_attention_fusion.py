@@ -371,6 +371,55 @@ def test_two_normalisers_of_shared_scores_fuse(tmp_path, first, a, second, b):
                 if {"i", "j"} <= set(layer.step.node(n).axes)]
     _assert_agrees_with_autograd(layer)
 
+ADDITIVE = {
+    # a learned gate per key inside the softmax: log sigmoid(v . x_j) added to the scores
+    "key_gate": ("s - softplus(-dot(v, xbar[j], over=D))", "j <= i"),
+    # a Gaussian kernel -|q_i - k_j|^2 / 2, expanded: a term per query, one per key
+    "gaussian": ("-(dot(q, q, over=K) - 2 * dot(q, k, over=K) + dot(k, k, over=K)) / 2", "window(3)"),
+    # a term per query on the strict set (whose first row is empty: its normaliser stays 0)
+    "query_bias": ("s + tanh(dot(v, x[i], over=D)) + 0.5", "j < i"),
+}
+
+
+def _additive_layer(tmp_path, name):
+    scores, context = ADDITIVE[name]
+    return _compile_text(tmp_path, f"""from energyc.dsl import *
+D, H, K = dims("D H K"); i, j = tokens(); x, xbar = state(D)
+W_q = param("W_q", (H, K, D)); W_k = param("W_k", (H, K, D)); v = param("v", (H, D))
+q = W_q @ x[i]; k = W_k @ xbar[j]
+s = dot(q, k, over=K) / sqrt(K)
+E = -logsumexp({scores}, over={context}).sum(H)
+layer("f", E, eta=0.5)
+""", name)
+
+
+@pytest.mark.parametrize("name", sorted(ADDITIVE))
+def test_one_token_score_terms_fold_into_attention(tmp_path, name):
+    """Score terms of one token each (a bias per key, per query, a constant) are score terms of
+    the unit feature axis, r_i = r_i . 1_j and c_j = 1_i . c_j (fold_score_scales): the
+    attention kernels take the scores, with one more feature; nothing over both tokens, and
+    the layer agrees with autograd. (On the pair kernels before.)"""
+    layer = _additive_layer(tmp_path, name)
+    assert not layer.attention_fallback
+    counts = layer.step.op_counts()
+    assert "attention" in counts and not [op for op in counts if op.startswith("pair")], counts
+    assert not [layer.step.describe(n) for n in layer.step.live()
+                if {"i", "j"} <= set(layer.step.node(n).axes)]
+    assert any("_1" in f for n in layer.step.live() for f in
+               (layer.step.node(n).attr("features") or ()) if layer.step.node(n).op == "attention")
+    _assert_agrees_with_autograd(layer)
+
+
+@pytest.mark.parametrize("name", ["key_gate", "query_bias"])
+def test_one_token_score_terms_on_the_triton_path(tmp_path, name):
+    """The same layers' Triton path (the unit feature concatenated to the kernels' queries and
+    keys) against the float64 reference, under the interpreter, float32."""
+    from tests.test_triton_layers import check_triton_path
+
+    pytest.importorskip("triton")
+    layer = _additive_layer(tmp_path, name)
+    check_triton_path(layer, import_generated(layer), torch.float32, "cpu")
+
 GROUPED = '''from energyc.dsl import *
 D, G, R, K = dims("D G R K"); i, j = tokens(); x, xbar = state(D)
 W_q = param("W_q", (G, R, K, D)); W_k = param("W_k", (G, K, D)); t = param("t", (G,))

@@ -18,7 +18,7 @@ from energyc.backends.torch_pairs import PAIR_EMITTERS, print_call
 from energyc.backends.torch_printer import TorchPrinter
 from energyc.errors import CompileError
 from energyc.ir import ops
-from energyc.ir.graph import Graph, Node
+from energyc.ir.graph import UNIT, Graph, Node
 from energyc.ir.ops import (
     ARG_SYMBOLS,
     OPS,
@@ -28,7 +28,7 @@ from energyc.ir.ops import (
     value_feature,
 )
 
-SIZE_NAMES = {"b": "B", "i": "T", "j": "T"}
+SIZE_NAMES = {"b": "B", "i": "T", "j": "T", UNIT: "1"}
 
 
 def _broadcast(name: str, axes: tuple[str, ...], to_axes: tuple[str, ...]) -> str:
@@ -277,6 +277,8 @@ def _emit_mask(em: Emitter, nid: int, node: Node) -> str:
 def _emit_broadcast(em: Emitter, nid: int, node: Node) -> str:
     (u,) = node.inputs
     sizes = ", ".join(em.size(a) for a in node.axes)
+    if em.graph.node(u).op == "const":  # a constant with axes: a tensor like the state's
+        return f"x.new_full(({sizes}{',' if len(node.axes) == 1 else ''}), {em.names[u]})"
     return f"{em.align(u, node.axes)}.expand({sizes})"
 
 
@@ -703,7 +705,7 @@ def einsum_letters(dims: tuple[str, ...]) -> dict[str, str]:
     letters = {"b": "b", "i": "i", "j": "j"}
     taken = set(letters.values())
     pool = string.ascii_lowercase + string.ascii_uppercase  # what einsum accepts
-    for d in dims:
+    for d in (*dims, UNIT):
         c = d[0].lower()
         if c in taken or c not in pool:
             c = next((ch for ch in pool if ch not in taken), None)

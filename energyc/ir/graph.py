@@ -19,6 +19,10 @@ from typing import Any
 import networkx as nx
 
 TOKEN_AXES = ("b", "i", "j")
+#: A built-in feature axis of size 1, last in every graph's canonical order (no declared dim can
+#: be named so): a score term ``r_i * c_j`` of values of one token each is the contraction of
+#: ``r_i`` and ``c_j`` over it (``passes.attention.fold_score_scales``).
+UNIT = "_1"
 
 
 @dataclass(frozen=True)
@@ -54,7 +58,7 @@ class Graph:
     # -- construction ---------------------------------------------------------------------------
     def canonical(self, axes: Iterable[str]) -> tuple[str, ...]:
         """Sort axes into canonical order ``(b, i, j, *dims)``."""
-        order = TOKEN_AXES + self.dims
+        order = TOKEN_AXES + self.dims + (UNIT,)
         axes = set(axes)
         unknown = axes - set(order)
         if unknown:

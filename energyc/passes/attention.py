@@ -37,8 +37,8 @@ from dataclasses import dataclass
 
 import sympy
 
-from energyc.ir.graph import Graph
-from energyc.ir.ops import ARG_SYMBOLS, add_all, contract, pointwise, reduce
+from energyc.ir.graph import UNIT, Graph
+from energyc.ir.ops import ARG_SYMBOLS, add_all, const, contract, pointwise, reduce
 
 FUSABLE_KINDS = ("causal", "strict", "window", "not_self", "all")
 
@@ -94,8 +94,8 @@ def _scores(graph: Graph, S: int, heads: tuple[str, ...]) -> Scores | None:
     found = _linear_terms(graph, body, inputs, heads)
     if found is None:
         return None
-    terms, coefs, offset, slope = found
-    if any(sympy.simplify(c - coefs[0]) != 0 for c in coefs[1:]):
+    terms, coefs, offset, slope, rest = found
+    if rest != 0 or any(sympy.simplify(c - coefs[0]) != 0 for c in coefs[1:]):
         return None
     scale = _sub_body(coefs[0], inputs)
     if any(graph.node(u).axes for u in scale[1]):
@@ -357,10 +357,10 @@ def fuse_context_attention(graph: Graph) -> Graph:
 
 def _linear_terms(graph: Graph, body: sympy.Expr, inputs: tuple[int, ...],
                   heads: tuple[str, ...]):
-    """``(terms, coefs, offset, slope)`` where scores ``body(inputs)`` are ``sum_t coef_t u_t +
-    slope (i - j)`` with ``u_t`` contractions ``q_i . k_j`` over one feature axis (``terms``:
-    their positions in ``inputs`` and their (q, k, feature)) and coefficients free of pairs; or
-    None."""
+    """``(terms, coefs, offset, slope, rest)`` where scores ``body(inputs)`` are ``sum_t coef_t
+    u_t + slope (i - j) + rest`` with ``u_t`` contractions ``q_i . k_j`` over one feature axis
+    (``terms``: their positions in ``inputs`` and their (q, k, feature)), and coefficients and
+    ``rest`` free of pairs; or None."""
     syms = ARG_SYMBOLS[: len(inputs)]
     terms, offset = [], None
     for k, v in enumerate(inputs):
@@ -381,9 +381,10 @@ def _linear_terms(graph: Graph, body: sympy.Expr, inputs: tuple[int, ...],
     linear = sympy.Add(*(c * syms[k] for c, (k, _) in zip(coefs, terms)))
     if offset is not None:
         linear += slope * syms[offset]
-    if sympy.simplify(body - linear) != 0:
+    rest = sympy.simplify(body - linear)
+    if rest.free_symbols & pair:
         return None
-    return terms, coefs, offset, slope
+    return terms, coefs, offset, slope, rest
 
 
 def _flat(graph: Graph, n: int) -> tuple[sympy.Expr, tuple[int, ...]]:
@@ -407,10 +408,12 @@ def _flat(graph: Graph, n: int) -> tuple[sympy.Expr, tuple[int, ...]]:
 def _fold_scores(graph: Graph, new: Graph, mapping: dict[int, int], S: int,
                  heads: tuple[str, ...]) -> int | None:
     """The scores ``S`` rebuilt in ``new`` with each term's coefficient moved into its query (or
-    its key, for a coefficient of key-token values), or None where nothing is to fold or a
-    coefficient depends on both tokens. The identity, for ``c_t`` free of one token:
+    its key, for a coefficient of key-token values), and terms of one token each made terms of
+    the unit axis; or None where nothing is to fold, a coefficient depends on both tokens or a
+    term free of pairs does. The identities, for ``c_t`` free of one token:
 
         sum_t c_t (q_t,i . k_t,j) + m (i - j)  =  sum_t (c_t q_t,i) . k_t,j + m (i - j)
+        r_i + c_j  =  r_i . 1_j + 1_i . c_j      (over the unit axis, of size 1)
     """
     if graph.node(S).op != "pointwise":
         return None
@@ -418,9 +421,12 @@ def _fold_scores(graph: Graph, new: Graph, mapping: dict[int, int], S: int,
     found = _linear_terms(graph, body, inputs, heads)
     if found is None:
         return None
-    terms, coefs, offset, slope = found
+    terms, coefs, offset, slope, rest = found
+    sides = _one_token_parts(graph, rest, inputs, heads)
+    if sides is None:
+        return None
     scalar = all(not graph.node(v).axes for c in coefs for v in _sub_body(c, inputs)[1])
-    if scalar and all(sympy.simplify(c - coefs[0]) == 0 for c in coefs[1:]):
+    if rest == 0 and scalar and all(sympy.simplify(c - coefs[0]) == 0 for c in coefs[1:]):
         return None  # one scalar scale: the attention pass takes it as it is
     new_terms = []
     for coef, (_, (q, k, feature)) in zip(coefs, terms):
@@ -440,6 +446,16 @@ def _fold_scores(graph: Graph, new: Graph, mapping: dict[int, int], S: int,
             k_new = pointwise(new, ARG_SYMBOLS[0] * ARG_SYMBOLS[1], [c, k_new])
         out = (set(new.node(q_new).axes) | set(new.node(k_new).axes)) - {feature}
         new_terms.append(contract(new, [q_new, k_new], out, where=graph.node(S).where))
+    for side, part in sides.items():  # r_i = r_i . 1_j, c_j = 1_i . c_j over the unit axis
+        body, args = _sub_body(part, inputs)
+        value = pointwise(new, body, [mapping[v] for v in args])
+        own = new.canonical({"b", side, *new.node(value).axes, UNIT})
+        ones = new.add("broadcast", (const(new, 1),),
+                       out=new.canonical({"b", "j" if side == "i" else "i", UNIT}))
+        value = new.add("broadcast", (value,), out=own)
+        operands = [value, ones] if side == "i" else [ones, value]
+        out = (set(own) | {"i", "j"}) - {UNIT}
+        new_terms.append(contract(new, operands, out, where=graph.node(S).where))
     parts = [sympy.Add(*ARG_SYMBOLS[: len(new_terms)])]
     args = list(new_terms)
     if offset is not None:
@@ -450,12 +466,33 @@ def _fold_scores(graph: Graph, new: Graph, mapping: dict[int, int], S: int,
     return pointwise(new, sympy.Add(*parts), args, where=graph.node(S).where)
 
 
+def _one_token_parts(graph: Graph, rest: sympy.Expr, inputs: tuple[int, ...],
+                     heads: tuple[str, ...]) -> dict[str, sympy.Expr] | None:
+    """``rest`` (the scores' terms free of pairs) as ``{"i": r, "j": c}``, r of values of token i
+    (and constants, per-head values), c of values of token j; None where a term has both."""
+    sides: dict[str, sympy.Expr] = {}
+    for term in sympy.Add.make_args(sympy.expand_mul(rest)):
+        if term == 0:
+            continue
+        axes = set().union(*(graph.node(v).axes for v in _sub_body(term, inputs)[1]))
+        if axes <= {"b", "i", *heads}:
+            side = "i"
+        elif axes <= {"b", "j", *heads}:
+            side = "j"
+        else:
+            return None
+        sides[side] = sides.get(side, 0) + term
+    return sides
+
+
 def fold_score_scales(graph: Graph) -> Graph:
     """Move the scales of linear log-sum-exp scores that are not one scalar (a learned
-    temperature per head, per query token, or per term) into the queries, so that the scores
-    are ``sum_t q'_t . k_t + m (i - j)`` with scale 1 and :func:`fuse_context_attention` takes
-    them (the attention kernels) instead of the general pair kernels. Runs on the energy, before
-    differentiation: the derivatives of ``q' = c q`` are those of any product."""
+    temperature per head, per query token, or per term) into the queries, and their terms of
+    one token each (a bias per key or per query, a constant) into terms of the unit axis, so
+    that the scores are ``sum_t q'_t . k'_t + m (i - j)`` with scale 1 and
+    :func:`fuse_context_attention` takes them (the attention kernels, with one more feature)
+    instead of the general pair kernels. Runs on the energy, before differentiation: the
+    derivatives of ``q' = c q`` and of a broadcast are those of any product and broadcast."""
     targets = {S: heads for S, _, heads in filter(None, (_lse_over_j(graph, n)
                                                           for n in graph.live()))}
     new = Graph(graph.dims)

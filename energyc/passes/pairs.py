@@ -21,8 +21,8 @@ summand depends on one token only is a running sum (O(tokens)).
 
 The linear log-sum-exp scores that :mod:`energyc.passes.attention` turns into attention ops
 (``s sum_t q_t . k_t + m (i - j)`` with a scalar s, and no slopes m over several head axes;
-other scales free of one token are moved into the queries or keys first,
-``attention.fold_score_scales``) are left to that pass: the attention kernels (CPU flash, Triton
+other scales free of one token are moved into the queries or keys first, and terms of one token
+each become terms of the unit axis, ``attention.fold_score_scales``) are left to that pass: the attention kernels (CPU flash, Triton
 flash) serve them. Anything else is left as it is and reported by :func:`unfused_reductions`
 (correct, with (tokens x tokens) memory).
 """
