@@ -112,6 +112,7 @@ def compile_layer(decl: LayerDecl, verify: bool = False) -> CompiledLayer:
     if verify:
         energy.verify()
 
+    energy = run_pipeline(energy, verify=verify, stages=("energy",))  # its reductions' kernels
     notes = [f"{where or decl.where}: the reduction over j stays materialised ((tokens x tokens) "
              f"memory and time): {reason}" for where, reason in unfused_reductions(energy)]
     setup = time.perf_counter() - t0
@@ -125,7 +126,7 @@ def compile_layer(decl: LayerDecl, verify: bool = False) -> CompiledLayer:
         if not _pair_valued(retry):
             step, attention_fallback = retry, True
     t3 = time.perf_counter()
-    energy = run_pipeline(energy, verify=verify, stages=("energy", "simplify", "lower"))
+    energy = run_pipeline(energy, verify=verify, stages=("simplify", "lower"))
     times["passes"] += time.perf_counter() - t3
     t3 = time.perf_counter()
     precond = {kind: _precond_graph(kind, f.state_dim, verify) for kind in ("identity", "diagonal", "dplr")}

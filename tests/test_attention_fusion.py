@@ -420,6 +420,38 @@ def test_one_token_score_terms_on_the_triton_path(tmp_path, name):
     layer = _additive_layer(tmp_path, name)
     check_triton_path(layer, import_generated(layer), torch.float32, "cpu")
 
+FEATURE_SUMS = {
+    # a Gaussian kernel as written: -beta/2 |q_i - k_j|^2
+    "gaussian": ("-((q - k) ** 2).sum(K) / (2 * sqrt(K))", "j <= i", True),
+    # per-feature weights and a constant inside: every monomial kind (|K| times the constant)
+    "weighted": ("-(w * (q - k + 1) ** 2).sum(K) / K", "window(3)", True),
+    # not a polynomial: stays as it is, and the compiler says so
+    "tanh": ("tanh(q * k).sum(K)", "j <= i", False),
+}
+
+
+@pytest.mark.parametrize("name", sorted(FEATURE_SUMS))
+def test_feature_sums_of_polynomials_expand_into_contractions(tmp_path, name):
+    """A sum over a feature axis of a polynomial in values of one token each becomes
+    contractions and one-token terms (expand_feature_sums): a squared distance runs on the
+    attention kernels with nothing over both tokens and no note, and agrees with autograd; a
+    summand that is not a polynomial stays materialised, with the note."""
+    scores, context, fuses = FEATURE_SUMS[name]
+    layer = _compile_text(tmp_path, f"""from energyc.dsl import *
+D, H, K = dims("D H K"); i, j = tokens(); x, xbar = state(D)
+W_q = param("W_q", (H, K, D)); W_k = param("W_k", (H, K, D)); w = param("w", (K,), init=ones())
+q = W_q @ x[i]; k = W_k @ xbar[j]
+E = -logsumexp({scores}, over={context}).sum(H)
+layer("f", E, eta=0.5)
+""", name)
+    pairs = [layer.step.describe(n) for n in layer.step.live()
+             if {"i", "j"} <= set(layer.step.node(n).axes)]
+    if not fuses:
+        assert pairs and layer.notes and "stays materialised" in layer.notes[0]
+        return
+    assert not pairs and not layer.notes and "attention" in layer.step.op_counts()
+    _assert_agrees_with_autograd(layer)
+
 GROUPED = '''from energyc.dsl import *
 D, G, R, K = dims("D G R K"); i, j = tokens(); x, xbar = state(D)
 W_q = param("W_q", (G, R, K, D)); W_k = param("W_k", (G, K, D)); t = param("t", (G,))

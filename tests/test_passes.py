@@ -88,7 +88,7 @@ TESTED_PASSES = {"dead_code", "canonicalize", "cse", "fuse_pointwise", "fuse_con
                  "share_subexpressions", "reuse_values", "fuse_reductions",
                  "fuse_pair_reductions",  # pairs: test_pairs.py
                  "fold_score_scales", "fuse_context_lse",  # test_attention_fusion.py
-                 "split_context_sums"}
+                 "split_context_sums", "expand_feature_sums"}
 TESTED_RULES = {"broadcast_into_pointwise", "pointwise_of_mask", "pointwise_normalise",
                 "contract_normalise", "relabel_identity", "mask_idempotent"}
 
@@ -316,6 +316,33 @@ def pair_values(g: Graph) -> list[int]:
 needs_attention = pytest.mark.skipif(
     "fuse_context_attention" not in {fn.__name__ for _, fn in PIPELINE},
     reason="no attention fusion pass in this tree")
+
+
+@pytest.mark.parametrize("body,contracts", [
+    ((a0 - a1) ** 2, 1),  # q^2 - 2 q k + k^2: one contraction, a reduce of each side
+    (a2 * (a0 + a1 + 1) ** 2, 1),  # a per-feature weight, on the side of its token factor
+    ((a0 - a1 + 1) ** 2, 1),  # a constant: |F| times it
+    (a0 * a1 * a1, 1),  # q k^2
+])
+def test_expand_feature_sums(body, contracts):
+    """expand_feature_sums: sum_F body(q_iF, k_jF, w_F) of a polynomial body becomes
+    contractions over F of a query-side and a key-side monomial, sums over F of one side, and
+    |F| times what carries no F; the value is kept and nothing over (i, j, F) is left. A body
+    that is not a polynomial is left as it is."""
+    from energyc.passes.pairs import expand_feature_sums
+
+    g = Graph(("H", "K"))
+    q = inp(g, "q", ("b", "i", "H", "K"))
+    k = inp(g, "k", ("b", "j", "H", "K"))
+    w = g.add("param", name="w", axes=("K",))
+    summand = ops.pointwise(g, body, [q, k, w])
+    g.outputs = {"s": ops.reduce(g, summand, ["K"])}
+    out = dead_code(expand_feature_sums(g))
+    assert out.op_counts().get("contract") == contracts
+    assert not [n for n in out.live() if {"i", "j", "K"} <= set(out.node(n).axes)]
+    assert_same_outputs(g, out)
+    g.outputs = {"s": ops.reduce(g, ops.pointwise(g, sympy.tanh(a0 * a1), [q, k]), ["K"])}
+    assert dead_code(expand_feature_sums(g)).op_counts() == dead_code(g).op_counts()
 
 
 def two_reductions_region(second_mask=("window", 1), slope=False):

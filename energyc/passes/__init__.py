@@ -19,7 +19,7 @@ from energyc.passes.attention import (
 from energyc.passes.canonicalize import canonicalize
 from energyc.passes.cse import cse, dead_code
 from energyc.passes.fuse import fuse_pointwise, fuse_reductions
-from energyc.passes.pairs import fuse_pair_reductions
+from energyc.passes.pairs import expand_feature_sums, fuse_pair_reductions
 from energyc.passes.share import reuse_values, share_subexpressions
 
 Pass = Callable[[Graph], Graph]
@@ -30,6 +30,7 @@ Pass = Callable[[Graph], Graph]
 #: ``step`` passes as ``lower`` ones, on the step graph only (the energy graph's function
 #: (``Layer.energy``) stays differentiable by autograd, which the fused attention calls are not).
 PIPELINE: list[tuple[str, Pass]] = [
+    ("expand_feature_sums", expand_feature_sums),
     ("fold_score_scales", fold_score_scales),
     ("fuse_pair_reductions", fuse_pair_reductions),
     ("dead_code", dead_code),
@@ -44,7 +45,7 @@ PIPELINE: list[tuple[str, Pass]] = [
     ("fuse_reductions", fuse_reductions),
 ]
 
-STAGE = {"fold_score_scales": "energy", "fuse_pair_reductions": "energy",
+STAGE = {"expand_feature_sums": "energy", "fold_score_scales": "energy", "fuse_pair_reductions": "energy",
          "fuse_context_lse": "step", "reuse_values": "lower", "share_subexpressions": "lower",
          "fuse_reductions": "lower"}
 STAGES = ("energy", "simplify", "lower", "step")

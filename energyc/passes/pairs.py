@@ -32,9 +32,9 @@ from __future__ import annotations
 import sympy
 
 from energyc.ir.graph import Graph
-from energyc.ir.ops import ARG_SYMBOLS
+from energyc.ir.ops import ARG_SYMBOLS, add_all, contract, pointwise, reduce, size_of
 from energyc.ir.pairs import DIST, PairForm, e, make_pair_sum, u
-from energyc.passes.attention import FUSABLE_KINDS
+from energyc.passes.attention import FUSABLE_KINDS, _flat, _sub_body
 
 
 class NotFusableError(Exception):
@@ -153,6 +153,82 @@ def _for_attention(graph: Graph, n: int) -> bool:
         return False  # slopes over several head axes: not taken by the attention pass
     linear = coefs[0] * sympy.Add(*(u(t) for t in range(len(form.q)))) + slope * DIST
     return sympy.simplify(phi - linear) == 0
+
+
+def expand_feature_sums(graph: Graph) -> Graph:
+    """Expand a sum over a feature axis of a polynomial in values of one token each into
+    contractions, the pair form's leaves: with q of token i and k of token j,
+
+        sum_F (q_iF - k_jF)^2  =  sum_F q_iF^2 - 2 q_i . k_j + sum_F k_jF^2
+
+    and in general each monomial c q_i^a k_j^b is the contraction of c q_i^a with k_j^b over F (a
+    value of one token where only one side carries F, times |F| where neither does). A squared
+    distance (a Gaussian kernel's scores) is then ``-2 q_i . k_j`` plus a term of each token,
+    which the attention kernels take (``attention.fold_score_scales``); as written, its
+    (tokens x tokens x F) summand stayed materialised. The expanded form rounds to the
+    magnitude of |q|^2 and |k|^2 rather than of |q - k|^2, as every kernel method does."""
+    new = Graph(graph.dims)
+    mapping: dict[int, int] = {}
+    for n in graph.live():
+        node = graph.node(n)
+        expanded = _expanded_feature_sum(graph, new, mapping, n)
+        mapping[n] = expanded if expanded is not None else new.add_like(
+            node, [mapping[u] for u in node.inputs])
+    new.outputs = {name: mapping[n] for name, n in graph.outputs.items()}
+    return new
+
+
+def _expanded_feature_sum(graph: Graph, new: Graph, mapping: dict[int, int], n: int) -> int | None:
+    """``expand_feature_sums``' sum of contractions for reduce node ``n`` in ``new``, or None."""
+    node = graph.node(n)
+    if node.op != "reduce" or node.attr("kind") != "sum" or node.attr("mask") is not None:
+        return None
+    axes = node.attr("axes")
+    if len(axes) != 1 or axes[0] in ("b", "i", "j"):
+        return None
+    (feature,) = axes
+    if graph.node(node.inputs[0]).op != "pointwise" or not _pair_valued(graph, node.inputs[0]):
+        return None
+    body, leaves = _flat(graph, node.inputs[0])
+    syms = ARG_SYMBOLS[: len(leaves)]
+    token = {}
+    for sym, v in zip(syms, leaves):
+        if _pair_valued(graph, v):
+            return None
+        ax = graph.node(v).axes
+        token[sym] = "i" if "i" in ax else "j" if "j" in ax else None
+    if not body.is_polynomial(*syms):
+        return None
+    terms = []
+    for monomial in sympy.Add.make_args(sympy.expand(body)):
+        coef, factors = monomial.as_coeff_mul()
+        sides: dict[str | None, list[sympy.Expr]] = {"i": [], "j": [], None: []}
+        for factor in factors:
+            sides[token.get(factor.as_base_exp()[0])].append(factor)
+        # factors of no token (per-feature weights) go with the query's side, or the key's
+        # where the monomial has no query factor: a value of one token is summed on its own
+        sides["j" if sides["j"] and not sides["i"] else "i"] += sides.pop(None)
+        values = []
+        for side in ("i", "j"):
+            if sides[side]:
+                part, args = _sub_body(sympy.Mul(*sides[side]), leaves)
+                values.append(pointwise(new, part, [mapping[v] for v in args]))
+        with_f = [v for v in values if feature in new.node(v).axes]
+        other = [v for v in values if feature not in new.node(v).axes]
+        factor = coef
+        if len(with_f) == 2:
+            out = (set(new.node(with_f[0]).axes) | set(new.node(with_f[1]).axes)) - {feature}
+            other.append(contract(new, with_f, out, where=node.where))
+        elif with_f:
+            other.append(reduce(new, with_f[0], [feature], where=node.where))
+        else:
+            factor = coef * size_of(new, feature)
+        terms.append(pointwise(new, factor * sympy.Mul(*ARG_SYMBOLS[: len(other)]), other,
+                               where=node.where))
+    total = add_all(new, terms)
+    if new.node(total).axes != node.axes:
+        total = new.add("broadcast", (total,), out=node.axes)
+    return total
 
 
 def fuse_pair_reductions(graph: Graph, attention: bool = True) -> Graph:
