@@ -127,10 +127,15 @@ def masked_logsumexp(s: torch.Tensor, mask: torch.Tensor, dim: int) -> torch.Ten
 def _rotary_table(
     T: int, F: int, base: float, dtype: torch.dtype, device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin of the angles p * base^(-2m/F), shape (T, F/2) each."""
+    """cos and sin of the angles p * base^(-2m/F), shape (T, F/2) each, rounded to ``dtype``.
+
+    The angles and their cos and sin are computed in float64 (built once per shape, cached): in
+    float32, p * w carries an error of ulp(p) ~ 6e-8 p radians, 3e-5 in cos and sin at p = 1024
+    and 6e-4 at 16384, which made float32 rotary layers 10-30x less accurate than autograd's
+    float64-angle reference at 1024 tokens. Devices without float64 (MPS) use float32."""
 
     def build() -> tuple[torch.Tensor, torch.Tensor]:
-        table = torch.float64 if dtype == torch.float64 else torch.float32  # angle precision
+        table = torch.float32 if device.type == "mps" else torch.float64  # angle precision
         pos = torch.arange(T, device=device, dtype=table)
         freq = base ** (-torch.arange(0, F, 2, device=device, dtype=table) / F)
         angle = pos[:, None] * freq[None, :]
