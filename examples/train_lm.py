@@ -300,8 +300,9 @@ def rotary(t: torch.Tensor, base: float = 10000.0, offset: int = 0) -> torch.Ten
     tokens) and w_m = base^(-2m/K).
     """
     T, K = t.shape[-2], t.shape[-1]
-    pos = torch.arange(offset, offset + T, device=t.device, dtype=torch.float32)
-    freq = base ** (-torch.arange(0, K, 2, device=t.device, dtype=torch.float32) / K)
+    exact = torch.float32 if t.device.type == "mps" else torch.float64  # angles as the runtime's
+    pos = torch.arange(offset, offset + T, device=t.device, dtype=exact)
+    freq = base ** (-torch.arange(0, K, 2, device=t.device, dtype=exact) / K)
     angle = pos[:, None] * freq[None, :]  # (T, K/2)
     cos, sin = angle.cos().to(t.dtype), angle.sin().to(t.dtype)
     u = t.unflatten(-1, (K // 2, 2))
