@@ -423,6 +423,8 @@ def test_one_token_score_terms_on_the_triton_path(tmp_path, name):
 FEATURE_SUMS = {
     # a Gaussian kernel as written: -beta/2 |q_i - k_j|^2
     "gaussian": ("-((q - k) ** 2).sum(K) / (2 * sqrt(K))", "j <= i", True),
+    # the same as a contraction of the difference with itself
+    "gaussian_dot": ("-dot(q - k, q - k, over=K) / (2 * sqrt(K))", "j < i", True),
     # per-feature weights and a constant inside: every monomial kind (|K| times the constant)
     "weighted": ("-(w * (q - k + 1) ** 2).sum(K) / K", "window(3)", True),
     # not a polynomial: stays as it is, and the compiler says so

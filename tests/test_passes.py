@@ -345,6 +345,25 @@ def test_expand_feature_sums(body, contracts):
     assert dead_code(expand_feature_sums(g)).op_counts() == dead_code(g).op_counts()
 
 
+def test_expand_feature_sums_of_a_contraction():
+    """The same expansion where the sum over F is a contraction of pair values with each other
+    (dot(q_i - k_j, q_i - k_j, over=K)) or with a one-token value; a contraction of one-token
+    values alone (q_i . k_j, already a leaf of the pair form) is left as it is."""
+    from energyc.passes.pairs import expand_feature_sums
+
+    g = Graph(("H", "K"))
+    q = inp(g, "q", ("b", "i", "H", "K"))
+    k = inp(g, "k", ("b", "j", "H", "K"))
+    diff = ops.pointwise(g, a0 - a1, [q, k])
+    g.outputs = {"d2": ops.contract(g, [diff, diff], ("b", "i", "j", "H")),
+                 "qd": ops.contract(g, [q, diff], ("b", "i", "j", "H")),
+                 "qk": ops.contract(g, [q, k], ("b", "i", "j", "H"))}
+    out = dead_code(expand_feature_sums(g))
+    assert not [n for n in out.live() if {"i", "j", "K"} <= set(out.node(n).axes)]
+    assert out.node(out.outputs["qk"]).op == "contract"
+    assert_same_outputs(g, out)
+
+
 def two_reductions_region(second_mask=("window", 1), slope=False):
     """o = sum_j (mask_A(c exp(S - L_A)) + mask_B(exp(S' - L_B)))_ij v_j: the weights of two
     log-sum-exps of one score tensor S (S' = S, or S - m (i - j) on the same set) summed before

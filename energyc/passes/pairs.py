@@ -156,8 +156,9 @@ def _for_attention(graph: Graph, n: int) -> bool:
 
 
 def expand_feature_sums(graph: Graph) -> Graph:
-    """Expand a sum over a feature axis of a polynomial in values of one token each into
-    contractions, the pair form's leaves: with q of token i and k of token j,
+    """Expand a sum over a feature axis of a polynomial in values of one token each (a sum over
+    the axis, or a contraction over it of such values, as ``dot(q_i - k_j, q_i - k_j, over=K)``)
+    into contractions, the pair form's leaves: with q of token i and k of token j,
 
         sum_F (q_iF - k_jF)^2  =  sum_F q_iF^2 - 2 q_i . k_j + sum_F k_jF^2
 
@@ -180,16 +181,11 @@ def expand_feature_sums(graph: Graph) -> Graph:
 
 def _expanded_feature_sum(graph: Graph, new: Graph, mapping: dict[int, int], n: int) -> int | None:
     """``expand_feature_sums``' sum of contractions for reduce node ``n`` in ``new``, or None."""
+    found = _feature_sum(graph, n)
+    if found is None:
+        return None
+    feature, body, leaves = found
     node = graph.node(n)
-    if node.op != "reduce" or node.attr("kind") != "sum" or node.attr("mask") is not None:
-        return None
-    axes = node.attr("axes")
-    if len(axes) != 1 or axes[0] in ("b", "i", "j"):
-        return None
-    (feature,) = axes
-    if graph.node(node.inputs[0]).op != "pointwise" or not _pair_valued(graph, node.inputs[0]):
-        return None
-    body, leaves = _flat(graph, node.inputs[0])
     syms = ARG_SYMBOLS[: len(leaves)]
     token = {}
     for sym, v in zip(syms, leaves):
@@ -229,6 +225,32 @@ def _expanded_feature_sum(graph: Graph, new: Graph, mapping: dict[int, int], n: 
     if new.node(total).axes != node.axes:
         total = new.add("broadcast", (total,), out=node.axes)
     return total
+
+
+def _feature_sum(graph: Graph, n: int) -> tuple[str, sympy.Expr, tuple[int, ...]] | None:
+    """(F, body, leaves) where node ``n`` sums a pair-valued ``body(leaves)`` over one feature
+    axis F: a sum over F of a pointwise value, or a contraction over F of two values of which
+    one at least is pair-valued (``dot(q_i - k_j, q_i - k_j, over=K)``); else None."""
+    node = graph.node(n)
+    if node.op == "reduce" and node.attr("kind") == "sum" and node.attr("mask") is None:
+        axes, operands = node.attr("axes"), node.inputs
+    elif node.op == "contract" and len(node.inputs) == 2:
+        operands = node.inputs
+        axes = tuple(set().union(*(graph.node(u).axes for u in operands)) - set(node.axes))
+    else:
+        return None
+    if len(axes) != 1 or axes[0] in ("b", "i", "j"):
+        return None
+    if not any(_pair_valued(graph, v) and graph.node(v).op == "pointwise" for v in operands):
+        return None
+    body, leaves = sympy.Integer(1), []
+    for operand in operands:
+        part, args = (_flat(graph, operand) if graph.node(operand).op == "pointwise"
+                      else (ARG_SYMBOLS[0], (operand,)))
+        leaves += [v for v in args if v not in leaves]
+        body *= part.xreplace({ARG_SYMBOLS[m]: ARG_SYMBOLS[leaves.index(v)]
+                               for m, v in enumerate(args)})
+    return axes[0], body, tuple(leaves)
 
 
 def fuse_pair_reductions(graph: Graph, attention: bool = True) -> Graph:
