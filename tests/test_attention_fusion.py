@@ -11,6 +11,7 @@ from energyc.loader import load
 from energyc.passes import PIPELINE
 from energyc.passes.attention import fuse_context_attention
 from energyc.passes.cse import rebuild
+from tests.conftest import assert_within_tolerance
 
 
 def step_graph(path):
@@ -453,6 +454,50 @@ layer("f", E, eta=0.5)
         return
     assert not pairs and not layer.notes and "attention" in layer.step.op_counts()
     _assert_agrees_with_autograd(layer)
+
+LOG_SUMS = {
+    # a gate per key inside a hand-written log-sum-exp
+    "gated": ("log(sum_over(sigmoid(dot(v, xbar[j], over=D)) * exp(s), j <= i))", True),
+    # a softmax with a null key of score 0, on a window
+    "null_key": ("log(1 + sum_over(exp(s), window(3)))", True),
+    # the strict set's first row is empty (log 0 there): left as written
+    "strict": ("log(sum_over(exp(s), j < i))", False),
+    # a gate SymPy cannot tell is positive: left as written
+    "tanh_gate": ("log(sum_over(tanh(dot(v, xbar[j], over=D)) * exp(s), j <= i))", False),
+}
+
+
+@pytest.mark.parametrize("name", sorted(LOG_SUMS))
+def test_log_of_a_sum_of_exponentials_is_a_log_sum_exp(tmp_path, name):
+    """log sum_j g exp(s) (g > 0) and log(A + sum_j exp(s)) over a context set with no empty row
+    are log-sum-exps (log_sums_as_lse): the attention kernels take them, the layer agrees with
+    autograd, and it stays finite in float32 at scores where exp(s) overflows, agreeing with
+    float64. Otherwise the sum is left as written (pair kernels)."""
+    expr, rewritten = LOG_SUMS[name]
+    layer = _compile_text(tmp_path, f"""from energyc.dsl import *
+D, H, K = dims("D H K"); i, j = tokens(); x, xbar = state(D)
+W_q = param("W_q", (H, K, D)); W_k = param("W_k", (H, K, D)); v = param("v", (H, D))
+s = dot(W_q @ x[i], W_k @ xbar[j], over=K)
+E = -({expr}).sum(H)
+layer("f", E, eta=0.5)
+""", name)
+    counts = layer.step.op_counts()
+    assert ("attention" in counts) == rewritten, counts
+    if not rewritten:
+        return
+    module = import_generated(layer)
+    _assert_agrees_with_autograd(layer, module)
+    torch.manual_seed(0)
+    exact = module.Layer(D=8, H=2, K=4, dtype=torch.float64)
+    with torch.no_grad():
+        exact.W_q.mul_(30)  # scores of a few hundred: exp overflows float32
+    lay = module.Layer(D=8, H=2, K=4, dtype=torch.float32)
+    lay.load_state_dict({k: t.float() for k, t in exact.state_dict().items()})
+    x = torch.randn(2, 6, 8, dtype=torch.float64)
+    want = exact(x)
+    got = lay(x.float())
+    assert torch.isfinite(got).all()
+    assert_within_tolerance("forward", got.double(), want, torch.float32)
 
 GROUPED = '''from energyc.dsl import *
 D, G, R, K = dims("D G R K"); i, j = tokens(); x, xbar = state(D)

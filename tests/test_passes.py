@@ -88,7 +88,7 @@ TESTED_PASSES = {"dead_code", "canonicalize", "cse", "fuse_pointwise", "fuse_con
                  "share_subexpressions", "reuse_values", "fuse_reductions",
                  "fuse_pair_reductions",  # pairs: test_pairs.py
                  "fold_score_scales", "fuse_context_lse",  # test_attention_fusion.py
-                 "split_context_sums", "expand_feature_sums"}
+                 "split_context_sums", "expand_feature_sums", "log_sums_as_lse"}
 TESTED_RULES = {"broadcast_into_pointwise", "pointwise_of_mask", "pointwise_normalise",
                 "contract_normalise", "relabel_identity", "mask_idempotent"}
 
@@ -343,6 +343,32 @@ def test_expand_feature_sums(body, contracts):
     assert_same_outputs(g, out)
     g.outputs = {"s": ops.reduce(g, ops.pointwise(g, sympy.tanh(a0 * a1), [q, k]), ["K"])}
     assert dead_code(expand_feature_sums(g)).op_counts() == dead_code(g).op_counts()
+
+
+@pytest.mark.parametrize("mask,outer,gate,lse", [
+    (("causal",), sympy.log(a0), sympy.exp(a1), True),  # log sum exp(s)
+    (("window", 2), sympy.log(1 + a0) * a1, sympy.exp(a1), True),  # log(1 + sum exp(s)) * c
+    (None, sympy.log(a0), sympy.exp(a1) / (1 + sympy.exp(-a0)), True),  # a positive gate
+    (("strict",), sympy.log(a0), sympy.exp(a1), False),  # an empty first row: log 0 there
+    (("causal",), sympy.log(a0) + a0, sympy.exp(a1), False),  # the sum read outside a log
+    (("causal",), sympy.log(a0), a0**2 * sympy.exp(a1), False),  # a gate that may be 0
+])
+def test_log_sums_as_lse(mask, outer, gate, lse):
+    """log_sums_as_lse: a log of a context sum of g exp(s) (g > 0), or of A + that (A > 0), over
+    a set with no empty row, becomes a log-sum-exp of s + log g (and a softplus of it), with the
+    same value; otherwise the graph is left as it is."""
+    from energyc.passes.pairs import log_sums_as_lse
+
+    g = Graph(("H",))
+    s = inp(g, "s", ("b", "i", "j", "H"))
+    c = inp(g, "c", ("b", "i", "H"))
+    summand = ops.pointwise(g, gate, [inp(g, "u", ("b", "j", "H")), s])
+    total = ops.reduce(g, summand, ["j"], kind="sum", mask=mask)
+    g.outputs = {"e": ops.pointwise(g, outer, [total, c])}
+    out = dead_code(log_sums_as_lse(g))
+    kinds = [out.node(n).attr("kind") for n in out.live() if out.node(n).op == "reduce"]
+    assert kinds == (["lse"] if lse else ["sum"])
+    assert_same_outputs(g, out)
 
 
 def test_expand_feature_sums_of_a_contraction():

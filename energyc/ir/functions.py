@@ -45,6 +45,9 @@ class sigmoid(EnergyFunction):  # noqa: N801 - lower case like SymPy's functions
         s = sigmoid(self.args[0])
         return s * (1 - s)
 
+    def _eval_is_positive(self):
+        return True if self.args[0].is_extended_real else None
+
 
 class softplus(EnergyFunction):  # noqa: N801
     """softplus(u) = log(1 + exp(u));  softplus' = sigmoid."""
@@ -59,6 +62,9 @@ class softplus(EnergyFunction):  # noqa: N801
 
     def fdiff(self, argindex=1):
         return sigmoid(self.args[0])
+
+    def _eval_is_positive(self):
+        return True if self.args[0].is_extended_real else None
 
 
 class step(EnergyFunction):  # noqa: N801

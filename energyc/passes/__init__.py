@@ -19,7 +19,7 @@ from energyc.passes.attention import (
 from energyc.passes.canonicalize import canonicalize
 from energyc.passes.cse import cse, dead_code
 from energyc.passes.fuse import fuse_pointwise, fuse_reductions
-from energyc.passes.pairs import expand_feature_sums, fuse_pair_reductions
+from energyc.passes.pairs import expand_feature_sums, fuse_pair_reductions, log_sums_as_lse
 from energyc.passes.share import reuse_values, share_subexpressions
 
 Pass = Callable[[Graph], Graph]
@@ -31,6 +31,7 @@ Pass = Callable[[Graph], Graph]
 #: (``Layer.energy``) stays differentiable by autograd, which the fused attention calls are not).
 PIPELINE: list[tuple[str, Pass]] = [
     ("expand_feature_sums", expand_feature_sums),
+    ("log_sums_as_lse", log_sums_as_lse),
     ("fold_score_scales", fold_score_scales),
     ("fuse_pair_reductions", fuse_pair_reductions),
     ("dead_code", dead_code),
@@ -45,7 +46,8 @@ PIPELINE: list[tuple[str, Pass]] = [
     ("fuse_reductions", fuse_reductions),
 ]
 
-STAGE = {"expand_feature_sums": "energy", "fold_score_scales": "energy", "fuse_pair_reductions": "energy",
+STAGE = {"expand_feature_sums": "energy", "log_sums_as_lse": "energy",
+         "fold_score_scales": "energy", "fuse_pair_reductions": "energy",
          "fuse_context_lse": "step", "reuse_values": "lower", "share_subexpressions": "lower",
          "fuse_reductions": "lower"}
 STAGES = ("energy", "simplify", "lower", "step")

@@ -387,15 +387,15 @@ def _linear_terms(graph: Graph, body: sympy.Expr, inputs: tuple[int, ...],
     return terms, coefs, offset, slope, rest
 
 
-def _flat(graph: Graph, n: int) -> tuple[sympy.Expr, tuple[int, ...]]:
+def _flat(graph: Graph, n: int, every: bool = False) -> tuple[sympy.Expr, tuple[int, ...]]:
     """Pointwise node ``n`` as one body over its leaves: the pair-valued pointwise nodes under it
-    (the energy's graph is not yet fused: ``c * dot(q, k) - m * (i - j)`` is two nodes) are
-    inlined; anything else is an argument."""
+    (the energy's graph is not yet fused: ``c * dot(q, k) - m * (i - j)`` is two nodes), or with
+    ``every`` all pointwise nodes under it, are inlined; anything else is an argument."""
     leaves: list[int] = []
 
     def walk(v: int) -> sympy.Expr:
         node = graph.node(v)
-        if node.op == "pointwise" and (v == n or {"i", "j"} <= set(node.axes)):
+        if node.op == "pointwise" and (v == n or every or {"i", "j"} <= set(node.axes)):
             return node.attr("body").xreplace(
                 {ARG_SYMBOLS[k]: walk(a) for k, a in enumerate(node.inputs)})
         if v not in leaves:

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import sympy
 
+from energyc.ir.functions import sigmoid, softplus
 from energyc.ir.graph import Graph
 from energyc.ir.ops import ARG_SYMBOLS, add_all, contract, pointwise, reduce, size_of
 from energyc.ir.pairs import DIST, PairForm, e, make_pair_sum, u
@@ -225,6 +226,134 @@ def _expanded_feature_sum(graph: Graph, new: Graph, mapping: dict[int, int], n: 
     if new.node(total).axes != node.axes:
         total = new.add("broadcast", (total,), out=node.axes)
     return total
+
+
+#: Context sets whose every row has a token (i itself, or every j): a log of a sum over them is
+#: a log-sum-exp, empty rows (the normaliser's 0 against log 0) never arising.
+NEVER_EMPTY = ("all", "causal", "window")
+
+
+def log_sums_as_lse(graph: Graph) -> Graph:
+    """Read a log of a context sum of exponentials as a log-sum-exp, the stable form the pair and
+    attention kernels take: for g > 0 and A > 0 free of j,
+
+        log sum_{j in C(i)} g_ij exp(h_ij)      =  L_i,   L_i = logsumexp_{j in C(i)} (h_ij + log g_ij)
+        log (A_i + sum_{j in C(i)} g_ij exp(h_ij))  =  log A_i + softplus(L_i - log A_i)
+
+    where the sum is read only through such logs and C(i) is never empty (j <= i, a window, all
+    tokens). Written out, exp(h) overflows float32 at h > 88 in every framework; the gate's log
+    is taken stably (log sigmoid(u) = -softplus(-u)). A gate whose sign SymPy cannot tell, or a
+    strict set (whose first row is empty: log 0 there), is left as written."""
+    new = Graph(graph.dims)
+    mapping: dict[int, int] = {}
+    lses: dict[int, int] = {}  # sum node -> its log-sum-exp in new
+    live = graph.live()
+    alive = set(live)
+    users = {n: [v for v in graph.users(n) if v in alive] for n in live}
+    for n in live:
+        node = graph.node(n)
+        rewritten = _log_sum_user(graph, new, mapping, lses, users, n)
+        mapping[n] = rewritten if rewritten is not None else new.add_like(
+            node, [mapping[v] for v in node.inputs])
+    new.outputs = {name: mapping[n] for name, n in graph.outputs.items()}
+    return new
+
+
+def _exp_sum(graph: Graph, R: int) -> tuple[sympy.Expr, tuple[int, ...]] | None:
+    """(h + log g, leaves) where node ``R`` is sum_{j in C(i)} g exp(h) with g > 0 over a context
+    set that is never empty; else None."""
+    node = graph.node(R)
+    if (node.op != "reduce" or node.attr("kind") != "sum" or node.attr("axes") != ("j",)
+            or (node.attr("mask") or ("all",))[0] not in NEVER_EMPTY
+            or not _pair_valued(graph, node.inputs[0])
+            or graph.node(node.inputs[0]).op != "pointwise"):
+        return None
+    body, leaves = _flat(graph, node.inputs[0], every=True)  # a gate's sign shows in its body
+    h, g = sympy.Integer(0), sympy.Integer(1)
+    for factor in sympy.Mul.make_args(body):
+        base, power = factor.as_base_exp()
+        if isinstance(base, sympy.exp) or base == sympy.E:
+            h += power * (base.args[0] if isinstance(base, sympy.exp) else 1)
+        else:
+            g *= factor
+    if h == 0 or not _positive(g):
+        return None
+    return h + _stable_log(g), leaves
+
+
+def _positive(expr: sympy.Expr) -> bool:
+    """Whether SymPy can tell ``expr`` > 0 for every real value of its arguments."""
+    real = {a: sympy.Dummy(real=True) for a in expr.free_symbols}
+    return bool(expr.xreplace(real).is_positive)
+
+
+def _stable_log(g: sympy.Expr) -> sympy.Expr:
+    """log g, a sum of logs of its factors, with log sigmoid(u) = -softplus(-u)."""
+    out = sympy.Integer(0)
+    for factor in sympy.Mul.make_args(g):
+        base, power = factor.as_base_exp()
+        out += power * (-softplus(-base.args[0]) if isinstance(base, sigmoid) else sympy.log(base))
+    return out
+
+
+def _log_sum_user(graph: Graph, new: Graph, mapping: dict[int, int], lses: dict[int, int],
+                  users: dict[int, list[int]], n: int) -> int | None:
+    """Pointwise node ``n`` rebuilt in ``new`` with each context sum of exponentials among its
+    inputs that it reads only through log(A + sum) replaced by its log-sum-exp; or None."""
+    node = graph.node(n)
+    if node.op != "pointwise" or not node.attr("body").has(sympy.log):
+        return None
+    body, leaves, inlined = _chain(graph, n, users)
+    args = list(leaves)
+    changed = False
+    for k, R in enumerate(leaves):
+        sym = ARG_SYMBOLS[k]
+        logs = [e for e in body.atoms(sympy.log) if e.has(sym)]
+        if not logs or any(v not in inlined for v in users[R]):
+            continue
+        A = {e: sympy.expand(e.args[0] - sym) for e in logs}
+        marks = {e: sympy.Dummy() for e in logs}
+        if (body.xreplace(marks).has(sym) or any(a.has(sym) for a in A.values())
+                or any(a != 0 and not _positive(a) for a in A.values())):
+            continue
+        found = _exp_sum(graph, R)
+        if found is None:
+            continue
+        if R not in lses:
+            scores, score_args = found
+            inner = pointwise(new, scores, [mapping[v] for v in score_args])
+            lses[R] = new.add("reduce", (inner,), where=graph.node(R).where, kind="lse",
+                              axes=("j",), mask=graph.node(R).attr("mask"))
+        L = ARG_SYMBOLS[len(args)]
+        args.append(R)  # its log-sum-exp, mapped below
+        body = body.xreplace({e: L if A[e] == 0 else sympy.log(A[e]) + softplus(L - sympy.log(A[e]))
+                              for e in logs})  # log(A + e^L) = log A + log(1 + e^(L - log A))
+        changed = True
+    if not changed:
+        return None
+    mapped = [lses[v] if pos >= len(leaves) else mapping[v] for pos, v in enumerate(args)]
+    return pointwise(new, body, mapped, where=node.where)
+
+
+def _chain(graph: Graph, n: int, users: dict[int, list[int]]) -> tuple[sympy.Expr, list[int],
+                                                                         set[int]]:
+    """Pointwise node ``n`` as one body over its leaves, with the pointwise nodes under it that
+    only it reads inlined (``log(1 + s)`` is two nodes in the unfused energy); and the set of
+    ``n`` and the nodes inlined."""
+    leaves: list[int] = []
+    inlined = {n}
+
+    def walk(v: int) -> sympy.Expr:
+        node = graph.node(v)
+        if v == n or (node.op == "pointwise" and len(users[v]) == 1 and users[v][0] in inlined):
+            inlined.add(v)
+            return node.attr("body").xreplace(
+                {ARG_SYMBOLS[k]: walk(a) for k, a in enumerate(node.inputs)})
+        if v not in leaves:
+            leaves.append(v)
+        return ARG_SYMBOLS[leaves.index(v)]
+
+    return walk(n), leaves, inlined
 
 
 def _feature_sum(graph: Graph, n: int) -> tuple[str, sympy.Expr, tuple[int, ...]] | None:
