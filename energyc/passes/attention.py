@@ -177,9 +177,10 @@ def split_context_sums(graph: Graph) -> Graph:
 
     Two log-sum-exps over one score tensor on different context sets (a window and j <= i), or
     of scores that share a term, give such sums: the gradient of the shared scores adds both
-    reductions' weights before the product with the key. Each part's pointwise body is composed with the bodies of its masked values (the
-    weights exp(S - L) among them), the mask outermost: ``mask_A(f_A(u))`` for ``f_A(mask_A(u))``,
-    exact since every term of ``f_A`` vanishes where its masked values do."""
+    reductions' weights before the product with the key. Each part's pointwise body is composed
+    with the bodies of its masked values (the weights exp(S - L) among them), the mask
+    outermost: ``mask_A(f_A(u))`` for ``f_A(mask_A(u))``, exact since every term of ``f_A``
+    vanishes where its masked values do."""
     new = Graph(graph.dims)
     mapping: dict[int, int] = {}
     for n in graph.live():
@@ -233,7 +234,8 @@ def _weights_of(graph: Graph, m: int) -> tuple[tuple, frozenset[int]]:
     return graph.node(m).attr("mask"), lses or frozenset({inner})
 
 
-def _unmasked(graph: Graph, body: sympy.Expr, inputs: tuple[int, ...]) -> tuple[sympy.Expr, list[int]]:
+def _unmasked(graph: Graph, body: sympy.Expr,
+              inputs: tuple[int, ...]) -> tuple[sympy.Expr, list[int]]:
     """``body(inputs)`` with each masked input replaced by the value under its mask (a pointwise
     value's body inlined), over the arguments returned."""
     args: list[int] = []

@@ -22,9 +22,9 @@ summand depends on one token only is a running sum (O(tokens)).
 The linear log-sum-exp scores that :mod:`energyc.passes.attention` turns into attention ops
 (``s sum_t q_t . k_t + m (i - j)`` with a scalar s, and no slopes m over several head axes;
 other scales free of one token are moved into the queries or keys first, and terms of one token
-each become terms of the unit axis, ``attention.fold_score_scales``) are left to that pass: the attention kernels (CPU flash, Triton
-flash) serve them. Anything else is left as it is and reported by :func:`unfused_reductions`
-(correct, with (tokens x tokens) memory).
+each become terms of the unit axis, ``attention.fold_score_scales``) are left to that pass: the
+attention kernels (CPU flash, Triton flash) serve them. Anything else is left as it is and
+reported by :func:`unfused_reductions` (correct, with (tokens x tokens) memory).
 """
 
 from __future__ import annotations
@@ -237,7 +237,7 @@ def log_sums_as_lse(graph: Graph) -> Graph:
     """Read a log of a context sum of exponentials as a log-sum-exp, the stable form the pair and
     attention kernels take: for g > 0 and A > 0 free of j,
 
-        log sum_{j in C(i)} g_ij exp(h_ij)      =  L_i,   L_i = logsumexp_{j in C(i)} (h_ij + log g_ij)
+        log sum_{j in C(i)} g_ij exp(h_ij)  =  L_i  =  logsumexp_{j in C(i)} (h_ij + log g_ij)
         log (A_i + sum_{j in C(i)} g_ij exp(h_ij))  =  log A_i + softplus(L_i - log A_i)
 
     where the sum is read only through such logs and C(i) is never empty (j <= i, a window, all
