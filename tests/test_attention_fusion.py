@@ -411,6 +411,20 @@ def test_one_token_score_terms_fold_into_attention(tmp_path, name):
     _assert_agrees_with_autograd(layer)
 
 
+@pytest.mark.parametrize("name", sorted(ADDITIVE))
+def test_one_token_score_terms_decode(tmp_path, name):
+    """Decoding such a layer (its keys and their unit-axis terms extended by a cache, the ones
+    of the query side made for the new tokens alone) gives the forward's outputs."""
+    module = import_generated(_additive_layer(tmp_path, name))
+    torch.manual_seed(0)
+    lay = module.Layer(D=8, H=2, K=4, dtype=torch.float64, context="input")
+    x = torch.randn(2, 9, 8, dtype=torch.float64)
+    with torch.no_grad():
+        first, cache = lay.decode(x[:, :5])
+        second, _ = lay.decode(x[:, 5:], cache)
+        # float64, the same operations on the same operands but in query blocks: a few ulps
+        torch.testing.assert_close(torch.cat([first, second], 1), lay(x), rtol=1e-12, atol=1e-12)
+
 @pytest.mark.parametrize("name", ["key_gate", "query_bias"])
 def test_one_token_score_terms_on_the_triton_path(tmp_path, name):
     """The same layers' Triton path (the unit feature concatenated to the kernels' queries and
