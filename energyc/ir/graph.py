@@ -19,8 +19,9 @@ from typing import Any
 import networkx as nx
 
 TOKEN_AXES = ("b", "i", "j")
-#: A built-in feature axis of size 1, last in every graph's canonical order (no declared dim can
-#: be named so): a score term ``r_i * c_j`` of values of one token each is the contraction of
+#: A built-in feature axis of size 1, last in every graph's canonical order (no declared dim's
+#: code name starts with an underscore: a dim declared "_1" is "n1__" in the graphs, see
+#: energyc.names): a score term ``r_i * c_j`` of values of one token each is the contraction of
 #: ``r_i`` and ``c_j`` over it (``passes.attention.fold_score_scales``).
 UNIT = "_1"
 
