@@ -12,7 +12,7 @@ insertion order, which is therefore a topological order.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -127,6 +127,22 @@ class Graph:
             op = self.node(n).op
             counts[op] = counts.get(op, 0) + 1
         return dict(sorted(counts.items()))
+
+    def rewritten(self, rule: Callable[[Graph, dict[int, int], int], int | None]) -> Graph:
+        """A new graph of this graph's live nodes, inputs first, with the same outputs:
+        ``rule(new, mapping, n)`` returns the id in ``new`` of what replaces node ``n`` (its
+        inputs are in ``mapping`` already), or None to copy the node as it is. The shape of
+        every rewriting pass."""
+        new = Graph(self.dims)
+        mapping: dict[int, int] = {}
+        for n in self.live():
+            replaced = rule(new, mapping, n)
+            if replaced is None:
+                node = self.node(n)
+                replaced = new.add_like(node, [mapping[u] for u in node.inputs])
+            mapping[n] = replaced
+        new.outputs = {name: mapping[n] for name, n in self.outputs.items()}
+        return new
 
     def copy_into(self, other: Graph, mapping: Mapping[int, int] | None = None) -> dict[int, int]:
         """Re-add every live node of this graph to ``other``; return the id map."""

@@ -181,15 +181,7 @@ def split_context_sums(graph: Graph) -> Graph:
     with the bodies of its masked values (the weights exp(S - L) among them), the mask
     outermost: ``mask_A(f_A(u))`` for ``f_A(mask_A(u))``, exact since every term of ``f_A``
     vanishes where its masked values do."""
-    new = Graph(graph.dims)
-    mapping: dict[int, int] = {}
-    for n in graph.live():
-        node = graph.node(n)
-        split = _split_context_sum(graph, new, mapping, n)
-        mapping[n] = split if split is not None else new.add_like(
-            node, [mapping[u] for u in node.inputs])
-    new.outputs = {name: mapping[n] for name, n in graph.outputs.items()}
-    return new
+    return graph.rewritten(lambda new, mapping, n: _split_context_sum(graph, new, mapping, n))
 
 
 def _split_context_sum(graph: Graph, new: Graph, mapping: dict[int, int], n: int) -> int | None:
@@ -306,52 +298,49 @@ def fuse_context_lse(graph: Graph) -> Graph:
     no VJP, while the VJP of the reduction is the softmax weights, which
     :func:`fuse_context_attention` makes attention of; and the energy's own function stays one
     autograd can differentiate (``Layer.energy``)."""
-    new = Graph(graph.dims)
-    mapping: dict[int, int] = {}
-    for n in graph.live():
-        node = graph.node(n)
+
+    def rule(new: Graph, mapping: dict[int, int], n: int) -> int | None:
         lse_of = _lse_scores(graph, n)
         if lse_of is None:
-            mapping[n] = new.add_like(node, [mapping[u] for u in node.inputs])
-            continue
+            return None
         operands, scalars, attrs = _scores_inputs(new, mapping, *lse_of)
-        mapping[n] = new.add("attention_lse", (*operands, *scalars), where=node.where, **attrs)
-    new.outputs = {name: mapping[n] for name, n in graph.outputs.items()}
-    return new
+        return new.add("attention_lse", (*operands, *scalars), where=graph.node(n).where, **attrs)
+
+    return graph.rewritten(rule)
 
 
 def fuse_context_attention(graph: Graph) -> Graph:
     """Rewrite each softmax-weighted context sum into ``c * attention(Q, K, V)`` (query role) or
     ``attention_transposed(Q, K, c * V, L)`` (key role)."""
-    new = Graph(graph.dims)
-    mapping: dict[int, int] = {}
-    for n in graph.live():
-        node = graph.node(n)
-        found = _match(graph, n)
-        if found is None:
-            mapping[n] = new.add_like(node, [mapping[u] for u in node.inputs])
-            continue
-        operands, scalars, attrs = _scores_inputs(new, mapping, found["scores"], found["mask"],
-                                                  found["heads"])
-        pn = graph.node(found["P"])
-        others = found["others"]
-        renum = {ARG_SYMBOLS[k]: ARG_SYMBOLS[m] for m, k in enumerate(others)}
-        ratio = found["ratio"].xreplace(renum)
-        c_args = [mapping[pn.inputs[k]] for k in others]
-        if found["transposed"]:
-            lse = new.add("attention_lse", (*operands, *scalars), where=node.where, **attrs)
-            v = pointwise(new, ratio * ARG_SYMBOLS[len(others)], c_args + [mapping[found["V"]]],
-                          where=node.where)
-            mapping[n] = new.add("attention_transposed", (*operands, v, *scalars, lse),
-                                 where=node.where, **attrs)
-        else:
-            attention = new.add("attention", (*operands, mapping[found["V"]], *scalars),
-                                where=node.where, **attrs)
-            mapping[n] = pointwise(new, ratio * ARG_SYMBOLS[len(others)], c_args + [attention],
-                                   where=node.where)
-        mapping[n] = reduce(new, mapping[n], found["summed"], where=node.where)
-    new.outputs = {name: mapping[n] for name, n in graph.outputs.items()}
-    return new
+    return graph.rewritten(lambda new, mapping, n: _attention_region(graph, new, mapping, n))
+
+
+def _attention_region(graph: Graph, new: Graph, mapping: dict[int, int], n: int) -> int | None:
+    """``fuse_context_attention``'s attention node for contract node ``n`` in ``new``, or
+    None where ``n`` ends no attention region."""
+    found = _match(graph, n)
+    if found is None:
+        return None
+    where = graph.node(n).where
+    operands, scalars, attrs = _scores_inputs(new, mapping, found["scores"], found["mask"],
+                                              found["heads"])
+    pn = graph.node(found["P"])
+    others = found["others"]
+    renum = {ARG_SYMBOLS[k]: ARG_SYMBOLS[m] for m, k in enumerate(others)}
+    ratio = found["ratio"].xreplace(renum)
+    c_args = [mapping[pn.inputs[k]] for k in others]
+    if found["transposed"]:
+        lse = new.add("attention_lse", (*operands, *scalars), where=where, **attrs)
+        v = pointwise(new, ratio * ARG_SYMBOLS[len(others)], c_args + [mapping[found["V"]]],
+                      where=where)
+        out = new.add("attention_transposed", (*operands, v, *scalars, lse), where=where,
+                      **attrs)
+    else:
+        attention = new.add("attention", (*operands, mapping[found["V"]], *scalars),
+                            where=where, **attrs)
+        out = pointwise(new, ratio * ARG_SYMBOLS[len(others)], c_args + [attention],
+                        where=where)
+    return reduce(new, out, found["summed"], where=where)
 
 
 # -- scales of the scores folded into the query --------------------------------------------------
@@ -497,12 +486,5 @@ def fold_score_scales(graph: Graph) -> Graph:
     derivatives of ``q' = c q`` and of a broadcast are those of any product and broadcast."""
     targets = {S: heads for S, _, heads in filter(None, (_lse_over_j(graph, n)
                                                           for n in graph.live()))}
-    new = Graph(graph.dims)
-    mapping: dict[int, int] = {}
-    for n in graph.live():
-        node = graph.node(n)
-        folded = _fold_scores(graph, new, mapping, n, targets[n]) if n in targets else None
-        mapping[n] = folded if folded is not None else new.add_like(
-            node, [mapping[u] for u in node.inputs])
-    new.outputs = {name: mapping[n] for name, n in graph.outputs.items()}
-    return new
+    return graph.rewritten(lambda new, mapping, n: _fold_scores(graph, new, mapping, n, targets[n])
+                           if n in targets else None)

@@ -99,19 +99,15 @@ RULES: list[tuple[str, str, Rewrite]] = [
 
 def canonicalize(graph: Graph) -> Graph:
     """Rebuild ``graph`` applying :data:`RULES` to every node (inputs first)."""
-    new = Graph(graph.dims)
-    mapping: dict[int, int] = {}
-    for n in graph.live():
+
+    def first_rule(new: Graph, mapping: dict[int, int], n: int) -> int | None:
         node = graph.node(n)
         inputs = [mapping[u] for u in node.inputs]
-        result = None
         for _name, op, rule in RULES:
             if op == node.op:
                 result = rule(new, node, inputs)
                 if result is not None:
-                    break
-        if result is None:
-            result = new.add_like(node, inputs)
-        mapping[n] = result
-    new.outputs = {name: mapping[n] for name, n in graph.outputs.items()}
-    return new
+                    return result
+        return None
+
+    return graph.rewritten(first_rule)

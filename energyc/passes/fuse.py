@@ -21,21 +21,19 @@ def fuse_pointwise(graph: Graph) -> Graph:
         for u in graph.node(n).inputs:
             uses[u] = uses.get(u, 0) + 1
     outputs = set(graph.outputs.values())
-    new = Graph(graph.dims)
-    mapping: dict[int, int] = {}
     # each pointwise node's body with its single-use pointwise arguments inlined: old id ->
     # (body, old input ids); computed once per node (a chain of n nodes expanded every node's
     # whole chain again: cubic in n, 50 s of compile time for an energy of 300 terms)
     expanded: dict[int, tuple] = {}
-    for n in live:
+
+    def inlined(new: Graph, mapping: dict[int, int], n: int) -> int | None:
         node = graph.node(n)
         if node.op != "pointwise":
-            mapping[n] = new.add_like(node, [mapping[u] for u in node.inputs])
-            continue
+            return None
         body, args = _expanded(graph, n, uses, outputs, expanded)
-        mapping[n] = pointwise(new, body, [mapping[u] for u in args], where=node.where)
-    new.outputs = {name: mapping[n] for name, n in graph.outputs.items()}
-    return new
+        return pointwise(new, body, [mapping[u] for u in args], where=node.where)
+
+    return graph.rewritten(inlined)
 
 
 def _expanded(graph: Graph, n: int, uses: dict[int, int], outputs: set[int],
@@ -95,10 +93,9 @@ def fuse_reductions(graph: Graph) -> Graph:
     def private(u: int) -> bool:
         return uses.get(u, 0) == 1 and u not in outputs
 
-    new = Graph(graph.dims)
-    mapping: dict[int, int] = {}
     fused: dict[int, tuple] = {}  # old reduce id -> (pre body, old pre args, attrs)
-    for n in live:
+
+    def rule(new: Graph, mapping: dict[int, int], n: int) -> int | None:
         node = graph.node(n)
         if node.op == "reduce":
             (u,) = node.inputs
@@ -109,8 +106,7 @@ def fuse_reductions(graph: Graph) -> Graph:
                 pre, args = ARG_SYMBOLS[0], [u]
             attrs = dict(kind=node.attr("kind"), axes=node.attr("axes"), mask=node.attr("mask"))
             fused[n] = (pre, args, attrs)
-            mapping[n] = _fused(new, mapping, pre, args, ARG_SYMBOLS[0], [], attrs, node.where)
-            continue
+            return _fused(new, mapping, pre, args, ARG_SYMBOLS[0], [], attrs, node.where)
         if node.op == "pointwise":
             reds = [k for k, u in enumerate(node.inputs) if u in fused and private(u)
                     and graph.node(u).axes == node.axes]
@@ -122,11 +118,10 @@ def fuse_reductions(graph: Graph) -> Graph:
                 post = node.attr("body").xreplace(
                     {ARG_SYMBOLS[m]: _Slot(pos) for pos, m in enumerate(order)})
                 post = post.xreplace({_Slot(m): ARG_SYMBOLS[m] for m in range(len(order))})
-                mapping[n] = _fused(new, mapping, pre, args, post, rest, attrs, node.where)
-                continue
-        mapping[n] = new.add_like(node, [mapping[u] for u in node.inputs])
-    new.outputs = {name: mapping[n] for name, n in graph.outputs.items()}
-    return new
+                return _fused(new, mapping, pre, args, post, rest, attrs, node.where)
+        return None
+
+    return graph.rewritten(rule)
 
 
 def _fused(new: Graph, mapping, pre, args, post, post_args, attrs, where) -> int:

@@ -169,15 +169,7 @@ def expand_feature_sums(graph: Graph) -> Graph:
     which the attention kernels take (``attention.fold_score_scales``); as written, its
     (tokens x tokens x F) summand stayed materialised. The expanded form rounds to the
     magnitude of |q|^2 and |k|^2 rather than of |q - k|^2, as every kernel method does."""
-    new = Graph(graph.dims)
-    mapping: dict[int, int] = {}
-    for n in graph.live():
-        node = graph.node(n)
-        expanded = _expanded_feature_sum(graph, new, mapping, n)
-        mapping[n] = expanded if expanded is not None else new.add_like(
-            node, [mapping[u] for u in node.inputs])
-    new.outputs = {name: mapping[n] for name, n in graph.outputs.items()}
-    return new
+    return graph.rewritten(lambda new, mapping, n: _expanded_feature_sum(graph, new, mapping, n))
 
 
 def _expanded_feature_sum(graph: Graph, new: Graph, mapping: dict[int, int], n: int) -> int | None:
@@ -244,19 +236,12 @@ def log_sums_as_lse(graph: Graph) -> Graph:
     tokens). Written out, exp(h) overflows float32 at h > 88 in every framework; the gate's log
     is taken stably (log sigmoid(u) = -softplus(-u)). A gate whose sign SymPy cannot tell, or a
     strict set (whose first row is empty: log 0 there), is left as written."""
-    new = Graph(graph.dims)
-    mapping: dict[int, int] = {}
-    lses: dict[int, int] = {}  # sum node -> its log-sum-exp in new
+    lses: dict[int, int] = {}  # sum node -> its log-sum-exp in the new graph
     live = graph.live()
     alive = set(live)
     users = {n: [v for v in graph.users(n) if v in alive] for n in live}
-    for n in live:
-        node = graph.node(n)
-        rewritten = _log_sum_user(graph, new, mapping, lses, users, n)
-        mapping[n] = rewritten if rewritten is not None else new.add_like(
-            node, [mapping[v] for v in node.inputs])
-    new.outputs = {name: mapping[n] for name, n in graph.outputs.items()}
-    return new
+    return graph.rewritten(
+        lambda new, mapping, n: _log_sum_user(graph, new, mapping, lses, users, n))
 
 
 def _exp_sum(graph: Graph, R: int) -> tuple[sympy.Expr, tuple[int, ...]] | None:
@@ -387,28 +372,23 @@ def fuse_pair_reductions(graph: Graph, attention: bool = True) -> Graph:
     ``attention`` (the default), except those left to the attention pass (``_for_attention``).
     ``attention=False`` takes those too: the compiler's fallback where the attention pass did
     not take what was left to it (see ``energyc.compiler.compile_layer``)."""
-    new = Graph(graph.dims)
-    mapping: dict[int, int] = {}
-    for n in graph.live():
+
+    def rule(new: Graph, mapping: dict[int, int], n: int) -> int | None:
+        if not _is_reduction_over_j(graph, n) or (attention and _for_attention(graph, n)):
+            return None
+        try:
+            form, phi = pair_form(graph, n)
+        except NotFusableError:
+            return None
         node = graph.node(n)
-        if _is_reduction_over_j(graph, n) and not (attention and _for_attention(graph, n)):
-            try:
-                form, phi = pair_form(graph, n)
-            except NotFusableError:
-                form = None
-            if form is not None:
-                mapped = PairForm([mapping[x] for x in form.q], [mapping[x] for x in form.k],
-                                  form.features, [mapping[x] for x in form.extras], form.heads,
-                                  form.mask)
-                if node.attr("kind") == "lse":
-                    mapping[n] = new.add("pair_lse", mapped.inputs(), where=node.where,
-                                         body=phi, **mapped.attrs())
-                else:
-                    mapping[n] = make_pair_sum(new, mapped, phi, "i", None, node.where)
-                continue
-        mapping[n] = new.add_like(node, [mapping[x] for x in node.inputs])
-    new.outputs = {name: mapping[n] for name, n in graph.outputs.items()}
-    return new
+        mapped = PairForm([mapping[x] for x in form.q], [mapping[x] for x in form.k],
+                          form.features, [mapping[x] for x in form.extras], form.heads, form.mask)
+        if node.attr("kind") == "lse":
+            return new.add("pair_lse", mapped.inputs(), where=node.where, body=phi,
+                           **mapped.attrs())
+        return make_pair_sum(new, mapped, phi, "i", None, node.where)
+
+    return graph.rewritten(rule)
 
 
 def unfused_reductions(graph: Graph) -> list[tuple[str | None, str]]:

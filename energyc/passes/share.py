@@ -54,20 +54,18 @@ def share_subexpressions(graph: Graph) -> Graph:
     # a total order that does not depend on hashes (they vary with PYTHONHASHSEED): largest first
     shared = sorted((s for s, c in counts.items() if c >= 2),
                     key=lambda s: (-sympy.count_ops(s), sympy.srepr(s)))
-    new = Graph(graph.dims)
-    mapping: dict[int, int] = {}
-    for n in live:
+
+    def rule(new: Graph, mapping: dict[int, int], n: int) -> int | None:
         node = graph.node(n)
         if node.op != "pointwise" or not shared:
-            mapping[n] = new.add_like(node, [mapping[u] for u in node.inputs])
-            continue
+            return None
         body = _concrete(graph, n)
         for sub in shared:
             if body.has(sub):
                 body = body.xreplace({sub: _node_symbol(-1 - shared.index(sub))})
-        mapping[n] = _build(new, body, mapping, shared, node.where)
-    new.outputs = {name: mapping[n] for name, n in graph.outputs.items()}
-    return new
+        return _build(new, body, mapping, shared, node.where)
+
+    return graph.rewritten(rule)
 
 
 def _build(new: Graph, body: sympy.Expr, mapping: dict[int, int], shared: list, where) -> int:
@@ -116,13 +114,11 @@ def reuse_values(graph: Graph) -> Graph:
     side = _upstream_side(graph, live)
     used_by_backward = {u for n in side for u in graph.node(n).inputs}
     bodies: dict[int, sympy.Expr] = {}
-    new = Graph(graph.dims)
-    mapping: dict[int, int] = {}
-    for n in live:
+
+    def rule(new: Graph, mapping: dict[int, int], n: int) -> int | None:
         node = graph.node(n)
         if node.op != "pointwise":
-            mapping[n] = new.add_like(node, [mapping[u] for u in node.inputs])
-            continue
+            return None
         body = _concrete(graph, n)
         best = body, sympy.count_ops(body)
         for m, earlier in bodies.items():
@@ -140,9 +136,6 @@ def reuse_values(graph: Graph) -> Graph:
             if ops < best[1] and _node_symbol(m) in tried.free_symbols:
                 best = tried, ops
         bodies[n] = body
-        if best[0] is body:
-            mapping[n] = new.add_like(node, [mapping[u] for u in node.inputs])
-        else:
-            mapping[n] = _build(new, best[0], mapping, [], node.where)
-    new.outputs = {name: mapping[n] for name, n in graph.outputs.items()}
-    return new
+        return None if best[0] is body else _build(new, best[0], mapping, [], node.where)
+
+    return graph.rewritten(rule)
