@@ -33,6 +33,7 @@ coefficient per term) are moved into the queries or keys on the energy first
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import sympy
@@ -378,15 +379,19 @@ def _linear_terms(graph: Graph, body: sympy.Expr, inputs: tuple[int, ...],
     return terms, coefs, offset, slope, rest
 
 
-def _flat(graph: Graph, n: int, every: bool = False) -> tuple[sympy.Expr, tuple[int, ...]]:
-    """Pointwise node ``n`` as one body over its leaves: the pair-valued pointwise nodes under it
-    (the energy's graph is not yet fused: ``c * dot(q, k) - m * (i - j)`` is two nodes), or with
-    ``every`` all pointwise nodes under it, are inlined; anything else is an argument."""
+def _flat(graph: Graph, n: int,
+          inline: Callable[[int], bool] | None = None) -> tuple[sympy.Expr, tuple[int, ...]]:
+    """Pointwise node ``n`` as one body over its leaves: the pointwise nodes under it that
+    ``inline`` accepts, by default the pair-valued ones (the energy's graph is not yet fused:
+    ``c * dot(q, k) - m * (i - j)`` is two nodes), are inlined; anything else is an argument."""
     leaves: list[int] = []
+    if inline is None:
+        def inline(v: int) -> bool:
+            return {"i", "j"} <= set(graph.node(v).axes)
 
     def walk(v: int) -> sympy.Expr:
         node = graph.node(v)
-        if node.op == "pointwise" and (v == n or every or {"i", "j"} <= set(node.axes)):
+        if node.op == "pointwise" and (v == n or inline(v)):
             return node.attr("body").xreplace(
                 {ARG_SYMBOLS[k]: walk(a) for k, a in enumerate(node.inputs)})
         if v not in leaves:

@@ -253,12 +253,13 @@ def _exp_sum(graph: Graph, R: int) -> tuple[sympy.Expr, tuple[int, ...]] | None:
             or not _pair_valued(graph, node.inputs[0])
             or graph.node(node.inputs[0]).op != "pointwise"):
         return None
-    body, leaves = _flat(graph, node.inputs[0], every=True)  # a gate's sign shows in its body
+    # every pointwise node inlined: a gate's sign shows in its body
+    body, leaves = _flat(graph, node.inputs[0], lambda v: True)
     h, g = sympy.Integer(0), sympy.Integer(1)
     for factor in sympy.Mul.make_args(body):
-        base, power = factor.as_base_exp()
-        if isinstance(base, sympy.exp) or base == sympy.E:
-            h += power * (base.args[0] if isinstance(base, sympy.exp) else 1)
+        base, power = factor.as_base_exp()  # exp(u) is (E, u)
+        if base == sympy.E:
+            h += power
         else:
             g *= factor
     if h == 0 or not _positive(g):
@@ -325,20 +326,16 @@ def _chain(graph: Graph, n: int, users: dict[int, list[int]]) -> tuple[sympy.Exp
     """Pointwise node ``n`` as one body over its leaves, with the pointwise nodes under it that
     only it reads inlined (``log(1 + s)`` is two nodes in the unfused energy); and the set of
     ``n`` and the nodes inlined."""
-    leaves: list[int] = []
     inlined = {n}
 
-    def walk(v: int) -> sympy.Expr:
-        node = graph.node(v)
-        if v == n or (node.op == "pointwise" and len(users[v]) == 1 and users[v][0] in inlined):
+    def read_here_only(v: int) -> bool:
+        if len(users[v]) == 1 and users[v][0] in inlined:
             inlined.add(v)
-            return node.attr("body").xreplace(
-                {ARG_SYMBOLS[k]: walk(a) for k, a in enumerate(node.inputs)})
-        if v not in leaves:
-            leaves.append(v)
-        return ARG_SYMBOLS[leaves.index(v)]
+            return True
+        return False
 
-    return walk(n), leaves, inlined
+    body, leaves = _flat(graph, n, read_here_only)
+    return body, list(leaves), inlined
 
 
 def _feature_sum(graph: Graph, n: int) -> tuple[str, sympy.Expr, tuple[int, ...]] | None:
