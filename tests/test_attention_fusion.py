@@ -56,8 +56,7 @@ def test_fused_step_has_no_token_pair_values(path):
     for layer in compile_file(load(path)):
         g = layer.step
         assert not layer.attention_fallback, layer.name  # the legality checks agree
-        pairs = [n for n in g.live() if {"i", "j"} <= set(g.node(n).axes)]
-        assert pairs == [], (layer.name, [g.describe(n) for n in pairs])
+        assert _pair_values(g) == [], layer.name
         sp = split(g, ["grad"], ["grad_g"])
         assert all(not {"i", "j"} <= set(g.node(n).axes) for n in sp.saved)
 
@@ -141,7 +140,7 @@ def test_energy_without_head_axis_fuses_and_matches_autograd(tmp_path, check):
     layer = compile_file(load(str(path)))[0]
     counts = layer.step.op_counts()
     assert counts.get("attention_transposed") == 1 and counts.get("attention_grad", 0) >= 4
-    assert not [n for n in layer.step.live() if {"i", "j"} <= set(layer.step.node(n).axes)]
+    assert not _pair_values(layer.step)
     result = run_check(layer, import_generated(layer), check, 8)
     assert not result.error and result.examples == 8, result.error
 
@@ -151,6 +150,20 @@ def _compile_text(tmp_path, text, name="energy"):
     path = tmp_path / f"{name}.py"
     path.write_text(text)
     return compile_file(load(str(path)))[0]
+
+
+def _pair_values(graph):
+    """The live values of ``graph`` over both tokens (described): (tokens x tokens) tensors."""
+    return [graph.describe(n) for n in graph.live() if {"i", "j"} <= set(graph.node(n).axes)]
+
+
+def _assert_on_attention(layer):
+    """The step's context reductions all on the attention kernels: no fallback, no pair op,
+    nothing over both tokens."""
+    assert not layer.attention_fallback
+    counts = layer.step.op_counts()
+    assert "attention" in counts and not [op for op in counts if op.startswith("pair")], counts
+    assert not _pair_values(layer.step)
 
 
 def _assert_agrees_with_autograd(layer, module=None):
@@ -218,7 +231,7 @@ def test_scales_fold_into_attention(tmp_path, name):
     counts = layer.step.op_counts()
     assert counts.get("attention", 0) >= 1, counts
     assert not set(counts) & {"pair_lse", "pair_sum", "running_sum"}, counts
-    assert not [n for n in layer.step.live() if {"i", "j"} <= set(layer.step.node(n).axes)]
+    assert not _pair_values(layer.step)
     _assert_agrees_with_autograd(layer)
 
 
@@ -271,8 +284,7 @@ def test_a_key_shared_by_the_heads_fuses(tmp_path, context, joint, key):
 
     layer = _compile_text(tmp_path, SHARED_KEY.replace("CONTEXT", context)
                           .replace("JOINT", str(joint)).replace("KEY", key), "shared_key")
-    assert not [layer.step.describe(n) for n in layer.step.live()
-                if {"i", "j"} <= set(layer.step.node(n).axes)]
+    assert not _pair_values(layer.step)
     _assert_agrees_with_autograd(layer)
 
 
@@ -295,8 +307,7 @@ def test_a_normaliser_used_as_a_value_fuses(tmp_path, context):
 
     layer = _compile_text(tmp_path, GATED.replace("CONTEXT", context), "gated")
     assert "attention_lse" in layer.step.op_counts()
-    assert not [layer.step.describe(n) for n in layer.step.live()
-                if {"i", "j"} <= set(layer.step.node(n).axes)]
+    assert not _pair_values(layer.step)
     assert "attention_lse" not in layer.energy.op_counts()
     module = import_generated(layer)
     _assert_agrees_with_autograd(layer, module)
@@ -333,11 +344,7 @@ def test_a_function_of_the_normaliser_fuses(tmp_path, f, context, joint):
     text = (OF_LSE.replace("F(", f + "(").replace("CONTEXT", context)
             .replace("KEY", "x" if joint else "xbar").replace("JOINT", str(joint)))
     layer = _compile_text(tmp_path, text, "of_lse")
-    assert not layer.attention_fallback
-    counts = layer.step.op_counts()
-    assert "attention" in counts and not [op for op in counts if op.startswith("pair")], counts
-    assert not [layer.step.describe(n) for n in layer.step.live()
-                if {"i", "j"} <= set(layer.step.node(n).axes)]
+    _assert_on_attention(layer)
     _assert_agrees_with_autograd(layer)
 
 SHARED = '''from energyc.dsl import *
@@ -365,11 +372,8 @@ def test_two_normalisers_of_shared_scores_fuse(tmp_path, first, a, second, b):
     text = (SHARED.replace("FIRST", first).replace("SECOND", second).replace("A)", a + ")")
             .replace("B)", b + ")"))
     layer = _compile_text(tmp_path, text, "shared")
-    assert not layer.attention_fallback
-    counts = layer.step.op_counts()
-    assert counts.get("attention") == 2 and not [op for op in counts if op.startswith("pair")]
-    assert not [layer.step.describe(n) for n in layer.step.live()
-                if {"i", "j"} <= set(layer.step.node(n).axes)]
+    _assert_on_attention(layer)
+    assert layer.step.op_counts()["attention"] == 2
     _assert_agrees_with_autograd(layer)
 
 ADDITIVE = {
@@ -401,11 +405,7 @@ def test_one_token_score_terms_fold_into_attention(tmp_path, name):
     attention kernels take the scores, with one more feature; nothing over both tokens, and
     the layer agrees with autograd. (On the pair kernels before.)"""
     layer = _additive_layer(tmp_path, name)
-    assert not layer.attention_fallback
-    counts = layer.step.op_counts()
-    assert "attention" in counts and not [op for op in counts if op.startswith("pair")], counts
-    assert not [layer.step.describe(n) for n in layer.step.live()
-                if {"i", "j"} <= set(layer.step.node(n).axes)]
+    _assert_on_attention(layer)
     assert any("_1" in f for n in layer.step.live() for f in
                (layer.step.node(n).attr("features") or ()) if layer.step.node(n).op == "attention")
     _assert_agrees_with_autograd(layer)
@@ -461,8 +461,7 @@ q = W_q @ x[i]; k = W_k @ xbar[j]
 E = -logsumexp({scores}, over={context}).sum(H)
 layer("f", E, eta=0.5)
 """, name)
-    pairs = [layer.step.describe(n) for n in layer.step.live()
-             if {"i", "j"} <= set(layer.step.node(n).axes)]
+    pairs = _pair_values(layer.step)
     if not fuses:
         assert pairs and layer.notes and "stays materialised" in layer.notes[0]
         return
@@ -536,7 +535,7 @@ def test_grouped_heads(tmp_path, bias, joint):
     layer = _compile_text(tmp_path, text, "grouped")
     counts = layer.step.op_counts()
     assert ("attention" in counts) == (not bias), counts
-    assert not [n for n in layer.step.live() if {"i", "j"} <= set(layer.step.node(n).axes)]
+    assert not _pair_values(layer.step)
     _assert_agrees_with_autograd(layer)
 
 
