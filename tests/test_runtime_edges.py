@@ -110,6 +110,26 @@ def test_masked_logsumexp_keeps_nan_and_empty_sets():
     assert out[2] == 0
 
 
+def test_masked_logsumexp_second_derivatives():
+    """Its first and second derivatives (autograd's, as through a generated ``_energy``) are those
+    of the log-sum-exp of the scores in the set, with an empty row (the strict set's first)
+    giving 0 and no NaN; the shift m is detached, which must not change them."""
+    g = torch.Generator().manual_seed(0)
+    s = torch.randn(2, 5, 5, 3, dtype=torch.float64, generator=g).requires_grad_(True)
+    mask = (torch.arange(5)[None, :] < torch.arange(5)[:, None])[None, :, :, None]  # j < i
+    torch.autograd.gradgradcheck(lambda t: rt.masked_logsumexp(t, mask, dim=2), (s,))
+    w = torch.randn(2, 5, 3, dtype=torch.float64, generator=g)
+    (d1,) = torch.autograd.grad((rt.masked_logsumexp(s, mask, 2) * w).sum(), s, create_graph=True)
+    (d2,) = torch.autograd.grad((d1 * s).sum(), s)
+    rows = [torch.logsumexp(s[:, i, :i], dim=1) if i else s.new_zeros(2, 3) for i in range(5)]
+    want = torch.stack(rows, dim=1)
+    (e1,) = torch.autograd.grad((want * w).sum(), s, create_graph=True)
+    (e2,) = torch.autograd.grad((e1 * s).sum(), s)
+    torch.testing.assert_close(d1, e1)
+    torch.testing.assert_close(d2, e2)
+    assert torch.isfinite(d2).all()
+
+
 @pytest.mark.parametrize("kind", [("causal",), ("not_self",)])
 def test_attention_operands_of_mixed_dtypes_under_autocast(kind):
     """Under autocast a query made by element-wise work (float32) meets keys and values made by
