@@ -8,7 +8,11 @@ For drawn dims, batch, tokens, values, hyperparameters and layer settings (float
   parameter (learned hyperparameters and preconditioner parameters included);
 * ``causal``: for conditional energies whose context sets only look back, perturbing tokens after
   t leaves outputs up to t unchanged;
-* ``descent``: a small step lowers each token's conditional energy (the total, for joint ones).
+* ``descent``: a small step lowers each token's conditional energy (the total, for joint ones);
+* ``energy``: ``layer.energy(x, xbar)`` per token equals E of the reference, and autograd
+  differentiates it twice: its gradients to x, xbar and every parameter (``create_graph=True``),
+  and the gradients of their weighted sum again, equal autograd's on the reference (users
+  differentiate energies: to monitor descent, regularise, or write their own dynamics).
 """
 
 from __future__ import annotations
@@ -29,11 +33,11 @@ from hypothesis import strategies as st
 
 from energyc.compiler import CompiledLayer, compile_file
 from energyc.loader import load
-from energyc.reference import reference_step
+from energyc.reference import evaluate_energy, reference_step
 from energyc.render import render_files, write_package
 from energyc.tolerances import tolerance
 
-CHECKS = ("forward", "backward", "causal", "descent")
+CHECKS = ("forward", "backward", "causal", "descent", "energy")
 LOOK_BACK = {"causal", "strict", "window"}
 
 
@@ -219,8 +223,45 @@ def check_descent(layer: CompiledLayer, module: ModuleType, case: Case) -> float
     return float(drop.min())
 
 
+def _energy_derivatives(energy, x: torch.Tensor, xbar: torch.Tensor, params: list,
+                        seed: int) -> list[torch.Tensor]:
+    """E (B, T), its gradients to ``[x, xbar, *params]`` and the gradients of their sum weighted
+    by drawn tensors, to the same leaves: what autograd's first and second order give."""
+    leaves = [x, xbar, *params]
+    gen = torch.Generator().manual_seed(seed)
+    e = energy(x, xbar)
+    w = torch.randn(e.shape, dtype=e.dtype, generator=gen)
+    # an energy of no leaf (e.g. j < i on one token: an empty set, E = 0) has zero derivatives
+    first = (torch.autograd.grad((e * w).sum(), leaves, create_graph=True, allow_unused=True)
+             if e.requires_grad else [None] * len(leaves))
+    first = [torch.zeros_like(v) if g is None else g for v, g in zip(leaves, first)]
+    total = sum((g * torch.randn(g.shape, dtype=g.dtype, generator=gen)).sum() for g in first)
+    second = torch.autograd.grad(total, leaves, allow_unused=True) if total.requires_grad \
+        else [None] * len(leaves)
+    second = [torch.zeros_like(v) if g is None else g for v, g in zip(leaves, second)]
+    return [e, *first, *second]
+
+
+def check_energy(layer: CompiledLayer, module: ModuleType, case: Case) -> float:
+    lay, x = build(layer, module, case)
+    xbar = torch.randn(x.shape, dtype=x.dtype, generator=torch.Generator().manual_seed(case.seed))
+    x, xbar = x.requires_grad_(True), (case.scale * xbar).requires_grad_(True)
+    attr = layer.file.attribute
+    params = {p.name: getattr(lay, attr(p.name)) for p in layer.params}
+    hypers = {h.name: getattr(lay, attr(h.name)) for h in layer.hypers}
+    learned = {h: v for h, v in hypers.items() if isinstance(v, torch.Tensor) and v.requires_grad}
+    leaves = [*params.values(), *learned.values()]
+    got = _energy_derivatives(lambda a, b: lay.energy(a, b, per_token=True), x, xbar, leaves,
+                              case.seed)
+    want = _energy_derivatives(lambda a, b: evaluate_energy(layer, a, b, params, hypers), x, xbar,
+                               leaves, case.seed)
+    names = ["x", "xbar", *params, *learned]
+    labels = ["E"] + [f"dE/d{n}" for n in names] + [f"d(dE . w)/d{n}" for n in names]
+    return max(_close(f"energy {k}", a.detach(), b.detach()) for k, a, b in zip(labels, got, want))
+
+
 CHECK_FUNCTIONS = {"forward": check_forward, "backward": check_backward,
-                   "causal": check_causal, "descent": check_descent}
+                   "causal": check_causal, "descent": check_descent, "energy": check_energy}
 
 
 @dataclass

@@ -167,11 +167,11 @@ def _assert_on_attention(layer):
 
 
 def _assert_agrees_with_autograd(layer, module=None):
-    """forward, backward and descent checks of the generated layer, 4 examples each."""
+    """forward, backward, descent and energy checks of the generated layer, 4 examples each."""
     from energyc.check import run_check
 
     module = module or import_generated(layer)
-    for check in ("forward", "backward", "descent"):
+    for check in ("forward", "backward", "descent", "energy"):
         result = run_check(layer, module, check, 4)
         assert not result.error and result.examples == 4, (check, result.error)
 

@@ -82,6 +82,59 @@ def test_descent_check_catches_ascent(mlp, monkeypatch):
     assert result.status == "FAIL" and "raised the energy" in result.error
 
 
+def test_energy_check_catches_a_wrong_second_derivative(attention, monkeypatch):
+    """An energy whose value and first derivatives are right but whose second derivative is
+    not: a term that is 0 with gradient 0, whose gradient's own backward is not 0, caught in
+    d(dE . w)/dx."""
+    layer, module = attention
+
+    class _Zero(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            ctx.save_for_backward(x)
+            return x.new_zeros(x.shape[:-1])
+
+        @staticmethod
+        def backward(ctx, g):
+            (x,) = ctx.saved_tensors
+            return _Flat.apply(g[..., None] * x)
+
+    class _Flat(torch.autograd.Function):
+        """0 on the way forward, 1e-6 times the cotangent on the way back."""
+
+        @staticmethod
+        def forward(ctx, v):
+            return torch.zeros_like(v)
+
+        @staticmethod
+        def backward(ctx, h):
+            return 1e-6 * h
+
+    def wrap(fn):
+        def curved(x, xbar, *rest):
+            return fn(x, xbar, *rest) + _Zero.apply(x)
+        return curved
+
+    _patched(module, "_energy", wrap, monkeypatch)
+    result = run_check(layer, module, "energy", 5)
+    assert result.status == "FAIL" and "d(dE . w)/dx" in result.error, result.error
+
+
+def test_energy_check_catches_an_energy_autograd_cannot_differentiate(attention, monkeypatch):
+    """An in-place step on a value its backward saves (exp's output): the check reports it."""
+    layer, module = attention
+
+    def wrap(fn):
+        def in_place(x, xbar, *rest):
+            e = torch.exp(fn(x, xbar, *rest))
+            return e.mul_(2)
+        return in_place
+
+    _patched(module, "_energy", wrap, monkeypatch)
+    result = run_check(layer, module, "energy", 3)
+    assert result.status == "FAIL" and "inplace operation" in result.error, result.error
+
+
 def test_table_reports_counts(mlp):
     layer, module = mlp
     results = [run_check(layer, module, c, 3) for c in ("forward", "backward")]

@@ -52,9 +52,9 @@ def test_inspect_png(tmp_path):
 def test_check_prints_table(capsys):
     assert main(["check", "examples/cem_mlp.py"]) == 0
     out = capsys.readouterr().out
-    for check in ("forward", "backward", "causal", "descent"):
+    for check in ("forward", "backward", "causal", "descent", "energy"):
         assert check in out
-    assert "4 passed, 0 failed, 0 skipped" in out
+    assert "5 passed, 0 failed, 0 skipped" in out
 
 
 def test_missing_file_is_a_clear_error(capsys):

@@ -285,3 +285,59 @@ def test_contract_add_falls_back_where_it_is_no_single_gemm():
                                total + torch.einsum("bij,bjk->bik", a, b))
     got = rt.contract_add(total.double(), "bij,bjk->bik", a, b)
     assert got.dtype == torch.float64
+
+
+def _printed_functions():
+    """Every function the torch printer spells by name: SymPy's (TORCH_FUNCTIONS) and
+    energyc's own with a torch spelling."""
+    import sympy
+
+    from energyc.backends.torch_printer import TORCH_FUNCTIONS
+    from energyc.ir.functions import BUILTIN_FUNCTIONS
+
+    own = {n: f for n, f in BUILTIN_FUNCTIONS.items() if f.torch}
+    return {**{n: getattr(sympy, n) for n in TORCH_FUNCTIONS}, **own}
+
+
+@pytest.mark.parametrize("name", sorted(_printed_functions()))
+def test_in_place_scaling_is_safe_exactly_where_autograd_does_not_save_the_output(name):
+    """SAVES_OUTPUT is the set of spellings whose result autograd saves: scaling ``f(a)`` in
+    place (the chain ``f(a).mul_(c)``) breaks autograd exactly for those. A printer for a
+    recorded function (the energy) scales them out of place, and autograd differentiates the
+    result twice (gradgradcheck against finite differences)."""
+    import math  # noqa: F401 - the printed code may read it
+
+    import sympy
+    import torch
+
+    from energyc.backends.torch_printer import SAVES_OUTPUT, TorchPrinter
+
+    f = _printed_functions()[name]
+    a0 = sympy.Symbol("a0")
+    expr = f(a0) / 3
+
+    def run(recorded):
+        code = TorchPrinter({"a0": "a0"}, {a0}, {a0}, recorded=recorded).doprint(expr)
+
+        def fn(u):
+            return eval(code, {"torch": torch, "math": math, "a0": u})
+        return code, fn
+
+    u = (torch.rand(5, dtype=torch.float64) * 0.8 + 0.1).requires_grad_(True)  # tan, log: 0 < u < 1
+    code, fn = run(False)
+    assert ".div_(3)" in code, code  # the plain printer scales f's result in place
+    if name == "step":  # (u > 0).to(dtype): no derivative, nothing recorded
+        assert not fn(u).requires_grad
+        return
+    try:
+        fn(u).sum().backward()
+        broke = False
+    except RuntimeError as exc:
+        assert "inplace operation" in str(exc)
+        broke = True
+    assert broke == (name in SAVES_OUTPUT), (name, code)
+    code, fn = run(True)
+    assert "_(" not in code or name not in SAVES_OUTPUT, code
+    if name != "sign":  # piecewise constant: no derivative to check
+        assert torch.autograd.gradgradcheck(fn, (u,)), code
+    fn(u).sum().backward()

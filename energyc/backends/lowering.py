@@ -229,6 +229,7 @@ def package_spec(layer: CompiledLayer, source: str) -> PackageSpec:
         eg, "_energy", "Per-token energy E_i, shape (B, T).",
         eg.live(), ["x", "xbar", *param_names, *hyper_names], leaf_map(eg, []),
         [(eg.outputs["energy"], ("b", "i"), ("b", "i"))], e_names, params=set(param_names),
+        emitter=functools.partial(Emitter, recorded=True),  # users differentiate the energy
     )
     functions = [energy_fn, *step_functions(layer, lambda stem: Emitter)]
     needed, unsupported, from_context = decodable(layer)

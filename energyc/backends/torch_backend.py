@@ -67,6 +67,9 @@ class Emitter:
     # else prints its einsum's output in that order, recorded in ``printed_order``
     wanted_order: dict[int, tuple[str, ...]] = field(default_factory=dict)
     printed_order: dict[int, tuple[str, ...]] = field(default_factory=dict)
+    # a function that autograd may record (the energy): no in-place step on a tensor an
+    # operation's backward saves (TorchPrinter's ``recorded``)
+    recorded: bool = False
     _users: dict[int, list[int]] | None = None
 
     def users(self, nid: int) -> list[int]:
@@ -120,7 +123,7 @@ class Emitter:
             full.add(ARG_SYMBOLS[0])
         names.update({d: d for d in self.graph.dims})
         names.update({"B": "B", "T": "T"})
-        printer = TorchPrinter(names, tensor_symbols, full)
+        printer = TorchPrinter(names, tensor_symbols, full, recorded=self.recorded)
         return printer.doprint(body)
 
     def emitters(self) -> dict:

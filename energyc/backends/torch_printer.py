@@ -17,6 +17,15 @@ since element-wise ops only broadcast up). The rules, with the identity each one
     a * step(u) * b -> threshold_backward(a, u, 0).mul_(b)
                                         a step(u) = (a where u > 0, else 0): relu's backward op,
                                         one pass instead of a mask, a cast and a product
+
+A function that autograd may record (``recorded``: the energy, which users differentiate once or
+twice) keeps these chains but never modifies in place a tensor that an operation's backward
+saves: autograd would find it changed ("modified by an inplace operation"). Binary operators and
+the first steps above save their inputs, not their output, so a chain on them is safe; a
+function whose backward reads its own output (``torch.exp``: d exp(u) = exp(u) du; tanh,
+sigmoid, tan, relu: ``SAVES_OUTPUT``) is not scaled in place there, and a factor ``c + s y`` after
+the first step is a product, not ``_rt.mul_affine_`` (whose ``addcmul_`` reads as a factor the
+tensor it writes).
 """
 
 from __future__ import annotations
@@ -44,16 +53,38 @@ TORCH_FUNCTIONS = {
     "asinh": "torch.asinh",
 }
 
+# torch functions whose backward reads their output (autograd saves the result tensor), with the
+# derivative that reads it: such a result is never modified in place while autograd records.
+# tests/test_torch_backend.py checks this set against torch: each spelling the printer knows is
+# scaled in place under autograd and differentiated twice, which fails exactly for these.
+SAVES_OUTPUT = {
+    "exp",  # d exp(u) = exp(u) du
+    "tanh",  # d tanh(u) = (1 - tanh(u)**2) du
+    "tan",  # d tan(u) = (1 + tan(u)**2) du
+    "sigmoid",  # d sigmoid(u) = sigmoid(u) (1 - sigmoid(u)) du
+    "relu",  # d relu(u) = step(relu(u)) du (threshold_backward on the result)
+}
+
 
 class TorchPrinter(PythonCodePrinter):
     """``names`` maps symbols (arguments, dims, sizes) to the code that denotes them."""
 
     def __init__(self, names: dict[str, str], tensor_symbols: set[sympy.Symbol],
-                 full: set[sympy.Symbol] = frozenset()):
+                 full: set[sympy.Symbol] = frozenset(), recorded: bool = False):
         super().__init__({"fully_qualified_modules": True, "standard": "python3"})
         self.names = names
         self.tensor_names = {s.name for s in tensor_symbols}
         self.full_names = {s.name for s in full}
+        self.recorded = recorded
+
+    def _saves_output(self, f: sympy.Basic) -> bool:
+        """Whether autograd, recording, saves the printed result of function ``f`` (a function
+        printed by its definition, as a user's ``elementwise``, as that definition's)."""
+        if not self.recorded:
+            return False
+        if isinstance(f, EnergyFunction) and not type(f).torch:
+            return self._saves_output(type(f).definition(f.args[0]))
+        return isinstance(f, sympy.Function) and type(f).__name__ in SAVES_OUTPUT
 
     def _is_tensor(self, expr: sympy.Basic) -> bool:
         return any(s.name in self.tensor_names for s in expr.free_symbols)
@@ -77,7 +108,8 @@ class TorchPrinter(PythonCodePrinter):
             affine = []
         if not affine and len(tensors) < 2:
             (f,) = tensors
-            if isinstance(f, sympy.Function) and self._is_full(f) and f.is_commutative:
+            if (isinstance(f, sympy.Function) and self._is_full(f) and f.is_commutative
+                    and not self._saves_output(f)):
                 # c * f(a): f's result is a fresh tensor of the full shape: scale it in place
                 return self._finish(self._print(f), coeff, factors, [])
             return super()._print_Mul(expr)
@@ -135,6 +167,10 @@ class TorchPrinter(PythonCodePrinter):
     def _finish(self, code: str, coeff, factors, affine) -> str:
         """The in-place tail of a product chain: affine factors, the scale, the sign."""
         for f in affine:
+            if self.recorded:  # mul_affine_'s addcmul_ reads as a factor the tensor it writes
+                prec = sympy.printing.precedence.PRECEDENCE["Mul"]
+                code = f"({code} * {self.parenthesize(f, prec)})"
+                continue
             c, s, y = self._affine(f)
             code = f"_rt.mul_affine_({code}, {self._print(y)}, {self._print(c)}, {self._print(s)})"
         scale = sympy.Mul(abs(coeff), *(f for f in factors if not self._is_tensor(f)))
