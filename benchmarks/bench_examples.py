@@ -1,16 +1,20 @@
 """`energyc bench` over every example energy file: generated layers against autograd of E.
 
 For each layer of each example (the files `tests/conftest.py::example_files` lists) and each token
-count, the generated layer and y = x - eta grad E (torch.autograd, create_graph=True, on the
-reference evaluation of E) run forward + backward with the same weights and inputs; see
-`energyc/bench.py` for what is measured and how. Defaults: fp32, batch 2, D=128, H=4, K=32, M=512
-(G=2, R=2 for grouped_query_attention's 2 x 2 query heads; any other dim 32), 256, 1024 and 4096
-tokens, 1 thread.
+count, the generated layer and the baseline, y = x - eta P grad E by torch.autograd
+(create_graph=True) through E in plain PyTorch (the generated package's Layer.energy), run
+forward + backward with the same weights and inputs, and each one's error against the float64
+truth is printed (`gen err`, `autograd err`); see `energyc/bench.py` for what is measured and how.
+`--interpreter` also times autograd through the interpreter of energyc/reference.py (the baseline
+before 2026-12-07). Defaults: fp32, batch 2, D=128, H=4, K=32, M=512 (G=2, R=2 for
+grouped_query_attention's 2 x 2 query heads; any other dim 32), 256, 1024 and 4096 tokens, 1
+thread.
 
 The table is followed by the targets of issue 9, per layer: a layer with a reduction over a context
 set (pairs of tokens) should be at least 2x faster than autograd at 1024 tokens, 4x at 4096, never
 slower at 256, with at most a quarter of autograd's peak memory (increment) at 4096; a per-token
-(element-wise) layer at least 1.2x faster at 1024.
+(element-wise) layer at least 1.2x faster at 1024. Then the rows where the generated layer's error
+against the float64 truth is over twice autograd's, if any.
 
 Run from the repository root:
 
@@ -36,6 +40,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from energyc.bench import (  # noqa: E402
+    ACCURACY_RATIO,
+    VARIANTS,
     BenchOptions,
     Report,
     Row,
@@ -117,6 +123,28 @@ def _out_of_memory(row: Row) -> bool:
             and row.generated.increment_mib is not None)
 
 
+def accuracy_notes(report: Report) -> list[str]:
+    """One line per row whose generated layer is over ACCURACY_RATIO times less accurate than
+    autograd against the float64 truth."""
+    out = []
+    for r in report.rows:
+        g, a = r.error("generated"), r.error("autograd")
+        if g is not None and a is not None and g > ACCURACY_RATIO * a:
+            out.append(f"{r.layer} at {r.tokens} tokens: generated error {g:.1e} "
+                       f"({r.errors['generated']['name']}) against autograd's {a:.1e} "
+                       f"({r.errors['autograd']['name']}), {g / a if a else float('inf'):.1f}x")
+    return out
+
+
+def format_accuracy(report: Report) -> str:
+    notes = accuracy_notes(report)
+    if not notes:
+        return (f"accuracy: no row's generated error is over {ACCURACY_RATIO:g}x autograd's "
+                "(against the float64 truth)")
+    return "\n".join([f"accuracy: the generated layer over {ACCURACY_RATIO:g}x less accurate "
+                      "than autograd (against the float64 truth):", *(f"- {n}" for n in notes)])
+
+
 def format_targets(report: Report, markdown: bool) -> str:
     rows = targets(report)
     if markdown:
@@ -136,7 +164,8 @@ def section(report: Report, command: str) -> str:
              f"Command: `{command}`", "",
              *(f"- {line}" for line in format_header(report)[1:]), "",
              format_table(report, markdown=True), "",
-             format_targets(report, markdown=True), ""]
+             format_targets(report, markdown=True), "",
+             format_accuracy(report), ""]
     return "\n".join(lines)
 
 
@@ -172,6 +201,8 @@ def parser() -> argparse.ArgumentParser:
                    help="dim sizes over the defaults (D=128 H=4 K=32 M=512, G=2 R=2, other 32)")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--max-seconds", type=float, default=60.0, metavar="S")
+    p.add_argument("--interpreter", action="store_true",
+                   help="also time autograd through energyc/reference.py's interpreter of E")
     p.add_argument("--json", metavar="PATH", help="write the raw numbers as JSON")
     p.add_argument("--write", action="store_true",
                    help="write the table into RESULTS.md (its section only)")
@@ -191,10 +222,11 @@ def load_report(path: str) -> Report:
     rows = []
     for r in data["rows"]:
         variants = {v: VariantResult(**{k: x for k, x in r[v].items() if k in names})
-                    for v in ("generated", "autograd")}
+                    for v in VARIANTS if r.get(v) is not None}
         rows.append(Row(r["file"], r["layer"], r["tokens"], r["dims"], **variants,
                         agreement=r["agreement"], context_sets=r["context_sets"],
-                        threads=r.get("threads", data["machine"]["threads"])))
+                        threads=r.get("threads", data["machine"]["threads"]),
+                        errors=r.get("errors", {})))
     return Report(data["machine"], data["options"], rows, data.get("command", ""))
 
 
@@ -230,7 +262,8 @@ def main(argv: list[str] | None = None) -> int:
         dims[name] = int(size)
     opts = BenchOptions(tokens=tuple(args.tokens), batch=args.batch, dtype=args.dtype,
                         device=args.device, backend=args.backend, threads=args.threads,
-                        dims=dims, repeats=args.repeats, max_seconds=args.max_seconds)
+                        dims=dims, repeats=args.repeats, max_seconds=args.max_seconds,
+                        interpreter=args.interpreter)
     command = shlex.join(["python", "benchmarks/bench_examples.py",
                           *(sys.argv[1:] if argv is None else argv)])
     try:
@@ -249,6 +282,8 @@ def show(report: Report, command: str, args: argparse.Namespace) -> int:
     print(format_table(report))
     print()
     print(format_targets(report, markdown=False))
+    print()
+    print(format_accuracy(report))
     if args.json:
         write_json(report, args.json)
         print(f"wrote {args.json}")

@@ -1,13 +1,21 @@
-"""``energyc bench``: each generated layer against autograd of its energy, in time and memory.
+"""``energyc bench``: generated layers against autograd of their energy: time, memory, accuracy.
 
-For every layer of an energy file and every token count T, two variants run with the same weights,
-input x (batch, T, D) and loss weights w:
+For every layer of an energy file and every token count T, these variants run with the same
+weights, input x (batch, T, D) and loss weights w:
 
 * **generated**: ``y = Layer(x)``, the compiled descent step with its derived backward;
-* **autograd**: ``y = x - eta P grad_x E(x | xbar)`` with E evaluated by the independent interpreter
-  :mod:`energyc.reference` and ``grad_x E`` taken by ``torch.autograd.grad(..., create_graph=True)``
-  (:func:`energyc.reference.reference_step`, the reference of ``energyc check``), so its backward
-  is autograd's double backward.
+* **autograd** (the baseline of every speed and memory figure): ``y = x - eta P grad_x E(x | xbar)``
+  with E the energy in plain PyTorch as a user writes it, the generated package's
+  ``Layer.energy`` (its ``_energy``: einsum contractions, masked log-sum-exps, and where the
+  compiler made a context reduction a pair reduction, the same reduction over blocks of keys), and
+  ``grad_x E`` by ``torch.autograd.grad(..., create_graph=True)`` on a separate state tensor
+  (:func:`energyc.reference.autograd_step`: the steps, the context "current" or "input", the
+  preconditioner of :func:`energyc.reference.precondition`), so its backward is autograd's double
+  backward;
+* **interpreter** (with ``interpreter=True``, ``--interpreter``; not the baseline): the same step
+  with E evaluated by the independent interpreter :mod:`energyc.reference`
+  (:func:`energyc.reference.reference_step`, the reference of ``energyc check``), node by node
+  over the declared energy graph, every reduction materialised.
 
 One call is forward plus backward of ``L = sum(y * w)`` to x and every parameter
 (``torch.autograd.grad``). Measured per layer and T:
@@ -20,15 +28,23 @@ One call is forward plus backward of ``L = sum(y * w)`` to x and every parameter
   run no layer; the base is that process's RSS just before the call (weights and inputs built), and
   the peak counter is reset there (``/proc/self/clear_refs``), so the peak is the call's own;
   ``memory ratio = (peak - base)(autograd) / (peak - base)(generated)``;
-* agreement: y and every gradient of the two variants within the dtype's tolerance
-  (:mod:`energyc.tolerances`, ``|a - b| <= atol + rtol |b|`` elementwise). When they differ, both are
-  recomputed in float64 from the same (rounded) weights and inputs: agreement there means the
-  difference is rounding in the lower precision (``ok in float64``); disagreement is a
-  ``MISMATCH`` (reported on stderr, exit status 1).
+* error against the truth: the truth is y and every gradient computed in float64 from the same
+  rounded weights, hyperparameters and inputs (the variant's dtype rounded, then widened) by the
+  interpreter, or, where that cannot run within the budgets, by autograd through ``Layer.energy``
+  (``truth`` says which). A variant's error is the worst over y and the gradients t of
+  ``max|t - t64| / max|t64|`` (each tensor's largest error relative to its largest magnitude;
+  the absolute error where t64 is all zero), from its last warm-up call; the smaller error is the
+  more accurate variant. In float64 it measures two evaluation orders against each other;
+* agreement: y and every gradient of generated and autograd within the dtype's tolerance
+  (:mod:`energyc.tolerances`, ``|a - b| <= atol + rtol |b|`` elementwise), and the generated layer
+  recomputed in float64 from the same rounded values within the float64 tolerance of the truth:
+  ``ok`` both, ``ok in float64`` the second only (a difference of rounding in the lower
+  precision), ``MISMATCH`` not the second (reported on stderr, exit status 1); in a float64 run
+  a difference of generated and autograd beyond the tolerance is a MISMATCH too.
 
 A variant that runs out of memory (on CPU: beyond ``max_memory_mib`` of address space over its base,
 enforced with RLIMIT_AS in the probe process) or whose call takes longer than ``max_seconds`` is
-shown as such and not timed further.
+shown as such and not timed further; on CPU the truth is computed in such a probe process too.
 """
 
 from __future__ import annotations
@@ -58,7 +74,29 @@ from energyc.compiler import CompiledLayer
 from energyc.errors import EnergyError
 from energyc.tolerances import tolerance
 
-VARIANTS = ("generated", "autograd")
+VARIANTS = ("generated", "autograd", "interpreter")  # the last only with --interpreter
+BASELINE = "autograd"  # the variant every speed-up and memory ratio is against
+TRUTH_SOURCES = ("interpreter", "autograd")  # the float64 truth: the first that runs
+ACCURACY_RATIO = 2.0  # a row whose generated error is over this times autograd's is pointed out
+# what the variants, the ratios and the errors are: the table's legend and the JSON's
+DEFINITIONS = {
+    "generated": "the generated Layer: its compiled descent step and derived backward",
+    "autograd": "the baseline: y = x - eta P grad_x E by torch.autograd.grad(create_graph=True) "
+                "through the energy in plain PyTorch, the generated package's Layer.energy "
+                "(einsum contractions, masked log-sum-exps; a pair reduction over blocks of keys)",
+    "interpreter": "the same by autograd through energyc.reference's interpreter of the energy "
+                   "graph (every reduction materialised; timed with --interpreter, not the "
+                   "baseline)",
+    "speedup": "autograd ms / generated ms (> 1: the generated layer is faster)",
+    "memory_ratio": "autograd / generated of the peak memory increments",
+    "error": "against the truth, y and every gradient computed in float64 from the same rounded "
+             "weights, hyperparameters and inputs by the interpreter (by autograd where the "
+             "interpreter cannot run within the budgets): the worst over y and the gradients t of "
+             "max|t - t64| / max|t64| (the smaller, the more accurate)",
+    "agreement": "ok: generated and autograd agree within the dtype's tolerance (energyc/"
+                 "tolerances.py) and the generated layer in float64 with the truth; ok in "
+                 "float64: only the second (rounding); MISMATCH: not the second (exit status 1)",
+}
 DEFAULT_DIMS = {"D": 128, "H": 4, "K": 32, "M": 512}
 OTHER_DIM = 32  # any declared dim without a default above
 DEFAULT_TOKENS = (256, 1024)
@@ -85,7 +123,13 @@ class BenchOptions:
     max_seconds: float = 60.0
     max_memory_mib: float | None = None  # CPU probes; None: 80% of the memory available at start
     memory: bool = True  # CPU: measure peak RSS in probe processes (they also enforce the budgets)
+    interpreter: bool = False  # also time autograd of the interpreter (energyc.reference)
     seed: int = 0
+
+    @property
+    def variants(self) -> tuple[str, ...]:
+        """The variants this run times."""
+        return VARIANTS if self.interpreter else VARIANTS[:2]
 
     def command(self, files: Sequence[str]) -> str:
         """The ``energyc bench`` command line that runs these options on ``files``."""
@@ -98,6 +142,8 @@ class BenchOptions:
                      f"--max-seconds {self.max_seconds:g}")
         if not self.memory:
             parts.append("--no-memory")
+        if self.interpreter:
+            parts.append("--interpreter")
         return " ".join(parts)
 
 
@@ -129,10 +175,22 @@ class Row:
     tokens: int
     dims: dict[str, int]
     generated: VariantResult
-    autograd: VariantResult
+    autograd: VariantResult  # the baseline
     agreement: dict = field(default_factory=dict)
     context_sets: list[str] = field(default_factory=list)  # of its reductions over j; [] per token
-    threads: int = 1  # torch's CPU threads for both variants
+    threads: int = 1  # torch's CPU threads for every variant
+    interpreter: VariantResult | None = None  # timed with --interpreter only
+    # the float64 truth's source and each variant's error against it (see the module docstring)
+    errors: dict = field(default_factory=dict)
+
+    def variants(self) -> dict[str, VariantResult]:
+        """The variants of this row, by name (the interpreter where it was timed)."""
+        return {v: getattr(self, v) for v in VARIANTS if getattr(self, v) is not None}
+
+    def error(self, variant: str) -> float | None:
+        """The variant's error against the float64 truth (None: not measured)."""
+        e = self.errors.get(variant)
+        return e.get("max_rel") if isinstance(e, dict) else None
 
     @property
     def speedup(self) -> float | None:
@@ -154,8 +212,8 @@ class Row:
         out = asdict(self)
         out["speedup"] = self.speedup
         out["memory_ratio"] = self.memory_ratio
-        for v in VARIANTS:
-            out[v]["increment_mib"] = getattr(self, v).increment_mib
+        for v, r in self.variants().items():
+            out[v]["increment_mib"] = r.increment_mib
         return out
 
 
@@ -199,15 +257,40 @@ def build_case(layer: CompiledLayer, module: ModuleType, opts: BenchOptions, tok
     return lay, x.requires_grad_(True), w
 
 
+def float64_case(layer: CompiledLayer, module: ModuleType, opts: BenchOptions,
+                 lay: torch.nn.Module, x: torch.Tensor, w: torch.Tensor):
+    """``build_case``'s Layer, x and w in float64 with the same values: the weights, inputs and
+    fixed hyperparameters as ``opts.dtype`` rounds them (a generated layer and the interpreter
+    round a hyperparameter to the input's dtype), then widened."""
+    lay64 = module.Layer(**layer_dims(layer, opts.dims), **layer_hypers(layer),
+                         backend=opts.backend, dtype=torch.float64, device=opts.device)
+    lay64.load_state_dict({k: v.double() for k, v in lay.state_dict().items()})
+    for h in layer.hypers:
+        name = layer.file.attribute(h.name)
+        value = getattr(lay, name)
+        if not isinstance(value, torch.Tensor):  # learned ones are parameters, loaded above
+            setattr(lay64, name, float(torch.tensor(value, dtype=DTYPES[opts.dtype]).double()))
+    return lay64, x.detach().double().requires_grad_(True), w.double()
+
+
 def run_variant(variant: str, layer: CompiledLayer, lay: torch.nn.Module, x: torch.Tensor,
                 w: torch.Tensor) -> tuple[torch.Tensor, tuple]:
-    """One call: y and the gradients of sum(y * w) to x and every parameter of ``lay``."""
-    from energyc.reference import reference_step
+    """One call: y and the gradients of sum(y * w) to x and every parameter of ``lay``.
+
+    ``generated``: the Layer; ``autograd``: y by :func:`energyc.reference.autograd_step` on the
+    package's ``Layer.energy`` (the baseline); ``interpreter``: the same on the interpreter
+    (:func:`energyc.reference.reference_step`)."""
+    from energyc.reference import autograd_step, reference_step
 
     if variant == "generated":
         y = lay(x)
-    else:
+    elif variant == "autograd":
+        y = autograd_step(lay, x, lambda xa, xbar: lay.energy(xa, xbar, per_token=True),
+                          create_graph=True)
+    elif variant == "interpreter":
         y = reference_step(layer, lay, x, create_graph=True)
+    else:
+        raise ValueError(f"unknown variant {variant!r} (choose from {', '.join(VARIANTS)})")
     grads = torch.autograd.grad((y * w).sum(), [x, *lay.parameters()], allow_unused=True)
     return y, grads
 
@@ -240,9 +323,10 @@ def compare(names: Sequence[str], got: Sequence, want: Sequence, dtype: torch.dt
 
     Returns ``ok``, the worst tensor by ``max(|got - want| / bound)`` (``excess``: > 1 is beyond the
     tolerance), its max abs error, and the tolerance used. Elements where ``want`` (autograd of
-    the materialised energy) is NaN or infinite and ``got`` is finite are not compared: they are
-    counted per tensor in ``unchecked`` (autograd forms every pair, also those outside the context
-    set, where a score function may overflow; the generated kernels never form them).
+    the energy, or the truth) is NaN or infinite and ``got`` is finite are not compared: they are
+    counted per tensor in ``unchecked`` (autograd of a materialised reduction forms every pair,
+    also those outside the context set, where a score function may overflow; the generated
+    kernels never form them).
     """
     rtol, atol = tolerance(dtype)
     worst = {"ok": True, "name": "", "max_abs_err": 0.0, "excess": 0.0, "rtol": rtol,
@@ -271,18 +355,37 @@ def _output_names(lay: torch.nn.Module) -> list[str]:
     return ["y", "d/dx", *(f"d/d{n}" for n, _ in lay.named_parameters())]
 
 
-def _recheck_float64(layer, module, opts, tokens, lay, x, w) -> dict:
-    """Both variants in float64 from the same (rounded) weights and inputs; their agreement."""
-    lay64 = module.Layer(**layer_dims(layer, opts.dims), **layer_hypers(layer),
-                         backend=opts.backend, dtype=torch.float64, device=opts.device)
-    lay64.load_state_dict({k: v.double() for k, v in lay.state_dict().items()})
-    x64 = x.detach().double().requires_grad_(True)
-    w64 = w.double()
-    outs = {}
-    for variant in VARIANTS:
-        y, grads = run_variant(variant, layer, lay64, x64, w64)
-        outs[variant] = [y.detach(), *grads]
-    return compare(_output_names(lay64), outs["generated"], outs["autograd"], torch.float64)
+def relative_errors(names: Sequence[str], got: Sequence, truth: Sequence, dtype: torch.dtype
+                    ) -> dict:
+    """The error of ``got`` against the float64 ``truth`` (the module docstring's definition).
+
+    ``max_rel``: the worst over the tensors of ``max|got - truth| / max|truth|`` (the absolute
+    error where the truth is all zero; NaN where ``got`` is NaN where the truth is not), ``name``
+    its tensor, ``per_tensor`` each one's; ``excess`` and ``excess_name``: the worst elementwise
+    ``|got - truth| / (atol + rtol |truth|)`` with ``dtype``'s tolerance (:func:`compare`), which
+    weighs an error by the magnitude of its own element. Elements where the truth is not finite
+    and ``got`` is are left out, as in :func:`compare`."""
+    per: dict[str, float] = {}
+    for name, a, b in zip(names, got, truth):
+        if a is None and b is None:
+            continue
+        a = torch.zeros_like(b) if a is None else a
+        b = torch.zeros_like(a) if b is None else b
+        a, b = a.detach().double(), b.detach().double()
+        unchecked = torch.isfinite(a) & ~torch.isfinite(b)
+        a, b = a.masked_fill(unchecked, 0.0), b.masked_fill(unchecked, 0.0)
+        if not a.numel():
+            continue
+        err, scale = float((a - b).abs().max()), float(b.abs().max())
+        if torch.isnan(a - b).any():
+            err = math.nan
+        per[name] = err / scale if scale > 0 else err
+    if not per:
+        return {"max_rel": 0.0, "name": "", "per_tensor": {}}
+    name = max(per, key=lambda n: per[n] if not math.isnan(per[n]) else math.inf)
+    c = compare(names, got, truth, dtype)
+    return {"max_rel": per[name], "name": name, "per_tensor": per, "excess": c["excess"],
+            "excess_name": c["name"]}
 
 
 # -- CPU memory probes: a fresh process per variant and size ----------------------------------------
@@ -325,15 +428,22 @@ class _OverBudgetError(Exception):
 
 
 def _probe(layer: CompiledLayer, module: ModuleType, opts: BenchOptions, tokens: int,
-           variant: str) -> dict:
+           variant: str, widen: bool = False, save: str | None = None) -> dict:
     """In a fresh process: one call of ``variant``; its peak RSS and the RSS before it.
 
     A call at 2 tokens first pages in the code and makes the one-time allocations, so that the
-    increment is the measured call's working memory.
+    increment is the measured call's working memory. With ``widen`` the call is in float64 on the
+    values ``opts.dtype`` rounds (:func:`float64_case`; the truth), and with ``save`` its outputs
+    (y and the gradients) are written there with ``torch.save``.
     """
-    lay, x, w = build_case(layer, module, opts, min(tokens, 2))
+
+    def case(n: int):
+        c = build_case(layer, module, opts, n)
+        return float64_case(layer, module, opts, *c) if widen else c
+
+    lay, x, w = case(min(tokens, 2))
     run_variant(variant, layer, lay, x, w)
-    lay, x, w = build_case(layer, module, opts, tokens)
+    lay, x, w = case(tokens)
     gc.collect()
     reset = _reset_peak_rss()
     base_kib = _proc_status_kib("VmRSS")
@@ -359,7 +469,7 @@ def _probe(layer: CompiledLayer, module: ModuleType, opts: BenchOptions, tokens:
         # exception lands in the except below, not in the caller
         try:
             signal.setitimer(signal.ITIMER_REAL, opts.max_seconds)
-            run_variant(variant, layer, lay, x, w)
+            y, grads = run_variant(variant, layer, lay, x, w)
         finally:
             signal.setitimer(signal.ITIMER_REAL, 0)
     except _OverBudgetError:
@@ -369,6 +479,8 @@ def _probe(layer: CompiledLayer, module: ModuleType, opts: BenchOptions, tokens:
     seconds = time.perf_counter() - t0
     if fired or seconds > opts.max_seconds:  # the alarm may surface wrapped by autograd
         status = "over budget"
+    if status == "ok" and save:
+        torch.save([t if t is None else t.detach().cpu() for t in (y, *grads)], save)
     peak_kib = _proc_status_kib("VmHWM") if reset else None
     source = "VmHWM since reset"
     if peak_kib is None:  # no /proc: the lifetime peak of this process (KiB on Linux)
@@ -417,7 +529,8 @@ def _serve_probes(opts_json: str) -> int:
                 compiled[req["file"]] = {c.name: c for c in compile_file(load(req["file"]))}
             layer = compiled[req["file"]][req["layer"]]
             module = _import_package(req["package"])
-            answer = _fork_probe(layer, module, opts, req["tokens"], req["variant"])
+            answer = _fork_probe(layer, module, opts, req["tokens"], req["variant"],
+                                 req.get("widen", False), req.get("save"))
         except Exception as exc:  # answered, not raised
             answer = {"status": _failure(exc)}
         out.write(json.dumps(answer) + "\n")
@@ -425,8 +538,10 @@ def _serve_probes(opts_json: str) -> int:
     return 0
 
 
-def _fork_probe(layer, module, opts: BenchOptions, tokens: int, variant: str) -> dict:
-    """Fork a probe process, wait for its answer (killing it past the budget), return it."""
+def _fork_probe(layer, module, opts: BenchOptions, tokens: int, variant: str,
+                widen: bool = False, save: str | None = None) -> dict:
+    """Fork a probe process (:func:`_probe`), wait for its answer (killing it past the budget),
+    return it."""
     read_end, write_end = os.pipe()
     pid = os.fork()
     if pid == 0:  # the probe process: its stdout is the server's answer channel, so silence it
@@ -435,7 +550,7 @@ def _fork_probe(layer, module, opts: BenchOptions, tokens: int, variant: str) ->
         os.dup2(devnull, 1)
         code = 0
         try:
-            answer = _probe(layer, module, opts, tokens, variant)
+            answer = _probe(layer, module, opts, tokens, variant, widen, save)
         except BaseException as exc:  # e.g. the Layer cannot be built
             answer = {"status": _failure(exc)}
         try:
@@ -494,13 +609,16 @@ class ProbeServer:
         line = self.proc.stdout.readline()
         return json.loads(line) if line else None
 
-    def probe(self, file: str, layer: str, package: str, tokens: int, variant: str) -> dict:
+    def probe(self, file: str, layer: str, package: str, tokens: int, variant: str,
+              widen: bool = False, save: str | None = None) -> dict:
+        """One call of ``variant`` in a fresh process (:func:`_probe`: ``widen``, ``save``)."""
         if not self._ready:
             self._ready = bool(self._read())
         answer = None
         if self._ready and self.proc.poll() is None:
             self.proc.stdin.write(json.dumps({"file": file, "layer": layer, "package": package,
-                                              "tokens": tokens, "variant": variant}) + "\n")
+                                              "tokens": tokens, "variant": variant,
+                                              "widen": widen, "save": save}) + "\n")
             self.proc.stdin.flush()
             answer = self._read()
         if answer is None:
@@ -562,18 +680,118 @@ def _call(variant, layer, lay, x, w, device) -> tuple[float, list]:
     return seconds, [y.detach(), *grads]
 
 
+def _truth(layer: CompiledLayer, module: ModuleType, file: str, tokens: int, opts: BenchOptions,
+           server: ProbeServer | None, case: tuple, log: Log) -> tuple[str | None, list | None,
+                                                                      dict[str, str]]:
+    """The float64 truth (module docstring): its source, its outputs (y and the gradients) and why
+    each source before it failed. On CPU with memory probes it is computed in a probe process,
+    within the budgets; otherwise here."""
+    tag = f"{layer.name} T={tokens}"
+    failed: dict[str, str] = {}
+    for source in TRUTH_SOURCES:
+        log(f"[{tag}] the truth: {source} in float64 from the same rounded values ...")
+        if server is not None:
+            with tempfile.TemporaryDirectory(prefix="energyc-bench-truth-") as tmp:
+                path = os.path.join(tmp, "outputs.pt")
+                answer = server.probe(file, layer.name, module.__path__[0], tokens, source,
+                                      widen=True, save=path)
+                if answer["status"] == "ok":
+                    return source, torch.load(path, map_location=opts.device), failed
+                failed[source] = answer["status"]
+        else:
+            try:
+                lay64, x64, w64 = float64_case(layer, module, opts, *case)
+                y, grads = run_variant(source, layer, lay64, x64, w64)
+                return source, [y.detach(), *grads], failed
+            except Exception as exc:  # recorded in the row
+                failed[source] = _failure(exc)
+                if opts.device.startswith("cuda"):
+                    torch.cuda.empty_cache()
+        log(f"[{tag}] the truth: {source} in float64: {failed[source]}")
+    return None, None, failed
+
+
+def _agreement(layer: CompiledLayer, module: ModuleType, opts: BenchOptions, case: tuple,
+               last: dict[str, list], truth: tuple, tag: str, log: Log) -> dict:
+    """generated against autograd in the run's dtype, and the generated layer in float64 against
+    the truth; the status (module docstring)."""
+    names = _output_names(case[0])
+    dtype = DTYPES[opts.dtype]
+    source, want, failed = truth
+    agreement: dict = {}
+    if "autograd" in last:
+        agreement = compare(names, last["generated"], last["autograd"], dtype)
+        if not agreement["ok"]:
+            a = agreement
+            log(f"[{tag}] WARNING: the variants differ beyond the {a['dtype']} tolerance: "
+                f"{a['name']} max abs error {a['max_abs_err']:.3e} ({a['excess']:.1f}x the bound "
+                f"atol + rtol |b|, rtol={a['rtol']}, atol={a['atol']})")
+    if want is not None:
+        if opts.dtype == "float64":
+            got = last["generated"]
+        else:
+            log(f"[{tag}] the generated layer in float64 from the same rounded values ...")
+            try:
+                y, grads = run_variant("generated", layer, *float64_case(layer, module, opts,
+                                                                         *case))
+                got = [y.detach(), *grads]
+            except Exception as exc:
+                got = None
+                agreement["float64"] = {"ok": False, "error": _failure(exc), "truth": source}
+        if got is not None:
+            agreement["float64"] = compare(names, got, want, torch.float64)
+            agreement["float64"]["truth"] = source
+    else:
+        agreement["float64"] = {"ok": False, "truth": None,
+                                "error": "no float64 truth (" + "; ".join(
+                                    f"{k}: {v}" for k, v in failed.items()) + ")"}
+    direct_ok = agreement.get("ok", True)
+    f64 = agreement["float64"]
+    if not f64["ok"] and (want is not None or not direct_ok):
+        status = "MISMATCH"  # a difference of formulas, or one no float64 truth can explain
+    elif not direct_ok and opts.dtype == "float64":
+        status = "MISMATCH"
+    elif direct_ok and "autograd" in last:
+        status = "ok"
+    elif want is None:
+        status = "-"  # autograd did not run and there is no truth: nothing was compared
+    else:
+        status = "ok in float64"
+    agreement["status"] = status
+    if status == "MISMATCH":
+        log(f"[{tag}] MISMATCH: the generated layer disagrees with autograd of the energy "
+            f"({json.dumps(f64 if want is not None else agreement)})")
+    elif not direct_ok and "max_abs_err" in f64:
+        log(f"[{tag}] they agree in float64 (the generated layer against the {source}: max abs "
+            f"error {f64['max_abs_err']:.2e}): rounding, not a formula difference")
+    unchecked = {**agreement.get("unchecked", {}), **f64.get("unchecked", {})}
+    if unchecked and status not in ("MISMATCH", "-"):
+        agreement["status"] += " where autograd is finite"
+        counts = ", ".join(f"{n}: {c}" for n, c in unchecked.items())
+        log(f"[{tag}] WARNING: autograd of the energy is NaN or infinite where the generated "
+            f"layer is finite (elements: {counts}), so those were not compared; the rest agree. "
+            "Autograd of a materialised reduction forms every pair, also those outside the "
+            "context set, where a score function can overflow (the generated kernels never form "
+            "them): score functions must be finite on every pair for this check (README, Status "
+            "and limits)")
+    return agreement
+
+
 def bench_size(layer: CompiledLayer, module: ModuleType, file: str, tokens: int,
                opts: BenchOptions, server: ProbeServer | None, log: Log) -> Row:
-    """Both variants of ``layer`` at ``tokens``: memory, agreement and interleaved timings."""
+    """Every variant of ``layer`` at ``tokens``: memory, the truth, errors, agreement and
+    interleaved timings."""
     tag = f"{layer.name} T={tokens}"
-    results = {v: VariantResult() for v in VARIANTS}
+    variants = opts.variants
+    results = {v: VariantResult() for v in variants}
     from energyc.check import context_sets
 
     row = Row(file, layer.name, tokens, layer_dims(layer, opts.dims), results["generated"],
-              results["autograd"], context_sets=sorted(context_sets(layer)), threads=opts.threads)
+              results["autograd"], context_sets=sorted(context_sets(layer)), threads=opts.threads,
+              interpreter=results.get("interpreter"))
     cuda = opts.device.startswith("cuda")
     if server is not None:  # CPU: memory (and the budgets) first, in fresh processes
-        for v in VARIANTS:
+        for v in variants:
             log(f"[{tag}] {v}: memory probe in a fresh process ...")
             answer = server.probe(file, layer.name, module.__path__[0], tokens, v)
             r = results[v]
@@ -590,7 +808,7 @@ def bench_size(layer: CompiledLayer, module: ModuleType, file: str, tokens: int,
         for r in results.values():
             r.status = _failure(exc)
         return row
-    running = [v for v in VARIANTS if results[v].status == "ok"]
+    running = [v for v in variants if results[v].status == "ok"]
     last: dict[str, list] = {}
 
     def call(v: str, measure: bool) -> None:
@@ -622,41 +840,26 @@ def bench_size(layer: CompiledLayer, module: ModuleType, file: str, tokens: int,
         for v in running:
             if results[v].status == "ok":
                 call(v, measure=False)  # on CUDA, the last warm-up call is the memory one
-    if all(results[v].status == "ok" for v in VARIANTS) and len(last) == 2:
-        row.agreement = compare(_output_names(lay), last["generated"], last["autograd"],
-                                DTYPES[opts.dtype])
-        row.agreement["status"] = "ok"
-        if not row.agreement["ok"]:
-            a = row.agreement
-            log(f"[{tag}] WARNING: the variants differ beyond the {a['dtype']} tolerance: "
-                f"{a['name']} max abs error {a['max_abs_err']:.3e} ({a['excess']:.1f}x the bound "
-                f"atol + rtol |b|, rtol={a['rtol']}, atol={a['atol']})")
-            if opts.dtype == "float64":
-                row.agreement["status"] = "MISMATCH"
-            else:
-                log(f"[{tag}] rechecking both in float64 from the same rounded inputs ...")
-                try:
-                    f64 = _recheck_float64(layer, module, opts, tokens, lay, x, w)
-                except Exception as exc:
-                    f64 = {"ok": False, "error": _failure(exc)}
-                row.agreement["float64"] = f64
-                row.agreement["status"] = "ok in float64" if f64["ok"] else "MISMATCH"
-            if row.agreement["status"] == "MISMATCH":
-                log(f"[{tag}] MISMATCH: the generated layer and autograd of the energy disagree "
-                    f"({json.dumps(row.agreement.get('float64', row.agreement))})")
-            else:
-                log(f"[{tag}] they agree in float64 (max abs error "
-                    f"{row.agreement['float64']['max_abs_err']:.2e}): rounding, not a formula "
-                    "difference")
-        final = row.agreement.get("float64", row.agreement)
-        if final.get("unchecked") and row.agreement["status"] != "MISMATCH":
-            row.agreement["status"] += " where autograd is finite"
-            counts = ", ".join(f"{n}: {c}" for n, c in final["unchecked"].items())
-            log(f"[{tag}] WARNING: autograd of the energy is NaN or infinite where the generated "
-                f"layer is finite (elements: {counts}), so those were not compared; the rest agree. "
-                "Autograd forms every pair, also those outside the context set, where a score "
-                "function can overflow (the generated kernels never form them): score functions "
-                "must be finite on every pair for this check (README, Status and limits)")
+    for v in list(last):
+        if results[v].status != "ok":
+            del last[v]
+    if "generated" in last:
+        truth = _truth(layer, module, file, tokens, opts, server, (lay, x, w), log)
+        source, want, failed = truth
+        names = _output_names(lay)
+        row.errors = {"truth": source, "dtype": opts.dtype}
+        if failed:
+            row.errors["truth_failed"] = failed
+        if want is not None:
+            for v, outs in last.items():
+                row.errors[v] = relative_errors(names, outs, want, DTYPES[opts.dtype])
+            log(f"[{tag}] error against the float64 {source}: " + ", ".join(
+                f"{v} {row.errors[v]['max_rel']:.2e} ({row.errors[v]['name']})" for v in last))
+            g, a = row.error("generated"), row.error("autograd")
+            if g is not None and a is not None and g > ACCURACY_RATIO * a:
+                log(f"[{tag}] NOTE: the generated layer is the less accurate: its error is "
+                    f"{g / a if a else math.inf:.1f}x autograd's")
+        row.agreement = _agreement(layer, module, opts, (lay, x, w), last, truth, tag, log)
     last.clear()  # the timed calls keep no outputs
     for k in range(opts.repeats):
         log(f"[{tag}] repetition {k + 1}/{opts.repeats} ...")
@@ -680,13 +883,14 @@ class Report:
 
     def as_dict(self) -> dict:
         return {"command": self.command, "machine": self.machine, "options": self.options,
+                "baseline": BASELINE, "definitions": DEFINITIONS,
                 "rows": [r.as_dict() for r in self.rows]}
 
     @property
     def failed(self) -> bool:
         """A MISMATCH, or a variant that raised (not out of memory or over budget)."""
         return any(r.agreement.get("status") == "MISMATCH"
-                   or any(getattr(r, v).status.startswith("error") for v in VARIANTS)
+                   or any(v.status.startswith("error") for v in r.variants().values())
                    for r in self.rows)
 
 
@@ -759,8 +963,17 @@ def _check_dim_names(dims: dict[str, int], layers: list[CompiledLayer]) -> None:
 
 # -- the table -----------------------------------------------------------------------------------------
 
-COLUMNS = ("layer", "tokens", "threads", "generated ms", "autograd ms", "speed-up",
-           "generated peak MiB", "autograd peak MiB", "memory ratio", "agree")
+COLUMNS = ("layer", "tokens", "threads", "generated ms", "autograd ms", "interpreter ms",
+           "speed-up", "generated peak MiB", "autograd peak MiB", "interpreter peak MiB",
+           "memory ratio", "gen err", "autograd err", "interpreter err", "agree")
+INTERPRETER_COLUMNS = ("interpreter ms", "interpreter peak MiB", "interpreter err")
+
+
+def columns(report: Report) -> tuple[str, ...]:
+    """The table's columns: the interpreter's only where it was timed."""
+    if any(r.interpreter is not None for r in report.rows):
+        return COLUMNS
+    return tuple(c for c in COLUMNS if c not in INTERPRETER_COLUMNS)
 
 
 def _ms(r: VariantResult) -> str:
@@ -774,18 +987,44 @@ def _mib(r: VariantResult) -> str:
     return f"{r.peak_mib:.0f} (+{inc:.0f})" if inc is not None else f"{r.peak_mib:.0f}"
 
 
-def _cells(row: Row) -> list[str]:
+def _err(row: Row, variant: str) -> str:
+    """The variant's error against the truth; the generated one with its ratio to autograd's
+    where it is over ACCURACY_RATIO times that."""
+    e = row.error(variant)
+    if e is None:
+        return "-"
+    text = f"{e:.1e}"
+    a = row.error("autograd")
+    if variant == "generated" and a is not None and e > ACCURACY_RATIO * a:
+        text += f" ({e / a:.1f}x)" if a else " (autograd exact)"
+    return text
+
+
+def _cells(row: Row, names: Sequence[str] = COLUMNS) -> list[str]:
     agree = row.agreement.get("status", "-")
-    final = row.agreement.get("float64", row.agreement)
-    if final.get("unchecked"):
+    f64 = row.agreement.get("float64", {})
+    unchecked = {**row.agreement.get("unchecked", {}), **f64.get("unchecked", {})}
+    if unchecked and agree != "MISMATCH":
         agree += " (autograd not finite: " + ", ".join(
-            f"{n} {c}" for n, c in final["unchecked"].items()) + ")"
-    elif agree != "ok" and row.agreement:
-        agree += f" ({row.agreement['name']}: {row.agreement['excess']:.1f}x tol)"
-    return [row.layer, str(row.tokens), str(row.threads), _ms(row.generated), _ms(row.autograd),
-            f"{row.speedup:.2f}x" if row.speedup else "-",
-            _mib(row.generated), _mib(row.autograd),
-            f"{row.memory_ratio:.2f}x" if row.memory_ratio else "-", agree]
+            f"{n} {c}" for n, c in unchecked.items()) + ")"
+    elif agree not in ("ok", "-"):
+        # the comparison that failed: in float64 against the truth, else generated against autograd
+        worst = f64 if not f64.get("ok", True) and "excess" in f64 else row.agreement
+        if "excess" in worst:
+            agree += f" ({worst['name']}: {worst['excess']:.1f}x tol)"
+        elif "error" in f64:
+            agree += f" ({f64['error']})"
+    interp = row.interpreter or VariantResult(status="-")
+    cells = {"layer": row.layer, "tokens": str(row.tokens), "threads": str(row.threads),
+             "generated ms": _ms(row.generated), "autograd ms": _ms(row.autograd),
+             "interpreter ms": _ms(interp),
+             "speed-up": f"{row.speedup:.2f}x" if row.speedup else "-",
+             "generated peak MiB": _mib(row.generated), "autograd peak MiB": _mib(row.autograd),
+             "interpreter peak MiB": _mib(interp),
+             "memory ratio": f"{row.memory_ratio:.2f}x" if row.memory_ratio else "-",
+             "gen err": _err(row, "generated"), "autograd err": _err(row, "autograd"),
+             "interpreter err": _err(row, "interpreter"), "agree": agree}
+    return [cells[c] for c in names]
 
 
 def format_header(report: Report) -> list[str]:
@@ -804,6 +1043,8 @@ def format_header(report: Report) -> list[str]:
                   "RSS just before the call")
     else:
         memory = "not measured (--no-memory)"
+    variants = ["generated", "autograd"] + (
+        ["interpreter"] if "interpreter ms" in columns(report) else [])
     return [
         f"machine: {m['cpu']} ({m['logical_cpus']} logical CPUs){gpu}; torch {m['torch']}{triton};"
         f" threads {m['threads']}; {m['dtype']}; device {m['device']}; backend {m['backend']};"
@@ -811,22 +1052,27 @@ def format_header(report: Report) -> list[str]:
         f"sizes: batch {o['batch']}, " + ", ".join(f"{k}={v}" for k, v in sorted(dims.items()))
         + f"; per variant {o['warmup']} warm-up call(s), then {o['repeats']} timed, interleaved"
           " (median); a call = forward + backward of sum(y * w) to x and every parameter",
-        f"memory: {memory}; memory ratio = autograd / generated of the increments",
-        "speed-up = autograd ms / generated ms (> 1: the generated layer is faster)",
+        *(f"{v}: {DEFINITIONS[v]}" for v in variants),
+        f"speed-up = {DEFINITIONS['speedup']}",
+        f"memory: {memory}; memory ratio = {DEFINITIONS['memory_ratio']}",
+        f"err: {DEFINITIONS['error']}; a generated error over {ACCURACY_RATIO:g}x autograd's "
+        "shows the ratio",
+        f"agree: {DEFINITIONS['agreement']}",
     ]
 
 
 def format_table(report: Report, markdown: bool = False) -> str:
     """The rows as an aligned text table (or a Markdown table)."""
-    rows = [list(COLUMNS)] + [_cells(r) for r in report.rows]
+    names = columns(report)
+    rows = [list(names)] + [_cells(r, names) for r in report.rows]
     if markdown:
         lines = ["| " + " | ".join(rows[0]) + " |",
-                 "|" + "|".join("---" if k == 0 or k == len(COLUMNS) - 1 else "---:"
-                                for k in range(len(COLUMNS))) + "|"]
+                 "|" + "|".join("---" if k == 0 or k == len(names) - 1 else "---:"
+                                for k in range(len(names))) + "|"]
         lines += ["| " + " | ".join(r) + " |" for r in rows[1:]]
         return "\n".join(lines)
-    widths = [max(len(r[k]) for r in rows) for k in range(len(COLUMNS))]
-    right = set(range(1, len(COLUMNS) - 1))
+    widths = [max(len(r[k]) for r in rows) for k in range(len(names))]
+    right = set(range(1, len(names) - 1))
 
     def fmt(r):
         return "  ".join(c.rjust(w) if k in right else c.ljust(w)

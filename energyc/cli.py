@@ -160,7 +160,7 @@ def _bench(args: argparse.Namespace) -> int:
                             device=args.device, backend=args.backend, threads=threads,
                             dims=dims, repeats=args.repeats, warmup=args.warmup,
                             max_seconds=args.max_seconds, max_memory_mib=args.max_memory,
-                            memory=not args.no_memory)
+                            memory=not args.no_memory, interpreter=args.interpreter)
         run = run_bench(files, opts, log=lambda m: print(m, file=sys.stderr, flush=True))
         if report is None:
             report = run
@@ -211,13 +211,20 @@ def parser() -> argparse.ArgumentParser:
     k.add_argument("--thorough", action="store_true",
                    help="100 random examples per check instead of 12 reproducible ones")
     k.set_defaults(fn=_check)
-    b = sub.add_parser("bench", help="time and memory: generated layers against autograd of E",
+    b = sub.add_parser("bench", help="time, memory and accuracy: generated layers against "
+                                     "autograd of E",
                        description="For each layer of FILE: forward + backward of the generated "
-                                   "layer against y = x - eta grad E by torch.autograd "
-                                   "(create_graph=True) on the reference evaluation of E, with the "
-                                   "same weights and inputs. Prints median times, the speed-up and "
-                                   "peak memory per layer and token count; checks that the two "
-                                   "agree. Exit 1 on a mismatch or an error.")
+                                   "layer against the baseline 'autograd', y = x - eta P grad E "
+                                   "by torch.autograd (create_graph=True) through E in plain "
+                                   "PyTorch (the generated package's Layer.energy: einsum "
+                                   "contractions, masked log-sum-exps), with the same weights "
+                                   "and inputs. Prints median times, the speed-up (autograd ms / "
+                                   "generated ms) and peak memory per layer and token count, "
+                                   "each variant's error against the float64 truth (the "
+                                   "interpreter energyc.reference in float64 on the same rounded "
+                                   "values: the worst over y and the gradients of max|t - t64| / "
+                                   "max|t64|), and checks that they agree. Exit 1 on a mismatch "
+                                   "or an error.")
     b.add_argument("files", nargs="+", metavar="FILE",
                    help="energy file(s), or folders: every .py file in them that imports "
                         "energyc.dsl")
@@ -244,6 +251,9 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--no-memory", action="store_true",
                    help="CPU: no memory probes (faster; the budgets then hold only for timed "
                         "calls, and an out-of-memory call may be killed by the system)")
+    b.add_argument("--interpreter", action="store_true",
+                   help="also time autograd through energyc.reference's interpreter of E (every "
+                        "reduction materialised; not the baseline)")
     b.add_argument("--json", metavar="PATH", help="write the raw numbers as JSON")
     b.set_defaults(fn=_bench)
     return p

@@ -230,21 +230,38 @@ def precondition(kind: str, g: torch.Tensor, P_diag=None, P_lowrank=None) -> tor
     return u
 
 
-def reference_step(layer: CompiledLayer, module: torch.nn.Module, x: torch.Tensor,
-                   create_graph: bool) -> torch.Tensor:
-    """The layer's output computed with torch.autograd on :func:`evaluate_energy`."""
+def autograd_step(module: torch.nn.Module, x: torch.Tensor, energy, create_graph: bool
+                  ) -> torch.Tensor:
+    """The layer's output, ``steps`` times ``x <- x - eta P grad_x E(x | xbar)``, with ``grad_x E``
+    taken by ``torch.autograd.grad`` of ``energy(xa, xbar)`` (the per-token energy, (B, T)).
+
+    The state role ``xa`` is a separate tensor (``x * 1.0``, or a detached leaf without
+    ``create_graph``), so that only E's dependence through x_i is differentiated, not through the
+    context xbar (the current state with context "current", the layer's input with "input");
+    ``module`` gives the settings (``config``: eta, steps, preconditioner, context) and the
+    preconditioner's parameters (``P_diag``, ``P_lowrank``; :func:`precondition`). With
+    ``create_graph`` the result is differentiable again: its backward is autograd's double
+    backward."""
     eta, steps, precond, context = module.config[:4]
-    attr = layer.file.attribute
-    params = {p.name: getattr(module, attr(p.name)) for p in layer.params}
-    hypers = {h.name: getattr(module, attr(h.name)) for h in layer.hypers}
     x0 = x
     for _ in range(steps):
         xbar = x if context == "current" else x0
         xa = x * 1.0 if create_graph else x.detach().requires_grad_(True)  # the state role only
         if not create_graph:
             xbar = xbar.detach()
-        e = evaluate_energy(layer, xa, xbar, params, hypers)
+        e = energy(xa, xbar)
         (g,) = torch.autograd.grad(e.sum(), xa, create_graph=create_graph)
         u = precondition(precond, g, module.P_diag, module.P_lowrank)
         x = x - eta * u
     return x
+
+
+def reference_step(layer: CompiledLayer, module: torch.nn.Module, x: torch.Tensor,
+                   create_graph: bool) -> torch.Tensor:
+    """The layer's output computed with torch.autograd on :func:`evaluate_energy`."""
+    attr = layer.file.attribute
+    params = {p.name: getattr(module, attr(p.name)) for p in layer.params}
+    hypers = {h.name: getattr(module, attr(h.name)) for h in layer.hypers}
+    return autograd_step(
+        module, x, lambda xa, xbar: evaluate_energy(layer, xa, xbar, params, hypers),
+        create_graph)

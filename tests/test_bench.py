@@ -18,17 +18,19 @@ TINY = ["--dim", "D=16", "H=2", "K=8", "M=32", "--repeats", "1"]
 TINY_MLP = ["--dim", "D=16", "M=32", "--repeats", "1"]
 
 
-def _table_rows(out: str) -> dict[tuple[str, int, int], list[str]]:
-    """(layer, tokens, threads) -> the cells of the printed table (split on runs of two
-    spaces)."""
+def _table_rows(out: str) -> dict[tuple[str, int, int], dict[str, str]]:
+    """(layer, tokens, threads) -> the cells of the printed table by column name (split on runs
+    of two spaces)."""
     lines = out.splitlines()
     start = next(k for k, line in enumerate(lines) if line.startswith("layer "))
+    names = [c.strip() for c in lines[start].split("  ") if c.strip()]
     rows = {}
     for line in lines[start + 2:]:
         if not line.strip() or line.startswith("wrote "):
             break
         cells = [c.strip() for c in line.split("  ") if c.strip()]
-        rows[(cells[0], int(cells[1]), int(cells[2]))] = cells
+        assert len(cells) == len(names), (names, cells)
+        rows[(cells[0], int(cells[1]), int(cells[2]))] = dict(zip(names, cells))
     return rows
 
 
@@ -57,19 +59,31 @@ def test_bench_cli_table_and_json(tmp_path, capsys):
     assert "float32" in out and "batch 2" in out
     rows = _table_rows(out)
     assert sorted(rows) == [("cem_attention", 32, 1), ("cem_mlp", 32, 1)]
+    rtol, atol = tolerance(torch.float32)
     for cells in rows.values():
-        assert float(cells[3]) > 0 and float(cells[4]) > 0  # generated, autograd ms
-        assert cells[5].endswith("x") and float(cells[5][:-1]) > 0  # speed-up (checked in JSON)
-        assert cells[6].split()[0].isdigit() and cells[7].split()[0].isdigit()  # peak MiB
-        assert cells[-1] == "ok"
+        assert "interpreter ms" not in cells  # not timed without --interpreter
+        assert float(cells["generated ms"]) > 0 and float(cells["autograd ms"]) > 0
+        speedup = cells["speed-up"]
+        assert speedup.endswith("x") and float(speedup[:-1]) > 0  # the value: checked in JSON
+        for v in ("generated", "autograd"):
+            assert cells[f"{v} peak MiB"].split()[0].isdigit()
+        # float32 at 32 tokens: both within the float32 tolerance of the float64 truth
+        assert 0 < float(cells["gen err"]) < rtol and 0 < float(cells["autograd err"]) < rtol
+        assert cells["agree"] == "ok"
     assert "memory probe" in captured.err and "repetition 1/1" in captured.err  # progress
+    assert "the truth: interpreter in float64" in captured.err
+    header = out.split("\nlayer ", 1)[0]
+    assert "autograd: the baseline" in header and "Layer.energy" in header
+    assert "speed-up = autograd ms / generated ms" in header
+    assert "max|t - t64| / max|t64|" in header
 
     data = json.loads(out_json.read_text())
     assert data["command"].startswith("energyc bench examples/cem_mlp.py")
     assert data["machine"]["threads"] == 1 and data["machine"]["cpu"]
-    assert data["options"]["tokens"] == [32]
+    assert data["options"]["tokens"] == [32] and data["options"]["interpreter"] is False
+    assert data["baseline"] == "autograd"
+    assert {"autograd", "speedup", "error", "agreement"} <= set(data["definitions"])
     assert len(data["rows"]) == 2
-    rtol, atol = tolerance(torch.float32)
     for row in data["rows"]:
         assert row["dims"] == ({"D": 16, "M": 32} if row["layer"] == "cem_mlp"
                                else {"D": 16, "H": 2, "K": 8})
@@ -78,12 +92,22 @@ def test_bench_cli_table_and_json(tmp_path, capsys):
         assert agreement["ok"] and agreement["status"] == "ok"
         assert (agreement["rtol"], agreement["atol"]) == (rtol, atol)
         assert agreement["excess"] <= 1.0
+        assert agreement["float64"]["ok"] and agreement["float64"]["truth"] == "interpreter"
+        assert agreement["float64"]["rtol"] == tolerance(torch.float64)[0]
+        errors = row["errors"]
+        assert errors["truth"] == "interpreter" and "truth_failed" not in errors
         for v in ("generated", "autograd"):
             r = row[v]
             assert r["status"] == "ok" and len(r["times_ms"]) == 1
             assert r["median_ms"] == r["times_ms"][0]
             assert r["peak_mib"] >= r["base_mib"] > 50  # RSS of a process that imported torch
             assert r["memory_source"] == "VmHWM since reset"
+            e = errors[v]
+            assert set(e["per_tensor"]) == {"y", "d/dx", *(f"d/d{p}" for p in (
+                ("W", "U") if row["layer"] == "cem_mlp" else ("W_q", "W_k")))}
+            assert e["max_rel"] == max(e["per_tensor"].values()) == e["per_tensor"][e["name"]]
+            assert 0 < e["max_rel"] < rtol
+        assert row["interpreter"] is None
         assert row["speedup"] == pytest.approx(row["autograd"]["median_ms"]
                                                / row["generated"]["median_ms"])
 
@@ -107,7 +131,10 @@ def test_bench_reports_a_mismatch(monkeypatch, capsys):
     captured = capsys.readouterr()
     assert "MISMATCH" in captured.err and "WARNING" in captured.err
     (cells,) = _table_rows(captured.out).values()
-    assert cells[-1].startswith("MISMATCH (")
+    # the float64 comparison with the truth is shown: 1% off is 1e5 times the float64 bound
+    # (and 50 times float32's)
+    assert cells["agree"].startswith("MISMATCH (") and cells["agree"].endswith("x tol)")
+    assert float(cells["agree"].rsplit(" ", 2)[1][:-1]) > 0.01 / tolerance(torch.float64)[0] / 2
 
 
 def test_bench_rechecks_a_rounding_difference_in_float64(monkeypatch, capsys):
@@ -119,7 +146,15 @@ def test_bench_rechecks_a_rounding_difference_in_float64(monkeypatch, capsys):
     captured = capsys.readouterr()
     assert "agree in float64" in captured.err
     (cells,) = _table_rows(captured.out).values()
-    assert cells[-1].startswith("ok in float64")
+    assert cells["agree"].startswith("ok in float64")
+    # the errors against the float64 truth say which variant is off: the generated y, by 10 rtol
+    # of each of its elements (relative to the largest, at most that), autograd by rounding
+    gen, auto = cells["gen err"].split(" ", 1), float(cells["autograd err"])
+    assert 5 * rtol < float(gen[0]) <= 10 * rtol * (1 + 1e-3) and auto < rtol
+    # its ratio to autograd's, over 2x (of the unrounded errors)
+    assert gen[1].startswith("(") and gen[1].endswith("x)")
+    assert float(gen[1][1:-2]) == pytest.approx(float(gen[0]) / auto, rel=0.1)
+    assert "NOTE: the generated layer is the less accurate" in captured.err
 
 
 def _reference_not_finite(bad_first: bool):
@@ -132,7 +167,7 @@ def _reference_not_finite(bad_first: bool):
         if variant == "autograd":
             y = y.clone()
             y.view(-1)[0] = math.nan
-        elif bad_first:
+        elif bad_first and variant == "generated":
             y = y.clone()
             y.view(-1)[1] += 1.0
         return y, grads
@@ -150,18 +185,19 @@ def test_bench_does_not_call_autograds_overflow_a_mismatch(monkeypatch, capsys):
         captured.err)
     (cells,) = _table_rows(captured.out).values()
     # y is (batch 2, 16 tokens, D=16): 512 elements, one NaN
-    assert cells[-1] == "ok where autograd is finite (autograd not finite: y 1/512)"
+    assert cells["agree"] == "ok where autograd is finite (autograd not finite: y 1/512)"
     monkeypatch.setattr(bench, "run_variant", _reference_not_finite(bad_first=True))
     assert main(["bench", FILES[0], "--tokens", "16", *TINY_MLP, "--no-memory"]) == 1
     (cells,) = _table_rows(capsys.readouterr().out).values()
-    assert cells[-1].startswith("MISMATCH")
+    assert cells["agree"].startswith("MISMATCH")
 
 
 def test_bench_over_budget_is_shown_not_raised(capsys):
     assert main(["bench", FILES[0], "--tokens", "16", *TINY_MLP, "--no-memory",
                  "--max-seconds", "1e-9"]) == 0
     (cells,) = _table_rows(capsys.readouterr().out).values()
-    assert cells[3:6] == ["over budget", "over budget", "-"]
+    assert [cells[c] for c in ("generated ms", "autograd ms", "speed-up")] == [
+        "over budget", "over budget", "-"]
 
 
 @pytest.fixture
@@ -295,12 +331,132 @@ def test_bench_examples_records_a_saved_run(tmp_path):
     module = _bench_examples_module()
     ok = VariantResult(median_ms=300.0, peak_mib=390.0, base_mib=230.0)
     oom = VariantResult(status="out of memory", peak_mib=350.0, base_mib=230.0)
+    errors = {"truth": "interpreter", "generated": {"max_rel": 3e-5, "name": "d/dV"},
+              "autograd": {"max_rel": 1e-5, "name": "d/dW"}}
     report = Report({"cpu": "x", "logical_cpus": 2, "torch": "t", "threads": 1, "date": "d"},
                     {"max_memory_mib": 17625}, [Row("f.py", "meanfield", 4096, {}, ok, oom,
-                                                     context_sets=["j <= i"])], "cmd")
+                                                     context_sets=["j <= i"], errors=errors)],
+                    "cmd")
     write_json(report, str(tmp_path / "run.json"))
     again = module.load_report(str(tmp_path / "run.json"))
     assert module.format_table(again) == module.format_table(report)
-    assert again.rows[0].memory_ratio is None
+    assert again.rows[0].memory_ratio is None and again.rows[0].interpreter is None
     ((_, _, verdict),) = module.targets(again)
     assert "autograd out of memory (needs over 17625 MiB), generated +160 MiB: met" in verdict
+    # the errors come back, and a generated error 3x autograd's is pointed out
+    assert "3.0e-05 (3.0x)" in module.format_table(again)
+    assert module.accuracy_notes(again) == [
+        "meanfield at 4096 tokens: generated error 3.0e-05 (d/dV) against autograd's 1.0e-05 "
+        "(d/dW), 3.0x"]
+
+
+@pytest.mark.parametrize("settings", [
+    {"steps": 2, "context": "current", "precond": "dplr"},
+    {"steps": 2, "context": "input", "precond": "diagonal"},
+])
+def test_the_autograd_baseline_is_autograd_through_layer_energy(settings):
+    """The baseline differentiates the package's Layer.energy (E scaled by 2 there moves its y and
+    no other variant's), and agrees in float64 with the generated layer and the interpreter over
+    several steps, both contexts and a learned preconditioner."""
+    from energyc.check import import_generated
+
+    (layer,) = compile_file(load(FILES[1]))
+    module = import_generated(layer)
+    g = torch.Generator().manual_seed(0)
+    lay = module.Layer(D=8, H=2, K=4, eta=0.5, dtype=torch.float64, **settings)
+    with torch.no_grad():
+        for p in lay.parameters():
+            p.add_(0.1 * torch.randn(p.shape, generator=g, dtype=torch.float64))
+    x = torch.randn(2, 12, 8, generator=g, dtype=torch.float64).requires_grad_(True)
+    w = torch.randn(2, 12, 8, generator=g, dtype=torch.float64)
+    names = bench._output_names(lay)
+    outs = {}
+    for v in bench.VARIANTS:
+        y, grads = bench.run_variant(v, layer, lay, x, w)
+        outs[v] = [y.detach(), *grads]
+    for v in ("autograd", "interpreter"):
+        assert bench.compare(names, outs["generated"], outs[v], torch.float64)["ok"], v
+    energy = lay.energy
+    lay.energy = lambda x, xbar=None, per_token=False: 2 * energy(x, xbar, per_token)
+    y2 = bench.run_variant("autograd", layer, lay, x, w)[0]
+    assert not torch.allclose(y2, outs["autograd"][0])
+    assert torch.equal(bench.run_variant("interpreter", layer, lay, x, w)[0],
+                       outs["interpreter"][0])
+
+
+def test_relative_errors_definition():
+    """max over tensors of max|got - truth| / max|truth|; absolute where the truth is zero; NaN the
+    worst; elements where only the truth is not finite left out."""
+    t = torch.tensor([1.0, -4.0, 2.0], dtype=torch.float64)
+    got = [t + torch.tensor([0.0, 0.02, 0.0]), torch.full((2,), 3e-3), t * (1 + 1e-3)]
+    truth = [t, torch.zeros(2, dtype=torch.float64), t]
+    e = bench.relative_errors(["a", "b", "c"], got, truth, torch.float32)
+    assert e["per_tensor"] == pytest.approx({"a": 0.02 / 4, "b": 3e-3, "c": 1e-3})
+    assert e["name"] == "a" and e["max_rel"] == pytest.approx(0.005)
+    rtol, atol = tolerance(torch.float32)
+    assert e["excess_name"] == "b" and e["excess"] == pytest.approx(3e-3 / atol, rel=1e-5)
+    nan = bench.relative_errors(["a", "b"], [t, t.clone().fill_(math.nan)], [t, t],
+                                torch.float32)
+    assert nan["name"] == "b" and math.isnan(nan["max_rel"])
+    inf_truth = torch.tensor([1.0, math.inf, 2.0], dtype=torch.float64)
+    left_out = bench.relative_errors(["a"], [torch.tensor([1.0, 5.0, 2.2])], [inf_truth],
+                                     torch.float32)
+    assert left_out["max_rel"] == pytest.approx(0.1)
+
+
+def test_bench_interpreter_variant(tmp_path, capsys):
+    """--interpreter times the interpreter too, in its own columns; the speed-up stays against
+    the autograd baseline."""
+    out_json = tmp_path / "bench.json"
+    assert main(["bench", FILES[1], "--tokens", "16", "--dim", "D=16", "H=2", "K=8", "--repeats",
+                 "1", "--no-memory", "--interpreter", "--json", str(out_json)]) == 0
+    out = capsys.readouterr().out
+    (cells,) = _table_rows(out).values()
+    assert float(cells["interpreter ms"]) > 0 and float(cells["interpreter err"]) > 0
+    assert cells["interpreter peak MiB"] == "-"  # --no-memory
+    assert "interpreter: the same by autograd through energyc.reference" in out
+    data = json.loads(out_json.read_text())
+    assert "--interpreter" in data["command"] and data["options"]["interpreter"] is True
+    (row,) = data["rows"]
+    assert row["interpreter"]["status"] == "ok" and len(row["interpreter"]["times_ms"]) == 1
+    assert row["errors"]["interpreter"]["max_rel"] > 0
+    assert row["speedup"] == pytest.approx(row["autograd"]["median_ms"]
+                                           / row["generated"]["median_ms"])
+
+
+def test_bench_truth_falls_back_to_autograd(monkeypatch, tmp_path, capsys):
+    """Where the interpreter cannot run in float64, the truth is autograd's, and the row says
+    why."""
+    original = bench.run_variant
+
+    def run_variant(variant, layer, lay, x, w):
+        if variant == "interpreter" and x.dtype == torch.float64:
+            raise RuntimeError("the interpreter cannot run")
+        return original(variant, layer, lay, x, w)
+
+    monkeypatch.setattr(bench, "run_variant", run_variant)
+    out_json = tmp_path / "bench.json"
+    assert main(["bench", FILES[0], "--tokens", "16", *TINY_MLP, "--no-memory",
+                 "--json", str(out_json)]) == 0
+    (row,) = json.loads(out_json.read_text())["rows"]
+    assert row["errors"]["truth"] == "autograd"
+    assert row["errors"]["truth_failed"] == {
+        "interpreter": "error: RuntimeError: the interpreter cannot run"}
+    assert row["agreement"]["status"] == "ok" and row["agreement"]["float64"]["truth"] == "autograd"
+    assert "the truth: interpreter in float64: error" in capsys.readouterr().err
+
+
+def test_bench_float64_run_fails_on_a_baseline_difference(monkeypatch, capsys):
+    """In float64 a difference of generated and autograd beyond the tolerance is a MISMATCH,
+    though the generated layer agrees with the truth (here autograd is off)."""
+    original = bench.run_variant
+
+    def run_variant(variant, layer, lay, x, w):
+        y, grads = original(variant, layer, lay, x, w)
+        return (y * 1.01 if variant == "autograd" else y), grads
+
+    monkeypatch.setattr(bench, "run_variant", run_variant)
+    assert main(["bench", FILES[0], "--tokens", "16", *TINY_MLP, "--no-memory", "--dtype",
+                 "float64"]) == 1
+    (cells,) = _table_rows(capsys.readouterr().out).values()
+    assert cells["agree"].startswith("MISMATCH (y: ")
