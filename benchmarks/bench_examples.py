@@ -1,8 +1,9 @@
 """`energyc bench` over every example energy file: generated layers against autograd of E.
 
-For each layer of each example (the files `tests/conftest.py::example_files` lists) and each token
-count, the generated layer and the baseline, y = x - eta P grad E by torch.autograd
-(create_graph=True) through E in plain PyTorch (the generated package's Layer.energy), run
+For each layer of each example (the energy files of examples/, as `energyc compile examples/`
+finds them) and each token count, the generated layer and the baseline, y = x - eta P grad E by
+torch.autograd (create_graph=True) through E in plain PyTorch (the generated package's
+Layer.energy), run
 forward + backward with the same weights and inputs, and each one's error against the float64
 truth is printed (`gen err`, `autograd err`); see `energyc/bench.py` for what is measured and how.
 `--interpreter` also times autograd through the interpreter of energyc/reference.py (the baseline
@@ -51,8 +52,14 @@ from energyc.bench import (  # noqa: E402
     run_bench,
     write_json,
 )
+from energyc.cli import energy_files  # noqa: E402
 from energyc.errors import EnergyError  # noqa: E402
-from tests.conftest import example_files  # noqa: E402
+
+
+def example_files() -> list[str]:
+    """The energy files of examples/ (the .py files that import energyc.dsl), relative to the
+    repository, sorted."""
+    return sorted(os.path.relpath(f, ROOT) for f in energy_files([os.path.join(ROOT, "examples")]))
 
 SECTION = "## Every example: generated layer against autograd of the energy (`energyc bench`)"
 

@@ -113,9 +113,10 @@ def step_pytest(out: str, budget: float) -> Step:
 
 
 def example_names(only: list[str] | None) -> list[str]:
-    from tests.conftest import example_files
+    from energyc.cli import energy_files
 
-    names = [os.path.splitext(os.path.basename(f))[0] for f in example_files()]
+    files = energy_files([os.path.join(ROOT, "examples")])
+    names = sorted(os.path.splitext(os.path.basename(f))[0] for f in files)
     return [n for n in names if only is None or n in only]
 
 
