@@ -100,7 +100,7 @@ def _reimport(module, path):
     return fresh
 
 
-NO_TRITON_SPELLING = """from energyc.dsl import *
+ARCTAN_SCORES = """from energyc.dsl import *
 import sympy
 D, H, K = dims("D H K"); i, j = tokens(); x, xbar = state(D)
 W_q = param("W_q", (H, K, D)); W_k = param("W_k", (H, K, D))
@@ -110,20 +110,41 @@ layer("f", E, eta=0.5)
 """
 
 
-def test_a_body_triton_cannot_spell_stays_on_torch(tmp_path):
-    """arctan has no Triton spelling: its passes over pairs are the torch runtime's calls on
-    the Triton path (slower, never wrong), and the layer is right."""
+def _arctan_layer(tmp_path):
+    """The arctan-capped energy, compiled, with the notes its rendering gives."""
     path = tmp_path / "f.py"
-    path.write_text(NO_TRITON_SPELLING)
+    path.write_text(ARCTAN_SCORES)
     (layer,) = compile_file(load(str(path)))
     notes: list[str] = []
     render_files(layer, str(path), notes)  # energyc compile prints these as notes
+    return path, layer, notes
+
+
+def test_a_body_triton_cannot_spell_stays_on_torch(tmp_path, monkeypatch):
+    """A function with no Triton spelling (arctan, its spelling taken away here: every function
+    the torch printer knows has one) leaves its passes over pairs to the torch runtime's calls
+    on the Triton path (slower, never wrong), with a note, and the layer is right."""
+    from energyc.backends import triton_printer
+
+    monkeypatch.delitem(triton_printer.TRITON_FUNCTIONS, "atan")
+    path, layer, notes = _arctan_layer(tmp_path)
     assert notes == [f"{path}:6: a pass over the pairs of a context set runs torch's code on the "
                      "Triton path: atan has no Triton spelling (correct; slower on a GPU)"]
     module = import_generated(layer)
     source = _triton_source(module)
     assert "_rt.pair_softmax_sums(" in source and "= _pairs(" not in source
     assert "math.atan" not in source
+    check_triton_path(layer, module, torch.float32, "cpu", tokens=TOKENS)
+
+
+def test_arctan_scores_run_on_the_pair_kernels(tmp_path):
+    """arctan's Triton spelling (energyc.runtime.triton_math.atan): the same energy's passes
+    over pairs are pair kernels, with no note, and the layer is right."""
+    _, layer, notes = _arctan_layer(tmp_path)
+    assert notes == []
+    module = import_generated(layer)
+    source = _triton_source(module)
+    assert "_rt.pair_" not in source and "= _pairs(" in source and "_tm.atan(" in source
     check_triton_path(layer, module, torch.float32, "cpu", tokens=TOKENS)
 
 

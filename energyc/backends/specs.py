@@ -36,6 +36,11 @@ class TritonModuleSpec:
         return self.pairs or any("_in_context(" in getattr(k, "valid", "") for k in self.kernels)
 
     @property
+    def math(self) -> bool:
+        """Whether a kernel calls a function of energyc.runtime.triton_math (``_tm.``)."""
+        return any("_tm." in repr(k) for k in self.kernels)
+
+    @property
     def pairs(self) -> bool:
         """Whether a kernel is a pair kernel (energyc.runtime.triton_pairs's helpers)."""
         return any(k.family == "pair" for k in self.kernels)

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import sympy
 
+from energyc.backends.spelling import stable_forms
 from energyc.backends.torch_printer import TorchPrinter
 from energyc.ir.graph import Node
 from energyc.ir.pairs import (
@@ -51,6 +52,8 @@ def _function(em, bodies: list[sympy.Expr], var: str, several: bool) -> str:
     names = {s.name: ("d" if s == DIST else f"{s.name[5]}[{s.name[6:]}]") for s in symbols}
     names.update({d: d for d in em.graph.dims})
     names.update({"B": "B", "T": "T"})
+    # the printer's stable forms first: cse would take sinh(u) and cosh(u) of a ratio apart
+    bodies = [stable_forms(b) for b in bodies]
     shared, reduced = sympy.cse(bodies, symbols=sympy.numbered_symbols("_c"), order="none")
     tensors = set(symbols)
     lines = []

@@ -33,6 +33,7 @@ from __future__ import annotations
 import sympy
 from sympy.printing.pycode import PythonCodePrinter
 
+from energyc.backends.spelling import fill, stable_forms, unit
 from energyc.ir.functions import EnergyFunction, step
 
 # SymPy function -> torch function (tensor arguments); math fallbacks come from PythonCodePrinter.
@@ -244,14 +245,16 @@ class TorchPrinter(PythonCodePrinter):
     def _print_Exp1(self, expr):
         return "math.e"
 
+    def doprint(self, expr, assign_to=None):
+        # forms that overflow where their value does not, rewritten (spelling.STABLE_FORMS)
+        return super().doprint(stable_forms(expr), assign_to)
+
     def _print_Function(self, expr):
+        # a spelling is one operand (spelling.unit): SymPy places a function as one
         if isinstance(expr, EnergyFunction):
-            arg = self._print(expr.args[0])
             if type(expr).torch and self._is_tensor(expr):
-                fmt = type(expr).torch
-                wrap = "{0}." in fmt or "{0} " in fmt
-                return fmt.format(f"({arg})" if wrap and not _atomic(arg) else arg)
-            return self._print(type(expr).definition(expr.args[0]))
+                return fill(type(expr).torch, self._print(expr.args[0]))
+            return unit(self._print(type(expr).definition(expr.args[0])))
         return super()._print_Function(expr)
 
     def _print_known_func(self, expr):
@@ -328,6 +331,3 @@ class TorchPrinter(PythonCodePrinter):
         h0 = expr.args[1] if len(expr.args) > 1 else sympy.S.Half
         return f"torch.heaviside({arg}, torch.tensor({float(h0)!r}, dtype=({arg}).dtype))"
 
-
-def _atomic(code: str) -> bool:
-    return code.replace("_", "").replace(".", "").isalnum()

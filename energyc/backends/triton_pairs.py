@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import sympy
 
 from energyc.backends import torch_pairs
+from energyc.backends.spelling import stable_forms
 from energyc.backends.torch_pairs import PairCall
 from energyc.backends.triton_printer import NoTritonSpellingError, TritonPrinter
 from energyc.ir.ops import describe_mask
@@ -65,6 +66,8 @@ def _tile_function(bodies: list[sympy.Expr]) -> tuple[list[str], list[str], str]
     order = sorted(used, key=lambda s: (not s.name.startswith("pair_u"), s != DIST,
                                         not s.name.startswith("pair_e"), _key(s)))
     names = {s.name: _symbol_name(s) for s in used}
+    # the printer's stable forms first: cse would take sinh(u) and cosh(u) of a ratio apart
+    bodies = [stable_forms(b) for b in bodies]
     shared, reduced = sympy.cse(bodies, symbols=sympy.numbered_symbols("c"), order="none")
     lines = []
     for sym, expr in shared:

@@ -6,7 +6,10 @@ A function here is a SymPy ``Function`` subclass that carries, side by side:
   evaluator and for printing when no faster library call exists;
 * its derivative (``fdiff``), which SymPy's ``diff`` uses;
 * its torch spelling (``torch``) and its Triton spelling (``triton``), format strings over the
-  printed argument (an empty spelling prints the definition instead).
+  printed argument (an empty spelling prints the definition instead); the printers place a
+  spelling as one operand and parenthesise the argument where it is not a call's whole argument
+  (``energyc.backends.spelling.fill``). A Triton spelling may call the helpers of
+  ``energyc.runtime.triton_math`` as ``_tm.<name>``.
 
 SymPy's own functions (exp, log, tanh, erf, sqrt, Piecewise, Max, ...) need no entry: SymPy knows
 their derivatives and the torch printer knows their names.
@@ -29,6 +32,12 @@ class EnergyFunction(sympy.Function):
     @classmethod
     def definition(cls, u: sympy.Expr) -> sympy.Expr:  # pragma: no cover - overridden
         raise NotImplementedError
+
+    def _eval_evalf(self, prec):
+        # a number's value (softplus(2)), from the definition: SymPy compares and prints it
+        if self.args[0].is_number:
+            return type(self).definition(self.args[0])._eval_evalf(prec)
+        return None
 
 
 class sigmoid(EnergyFunction):  # noqa: N801 - lower case like SymPy's functions
@@ -53,8 +62,8 @@ class softplus(EnergyFunction):  # noqa: N801
     """softplus(u) = log(1 + exp(u));  softplus' = sigmoid."""
 
     torch = "torch.nn.functional.softplus({0})"
-    # max(u, 0) + log(1 + exp(-|u|)): no overflow for large |u|
-    triton = "(tl.maximum({0}, 0.0) + tl.log(1.0 + tl.exp(-tl.abs({0}))))"
+    # max(u, 0) + log1p(exp(-|u|)): no overflow for large |u|, relative accuracy for u < 0
+    triton = "_tm.softplus({0})"
 
     @classmethod
     def definition(cls, u):
@@ -109,16 +118,48 @@ def _relu_absorbs_step(expr: sympy.Expr) -> sympy.Expr | None:
     return sympy.Mul(*kept) if len(kept) < len(expr.args) else None
 
 
-#: Identities of products of the functions here, (name, rewrite of a Mul or None), applied by
-#: ``simplify_functions`` wherever a pointwise body is made (energyc.ir.ops.pointwise).
+def hyperbolic_ratio(expr: sympy.Expr) -> sympy.Expr | None:
+    """sinh(u)**a cosh(u)**-b = tanh(u)**k sinh(u)**(a - k) cosh(u)**(k - b), k = min(a, b)
+    (a, b > 0 integers; cosh(u)**a sinh(u)**-b likewise, with tanh(u)**-k) in a product, else
+    None: the ratio that differentiating log(cosh(u)) gives is inf / inf beyond |u| = 89.4 in
+    float32 (710 in float64), where tanh is 1."""
+    powers: dict[sympy.Basic, sympy.Expr] = {}
+    rest = []
+    for f in expr.args:
+        base, e = f.as_base_exp()
+        if isinstance(base, (sympy.sinh, sympy.cosh)) and e.is_Integer:
+            powers[base] = powers.get(base, 0) + e
+        else:
+            rest.append(f)
+    changed = False
+    for base, a in list(powers.items()):
+        if not isinstance(base, sympy.sinh):
+            continue
+        other = sympy.cosh(base.args[0])
+        b = powers.get(other, 0)
+        if a * b >= 0:
+            continue
+        k = min(abs(a), abs(b)) * (1 if a > 0 else -1)  # tanh**k takes sinh**k cosh**-k
+        powers[base], powers[other] = a - k, b + k
+        powers[sympy.tanh(base.args[0])] = k
+        changed = True
+    if not changed:
+        return None
+    return sympy.Mul(*rest, *(base**e for base, e in powers.items()))
+
+
+#: Identities of products of the functions here and SymPy's, (name, rewrite of a Mul or None),
+#: applied by ``simplify_functions`` wherever a pointwise body is made (energyc.ir.ops.pointwise);
+#: the printers apply hyperbolic_ratio again to what they print (backends.spelling)
 PRODUCT_IDENTITIES = [
     ("relu_absorbs_step", _relu_absorbs_step),
+    ("hyperbolic_ratio", hyperbolic_ratio),
 ]
 
 
 def simplify_functions(expr: sympy.Expr) -> sympy.Expr:
     """``expr`` with PRODUCT_IDENTITIES applied to every product in it."""
-    if not expr.has(step):
+    if not expr.has(step, sympy.sinh):
         return expr
 
     def rewrite(e):
