@@ -341,3 +341,29 @@ def test_in_place_scaling_is_safe_exactly_where_autograd_does_not_save_the_outpu
     if name != "sign":  # piecewise constant: no derivative to check
         assert torch.autograd.gradgradcheck(fn, (u,)), code
     fn(u).sum().backward()
+
+
+def test_a_user_function_that_prints_its_argument_is_not_scaled_in_place():
+    """``c * f(a)`` scales f's result in place only where that result is a new tensor: a user
+    function defined as ``u`` (or ``u + 1``) prints its argument (or a sum), and ``a0.mul_(3)``
+    overwrote the argument itself."""
+    import math  # noqa: F401 - the printed code may read it
+
+    import sympy
+    import torch
+
+    from energyc.backends.torch_printer import TorchPrinter
+    from energyc.ir.functions import elementwise
+
+    a0 = sympy.Symbol("a0")
+    for f in (elementwise("_same", lambda u: u), elementwise("_shifted", lambda u: u + 1),
+              elementwise("_exp_of", lambda u: sympy.exp(u))):
+        code = TorchPrinter({"a0": "a0"}, {a0}, {a0}).doprint(3 * f(a0))
+        u = torch.ones(3, dtype=torch.float64)
+        out = eval(code, {"torch": torch, "math": math, "a0": u})
+        assert torch.equal(u, torch.ones(3, dtype=torch.float64)), code
+        expected = 3 * (f.definition(sympy.Integer(1)))
+        assert torch.allclose(out, torch.full((3,), float(expected), dtype=torch.float64)), code
+    # a definition that is one torch call is a new tensor: scaled in place as before
+    assert ".mul_(3)" in TorchPrinter({"a0": "a0"}, {a0}, {a0}).doprint(
+        3 * elementwise("_exp_of2", lambda u: sympy.exp(u))(a0))

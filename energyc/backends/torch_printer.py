@@ -87,6 +87,14 @@ class TorchPrinter(PythonCodePrinter):
             return self._saves_output(type(f).definition(f.args[0]))
         return isinstance(f, sympy.Function) and type(f).__name__ in SAVES_OUTPUT
 
+    def _fresh(self, f: sympy.Basic) -> bool:
+        """Whether the printed ``f`` is a new tensor, one call of a torch function; a function
+        printed by its definition is one only if that definition is (``elementwise("id",
+        lambda u: u)`` prints its argument itself, which an in-place step would overwrite)."""
+        if isinstance(f, EnergyFunction) and not type(f).torch:
+            return self._fresh(type(f).definition(f.args[0]))
+        return isinstance(f, sympy.Function)
+
     def _is_tensor(self, expr: sympy.Basic) -> bool:
         return any(s.name in self.tensor_names for s in expr.free_symbols)
 
@@ -110,7 +118,7 @@ class TorchPrinter(PythonCodePrinter):
         if not affine and len(tensors) < 2:
             (f,) = tensors
             if (isinstance(f, sympy.Function) and self._is_full(f) and f.is_commutative
-                    and not self._saves_output(f)):
+                    and self._fresh(f) and not self._saves_output(f)):
                 # c * f(a): f's result is a fresh tensor of the full shape: scale it in place
                 return self._finish(self._print(f), coeff, factors, [])
             return super()._print_Mul(expr)
