@@ -97,13 +97,26 @@ def test_runtime_attention_takes_the_masked_blocks_for_other_sets_and_biases(mon
         torch.testing.assert_close(a, b, **tol)
 
 
-def test_a_zero_scale_with_a_learned_scale_or_slopes_is_not_served():
-    """dscale and dslopes are divided out of dq by the scale."""
-    q = torch.zeros(1, 3, 1, 2)
-    assert flash_cpu.serves(q, q, 0.5, None, need_dscale=True)
-    assert not flash_cpu.serves(q, q, 0.0, None, need_dscale=True)
-    assert not flash_cpu.serves(q, q, 0.0, torch.ones(1))
-    assert flash_cpu.serves(q, q, 0.0)
+@pytest.mark.parametrize("kind", [("causal",), ("window", 3)], ids=lambda k: "_".join(map(str, k)))
+def test_a_zero_scale_with_a_learned_scale_and_slopes_is_served(kind):
+    """dscale and dslopes come from the kernels' dq for the scaled queries, with nothing divided by
+    the scale (they were divided by it, and a zero scale took the fallback)."""
+    torch.manual_seed(0)
+    B, T, H, F = 2, 300, 2, 4
+    q, k, v = (torch.randn(B, T, H, F, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    scale = torch.zeros((), dtype=torch.float64, requires_grad=True)
+    slopes = torch.tensor([-0.3, 0.2], dtype=torch.float64, requires_grad=True)
+    assert flash_cpu.serves(q, v, scale.detach(), slopes, need_dscale=True)
+    o, _, _ = dense(q, k, v, scale, kind, slopes)
+    g = torch.randn_like(o)
+    want = torch.autograd.grad((o * g).sum(), (q, k, v, scale, slopes))
+    detached = [t.detach() for t in (q, k, v, scale, slopes)]
+    o2, lse2 = flash_cpu.forward(*detached[:4], kind, detached[4])
+    got = flash_cpu.backward(*detached[:4], kind, o2, lse2, g, detached[4], need_dscale=True)
+    rtol, atol = tolerance(torch.float64)
+    torch.testing.assert_close(o2, o.detach(), rtol=rtol, atol=atol)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=rtol, atol=atol)
 
 
 @pytest.mark.parametrize("kind", KINDS + [("window", 0), ("window", 2)],
@@ -186,3 +199,102 @@ def test_slopes_gradient_of_a_narrow_window_is_as_accurate_as_the_materialised_o
         return float((t.double() - truth).abs().max() / truth.abs().max())
 
     assert err(got) <= 2 * err(dslopes_dense(torch.float32))
+
+
+def _errors(got, truth):
+    """max |t - t64| / max |t64| of each tensor (energyc bench's error against the truth)."""
+    return [float((a.double() - t).abs().max() / t.abs().max()) for a, t in zip(got, truth)]
+
+
+def _materialised(q, k, v, g, scale, kind, slopes=None, terms=None):
+    """o, dq, dk, dv of the attention formed whole and differentiated by autograd; with
+    ``terms``, feature ranges whose products are formed separately and added (as autograd of an
+    energy with several score terms forms them), else one product."""
+    q, k, v = (t.detach().clone().requires_grad_() for t in (q, k, v))
+    terms = terms or [(0, q.shape[-1])]
+    S = sum(torch.einsum("bihf,bjhf->bhij", q[..., a:b], k[..., a:b]) for a, b in terms) * scale
+    T = q.shape[1]
+    d = (torch.arange(T)[:, None] - torch.arange(T)[None, :]).to(q.dtype)
+    if slopes is not None:
+        S = S + slopes.to(q.dtype)[None, :, None, None] * d
+    S = S.masked_fill(~_in_context(kind[0], kind[1] if kind[0] == "window" else 0, d), -math.inf)
+    o = torch.einsum("bhij,bjhf->bihf", torch.softmax(S, -1), v)
+    return [o.detach(), *torch.autograd.grad((o * g).sum(), (q, k, v))]
+
+
+def _flash(q, k, v, g, scale, kind, slopes=None):
+    """o, dq, dk, dv of the runtime's attention (the plain kernels for causal attention without a
+    bias, else the masked blocks)."""
+    o, lse = rt.attention_forward(q, k, v, scale, kind, slopes)
+    return [o, *rt.attention_backward(q, k, v, scale, kind, o, lse, g, slopes)[:3]]
+
+
+@pytest.mark.parametrize("kind,slopes", [(("causal",), None), (("causal",), [-0.05, -0.1])],
+                         ids=["plain_causal", "masked_blocks"])
+def test_the_backward_reads_the_forwards_scores(kind, slopes):
+    """In float32 against float64 from the same rounded inputs, o, dq, dk and dv are no more than
+    twice as far off as the materialised float32 attention's under autograd (2: the roundings
+    differ, not the formula). Given the scale, the kernels' forward and backward rounded S
+    differently, and exp(S - lse) rows summed to 1 within 1e-5 only: 2.2-3.5x (dq, dk, dv)."""
+    torch.manual_seed(0)
+    B, T, H, F = 2, 1024, 2, 32
+    q = 3 * torch.randn(B, T, H, F)  # |S| up to ~20, as the examples' scores at 1024 tokens
+    k, v, g = (torch.randn(B, T, H, F) for _ in range(3))
+    scale = 1 / math.sqrt(F)
+    slopes = None if slopes is None else torch.tensor(slopes)
+    truth = _materialised(q.double(), k.double(), v.double(), g.double(), scale, kind, slopes)
+    ref = _errors(_materialised(q, k, v, g, scale, kind, slopes), truth)
+    got = _errors(_flash(q, k, v, g, scale, kind, slopes), truth)
+    assert all(e <= 2 * r for e, r in zip(got, ref)), (got, ref)
+
+
+@pytest.mark.parametrize("kind", [("causal",), ("window", 300)], ids=["plain_causal", "masked_blocks"])
+def test_small_score_terms_are_summed_before_large_ones(kind):
+    """Scores of two terms in one dot product, 32 features of products ~2.4 and 128 of ~0.04 after
+    them (as the DPLR layers concatenate theirs): in float32 against float64 from the same rounded
+    inputs, o, dq, dk and dv are no more than twice as far off as the materialised attention's
+    with each term its own product (as autograd of the energy forms them; 2: the roundings
+    differ). Summed in the features' own order, 7-10x."""
+    torch.manual_seed(0)
+    B, T, H, K, D = 2, 1024, 2, 32, 128
+    q = torch.cat([3 * torch.randn(B, T, H, K), 0.05 * torch.randn(B, T, H, D)], -1)
+    k, v, g = (torch.randn(B, T, H, K + D) for _ in range(3))
+    scale, terms = 1 / math.sqrt(K), [(0, K), (K, K + D)]
+    truth = _materialised(q.double(), k.double(), v.double(), g.double(), scale, kind)
+    ref = _errors(_materialised(q, k, v, g, scale, kind, terms=terms), truth)
+    got = _errors(_flash(q, k, v, g, scale, kind), truth)
+    assert all(e <= 2 * r for e, r in zip(got, ref)), (got, ref)
+
+
+@pytest.mark.parametrize("kind", [("causal",), ("window", 7), ("all",)],
+                         ids=lambda k: "_".join(map(str, k)))
+@pytest.mark.parametrize("bias", [False, True], ids=["no_bias", "slopes"])
+def test_reordered_features_give_the_same_attention(kind, bias):
+    """With features of very different sizes interleaved (so that feature_order moves several runs
+    of them), every product in float64 equals the materialised attention's: dq and dk come back
+    in the features' own order."""
+    torch.manual_seed(1)
+    B, T, H, F = 2, 300, 2, 6
+    size = torch.tensor([1.0, 0.01, 0.01, 1.0, 0.01, 1.0], dtype=torch.float64)
+    q, k = (size * torch.randn(B, T, H, F, dtype=torch.float64) for _ in range(2))
+    assert flash_cpu.feature_order(q, k) == [(1, 3), (4, 5), (0, 1), (3, 4), (5, 6)]
+    q, k = q.requires_grad_(), k.requires_grad_()
+    v = torch.randn(B, T, H, 3, dtype=torch.float64, requires_grad=True)
+    scale = torch.tensor(0.7, dtype=torch.float64, requires_grad=True)
+    slopes = torch.tensor([-0.1, 0.2], dtype=torch.float64, requires_grad=True) if bias else None
+    o, lse, P = dense(q, k, v, scale, kind, slopes)
+    g = torch.randn_like(o)
+    wrt = [q, k, v, scale] + ([slopes] if bias else [])
+    want = torch.autograd.grad((o * g).sum(), wrt)
+    args = [t.detach() for t in (q, k, v, scale)]
+    s = None if slopes is None else slopes.detach()
+    o2, lse2 = rt.attention_forward(*args, kind, s)
+    got = rt.attention_backward(*args, kind, o2, lse2, g, s, need_dscale=True)
+    w = torch.randn(B, T, H, 5, dtype=torch.float64)  # a value of the query token
+    ot = rt.attention_transposed(args[0], args[1], w, args[3], kind, lse2, s)
+    rtol, atol = tolerance(torch.float64)
+    tol = dict(rtol=rtol, atol=atol)
+    torch.testing.assert_close(o2, o.detach(), **tol)
+    torch.testing.assert_close(ot, torch.einsum("bhij,bihf->bjhf", P.detach(), w), **tol)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, **tol)

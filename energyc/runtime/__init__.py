@@ -397,8 +397,11 @@ def _attention_forward(q, k, v, scale, kind, slopes, offset, keep_probs, probs) 
     if keep_probs and probs_fit(q, k, kind):
         return _attention_whole(qh, kh, vh, scale, kind, slopes, q.dtype)
     if _flash_cpu_serves(q, v, kind, slopes, scale=scale):
+        order = flash_cpu.feature_order(q, k)  # the scores the backward reads again
+        factor, s = flash_cpu.kernel_scale(q, scale)
         o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-            qh, kh, vh, 0.0, kind[0] == "causal", scale=float(scale)
+            flash_cpu.ordered(qh, order, factor), flash_cpu.ordered(kh, order), vh, 0.0,
+            kind[0] == "causal", scale=s
         )
     elif flash_cpu.serves(q, v, scale, slopes):  # other context sets, a bias: masked blocks
         return *flash_cpu.forward(q, k, v, scale, kind, slopes), None
@@ -512,10 +515,18 @@ def attention_backward(
     lseh = lse.transpose(1, 2)
     dscale = dslopes = None
     if _flash_cpu_serves(q, v, kind, slopes, need_dscale, scale) and _flash_backward_accurate(lse):
+        order = flash_cpu.feature_order(q, k)  # as the forward: the same scores
+        factor, s = flash_cpu.kernel_scale(q, scale)
+        qs, ks = flash_cpu.ordered(qh, order, factor), flash_cpu.ordered(kh, order)
         dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-            gh, qh, kh, vh, oh, lseh.float() if q.dtype in (torch.float16, torch.bfloat16)
-            else lseh, 0.0, kind[0] == "causal", scale=float(scale)
+            gh, qs, ks, vh, oh,
+            lseh.float() if q.dtype in (torch.float16, torch.bfloat16) else lseh, 0.0,
+            kind[0] == "causal", scale=s
         )
+        # the features back in their own order (into the ordered operands' memory, no longer
+        # read); the kernel's dq is to the queries factor q
+        dq = flash_cpu.unordered(dq, order, factor, out=qs)
+        dk = flash_cpu.unordered(dk, order, out=ks)
     elif flash_cpu.serves(q, v, scale, slopes, need_dscale) and _flash_backward_accurate(lse):
         return flash_cpu.backward(q, k, v, scale, kind, o, lse, g, slopes, need_dscale)
     else:

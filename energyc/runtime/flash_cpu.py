@@ -16,26 +16,63 @@ the three products are:
 * ``backward``: ``dq``, ``dk``, ``dv`` from the kernel's backward per query block (``dk`` and
   ``dv`` summed over the blocks), and when asked:
 
-      dscale    = sum_ij dS_ij q_i . k_j  = (1 / scale) sum_i q_i . dq_i
-      dslopes_h = sum_ij dS_ij (i - j)    = -(1 / scale) sum_i dq'_i        per block from r0 on
+      dscale    = sum_ij dS_ij q_i . k_j  = sum_i q_i . dq'_i
+      dslopes_h = sum_ij dS_ij (i - j)    = -sum_i dq''_i        per block from r0 on
 
-  (dq_i = scale sum_j dS_ij k_j). For dslopes each block pads q with a feature 0 and k with the
-  feature j - r0, which leaves S and P as they were, so the padded feature of dq is
-  ``dq'_i = scale sum_j dS_ij (j - r0)``; since each row of dS sums to 0,
+  (the kernels take the queries scale q and a scale of 1, see below: their dq is
+  ``dq'_i = sum_j dS_ij k_j``, and dq_i = scale dq'_i). For dslopes each block pads q with a
+  feature 0 and k with the feature j - r0, which leaves S and P as they were, so the padded
+  feature of dq' is ``dq''_i = sum_j dS_ij (j - r0)``; since each row of dS sums to 0,
   ``sum_ij dS_ij (i - j) = -sum_ij dS_ij (j - r0)``. Every dS_ij is the kernel's own, weighted by
-  offsets no larger than a block and its keys; both need a non-zero scale. The row sums are 0
+  offsets no larger than a block and its keys; nothing is divided by the scale. The row sums are 0
   only up to rounding, and the weights j - r0 (up to BLOCK + w) are far larger than i - j where
   the context set is a narrow band of offsets (a window of w < BLOCK: i - j <= w): the rounding
   of the sums was then amplified by up to (BLOCK + w) / w (window_alibi, w = 4: dslopes 33x less
   accurate than autograd's, 7.4e-5 against 2.2e-6 relative at 1024 tokens in float32). For such
   a band dslopes is summed over its pairs alone (``_band_dslopes``: P recomputed from lse and
   renormalised over the row, delta_i = sum_j P_ij dP_ij from the same P, each pair weighted by
-  its own i - j), a block of queries at a time: O(tokens x w) work;
+  its own i - j), a block of queries at a time: O(tokens x w) work. Elsewhere dslopes keeps the
+  error of the rows' normalisation: P = exp(S_ij - lse_i) with the forward's float32 lse sums to
+  1 only within lse's rounding, and each row of dS carries that factor, which dslopes (row
+  contributions that cancel to a far smaller total) does not average out. With |lse| up to 121
+  (a head whose bias grows with the distance: lm_attention_alibi_dplr at 1024 tokens with
+  energyc bench's perturbed slopes) the rows sum to 1 within 3.8e-6 and dslopes in float32 is
+  2.4x as far off as autograd's (9.5e-6 against 3.9e-6; S in float32 and P from that lse with
+  everything else in float64: 1.7e-5, 3.6e-7 with the rows renormalised). Renormalising would
+  take each row's sum of P, a product of its own (the bound of this error in general:
+  FLASH_BACKWARD_MAX_LSE in energyc.runtime);
 * ``transposed`` (the key role): ``o_j = sum_i P_ij v_i``. Its weights, over i for a fixed j, are
   a softmax of ``S_ij - lse_i`` up to its normaliser ``Z_j = sum_i P_ij <= T``: the forward
-  kernel with the roles of queries and keys swapped, on ``[scale k_j, 1]`` and ``[q_i, -lse_i]``
+  kernel with the roles of queries and keys swapped, on ``[k_j, 1]`` and ``[scale q_i, -lse_i]``
   (whose product is ``S_ij - lse_i`` without the bias, so the mask stays a context tile), gives
   ``o'_j = sum_i P_ij v_i / Z_j`` and ``log Z_j``, so ``o_j = o'_j Z_j``.
+
+The backward and the key role recompute P as exp(S_ij - lse_i) with the forward's lse_i, which
+normalises the forward's own S: where they form S otherwise than the forward, the rows of P sum
+to 1 only up to the difference, and nothing renormalises them. Two things keep S the same:
+
+* the kernels take ``scale q`` and a scale of 1 (``kernel_scale``; float32 and float64 only,
+  where that product rounds no worse than the kernels' own). Given the scale, the forward kernel
+  scales q . k after its product and the backward within it (its P matched a GEMM with alpha =
+  scale to 1e-7, not (q . k) scale): the two S differed by up to 1.4e-5 at |S| ~ 16 (the DPLR
+  scores of lm_attention_nope_dplr, 160 features), the rows of P summed to 1 within 1.1e-5
+  only, and that layer's float32 dq, dk, dv from the plain causal kernels were 3.1x, 2.4x and 3.2x
+  less accurate than the materialised attention's under autograd (5.6e-6 against 1.8e-6 for dq,
+  relative to float64 from the same inputs); with the scaled queries the rows sum to 1 within
+  the rounding of lse (9.5e-7 at |lse| ~ 14) and the three are 1.0x, 1.8x, 1.1x its (1.0x,
+  0.8x, 0.5x with the order of the features below too);
+* the same order of the features (below), a function of q and k alone.
+
+The kernels sum the features of q_i . k_j in their order. Where the scores are several terms in
+one dot product (the generated layers concatenate their features) and one term's products are
+much smaller than another's, each small product added after the large ones is rounded to the
+precision of their partial sum: lm_attention_nope_dplr's low-rank term (W_q x_i) . (W_k xbar_j),
+32 features of products ~1.5 (partial sums up to ~95), before its diagonal x_i diag(d) xbar_j,
+128 of ~0.05, made the float32 attention output 1.9e-6 off, against 7.0e-7 for the terms as
+separate products (as autograd of the energy forms them). ``feature_order`` puts the features
+whose products are under 1 / SMALL_TERMS of the largest feature's first, each group in its own
+order (so that the reordering is a few slice copies, and features of one size are left as they
+are): 6.1e-7. dq and dk come back in the features' own order.
 
 Without a bias, a block's keys are split where the context set's boundaries cross them
 (``key_parts``): the keys every query of the block sees run without a mask, and only the keys
@@ -69,6 +106,12 @@ BLOCK = 256  # queries per kernel call: a mask tile is (H|1, BLOCK, keys)
 # as long with every part its own call; at 1024 tokens the two were even, at 4096 the split
 # was 1.17x faster)
 MIN_UNMASKED = 1024
+# a feature of the scores whose products are under 1 / SMALL_TERMS of the largest feature's is
+# summed before the others (``feature_order``): added after them, each of its products is rounded
+# to the precision of their partial sum (the DPLR scores' diagonal features, 1/100 to 1/14 of the
+# low-rank ones', made the float32 attention output 2.7x less accurate, see the module); features
+# within a factor of 8 of each other are left in their own order (the reordering copies q, k, dk)
+SMALL_TERMS = 8
 
 _OPS = all(hasattr(torch.ops.aten, name) for name in (
     "_scaled_dot_product_flash_attention_for_cpu",
@@ -77,15 +120,82 @@ _OPS = all(hasattr(torch.ops.aten, name) for name in (
 
 def serves(q: torch.Tensor, v: torch.Tensor, scale: float | torch.Tensor,
            slopes: torch.Tensor | None = None, need_dscale: bool = False) -> bool:
-    """Whether these kernels compute the call: CPU tensors, and a non-zero scale when the gradient
-    of the scale or the slopes is asked for (it is divided out of dq). The kernels take the scale
-    as a number: under torch.compile a tensor scale (a learned one) would be a data-dependent
-    read, so the caller's fallback, which keeps it a tensor, serves there."""
+    """Whether these kernels compute the call: CPU tensors (any scale: dscale and dslopes come
+    from the kernels' dq for the scaled queries, nothing is divided by the scale). The kernels
+    take the scale as a number: under torch.compile a tensor scale (a learned one) would be a
+    data-dependent read, so the caller's fallback, which keeps it a tensor, serves there."""
     if not (_OPS and q.device.type == "cpu"):
         return False
-    if isinstance(scale, torch.Tensor) and torch.compiler.is_compiling():
-        return False
-    return not ((need_dscale or slopes is not None) and float(scale) == 0.0)
+    return not (isinstance(scale, torch.Tensor) and torch.compiler.is_compiling())
+
+
+def feature_order(q: torch.Tensor, k: torch.Tensor) -> list[tuple[int, int]] | None:
+    """The order in which the kernels are to sum the features of the scores' dot products
+    q_i . k_j (q, k (B, T, H, F)), as runs [a, b) of them: the features whose products are small,
+    sum |q_f| times sum |k_f| under 1 / SMALL_TERMS of the largest feature's, first, then the
+    others, each in their own order (see the module); None where that is the order they are in
+    (and under torch.compile, which would trace the test). The sums are over every
+    ceil(T / 256)-th token (an estimate of the sizes is all the order needs) and every head."""
+    F = q.shape[-1]
+    if torch.compiler.is_compiling() or F < 2 or q.numel() == 0 or k.numel() == 0:
+        return None
+    dt = _compute_dtype(q.dtype)
+    step = -(-q.shape[1] // 256)
+    size = (q[:, ::step].abs().sum((0, 1, 2), dtype=dt)
+            * k[:, ::step].abs().sum((0, 1, 2), dtype=dt))
+    small = (size * SMALL_TERMS < size.amax()).tolist()
+    cuts = [f for f in range(1, F) if small[f] != small[f - 1]]
+    runs = list(zip([0, *cuts], [*cuts, F]))
+    runs = [r for r in runs if small[r[0]]] + [r for r in runs if not small[r[0]]]
+    return None if runs == sorted(runs) else runs
+
+
+def ordered(t: torch.Tensor, runs: list[tuple[int, int]] | None, factor: float = 1.0
+            ) -> torch.Tensor:
+    """factor * t with its features (the last axis; any beyond the runs' stay last) in the order
+    of ``feature_order``'s ``runs``: one pass, in t's memory layout (t itself for no runs and a
+    factor of 1)."""
+    if runs is None:
+        return t if factor == 1.0 else t * factor
+    return _moved(t, runs, [b - a for a, b in runs], factor)
+
+
+def unordered(t: torch.Tensor, runs: list[tuple[int, int]] | None, factor: float = 1.0,
+              out: torch.Tensor | None = None) -> torch.Tensor:
+    """factor * t with its features, in the order of ``runs``, back in their own order; written
+    into ``out`` (of t's shape, no longer needed: e.g. the ordered operand, whose memory is in
+    use already, where a fresh tensor's first touch costs more than the copy) when given."""
+    if runs is None:
+        return t if factor == 1.0 else t * factor
+    at, moved = 0, {}
+    for a, b in runs:
+        moved[a] = (at, at + b - a)
+        at += b - a
+    return _moved(t, [moved[a] for a, _ in sorted(runs)], [b - a for a, b in sorted(runs)],
+                  factor, out)
+
+
+def _moved(t: torch.Tensor, runs: list[tuple[int, int]], widths: list[int], factor: float,
+           out: torch.Tensor | None = None) -> torch.Tensor:
+    """The features [a, b) of t for each of ``runs`` one after the other, times factor, then the
+    features after the runs' as they are (into ``out``, else a new tensor)."""
+    out = torch.empty_like(t) if out is None else out
+    at = 0
+    for (a, b), n in zip(runs, widths):
+        torch.mul(t[..., a:b], factor, out=out[..., at:at + n])
+        at += n
+    if at < t.shape[-1]:
+        out[..., at:] = t[..., at:]
+    return out
+
+
+def kernel_scale(q: torch.Tensor, scale: float | torch.Tensor) -> tuple[float, float]:
+    """(the factor of q, the scale) to pass the kernels: (scale, 1) where q is in float32 or
+    float64, so that the forward and the backward kernels read the same scores (see the module:
+    each applies a scale its own way); else (half precision, where ``scale q`` would be rounded
+    to the input's precision again) (1, scale)."""
+    s = float(scale)
+    return (s, 1.0) if q.dtype in (torch.float32, torch.float64) else (1.0, s)
 
 
 def _offsets(r0: int, r1: int, c0: int, c1: int, device: torch.device) -> torch.Tensor:
@@ -208,9 +318,10 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | to
     """o (B, T, H, G) in q's dtype and lse (B, T, H) in float32 (float64 for float64 inputs) of
     softmax attention over the context set ``kind``; q, k (B, T, H, F), v (B, T, H, G)."""
     dt = _compute_dtype(q.dtype)
+    order = feature_order(q, k)
     qh, kh, vh = _heads_first(q, k, v, dtype=dt, width=max(q.shape[-1], v.shape[-1]))
+    qh, kh, s = ordered(qh, order, float(scale)), ordered(kh, order), 1.0  # the scaled queries
     T = qh.shape[2]
-    s = float(scale)
     outs, lses = [], []
     for block in query_blocks(kind, T, BLOCK):
         r0, r1, c0, c1 = block
@@ -311,13 +422,14 @@ def backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | t
     narrow = _narrow_band(kind) if slopes is not None else None
     padded = slopes is not None and narrow is None  # dslopes from a padded feature of k
     N = max(F, G) + padded  # the padded width; with the feature k's last is j - r0
-    qh, vh, oh, gh = _heads_first(q, v, o, g, dtype=dt, width=N)
+    order = feature_order(q, k)  # as the forward: the same scores
+    q0, vh, oh, gh = _heads_first(q, v, o, g, dtype=dt, width=N)
     (kh,) = _heads_first(k, dtype=dt, width=max(F, G))
+    qh, kh, s = ordered(q0, order, float(scale)), ordered(kh, order), 1.0  # the scaled queries
     lseh = lse.transpose(1, 2).to(dt)
     B, H, T, _ = qh.shape
     dqs, dk, dv = [], _Keys(T), _Keys(T)
     dslopes = qh.new_zeros(H) if slopes is not None else None
-    s = float(scale)
     for block in query_blocks(kind, T, BLOCK):
         r0, r1, c0, c1 = block
         parts = [(c0, c1, True)] if slopes is not None else key_parts(kind, r0, r1, c0, c1)
@@ -336,13 +448,20 @@ def backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | t
             dv.add(dvb, a, b)
         dqs.append(dqb)
         if padded:
-            dslopes -= dqb[..., -1].sum((0, 2)) / s
+            dslopes -= dqb[..., -1].sum((0, 2))  # the kernel scale is 1: dq'' itself
     if narrow is not None:
         dslopes = _band_dslopes(qh[..., :F], kh[..., :F], vh[..., :G], gh[..., :G], lseh, s,
                                 slopes, *narrow)
     dq, dk, dv = _rows(dqs), dk.total, dv.total
-    dq, dk, dv = dq[..., :F], dk[..., :F], dv[..., :G]
-    dscale = (qh[..., :F] * dq).sum() / s if need_dscale else None
+    # dq, dk in the features' own order, into the ordered operands' memory (no longer read)
+    dq, dk, dv = dq[..., :F], unordered(dk[..., :F], order, out=kh[..., :F]), dv[..., :G]
+    dscale = None
+    if need_dscale:  # the kernels' dq is dq' = sum_j dS_ij k_j, to the scaled queries
+        dq = unordered(dq, order, out=qh[..., :F])
+        dscale = (q0[..., :F] * dq).sum()
+        dq = dq * float(scale)
+    else:
+        dq = unordered(dq, order, float(scale), out=qh[..., :F])
     return (dq.transpose(1, 2).to(q.dtype), dk.transpose(1, 2).to(q.dtype),
             dv.transpose(1, 2).to(q.dtype), dscale, dslopes)
 
@@ -356,10 +475,12 @@ def transposed(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float |
     F, G = q.shape[-1], v.shape[-1]
     N = max(F + 1, G)  # one more feature carries -lse_i (see below)
     (vh,) = _heads_first(v, dtype=dt, width=N)
-    qh, kh = _heads_first(q, k * torch.as_tensor(scale, dtype=k.dtype), dtype=dt, width=F)
+    order = feature_order(q, k)  # the forward's scores: its features and scaled queries
+    qh, kh = _heads_first(q, k, dtype=dt, width=F)
+    qh, kh = ordered(qh, order, float(scale)), ordered(kh, order)
     B, H, T, _ = qh.shape
     lseh = lse.transpose(1, 2).to(dt)[..., None]
-    # keys as queries, queries as keys: [s k_j, 1] . [q_i, -lse_i] = S_ij - lse_i (kernel scale 1)
+    # keys as queries, queries as keys: [k_j, 1] . [s q_i, -lse_i] = S_ij - lse_i (kernel scale 1)
     kq = torch.nn.functional.pad(torch.cat([kh, torch.ones_like(lseh)], -1), (0, N - F - 1))
     qk = torch.nn.functional.pad(torch.cat([qh, -lseh], -1), (0, N - F - 1))
     n = _empty_rows(kind, T)
