@@ -16,7 +16,7 @@ the three products are:
 * ``backward``: ``dq``, ``dk``, ``dv`` from the kernel's backward per query block (``dk`` and
   ``dv`` summed over the blocks), and when asked:
 
-      dscale    = sum_ij dS_ij q_i . k_j  = sum_i q_i . dq'_i
+      dscale    = sum_ij dS_ij q_i . k_j  = sum_i q_i . dq'_i         (a narrow band: below)
       dslopes_h = sum_ij dS_ij (i - j)    = -sum_i dq''_i        per block from r0 on
 
   (the kernels take the queries scale q and a scale of 1, see below: their dq is
@@ -29,12 +29,18 @@ the three products are:
   the context set is a narrow band of offsets (a window of w < BLOCK: i - j <= w): the rounding
   of the sums was then amplified by up to (BLOCK + w) / w (window_alibi, w = 4: dslopes 33x less
   accurate than autograd's, 7.4e-5 against 2.2e-6 relative at 1024 tokens in float32). For such
-  a band dslopes is summed over its pairs alone (``_band_dslopes``: P recomputed from lse and
-  renormalised over the row, delta_i = sum_j P_ij dP_ij from the same P, each pair weighted by
-  its own i - j), a block of queries at a time: O(tokens x w) work. Elsewhere dslopes keeps the
-  error of the rows' normalisation: P = exp(S_ij - lse_i) with the forward's float32 lse sums to
-  1 only within lse's rounding, and each row of dS carries that factor, which dslopes (row
-  contributions that cancel to a far smaller total) does not average out. With |lse| up to 121
+  a band dslopes and dscale are summed over its pairs alone (``_band_sums``: P recomputed from
+  lse and renormalised over the row, delta_i = sum_j P_ij dP_ij from the same P, each pair
+  weighted by its own i - j, or q_i . k_j), a block of queries at a time: O(tokens x w) work.
+  Each row's weights are centred on their mean under P, which leaves a row of dS summing to 0
+  with the same sum but keeps the rounding of that 0 from being multiplied by the mean:
+  sum_i q_i . dq'_i weighs it by each row's mean q_i . k_j, and window_alibi's terms summed to
+  2100x dscale, whose float32 error at 1024 tokens was 3.9e-6 relative (1.1e-5 once the kernels
+  took scaled queries: its d/dbeta then 4.2x as far off as autograd's worst gradient); centred,
+  3.0e-7 (and dslopes 9e-7 instead of 2e-6). Elsewhere dslopes keeps the error of the rows'
+  normalisation: P = exp(S_ij - lse_i) with the forward's float32 lse sums to 1 only within
+  lse's rounding, and each row of dS carries that factor, which dslopes (row contributions that
+  cancel to a far smaller total) does not average out. With |lse| up to 121
   (a head whose bias grows with the distance: lm_attention_alibi_dplr at 1024 tokens with
   energyc bench's perturbed slopes) the rows sum to 1 within 3.8e-6 and dslopes in float32 is
   2.4x as far off as autograd's (9.5e-6 against 3.9e-6; S in float32 and P from that lse with
@@ -364,7 +370,8 @@ def _merged_forward(qh: torch.Tensor, kh: torch.Tensor, vh: torch.Tensor, s: flo
 
 def _narrow_band(kind: tuple) -> tuple[int, int] | None:
     """(lo, hi) of a context set that is the offsets lo <= i - j <= hi with hi - lo < BLOCK and no
-    hole (a window narrower than a block), else None: where ``_band_dslopes`` sums dslopes."""
+    hole (a window narrower than a block), else None: where ``_band_sums`` sums dscale and
+    dslopes."""
     lo, hi, hole = band(kind[0], kind[1] if kind[0] == "window" else 0)
     if lo is None or hi is None or hole is not None or hi - lo >= BLOCK:
         return None
@@ -380,34 +387,40 @@ def _bands(t: torch.Tensor, a: int, b: int, n: int) -> torch.Tensor:
     return t.unfold(2, n, 1)
 
 
-def _band_dslopes(qh: torch.Tensor, kh: torch.Tensor, vh: torch.Tensor, gh: torch.Tensor,
-                  lseh: torch.Tensor, scale: float, slopes: torch.Tensor, lo: int, hi: int
-                  ) -> torch.Tensor:
-    """dslopes_h = sum_{b,i,j} dS_ij (i - j) over the pairs lo <= d = i - j <= hi alone, BLOCK
-    queries at a time; q, k (B, H, T, F), v, g (B, H, T, G) and lse (B, H, T) in the compute
-    dtype. The weights P_ij = exp(S_ij - lse_i) of a row are renormalised to sum to 1 and
+def _band_sums(qh: torch.Tensor, kh: torch.Tensor, vh: torch.Tensor, gh: torch.Tensor,
+               lseh: torch.Tensor, scale: float, slopes: torch.Tensor | None, lo: int, hi: int,
+               need_dscale: bool) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """dscale = sum_{b,h,i,j} dS_ij q_i . k_j (when ``need_dscale``) and dslopes_h =
+    sum_{b,i,j} dS_ij (i - j) (when slopes are given) over the pairs lo <= d = i - j <= hi alone,
+    BLOCK queries at a time; q, k (B, H, T, F), v, g (B, H, T, G) and lse (B, H, T) in the
+    compute dtype. The weights P_ij = exp(S_ij - lse_i) of a row are renormalised to sum to 1 and
     delta_i = sum_j P_ij dP_ij taken from them, so that each row of dS sums to 0 up to rounding
-    of its own size (``attention_backward``'s fallback does the same); each pair is weighted by
-    its own offset."""
+    of its own size (``attention_backward``'s fallback does the same); each pair's weight,
+    q_i . k_j or its own offset, is centred on its row's mean under P (which changes no sum of a
+    row of dS summing to 0, and keeps that rounding from being multiplied by the weights' size:
+    see the module)."""
     B, H, T, _ = qh.shape
     n = hi - lo + 1
     # band position e = 0 .. n - 1 holds key j = i - hi + e, offset d = hi - e
     d = torch.arange(hi, lo - 1, -1, device=qh.device, dtype=qh.dtype)
-    m = slopes.to(qh.dtype)[None, :, None, None] * d
-    total = qh.new_zeros(H)
+    m = 0.0 if slopes is None else slopes.to(qh.dtype)[None, :, None, None] * d
+    dscale = qh.new_zeros(()) if need_dscale else None
+    dslopes = qh.new_zeros(H) if slopes is not None else None
     for r0 in range(0, T, BLOCK):
         r1 = min(T, r0 + BLOCK)
         j = torch.arange(r0, r1, device=qh.device)[:, None] - d.long()[None, :]
         inside = (j >= 0) & (j < T)
-        S = scale * torch.einsum("bhif,bhife->bhie", qh[:, :, r0:r1], _bands(kh, r0 - hi, r1 - lo,
-                                                                            n)) + m
-        P = torch.where(inside, torch.exp(S - lseh[:, :, r0:r1, None]), 0.0)
+        qk = torch.einsum("bhif,bhife->bhie", qh[:, :, r0:r1], _bands(kh, r0 - hi, r1 - lo, n))
+        P = torch.where(inside, torch.exp(scale * qk + m - lseh[:, :, r0:r1, None]), 0.0)
         total_p = P.sum(-1, keepdim=True)
         P = P / torch.where(total_p > 0, total_p, 1.0)
         dP = torch.einsum("bhig,bhige->bhie", gh[:, :, r0:r1], _bands(vh, r0 - hi, r1 - lo, n))
         dS = P * (dP - (P * dP).sum(-1, keepdim=True))
-        total += (dS * d).sum((0, 2, 3))
-    return total
+        if need_dscale:
+            dscale += (dS * (qk - (P * qk).sum(-1, keepdim=True))).sum()
+        if slopes is not None:
+            dslopes += (dS * (d - (P * d).sum(-1, keepdim=True))).sum((0, 2, 3))
+    return dscale, dslopes
 
 
 def backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | torch.Tensor,
@@ -419,13 +432,13 @@ def backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | t
     ``slopes`` is given), both in the compute dtype, of ``forward`` for the upstream gradient g."""
     dt = _compute_dtype(q.dtype)
     F, G = q.shape[-1], v.shape[-1]
-    narrow = _narrow_band(kind) if slopes is not None else None
+    narrow = _narrow_band(kind) if slopes is not None or need_dscale else None
     padded = slopes is not None and narrow is None  # dslopes from a padded feature of k
     N = max(F, G) + padded  # the padded width; with the feature k's last is j - r0
     order = feature_order(q, k)  # as the forward: the same scores
     q0, vh, oh, gh = _heads_first(q, v, o, g, dtype=dt, width=N)
-    (kh,) = _heads_first(k, dtype=dt, width=max(F, G))
-    qh, kh, s = ordered(q0, order, float(scale)), ordered(kh, order), 1.0  # the scaled queries
+    (k0,) = _heads_first(k, dtype=dt, width=max(F, G))
+    qh, kh, s = ordered(q0, order, float(scale)), ordered(k0, order), 1.0  # the scaled queries
     lseh = lse.transpose(1, 2).to(dt)
     B, H, T, _ = qh.shape
     dqs, dk, dv = [], _Keys(T), _Keys(T)
@@ -449,14 +462,14 @@ def backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | t
         dqs.append(dqb)
         if padded:
             dslopes -= dqb[..., -1].sum((0, 2))  # the kernel scale is 1: dq'' itself
+    dscale = None
     if narrow is not None:
-        dslopes = _band_dslopes(qh[..., :F], kh[..., :F], vh[..., :G], gh[..., :G], lseh, s,
-                                slopes, *narrow)
+        dscale, dslopes = _band_sums(q0[..., :F], k0[..., :F], vh[..., :G], gh[..., :G], lseh,
+                                     float(scale), slopes, *narrow, need_dscale)
     dq, dk, dv = _rows(dqs), dk.total, dv.total
     # dq, dk in the features' own order, into the ordered operands' memory (no longer read)
     dq, dk, dv = dq[..., :F], unordered(dk[..., :F], order, out=kh[..., :F]), dv[..., :G]
-    dscale = None
-    if need_dscale:  # the kernels' dq is dq' = sum_j dS_ij k_j, to the scaled queries
+    if need_dscale and narrow is None:  # the kernels' dq is dq' = sum_j dS_ij k_j
         dq = unordered(dq, order, out=qh[..., :F])
         dscale = (q0[..., :F] * dq).sum()
         dq = dq * float(scale)
