@@ -29,7 +29,11 @@ MAX_CHUNKS products, longer chunks beyond), added in order (``_linear_sum``): 3.
 change in a layer's step (0.98-1.02x, lm_attention, recurrent_mlp). The chunks must be dense
 blocks: the operands stored sum-major (the token axes outermost, as a weight gradient's are;
 a copy ``_matrices`` makes for such a sum is laid out so); oneDNN took ~80 ms per product of a
-chunk of a row-major matrix, whose rows then are longer than the chunk.
+chunk of a row-major matrix, whose rows then are longer than the chunk. A sum stored row-major (a
+contraction over features, such as an MLP's 512 hidden units) stays one product: copying its
+chunks made the steps of cem_mlp, hopfield and recurrent_mlp 1.05x, 1.17x and 1.22x as long.
+There oneDNN's order remains: causal_meanfield's y and d/dx at 1024 tokens are 2.0x and 2.3x as
+far off as autograd's (8.5e-7 and 9.5e-7 against 4.2e-7; 4.3e-7 with einsum for every product).
 """
 
 from __future__ import annotations
