@@ -60,3 +60,20 @@ def test_render_walks_no_graph():
     source = inspect.getsource(render)
     for walk in ("graph.live()", ".node(", "split(", "Emitter"):
         assert walk not in source, walk
+
+
+def test_code_generation_does_not_import_the_command_lines_views():
+    """Compiling and rendering a package reads formulas from energyc.ir.describe, not from the
+    CLI's view module energyc.inspect (which draws pictures for `energyc inspect`)."""
+    import subprocess
+    import sys
+
+    code = ("import sys\n"
+            "from energyc.compiler import compile_file\n"
+            "from energyc.loader import load\n"
+            "from energyc.render import render_files\n"
+            "(layer,) = compile_file(load('examples/cem_attention.py'))\n"
+            "render_files(layer, layer.file.path)\n"
+            "assert 'energyc.inspect' not in sys.modules, 'imported energyc.inspect'\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]

@@ -28,7 +28,7 @@ from energyc.backends.specs import (
 from energyc.backends.torch_backend import Emitter, einsum_letters, full_output, keeps_probs
 from energyc.backends.triton_backend import KernelSet, TritonEmitter
 from energyc.compiler import LEAF_OPS, CompiledLayer
-from energyc.inspect import format_energy
+from energyc.ir.describe import format_energy
 from energyc.ir.graph import Graph
 from energyc.ir.ops import describe_mask
 

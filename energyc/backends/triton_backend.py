@@ -36,8 +36,8 @@ import sympy
 from energyc.backends import torch_backend, triton_pairs
 from energyc.backends.torch_backend import Emitter, Node
 from energyc.backends.triton_printer import NoTritonSpellingError, TritonPrinter
-from energyc.inspect import formula
 from energyc.ir import ops
+from energyc.ir.describe import formula
 from energyc.ir.ops import ARG_SYMBOLS, MASK_KINDS, FusedReduce
 
 

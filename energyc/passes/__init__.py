@@ -66,7 +66,7 @@ def run_pipeline(graph: Graph, verify: bool = False, stages: tuple[str, ...] = S
         if verify:
             graph.verify()
         if debug:
-            from energyc.inspect import format_graph
+            from energyc.ir.describe import format_graph
 
             print(f"--- after {name} ---")
             print(format_graph(graph))
