@@ -318,6 +318,25 @@ def _sync(device: str) -> None:
 # -- agreement -----------------------------------------------------------------------------------------
 
 
+def _aligned(names: Sequence[str], got: Sequence, want: Sequence):
+    """(name, a, b, unchecked) per pair of tensors to compare, in float64, a missing one (None:
+    no gradient) as zeros, and the elements where ``want`` is not finite but ``got`` is set to 0
+    in both; ``unchecked`` counts those ("n/size", or "" for none). Pairs of two Nones are
+    skipped."""
+    for name, a, b in zip(names, got, want):
+        if a is None and b is None:
+            continue
+        a = torch.zeros_like(b) if a is None else a
+        b = torch.zeros_like(a) if b is None else b
+        a, b = a.detach().double(), b.detach().double()
+        mask = torch.isfinite(a) & ~torch.isfinite(b)
+        unchecked = ""
+        if mask.any():
+            unchecked = f"{int(mask.sum())}/{mask.numel()}"
+            a, b = a.masked_fill(mask, 0.0), b.masked_fill(mask, 0.0)
+        yield name, a, b, unchecked
+
+
 def compare(names: Sequence[str], got: Sequence, want: Sequence, dtype: torch.dtype) -> dict:
     """Elementwise ``|got - want| <= atol + rtol |want|`` with the dtype's tolerance.
 
@@ -331,16 +350,9 @@ def compare(names: Sequence[str], got: Sequence, want: Sequence, dtype: torch.dt
     rtol, atol = tolerance(dtype)
     worst = {"ok": True, "name": "", "max_abs_err": 0.0, "excess": 0.0, "rtol": rtol,
              "atol": atol, "dtype": str(dtype).replace("torch.", ""), "unchecked": {}}
-    for name, a, b in zip(names, got, want):
-        if a is None and b is None:
-            continue
-        a = torch.zeros_like(b) if a is None else a
-        b = torch.zeros_like(a) if b is None else b
-        a, b = a.detach().double(), b.detach().double()
-        unchecked = torch.isfinite(a) & ~torch.isfinite(b)
-        if unchecked.any():
-            worst["unchecked"][name] = f"{int(unchecked.sum())}/{unchecked.numel()}"
-            a, b = a.masked_fill(unchecked, 0.0), b.masked_fill(unchecked, 0.0)
+    for name, a, b, unchecked in _aligned(names, got, want):
+        if unchecked:
+            worst["unchecked"][name] = unchecked
         err = (a - b).abs()
         excess = float((err / (atol + rtol * b.abs())).max()) if err.numel() else 0.0
         if not math.isfinite(excess) or excess > worst["excess"] or not worst["name"]:
@@ -366,14 +378,7 @@ def relative_errors(names: Sequence[str], got: Sequence, truth: Sequence, dtype:
     weighs an error by the magnitude of its own element. Elements where the truth is not finite
     and ``got`` is are left out, as in :func:`compare`."""
     per: dict[str, float] = {}
-    for name, a, b in zip(names, got, truth):
-        if a is None and b is None:
-            continue
-        a = torch.zeros_like(b) if a is None else a
-        b = torch.zeros_like(a) if b is None else b
-        a, b = a.detach().double(), b.detach().double()
-        unchecked = torch.isfinite(a) & ~torch.isfinite(b)
-        a, b = a.masked_fill(unchecked, 0.0), b.masked_fill(unchecked, 0.0)
+    for name, a, b, _ in _aligned(names, got, truth):
         if not a.numel():
             continue
         err, scale = float((a - b).abs().max()), float(b.abs().max())

@@ -33,7 +33,7 @@ from hypothesis import strategies as st
 
 from energyc.compiler import CompiledLayer, compile_file
 from energyc.loader import load
-from energyc.reference import evaluate_energy, reference_step
+from energyc.reference import evaluate_energy, module_values, reference_step
 from energyc.render import render_files, write_package
 from energyc.tolerances import tolerance
 
@@ -246,9 +246,7 @@ def check_energy(layer: CompiledLayer, module: ModuleType, case: Case) -> float:
     lay, x = build(layer, module, case)
     xbar = torch.randn(x.shape, dtype=x.dtype, generator=torch.Generator().manual_seed(case.seed))
     x, xbar = x.requires_grad_(True), (case.scale * xbar).requires_grad_(True)
-    attr = layer.file.attribute
-    params = {p.name: getattr(lay, attr(p.name)) for p in layer.params}
-    hypers = {h.name: getattr(lay, attr(h.name)) for h in layer.hypers}
+    params, hypers = module_values(layer, lay)
     learned = {h: v for h, v in hypers.items() if isinstance(v, torch.Tensor) and v.requires_grad}
     leaves = [*params.values(), *learned.values()]
     got = _energy_derivatives(lambda a, b: lay.energy(a, b, per_token=True), x, xbar, leaves,

@@ -256,12 +256,20 @@ def autograd_step(module: torch.nn.Module, x: torch.Tensor, energy, create_graph
     return x
 
 
-def reference_step(layer: CompiledLayer, module: torch.nn.Module, x: torch.Tensor,
-                   create_graph: bool) -> torch.Tensor:
-    """The layer's output computed with torch.autograd on :func:`evaluate_energy`."""
+def module_values(layer: CompiledLayer, module: torch.nn.Module
+                  ) -> tuple[dict[str, torch.Tensor], dict[str, float | torch.Tensor]]:
+    """The generated Layer ``module``'s parameters and hyperparameters by declared name, as
+    :func:`evaluate_energy` takes them."""
     attr = layer.file.attribute
     params = {p.name: getattr(module, attr(p.name)) for p in layer.params}
     hypers = {h.name: getattr(module, attr(h.name)) for h in layer.hypers}
+    return params, hypers
+
+
+def reference_step(layer: CompiledLayer, module: torch.nn.Module, x: torch.Tensor,
+                   create_graph: bool) -> torch.Tensor:
+    """The layer's output computed with torch.autograd on :func:`evaluate_energy`."""
+    params, hypers = module_values(layer, module)
     return autograd_step(
         module, x, lambda xa, xbar: evaluate_energy(layer, xa, xbar, params, hypers),
         create_graph)
