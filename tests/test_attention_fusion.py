@@ -96,7 +96,7 @@ def test_unfused_graph_has_the_softmax_weighted_sum():
 def test_flash_and_fallback_paths_agree(path, monkeypatch):
     layer = compile_file(load(path))[0]
     module = import_generated(layer)
-    runtime = module.layer._rt
+    runtime = module.layer._rt.attention
     kwargs = {d: 4 for d in layer.dims}
     kwargs[layer.state_dim] = 6
     torch.manual_seed(0)

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from energyc import runtime as rt
+from energyc.runtime import attention, pairs
 from energyc.tolerances import tolerance
 
 KINDS = [("all",), ("not_self",), ("causal",), ("strict",), ("window", 3)]
@@ -79,7 +80,7 @@ def test_kept_weights_match_autograd_of_the_materialised_softmax():
     i = torch.arange(7, dtype=torch.float64)
     offset = i[:, None] - i
     s = sl * torch.einsum("bihf,bjhf->bhij", ql, kl) + ml[:, None, None] * offset
-    s = s.masked_fill(~rt._in_context("strict", 0, offset), -math.inf)
+    s = s.masked_fill(~pairs._in_context("strict", 0, offset), -math.inf)
     lse = torch.logsumexp(s, -1).nan_to_num(neginf=0.0)
     o_ref = torch.einsum("bhij,bjhf->bihf", torch.exp(s - lse[..., None]), vl)
     grads = torch.autograd.grad((o_ref * g).sum(), leaves)
@@ -110,9 +111,9 @@ def test_weights_are_kept_up_to_the_limit_only(monkeypatch):
     (the kernels form the scores again in each call); empty inputs keep none; o and lse are the
     same."""
     q, k, v, *_ = _inputs(torch.float32, tokens=6)
-    monkeypatch.setattr(rt, "QUERY_CHUNK", 6)
+    monkeypatch.setattr(attention, "QUERY_CHUNK", 6)
     assert rt.attention_forward(q, k, v, 0.5, ("causal",), keep_probs=True)[2] is not None
-    monkeypatch.setattr(rt, "QUERY_CHUNK", 5)
+    monkeypatch.setattr(attention, "QUERY_CHUNK", 5)
     o, lse, p = rt.attention_forward(q, k, v, 0.5, ("causal",), keep_probs=True)
     assert p is None
     o_ref, lse_ref = rt.attention_forward(q, k, v, 0.5, ("causal",))
@@ -120,7 +121,7 @@ def test_weights_are_kept_up_to_the_limit_only(monkeypatch):
     empty = q[:, :0]
     assert rt.attention_forward(empty, empty, empty, 0.5, ("causal",), keep_probs=True)[2] is None
     # a window: kept where it reaches half the keys, or the keys fit half a block
-    monkeypatch.setattr(rt, "QUERY_CHUNK", 8)
+    monkeypatch.setattr(attention, "QUERY_CHUNK", 8)
     kept = {w: rt.attention_forward(q, k, v, 0.5, ("window", w), keep_probs=True)[2] is not None
             for w in (1, 2, 3)}
     assert kept == {1: False, 2: True, 3: True}  # 6 keys: a window of w reaches w + 1

@@ -1,6 +1,7 @@
 """The shared runtime (energyc.runtime): what importing it pulls in, the version check generated
 packages run at import, and the one copy of what every package uses."""
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -45,21 +46,23 @@ def test_the_probe_sees_the_compiler():
 
 def test_require_refuses_a_newer_version():
     from energyc import runtime
+    from energyc.runtime.version import _version_tuple
 
     runtime.require(runtime.RUNTIME_VERSION, "generated.x")  # the same version: fine
     runtime.require("0.0.1", "generated.x")
-    major, minor, patch = runtime._version_tuple(runtime.RUNTIME_VERSION)
+    major, minor, patch = _version_tuple(runtime.RUNTIME_VERSION)
     with pytest.raises(ImportError, match=r"generated\.x was generated for energyc\.runtime >= "
                                           rf"{major}\.{minor + 1}\.0.*upgrade energyc"):
         runtime.require(f"{major}.{minor + 1}.0", "generated.x")
-    assert runtime._version_tuple("0.10.0") > runtime._version_tuple("0.9.3")  # numeric order
+    assert _version_tuple("0.10.0") > _version_tuple("0.9.3")  # numeric order
 
 
 def test_runtime_version_is_not_newer_than_energyc():
     import energyc
     from energyc import runtime
+    from energyc.runtime.version import _version_tuple
 
-    assert runtime._version_tuple(runtime.RUNTIME_VERSION) <= runtime._version_tuple(
+    assert _version_tuple(runtime.RUNTIME_VERSION) <= _version_tuple(
         energyc.__version__)
 
 
@@ -94,12 +97,23 @@ def test_kernels_and_compiler_agree_on_context_set_codes():
     assert ops.MASK_KINDS == triton_layer.MASK_KINDS
 
 
-def test_pair_reductions_are_re_exported():
-    from energyc import runtime
-    from energyc.runtime import pairs
+def test_runtime_exports_what_generated_code_calls():
+    """``energyc.runtime.__all__`` is explicit: every name in it exists, and every ``_rt.NAME``
+    that a template or a generated package calls is in it (a module split cannot drop one)."""
+    import re
 
-    for name in pairs.__all__:
-        assert getattr(runtime, name) is getattr(pairs, name), name
+    from energyc import runtime
+
+    for name in runtime.__all__:
+        assert hasattr(runtime, name), name
+    called = set()
+    for folder in ("codegen_templates", "generated", os.path.join("energyc", "backends")):
+        for base, _, files in os.walk(os.path.join(ROOT, folder)):
+            for name in files:
+                if name.endswith((".py", ".j2")):
+                    text = open(os.path.join(base, name)).read()
+                    called |= set(re.findall(r"\b_rt\.([A-Za-z_]+)", text))
+    assert called and called <= set(runtime.__all__), sorted(called - set(runtime.__all__))
 
 
 def test_generated_packages_hold_no_runtime_copy():
@@ -145,3 +159,25 @@ def test_rotary_angles_in_float32_are_as_exact_as_in_float64():
     want = _rt.rotary(t.double(), token_dim=1, feature_dim=3, base=10000.0, inverse=False)
     err = (got.double() - want).abs().max() / t.abs().max()
     assert err < 3e-7  # a few float32 ulps (2^-23 = 1.2e-7): two products and a sum, rounded
+
+
+def test_both_attention_kernels_implement_one_interface():
+    """energyc.runtime.kernels.implements: the torch and Triton attention modules call it at
+    import; a module whose function lacks a parameter of the interface is refused by name."""
+    import types
+
+    from energyc.runtime import attention, kernels
+
+    kernels.implements(attention)
+    if importlib.util.find_spec("triton") is not None:
+        from energyc.runtime import triton_attention
+
+        kernels.implements(triton_attention)
+    drifted = types.ModuleType("drifted")
+    drifted.attention_forward = lambda q, k, v, scale, kind, slopes=None, keep_probs=False, \
+        probs=None: None
+    with pytest.raises(TypeError, match=r"drifted.attention_forward differs .*offset=0"):
+        kernels.implements(drifted)
+    del drifted.attention_forward
+    with pytest.raises(TypeError, match="drifted implements AttentionKernels but lacks"):
+        kernels.implements(drifted)

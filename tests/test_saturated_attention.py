@@ -5,7 +5,7 @@ With scores of large magnitude (beta = 100 and inputs scaled by 100, or beta = 1
 its weights and is within 2e-7 of float64; a backward that recomputes the weights as
 exp(S - lse) from float32 scores, or takes delta = g . o instead of sum_j P_ij (g . v_j), was
 40-130% off. The torch backend's fallback renormalises the recomputed rows and takes delta from P
-(energyc.runtime._softmax_rows, attention_backward), and a float32 backward with max |lse| above
+(energyc.runtime.attention._softmax_rows, attention_backward), and a float32 backward with max |lse| above
 FLASH_BACKWARD_MAX_LSE does not use the CPU flash kernel; the Triton path keeps the flash scheme,
 whose error is bounded (README, "Status and limits") and tested here.
 """
@@ -17,7 +17,7 @@ import torch
 
 from energyc.tolerances import tolerance
 
-runtime = importlib.import_module("energyc.runtime")
+runtime = importlib.import_module("energyc.runtime.attention")
 
 SATURATED = [(100.0, 100.0), (1e4, 10.0)]  # (beta, input scale): the issue's settings
 SIZES = {"D": 64, "H": 4, "K": 16}

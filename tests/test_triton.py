@@ -14,7 +14,7 @@ from energyc.tolerances import tolerance
 triton = pytest.importorskip("triton")
 
 attention_kernels = importlib.import_module("energyc.runtime.triton_attention")
-attention_runtime = importlib.import_module("energyc.runtime")  # torch fallback
+attention_runtime = importlib.import_module("energyc.runtime.attention")  # torch fallback
 
 KINDS = [("causal",), ("all",), ("strict",), ("window", 9), ("not_self",)]
 
@@ -172,7 +172,7 @@ def test_auto_backend_uses_torch_on_cpu():
     from generated.cem_attention import Layer, layer
 
     path, kernels = layer._rt.implementation("auto", torch.zeros(1), "generated.cem_attention")
-    assert path is layer and kernels is layer._rt
+    assert path is layer and kernels is layer._rt.attention
     with pytest.raises(ValueError, match="argument backend"):
         Layer(D=8, H=2, K=4, backend="cuda")
 
@@ -208,7 +208,7 @@ def _token_pair_shapes(name, backend, chunk=None):
     sets the torch runtime's QUERY_CHUNK and the masked flash blocks' BLOCK (their scores and mask
     tiles are (chunk, T) blocks)."""
     Layer = importlib.import_module(f"generated.{name}").Layer
-    runtime = importlib.import_module("energyc.runtime")
+    runtime = importlib.import_module("energyc.runtime.attention")
     flash_cpu = importlib.import_module("energyc.runtime.flash_cpu")
     pairs = importlib.import_module("energyc.runtime.pairs")
     saved = runtime.QUERY_CHUNK, flash_cpu.BLOCK, pairs.BLOCK_Q, pairs.BLOCK_K

@@ -18,17 +18,20 @@ Transposed (the key role of the weights): o_t_j = sum_{i : j in C(i)} P_ij v_i, 
 backward with do = v: the keys-major kernel with DV_ONLY.
 
 The entry points ``attention_forward``, ``attention_backward`` and ``attention_transposed`` have
-the signatures of the torch runtime's (``energyc.runtime``); the generated step functions call
+the interface of ``energyc.runtime.kernels`` (checked at import), as the torch kernels of
+``energyc.runtime.attention`` do; the generated step functions call
 them on the module their Triton path names (``KERNELS``). Their launches are the custom ops
 ``energyc::triton_attention_*``, registered once here.
 """
 
+import sys
 from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 
+from energyc.runtime.kernels import implements
 from energyc.runtime.triton_layer import (
     INTERPRETED,
     MASK_KINDS,
@@ -311,13 +314,17 @@ def _grid(T: int, B: int, H: int, block: str):
 
 def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                       scale: float | torch.Tensor, kind: tuple,
-                      slopes: torch.Tensor | None = None, keep_probs: bool = False,
-                      probs: None = None) -> tuple:
+                      slopes: torch.Tensor | None = None, offset: int = 0,
+                      keep_probs: bool = False, probs: None = None) -> tuple:
     """o (B, T, H, G) and lse (B, T, H) of softmax attention over the context set ``kind``
     (a mask tuple such as ("causal",) or ("window", 64)), with the bias slopes_h * (i - j) when
     slopes (H,) is given; an empty set gives o = 0, lse = 0. These kernels keep no attention
     weights: with ``keep_probs`` the third result is None (as the torch runtime's where it keeps
-    none), and ``probs`` is always None."""
+    none), and ``probs`` is always None. ``offset`` (queries after a cached prefix) is 0 here:
+    decoding runs on the torch kernels (``energyc.runtime.decode``)."""
+    if offset:
+        raise NotImplementedError("the Triton attention kernels take no offset: decoding runs on "
+                                  "energyc.runtime.attention")
     o, lse = _attention_forward_op(q, k, v, torch.as_tensor(scale), *_kind_args(kind), slopes)
     return (o, lse, None) if keep_probs else (o, lse)
 
@@ -495,3 +502,6 @@ def _attention_transposed_op(
 @_attention_transposed_op.register_fake
 def _(q, k, v, scale, kind, window, lse, slopes):
     return v.new_empty(v.shape)
+
+
+implements(sys.modules[__name__])  # the kernels interface, shared with the other backend

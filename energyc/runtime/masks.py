@@ -1,0 +1,52 @@
+"""Context sets on dense (T, T) tensors: the cached masks and offsets i - j that a generated
+``_energy`` reads, and the log-sum-exp over a context set that autograd differentiates."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from energyc.runtime.pairs import _in_context
+from energyc.runtime.tables import _cached
+
+
+def context_mask(kind: str, T: int, w: int, device: torch.device) -> torch.Tensor:
+    """Boolean (T, T) mask: entry (i, j) is True when token j is in the context set of token i."""
+
+    def build() -> torch.Tensor:
+        i = torch.arange(T, device=device)
+        return _in_context(kind, w, i[:, None] - i[None, :])
+
+    return _cached(("mask", kind, T, w, str(device)), build)
+
+
+def token_offset(T: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """The (T, T) matrix of i - j."""
+
+    def build() -> torch.Tensor:
+        i = torch.arange(T, device=device, dtype=dtype)
+        return i[:, None] - i[None, :]
+
+    return _cached(("offset", T, dtype, str(device)), build)
+
+
+def masked_logsumexp(s: torch.Tensor, mask: torch.Tensor, dim: int) -> torch.Tensor:
+    """log sum_{j in C(i)} exp(s) along ``dim``; 0 where the context set is empty (NaN stays NaN:
+    a NaN score makes the sum NaN, not empty).
+
+    Written for autograd, which differentiates it (twice, through a generated ``_energy``): one
+    ``where`` pass masks the scores (``masked_fill`` copies, then fills: two passes, and as many
+    in its backward), and the shift m is taken from the detached scores, since the value does not
+    depend on it (d/dm [m + log sum exp(s - m)] = 0): autograd of ``amax`` would compare every
+    score with the max and spread the gradient over the ties, twice over (s, T, T) tensors for
+    nothing. Both halved the time of autograd through cem_attention's energy at 1024 tokens."""
+    s = torch.where(mask, s, -math.inf)
+    if s.shape[dim] == 0:  # no keys at all (0 tokens): every context set is empty
+        return s.new_zeros(s.shape[:dim % s.dim()] + s.shape[dim % s.dim() + 1:])
+    m = s.detach().amax(dim=dim, keepdim=True)
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    total = torch.exp(s - m).sum(dim=dim, keepdim=True)
+    empty = total == 0  # False for NaN
+    out = torch.where(empty, 0.0, m + torch.log(torch.where(empty, 1.0, total)))
+    return out.squeeze(dim)
