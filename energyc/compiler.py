@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from functools import partial
 
 import sympy
 
@@ -27,7 +26,7 @@ from energyc.errors import CompileError, EnergyError
 from energyc.ir import ops
 from energyc.ir.graph import Graph
 from energyc.passes import run_pipeline
-from energyc.passes.pairs import fuse_pair_reductions, unfused_reductions
+from energyc.passes.pairs import unfused_reductions
 
 LEAF_OPS = ("input", "param", "hyper", "const", "offset")
 
@@ -45,9 +44,6 @@ class CompiledLayer:
     timings: dict[str, float] = field(default_factory=dict)
     #: what stays slow, each "FILE:LINE: why" (a reduction over j left materialised)
     notes: list[str] = field(default_factory=list)
-    #: whether the step runs every context reduction on the pair kernels because the attention
-    #: pass did not take a log-sum-exp the pair pass had left to it (see compile_layer)
-    attention_fallback: bool = False
 
     @property
     def even_dims(self) -> tuple[str, ...]:
@@ -117,14 +113,6 @@ def compile_layer(decl: LayerDecl, verify: bool = False) -> CompiledLayer:
              f"memory and time): {reason}" for where, reason in unfused_reductions(energy)]
     setup = time.perf_counter() - t0
     step, times = _step_graph(decl, params, hypers, verify)
-    attention_fallback = False
-    if not notes and _pair_valued(step):
-        # The pair pass left a log-sum-exp to the attention pass (pairs._for_attention) that the
-        # attention pass did not take after differentiation: the two legality checks disagree.
-        # The pair kernels serve every reduction instead, in linear memory, where they can.
-        retry, times = _step_graph(decl, params, hypers, verify, _PAIR_KERNELS_ONLY)
-        if not _pair_valued(retry):
-            step, attention_fallback = retry, True
     t3 = time.perf_counter()
     energy = run_pipeline(energy, verify=verify, stages=("simplify", "lower"))
     times["passes"] += time.perf_counter() - t3
@@ -136,23 +124,18 @@ def compile_layer(decl: LayerDecl, verify: bool = False) -> CompiledLayer:
                      f"{', '.join(sorted(set(_pair_valued(step))))}")
     times["first_order"] += setup
     return CompiledLayer(decl, dims, f.state_dim, params, hypers, energy, step, precond,
-                         {**times, "precond": t4 - t3}, notes, attention_fallback)
+                         {**times, "precond": t4 - t3}, notes)
 
 
-#: The pipeline's pair pass taking every context reduction of the pair form, the log-sum-exps
-#: the attention pass would take included.
-_PAIR_KERNELS_ONLY = {"fuse_pair_reductions": partial(fuse_pair_reductions, attention=False)}
-
-
-def _step_graph(decl: LayerDecl, params: list[ParamDecl], hypers: list[HyperDecl], verify: bool,
-                replace: dict | None = None) -> tuple[Graph, dict[str, float]]:
+def _step_graph(decl: LayerDecl, params: list[ParamDecl], hypers: list[HyperDecl],
+                verify: bool) -> tuple[Graph, dict[str, float]]:
     """The step graph: g = dE/dx, then its VJP w.r.t. the inputs, the parameters and the
-    learned hyperparameters (second derivatives of E), through the pipeline (``replace`` as
-    ``run_pipeline``'s); and the seconds each part took."""
+    learned hyperparameters (second derivatives of E), through the pipeline; and the seconds
+    each part took."""
     t0 = time.perf_counter()
     step, e_step = _energy_subgraph(decl)
     step.outputs = {"energy": e_step}
-    step = run_pipeline(step, verify=verify, stages=("energy",), replace=replace)
+    step = run_pipeline(step, verify=verify, stages=("energy",))
     e_step = step.outputs["energy"]
     x = _leaves(step, "input")["x"]
     grads = vjp(step, e_step, ops.const(step, 1), [x])
@@ -162,7 +145,7 @@ def _step_graph(decl: LayerDecl, params: list[ParamDecl], hypers: list[HyperDecl
         g = step.add("broadcast", (g,), out=full)
     step.outputs = {"grad": g}
     t1 = time.perf_counter()
-    step = run_pipeline(step, verify=verify, stages=("simplify",), replace=replace)
+    step = run_pipeline(step, verify=verify, stages=("simplify",))
     step_params, step_hypers = _leaves(step, "param"), _leaves(step, "hyper")
     wrt = dict(_leaves(step, "input"))
     wrt.update({p.name: step_params[p.name] for p in params if p.name in step_params})
@@ -170,7 +153,7 @@ def _step_graph(decl: LayerDecl, params: list[ParamDecl], hypers: list[HyperDecl
                 if h.learnable and h.name in step_hypers})
     step = differentiate(step, "grad", "grad_g", wrt)
     t2 = time.perf_counter()
-    step = run_pipeline(step, verify=verify, stages=("simplify", "lower", "step"), replace=replace)
+    step = run_pipeline(step, verify=verify, stages=("simplify", "lower", "step"))
     return step, {"first_order": t1 - t0, "second_order": t2 - t1,
                   "passes": time.perf_counter() - t2}
 

@@ -55,7 +55,6 @@ def test_fused_step_has_no_token_pair_values(path):
     value has both token axes, and nothing saved for the backward has them."""
     for layer in compile_file(load(path)):
         g = layer.step
-        assert not layer.attention_fallback, layer.name  # the legality checks agree
         assert _pair_values(g) == [], layer.name
         sp = split(g, ["grad"], ["grad_g"])
         assert all(not {"i", "j"} <= set(g.node(n).axes) for n in sp.saved)
@@ -84,7 +83,7 @@ def test_unfused_graph_has_the_softmax_weighted_sum():
     try:
         passes.PIPELINE = [p for p in before  # (the normaliser's pass runs after this one)
                            if p[0] not in ("fuse_context_attention", "fuse_context_lse")]
-        unfused = passes.run_pipeline(g)
+        unfused = passes.run_pipeline(g, stages=("energy", "simplify"))
     finally:
         passes.PIPELINE = before
     assert any({"i", "j"} <= set(unfused.node(n).axes) for n in unfused.live())
@@ -158,9 +157,8 @@ def _pair_values(graph):
 
 
 def _assert_on_attention(layer):
-    """The step's context reductions all on the attention kernels: no fallback, no pair op,
-    nothing over both tokens."""
-    assert not layer.attention_fallback
+    """The step's context reductions all on the attention kernels: no pair op, nothing over
+    both tokens."""
     counts = layer.step.op_counts()
     assert "attention" in counts and not [op for op in counts if op.startswith("pair")], counts
     assert not _pair_values(layer.step)
@@ -539,21 +537,67 @@ def test_grouped_heads(tmp_path, bias, joint):
     _assert_agrees_with_autograd(layer)
 
 
-def test_attention_pass_declining_falls_back_to_pair_kernels(tmp_path, monkeypatch):
-    """Where the attention pass does not take a log-sum-exp that the pair pass left to it (the
-    two legality checks disagree; simulated by an attention pass that matches nothing), the
-    compiler builds the step again with the pair kernels taking every reduction: nothing over
-    both tokens, no attention op, and the layer agrees with autograd."""
-    from energyc import compiler
+def test_a_log_sum_exp_left_to_attention_is_taken_or_the_compiler_says_so(monkeypatch):
+    """The pair pass leaves a log-sum-exp to the attention pass on the one decision of
+    attention.attention_scores, and the attention pass takes every softmax-weighted sum of it
+    after differentiation: a weight of it left over (simulated by an attention pass that
+    matches nothing) is a compile error naming the log-sum-exp's line, never a step with
+    (tokens x tokens) values or a second build."""
+    from energyc.compiler import _energy_subgraph
+    from energyc.errors import CompileError
+    from energyc.passes import attention, run_pipeline
+
+    energy, e = _energy_subgraph(compile_file(load("examples/window_alibi.py"))[0].decl)
+    energy.outputs = {"energy": e}
+    energy = run_pipeline(energy, stages=("energy",))
+    left = [n for n in energy.live() if attention.left_to_attention(energy, n)]
+    assert len(left) == 1 and attention.attention_scores(energy, left[0]) is not None
+    monkeypatch.setattr(attention, "_match", lambda graph, n: None)
+    with pytest.raises(CompileError, match="did not fuse into attention") as err:
+        compile_file(load("examples/window_alibi.py"))
+    assert err.value.where == energy.node(left[0]).where
+    assert "window_alibi.py:" in str(err.value.where)
+
+
+LEARNED_READ = '''from energyc.dsl import *
+D, H, K = dims("D H K"); i, j = tokens(); x, xbar = state(D)
+W_q = param("W_q", (H, K, D)); W_k = param("W_k", (H, K, D)); m = param("m", (H,))
+t = param("t", ()); w = param("w", (D,))
+beta = hyper("beta", default=0.5, learnable=True)
+gate = sigmoid(dot(w, x[i], over=D))
+L = logsumexp(SCALE * dot(W_q @ x[i], W_k @ KEY[j], over=K) SLOPE, over=CONTEXT)
+E = -(F).sum(H)
+layer("f", E, eta=0.5, joint=JOINT)
+'''
+
+
+@pytest.mark.parametrize("f,scale,slope,context,joint", [
+    ("softplus(L)", "beta", "", "window(3)", False),  # a learned scale
+    ("gate * L", "1 / sqrt(K)", "- m * (i - j)", "j != i", True),  # learned slopes, joint
+    ("L * L", "exp(t)", "", "j < i", False),  # a scalar parameter's scale
+])
+def test_a_normaliser_read_by_the_step_with_a_learned_scale_takes_the_pair_kernels(
+        tmp_path, f, scale, slope, context, joint):
+    """The step reads L (f(L), a gate of token i times L) and the scores' scale or slopes are
+    learned: the step's VJP has dL/ds = sum_j P_ij q_i . k_j or dL/dm = sum_j P_ij (i - j),
+    which no attention call computes. The one decision (attention.for_attention) gives such a
+    log-sum-exp to the pair kernels on the energy, though its scores are the attention
+    kernels' (attention_scores): linear memory, the step built once, and the layer agrees with
+    autograd. (These needed a second build of the step before.)"""
+    from energyc.compiler import _energy_subgraph
     from energyc.passes import attention
 
-    monkeypatch.setattr(attention, "_match", lambda graph, n: None)
-    layer = compile_file(load("examples/window_alibi.py"))[0]
-    declined, _ = compiler._step_graph(layer.decl, layer.params, layer.hypers, False)
-    assert compiler._pair_valued(declined)  # what the fallback is for
-    assert layer.attention_fallback and not compiler._pair_valued(layer.step)
+    text = (LEARNED_READ.replace("F", f).replace("SCALE", scale).replace("SLOPE", slope)
+            .replace("CONTEXT", context).replace("KEY", "x" if joint else "xbar")
+            .replace("JOINT", str(joint)))
+    layer = _compile_text(tmp_path, text, "learned_read")
+    energy, e = _energy_subgraph(layer.decl)
+    energy.outputs = {"energy": e}
+    (L,) = [n for n in energy.live() if energy.node(n).op == "reduce"
+            and energy.node(n).attr("kind") == "lse"]
+    assert attention.attention_scores(energy, L) is not None
+    assert attention.for_attention(energy) == set()
     counts = layer.step.op_counts()
-    assert not [op for op in counts if op.startswith("attention")], counts
-    assert [op for op in counts if op.startswith("pair")], counts
-    assert layer.notes == []
+    assert "pair_lse" in counts and "attention" not in counts, counts
+    assert not _pair_values(layer.step) and layer.notes == []
     _assert_agrees_with_autograd(layer)

@@ -53,15 +53,13 @@ STAGE = {"expand_feature_sums": "energy", "log_sums_as_lse": "energy",
 STAGES = ("energy", "simplify", "lower", "step")
 
 
-def run_pipeline(graph: Graph, verify: bool = False, stages: tuple[str, ...] = STAGES,
-                 replace: dict[str, Pass] | None = None) -> Graph:
-    """Run the passes of ``stages`` (by default all) in pipeline order; ``replace`` maps a
-    pass's name to a function run in its place (a variant of the same pass)."""
+def run_pipeline(graph: Graph, verify: bool = False,
+                 stages: tuple[str, ...] = STAGES) -> Graph:
+    """Run the passes of ``stages`` (by default all) in pipeline order."""
     debug = os.environ.get("ENERGYC_DEBUG") == "1"
     for name, pass_fn in PIPELINE:
         if STAGE.get(name, "simplify") not in stages:
             continue
-        pass_fn = (replace or {}).get(name, pass_fn)
         graph = pass_fn(graph)
         if verify:
             graph.verify()

@@ -29,6 +29,15 @@ only slower).
 Scales that are not one scalar (a learned temperature per head, a scale per query or key token, a
 coefficient per term) are moved into the queries or keys on the energy first
 (:func:`fold_score_scales`), so such scores reach this pass with scale 1.
+
+Each log-sum-exp is decided once, on the energy before differentiation, by
+:func:`for_attention` (the scores' legality above, :func:`attention_scores`, and what the step's
+VJP will ask of ``L``): the pair pass (:func:`energyc.passes.pairs.fuse_pair_reductions`) leaves
+those log-sum-exps as they are, marked (:func:`left_to_attention`), and turns the others into
+pair ops. This pass (and :func:`fuse_context_lse`) takes the regions of marked log-sum-exps only,
+reading their scores with :func:`attention_scores`, and re-decides nothing: a weight of a marked
+log-sum-exp still live after the pass is a compile error naming its line (an error of the
+compiler's, :func:`_check_taken`), never a step with (tokens x tokens) values or a second build.
 """
 
 from __future__ import annotations
@@ -38,6 +47,7 @@ from dataclasses import dataclass
 
 import sympy
 
+from energyc.errors import CompileError
 from energyc.ir.graph import UNIT, Graph
 from energyc.ir.ops import ARG_SYMBOLS, add_all, const, contract, pointwise, reduce
 
@@ -144,7 +154,7 @@ def _match(graph: Graph, n: int):
         # find L = lse_j S (same mask) and S among P's args
         for l_pos, L in enumerate(pn.inputs):
             ln = graph.node(L)
-            if ln.op != "reduce" or ln.attr("kind") != "lse" or ln.attr("mask") != mask:
+            if not left_to_attention(graph, L) or ln.attr("mask") != mask:
                 continue
             S = ln.inputs[0]
             if S not in pn.inputs:
@@ -161,10 +171,10 @@ def _match(graph: Graph, n: int):
                       if k != s_pos and (k != l_pos or ratio.has(aL))]
             if any("j" in graph.node(pn.inputs[k]).axes for k in others):
                 continue
-            scores = _scores(graph, S, heads)
-            if scores is None or (len(heads) > 1 and scores.slope is not None):
+            decided = attention_scores(graph, L)
+            if decided is None or (len(heads) > 1 and decided[0].slope is not None):
                 continue
-            return dict(scores=scores, V=V, mask=mask, heads=heads, P=P, ratio=ratio,
+            return dict(scores=decided[0], V=V, mask=mask, heads=heads, P=P, ratio=ratio,
                         others=others, transposed=token == "i", summed=summed)
     return None
 
@@ -264,9 +274,16 @@ def _lse_over_j(graph: Graph, n: int) -> tuple[int, tuple, tuple[str, ...]] | No
     return S, mask, tuple(a for a in graph.node(S).axes if a not in ("b", "i", "j"))
 
 
-def _lse_scores(graph: Graph, n: int) -> tuple[Scores, tuple, tuple[str, ...]] | None:
+def attention_scores(graph: Graph, n: int) -> tuple[Scores, tuple, tuple[str, ...]] | None:
     """(scores, mask, heads) where node ``n`` is a log-sum-exp over a context set of j of scores
-    the attention kernels take; else None."""
+    the attention kernels take; else None. The one legality decision of the attention kernels:
+    the pair pass leaves ``n`` to this pass where it holds on the energy (:func:`for_attention`),
+    and this pass reads the scores of a marked log-sum-exp with it after differentiation.
+
+    Taken: ``S = s sum_t q_t,i . k_t,j + m (i - j)`` (a pointwise body of contractions over one
+    feature axis each and the offset, or one contraction) with one coefficient ``s`` of scalars
+    (constants, scalar values fixed or learned), slopes ``m`` of values over the head axes, no
+    slopes over several head axes, on a context set of :data:`FUSABLE_KINDS`."""
     found = _lse_over_j(graph, n)
     if found is None:
         return None
@@ -275,6 +292,90 @@ def _lse_scores(graph: Graph, n: int) -> tuple[Scores, tuple, tuple[str, ...]] |
     if scores is None or (len(heads) > 1 and scores.slope is not None):
         return None
     return scores, mask, heads
+
+
+#: The attribute of a ``reduce`` log-sum-exp that the pair pass left to this pass.
+_LEFT = "attention"
+
+
+def for_attention(graph: Graph) -> set[int]:
+    """The log-sum-exps over j of energy ``graph`` that the attention kernels take, decided once,
+    before differentiation (the pair pass leaves them to this pass, marked): those whose scores
+    :func:`attention_scores` takes, except where the scale or the slopes have a learned leaf
+    (a learned parameter or hyperparameter) and the step reads ``L`` itself (the derivative of
+    the outputs in ``L`` depends on the tokens: ``f(L)``, a gate of token i times ``L``). The
+    step's VJP then has ``L``'s own derivatives in the scale and the slopes,
+
+        dL_i/ds = sum_{j in C(i)} P_ij sum_t q_t,i . k_t,j      dL_i/dm = sum_{j in C(i)} P_ij (i - j)
+
+    which no attention call computes (the attention backward's weight gradients
+    ``P_ij (dO_i . v_j - delta_i)`` sum to zero over j; these to one): the pair kernels serve
+    such a log-sum-exp. Every other weight of a marked ``L`` after differentiation is a
+    softmax-weighted sum of a value of one token (``sum_j P_ij k_j`` and the key role's
+    ``sum_i P_ij c_i q_i``, from the contractions of the scores), which
+    :func:`fuse_context_attention` takes."""
+    found = {n: lse_of[0] for n in graph.live() if (lse_of := attention_scores(graph, n))}
+    learned = [n for n, scores in found.items() if _learned(graph, scores)]
+    return set(found) - _read_by_step(graph, learned)
+
+
+def _learned(graph: Graph, scores: Scores) -> bool:
+    """Whether the scale or the slopes of ``scores`` have a learned leaf."""
+    args = scores.scale[1] + (scores.slope[1] if scores.slope is not None else [])
+    return any(graph.node(a).op == "param" or (graph.node(a).op == "hyper"
+                                               and graph.node(a).attr("learnable"))
+               for a in graph.ancestors(args))
+
+
+def _read_by_step(graph: Graph, lses: list[int]) -> set[int]:
+    """Those of ``lses`` in which the derivative of ``graph``'s outputs depends on the tokens
+    (reads an input): the first derivative in the state, the step, then reads them (on a copy
+    of ``graph``)."""
+    if not lses:
+        return set()
+    from energyc.autodiff import vjp
+
+    copy = Graph(graph.dims)
+    mapping = graph.copy_into(copy)
+    wrt = [mapping[L] for L in lses]
+    read = set()
+    for out in graph.outputs.values():
+        grads = vjp(copy, mapping[out], const(copy, 1), wrt)
+        read |= {L for L, w in zip(lses, wrt) if grads[w] is not None and any(
+            copy.node(a).op == "input" for a in copy.ancestors([grads[w]]))}
+    return read
+
+
+def leave_to_attention(graph: Graph, new: Graph, mapping: dict[int, int], n: int) -> int:
+    """Log-sum-exp node ``n`` copied into ``new`` marked as left to this pass (the pair pass's
+    rule for the log-sum-exps of :func:`for_attention`)."""
+    node = graph.node(n)
+    return new.add(node.op, [mapping[u] for u in node.inputs], where=node.where,
+                   **{**dict(node.attrs), _LEFT: True})
+
+
+def left_to_attention(graph: Graph, n: int) -> bool:
+    """Whether node ``n`` is a log-sum-exp that the pair pass left to this pass."""
+    node = graph.node(n)
+    return node.op == "reduce" and node.attr(_LEFT, False)
+
+
+def _check_taken(graph: Graph) -> None:
+    """Raise where a live value over both tokens reads a marked log-sum-exp: its weights, which
+    :func:`fuse_context_attention` was to take (every energy the tests compile passes; a
+    failure is the compiler's, which the message says)."""
+    for n in graph.live():
+        node = graph.node(n)
+        if not {"i", "j"} <= set(node.axes):
+            continue
+        for L in node.inputs:
+            if left_to_attention(graph, L):
+                where = graph.node(L).where
+                raise CompileError(
+                    "internal error: the softmax weights of this log-sum-exp, which the pair "
+                    "pass left to the attention kernels, did not fuse into attention after "
+                    f"differentiation ({graph.describe(n)}); please report it with the "
+                    "energy file", where)
 
 
 def _scores_inputs(new: Graph, mapping: dict[int, int], scores: Scores, mask: tuple,
@@ -301,7 +402,7 @@ def fuse_context_lse(graph: Graph) -> Graph:
     autograd can differentiate (``Layer.energy``)."""
 
     def rule(new: Graph, mapping: dict[int, int], n: int) -> int | None:
-        lse_of = _lse_scores(graph, n)
+        lse_of = attention_scores(graph, n) if left_to_attention(graph, n) else None
         if lse_of is None:
             return None
         operands, scalars, attrs = _scores_inputs(new, mapping, *lse_of)
@@ -312,8 +413,11 @@ def fuse_context_lse(graph: Graph) -> Graph:
 
 def fuse_context_attention(graph: Graph) -> Graph:
     """Rewrite each softmax-weighted context sum into ``c * attention(Q, K, V)`` (query role) or
-    ``attention_transposed(Q, K, c * V, L)`` (key role)."""
-    return graph.rewritten(lambda new, mapping, n: _attention_region(graph, new, mapping, n))
+    ``attention_transposed(Q, K, c * V, L)`` (key role), for each log-sum-exp ``L`` left to
+    this pass; raises :class:`CompileError` where a weight of such an ``L`` is left."""
+    out = graph.rewritten(lambda new, mapping, n: _attention_region(graph, new, mapping, n))
+    _check_taken(out)
+    return out
 
 
 def _attention_region(graph: Graph, new: Graph, mapping: dict[int, int], n: int) -> int | None:

@@ -19,11 +19,13 @@ with any number of head axes (the axes of S besides b, i, j), any context set. p
 element-wise body, may be any SymPy expression: its derivatives come from SymPy. A sum whose
 summand depends on one token only is a running sum (O(tokens)).
 
-The linear log-sum-exp scores that :mod:`energyc.passes.attention` turns into attention ops
-(``s sum_t q_t . k_t + m (i - j)`` with a scalar s, and no slopes m over several head axes;
-other scales free of one token are moved into the queries or keys first, and terms of one token
-each become terms of the unit axis, ``attention.fold_score_scales``) are left to that pass: the
-attention kernels (CPU flash, Triton flash) serve them. Anything else is left as it is and
+The log-sum-exps that the attention kernels (CPU flash, Triton flash) take are left to
+:mod:`energyc.passes.attention`, marked, on that module's one decision
+(``attention.for_attention``: linear scores ``s sum_t q_t . k_t + m (i - j)`` with a scalar s,
+no slopes m over several head axes, and no learned s or m where the step reads the log-sum-exp
+itself; other scales free of one token are moved into the queries or keys first, and terms of
+one token each become terms of the unit axis, ``attention.fold_score_scales``); the attention
+pass takes what is marked, and nothing else. Anything of neither form is left as it is and
 reported by :func:`unfused_reductions` (correct, with (tokens x tokens) memory).
 """
 
@@ -35,7 +37,14 @@ from energyc.ir.functions import sigmoid, softplus
 from energyc.ir.graph import Graph
 from energyc.ir.ops import ARG_SYMBOLS, add_all, contract, pointwise, reduce, size_of
 from energyc.ir.pairs import DIST, PairForm, e, make_pair_sum, u
-from energyc.passes.attention import FUSABLE_KINDS, _flat, _sub_body
+from energyc.passes.attention import (
+    FUSABLE_KINDS,
+    _flat,
+    _sub_body,
+    for_attention,
+    leave_to_attention,
+    left_to_attention,
+)
 
 
 class NotFusableError(Exception):
@@ -123,37 +132,6 @@ def _is_reduction_over_j(graph: Graph, n: int) -> bool:
     node = graph.node(n)
     return (node.op == "reduce" and node.attr("axes") == ("j",)
             and node.attr("mask") is not None and _pair_valued(graph, node.inputs[0]))
-
-
-def _for_attention(graph: Graph, n: int) -> bool:
-    """Whether the attention pass takes this reduction: a log-sum-exp of
-    ``s sum_t u^t + m (i - j)`` with one coefficient s of scalars and slopes m of per-head values,
-    slopes only with at most one head axis (the legality of :mod:`energyc.passes.attention`)."""
-    node = graph.node(n)
-    if node.attr("kind") != "lse":
-        return False
-    try:
-        form, phi = pair_form(graph, n)
-    except NotFusableError:
-        return False
-    if not form.q:
-        return False
-    pair = {u(t) for t in range(len(form.q))} | {DIST}
-    extras = {e(m): graph.node(x).axes for m, x in enumerate(form.extras)}
-    coefs = [sympy.diff(phi, u(t)) for t in range(len(form.q))]
-    slope = sympy.diff(phi, DIST)
-    if any(sympy.simplify(c - coefs[0]) != 0 for c in coefs[1:]):
-        return False
-    if (coefs[0].free_symbols | slope.free_symbols) & pair:
-        return False
-    if any(extras[s] for s in coefs[0].free_symbols if s in extras):
-        return False  # a scale that is not a scalar
-    if any(not set(extras[s]) <= set(form.heads) for s in slope.free_symbols if s in extras):
-        return False
-    if len(form.heads) > 1 and slope != 0:
-        return False  # slopes over several head axes: not taken by the attention pass
-    linear = coefs[0] * sympy.Add(*(u(t) for t in range(len(form.q)))) + slope * DIST
-    return sympy.simplify(phi - linear) == 0
 
 
 def expand_feature_sums(graph: Graph) -> Graph:
@@ -364,14 +342,17 @@ def _feature_sum(graph: Graph, n: int) -> tuple[str, sympy.Expr, tuple[int, ...]
     return axes[0], body, tuple(leaves)
 
 
-def fuse_pair_reductions(graph: Graph, attention: bool = True) -> Graph:
-    """Rewrite each context reduction of the pair form into a pair_lse or pair_sum node; with
-    ``attention`` (the default), except those left to the attention pass (``_for_attention``).
-    ``attention=False`` takes those too: the compiler's fallback where the attention pass did
-    not take what was left to it (see ``energyc.compiler.compile_layer``)."""
+def fuse_pair_reductions(graph: Graph) -> Graph:
+    """Rewrite each context reduction of the pair form into a pair_lse or pair_sum node, except
+    the log-sum-exps that the attention kernels take (:func:`energyc.passes.attention.for_attention`,
+    the one decision): those stay, marked as left to the attention pass, which takes their every
+    softmax-weighted sum after differentiation."""
+    left = for_attention(graph)
 
     def rule(new: Graph, mapping: dict[int, int], n: int) -> int | None:
-        if not _is_reduction_over_j(graph, n) or (attention and _for_attention(graph, n)):
+        if n in left:
+            return leave_to_attention(graph, new, mapping, n)
+        if not _is_reduction_over_j(graph, n):
             return None
         try:
             form, phi = pair_form(graph, n)
@@ -392,7 +373,7 @@ def unfused_reductions(graph: Graph) -> list[tuple[str | None, str]]:
     """(source location, reason) of each reduction over j that stays materialised."""
     found = []
     for n in graph.live():
-        if not _is_reduction_over_j(graph, n) or _for_attention(graph, n):
+        if not _is_reduction_over_j(graph, n) or left_to_attention(graph, n):
             continue
         try:
             pair_form(graph, n)
