@@ -1,4 +1,4 @@
-"""The backend objects: one per target, each with a printer for every op, and the reference
+"""The backend objects: one per target, each with a printing rule for every op, and the reference
 evaluator of the op tests with a branch for every op."""
 
 from __future__ import annotations
@@ -9,17 +9,28 @@ import os
 
 import pytest
 
-from energyc.backends import BACKENDS, TRITON
+from energyc.backends import BACKENDS, TRITON, rules
 from energyc.ir.ops import OPS
 from energyc.render import templates_dir
 from tests import test_ops
 
 
 @pytest.mark.parametrize("backend", BACKENDS, ids=lambda b: b.name)
-def test_every_op_has_a_printer_in_every_backend(backend):
-    # keyed by op class: one printer per op of the IR, found as OPS[node.op]
-    assert set(backend.emitters) == set(OPS.values()), set(OPS.values()) ^ set(backend.emitters)
-    assert backend.emitter.emitters(None) is backend.emitters  # the table its emitter prints with
+def test_every_op_has_a_printing_rule_in_every_backend(backend):
+    # keyed by op class: one rule per op of the IR, found as OPS[node.op]
+    assert set(backend.rules) == set(OPS.values()), set(OPS.values()) ^ set(backend.rules)
+    assert backend.emitter.rules is backend.rules  # the table its emitter prints with
+    assert all(callable(rule) for rule in backend.rules.values())
+
+
+def test_a_missing_printing_rule_fails_naming_the_op_and_the_backend():
+    table = rules.Rules("torch")
+    table.update(rules.TORCH)
+    del table[OPS["contract"]]
+    with pytest.raises(ImportError, match="op 'contract' has no printing rule in the torch backend"):
+        rules.check_complete(table, rules.TRITON)
+    with pytest.raises(ValueError, match="two printing rules for op 'mask'"):
+        table(OPS["mask"])(lambda em, nid, node: None)
 
 
 def _evaluated_ops() -> set[str]:
