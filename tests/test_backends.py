@@ -51,7 +51,8 @@ def test_a_missing_printing_rule_fails_naming_the_op_and_the_backend():
     table = rules.Rules("torch")
     table.update(rules.TORCH)
     del table[OPS["contract"]]
-    with pytest.raises(ImportError, match="op 'contract' has no printing rule in the torch backend"):
+    with pytest.raises(ImportError,
+                       match="op 'contract' has no printing rule in the torch backend"):
         rules.check_complete(table, rules.TRITON)
     with pytest.raises(ValueError, match="two printing rules for op 'mask'"):
         table(OPS["mask"])(lambda em, nid, node: None)

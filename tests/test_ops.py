@@ -40,7 +40,7 @@ def context_mask(mask: tuple, T: int) -> torch.Tensor:
 
 
 def expand_to(value: torch.Tensor, axes: tuple, to_axes: tuple, sizes=SIZES) -> torch.Tensor:
-    """``value`` broadcast to the full shape of ``to_axes`` (a value is constant along axes it lacks)."""
+    """``value`` broadcast to the full shape of ``to_axes`` (constant along axes it lacks)."""
     return reference.align(value, axes, to_axes).expand([sizes[a] for a in to_axes])
 
 

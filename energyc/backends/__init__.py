@@ -16,7 +16,13 @@ from dataclasses import dataclass
 from typing import Any
 
 # importing a printing module registers its rules (torch_attention: the attention family's)
-from energyc.backends import lowering, rules, torch_attention, torch_backend, triton_backend  # noqa: F401
+from energyc.backends import (  # noqa: F401
+    lowering,
+    rules,
+    torch_attention,
+    torch_backend,
+    triton_backend,
+)
 
 
 @dataclass(frozen=True)

@@ -1,11 +1,11 @@
 """The torch backend: print a graph region as a straight-line torch function.
 
 Each op has one printing rule, registered against its class in the backend's table
-(``@TORCH(ops.Contract)``, :mod:`energyc.backends.rules`): the element-wise, dense and reduction
-ops here, the attention family in :mod:`energyc.backends.torch_attention`, the pair ops in
-:mod:`energyc.backends.torch_pairs`. Values keep the graph's canonical axis order, so broadcasting an argument only inserts ``None`` indices; contractions
-print as ``torch.einsum`` (``_rt.contract`` for two operands); masks are boolean (T, T) tensors
-built once per function.
+(``@TORCH(ops.Contract)``, :mod:`energyc.backends.rules`): the element-wise, dense and reduction ops
+here, the attention family in :mod:`energyc.backends.torch_attention`, the pair ops in
+:mod:`energyc.backends.torch_pairs`. Values keep the graph's canonical axis order, so broadcasting
+an argument only inserts ``None`` indices; contractions print as ``torch.einsum`` (``_rt.contract``
+for two operands); masks are boolean (T, T) tensors built once per function.
 """
 
 from __future__ import annotations

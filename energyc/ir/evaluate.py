@@ -178,7 +178,8 @@ class Evaluation:
 
     def body_env(self) -> dict[str, torch.Tensor]:
         """The size symbols as tensors, for a body's evaluation."""
-        return {name: torch.tensor(float(v), dtype=self.dtype) for name, v in self.symbols().items()}
+        return {name: torch.tensor(float(v), dtype=self.dtype)
+                for name, v in self.symbols().items()}
 
     def full(self, axes: tuple[str, ...]) -> list[int]:
         return [self.sizes[a] for a in axes]
