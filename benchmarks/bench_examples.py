@@ -5,7 +5,8 @@ finds them) and each token count, the generated layer and the baseline, y = x - 
 torch.autograd (create_graph=True) through E in plain PyTorch (the generated package's
 Layer.energy), run
 forward + backward with the same weights and inputs, and each one's error against the float64
-truth is printed (`gen err`, `autograd err`); see `energyc/bench.py` for what is measured and how.
+truth is printed (`gen err`, `autograd err`); see `energyc/bench/__init__.py` for what is
+measured and how.
 `--interpreter` also times autograd through the interpreter of energyc/reference.py (the baseline
 before 2026-12-07). Defaults: fp32, batch 2, D=128, H=4, K=32, M=512 (G=2, R=2 for
 grouped_query_attention's 2 x 2 query heads; any other dim 32), 256, 1024 and 4096 tokens, 1

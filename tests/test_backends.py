@@ -1,46 +1,61 @@
-"""The backend objects: one per target, each with a printer for every op, and the reference
-evaluator of the op tests with a branch for every op."""
+"""The backend objects and the op table: every op has its shape rule, VJP rule, description,
+formula and reference evaluation, and one printing rule in every backend's table."""
 
 from __future__ import annotations
 
-import ast
 import inspect
 import os
 
 import pytest
 
-from energyc.backends import BACKENDS, TRITON
-from energyc.ir.ops import OPS
+from energyc.backends import BACKENDS, TRITON, rules
+from energyc.ir.evaluate import EVALUATORS
+from energyc.ir.ops import OPS, Op
 from energyc.render import templates_dir
-from tests import test_ops
+
+# Op.vjp (no gradient): leaves, and attention_lse, a saved normaliser that only the attention
+# family reads, whose gradients hold its dependence on the scores already
+NO_VJP = {"input", "param", "hyper", "const", "offset", "attention_lse"}
+DESCRIBED_BY_ATTRIBUTES = {"broadcast"}  # Op.describe: its name and attributes
+# Op.formula, their first input's: the energy's formula names what they are made from
+FORMULA_OF_FIRST_INPUT = {"broadcast", "rotary", "attention", "attention_lse",
+                          "attention_transposed", "attention_grad"}
+
+
+def _own(op: type[Op], piece: str) -> bool:
+    return getattr(op, piece) is not getattr(Op, piece)
+
+
+@pytest.mark.parametrize("name", sorted(OPS))
+def test_every_op_has_its_pieces_in_its_class_and_a_reference_evaluation(name):
+    """Shape, VJP, description and formula on the op's class (or Op's default where listed),
+    and a rule in the reference evaluation's table."""
+    op = OPS[name]
+    assert op.name == name
+    assert _own(op, "shape")
+    assert _own(op, "vjp") == (name not in NO_VJP)
+    assert _own(op, "describe") == (name not in DESCRIBED_BY_ATTRIBUTES)
+    assert _own(op, "formula") == (name not in FORMULA_OF_FIRST_INPUT)
+    assert op in EVALUATORS, f"no reference evaluation for {name}"
 
 
 @pytest.mark.parametrize("backend", BACKENDS, ids=lambda b: b.name)
-def test_every_op_has_a_printer_in_every_backend(backend):
-    # keyed by op class: one printer per op of the IR, found as OPS[node.op]
-    assert set(backend.emitters) == set(OPS.values()), set(OPS.values()) ^ set(backend.emitters)
-    assert backend.emitter.emitters(None) is backend.emitters  # the table its emitter prints with
+def test_every_op_has_a_printing_rule_in_every_backend(backend):
+    # keyed by op class: one rule per op of the IR, found as OPS[node.op]
+    assert set(backend.rules) == set(OPS.values()), set(OPS.values()) ^ set(backend.rules)
+    assert backend.emitter.rules is backend.rules  # the table its emitter prints with
+    assert all(callable(rule) for rule in backend.rules.values())
 
 
-def _evaluated_ops() -> set[str]:
-    """The ops ``tests.test_ops._eval_node`` has a branch for: the names it compares ``op``
-    with (``op == "x"``, ``op in (...)``, ``op in LEAF_OPS``)."""
-    tree = ast.parse(inspect.getsource(test_ops._eval_node))
-    names: set[str] = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Compare) and getattr(node.left, "id", None) == "op":
-            for right in node.comparators:
-                if isinstance(right, ast.Constant):
-                    names.add(right.value)
-                elif isinstance(right, (ast.Tuple, ast.List, ast.Set)):
-                    names.update(e.value for e in right.elts)
-                elif isinstance(right, ast.Name):
-                    names.update(getattr(test_ops, right.id))
-    return names
-
-
-def test_every_op_has_a_branch_in_the_reference_evaluator():
-    assert set(OPS) <= _evaluated_ops(), set(OPS) - _evaluated_ops()
+def test_a_missing_printing_rule_fails_naming_the_op_and_the_backend():
+    table = rules.Rules("torch")
+    table.update(rules.TORCH)
+    del table[OPS["contract"]]
+    with pytest.raises(ImportError,
+                       match="op 'contract' has no printing rule in the torch backend"):
+        rules.check_complete(table, rules.TRITON)
+    with pytest.raises(ValueError, match="two printing rules for op 'mask'"):
+        table(OPS["mask"])(lambda em, nid, node: None)
 
 
 @pytest.mark.parametrize("backend", BACKENDS, ids=lambda b: b.name)

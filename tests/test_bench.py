@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from energyc import bench
+from energyc.bench import isolation
 from energyc.cli import main
 from energyc.compiler import compile_file
 from energyc.loader import load
@@ -219,10 +220,10 @@ def mlp():
 
 def test_probe_measures_the_increment_of_one_call(mlp, one_thread):
     layer, module = mlp
-    small = bench._fork_probe(layer, module, bench.BenchOptions(dims={"D": 16, "M": 32}), 4,
-                              "autograd")
-    large = bench._fork_probe(layer, module, bench.BenchOptions(dims={"D": 64, "M": 256}), 2048,
-                              "autograd")
+    small = isolation._fork_probe(layer, module, bench.BenchOptions(dims={"D": 16, "M": 32}),
+                                  4, "autograd")
+    large = isolation._fork_probe(layer, module, bench.BenchOptions(dims={"D": 64, "M": 256}),
+                                  2048, "autograd")
     assert small["status"] == large["status"] == "ok"
     # (2, 2048, 256) float32 values are 4 MiB each; autograd keeps several of them alive
     assert large["peak_mib"] - large["base_mib"] > 8 > small["peak_mib"] - small["base_mib"]
@@ -240,7 +241,7 @@ def test_probe_out_of_memory_and_over_budget(mlp, one_thread):
         server.close()
     assert answer["status"] == "out of memory"
     opts = bench.BenchOptions(dims={"D": 64, "M": 256}, max_seconds=1e-4)
-    assert bench._fork_probe(layer, module, opts, 2048, "generated")["status"] == "over budget"
+    assert isolation._fork_probe(layer, module, opts, 2048, "generated")["status"] == "over budget"
 
 
 @pytest.mark.parametrize("args, message", [

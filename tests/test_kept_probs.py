@@ -3,7 +3,7 @@
 A forward asked to keep its weights P forms them whole (where tokens and keys fit one query block)
 and the later calls over the same scores multiply by them: the key role, the backward's forwards
 with other values, and the backward. The compiler asks for it where three or more calls read the
-same scores (``torch_backend.keeps_probs``). Every call must give what it gives without P.
+same scores (``kept_weights.keeps_probs``). Every call must give what it gives without P.
 """
 
 from __future__ import annotations

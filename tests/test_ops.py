@@ -4,20 +4,12 @@ Each test builds a tiny :class:`~energyc.ir.graph.Graph` by hand, differentiates
 :func:`energyc.autodiff.vjp` seeded by an ``input`` node, and compares the value of the gradient
 graph with ``torch.autograd`` applied to the value of the forward graph (float64, B=2, T=4).
 
-Values are computed by :func:`evaluate`, an interpreter written for these tests only: it shares no
-code with the torch backend or ``energyc.reference``. Contractions are ``torch.einsum`` with a letter
-per axis; pointwise bodies are walked recursively over SymPy's tree (energyc's element-wise
-functions are expanded to their definitions); masks are built from the context-set definitions
-(causal ``j <= i``, strict ``j < i``, window ``i - w <= j <= i``, all, not_self ``j != i``); a masked
-log-sum-exp over an empty set is 0; arguments broadcast by inserting singleton axes, which the
-canonical axis order ``(b, i, j, *dims)`` makes sufficient.
+Values are computed by :func:`evaluate`, the op table's reference evaluation
+(:mod:`energyc.ir.evaluate`: each op from its definition, sharing no code with the backends or the
+runtime; its docstring says how masks, bodies and pairs are evaluated).
 """
 
 from __future__ import annotations
-
-import functools
-import math
-import operator
 
 import pytest
 import sympy
@@ -25,8 +17,9 @@ import torch
 
 from energyc.autodiff import vjp
 from energyc.errors import CompileError
+from energyc.ir import evaluate as reference
 from energyc.ir import ops
-from energyc.ir.functions import EnergyFunction, relu, sigmoid, softplus
+from energyc.ir.functions import relu, sigmoid, softplus
 from energyc.ir.graph import Graph
 from energyc.ir.ops import ARG_SYMBOLS
 
@@ -38,281 +31,17 @@ SIZES = {"b": 2, "i": 4, "j": 4, "D": 3, "H": 2, "K": 5, "F": 4}
 MASKS = [("causal",), ("strict",), ("window", 2), ("all",), ("not_self",)]
 LEAF_OPS = ("input", "param", "hyper")
 
-# -- a small interpreter for graphs ----------------------------------------------------------------
-
-
-def symbol_sizes(sizes: dict[str, int]) -> dict[str, float]:
-    """Values of the size symbols that bodies and constants may contain (B, T and the dims)."""
-    out = {a: float(n) for a, n in sizes.items() if a not in ("b", "i", "j")}
-    out.update({"B": float(sizes["b"]), "T": float(sizes["i"])})
-    return out
+# -- the op table's reference evaluation (energyc.ir.evaluate), in float64 ----------------------
 
 
 def context_mask(mask: tuple, T: int) -> torch.Tensor:
     """The (i, j) boolean matrix of a context set, from its definition."""
-    i = torch.arange(T)[:, None]
-    j = torch.arange(T)[None, :]
-    kind = mask[0]
-    if kind == "causal":
-        return (j <= i).expand(T, T)
-    if kind == "strict":
-        return (j < i).expand(T, T)
-    if kind == "window":
-        return (i - mask[1] <= j) & (j <= i)
-    if kind == "all":
-        return torch.ones(T, T, dtype=torch.bool)
-    if kind == "not_self":
-        return (j != i).expand(T, T)
-    raise NotImplementedError(mask)
-
-
-def align(value: torch.Tensor, axes: tuple, to_axes: tuple) -> torch.Tensor:
-    """View ``value`` (axes ``axes``) with singleton axes so that it broadcasts against ``to_axes``."""
-    assert axes == tuple(a for a in to_axes if a in axes), (axes, to_axes)
-    return value.reshape([value.shape[axes.index(a)] if a in axes else 1 for a in to_axes])
+    return reference.context_mask(mask, T)
 
 
 def expand_to(value: torch.Tensor, axes: tuple, to_axes: tuple, sizes=SIZES) -> torch.Tensor:
-    """``value`` broadcast to the full shape of ``to_axes`` (a value is constant along axes it lacks)."""
-    return align(value, axes, to_axes).expand([sizes[a] for a in to_axes])
-
-
-_FUNCTIONS = {
-    sympy.exp: torch.exp, sympy.log: torch.log, sympy.tanh: torch.tanh, sympy.erf: torch.erf,
-    sympy.sin: torch.sin, sympy.cos: torch.cos, sympy.cosh: torch.cosh, sympy.sinh: torch.sinh,
-    sympy.Abs: torch.abs,
-}
-
-
-def eval_body(expr: sympy.Expr, env: dict[str, torch.Tensor | float]) -> torch.Tensor:
-    """Evaluate a SymPy body recursively; symbols are looked up by name in ``env``."""
-    if isinstance(expr, sympy.Symbol):
-        return torch.as_tensor(env[expr.name], dtype=DTYPE)
-    if not expr.free_symbols and not isinstance(expr, sympy.logic.boolalg.Boolean):
-        return torch.tensor(float(expr), dtype=DTYPE)
-    args = [eval_body(a, env) for a in expr.args] if not isinstance(expr, sympy.Piecewise) else []
-    if expr.is_Add:
-        return functools.reduce(operator.add, args)
-    if expr.is_Mul:
-        return functools.reduce(operator.mul, args)
-    if expr.is_Pow:
-        return args[0] ** args[1]
-    if isinstance(expr, EnergyFunction):
-        return eval_body(type(expr).definition(expr.args[0]), env)
-    if expr.func in _FUNCTIONS:
-        return _FUNCTIONS[expr.func](*args)
-    if isinstance(expr, sympy.Piecewise):
-        out = torch.tensor(math.nan, dtype=DTYPE)
-        for value, cond in reversed(expr.args):
-            v = eval_body(value, env)
-            out = v if cond == sympy.true else torch.where(eval_body(cond, env), v, out)
-        return out
-    if isinstance(expr, sympy.core.relational.Relational):
-        return {"<": operator.lt, "<=": operator.le, ">": operator.gt, ">=": operator.ge,
-                "==": operator.eq, "!=": operator.ne}[expr.rel_op](*args)
-    raise NotImplementedError(f"test interpreter: {expr.func}")
-
-
-def masked_logsumexp(v: torch.Tensor, m: torch.Tensor, dim: int) -> torch.Tensor:
-    """log sum_{m} exp(v) over ``dim``; 0 where the set is empty. Differentiable twice."""
-    neg = torch.where(m, v, torch.tensor(-math.inf, dtype=v.dtype))
-    mx = neg.amax(dim, keepdim=True).detach()
-    mx = torch.where(torch.isfinite(mx), mx, torch.zeros_like(mx))
-    total = torch.exp(neg - mx).sum(dim, keepdim=True)
-    safe = torch.where(total > 0, total, torch.ones_like(total))
-    out = torch.where(total > 0, mx + torch.log(safe), torch.zeros_like(total))
-    return out.squeeze(dim)
-
-
-def _eval_node(graph: Graph, n: int, ins: list[torch.Tensor], env: dict, sizes: dict):
-    node = graph.node(n)
-    op = node.op
-    in_axes = [graph.node(u).axes for u in node.inputs]
-    full = [sizes[a] for a in node.axes]
-    T = sizes["i"]
-    if op in LEAF_OPS:
-        value = torch.as_tensor(env[node.attr("name")], dtype=DTYPE)
-        assert tuple(value.shape) == tuple(full), (node.attr("name"), value.shape, full)
-        return value
-    if op == "const":
-        value = node.attr("value")
-        syms = symbol_sizes(sizes)
-        return torch.tensor(float(value.subs({s: syms[s.name] for s in value.free_symbols})),
-                            dtype=DTYPE)
-    if op == "offset":
-        idx = torch.arange(T, dtype=DTYPE)
-        return idx[:, None] - idx[None, :]
-    if op == "contract":
-        letters = {a: chr(ord("a") + k) for k, a in enumerate(("b", "i", "j", *graph.dims))}
-        spec = ",".join("".join(letters[a] for a in ax) for ax in in_axes)
-        spec += "->" + "".join(letters[a] for a in node.axes)
-        return torch.einsum(spec, *ins)
-    if op == "pointwise":
-        body_env: dict = dict(symbol_sizes(sizes))
-        for k, (v, ax) in enumerate(zip(ins, in_axes)):
-            body_env[ARG_SYMBOLS[k].name] = align(v, ax, node.axes)
-        out = eval_body(node.attr("body"), body_env)
-        return out.reshape([1] * (len(full) - out.dim()) + list(out.shape)).expand(full)
-    if op == "fused_reduce":
-        return _eval_fused_reduce(graph, node, ins, in_axes, env, sizes)
-    if op == "reduce":
-        (v,) = ins
-        ax = in_axes[0]
-        dims = [ax.index(a) for a in node.attr("axes")]
-        mask = node.attr("mask")
-        kind = node.attr("kind")
-        if mask is not None:
-            m = align(context_mask(mask, T), ("i", "j"), ax)
-            if kind == "sum":
-                return torch.where(m, v, torch.zeros_like(v)).sum(dims[0])
-            return masked_logsumexp(v, m.expand(v.shape), dims[0])
-        if kind == "sum":
-            return v.sum(dims)
-        assert kind == "lse" and len(dims) == 1
-        return torch.logsumexp(v, dims[0])
-    if op == "mask":
-        (v,) = ins
-        m = align(context_mask(node.attr("mask"), T), ("i", "j"), node.axes)
-        return torch.where(m, align(v, in_axes[0], node.axes), 0.0).expand(full)
-    if op == "broadcast":
-        return expand_to(ins[0], in_axes[0], node.axes, sizes)
-    if op == "relabel":
-        renamed = tuple(node.attr("dst") if a == node.attr("src") else a for a in in_axes[0])
-        assert renamed == node.axes, "relabel would need a transpose"
-        return ins[0]
-    if op == "rotary":
-        return _eval_rotary(node, ins[0], sizes)
-    if op in ("attention", "attention_lse", "attention_transposed", "attention_grad"):
-        return _eval_attention(graph, node, ins, in_axes, T)
-    if op in ("pair_lse", "pair_sum", "running_sum"):
-        return _eval_pair(graph, node, ins, in_axes, sizes)
-    raise NotImplementedError(op)
-
-
-def _eval_pair(graph: Graph, node, ins, in_axes, sizes: dict) -> torch.Tensor:
-    """Pair ops from their definitions, with every (i, j) pair formed (the (tokens x tokens)
-    reference the kernels avoid)."""
-    from energyc.ir.pairs import DIST, e, u
-
-    T = sizes["i"]
-    m = context_mask(node.attr("mask"), T)
-    if node.op == "running_sum":
-        token = node.attr("token")
-        other = "j" if token == "i" else "i"
-        pair = graph.canonical(set(in_axes[0]) | {token})
-        v = expand_to(ins[0], in_axes[0], pair, sizes)
-        mm = align(m, ("i", "j"), pair)
-        return torch.where(mm, v, 0.0).sum(pair.index(other))
-    heads = node.attr("heads")
-    features = node.attr("features")
-    n = len(features)
-    pair = graph.canonical({"b", "i", "j", *heads})
-    env: dict = dict(symbol_sizes(sizes))
-    for t, f in enumerate(features):
-        full = graph.canonical({"b", "i", "j", *heads, f})
-        qk = expand_to(ins[t], in_axes[t], full, sizes) * expand_to(ins[n + t], in_axes[n + t],
-                                                                   full, sizes)
-        env[u(t).name] = qk.sum(full.index(f))
-    idx = torch.arange(T, dtype=DTYPE)
-    env[DIST.name] = align(idx[:, None] - idx[None, :], ("i", "j"), pair)
-    n_extras = len(ins) - 2 * n - (1 if node.attr("value") else 0)
-    for k in range(n_extras):
-        env[e(k).name] = align(ins[2 * n + k], in_axes[2 * n + k], pair)
-    body = eval_body(node.attr("body"), env)
-    body = torch.broadcast_to(body, [sizes[a] for a in pair])
-    mm = align(m, ("i", "j"), pair).expand(body.shape)
-    if node.op == "pair_lse":
-        return masked_logsumexp(body, mm, pair.index("j"))
-    token = node.attr("token")
-    other = "j" if token == "i" else "i"
-    a = torch.where(mm, body, 0.0)
-    if node.attr("value"):
-        full = graph.canonical(set(pair) | set(node.axes))
-        a = align(a, pair, full) * align(ins[-1], in_axes[-1], full)
-        return a.sum(full.index(other))
-    return a.sum(pair.index(other))
-
-
-def _eval_rotary(node, u: torch.Tensor, sizes: dict) -> torch.Tensor:
-    """Rotary embedding from its definition: at token position p, the feature pair (2m, 2m+1)
-    turns by the angle p * base^(-2m/F) (by minus that angle when ``inverse``)."""
-    axes = node.axes
-    token = next(a for a in axes if a in ("i", "j"))
-    feature = node.attr("feature")
-    F = sizes[feature]
-    td, fd = axes.index(token), axes.index(feature)
-    v = u.movedim((td, fd), (-2, -1))
-    m = torch.arange(F // 2, dtype=DTYPE)
-    angle = torch.arange(sizes[token], dtype=DTYPE)[:, None] * node.attr("base") ** (-2 * m / F)
-    if node.attr("inverse"):
-        angle = -angle
-    c, s = torch.cos(angle), torch.sin(angle)
-    even, odd = v[..., 0::2], v[..., 1::2]
-    out = torch.stack((even * c - odd * s, even * s + odd * c), dim=-1).flatten(-2)
-    return out.movedim((-2, -1), (td, fd))
-
-
-def _eval_attention(graph: Graph, node, ins, in_axes, T: int) -> torch.Tensor:
-    """The fused attention ops from their documented definitions, with einsum over named axes:
-    S = s sum_t q_t . k_t (+ m (i - j)), P = softmax of S over C(i); attention o = P v,
-    attention_transposed o_j = sum_i P_ij v_i; attention_grad by autograd of the attention's own
-    definition here (its o and lse inputs are recomputed)."""
-    attrs = dict(node.attrs)
-    slots = ops.attention_slots(node.op, attrs)
-    val = {name: ins[pos] for name, pos in slots.items()}
-    ax = {name: in_axes[pos] for name, pos in slots.items()}
-    letters = {a: chr(ord("a") + n) for n, a in enumerate(("b", "i", "j", *graph.dims))}
-
-    def spec(*axes_list):
-        *ins_, out = ("".join(letters[a] for a in axes) for axes in axes_list)
-        return ",".join(ins_) + "->" + out
-
-    heads = tuple(attrs["heads"])
-    sa = graph.canonical({"b", "i", "j", *heads})  # scores
-    la = tuple(a for a in sa if a != "j")  # log-sum-exp
-    mask = attrs["mask"]
-    in_c = align(context_mask(mask if isinstance(mask, tuple) else (mask,), T), ("i", "j"), sa)
-
-    def weights(val):
-        S = sum(torch.einsum(spec(ax[f"q{t}"], ax[f"k{t}"], sa), val[f"q{t}"], val[f"k{t}"])
-                for t in range(len(attrs["features"])))
-        S = val["s"] * S
-        if "m" in val:
-            offset = (torch.arange(T)[:, None] - torch.arange(T)[None, :]).to(DTYPE)
-            S = S + align(val["m"], ax["m"], sa) * align(offset, ("i", "j"), sa)
-        lse = masked_logsumexp(S, in_c.expand(S.shape), sa.index("j"))
-        return torch.where(in_c, torch.exp(S - align(lse, la, sa)), 0.0), lse
-
-    def attention(val):
-        out = graph.canonical({"b", "i", *heads, ops.value_feature(ax["v"], "j", heads)})
-        return torch.einsum(spec(sa, ax["v"], out), weights(val)[0], val["v"]), out
-
-    if node.op == "attention_lse":
-        return weights(val)[1]
-    if node.op == "attention":
-        return attention(val)[0]
-    if node.op == "attention_transposed":
-        return torch.einsum(spec(sa, ax["v"], node.axes), weights(val)[0], val["v"])
-    leaves = {name: val[name].clone().requires_grad_(True) for name in val
-              if name not in ("o", "lse", "g")}
-    o, out = attention(leaves)
-    (grad,) = torch.autograd.grad((o * align(val["g"], ax["g"], out)).sum(),
-                                  [leaves[attrs["wrt"]]])
-    return grad
-
-
-def _eval_fused_reduce(graph, node, ins, in_axes, env, sizes):
-    """post(reduce(pre(a...)), b...): each stage through this interpreter's own ops."""
-    n_pre = node.attr("n_pre")
-    scratch = Graph(graph.dims)
-    leaves = [scratch.add("input", name=f"_in{k}", axes=ax) for k, ax in enumerate(in_axes)]
-    values = {f"_in{k}": v for k, v in enumerate(ins)}
-    pre = scratch.add("pointwise", leaves[:n_pre], body=node.attr("pre")) if node.attr(
-        "pre") != ARG_SYMBOLS[0] or n_pre > 1 else leaves[0]
-    red = scratch.add("reduce", (pre,), kind=node.attr("kind"), axes=node.attr("axes"),
-                      mask=node.attr("mask"))
-    out = scratch.add("pointwise", (red, *leaves[n_pre:]), body=node.attr("post"))
-    return evaluate(scratch, out, values, sizes)
+    """``value`` broadcast to the full shape of ``to_axes`` (constant along axes it lacks)."""
+    return reference.align(value, axes, to_axes).expand([sizes[a] for a in to_axes])
 
 
 def evaluate(graph: Graph, node_id: int, env: dict, sizes: dict = SIZES, cache=None):
@@ -321,11 +50,7 @@ def evaluate(graph: Graph, node_id: int, env: dict, sizes: dict = SIZES, cache=N
     ``env`` maps the names of input, param and hyper leaves to tensors; ``cache`` (a dict) may be
     shared between calls on the same graph and env.
     """
-    values = {} if cache is None else cache
-    for n in sorted(graph.ancestors([node_id])):
-        if n not in values:
-            values[n] = _eval_node(graph, n, [values[u] for u in graph.node(n).inputs], env, sizes)
-    return values[node_id]
+    return reference.evaluate(graph, node_id, env, sizes, dtype=DTYPE, cache=cache)
 
 
 def random_env(graph: Graph, seed: int = 0, sizes: dict = SIZES) -> dict[str, torch.Tensor]:

@@ -1,10 +1,10 @@
 """Pair reductions: the op family's VJP rules, the fuse_pair_reductions pass on every form, the
 block-sparse torch kernels, and the report of what stays materialised.
 
-VJP rules are checked against torch.autograd of a materialising interpreter of the ops
-(``tests/test_ops.py::_eval_pair``), to first and second order; the pass on each form by structure
-(no (tokens x tokens) value left in the step graph) and by value (the layer against autograd double
-backward of the declared energy, ``energyc.check``).
+VJP rules are checked against torch.autograd of a materialising interpreter of the ops (the
+pair ops' reference evaluation, ``energyc/ir/evaluate.py``), to first and second order; the pass
+on each form by structure (no (tokens x tokens) value left in the step graph) and by value (the
+layer against autograd double backward of the declared energy, ``energyc.check``).
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """The graph passes: each pass and each canonicalisation rule, structurally and numerically.
 
 Structural tests count nodes and ops (``Graph.op_counts``) on a tiny hand-built graph before and
-after; numeric tests check that every output keeps its axes and its value, using the test
-interpreter of ``tests/test_ops.py``. The last tests run the whole pipeline with ``verify=True`` on
+after; numeric tests check that every output keeps its axes and its value, using the op
+table's reference evaluation (``energyc/ir/evaluate.py``). The last tests run the whole pipeline with ``verify=True`` on
 every example energy file, and compare the example graphs' values before and after it.
 """
 

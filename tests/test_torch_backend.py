@@ -86,7 +86,7 @@ def test_backward_calls_merge_only_where_their_gradients_are_summed():
     the calls apart: the merged call gives only their sum."""
     import sympy
 
-    from energyc.backends.torch_backend import _summed_alike
+    from energyc.backends.torch_attention import _summed_alike
 
     g = Graph(("D",))
     a = g.add("input", name="a", axes=("b", "i", "D"))

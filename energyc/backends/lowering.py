@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import sympy
 
+from energyc.backends.kept_weights import keeps_probs
 from energyc.backends.specs import (
     DimSpec,
     FunctionSpec,
@@ -25,7 +26,7 @@ from energyc.backends.specs import (
     ParamSpec,
     TritonModuleSpec,
 )
-from energyc.backends.torch_backend import Emitter, einsum_letters, full_output, keeps_probs
+from energyc.backends.torch_backend import Emitter, einsum_letters, full_output
 from energyc.backends.triton_backend import KernelSet, TritonEmitter
 from energyc.compiler import LEAF_OPS, CompiledLayer
 from energyc.ir.describe import format_energy
@@ -177,7 +178,7 @@ def function_spec(
 
 def _saved_names(graph: Graph, n: int, name: str) -> list[str]:
     """The variables that carry saved node ``n``: its own, and for a log-sum-exp whose weights
-    are kept (torch_backend.keeps_probs) their companion ``<name>_p`` beside it."""
+    are kept (kept_weights.keeps_probs) their companion ``<name>_p`` beside it."""
     return [name, f"{name}_p"] if keeps_probs(graph, n) else [name]
 
 

@@ -1,6 +1,10 @@
 """Torch printing of the pair ops: one call into the block-sparse kernels of
 ``energyc.runtime.pairs`` per group of pair sums over the same pairs.
 
+The rules of pair_lse and pair_sum gather a group into one :class:`PairCall` and hand it to the
+emitter's ``print_pair_call``: here one runtime call (:func:`print_call`), on the Triton backend
+the pair kernels of ``triton_pairs``, which registers the same rules in its table.
+
 Operands are laid out with the token and feature axes last, ``(b, *heads, token, feature)``, extras
 as ``(b, *heads, i, j)``, a missing axis as a size-1 axis (``None`` index), so that tiles broadcast.
 The pair functions (phi, the weights A) print from SymPy as lambdas over the tiles ``u`` (the
@@ -13,6 +17,7 @@ from dataclasses import dataclass
 
 import sympy
 
+from energyc.backends.rules import TORCH
 from energyc.backends.spelling import stable_forms
 from energyc.backends.torch_printer import TorchPrinter
 from energyc.ir.graph import Node
@@ -166,6 +171,7 @@ def _call_tail(em, form: PairForm, bodies) -> str:
             f"dtype=x.dtype, device=x.device{em.offset_arg()}")
 
 
+@TORCH(PairLse)
 def emit_pair_lse(em, nid: int, node: Node) -> None:
     """``R = pair_lse(...)``: an online log-sum-exp over the context's tiles; with the pair sums
     over the same pairs whose weights are softmax weights times an R-free factor, one pass
@@ -267,6 +273,7 @@ def _softmax_sums(em, nid: int, node: Node, form: PairForm, var: str) -> bool:
     return True
 
 
+@TORCH(PairSum)
 def emit_pair_sum(em, nid: int, node: Node) -> None:
     """Every pair sum over the same pairs (context set, heads) whose inputs are ready: one pass
     over the tiles, each tile's contractions computed once for all of them."""
@@ -287,6 +294,7 @@ def emit_pair_sum(em, nid: int, node: Node) -> None:
     return None
 
 
+@TORCH(RunningSum)
 def emit_running_sum(em, nid: int, node: Node) -> str:
     token = node.attr("token")
     (v,) = node.inputs
@@ -296,5 +304,3 @@ def emit_running_sum(em, nid: int, node: Node) -> str:
     return (f"_rt.running_sum({em.names[v]}, dim={dim}, mask=({kind!r}, {w}), "
             f"keys_major={token == 'j'}{em.offset_arg()}{', T=T' if em.position else ''})")
 
-
-PAIR_EMITTERS = {PairLse: emit_pair_lse, PairSum: emit_pair_sum, RunningSum: emit_running_sum}

@@ -30,10 +30,12 @@ with ``acc`` a sum, or an online log-sum-exp (running max ``m`` and sum ``s``,
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import sympy
 
-from energyc.backends import torch_backend, triton_pairs
+from energyc.backends import torch_attention, torch_backend, triton_pairs  # noqa: F401
+from energyc.backends.rules import TORCH, TRITON, Rules
 from energyc.backends.torch_backend import Emitter, Node
 from energyc.backends.triton_printer import NoTritonSpellingError, TritonPrinter
 from energyc.ir import ops
@@ -117,6 +119,7 @@ def _offset(coord: str, stride: str, dims: list[int]) -> str:
 class TritonEmitter(Emitter):
     """Prints a step function for the Triton path; collects the kernels it launches."""
 
+    rules: ClassVar[Rules] = TRITON
     kernel_set: KernelSet = field(default_factory=lambda: KernelSet("layer"))
     function: str = "fn"  # fwd, bwd, precond_dplr_fwd, ...: the stem of its kernels' names
     merge_backwards: bool = False  # its element-wise nodes are kernels: no gradient folds to 0
@@ -125,9 +128,6 @@ class TritonEmitter(Emitter):
     def print_pair_call(self, call) -> None:
         """A pass over pairs as the pair kernels of ``triton_pairs`` (torch where they cannot)."""
         triton_pairs.print_call(self, call)
-
-    def emitters(self) -> dict:
-        return EMITTERS
 
 
 def _dims(*bodies: sympy.Expr) -> list[str]:
@@ -145,6 +145,7 @@ def _tuple(items: list[str]) -> str:
     return f"({items[0]},)" if len(items) == 1 else f"({', '.join(items)})"
 
 
+@TRITON(ops.Pointwise)
 def _emit_pointwise(em: TritonEmitter, nid: int, node: Node) -> str:
     """``out = body(args)``: one element-wise kernel over the output's axes."""
     body = node.attr("body")
@@ -180,6 +181,7 @@ def _emit_pointwise(em: TritonEmitter, nid: int, node: Node) -> str:
     return f'_pointwise("{name}", {shape}, {inputs}, {_tuple(dims)})'
 
 
+@TRITON(ops.Reduce, FusedReduce)
 def _emit_reduction(em: TritonEmitter, nid: int, node: Node) -> str:
     """``post(reduce(pre(a...)), e...)``: one reduction kernel (a plain reduce: pre = post = id)."""
     fused = node.op == "fused_reduce"
@@ -274,6 +276,9 @@ def _emit_reduction(em: TritonEmitter, nid: int, node: Node) -> str:
             f"{_tuple(dims)}{', window=' + str(window) if masked else ''})")
 
 
-# torch's printers but for the nodes that are kernels here (pair ops go through print_pair_call)
-EMITTERS = {**torch_backend.EMITTERS, ops.Pointwise: _emit_pointwise, ops.Reduce: _emit_reduction,
-            FusedReduce: _emit_reduction}
+# what runs on torch on this path (see the module docstring): leaves, constants, dense products,
+# masks, broadcasts, relabels, rotary, and the attention family (whose torch printing calls
+# ``kernels``, here the Triton flash kernels)
+TRITON.reuse(TORCH, ops.Input, ops.Param, ops.Hyper, ops.Const, ops.Offset, ops.Contract,
+             ops.Mask, ops.Broadcast, ops.Relabel, ops.Rotary)
+TRITON.reuse(TORCH, ops.Attention, ops.AttentionLse, ops.AttentionTransposed, ops.AttentionGrad)

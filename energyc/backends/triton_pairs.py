@@ -23,11 +23,12 @@ from dataclasses import dataclass
 import sympy
 
 from energyc.backends import torch_pairs
+from energyc.backends.rules import TORCH, TRITON
 from energyc.backends.spelling import stable_forms
 from energyc.backends.torch_pairs import PairCall
 from energyc.backends.triton_printer import NoTritonSpellingError, TritonPrinter
 from energyc.ir.ops import describe_mask
-from energyc.ir.pairs import DIST, extra_token, pair_symbols
+from energyc.ir.pairs import DIST, PairLse, PairSum, RunningSum, extra_token, pair_symbols
 
 
 @dataclass
@@ -340,3 +341,8 @@ def print_call(em, call: PairCall) -> None:
         out = ([names[0]] if call.softmax and own == "i" else []) + [names[n + first] for n in picked]
         em.lines.append(f"{', '.join(out)}, = {_launch(em, call, kernel.name, picked, own, builder.dims)}")
     torch_pairs.bind_results(em, call, names)
+
+
+# the pair ops group their passes as on torch; each pass prints here (TritonEmitter.print_pair_call
+# calls print_call above); a running sum (a prefix sum of one token's values) is torch's
+TRITON.reuse(TORCH, PairLse, PairSum, RunningSum)

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import re
 
-import sympy
-
 from energyc.ir.graph import Graph, Node
-from energyc.ir.ops import ARG_SYMBOLS, OPS, describe_mask
+from energyc.ir.ops import OPS, formula
+
+__all__ = ["format_energy", "format_graph", "formula"]
 
 
 def _axes(node: Node, param_dims: dict[str, tuple[str, ...]] | None) -> tuple[str, ...]:
@@ -58,83 +58,13 @@ def format_energy(graph: Graph, output: str, public: dict[str, str] | None = Non
 
 
 def _format_energy(graph: Graph, output: str) -> str:
+    """Each node's formula (its op's ``formula`` of its inputs' formulas), from the output down."""
     memo: dict[int, str] = {}
 
     def fmt(n: int) -> str:
-        if n in memo:
-            return memo[n]
-        node = graph.node(n)
-        op = node.op
-        if op == "input":
-            text = f"{node.attr('name')}_i"
-        elif op in ("param", "hyper"):
-            text = node.attr("name")
-        elif op == "const":
-            text = str(node.attr("value"))
-        elif op == "offset":
-            text = "(i - j)"
-        elif op == "relabel":
-            inner = fmt(node.inputs[0])
-            text = inner.replace("_i", "_j") if graph.node(node.inputs[0]).op == "input" else (
-                f"{inner}[i->j]")
-        elif op == "contract":
-            summed = sorted(set().union(*(graph.node(u).axes for u in node.inputs))
-                            - set(node.axes))
-            prod = " * ".join(fmt(u) for u in node.inputs)
-            text = f"sum_{{{', '.join(summed)}}}({prod})" if summed else f"({prod})"
-        elif op == "pointwise":
-            text = formula(node.attr("body"), [fmt(u) for u in node.inputs])
-        elif op in ("reduce", "fused_reduce"):
-            mask = node.attr("mask")
-            over = describe_mask(mask) if mask else ", ".join(node.attr("axes"))
-            name = "sum" if node.attr("kind") == "sum" else "logsumexp"
-            if op == "reduce":
-                text = f"{name}_{{{over}}}({fmt(node.inputs[0])})"
-            else:
-                n_pre = node.attr("n_pre")
-                pre = formula(node.attr("pre"), [fmt(u) for u in node.inputs[:n_pre]])
-                reduced = f"{name}_{{{over}}}({pre})"
-                text = formula(node.attr("post"), [reduced] + [fmt(u) for u in node.inputs[n_pre:]])
-        elif op == "mask":
-            text = f"[{describe_mask(node.attr('mask'))}]*{_wrap(fmt(node.inputs[0]))}"
-        elif op in ("pair_lse", "pair_sum"):
-            text = _pair_formula(graph, node, fmt)
-        elif op == "running_sum":
-            text = f"sum_{{{describe_mask(node.attr('mask'))}}}({fmt(node.inputs[0])})"
-        else:
-            text = fmt(node.inputs[0])
-        memo[n] = text
-        return text
+        if n not in memo:
+            node = graph.node(n)
+            memo[n] = OPS[node.op].formula(graph, node, [fmt(u) for u in node.inputs])
+        return memo[n]
 
     return fmt(graph.outputs[output])
-
-
-def _pair_formula(graph, node, fmt) -> str:
-    """A pair op as ``logsumexp_{C}(phi)`` or ``sum_{C}(A * v)`` with its pairs written out."""
-    from energyc.ir.pairs import DIST, e, form_of, u
-
-    form = form_of(graph, node)
-    subs = {u(t): sympy.Symbol(f"({fmt(q)} . {fmt(k)})") for t, (q, k) in
-            enumerate(zip(form.q, form.k))}
-    subs.update({e(m): sympy.Symbol(_wrap(fmt(x))) for m, x in enumerate(form.extras)})
-    subs[DIST] = sympy.Symbol("(i - j)")
-    body = sympy.sstr(node.attr("body").xreplace(subs))
-    ctx = describe_mask(node.attr("mask"))
-    if node.op == "pair_lse":
-        return f"logsumexp_{{{ctx}}}({body})"
-    value = f" * {_wrap(fmt(node.inputs[-1]))}" if node.attr("value") else ""
-    over = "j" if node.attr("token") == "i" else "i"
-    return f"sum_{{{over}: {ctx}}}({body}{value})"
-
-
-def formula(body: sympy.Expr, args: list[str]) -> str:
-    """``body`` with each argument ``a<k>`` written as the text ``args[k]``."""
-    if body == ARG_SYMBOLS[0]:
-        return args[0]
-    subs = {ARG_SYMBOLS[k]: sympy.Symbol(_wrap(text)) for k, text in enumerate(args)}
-    return sympy.sstr(body.xreplace(subs))
-
-
-def _wrap(text: str) -> str:
-    simple = text.replace("_", "").replace("{", "").replace("}", "").isalnum()
-    return text if simple or (text.endswith(")") and text.count("(") == 1) else f"({text})"

@@ -1,6 +1,9 @@
-"""The op table: every op's definition, shape rule, vector-Jacobian rule and torch printing.
+"""The op table: every op's definition, shape rule, vector-Jacobian rule, description and formula.
 
-Each op is one class; its pieces sit together as in JAX's ``lax.py``. Values have named axes (see
+Each op is one class; its pieces sit together as in JAX's ``lax.py``. Beside the table, one rule
+per op class in each other table keyed by it: its reference evaluation in torch
+(:mod:`energyc.ir.evaluate`) and its printing in each backend (:mod:`energyc.backends.rules`); a
+missing rule fails at import, naming the op. Values have named axes (see
 :mod:`energyc.ir.graph`). A gradient value may lack axes of the value it is the gradient of; it is
 then constant (broadcast) along them. VJP rules honour that: where a rule sums over an axis that the
 gradient lacks, it multiplies by that axis' size instead.
@@ -116,6 +119,20 @@ def size_of(graph: Graph, axis: str) -> sympy.Expr:
     return sympy.Symbol(axis, positive=True, integer=True)
 
 
+def formula(body: sympy.Expr, args: list[str]) -> str:
+    """``body`` with each argument ``a<k>`` written as the text ``args[k]``."""
+    if body == ARG_SYMBOLS[0]:
+        return args[0]
+    subs = {ARG_SYMBOLS[k]: sympy.Symbol(wrap(text)) for k, text in enumerate(args)}
+    return sympy.sstr(body.xreplace(subs))
+
+
+def wrap(text: str) -> str:
+    """A formula's text as an operand: parenthesised unless a name or one call."""
+    simple = text.replace("_", "").replace("{", "").replace("}", "").isalnum()
+    return text if simple or (text.endswith(")") and text.count("(") == 1) else f"({text})"
+
+
 # -- builders with light normalisation (used by the DSL, the VJP rules and the passes) ------------
 
 
@@ -215,8 +232,15 @@ class Op:
 
     @staticmethod
     def describe(node: Node) -> str:
+        """The node as one line of ``energyc inspect``'s op table."""
         extra = ", ".join(f"{k}={v}" for k, v in node.attrs if k not in ("axes",))
         return f"{node.op}({extra})" if extra else node.op
+
+    @staticmethod
+    def formula(graph: Graph, node: Node, args: list[str]) -> str:
+        """The node's value as a formula of its inputs' formulas ``args`` (an energy's formula
+        in docstrings, ``energyc inspect``): by default, its first input's."""
+        return args[0]
 
 
 class Input(Op):
@@ -232,6 +256,10 @@ class Input(Op):
     def describe(node):
         return f"input {node.attr('name')}"
 
+    @staticmethod
+    def formula(graph, node, args):
+        return f"{node.attr('name')}_i"
+
 
 class Param(Op):
     """A learned tensor; ``axes`` is its declared shape (canonical order)."""
@@ -245,6 +273,10 @@ class Param(Op):
     @staticmethod
     def describe(node):
         return f"param {node.attr('name')}"
+
+    @staticmethod
+    def formula(graph, node, args):
+        return node.attr("name")
 
 
 class Hyper(Op):
@@ -260,6 +292,10 @@ class Hyper(Op):
     def describe(node):
         return f"hyper {node.attr('name')}"
 
+    @staticmethod
+    def formula(graph, node, args):
+        return node.attr("name")
+
 
 class Const(Op):
     """A scalar SymPy expression of numbers and dim sizes."""
@@ -274,6 +310,10 @@ class Const(Op):
     def describe(node):
         return f"const {node.attr('value')}"
 
+    @staticmethod
+    def formula(graph, node, args):
+        return str(node.attr("value"))
+
 
 class Offset(Op):
     """The pair value ``i - j`` (a float), for scores that depend on the token distance."""
@@ -287,6 +327,10 @@ class Offset(Op):
     @staticmethod
     def describe(node):
         return "offset i - j"
+
+    @staticmethod
+    def formula(graph, node, args):
+        return "(i - j)"
 
 
 class Contract(Op):
@@ -318,6 +362,12 @@ class Contract(Op):
     @staticmethod
     def describe(node):
         return f"contract -> ({', '.join(node.attr('out'))})"
+
+    @staticmethod
+    def formula(graph, node, args):
+        summed = sorted(set().union(*(graph.node(u).axes for u in node.inputs)) - set(node.axes))
+        prod = " * ".join(args)
+        return f"sum_{{{', '.join(summed)}}}({prod})" if summed else f"({prod})"
 
 
 class Pointwise(Op):
@@ -360,9 +410,20 @@ class Pointwise(Op):
     def describe(node):
         return f"pointwise {node.attr('body')}"
 
+    @staticmethod
+    def formula(graph, node, args):
+        return formula(node.attr("body"), args)
+
 
 def _readable(node: Node) -> dict:
     return {ARG_SYMBOLS[k]: sympy.Symbol(f"u{k}") for k in range(len(node.inputs))}
+
+
+def _reduction_text(node: Node) -> str:
+    """``sum_{over}`` or ``logsumexp_{over}`` of a reduction, over its context set or axes."""
+    mask = node.attr("mask")
+    over = describe_mask(mask) if mask else ", ".join(node.attr("axes"))
+    return f"{'sum' if node.attr('kind') == 'sum' else 'logsumexp'}_{{{over}}}"
 
 
 class Reduce(Op):
@@ -407,6 +468,10 @@ class Reduce(Op):
         over = ", ".join(node.attr("axes"))
         return f"{node.attr('kind')} over {over}" + (f" in {{{ctx}}}" if ctx else "")
 
+    @staticmethod
+    def formula(graph, node, args):
+        return f"{_reduction_text(node)}({args[0]})"
+
 
 class FusedReduce(Op):
     """``out = post(reduce_{axes, mask} pre(a_0 .. a_{n-1}), b_0 .. b_{m-1})``.
@@ -450,6 +515,12 @@ class FusedReduce(Op):
         red = Reduce.describe(node)
         return f"fused {red} of {node.attr('pre')}, then {node.attr('post')}"
 
+    @staticmethod
+    def formula(graph, node, args):
+        n_pre = node.attr("n_pre")
+        reduced = f"{_reduction_text(node)}({formula(node.attr('pre'), args[:n_pre])})"
+        return formula(node.attr("post"), [reduced] + args[n_pre:])
+
 
 class Mask(Op):
     """``out[..., i, j, ...] = u[...] if j in C(i) else 0``. VJP: ``du = sum mask(g)``."""
@@ -469,6 +540,10 @@ class Mask(Op):
     @staticmethod
     def describe(node):
         return f"mask {{{describe_mask(node.attr('mask'))}}}"
+
+    @staticmethod
+    def formula(graph, node, args):
+        return f"[{describe_mask(node.attr('mask'))}]*{wrap(args[0])}"
 
 
 class Broadcast(Op):
@@ -509,6 +584,12 @@ class Relabel(Op):
     @staticmethod
     def describe(node):
         return f"relabel {node.attr('src')}->{node.attr('dst')}"
+
+    @staticmethod
+    def formula(graph, node, args):
+        if graph.node(node.inputs[0]).op == "input":
+            return args[0].replace("_i", "_j")
+        return f"{args[0]}[i->j]"
 
 
 class Rotary(Op):

@@ -43,7 +43,7 @@ from typing import TYPE_CHECKING
 
 import sympy
 
-from energyc.ir.ops import ARG_SYMBOLS, OPS, Op, describe_mask, pointwise, sum_to
+from energyc.ir.ops import ARG_SYMBOLS, OPS, Op, describe_mask, pointwise, sum_to, wrap
 
 if TYPE_CHECKING:
     from energyc.ir.graph import Graph, Node
@@ -256,6 +256,24 @@ def describe_form(node: Node) -> str:
     return f"{{{ctx}}} of {body}" + (f" ({terms})" if terms else "")
 
 
+def pair_formula(graph: Graph, node: Node, args: list[str]) -> str:
+    """A pair op as ``logsumexp_{C}(phi)`` or ``sum_{C}(A * v)`` with its pairs written out, from
+    its inputs' formulas ``args``."""
+    text = dict(zip(node.inputs, args))
+    form = form_of(graph, node)
+    subs = {u(t): sympy.Symbol(f"({text[q]} . {text[k]})") for t, (q, k) in
+            enumerate(zip(form.q, form.k))}
+    subs.update({e(m): sympy.Symbol(wrap(text[x])) for m, x in enumerate(form.extras)})
+    subs[DIST] = sympy.Symbol("(i - j)")
+    body = sympy.sstr(node.attr("body").xreplace(subs))
+    ctx = describe_mask(node.attr("mask"))
+    if node.op == "pair_lse":
+        return f"logsumexp_{{{ctx}}}({body})"
+    value = f" * {wrap(args[-1])}" if node.attr("value") else ""
+    over = "j" if node.attr("token") == "i" else "i"
+    return f"sum_{{{over}: {ctx}}}({body}{value})"
+
+
 class PairLse(Op):
     """``R_i = log sum_{j in C(i)} exp(phi(u_ij, i - j, e))`` (see the module docstring).
 
@@ -294,6 +312,8 @@ class PairLse(Op):
     @staticmethod
     def describe(node):
         return f"pair logsumexp {describe_form(node)}"
+
+    formula = staticmethod(pair_formula)
 
 
 class PairSum(Op):
@@ -355,6 +375,8 @@ class PairSum(Op):
         value = " times v" if node.attr("value") else ""
         return f"pair sum ({major}-major){value} {describe_form(node)}"
 
+    formula = staticmethod(pair_formula)
+
 
 def _row_dot(graph: Graph, g: int, nid: int, kappa, x: int) -> int:
     """``kappa * sum_features(G * o)`` summed to the axes of row extra ``x``."""
@@ -390,6 +412,10 @@ class RunningSum(Op):
     def describe(node):
         major = "queries" if node.attr("token") == "i" else "keys"
         return f"running sum ({major}-major) over {{{describe_mask(node.attr('mask'))}}}"
+
+    @staticmethod
+    def formula(graph, node, args):
+        return f"sum_{{{describe_mask(node.attr('mask'))}}}({args[0]})"
 
 
 OPS.update({op.name: op for op in (PairLse, PairSum, RunningSum)})
