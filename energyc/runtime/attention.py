@@ -240,7 +240,7 @@ def _attention_forward(q, k, v, scale, kind, slopes, offset, keep_probs, probs) 
 
 
 # A forward asked to keep its attention weights (``keep_probs``: the compiler asks where three
-# or more calls read the same scores, see energyc.backends.torch_backend.keeps_probs) keeps them
+# or more calls read the same scores, see energyc.backends.kept_weights.keeps_probs) keeps them
 # where queries and keys both fit one query block of the chunked path (QUERY_CHUNK): P is then
 # formed whole, once, in the memory of one such block, (B, H, T, keys) <= (B, H, T, QUERY_CHUNK),
 # kept from the forward to the backward; the later calls over the same scores (the key role, the
