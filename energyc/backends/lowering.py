@@ -280,7 +280,7 @@ def triton_module_spec(layer: CompiledLayer, source: str) -> TritonModuleSpec:
              f"{error} has no Triton spelling (correct; slower on a GPU)"
              for (where, what), error in kernel_set.on_torch.items()]
     return TritonModuleSpec(layer.decl.name, functions, kernel_set.kernels, list(layer.precond),
-                            attention=attention, notes=notes)
+                            attention=attention, notes=notes, launches=kernel_set.launched)
 
 
 def step_functions(layer: CompiledLayer, emitter) -> list[FunctionSpec]:
