@@ -337,5 +337,6 @@ def print_call(em, call: PairCall) -> None:
     for kernel, builder, picked, own in kernels:
         out = ([names[0]] if call.softmax and own == "i" else []) + [names[n + first] for n in picked]
         launched = em.kernel_set.add(kernel)
-        em.lines.append(f"{', '.join(out)}, = {_launch(em, call, launched, picked, own, builder.dims)}")
+        targets = ", ".join(out) + ("," if len(out) == 1 else "")
+        em.lines.append(f"{targets} = {_launch(em, call, launched, picked, own, builder.dims)}")
     torch_pairs.bind_results(em, call, names)
