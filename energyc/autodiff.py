@@ -12,8 +12,12 @@ from energyc.ir.graph import Graph
 from energyc.ir.ops import OPS, add_all
 
 
-def vjp(graph: Graph, out: int, seed: int, wrt: list[int]) -> dict[int, int | None]:
-    """Return ``{w: grad node or None}``; ``None`` where ``out`` does not depend on ``w``."""
+def vjp(graph: Graph, out: int, seed: int, wrt: list[int],
+        prefix: str | None = None) -> dict[int, int | None]:
+    """Return ``{w: grad node or None}``; ``None`` where ``out`` does not depend on ``w``.
+
+    With ``prefix``, the gradient of each labelled node is labelled ``prefix + label`` (``dq``
+    for dE/dq), unless it is a leaf or has a label already."""
     region = graph.ancestors([out])
     # nodes on a path from some w to out
     depends: set[int] = set()
@@ -30,6 +34,8 @@ def vjp(graph: Graph, out: int, seed: int, wrt: list[int]) -> dict[int, int | No
         g = add_all(graph, terms)
         grads[n] = g
         node = graph.node(n)
+        if prefix and node.label and graph.node(g).op not in ("input", "param", "hyper", "const"):
+            graph.label(g, prefix + node.label)
         for pos, du in OPS[node.op].vjp(graph, n, node, g):
             u = node.inputs[pos]
             if u in depends:

@@ -77,10 +77,11 @@ def _leaves(graph: Graph, op: str) -> dict[str, int]:
 
 
 def differentiate(graph: Graph, out_name: str, upstream: str, wrt: dict[str, int]) -> Graph:
-    """Add the VJP of output ``out_name`` w.r.t. ``wrt``, seeded by a new input ``upstream``."""
+    """Add the VJP of output ``out_name`` w.r.t. ``wrt``, seeded by a new input ``upstream``
+    (the gradient of a value labelled ``q`` labelled ``grad_q``)."""
     out = graph.outputs[out_name]
     seed = graph.add("input", name=upstream, axes=graph.node(out).axes)
-    grads = vjp(graph, out, seed, list(wrt.values()))
+    grads = vjp(graph, out, seed, list(wrt.values()), prefix="grad_")
     for name, w in wrt.items():
         if grads[w] is not None:
             graph.outputs[f"grad_{name}"] = grads[w]
@@ -138,7 +139,7 @@ def _step_graph(decl: LayerDecl, params: list[ParamDecl], hypers: list[HyperDecl
     step = run_pipeline(step, verify=verify, stages=("energy",))
     e_step = step.outputs["energy"]
     x = _leaves(step, "input")["x"]
-    grads = vjp(step, e_step, ops.const(step, 1), [x])
+    grads = vjp(step, e_step, ops.const(step, 1), [x], prefix="d")  # dq = dE/dq
     g = grads[x]
     full = ("b", "i", decl.file.state_dim)
     if step.node(g).axes != full:

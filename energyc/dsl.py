@@ -193,6 +193,14 @@ class EnergyFile:
         self.declared[name] = (what, user_location())
         return code
 
+    def name_values(self, namespace: dict[str, Any]) -> None:
+        """Label each value that the file binds to a module-level name with that name (a
+        value's first name wins; names with a leading underscore are skipped): generated code
+        names its variable so where it can (``energyc.backends.lowering``)."""
+        for name, value in namespace.items():
+            if isinstance(value, Tensor) and not name.startswith("_"):
+                self.graph.label(value.node, name)
+
     def public_name(self, code: str) -> str:
         """The name the user declared for code name ``code`` (``code`` if none)."""
         return self.public.get(code, code)

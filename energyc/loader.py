@@ -50,6 +50,7 @@ def load(path: str) -> dsl.EnergyFile:
         sys.path.pop(0)
         dsl.set_current_file(previous)
     energy_file.doc = (module.__doc__ or "").strip()
+    energy_file.name_values(module.__dict__)
     if not energy_file.layers:
         raise EnergyError("the file declares no layer: add layer(name, E, ...)", path)
     return energy_file

@@ -13,12 +13,17 @@ leaves no half-written package.
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import io
+import keyword
 import os
+import re
 import shutil
 import subprocess
 import sys
 import tempfile
+import tokenize
 
 import jinja2
 
@@ -87,15 +92,45 @@ def render_files(layer: CompiledLayer, source: str,
     return files
 
 
+#: the generated code's line length
+WIDTH = 100
+
+
 def format_code(code: str) -> str:
-    """Format with ruff (pinned in pyproject.toml) so generated code reads like hand-written."""
+    """Format with ruff (pinned in pyproject.toml) so generated code reads like hand-written,
+    with argument lists packed.
+
+    Ruff (its magic trailing comma ignored) puts each item of a bracket that does not fit one
+    line on a line of its own: a kernel's eighteen parameters would take twenty lines. Where it
+    does so to the arguments of a call or ``def``, they are filled into lines instead
+    (:func:`pack_arguments`, the statement marked ``# fmt: skip`` so that ruff keeps it).
+    """
+    return pack_arguments(_ruff(code, WIDTH))
+
+
+@functools.cache
+def _ruff_command() -> list[str] | None:
+    """ruff's binary (a Python to start it costs 60 ms a call), or None without ruff."""
     import importlib.util
 
     if importlib.util.find_spec("ruff") is None:  # pragma: no cover - ruff is a dependency
+        return None
+    try:
+        from ruff.__main__ import find_ruff_bin
+
+        return [find_ruff_bin()]
+    except (ImportError, FileNotFoundError):  # pragma: no cover - another layout of the wheel
+        return [sys.executable, "-m", "ruff"]
+
+
+def _ruff(code: str, width: int) -> str:
+    command = _ruff_command()
+    if command is None:  # pragma: no cover
         return code
     try:
         proc = subprocess.run(
-            [sys.executable, "-m", "ruff", "format", "--line-length", "100", "-"],
+            [*command, "format", "--isolated", "--line-length", str(width),
+             "--config", "format.skip-magic-trailing-comma=true", "-"],
             input=code, capture_output=True, text=True, check=False, timeout=60,
         )
     except (OSError, subprocess.TimeoutExpired):
@@ -103,6 +138,128 @@ def format_code(code: str) -> str:
     if proc.returncode != 0:
         raise RuntimeError(f"generated code does not parse:\n{proc.stderr}")
     return proc.stdout
+
+
+def pack_arguments(code: str, width: int = WIDTH) -> str:
+    """Ruff-formatted ``code`` with each statement that is one call or ``def``
+    (``[targets = ]f(args)[:][  # comment]``) whose arguments ruff put one per line laid out
+    as ``f(`` / the arguments filled into lines of ``width`` / ``)``, marked ``# fmt: skip``.
+    Statements with a comment or a string inside over several lines are left as they are."""
+    try:
+        tokens = list(tokenize.generate_tokens(io.StringIO(code).readline))
+    except (tokenize.TokenError, SyntaxError):
+        return code
+    statements = []  # (first row, last row) of each logical line over several rows
+    first, plain, comments = None, True, []
+    for tok in tokens:
+        if first is None:
+            if tok.type in (tokenize.NL, tokenize.COMMENT, tokenize.INDENT, tokenize.DEDENT,
+                            tokenize.ENDMARKER):
+                continue
+            first, plain, comments = tok.start[0], True, []
+        if tok.start[0] != tok.end[0]:
+            plain = False  # a string over several rows
+        if tok.type == tokenize.COMMENT:
+            comments.append(tok.start[0])
+        if tok.type == tokenize.NEWLINE:
+            last = tok.start[0]
+            if last > first and plain and all(row == last for row in comments):
+                statements.append((first, last))
+            first = None
+    lines = [row.removesuffix("\n") for row in io.StringIO(code)]  # the rows tokenize counts
+    for top, bottom in reversed(statements):
+        packed = _packed(_joined(lines[top - 1:bottom]), width)
+        if packed is not None:
+            lines[top - 1:bottom] = [packed]
+    return "\n".join(lines) + ("\n" if code.endswith("\n") else "")
+
+
+def _joined(rows: list[str]) -> str:
+    """Ruff's rows of one statement on one row: the magic trailing commas it added dropped."""
+    text = rows[0].rstrip()
+    for row in rows[1:]:
+        row = row.strip()
+        glue = "" if text.endswith(("(", "[", "{")) or row.startswith((")", "]", "}")) else " "
+        text += glue + row
+    indent = text[: len(text) - len(text.lstrip())]
+    body = text.strip()
+    drop = []
+    stack: list[list] = []  # per open bracket: [it, the token before it, its commas]
+    prev = None
+    for tok in tokenize.generate_tokens(io.StringIO(body + "\n").readline):
+        if tok.type == tokenize.OP and tok.string in "([{":
+            stack.append([tok.string, prev, 0])
+        elif tok.type == tokenize.OP and tok.string in ")]}" and stack:
+            bracket, before, commas = stack.pop()
+            if prev is not None and prev.string == ",":
+                single = commas == 1 and (bracket == "(") != _called(before)  # (a,) or x[a,]
+                if not single:
+                    drop.append(prev.start[1])
+        elif tok.string == "," and stack:
+            stack[-1][2] += 1
+        if tok.type not in (tokenize.NL, tokenize.NEWLINE, tokenize.COMMENT):
+            prev = tok
+    for col in reversed(drop):
+        body = body[:col] + body[col + 1:]
+    return indent + body
+
+
+def _called(tok) -> bool:
+    """Whether a bracket after ``tok`` calls or subscripts (rather than opens a display)."""
+    return tok is not None and ((tok.type == tokenize.NAME and not keyword.iskeyword(tok.string))
+                                or tok.string in (")", "]"))
+
+
+# a keyword argument or an annotated parameter
+_NAMED = re.compile(r"\w+\s*(=(?!=)|:)")
+
+
+def _packed(line: str, width: int) -> str | None:
+    """The statement ``line`` with its call's arguments filled into lines; None where it is not
+    one call or def, or its arguments fit one line, or one of them does not."""
+    indent = line[: len(line) - len(line.lstrip())]
+    text = line.strip()
+    if "fmt: skip" in text:
+        return None
+    try:
+        tokens = list(tokenize.generate_tokens(io.StringIO(text + "\n").readline))
+    except (tokenize.TokenError, SyntaxError):
+        return None
+    depth, opened, closed, commas, prev = 0, None, None, [], None
+    for tok in tokens:
+        if tok.type == tokenize.OP and tok.string in "([{":
+            if depth == 0 and opened is None and tok.string == "(" and _called(prev):
+                opened = tok
+            depth += 1
+        elif tok.type == tokenize.OP and tok.string in ")]}":
+            depth -= 1
+            if depth == 0 and opened is not None and closed is None:
+                closed = tok
+        elif depth == 1 and opened is not None and closed is None and tok.string == ",":
+            commas.append(tok.start[1])
+        elif closed is not None and tok.type not in (tokenize.COMMENT, tokenize.NEWLINE,
+                                                     tokenize.ENDMARKER) and tok.string != ":":
+            return None  # more after the call: not one call
+        prev = tok
+    if opened is None or closed is None:
+        return None
+    start, end = opened.end[1], closed.start[1]
+    bounds = [start, *(c + 1 for c in commas), end + 1]
+    args = [text[a:b - 1].strip() for a, b in zip(bounds, bounds[1:])]
+    args = [a for a in args if a]  # a trailing comma's empty item
+    inner = indent + "    "
+    if len(args) < 2 or len(inner) + len(", ".join(args)) <= width or \
+            any(len(inner) + len(a) + 1 > width for a in args):
+        return None  # ruff's layout: all on one row, or an argument split over rows
+    rows = [inner]
+    for k, arg in enumerate(args):
+        # the first named argument: the named ones on a row of their own unless all fit here
+        first_named = _NAMED.match(arg) and (k == 0 or not _NAMED.match(args[k - 1]))
+        piece = " ".join(a + "," for a in args[k:]) if first_named else arg + ","
+        if rows[-1] != inner and len(rows[-1]) + 1 + len(piece) > width:
+            rows.append(inner)
+        rows[-1] += ("" if rows[-1] == inner else " ") + arg + ","
+    return "\n".join([indent + text[:start], *rows, indent + text[end:] + "  # fmt: skip"])
 
 
 def write_package(files: dict[str, str], outdir: str, name: str) -> str:

@@ -228,3 +228,72 @@ def test_compiling_imports_no_torch(tmp_path):
             "print('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip().splitlines()[-1] == "False", out.stdout + out.stderr
+
+
+# -- the names of values: what the energy file binds them to ----------------------------------------
+
+
+def _function(module, name: str) -> str:
+    import inspect
+
+    return inspect.getsource(getattr(module, name))
+
+
+def test_values_are_named_as_the_file_binds_them(tmp_path):
+    """q and k of cem_attention's notation, dq = dE/dq in the forward, the backward's gradients
+    grad_dq, grad_k, grad_W_q; what the file does not name stays t<N>."""
+    layer, module = build(tmp_path, """\
+        D, H, K = dims("D H K")
+        i, j = tokens()
+        x, xbar = state(D)
+        W_q = param("W_q", (H, K, D))
+        W_k = param("W_k", (H, K, D))
+        beta = hyper("beta", default=1 / sqrt(K))
+        q = W_q @ x[i]
+        k = W_k @ xbar[j]
+        E = -(1 / beta) * logsumexp(beta * dot(q, k, over=K), over=j <= i).sum(H)
+        layer("names_v", E)
+    """)
+    run(module.layer, D=4, H=2, K=3)
+    energy = _function(module.layer, "_energy")
+    assert "    q = _rt.contract(" in energy and "    k = _rt.contract(" in energy
+    assert "    E = " in energy and "return E" in energy
+    forward = _function(module.layer, "_grad_forward")
+    assert "    dq = " in forward and "return t1, (q, k, " in forward
+    backward = _function(module.layer, "_grad_backward")
+    for name in ("grad_dq", "grad_k", "grad_W_q", "grad_W_k"):
+        assert f"    {name} = " in backward, name
+    assert "    t0, t4 = kernels.attention_forward(q, k, k, " in forward  # o: not named in the file
+
+
+@pytest.mark.parametrize(("first", "second", "named"), [
+    ("g", "h", ("h",)),  # g: the template's own (the gradient)
+    ("t0", "h", ("h",)),  # a numbered temporary's form
+    ("sum", "h", ("h",)),  # a builtin
+    ("h", "h_p", ("h",)),  # h_p: what a printer derives from h (kept probabilities)
+    ("W_x", "h", ("h",)),  # extends the parameter W
+    ("D_", "h", ("h",)),  # not plain
+    ("_h", "h", ("h",)),  # private: not taken
+    ("h", "P", ("h",)),  # P: _grad_decode's argument
+    ("q", "k", ("q", "k")),
+])
+def test_value_names_that_collide_keep_numbered_names(tmp_path, first, second, named):
+    layer, module = build(tmp_path, f"""\
+        D, M = dims("D M")
+        i, j = tokens()
+        x, xbar = state(D)
+        W = param("W", (M, D))
+        U = param("U", (M, D))
+        {first} = W @ x[i]
+        {second} = 2 * W @ xbar[j]
+        E = logsumexp(dot({first}, {second}, over=M), over=j <= i)
+        layer("names_c", E)
+    """)
+    run(module.layer, D=4, M=3)
+    energy = _function(module.layer, "_energy")
+    # the variables of W x_i and of 2 W xbar_j
+    got = [next(line.split(" = ")[0].strip() for line in energy.splitlines()
+                if line.strip().endswith(f", {arg})  # (b, {token}, M)")) for arg, token in
+           (("x", "i"), ("xbar", "j"))]
+    assert got[0] == (first if first in named else "t0"), energy
+    assert got[1] == (second if second in named else "t1"), energy

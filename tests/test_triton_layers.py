@@ -3,9 +3,10 @@
 * numerics: forward and backward (x and every parameter) in float32, bfloat16 and float16 against
   torch.autograd run on the independent reference interpreter in float64 (energyc.reference), with
   the dtype's tolerances from energyc.tolerances;
-* structure: the kernels of each generated _triton_layer.py, counted from its source, are one per
-  element-wise or reduction node of the compiled graphs, each launched once; and the fusion
-  passes are what brings the counts down (compiled with and without each pass).
+* structure: the launches of each generated _triton_layer.py, counted from its source, are one per
+  element-wise or reduction node of the compiled graphs, of kernels written once each (no two
+  alike); and the fusion passes are what brings the launches down (compiled with and without
+  each pass).
 """
 
 from __future__ import annotations
@@ -146,13 +147,29 @@ def _fusable_nodes(layer) -> int:
     return count
 
 
+def _kernel_bodies(package: str) -> list[str]:
+    """Each kernel's signature and body (docstring left out), its own name elided."""
+    tree = ast.parse(_source(package))
+    out = []
+    for f in tree.body:
+        if isinstance(f, ast.FunctionDef) and any("triton.jit" in ast.unparse(d)
+                                                  for d in f.decorator_list):
+            body = f.body[1:] if isinstance(f.body[0], ast.Expr) else f.body
+            text = ast.unparse(f.args) + "\n" + "\n".join(ast.unparse(s) for s in body)
+            out.append(text.replace(f.name.removesuffix("_tile"), "NAME"))
+    return out
+
+
 @pytest.mark.parametrize("layer", LAYERS, ids=IDS)
-def test_one_kernel_per_fused_node_each_launched_once(layer):
+def test_one_launch_per_fused_node_each_kernel_once(layer):
+    """Each element-wise or reduction node is one launch; kernels that would be alike are one."""
     kernels, launches = _kernels_and_launches(layer.name)
     assert kernels, "no kernel generated"
-    assert sorted(launches) == sorted(kernels)  # each kernel launched once, nothing else launched
+    assert set(launches) == set(kernels)  # every kernel launched, nothing else launched
     pair = [k for k in kernels if "_pairs" in k]
-    assert len(kernels) - len(pair) == _fusable_nodes(layer)
+    assert len([k for k in launches if k not in pair]) == _fusable_nodes(layer)
+    bodies = _kernel_bodies(layer.name)
+    assert len(set(bodies)) == len(bodies)  # no kernel repeats another's signature and body
     assert all(k.startswith(f"_{layer.name}_") for k in kernels)
     # every pair kernel calls its own tile function, which nothing else calls
     assert _tile_functions(layer.name) == {f"{k}_tile": [k] for k in pair}
@@ -161,16 +178,26 @@ def test_one_kernel_per_fused_node_each_launched_once(layer):
     assert bool(pair) == bool({"pair_lse", "pair_sum"} & set(layer.step.op_counts()))
     spec = TRITON.lower(layer, "examples/x.py")
     assert len(spec.kernels) == len(kernels)
+    assert sum(spec.launches.values()) == len(launches)
 
 
-# Kernel counts of two layers, read off the rendered modules when the passes were written; a change
-# in the passes that changes them should be looked at (and the numbers updated with a reason).
-EXPECTED_KERNELS = {
+# Launch counts of three layers, read off the rendered modules when the passes were written; a
+# change in the passes that changes them should be looked at (and the numbers updated with a
+# reason). Then the distinct kernels they launch: the preconditioners' graphs repeat kernels
+# (u = softplus(p) g and its VJP's grad_u softplus(p) are one; the diagonal and dplr kinds share
+# softplus(p) and the reduction of P_diag's gradient), and the backward repeats the forward's
+# negation.
+EXPECTED_LAUNCHES = {
     "cem_mlp": {"pointwise": 12, "reduction": 2},
     "cem_attention": {"pointwise": 11, "reduction": 2},
     # forward: R and the sums over keys in one pass; backward: one pass over pairs, as a
     # queries-major kernel (dq) and a keys-major one (dk and the value term)
     "softcap_attention": {"pair": 3, "pointwise": 12, "reduction": 3},
+}
+EXPECTED_KERNELS = {
+    "cem_mlp": {"pointwise": 7, "reduction": 1},
+    "cem_attention": {"pointwise": 7, "reduction": 1},
+    "softcap_attention": {"pair": 3, "pointwise": 8, "reduction": 2},
 }
 
 
@@ -178,6 +205,7 @@ EXPECTED_KERNELS = {
 def test_kernel_counts_per_family(name):
     layer = next(la for la in LAYERS if la.name == name)
     spec = TRITON.lower(layer, "examples/x.py")
+    assert spec.launches == EXPECTED_LAUNCHES[name]
     assert spec.counts == EXPECTED_KERNELS[name]
 
 
@@ -189,25 +217,25 @@ def _counts_without(monkeypatch, path: str, skip: str) -> dict[str, int]:
     monkeypatch.setattr(passes, "PIPELINE", pipeline)
     (layer,) = [la for la in compile_file(load(path))][:1]
     monkeypatch.undo()
-    return TRITON.lower(layer, path).counts
+    return TRITON.lower(layer, path).launches
 
 
 @pytest.mark.parametrize("path", ["examples/cem_mlp.py", "examples/hopfield.py",
                                   "examples/recurrent_mlp.py"])
-def test_fuse_pointwise_removes_kernels(monkeypatch, path):
-    """Without fuse_pointwise each element-wise op of a chain is its own kernel."""
+def test_fuse_pointwise_removes_launches(monkeypatch, path):
+    """Without fuse_pointwise each element-wise op of a chain is its own launch."""
     (layer,) = compile_file(load(path))[:1]
-    fused = TRITON.lower(layer, path).counts
+    fused = TRITON.lower(layer, path).launches
     unfused = _counts_without(monkeypatch, path, "fuse_pointwise")
     assert sum(fused.values()) < sum(unfused.values())
 
 
 @pytest.mark.parametrize("path", ["examples/cem_attention.py", "examples/hopfield.py",
                                   "examples/causal_meanfield.py"])
-def test_fuse_reductions_removes_kernels(monkeypatch, path):
-    """Without fuse_reductions the work before and after each reduction is separate kernels."""
+def test_fuse_reductions_removes_launches(monkeypatch, path):
+    """Without fuse_reductions the work before and after each reduction is separate launches."""
     (layer,) = compile_file(load(path))[:1]
-    fused = TRITON.lower(layer, path).counts
+    fused = TRITON.lower(layer, path).launches
     unfused = _counts_without(monkeypatch, path, "fuse_reductions")
     assert fused.get("pointwise", 0) < unfused.get("pointwise", 0)
     assert sum(fused.values()) < sum(unfused.values())

@@ -32,6 +32,7 @@ from energyc.compiler import LEAF_OPS, CompiledLayer
 from energyc.ir.describe import format_energy
 from energyc.ir.graph import Graph
 from energyc.ir.ops import describe_mask
+from energyc.names import is_plain
 
 
 @dataclass
@@ -188,14 +189,45 @@ def _named_leaves(graph: Graph) -> dict[str, int]:
             if graph.node(n).op in ("input", "param", "hyper")}
 
 
+#: what the printed functions bind besides their nodes' variables: arguments and sizes
+FUNCTION_NAMES = frozenset({"kernels", "saved", "cache", "P", "B", "T", "x", "xbar", "g",
+                            "grad_g", "grad_u", "P_diag", "P_lowrank"})
+
+
 def _names(graph: Graph) -> dict[int, str]:
+    """Each printed node's variable: its label (what the energy file calls the value, ``q``,
+    ``dq``, ``grad_q``; ``Node.label``) where :func:`_usable`, else ``t<k>``, ``k`` counting the
+    nodes without one in order. An attention backward's gradients keep ``t<k>``: the first one's
+    variable is the stem of all (``t5_dq, t5_dk, ... = kernels.attention_backward(...)``)."""
+    declared = {graph.node(n).attr("name") for n in graph.ids()
+                if graph.node(n).op in ("input", "param", "hyper")} | set(graph.dims)
+    chosen: set[str] = set()
     names = {}
     k = 0
     for n in graph.live():
-        if graph.node(n).op not in ("input", "param", "hyper", "const", "relabel"):
+        node = graph.node(n)
+        if node.op in ("input", "param", "hyper", "const", "relabel"):
+            continue
+        if node.label is not None and node.op != "attention_grad" \
+                and _usable(node.label, declared, chosen):
+            names[n] = node.label
+            chosen.add(node.label)
+        else:
             names[n] = f"t{k}"
             k += 1
     return names
+
+
+def _usable(label: str, declared: set[str], chosen: set[str]) -> bool:
+    """Whether generated code can call a value ``label``: a plain name (``energyc.names.is_plain``:
+    no keyword, builtin, template name or numbered temporary; ``grad_`` allowed before one),
+    none of the functions' own names or the declared names, and neither an extension of one of
+    those or of the labels ``chosen`` so far by ``_`` nor extended by one (the printers derive
+    ``<name>_p``, ``<name>_all``, ``<name>_dq``, ... from a variable)."""
+    if not is_plain(label.removeprefix("grad_")) or label in FUNCTION_NAMES | declared:
+        return False
+    return not any(label.startswith(m + "_") or m.startswith(label + "_")
+                   for m in declared | chosen | FUNCTION_NAMES)
 
 
 def _leaf_map(layer: CompiledLayer, graph: Graph,
@@ -281,7 +313,7 @@ def triton_module_spec(layer: CompiledLayer, source: str) -> TritonModuleSpec:
              f"{error} has no Triton spelling (correct; slower on a GPU)"
              for (where, what), error in kernel_set.on_torch.items()]
     return TritonModuleSpec(layer.decl.name, functions, kernel_set.kernels, list(layer.precond),
-                            attention=attention, notes=notes)
+                            attention=attention, notes=notes, launches=kernel_set.launched)
 
 
 def step_functions(layer: CompiledLayer, emitter) -> list[FunctionSpec]:

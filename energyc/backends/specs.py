@@ -25,10 +25,11 @@ class TritonModuleSpec:
 
     energy: str
     functions: list[FunctionSpec]
-    kernels: list = field(default_factory=list)  # PointwiseKernel | ReductionKernel
+    kernels: list = field(default_factory=list)  # PointwiseKernel | ReductionKernel | PairKernel
     precond_kinds: list[str] = field(default_factory=list)
     attention: bool = False  # whether energyc.runtime.triton_attention serves fused reductions
     notes: list[str] = field(default_factory=list)  # what stays on torch, and why (file:line)
+    launches: dict[str, int] = field(default_factory=dict)  # per family: a kernel may serve several
 
     @property
     def context_test(self) -> bool:
@@ -47,7 +48,7 @@ class TritonModuleSpec:
 
     @property
     def counts(self) -> dict[str, int]:
-        """Kernels per family."""
+        """Kernels per family (each distinct kernel once)."""
         out: dict[str, int] = {}
         for k in self.kernels:
             out[k.family] = out.get(k.family, 0) + 1

@@ -29,7 +29,8 @@ with ``acc`` a sum, or an online log-sum-exp (running max ``m`` and sum ``s``,
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import re
+from dataclasses import dataclass, field, fields
 from typing import ClassVar
 
 import sympy
@@ -78,22 +79,59 @@ class ReductionKernel:
 
 @dataclass
 class KernelSet:
-    """The kernels of one generated module, in the order their launches were printed."""
+    """The distinct kernels of one generated module, in the order their first launch was printed.
+
+    A kernel is kept once: a launch whose kernel equals a kept one in everything but its name
+    and docstring (the same signature and body; :meth:`add`) launches the kept one. Names are
+    ``_<energy>_<function>_<family><n>``, after the function that first launches the kernel
+    (``fwd``, ``bwd``, ``precond_dplr_fwd``, ...), ``n`` counting that function's kept kernels of
+    the family.
+    """
 
     energy: str
     kernels: list = field(default_factory=list)
     # what stays on torch on this path: {(where or None, what): why}, in the order found
     on_torch: dict = field(default_factory=dict)
+    # launches printed per family (a kept kernel may be launched several times)
+    launched: dict = field(default_factory=dict)
 
     def stays_on_torch(self, where: str | None, what: str, error: Exception) -> None:
         """Record that ``what`` (a node's kind) runs torch's code on the Triton path because
         its body has a function Triton cannot spell (``error`` names it)."""
         self.on_torch.setdefault((where, what), str(error))
 
-    def name(self, function: str, family: str) -> str:
+    def name(self, function: str, family: str, ahead: int = 0) -> str:
+        """The name of the next kernel of ``family`` that ``function`` adds (``ahead``: of the
+        one after the next ``ahead``, built but not added yet)."""
         stem = f"_{self.energy}_{function}_{family}"
-        n = sum(1 for k in self.kernels if k.name.startswith(stem))
-        return f"{stem}{n}"
+        n = sum(1 for k in self.kernels if re.fullmatch(re.escape(stem) + r"\d+", k.name))
+        return f"{stem}{n + ahead}"
+
+    def add(self, kernel) -> str:
+        """Keep ``kernel`` unless an equal one is kept; return the name its launch calls.
+
+        Equal: every field but the name and the docstring, with the kernel's own name (which
+        a pair kernel's tile function and loop carry) read as one placeholder. A kept kernel's
+        one-line docstring (``(axes) = formula``) gains the formula of each further use that
+        reads differently (``; also formula``)."""
+        self.launched[kernel.family] = self.launched.get(kernel.family, 0) + 1
+        key = _body(kernel)
+        for kept in self.kernels:
+            if kept.family == kernel.family and _body(kept) == key:
+                formula = kernel.doc.partition(" = ")[2]
+                uses = kept.doc.partition(" = ")[2].split("; also ")
+                if "\n" not in kept.doc and formula not in uses:
+                    kept.doc = f"{kept.doc}; also {formula}"
+                return kept.name
+        self.kernels.append(kernel)
+        return kernel.name
+
+
+def _body(kernel) -> str:
+    """A kernel's signature and body: its fields but the name and docstring, its name elided."""
+    parts = {f.name: getattr(kernel, f.name) for f in fields(kernel)
+             if f.name not in ("name", "doc")}
+    return repr(parts).replace(kernel.name, "\0")
 
 
 def _unravel(index: str, coord: str, size: str, rank: int, rest: str) -> list[str]:
@@ -171,11 +209,11 @@ def _emit_pointwise(em: TritonEmitter, nid: int, node: Node) -> str:
                          f"other=0.0).to(ACC)")
         else:
             loads.append(f"a{k} = tl.load(IN{k}).to(ACC)")
-    name = em.kernel_set.name(em.function, "pointwise")
     doc = (f"({', '.join(node.axes)}) = "
            f"{formula(body, [em.names[u] for u in args])}")
-    em.kernel_set.kernels.append(PointwiseKernel(
-        name, doc, params, _unravel("offs", "c", "n", rank, "rest"), loads, expr))
+    name = em.kernel_set.add(PointwiseKernel(
+        em.kernel_set.name(em.function, "pointwise"), doc, params,
+        _unravel("offs", "c", "n", rank, "rest"), loads, expr))
     shape = _tuple([em.size(a) for a in node.axes])
     inputs = _tuple([em.align(u, node.axes) for u in args])
     return f'_pointwise("{name}", {shape}, {inputs}, {_tuple(dims)})'
@@ -256,14 +294,14 @@ def _emit_reduction(em: TritonEmitter, nid: int, node: Node) -> str:
         else:
             epi.append(f"e{k} = tl.load(EPI{k}).to(ACC)")
 
-    name = em.kernel_set.name(em.function, "reduce")
     over = ", ".join(red_axes) + (f" in {{{torch_backend.describe_mask(mask)}}}" if masked else "")
     kind = "sum" if node.attr("kind") == "sum" else "logsumexp"
     red_text = f"{kind}_{{{over}}}({formula(pre_body, [em.names[u] for u in pre_args])})"
     doc = f"({', '.join(out_axes)}) = " + formula(
         post_body, [red_text] + [em.names[u] for u in epi_args])
-    em.kernel_set.kernels.append(ReductionKernel(
-        name, doc, params, _unravel("offs_o", "o", "on", p, "rest_o"), init,
+    name = em.kernel_set.add(ReductionKernel(
+        em.kernel_set.name(em.function, "reduce"), doc, params,
+        _unravel("offs_o", "o", "on", p, "rest_o"), init,
         _unravel("offs_r", "r", "rn", q, "rest_r"), valid, loads, pre, update, final, epi, post))
     in_shape = _tuple([em.size(a) for a in in_axes])
     out_pos = _tuple([str(in_axes.index(a)) for a in out_axes])

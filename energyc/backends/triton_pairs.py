@@ -324,22 +324,22 @@ def print_call(em, call: PairCall) -> None:
     try:
         for own, picked in roles.items():
             if picked or (own == "i" and call.softmax):
-                name = em.kernel_set.name(em.function, "pairs")
+                # numbered after the kept kernels and this call's first, not kept yet
+                name = em.kernel_set.name(em.function, "pairs", ahead=len(kernels))
                 builder = _Kernel(em, call, picked, own)
                 kernels.append((builder.build(name), builder, picked, own))
-                em.kernel_set.kernels.append(kernels[-1][0])
     except NoTritonSpellingError as error:
         where = em.graph.node(call.results[0][0]).where
         em.kernel_set.stays_on_torch(where, "a pass over the pairs of a context set", error)
-        for k in kernels:
-            em.kernel_set.kernels.remove(k[0])
         torch_pairs.print_call(em, call)
         return
     names = [em.pending[n] for n, _ in call.results]
     first = 1 if call.softmax else 0
     for kernel, builder, picked, own in kernels:
         out = ([names[0]] if call.softmax and own == "i" else []) + [names[n + first] for n in picked]
-        em.lines.append(f"{', '.join(out)}, = {_launch(em, call, kernel.name, picked, own, builder.dims)}")
+        launched = em.kernel_set.add(kernel)
+        targets = ", ".join(out) + ("," if len(out) == 1 else "")
+        em.lines.append(f"{targets} = {_launch(em, call, launched, picked, own, builder.dims)}")
     torch_pairs.bind_results(em, call, names)
 
 

@@ -13,7 +13,7 @@ insertion order, which is therefore a topological order.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import networkx as nx
@@ -28,13 +28,17 @@ UNIT = "_1"
 
 @dataclass(frozen=True)
 class Node:
-    """One operation. ``attrs`` is a sorted tuple of (name, value) pairs; ``where`` is the source."""
+    """One operation. ``attrs`` is a sorted tuple of (name, value) pairs; ``where`` is the source;
+    ``label`` what the energy file calls the value, where the graph knows it (a name the file
+    binds it to, ``q``; ``dq`` for dE/dq and ``grad_q`` for the backward's gradient of q): the
+    generated variable's name (``backends.lowering``). Neither takes part in equality."""
 
     op: str
     inputs: tuple[int, ...]
     axes: tuple[str, ...]
     attrs: tuple[tuple[str, Any], ...] = ()
     where: str | None = field(default=None, compare=False, hash=False)
+    label: str | None = field(default=None, compare=False, hash=False)
 
     def attr(self, name: str, default: Any = None) -> Any:
         for key, value in self.attrs:
@@ -88,8 +92,18 @@ class Graph:
         return nid
 
     def add_like(self, node: Node, inputs: Iterable[int]) -> int:
-        """Add (or find) a node with ``node``'s op, attributes and source, on new ``inputs``."""
-        return self.add(node.op, inputs, where=node.where, **dict(node.attrs))
+        """Add (or find) a node with ``node``'s op, attributes, source and label, on new
+        ``inputs``."""
+        nid = self.add(node.op, inputs, where=node.where, **dict(node.attrs))
+        self.label(nid, node.label)
+        return nid
+
+    def label(self, nid: int, label: str | None) -> None:
+        """Give node ``nid`` the label ``label`` unless it has one (the first name a value gets
+        is its name)."""
+        node = self.node(nid)
+        if label is not None and node.label is None:
+            self.nx.nodes[nid]["node"] = replace(node, label=label)
 
     # -- queries --------------------------------------------------------------------------------
     def node(self, nid: int) -> Node:
@@ -131,8 +145,8 @@ class Graph:
     def rewritten(self, rule: Callable[[Graph, dict[int, int], int], int | None]) -> Graph:
         """A new graph of this graph's live nodes, inputs first, with the same outputs:
         ``rule(new, mapping, n)`` returns the id in ``new`` of what replaces node ``n`` (its
-        inputs are in ``mapping`` already), or None to copy the node as it is. The shape of
-        every rewriting pass."""
+        inputs are in ``mapping`` already; the same value, which takes ``n``'s label where it
+        has none), or None to copy the node as it is. The shape of every rewriting pass."""
         new = Graph(self.dims)
         mapping: dict[int, int] = {}
         for n in self.live():
@@ -140,6 +154,8 @@ class Graph:
             if replaced is None:
                 node = self.node(n)
                 replaced = new.add_like(node, [mapping[u] for u in node.inputs])
+            else:  # the same value: it keeps its name
+                new.label(replaced, self.node(n).label)
             mapping[n] = replaced
         new.outputs = {name: mapping[n] for name, n in self.outputs.items()}
         return new
