@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F  # noqa: N812
 
 from energyc.compiler import CompiledLayer, _energy_subgraph
+from energyc.context import Context
 from energyc.ir.functions import EnergyFunction, sigmoid, softplus
 from energyc.ir.ops import ARG_SYMBOLS
 
@@ -100,19 +101,10 @@ def _evaluate(expr: sympy.Basic, env: Mapping[str, torch.Tensor], dtype) -> torc
     return ev(expanded)
 
 
-def _mask(kind: tuple, T: int, device) -> torch.Tensor:
+def _mask(ctx: Context, T: int, device) -> torch.Tensor:
+    """(T, T): j in C(i), dense."""
     idx = torch.arange(T, device=device)
-    i, j = idx[:, None], idx[None, :]
-    name = kind[0]
-    if name == "causal":
-        return j <= i
-    if name == "strict":
-        return j < i
-    if name == "window":
-        return (j <= i) & (i - j <= kind[1])
-    if name == "not_self":
-        return i != j
-    return torch.ones(T, T, dtype=torch.bool, device=device)
+    return ctx.contains(idx[:, None], idx[None, :])
 
 
 def _align(value: torch.Tensor, axes: tuple, to: tuple) -> torch.Tensor:
