@@ -8,12 +8,12 @@ Each set energyc has today is a band of offsets ``d = i - j``: ``LO <= d <= HI``
 ``d != HOLE`` (None: unbounded, no hole), so ``lo(i) = i - HI``, ``hi(i) = i - LO`` (clipped to
 the tokens 0 .. T - 1) and ``hole(i) = i - HOLE``:
 
-    set            constructor      LO     HI     HOLE    spelling in generated code
-    j <= i         causal()         0      -      -       ("causal",)
-    j < i          strict()         1      -      -       ("strict",)
-    i - w <= j <= i  window(w)      0      w      -       ("window", w)
-    j != i         not_self()       -      -      0       ("not_self",)
-    all j          all_tokens()     -      -      -       ("all",)
+    set               constructor     LO    HI    HOLE   spelling in generated code
+    j <= i            causal()        0     -     -      ("causal",)
+    j < i             strict()        1     -     -      ("strict",)
+    i - w <= j <= i   window(w)       0     w     -      ("window", w)
+    j != i            not_self()      -     -     0      ("not_self",)
+    all j             all_tokens()    -     -     -      ("all",)
 
 lo(i) and hi(i) never decrease as i grows. That one fact gives everything a kernel needs, and
 the methods of ``Context`` are those formulas (ranges half-open, as Python's):
