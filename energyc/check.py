@@ -32,13 +32,13 @@ from hypothesis import HealthCheck, given, reject, settings
 from hypothesis import strategies as st
 
 from energyc.compiler import CompiledLayer, compile_file
+from energyc.context import Context
 from energyc.loader import load
 from energyc.reference import evaluate_energy, module_values, reference_step
 from energyc.render import render_files, write_package
 from energyc.tolerances import tolerance
 
 CHECKS = ("forward", "backward", "causal", "descent", "energy")
-LOOK_BACK = {"causal", "strict", "window"}
 
 
 def import_generated(layer: CompiledLayer, outdir: str | None = None) -> ModuleType:
@@ -60,14 +60,18 @@ def import_generated(layer: CompiledLayer, outdir: str | None = None) -> ModuleT
     return module
 
 
-def context_sets(layer: CompiledLayer) -> set[str]:
+def _contexts(layer: CompiledLayer) -> set[Context]:
     g = layer.energy
-    return {g.node(n).attr("mask")[0] for n in g.live() if g.node(n).attr("mask") is not None}
+    return {g.node(n).attr("mask") for n in g.live() if g.node(n).attr("mask") is not None}
+
+
+def context_sets(layer: CompiledLayer) -> set[str]:
+    """The kinds of the energy's context sets (``Context.name``: "causal", "window", ...)."""
+    return {ctx.name for ctx in _contexts(layer)}
 
 
 def is_causal(layer: CompiledLayer) -> bool:
-    sets = context_sets(layer)
-    return not layer.decl.joint and sets <= LOOK_BACK
+    return not layer.decl.joint and all(ctx.looks_back for ctx in _contexts(layer))
 
 
 @dataclass

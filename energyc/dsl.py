@@ -25,6 +25,8 @@ fixed in ``dE/dx``). Every construct records its file and line, which error mess
 
 from __future__ import annotations
 
+import functools
+import inspect
 import keyword
 import math
 import unicodedata
@@ -35,6 +37,7 @@ from typing import Any
 import sympy
 from sympy import Rational, pi  # noqa: F401 - re-exported for energy files
 
+from energyc import context as _context
 from energyc.errors import EnergyError, user_location
 from energyc.ir import functions as _fn
 from energyc.ir import ops as _ops
@@ -43,9 +46,10 @@ from energyc.names import RESERVED, attribute_names, code_name
 
 __all__ = [
     "dims", "tokens", "state", "param", "hyper", "layer", "normal", "uniform", "zeros", "ones",
-    "constant", "dot", "sum_over", "logsumexp", "window", "all_tokens", "apply", "elementwise",
+    "constant", "dot", "sum_over", "logsumexp", "apply", "elementwise",
     "rotary", "alibi_slopes", "exp", "log", "tanh", "sigmoid", "softplus", "relu", "erf", "cos", "sin", "cosh", "sqrt",
     "Rational", "pi", "Tensor", "Dim", "Token", "ContextSet",
+    *(f.__name__ for f in _context.FUNCTIONS),  # window, all_tokens
 ]
 
 
@@ -282,14 +286,9 @@ def _dim_name(d: Any, what: str = "dim") -> str:
 # -- tokens and context sets -----------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class ContextSet:
-    """A set of context tokens j for each updated token i: ``j <= i``, ``j < i``, ..."""
-
-    mask: tuple
-
-    def __repr__(self) -> str:
-        return "{" + _ops.describe_mask(self.mask) + "}"
+# A set of context tokens j for each updated token i (``j <= i``, ``window(4)``, ...): the
+# compiler's one object for it, whose kinds, relations and functions energyc.context defines.
+ContextSet = _context.Context
 
 
 class Token:
@@ -307,11 +306,13 @@ class Token:
         # normalise to "j op i"
         flip = {"<=": ">=", "<": ">", ">=": "<=", ">": "<", "!=": "!="}
         rel = op if self.role == "j" else flip[op]
-        kinds = {"<=": "causal", "<": "strict", "!=": "not_self"}
-        if rel not in kinds:
-            raise _fail(f"context set j {rel} i is not supported; use j <= i, j < i, j != i, "
-                        "window(w) or all_tokens()")
-        return ContextSet((kinds[rel],))
+        if rel not in _context.RELATIONS:
+            usable = [f"j {r} i" for r in _context.RELATIONS]
+            usable += [f"{f.__name__}({', '.join(inspect.signature(f).parameters)})"
+                       for f in _context.FUNCTIONS]
+            raise _fail(f"context set j {rel} i is not supported; use {', '.join(usable[:-1])} "
+                        f"or {usable[-1]}")
+        return _context.RELATIONS[rel]()
 
     def __le__(self, other):
         return self._pair(other, "<=")
@@ -345,16 +346,22 @@ def tokens() -> tuple[Token, Token]:
     return f.tokens
 
 
-def window(w: int) -> ContextSet:
-    """The sliding window ``i - w <= j <= i``."""
-    if not isinstance(w, int) or isinstance(w, bool) or w < 0:
-        raise _fail(f"window(w) needs a non-negative int, got {w!r}")
-    return ContextSet(("window", w))
+def _context_function(make: Callable[..., ContextSet]) -> Callable[..., ContextSet]:
+    """``make`` (a constructor of energyc.context) as an energy file calls it: a bad argument is
+    an error at the file's line."""
+
+    @functools.wraps(make)
+    def function(*args: Any) -> ContextSet:
+        try:
+            return make(*args)
+        except (TypeError, ValueError) as error:
+            raise _fail(str(error)) from None
+
+    return function
 
 
-def all_tokens() -> ContextSet:
-    """Every token is context (bidirectional)."""
-    return ContextSet(("all",))
+# the context sets made by a function call: window(w), all_tokens()
+globals().update({f.__name__: _context_function(f) for f in _context.FUNCTIONS})
 
 
 # -- tensors ---------------------------------------------------------------------------------------
@@ -615,11 +622,11 @@ def _reduce(t: Tensor, over: tuple, kind: str) -> Tensor:
     if len(over) == 1 and isinstance(over[0], ContextSet):
         if "j" not in t.axes:
             raise _fail("a reduction over a context set needs a value that depends on j")
-        if "i" not in t.axes and over[0].mask != ("all",):
+        if "i" not in t.axes and not over[0].everything:
             # the context set depends on i: the summand is constant along i, the sum is not
             t = Tensor(g.add("broadcast", (t.node,), out=g.canonical(set(t.axes) | {"i"})),
                        t.order)
-        node = g.add("reduce", (t.node,), where=where, kind=kind, axes=("j",), mask=over[0].mask)
+        node = g.add("reduce", (t.node,), where=where, kind=kind, axes=("j",), mask=over[0])
         return Tensor(node, t.order)
     if not over:
         raise _fail("say what to reduce over: a dim, or a context set such as j <= i")

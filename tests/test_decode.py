@@ -170,7 +170,7 @@ def test_extend_joins_the_new_tokens_once_per_call():
     assert cache["k"].buffer.shape[1] < 2 * 40 + 16
 
 
-@pytest.mark.parametrize("kind", [("causal", 0), ("strict", 0), ("window", 3)])
+@pytest.mark.parametrize("kind", [("causal",), ("strict",), ("window", 3)])
 @pytest.mark.parametrize("P", [1, 4, 9])
 def test_pair_kernels_with_a_query_offset_give_the_rows_of_the_whole_sequence(kind, P):
     """pair_softmax_sums, pair_sums and running_sum for the t queries after P tokens, against

@@ -10,11 +10,17 @@ import pytest
 import torch
 
 from energyc import runtime as rt
+from energyc.context import context
 from energyc.runtime import flash_cpu
-from energyc.runtime.pairs import _in_context
 from energyc.tolerances import tolerance
 
 KINDS = [("causal",), ("strict",), ("window", 7), ("window", 300), ("not_self",), ("all",)]
+
+
+def _inside(kind: tuple, T: int) -> torch.Tensor:
+    """(T, T): j in C(i)."""
+    i = torch.arange(T)
+    return context(kind).contains(i[:, None], i[None, :])
 
 
 def dense(q, k, v, scale, kind, slopes):
@@ -24,8 +30,7 @@ def dense(q, k, v, scale, kind, slopes):
     d = (torch.arange(T)[:, None] - torch.arange(T)[None, :]).to(q.dtype)
     if slopes is not None:
         S = S + slopes[None, :, None, None] * d
-    inside = _in_context(kind[0], kind[1] if kind[0] == "window" else 0, d)
-    S = S.masked_fill(~inside, -math.inf)
+    S = S.masked_fill(~_inside(kind, T), -math.inf)
     lse = torch.logsumexp(S, -1)
     lse = torch.where(torch.isinf(lse), 0.0, lse)  # an empty context set: 0 by convention
     P = torch.exp(S - lse[..., None])
@@ -127,9 +132,7 @@ def test_parts_split_the_keys_where_the_context_set_cuts_them(kind, monkeypatch)
     _no_keys names exactly the rows without a key in a part. Every rectangle of 12 tokens."""
     monkeypatch.setattr(flash_cpu, "MIN_UNMASKED", 1)
     T = 12
-    w = kind[1] if kind[0] == "window" else 0
-    d = torch.arange(T)[:, None] - torch.arange(T)[None, :]
-    inside = _in_context(kind[0], w, d)
+    inside = _inside(kind, T)
     spans = [(a, b) for a in range(T) for b in range(a + 1, T + 1)]
     for r0, r1 in spans:
         for c0, c1 in spans:
@@ -143,7 +146,8 @@ def test_parts_split_the_keys_where_the_context_set_cuts_them(kind, monkeypatch)
                     assert bool(tile(a, b).all()) != masked, (kind, r0, r1, c0, c1, parts)
             for a, b, _ in flash_cpu.key_parts(kind, r0, r1, c0, c1):
                 want = ~inside[r0:r1, a:b].any(1)
-                assert torch.equal(flash_cpu._no_keys(kind, r0, r1, a, b, torch.device("cpu")),
+                assert torch.equal(flash_cpu._no_keys(context(kind), r0, r1, a, b,
+                                                       torch.device("cpu")),
                                    want)
 
 
@@ -217,7 +221,7 @@ def _materialised(q, k, v, g, scale, kind, slopes=None, terms=None):
     d = (torch.arange(T)[:, None] - torch.arange(T)[None, :]).to(q.dtype)
     if slopes is not None:
         S = S + slopes.to(q.dtype)[None, :, None, None] * d
-    S = S.masked_fill(~_in_context(kind[0], kind[1] if kind[0] == "window" else 0, d), -math.inf)
+    S = S.masked_fill(~_inside(kind, T), -math.inf)
     o = torch.einsum("bhij,bjhf->bihf", torch.softmax(S, -1), v)
     return [o.detach(), *torch.autograd.grad((o * g).sum(), (q, k, v))]
 

@@ -15,7 +15,8 @@ import pytest
 import torch
 
 from energyc import runtime as rt
-from energyc.runtime import attention, pairs
+from energyc.context import strict
+from energyc.runtime import attention
 from energyc.tolerances import tolerance
 
 KINDS = [("all",), ("not_self",), ("causal",), ("strict",), ("window", 3)]
@@ -80,7 +81,7 @@ def test_kept_weights_match_autograd_of_the_materialised_softmax():
     i = torch.arange(7, dtype=torch.float64)
     offset = i[:, None] - i
     s = sl * torch.einsum("bihf,bjhf->bhij", ql, kl) + ml[:, None, None] * offset
-    s = s.masked_fill(~pairs._in_context("strict", 0, offset), -math.inf)
+    s = s.masked_fill(~strict().contains(i[:, None], i[None, :]), -math.inf)
     lse = torch.logsumexp(s, -1).nan_to_num(neginf=0.0)
     o_ref = torch.einsum("bhij,bjhf->bihf", torch.exp(s - lse[..., None]), vl)
     grads = torch.autograd.grad((o_ref * g).sum(), leaves)

@@ -16,6 +16,7 @@ import sympy
 import torch
 
 from energyc.autodiff import vjp
+from energyc.context import Context, all_tokens, causal, not_self, strict, window
 from energyc.errors import CompileError
 from energyc.ir import evaluate as reference
 from energyc.ir import ops
@@ -28,7 +29,7 @@ DTYPE = torch.float64
 DIMS = ("D", "H", "K")
 #: axis -> size for the tests' graphs (b and i, j are B and T).
 SIZES = {"b": 2, "i": 4, "j": 4, "D": 3, "H": 2, "K": 5, "F": 4}
-MASKS = [("causal",), ("strict",), ("window", 2), ("all",), ("not_self",)]
+MASKS = [causal(), strict(), window(2), all_tokens(), not_self()]
 LEAF_OPS = ("input", "param", "hyper")
 
 # -- the op table's reference evaluation (energyc.ir.evaluate), in float64 ----------------------
@@ -208,24 +209,24 @@ def test_fused_reduce_is_made_after_the_last_differentiation():
     g = new_graph()
     u = leaf(g, "input", "u", ("b", "i", "j", "H"))
     a0 = ARG_SYMBOLS[0]
-    out = g.add("fused_reduce", (u,), kind="sum", axes=("j",), mask=("causal",), n_pre=1,
+    out = g.add("fused_reduce", (u,), kind="sum", axes=("j",), mask=causal(), n_pre=1,
                 pre=sympy.tanh(a0), post=a0)
     with pytest.raises(CompileError, match="after the last differentiation"):
         vjp(g, out, g.add("input", name="s", axes=g.node(out).axes), [u])
 
 
 @pytest.mark.parametrize("kind", ["sum", "lse"])
-@pytest.mark.parametrize("mask", [*MASKS, None], ids=[*(m[0] for m in MASKS), "none"])
+@pytest.mark.parametrize("mask", [*MASKS, None], ids=[*(m.name for m in MASKS), "none"])
 def test_vjp_reduce_over_j_with_context_set(kind, mask):
     """reduce over j in C(i): du = mask_C(g) for sum, mask_C(g * softmax) for logsumexp.
 
-    Under ("strict",) token 0 has an empty context set: its logsumexp is 0 and its gradient 0.
+    Under j < i token 0 has an empty context set: its logsumexp is 0 and its gradient 0.
     """
     g = new_graph()
     u = leaf(g, "input", "u", ("b", "i", "j", "H"))
     out = g.add("reduce", (u,), kind=kind, axes=("j",), mask=mask)
     check_vjp(g, out, [u])
-    if mask == ("strict",) and kind == "lse":
+    if mask == strict() and kind == "lse":
         env = random_env(g)
         assert not evaluate(g, out, env)[:, 0].any()  # empty set => 0
 
@@ -241,10 +242,10 @@ def test_interpreter_masks_follow_their_definitions():
         "not_self": [[0, 1, 1, 1], [1, 0, 1, 1], [1, 1, 0, 1], [1, 1, 1, 0]],
     }
     for mask in MASKS:
-        assert context_mask(mask, T).int().tolist() == want[mask[0]], mask
+        assert context_mask(mask, T).int().tolist() == want[mask.name], mask
 
 
-@pytest.mark.parametrize("mask", MASKS, ids=[m[0] for m in MASKS])
+@pytest.mark.parametrize("mask", MASKS, ids=[m.name for m in MASKS])
 @pytest.mark.parametrize("axes", [("b", "i", "j", "H"), ("b", "i", "H"), ("b", "j", "H"), ("H",)])
 def test_vjp_mask(mask, axes):
     """mask: out = where(j in C(i), u, 0) over (i, j); du = sum of mask(g) over the added axes."""
@@ -327,7 +328,7 @@ def test_rotary_is_a_rotation():
     torch.testing.assert_close(evaluate(g, back, env), env["x"])
 
 
-def attention_graph(op: str, mask: tuple, bias: bool, terms: int):
+def attention_graph(op: str, mask: Context, bias: bool, terms: int):
     """An attention-family node over leaves: q0 (b,i,H,K) . k0 (b,j,H,K), with ``terms == 2`` a
     second term q1 (b,i,D,H) . k1 (b,j,D) whose key lacks the head axis; a learned scalar scale,
     per-head slopes when ``bias``; v per context token (attention) or per query (transposed)."""
@@ -351,8 +352,8 @@ def attention_graph(op: str, mask: tuple, bias: bool, terms: int):
 
 @pytest.mark.skipif("attention" not in ops.OPS, reason="no fused attention op in this tree")
 @pytest.mark.parametrize("op", ["attention", "attention_transposed"])
-@pytest.mark.parametrize("mask,bias,terms", [(("causal",), False, 1), (("all",), True, 1),
-                                             (("window", 2), True, 2), (("not_self",), False, 2)],
+@pytest.mark.parametrize("mask,bias,terms", [(causal(), False, 1), (all_tokens(), True, 1),
+                                             (window(2), True, 2), (not_self(), False, 2)],
                          ids=str)
 def test_vjp_attention(op, mask, bias, terms):
     """The attention ops (fused softmax-weighted context sums, query and key role): their VJP
@@ -364,7 +365,7 @@ def test_vjp_attention(op, mask, bias, terms):
     assert {g.node(grads[w]).op for w in leaves[:2 * terms]} == {"attention_grad"}
 
 
-def attention_energy(g: Graph, mask: tuple, joint: bool):
+def attention_energy(g: Graph, mask: Context, joint: bool):
     """E_bi = -(1/beta) sum_H log sum_{j in C(i)} exp(beta q_biH . k_bjH), with offsets too."""
     x = leaf(g, "input", "x", ("b", "i", "D"))
     xbar = x if joint else leaf(g, "input", "xbar", ("b", "i", "D"))
@@ -382,7 +383,7 @@ def attention_energy(g: Graph, mask: tuple, joint: bool):
 
 
 @pytest.mark.parametrize("joint", [False, True], ids=["xbar", "joint"])
-@pytest.mark.parametrize("mask", [("causal",), ("strict",), ("window", 2)], ids=str)
+@pytest.mark.parametrize("mask", [causal(), strict(), window(2)], ids=str)
 def test_vjp_twice_matches_double_backward(mask, joint):
     """vjp applied twice (the compiler's second derivatives) equals autograd's double backward.
 
@@ -416,7 +417,7 @@ def test_shape_rules_give_canonical_axes():
     W = leaf(g, "param", "W", ("H", "D"))
     assert g.node(g.add("contract", (x, W), out=("H", "i", "b"))).axes == ("b", "i", "H")
     assert g.node(g.add("pointwise", (W, x), body=a0 * a1)).axes == ("b", "i", "D", "H")
-    assert g.node(g.add("mask", (W,), mask=("causal",))).axes == ("i", "j", "D", "H")
+    assert g.node(g.add("mask", (W,), mask=causal())).axes == ("i", "j", "D", "H")
     assert g.node(g.add("broadcast", (W,), out=("H", "j", "D"))).axes == ("j", "D", "H")
     assert g.node(g.add("relabel", (x,), src="i", dst="j")).axes == ("b", "j", "D")
     assert g.node(g.add("reduce", (x,), kind="sum", axes=("D",), mask=None)).axes == ("b", "i")
@@ -441,9 +442,9 @@ def test_shape_rules_reject_bad_input():
     with pytest.raises(ValueError, match="lacks"):
         ops.reduce(g, x, ["H"])
     with pytest.raises(ValueError, match="context set"):
-        g.add("reduce", (s,), kind="sum", axes=("H",), mask=("causal",))
+        g.add("reduce", (s,), kind="sum", axes=("H",), mask=causal())
     with pytest.raises(ValueError, match="context set"):
-        g.add("reduce", (s,), kind="lse", axes=("i", "j"), mask=("causal",))
+        g.add("reduce", (s,), kind="lse", axes=("i", "j"), mask=causal())
     with pytest.raises(ValueError, match="one axis"):
         g.add("reduce", (s,), kind="lse", axes=("j", "H"), mask=None)
     with pytest.raises(ValueError, match="relabel"):
@@ -458,7 +459,7 @@ def test_shape_rules_reject_bad_input():
     g.verify()
 
 
-@pytest.mark.parametrize("mask", [m for m in MASKS if m != ("all",)], ids=str)
+@pytest.mark.parametrize("mask", [m for m in MASKS if m != all_tokens()], ids=str)
 def test_masked_reduction_of_value_without_i_keeps_i(mask):
     """sum_{j in C(i)} k_j depends on i: the reduce must keep axis i (or refuse the value)."""
     g = new_graph()
@@ -474,7 +475,7 @@ def test_verify_passes_and_catches_a_broken_graph():
     """Graph.verify accepts the graphs built here, and rejects a node whose axes break its rule
     and a leaf declared with axes out of canonical order."""
     g = new_graph()
-    energy, x, _ = attention_energy(g, ("causal",), joint=True)
+    energy, x, _ = attention_energy(g, causal(), joint=True)
     vjp(g, energy, ops.const(g, 1), [x])
     g.verify()
     bad = g.node(energy)

@@ -17,6 +17,7 @@ import torch
 
 from energyc.check import CHECKS, import_generated, run_check
 from energyc.compiler import _energy_subgraph, compile_file
+from energyc.context import all_tokens, causal, not_self, strict, window
 from energyc.ir import pairs
 from energyc.ir.functions import softplus
 from energyc.ir.pairs import DIST, PairForm, e, u
@@ -38,7 +39,7 @@ BODIES = {
     "distance": u(0) * sympy.exp(-e(2) * DIST ** 2 / 8) + sympy.sin(u(1)),
     "no_terms": e(0) * e(1) + sympy.tanh(e(2) * DIST),
 }
-MASKS = [("causal",), ("strict",), ("window", 2), ("not_self",), ("all",)]
+MASKS = [causal(), strict(), window(2), not_self(), all_tokens()]
 
 
 def _form(g, grouped: bool = False) -> PairForm:
@@ -53,7 +54,7 @@ def _form(g, grouped: bool = False) -> PairForm:
     col = leaf(g, "input", "col", ("b", "j"))
     per_head = leaf(g, "param", "theta", ("H",))
     features = ["K", "F" if grouped else "D"]
-    return PairForm([q0, q1], [k0, k1], features, [row, col, per_head], heads, ("causal",))
+    return PairForm([q0, q1], [k0, k1], features, [row, col, per_head], heads, causal())
 
 
 def _graph(grouped: bool = False):
@@ -66,7 +67,7 @@ def _leaves(g, form: PairForm) -> list[int]:
     return [*form.q, *form.k, *form.extras]
 
 
-@pytest.mark.parametrize("mask", MASKS, ids=lambda m: m[0])
+@pytest.mark.parametrize("mask", MASKS, ids=lambda m: m.name)
 @pytest.mark.parametrize("name", sorted(BODIES))
 def test_pair_lse_vjp_matches_autograd_to_second_order(name, mask):
     """d pair_lse equals autograd, and so does the VJP of each of its gradients (pair sums)."""
@@ -87,7 +88,7 @@ def test_pair_lse_vjp_matches_autograd_to_second_order(name, mask):
 def test_pair_sum_vjp_matches_autograd(name, token, with_value):
     g = new_graph()
     form = _form(g)
-    form.mask = ("window", 2) if token == "j" else ("causal",)
+    form.mask = window(2) if token == "j" else causal()
     other = "j" if token == "i" else "i"
     value = leaf(g, "input", "v", ("b", other, "H", "K")) if with_value else None
     out = pairs.make_pair_sum(g, form, BODIES[name], token, value)
@@ -106,7 +107,7 @@ def test_pair_ops_with_grouped_heads_match_autograd():
     check_vjp(g, grads[form.k[0]], _leaves(g, form), seed=6, seed_name="seed_k")
 
 
-@pytest.mark.parametrize("mask", MASKS, ids=lambda m: m[0])
+@pytest.mark.parametrize("mask", MASKS, ids=lambda m: m.name)
 @pytest.mark.parametrize("token", ["i", "j"])
 def test_running_sum_vjp_matches_autograd(token, mask):
     g = new_graph()
@@ -303,7 +304,7 @@ def _naive_pairs(T, mask):
     return context_mask(mask, T)
 
 
-@pytest.mark.parametrize("mask", MASKS, ids=lambda m: m[0])
+@pytest.mark.parametrize("mask", MASKS, ids=lambda m: m.name)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16],
                          ids=lambda d: str(d)[6:])
 def test_kernels_match_the_materialised_sums(monkeypatch, mask, dtype):
@@ -319,7 +320,6 @@ def test_kernels_match_the_materialised_sums(monkeypatch, mask, dtype):
 
     q, k = draw(B, H, T, F), draw(1, H, T, F)  # k: a broadcast batch axis
     row, v = draw(B, 1, T, 1), draw(B, H, T, G)
-    kind, w = mask[0], (mask[1] if len(mask) > 1 else 0)
     m = _naive_pairs(T, mask)
     d = (torch.arange(T)[:, None] - torch.arange(T)[None, :]).to(torch.float64)
     qk = q.double() @ k.double().transpose(-1, -2)
@@ -331,7 +331,7 @@ def test_kernels_match_the_materialised_sums(monkeypatch, mask, dtype):
 
     kw = dict(T=T, shape=(B, H), uses_offset=True, dtype=dtype, device=q.device)
     rtol, atol = tolerance(dtype)
-    R = kernels.pair_lse([q], [k], [row], phi, (kind, w), **kw)
+    R = kernels.pair_lse([q], [k], [row], phi, mask, **kw)
     assert R.dtype == dtype
     torch.testing.assert_close(R.double(), ref_R, rtol=rtol, atol=atol)
 
@@ -341,7 +341,7 @@ def test_kernels_match_the_materialised_sums(monkeypatch, mask, dtype):
 
     R_in = ref_R[..., None].to(dtype)
     outs = kernels.pair_sums([q], [k], [row, R_in], weights,
-                             [("i", v, 0), ("j", v, 1), ("i", None, 2)], (kind, w), **kw)
+                             [("i", v, 0), ("j", v, 1), ("i", None, 2)], mask, **kw)
     A = torch.where(m, torch.exp(S - R_in.double()), 0.0)
     expected = [A @ v.double(), (A * qk).transpose(-1, -2) @ v.double(), A.sum(-1)]
     for got, want in zip(outs, expected):
@@ -352,16 +352,16 @@ def test_kernels_match_the_materialised_sums(monkeypatch, mask, dtype):
 def test_kernels_skip_blocks_outside_the_context_set():
     """Causal tiles stop at the diagonal; a window's tiles reach only its w keys."""
     T, block = 1024, 256
-    causal = list(kernels.pair_tiles(T, "causal", 0, block, block))
-    assert len(causal) == 4 * 5 // 2
-    window = list(kernels.pair_tiles(T, "window", 8, block, block))
-    assert len(window) == 4 + 3  # the diagonal block and a sliver of the one before
-    assert sum(1 for t in causal if t[4]) == 4  # only the diagonal tiles are masked
-    everything = list(kernels.pair_tiles(T, "all", 0, block, block))
+    causal_tiles = list(kernels.pair_tiles(T, causal(), block, block))
+    assert len(causal_tiles) == 4 * 5 // 2
+    window_tiles = list(kernels.pair_tiles(T, window(8), block, block))
+    assert len(window_tiles) == 4 + 3  # the diagonal block and a sliver of the one before
+    assert sum(1 for t in causal_tiles if t[4]) == 4  # only the diagonal tiles are masked
+    everything = list(kernels.pair_tiles(T, all_tokens(), block, block))
     assert len(everything) == 16 and not any(t[4] for t in everything)
 
 
-@pytest.mark.parametrize("mask", MASKS, ids=lambda m: m[0])
+@pytest.mark.parametrize("mask", MASKS, ids=lambda m: m.name)
 @pytest.mark.parametrize("keys_major", [False, True])
 def test_running_sum_kernel(mask, keys_major):
     torch.manual_seed(1)
@@ -369,11 +369,12 @@ def test_running_sum_kernel(mask, keys_major):
     v = torch.randn(2, T, 3, dtype=torch.float64)
     m = _naive_pairs(T, mask).to(torch.float64)  # (i, j)
     m = m.T if keys_major else m
-    got = kernels.running_sum(v, 1, (mask[0], mask[1] if len(mask) > 1 else 0), keys_major)
+    got = kernels.running_sum(v, 1, mask, keys_major)
     torch.testing.assert_close(got, torch.einsum("ij,bjc->bic", m, v))
 
 
-@pytest.mark.parametrize("mask", MASKS + [("window", 0)], ids=lambda m: "_".join(map(str, m)))
+@pytest.mark.parametrize("mask", MASKS + [window(0)],
+                         ids=lambda m: "_".join(map(str, m.spelling)))
 def test_mask_tiles_and_partial_tiles_follow_the_context_set(mask):
     """Every rectangle of queries x keys of 9 tokens: the additive mask tile is 0 exactly on the
     context set's pairs (-inf elsewhere) and the tile is reported partial exactly when some pair is
@@ -381,19 +382,18 @@ def test_mask_tiles_and_partial_tiles_follow_the_context_set(mask):
     import itertools
 
     T = 9
-    kind, w = mask[0], (mask[1] if len(mask) > 1 else 0)
     full = _naive_pairs(T, mask)
     for i0, i1, j0, j1 in itertools.product(range(T), range(1, T + 1), range(T), range(1, T + 1)):
         if i1 <= i0 or j1 <= j0:
             continue
         inside = full[i0:i1, j0:j1]
-        tile = kernels.mask_tile(kind, w, i0, i1, j0, j1, torch.float32, torch.device("cpu"))
+        tile = kernels.mask_tile(mask, i0, i1, j0, j1, torch.float32, torch.device("cpu"))
         assert torch.equal(tile == 0, inside), (i0, i1, j0, j1)
         assert torch.isneginf(tile[~inside]).all(), (i0, i1, j0, j1)
-        assert kernels.partial_tile(kind, w, i0, i1, j0, j1) == bool((~inside).any()), (i0, j0)
+        assert mask.needs_mask(i0, i1, j0, j1) == bool((~inside).any()), (i0, j0)
 
 
-@pytest.mark.parametrize("mask", MASKS, ids=lambda m: m[0])
+@pytest.mark.parametrize("mask", MASKS, ids=lambda m: m.name)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16],
                          ids=lambda d: str(d)[6:])
 def test_softmax_sums_in_one_pass_match_the_materialised_sums(monkeypatch, mask, dtype):
@@ -409,7 +409,6 @@ def test_softmax_sums_in_one_pass_match_the_materialised_sums(monkeypatch, mask,
         return torch.randn(*shape, dtype=torch.float64).to(dtype)
 
     q, k, v = draw(B, H, T, F), draw(1, H, T, F), draw(B, H, T, G)
-    kind, w = mask[0], (mask[1] if len(mask) > 1 else 0)
     m = _naive_pairs(T, mask)
     d = (torch.arange(T)[:, None] - torch.arange(T)[None, :]).to(torch.float64)
     qk = 3 * q.double() @ k.double().transpose(-1, -2)  # scores of several units: maxima move
@@ -425,7 +424,7 @@ def test_softmax_sums_in_one_pass_match_the_materialised_sums(monkeypatch, mask,
     kw = dict(T=T, shape=(B, H), uses_offset=True, dtype=dtype, device=q.device)
     R, o, s, o1 = kernels.pair_softmax_sums([q], [k], [], phi_g,
                                             [("i", v, 0), ("i", None, 0), ("i", v, 1)],
-                                            (kind, w), **kw)
+                                            mask, **kw)
     rtol, atol = tolerance(dtype)
     assert R.dtype == o.dtype == dtype
     torch.testing.assert_close(R.double(), ref_R, rtol=rtol, atol=atol)

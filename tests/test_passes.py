@@ -16,6 +16,7 @@ import torch
 
 from energyc.autodiff import vjp
 from energyc.compiler import _energy_subgraph, compile_file, differentiate
+from energyc.context import all_tokens, causal, not_self, strict, window
 from energyc.ir import ops
 from energyc.ir.graph import Graph
 from energyc.ir.ops import ARG_SYMBOLS
@@ -217,7 +218,7 @@ def test_fuse_pointwise_keeps_values():
 # -- fuse_reductions -------------------------------------------------------------------------------
 
 
-def reduction_graph(mask=("causal",), kind="lse"):
+def reduction_graph(mask=causal(), kind="lse"):  # noqa: B008 (an immutable Context)
     """exp-free score s = a * u + p over (b, i, j, H), reduced over j in C(i), then -r / a + w."""
     g = new_graph()
     u = inp(g, "u", ("b", "i", "j", "H"))
@@ -248,7 +249,7 @@ def test_fuse_reductions_joins_prologue_and_epilogue():
 
 
 @pytest.mark.parametrize("kind", ["sum", "lse"])
-@pytest.mark.parametrize("mask", [("causal",), ("strict",), ("window", 2), ("not_self",), None])
+@pytest.mark.parametrize("mask", [causal(), strict(), window(2), not_self(), None])
 def test_fuse_reductions_keeps_values(kind, mask):
     """Every context set and both kinds keep their values through the pass."""
     g = reduction_graph(mask, kind)
@@ -272,7 +273,7 @@ def test_fuse_reductions_keeps_shared_values():
 # -- fuse_context_attention ------------------------------------------------------------------------
 
 
-def attention_region(mask=("causal",), scores="plain", role="query"):
+def attention_region(mask=causal(), scores="plain", role="query"):  # noqa: B008 (an immutable Context)
     """o = sum_{j in C(i)} c_i exp(S_ij - L_i) v_j (query role) or sum_{i : j in C(i)} of the same
     weights times v_i (key role), L = lse_j S, with scores S:
 
@@ -297,7 +298,7 @@ def attention_region(mask=("causal",), scores="plain", role="query"):
         S = ops.pointwise(g, a0 * (a1 + a2), [beta, qk, ops.contract(g, [xq, xk], ("b", "i", "j", "H"))])
     L = ops.reduce(g, S, ["j"], kind="lse", mask=mask)
     P = ops.pointwise(g, a2 * sympy.exp(a0 - a1), [S, L, c])
-    weights = g.add("mask", (P,), mask=mask) if mask != ("all",) else P
+    weights = g.add("mask", (P,), mask=mask) if mask != all_tokens() else P
     out = ("b", "i", "H", "D") if role == "query" else ("b", "j", "H", "D")
     g.outputs = {"o": ops.contract(g, [weights, v], out)}
     return g
@@ -354,12 +355,12 @@ def test_expand_feature_sums(body, contracts):
 
 
 @pytest.mark.parametrize("mask,outer,gate,lse", [
-    (("causal",), sympy.log(a0), sympy.exp(a1), True),  # log sum exp(s)
-    (("window", 2), sympy.log(1 + a0) * a1, sympy.exp(a1), True),  # log(1 + sum exp(s)) * c
+    (causal(), sympy.log(a0), sympy.exp(a1), True),  # log sum exp(s)
+    (window(2), sympy.log(1 + a0) * a1, sympy.exp(a1), True),  # log(1 + sum exp(s)) * c
     (None, sympy.log(a0), sympy.exp(a1) / (1 + sympy.exp(-a0)), True),  # a positive gate
-    (("strict",), sympy.log(a0), sympy.exp(a1), False),  # an empty first row: log 0 there
-    (("causal",), sympy.log(a0) + a0, sympy.exp(a1), False),  # the sum read outside a log
-    (("causal",), sympy.log(a0), a0**2 * sympy.exp(a1), False),  # a gate that may be 0
+    (strict(), sympy.log(a0), sympy.exp(a1), False),  # an empty first row: log 0 there
+    (causal(), sympy.log(a0) + a0, sympy.exp(a1), False),  # the sum read outside a log
+    (causal(), sympy.log(a0), a0**2 * sympy.exp(a1), False),  # a gate that may be 0
 ])
 def test_log_sums_as_lse(mask, outer, gate, lse):
     """log_sums_as_lse: a log of a context sum of g exp(s) (g > 0), or of A + that (A > 0), over
@@ -398,7 +399,7 @@ def test_expand_feature_sums_of_a_contraction():
     assert_same_outputs(g, out)
 
 
-def two_reductions_region(second_mask=("window", 1), slope=False):
+def two_reductions_region(second_mask=window(1), slope=False):  # noqa: B008 (an immutable Context)
     """o = sum_j (mask_A(c exp(S - L_A)) + mask_B(exp(S' - L_B)))_ij v_j: the weights of two
     log-sum-exps of one score tensor S (S' = S, or S - m (i - j) on the same set) summed before
     the product with v, as the gradient of shared scores sums them."""
@@ -414,7 +415,7 @@ def two_reductions_region(second_mask=("window", 1), slope=False):
         m = g.add("param", name="m", axes=("H",))
         S2 = ops.pointwise(g, a0 - a1 * a2, [S, m, g.add("offset")])
     weights = []
-    for scores, mask, factor in ((S, ("causal",), c), (S2, second_mask, None)):
+    for scores, mask, factor in ((S, causal(), c), (S2, second_mask, None)):
         L = ops.reduce(g, scores, ["j"], kind="lse", mask=mask)
         P = (ops.pointwise(g, a2 * sympy.exp(a0 - a1), [scores, L, factor]) if factor is not None
              else ops.pointwise(g, sympy.exp(a0 - a1), [scores, L]))
@@ -425,7 +426,7 @@ def two_reductions_region(second_mask=("window", 1), slope=False):
 
 
 @needs_attention
-@pytest.mark.parametrize("second_mask,slope", [(("window", 1), False), (("causal",), True)])
+@pytest.mark.parametrize("second_mask,slope", [(window(1), False), (causal(), True)])
 def test_split_context_sums(second_mask, slope):
     """split_context_sums: the product of the summed weights of two reductions becomes one
     product per reduction (the mask outermost, the weights' body composed in), with the same
@@ -444,12 +445,12 @@ def test_split_context_sums(second_mask, slope):
     out = fuse_attention(split)
     assert out.op_counts().get("attention") == 2 and pair_values(out) == []
     assert_same_outputs(g, out)
-    one = attention_region(("causal",))
+    one = attention_region(causal())
     assert dead_code(split_context_sums(one)).op_counts() == dead_code(one).op_counts()
 
 
 @needs_attention
-@pytest.mark.parametrize("mask", [("causal",), ("all",)], ids=str)
+@pytest.mark.parametrize("mask", [causal(), all_tokens()], ids=str)
 def test_fuse_context_attention_structure(mask):
     """fuse_context_attention turns a softmax-weighted context sum into one attention node: no
     (i, j) value is left live."""
@@ -462,7 +463,7 @@ def test_fuse_context_attention_structure(mask):
 
 
 @needs_attention
-@pytest.mark.parametrize("mask", [("strict",), ("window", 2), ("not_self",)], ids=str)
+@pytest.mark.parametrize("mask", [strict(), window(2), not_self()], ids=str)
 def test_fuse_context_attention_covers_every_context_set(mask):
     """Every context set fuses, j < i (whose first row is empty) included."""
     g = attention_region(mask)
@@ -472,7 +473,7 @@ def test_fuse_context_attention_covers_every_context_set(mask):
 
 
 @needs_attention
-@pytest.mark.parametrize("mask", [("causal",), ("all",), ("strict",)], ids=str)
+@pytest.mark.parametrize("mask", [causal(), all_tokens(), strict()], ids=str)
 def test_fuse_context_attention_keeps_values(mask):
     """fuse_context_attention leaves every output's axes and value unchanged."""
     g = attention_region(mask)
@@ -482,7 +483,7 @@ def test_fuse_context_attention_keeps_values(mask):
 @needs_attention
 @pytest.mark.parametrize("role", ["query", "key"])
 @pytest.mark.parametrize("scores", ["plain", "alibi", "dplr"])
-@pytest.mark.parametrize("mask", [("causal",), ("window", 2), ("not_self",)], ids=str)
+@pytest.mark.parametrize("mask", [causal(), window(2), not_self()], ids=str)
 def test_fuse_context_attention_scores_and_roles(mask, scores, role):
     """Scores with an i - j term (learned slopes, learned scale) and two-term (diagonal plus low
     rank) scores fuse too, in the query role (attention) and the key role (transposed attention,
@@ -507,8 +508,8 @@ def test_fuse_context_attention_leaves_other_scores():
     q, k = inp(g, "q", ("b", "i", "H", "K")), inp(g, "k", ("b", "j", "H", "K"))
     v = inp(g, "v", ("b", "j", "H", "D"))
     S = ops.pointwise(g, sympy.tanh(a0), [ops.contract(g, [q, k], ("b", "i", "j", "H"))])
-    L = ops.reduce(g, S, ["j"], kind="lse", mask=("causal",))
-    P = g.add("mask", (ops.pointwise(g, sympy.exp(a0 - a1), [S, L]),), mask=("causal",))
+    L = ops.reduce(g, S, ["j"], kind="lse", mask=causal())
+    P = g.add("mask", (ops.pointwise(g, sympy.exp(a0 - a1), [S, L]),), mask=causal())
     g.outputs = {"o": ops.contract(g, [P, v], ("b", "i", "H", "D"))}
     out = fuse_attention(g)
     assert "attention" not in out.op_counts() and pair_values(out)
@@ -574,9 +575,9 @@ def mask_graph():
     u = inp(g, "u", ("b", "i", "j", "H"))
     p = g.add("param", name="p", axes=("H",))
     beta = g.add("hyper", name="beta")
-    m = g.add("mask", (u,), mask=("causal",))
+    m = g.add("mask", (u,), mask=causal())
     v = inp(g, "v", ("b", "i", "D"))
-    mv = g.add("mask", (v,), mask=("strict",))
+    mv = g.add("mask", (v,), mask=strict())
     g.outputs = {
         "linear": ops.pointwise(g, 2 * a0 * a1 * a2, [m, p, beta]),  # moves inside
         "affine": ops.pointwise(g, a0 + a1, [m, p]),  # f(0, p) != 0: stays
@@ -594,7 +595,7 @@ def test_pointwise_of_mask_structure(monkeypatch):
     out = canonicalize(g)
     out.verify()
     lin = out.node(out.outputs["linear"])
-    assert lin.op == "mask" and lin.attr("mask") == ("causal",)
+    assert lin.op == "mask" and lin.attr("mask") == causal()
     inner = out.node(lin.inputs[0])
     assert inner.op == "pointwise" and all(out.node(a).op != "mask" for a in inner.inputs)
     for name in ("affine", "nonlinear", "widening"):
@@ -721,10 +722,10 @@ def idempotent_graph():
     g = new_graph()
     u = inp(g, "u", ("b", "i", "j", "H"))
     v = inp(g, "v", ("b", "i", "D"))
-    once = g.add("mask", (u,), mask=("window", 2))
+    once = g.add("mask", (u,), mask=window(2))
     g.outputs = {
-        "twice": g.add("mask", (once,), mask=("window", 2)),
-        "different": g.add("mask", (g.add("mask", (v,), mask=("causal",)),), mask=("not_self",)),
+        "twice": g.add("mask", (once,), mask=window(2)),
+        "different": g.add("mask", (g.add("mask", (v,), mask=causal()),), mask=not_self()),
     }
     return g
 

@@ -87,14 +87,18 @@ def test_generated_package_checks_the_runtime_version_at_import(tmp_path):
     assert "ImportError: cem_mlp was generated for energyc.runtime >= 99.0.0" in run.stderr
 
 
-def test_kernels_and_compiler_agree_on_context_set_codes():
-    """The compiler prints context-set codes into the reduction kernels it generates; the
-    runtime's Triton ``in_context`` tests them: one table each side, which must agree."""
+def test_kernels_take_the_band_the_context_object_gives():
+    """The compiler prints a context set's ``kernel_args`` by name into the reduction kernels it
+    generates, and the launchers pass them to the attention and pair kernels: the shared Triton
+    context test and block ranges take exactly those constexprs."""
     pytest.importorskip("triton")
-    from energyc.ir import ops
+    from energyc.context import window
     from energyc.runtime import triton_layer
 
-    assert ops.MASK_KINDS == triton_layer.MASK_KINDS
+    band = list(window(3).kernel_args())
+    assert triton_layer.in_context.arg_names[2:] == band
+    for ranges in (triton_layer.key_range, triton_layer.query_range):
+        assert ranges.arg_names[2:4] == band[:2]  # a hole changes no range
 
 
 def test_runtime_exports_what_generated_code_calls():

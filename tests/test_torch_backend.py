@@ -5,6 +5,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from energyc.backends.torch_backend import Emitter, _broadcast
+from energyc.context import causal
 from energyc.ir.graph import Graph
 
 
@@ -18,8 +19,8 @@ def test_broadcast_index():
 def test_mask_of_a_pair_value_without_batch_is_the_mask_itself():
     """A (T, T) value needs the (T, T) mask as it is (this printed ``mask_causal[]`` before)."""
     em = Emitter(Graph(("D",)), {}, {})
-    assert em.mask(("causal",), ("i", "j")) == "mask_causal"
-    assert em.mask(("causal",), ("b", "i", "j", "D")) == "mask_causal[None, :, :, None]"
+    assert em.mask(causal(), ("i", "j")) == "mask_causal"
+    assert em.mask(causal(), ("b", "i", "j", "D")) == "mask_causal[None, :, :, None]"
 
 
 def test_functions_of_dim_sizes_print_as_math():

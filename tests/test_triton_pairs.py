@@ -177,63 +177,65 @@ def test_the_kernel_printer_never_spells_math():
 
 
 def _probe_kernel():
-    """A kernel writing each program's (lo, hi) of the pair kernels' block ranges (made on
-    first use: a JIT function reads the globals of its module)."""
-    global _probe, tl_, triton_pairs_
+    """A kernel writing each program's (lo, hi) of the kernels' block ranges (made on first use:
+    a JIT function reads the globals of its module)."""
+    global _probe, tl_, triton_layer_
     import triton
     import triton.language as tl_
 
-    from energyc.runtime import triton_pairs as triton_pairs_
+    from energyc.runtime import triton_layer as triton_layer_
 
     @triton.jit
-    def _probe(OUT, T, WINDOW, MASK_KIND: tl_.constexpr, BLOCK_I: tl_.constexpr,
+    def _probe(OUT, T, LO: tl_.constexpr, HI: tl_.constexpr, BLOCK_I: tl_.constexpr,
                BLOCK_J: tl_.constexpr, KEYS: tl_.constexpr):
         pid = tl_.program_id(0)
         if KEYS:
-            lo, hi = triton_pairs_.key_blocks(pid, T, MASK_KIND, WINDOW, BLOCK_I, BLOCK_J)
+            lo, hi = triton_layer_.key_range(pid, T, LO, HI, BLOCK_I, BLOCK_J)
         else:
-            lo, hi = triton_pairs_.query_blocks(pid, T, MASK_KIND, WINDOW, BLOCK_I, BLOCK_J)
+            lo, hi = triton_layer_.query_range(pid, T, LO, HI, BLOCK_I, BLOCK_J)
         tl_.store(OUT + 2 * pid, lo)
         tl_.store(OUT + 2 * pid + 1, hi)
 
     return _probe
 
 
-def _ranges(T, kind, w, BI, BJ):
-    """(lo, hi) of key_blocks per query block and of query_blocks per key block, as the
-    kernels compute them (one program per block, under the interpreter)."""
-    from energyc.runtime.triton_layer import MASK_KINDS
-
+def _ranges(T, ctx, BI, BJ):
+    """(lo, hi) of key_range per query block and of query_range per key block, as the kernels
+    compute them (one program per block, under the interpreter)."""
     probe = _probe_kernel()
     out = {}
     for keys, block in ((True, BI), (False, BJ)):
         n = -(-T // block)
         buf = torch.zeros(2 * n, dtype=torch.int32)
-        probe[(n,)](buf, T, w, MASK_KIND=MASK_KINDS[kind], BLOCK_I=BI, BLOCK_J=BJ, KEYS=keys)
+        probe[(n,)](buf, T, LO=ctx.lo, HI=ctx.hi, BLOCK_I=BI, BLOCK_J=BJ, KEYS=keys)
         out[keys] = buf.view(n, 2).tolist()
     return out[True], out[False]
 
 
-@pytest.mark.parametrize("kind,w", [("causal", 0), ("strict", 0), ("window", 5), ("not_self", 0),
-                                    ("all", 0)])
-def test_block_ranges_cover_the_context_set_and_skip_the_rest(kind, w):
+@pytest.mark.parametrize("spelling", [("causal",), ("strict",), ("window", 5), ("window", 20),
+                                      ("not_self",), ("all",)], ids=str)
+def test_block_ranges_cover_the_context_set_and_skip_the_rest(spelling):
     """Each query block's key range holds every key its queries see, each key block's query
-    range every query that sees one of its keys; for the causal sets and windows the key range
-    is the block's own (keys after its last query, or before its window, skipped; under j < i
-    the one key on the diagonal is kept, and masked)."""
-    from energyc.runtime.pairs import _in_context
+    range every query that sees one of its keys, and no more than the block grid adds: the
+    object's range (``Context.key_range``, ``query_range``) with its start rounded down to a
+    whole block of the other side."""
+    from energyc.context import context
 
+    ctx = context(spelling)
     T, BI, BJ = 37, 8, 16
-    d = torch.arange(T)[:, None] - torch.arange(T)[None, :]
-    inside = _in_context(kind, w, d)
-    key_ranges, query_ranges = _ranges(T, kind, w, BI, BJ)
+    i = torch.arange(T)
+    inside = ctx.contains(i[:, None], i[None, :])
+    key_ranges, query_ranges = _ranges(T, ctx, BI, BJ)
     for b, (lo, hi) in enumerate(key_ranges):
         seen = inside[b * BI:(b + 1) * BI].any(0).nonzero().flatten()
-        assert lo <= seen.min() and seen.max() < hi, (b, lo, hi)
-        if kind in ("causal", "window"):
-            assert (lo, hi) == (int(seen.min()), int(seen.max()) + 1), (b, lo, hi)
-        elif kind == "strict":
-            assert (lo, hi) == (int(seen.min()), int(seen.max()) + 2), (b, lo, hi)
+        c0, c1 = ctx.key_range(b * BI, min((b + 1) * BI, T), T)
+        assert (lo, max(lo, hi)) == (c0 // BJ * BJ, max(c0 // BJ * BJ, c1)), (b, lo, hi)
+        if len(seen):  # the first query of j < i sees no key
+            assert (c0, c1) == (int(seen.min()), int(seen.max()) + 1), (b, c0, c1)
+        else:
+            assert hi <= lo, (b, lo, hi)
     for b, (lo, hi) in enumerate(query_ranges):
         seen = inside[:, b * BJ:(b + 1) * BJ].any(1).nonzero().flatten()
-        assert lo <= seen.min() and seen.max() < hi, (b, lo, hi)
+        r0, r1 = ctx.query_range(b * BJ, min((b + 1) * BJ, T), T)
+        assert (lo, hi) == (r0 // BI * BI, r1), (b, lo, hi)
+        assert (r0, r1) == (int(seen.min()), int(seen.max()) + 1), (b, r0, r1)

@@ -375,9 +375,6 @@ def step_functions(layer: CompiledLayer, emitter) -> list[FunctionSpec]:
     return functions
 
 
-_CAUSAL = ("causal", "strict", "window")
-
-
 def decodable(layer: CompiledLayer) -> tuple[list[int], str | None, bool]:
     """The step-graph nodes that g = dE/dx needs, and whether the layer decodes incrementally:
     ``None``, or the reason it cannot (a sentence). Also whether the j-side values it caches
@@ -404,7 +401,7 @@ def decodable(layer: CompiledLayer) -> tuple[list[int], str | None, bool]:
         axes = set(node.axes)
         mask = node.attr("mask")
         where = f" ({node.where})" if node.where else ""
-        if mask is not None and mask[0] not in _CAUSAL:
+        if mask is not None and not mask.looks_back:
             return needed, (f"the context set {{{describe_mask(mask)}}}{where} holds tokens "
                             f"after i"), False
         if {"i", "j"} <= axes or node.op == "offset":
@@ -465,8 +462,8 @@ def decode_function(layer: CompiledLayer, needed: list[int]) -> FunctionSpec:
         code = em.names[n]
         var = f"{key}_all"
         masks = [sg.node(m).attr("mask") for m in users.get(n, [])]
-        if all(m is not None and m[0] == "window" for m in masks):  # read by windows alone
-            keep = max(m[1] for m in masks)
+        if all(m is not None and m.reach is not None for m in masks):  # read by windows alone
+            keep = max(m.reach for m in masks)
             em.lines.append(f"{var} = _rt.extend(cache, {key!r}, {code}, {node.axes.index('j')}, "
                             f"P, keep={keep})  # ({', '.join(node.axes)}): the window's last "
                             f"{keep} tokens and the T new")

@@ -105,7 +105,7 @@ def _scores_args(em: Emitter, node: Node, var: str) -> tuple[str, str, str]:
             qk.append(_bind(em, code, f"{var}_{role}"))
         em.bound[key] = tuple(qk)
     q, k = em.bound[key]
-    extra = f"{em.names[ins['s']]}, {tuple(node.attr('mask'))!r}"
+    extra = f"{em.names[ins['s']]}, {node.attr('mask').spelling!r}"
     if "m" in ins:
         m = ins["m"]
         slopes = em.names[m]

@@ -20,6 +20,7 @@ import sympy
 from energyc.backends.rules import TORCH, Rules
 from energyc.backends.torch_pairs import print_call
 from energyc.backends.torch_printer import TorchPrinter
+from energyc.context import Context
 from energyc.errors import CompileError
 from energyc.ir import ops
 from energyc.ir.graph import UNIT, Graph, Node
@@ -91,13 +92,12 @@ class Emitter:
         assert set(axes) <= set(to_axes), (axes, to_axes)
         return _broadcast(self.names[nid], axes, to_axes)
 
-    def mask(self, mask: tuple, to_axes: tuple[str, ...]) -> str:
+    def mask(self, mask: Context, to_axes: tuple[str, ...]) -> str:
         if mask not in self.masks:
-            name = "mask_" + "_".join(str(m) for m in mask)
-            w = mask[1] if mask[0] == "window" else 0
+            name = "mask_" + "_".join(str(m) for m in mask.spelling)
             self.masks[mask] = name
             self.mask_lines.append(
-                f"{name} = _rt.context_mask({mask[0]!r}, T, {w}, x.device)  "
+                f"{name} = _rt.context_mask({mask.spelling!r}, T, x.device)  "
                 f"# {{{describe_mask(mask)}}}"
             )
         return _broadcast(self.masks[mask], ("i", "j"), to_axes)
@@ -243,7 +243,7 @@ def _reduce_code(em: Emitter, src: str, in_axes: tuple[str, ...], node: Node) ->
     dims = tuple(in_axes.index(a) for a in node.attr("axes"))
     dim = dims[0] if len(dims) == 1 else dims
     mask = node.attr("mask")
-    if mask is not None and mask != ("all",):
+    if mask is not None and not mask.everything:
         m = em.mask(mask, in_axes)
         if node.attr("kind") == "lse":
             return f"_rt.masked_logsumexp({src}, {m}, dim={dim})"

@@ -160,9 +160,8 @@ def _back(em, var: str, layout: tuple[str, ...], axes: tuple[str, ...]) -> None:
 
 
 def mask_arg(form: PairForm) -> str:
-    """The context set as the runtime's ``(kind, width)`` argument."""
-    kind, w = form.mask[0], (form.mask[1] if form.mask[0] == "window" else 0)
-    return f"({kind!r}, {w})"
+    """The context set as the runtime's argument: its spelling, e.g. ``("window", 4)``."""
+    return repr(form.mask.spelling)
 
 
 def _call_tail(em, form: PairForm, bodies) -> str:
@@ -299,8 +298,6 @@ def emit_running_sum(em, nid: int, node: Node) -> str:
     token = node.attr("token")
     (v,) = node.inputs
     dim = node.axes.index(token)
-    kind, w = node.attr("mask")[0], (node.attr("mask")[1] if node.attr("mask")[0] == "window"
-                                     else 0)
-    return (f"_rt.running_sum({em.names[v]}, dim={dim}, mask=({kind!r}, {w}), "
+    return (f"_rt.running_sum({em.names[v]}, dim={dim}, mask={node.attr('mask').spelling!r}, "
             f"keys_major={token == 'j'}{em.offset_arg()}{', T=T' if em.position else ''})")
 

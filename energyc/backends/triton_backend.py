@@ -41,7 +41,7 @@ from energyc.backends.torch_backend import Emitter, Node
 from energyc.backends.triton_printer import NoTritonSpellingError, TritonPrinter
 from energyc.ir import ops
 from energyc.ir.describe import formula
-from energyc.ir.ops import ARG_SYMBOLS, MASK_KINDS, FusedReduce
+from energyc.ir.ops import ARG_SYMBOLS, FusedReduce
 
 
 @dataclass
@@ -234,15 +234,13 @@ def _emit_reduction(em: TritonEmitter, nid: int, node: Node) -> str:
     red_axes = tuple(a for a in in_axes if a not in out_axes)
     p, q = len(out_axes), len(red_axes)
     mask = node.attr("mask")
-    masked = mask is not None and mask != ("all",)
+    masked = mask is not None and not mask.everything
 
     params = ["OUT", *(f"IN{k}" for k in range(len(pre_args))),
               *(f"EPI{k}" for k in range(len(epi_args))), "N_OUT", "N_RED",
               *(f"on{d}" for d in range(p)), *(f"rn{d}" for d in range(q))]
     params += [f"s{k}_{d}" for k in range(len(pre_args)) for d in range(p + q)]
     params += [f"e{k}_{d}" for k in range(len(epi_args)) for d in range(p)]
-    if masked:
-        params.append("WINDOW")
     pre_names = {ARG_SYMBOLS[k].name: f"a{k}" for k in range(len(pre_args))}
     post_names = {ARG_SYMBOLS[0].name: "red"}
     post_names.update({ARG_SYMBOLS[k + 1].name: f"e{k}" for k in range(len(epi_args))})
@@ -271,7 +269,8 @@ def _emit_reduction(em: TritonEmitter, nid: int, node: Node) -> str:
     valid = "valid_o[:, None] & valid_r[None, :]"
     if masked:
         i_pos, j_pos = out_axes.index("i"), red_axes.index("j")
-        valid += f" & _in_context(o{i_pos}, r{j_pos}, {MASK_KINDS[mask[0]]}, WINDOW)"
+        band = ", ".join(f"{name}={value}" for name, value in mask.kernel_args().items())
+        valid += f" & _in_context(o{i_pos}, r{j_pos}, {band})"
     if node.attr("kind") == "sum":
         init = ["acc = tl.zeros((BLOCK_O,), dtype=ACC)"]
         update = ["acc += tl.sum(tl.where(valid, v, 0.0), axis=1)"]
@@ -308,10 +307,8 @@ def _emit_reduction(em: TritonEmitter, nid: int, node: Node) -> str:
     red_pos = _tuple([str(in_axes.index(a)) for a in red_axes])
     pre_in = _tuple([em.align(u, in_axes) for u in pre_args])
     epi_in = _tuple([em.align(u, out_axes) for u in epi_args])
-    window = mask[1] if masked and mask[0] == "window" else 0
     return (f'_reduction("{name}", {in_shape},'
-            f" {out_pos}, {red_pos}, {pre_in}, {epi_in}, "
-            f"{_tuple(dims)}{', window=' + str(window) if masked else ''})")
+            f" {out_pos}, {red_pos}, {pre_in}, {epi_in}, {_tuple(dims)})")
 
 
 # what runs on torch on this path (see the module docstring): leaves, constants, dense products,

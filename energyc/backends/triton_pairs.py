@@ -133,7 +133,7 @@ class _Kernel:
                 last = ("t",) if n is None or call.outputs[n][1] is None else ("t", "f")
             strides += [f"s{p.lower()}_{a}" for a in range(r)] + [f"s{p.lower()}_{x}" for x in last]
         widths = [f"F{t}" for t in range(self.n_terms)] + [f"G{p}" for p in range(len(self.values))]
-        return [*ptrs, *sizes, *strides, *widths, "WINDOW", *(f"dim_{d}" for d in self.dims)]
+        return [*ptrs, *sizes, *strides, *widths, *(f"dim_{d}" for d in self.dims)]
 
     def first_reads(self) -> dict[int, int]:
         """Each value node the kernel's sums read, with the first output that reads it."""
@@ -205,13 +205,13 @@ class _Kernel:
         if self.softmax:
             pro.append('m = tl.full((BLOCK_I,), float("-inf"), dtype=ACC)')
             pro.append("s = tl.zeros((BLOCK_I,), dtype=ACC)")
-        ranges = "_key_blocks" if own == "i" else "_query_blocks"
-        pro.append(f"lo, hi = {ranges}(pid, T, MASK_KIND, WINDOW, BLOCK_I, BLOCK_J)")
+        ranges = "_key_range" if own == "i" else "_query_range"
+        pro.append(f"lo, hi = {ranges}(pid, T, LO, HI, BLOCK_I, BLOCK_J)")
 
         loop = [f"offs_{other} = start + tl.arange(0, {block[other]})",
                 f"valid_{other} = offs_{other} < T",
                 "valid = valid_i[:, None] & valid_j[None, :] & "
-                "_in_context(offs_i, offs_j, MASK_KIND, WINDOW)"]
+                "_in_context(offs_i, offs_j, LO, HI, HOLE)"]
         for t in self.terms:
             loop.append(f"{other_ptr.lower()}{t} = "
                         f"{self._rows(f'{other_ptr}{t}', other, f'BF{t}', f'F{t}')}")

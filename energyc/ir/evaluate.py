@@ -3,9 +3,8 @@
 One rule per op class (``@evaluates(ops.Contract)``), beside the op table of
 :mod:`energyc.ir.ops` and :mod:`energyc.ir.pairs`; importing this module fails, naming the op,
 when an op has none. :func:`evaluate` walks a graph with them. It reads each op's definition, not
-the generated code: it shares nothing with the backends or the runtime. Masks are built from the
-context-set definitions (causal ``j <= i``, strict ``j < i``, window ``i - w <= j <= i``, all,
-not_self ``j != i``); a masked log-sum-exp over an empty set is 0; contractions are
+the generated code: it shares nothing with the backends or the runtime. Masks are a context set's
+predicate (``energyc.context.Context.contains``); a masked log-sum-exp over an empty set is 0; contractions are
 ``torch.einsum`` with a letter per axis; element-wise bodies are walked over SymPy's tree, energyc's
 functions expanded to their definitions except sigmoid and softplus (torch's own: see
 :data:`STABLE`); pair ops and the attention family form every (i, j) pair (the (tokens x tokens)
@@ -26,6 +25,7 @@ import sympy
 import torch
 import torch.nn.functional as F  # noqa: N812
 
+from energyc.context import Context
 from energyc.ir import ops
 from energyc.ir.functions import EnergyFunction, sigmoid, softplus
 from energyc.ir.graph import Graph, Node
@@ -113,22 +113,11 @@ def evaluate_body(expr: sympy.Basic, env: Mapping[str, torch.Tensor], dtype) -> 
     return ev(expanded)
 
 
-def context_mask(mask: tuple, T: int, device=None) -> torch.Tensor:
-    """The (i, j) boolean matrix of a context set, from its definition."""
+def context_mask(mask: Context, T: int, device=None) -> torch.Tensor:
+    """The (i, j) boolean matrix of a context set (``Context.contains``, whose kinds
+    ``tests/test_context.py`` checks against their textbook definitions)."""
     idx = torch.arange(T, device=device)
-    i, j = idx[:, None], idx[None, :]
-    kind = mask[0]
-    if kind == "causal":
-        return (j <= i).expand(T, T)
-    if kind == "strict":
-        return (j < i).expand(T, T)
-    if kind == "window":
-        return (j <= i) & (i - j <= mask[1])
-    if kind == "all":
-        return torch.ones(T, T, dtype=torch.bool, device=device)
-    if kind == "not_self":
-        return (j != i).expand(T, T)
-    raise NotImplementedError(mask)
+    return mask.contains(idx[:, None], idx[None, :]).expand(T, T)
 
 
 def masked_logsumexp(v: torch.Tensor, m: torch.Tensor, dim: int) -> torch.Tensor:
@@ -188,7 +177,7 @@ class Evaluation:
         """``value`` broadcast to the full shape of ``to_axes`` (constant along axes it lacks)."""
         return align(value, axes, to_axes).expand(self.full(to_axes))
 
-    def mask(self, mask: tuple, to_axes: tuple) -> torch.Tensor:
+    def mask(self, mask: Context, to_axes: tuple) -> torch.Tensor:
         """The context set's (i, j) mask, aligned to ``to_axes``."""
         return align(context_mask(mask, self.T, self.device), ("i", "j"), to_axes)
 

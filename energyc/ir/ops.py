@@ -40,6 +40,7 @@ import sympy
 from energyc.ir.functions import simplify_functions
 
 if TYPE_CHECKING:
+    from energyc.context import Context
     from energyc.ir.graph import Graph, Node
 
 
@@ -91,25 +92,10 @@ SIZE_SYMBOLS = {"b": sympy.Symbol("B", positive=True, integer=True),
                 "i": sympy.Symbol("T", positive=True, integer=True),
                 "j": sympy.Symbol("T", positive=True, integer=True)}
 
-# Context sets: name -> (predicate on (i, j) as text, human description).
-CONTEXT_SETS = {
-    "causal": ("j <= i", "j <= i"),
-    "strict": ("j < i", "j < i"),
-    "window": ("i - w <= j <= i", "i - {w} <= j <= i"),
-    "all": ("all j", "all j"),
-    "not_self": ("j != i", "j != i"),
-}
-
-# Context sets as the integer codes kernels test (``_in_context`` in the Triton templates).
-MASK_KINDS = {"all": 0, "causal": 1, "strict": 2, "window": 3, "not_self": 4}
-
-
-def describe_mask(mask: tuple | None) -> str:
-    if mask is None:
-        return ""
-    kind = mask[0]
-    text = CONTEXT_SETS[kind][1]
-    return text.format(w=mask[1]) if kind == "window" else text
+def describe_mask(mask: Context | None) -> str:
+    """A node's context set (its ``mask``, an ``energyc.context.Context``) as text, e.g.
+    ``j <= i``; "" without one."""
+    return "" if mask is None else mask.text
 
 
 def size_of(graph: Graph, axis: str) -> sympy.Expr:
@@ -443,7 +429,8 @@ class Reduce(Op):
             raise ValueError(f"reduce over {axes} of a value with axes {in_axes[0]}")
         if attrs.get("mask") is not None and axes != ("j",):
             raise ValueError("a context set applies to a reduction over j only")
-        if attrs.get("mask") not in (None, ("all",)) and "i" not in in_axes[0]:
+        mask = attrs.get("mask")
+        if mask is not None and not mask.everything and "i" not in in_axes[0]:
             raise ValueError("a reduction over a context set C(i) needs a value with axis i")
         if attrs["kind"] == "lse" and len(axes) != 1:
             raise ValueError("logsumexp reduces one axis at a time")
@@ -458,7 +445,7 @@ class Reduce(Op):
         else:
             du = pointwise(graph, ARG_SYMBOLS[0] * sympy.exp(ARG_SYMBOLS[1] - ARG_SYMBOLS[2]),
                            [g, u, nid])
-        if mask is not None and mask != ("all",):
+        if mask is not None and not mask.everything:
             du = graph.add("mask", (du,), mask=mask)
         return [(0, du)]
 

@@ -46,6 +46,7 @@ import sympy
 from energyc.ir.ops import ARG_SYMBOLS, OPS, Op, describe_mask, pointwise, sum_to, wrap
 
 if TYPE_CHECKING:
+    from energyc.context import Context
     from energyc.ir.graph import Graph, Node
 
 DIST = sympy.Symbol("pair_d")  # i - j
@@ -75,7 +76,7 @@ class PairForm:
     features: list[str]
     extras: list[int]
     heads: tuple[str, ...]
-    mask: tuple
+    mask: Context  # the context set C(i)
 
     def inputs(self) -> list[int]:
         return [*self.q, *self.k, *self.extras]

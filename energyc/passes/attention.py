@@ -19,7 +19,7 @@ Legal when: ``S`` is a pointwise body linear in its pair-valued arguments, each 
 contraction of a query-side value (token i) with a key-side value (token j) over one feature axis,
 or the offset ``i - j``; the contractions share one scalar coefficient ``s`` (constants and scalar
 values, fixed or learned), and the offset's coefficient ``m`` has at most the head axis; ``L``
-reduces ``S`` over the same context set (any: ``j <= i``, ``j < i``, a window, ``j != i``, all);
+reduces ``S`` over the same context set (any: each is a band the kernels take);
 ``c`` does not depend on j (it may depend on ``L``: a function of the log-sum-exp, f(L), has
 the weights f'(L_i) P_ij); the scores have any number of head axes (several: grouped heads, which
 the kernels see flattened into one; then without slopes), which any operand may lack;
@@ -47,11 +47,10 @@ from dataclasses import dataclass
 
 import sympy
 
+from energyc.context import Context, all_tokens
 from energyc.errors import CompileError
 from energyc.ir.graph import UNIT, Graph
 from energyc.ir.ops import ARG_SYMBOLS, add_all, const, contract, pointwise, reduce
-
-FUSABLE_KINDS = ("causal", "strict", "window", "not_self", "all")
 
 
 @dataclass
@@ -129,10 +128,8 @@ def _match(graph: Graph, n: int):
         if an.op == "mask":
             mask, P = an.attr("mask"), an.inputs[0]
         elif an.op == "pointwise":
-            mask, P = ("all",), A
+            mask, P = all_tokens(), A
         else:
-            continue
-        if mask[0] not in FUSABLE_KINDS:
             continue
         pn = graph.node(P)
         if pn.op != "pointwise" or "i" not in pn.axes or "j" not in pn.axes:
@@ -262,19 +259,19 @@ def _unmasked(graph: Graph, body: sympy.Expr,
 
 
 def _lse_over_j(graph: Graph, n: int) -> tuple[int, tuple, tuple[str, ...]] | None:
-    """(scores S, mask, heads) where node ``n`` is a log-sum-exp over j, on a context set the
-    kernels know, of pair-valued scores; else None."""
+    """(scores S, mask, heads) where node ``n`` is a log-sum-exp over j, on any context set, of
+    pair-valued scores; else None."""
     node = graph.node(n)
     if node.op != "reduce" or node.attr("kind") != "lse" or node.attr("axes") != ("j",):
         return None
-    mask = node.attr("mask") or ("all",)
+    mask = node.attr("mask") or all_tokens()
     S = node.inputs[0]
-    if mask[0] not in FUSABLE_KINDS or not {"i", "j"} <= set(graph.node(S).axes):
+    if not {"i", "j"} <= set(graph.node(S).axes):
         return None
     return S, mask, tuple(a for a in graph.node(S).axes if a not in ("b", "i", "j"))
 
 
-def attention_scores(graph: Graph, n: int) -> tuple[Scores, tuple, tuple[str, ...]] | None:
+def attention_scores(graph: Graph, n: int) -> tuple[Scores, Context, tuple[str, ...]] | None:
     """(scores, mask, heads) where node ``n`` is a log-sum-exp over a context set of j of scores
     the attention kernels take; else None. The one legality decision of the attention kernels:
     the pair pass leaves ``n`` to this pass where it holds on the energy (:func:`for_attention`),
@@ -283,7 +280,7 @@ def attention_scores(graph: Graph, n: int) -> tuple[Scores, tuple, tuple[str, ..
     Taken: ``S = s sum_t q_t,i . k_t,j + m (i - j)`` (a pointwise body of contractions over one
     feature axis each and the offset, or one contraction) with one coefficient ``s`` of scalars
     (constants, scalar values fixed or learned), slopes ``m`` of values over the head axes, no
-    slopes over several head axes, on a context set of :data:`FUSABLE_KINDS`."""
+    slopes over several head axes, on any context set (each is a band the kernels take)."""
     found = _lse_over_j(graph, n)
     if found is None:
         return None
@@ -378,7 +375,7 @@ def _check_taken(graph: Graph) -> None:
                     "energy file", where)
 
 
-def _scores_inputs(new: Graph, mapping: dict[int, int], scores: Scores, mask: tuple,
+def _scores_inputs(new: Graph, mapping: dict[int, int], scores: Scores, mask: Context,
                    heads: tuple[str, ...]) -> tuple[list[int], list[int], dict]:
     """The attention ops' operands (q.., k..), scalars (scale[, slopes]) and attributes."""
     attrs = dict(mask=mask, features=tuple(scores.features), heads=heads,

@@ -33,12 +33,12 @@ from __future__ import annotations
 
 import sympy
 
+from energyc.context import all_tokens
 from energyc.ir.functions import sigmoid, softplus
 from energyc.ir.graph import Graph
 from energyc.ir.ops import ARG_SYMBOLS, add_all, contract, pointwise, reduce, size_of
 from energyc.ir.pairs import DIST, PairForm, e, make_pair_sum, u
 from energyc.passes.attention import (
-    FUSABLE_KINDS,
     _flat,
     _sub_body,
     for_attention,
@@ -58,9 +58,7 @@ def _pair_valued(graph: Graph, n: int) -> bool:
 def pair_form(graph: Graph, red: int) -> tuple[PairForm, sympy.Expr]:
     """The pair form and body phi of reduction node ``red``; raises :class:`NotFusableError`."""
     node = graph.node(red)
-    mask = node.attr("mask")
-    if mask[0] not in FUSABLE_KINDS:
-        raise NotFusableError(f"the context set {mask} has no pair kernel")
+    mask = node.attr("mask")  # every context set is a band the pair kernels take
     S = node.inputs[0]
     heads = tuple(a for a in graph.node(S).axes if a not in ("b", "i", "j"))
     form = PairForm([], [], [], [], heads, mask)
@@ -198,11 +196,6 @@ def _expanded_feature_sum(graph: Graph, new: Graph, mapping: dict[int, int], n: 
     return total
 
 
-#: Context sets whose every row has a token (i itself, or every j): a log of a sum over them is
-#: a log-sum-exp, empty rows (the normaliser's 0 against log 0) never arising.
-NEVER_EMPTY = ("all", "causal", "window")
-
-
 def log_sums_as_lse(graph: Graph) -> Graph:
     """Read a log of a context sum of exponentials as a log-sum-exp, the stable form the pair and
     attention kernels take: for g > 0 and A > 0 free of j,
@@ -210,8 +203,9 @@ def log_sums_as_lse(graph: Graph) -> Graph:
         log sum_{j in C(i)} g_ij exp(h_ij)  =  L_i  =  logsumexp_{j in C(i)} (h_ij + log g_ij)
         log (A_i + sum_{j in C(i)} g_ij exp(h_ij))  =  log A_i + softplus(L_i - log A_i)
 
-    where the sum is read only through such logs and C(i) is never empty (j <= i, a window, all
-    tokens). Written out, exp(h) overflows float32 at h > 88 in every framework; the gate's log
+    where the sum is read only through such logs and C(i) is never empty (``Context.may_be_empty``
+    false: i itself is in it, as in j <= i, a window, all tokens; empty rows, the normaliser's 0
+    against log 0, never arise). Written out, exp(h) overflows float32 at h > 88 in every framework; the gate's log
     is taken stably (log sigmoid(u) = -softplus(-u)). A gate whose sign SymPy cannot tell, or a
     strict set (whose first row is empty: log 0 there), is left as written."""
     lses: dict[int, int] = {}  # sum node -> its log-sum-exp in the new graph
@@ -227,7 +221,7 @@ def _exp_sum(graph: Graph, R: int) -> tuple[sympy.Expr, tuple[int, ...]] | None:
     set that is never empty; else None."""
     node = graph.node(R)
     if (node.op != "reduce" or node.attr("kind") != "sum" or node.attr("axes") != ("j",)
-            or (node.attr("mask") or ("all",))[0] not in NEVER_EMPTY
+            or (node.attr("mask") or all_tokens()).may_be_empty
             or not _pair_valued(graph, node.inputs[0])
             or graph.node(node.inputs[0]).op != "pointwise"):
         return None

@@ -13,8 +13,8 @@ subject per module:
   ``attention_backward``, ``attention_transposed``: the CPU flash kernels, the masked blocks of
   ``flash_cpu``, a chunked fallback, kept weights), with the interface of ``kernels``;
 * ``kernels``: the interface every backend's attention kernels implement;
-* ``pairs``: the block-sparse pair reductions (``pair_lse``, ``pair_sums``, ...) and the bands
-  of offsets that every context set is;
+* ``pairs``: the block-sparse pair reductions (``pair_lse``, ``pair_sums``, ...) over the tiles
+  a context set (``energyc.context``) reaches, and its mask tiles;
 * ``gemm``: two-operand contractions as one GEMM (``contract``, ``contract_add``);
 * ``elementwise``: helpers of generated bodies (``mul_affine_``);
 * ``arguments``: a layer's argument checks (dims, hyperparameters, settings, inputs);
@@ -26,7 +26,7 @@ subject per module:
 
 The Triton path's shared pieces are separate modules, imported only when that path is used:
 ``energyc.runtime.triton_layer`` (the launchers of generated element-wise and reduction kernels,
-the kernels' context test, interpreter helpers), ``energyc.runtime.triton_attention`` (the flash
+the kernels' context test and block ranges, interpreter helpers), ``energyc.runtime.triton_attention`` (the flash
 kernels of fused context reductions), ``energyc.runtime.triton_pairs`` and
 ``energyc.runtime.triton_math``. Importing this package needs torch alone: no triton, and none
 of the compiler (sympy, networkx, jinja2).

@@ -11,9 +11,10 @@ import sys
 
 import torch
 
+from energyc.context import Context, all_tokens, causal, context
 from energyc.runtime import flash_cpu
 from energyc.runtime.kernels import implements
-from energyc.runtime.pairs import _in_context, key_start, query_blocks
+from energyc.runtime.pairs import key_start, query_blocks
 
 _FLASH_CPU_OPS = all(
     hasattr(torch.ops.aten, name)
@@ -32,7 +33,7 @@ def _flash_cpu(q: torch.Tensor) -> bool:
 def _flash_cpu_serves(
     q: torch.Tensor,
     v: torch.Tensor,
-    kind: tuple,
+    kind: Context,
     slopes: torch.Tensor | None = None,
     need_dscale: bool = False,
     scale: float | torch.Tensor = 1.0,
@@ -41,9 +42,9 @@ def _flash_cpu_serves(
     know (all keys, or causal), values of the query's feature size, and for causal a positive
     scale (the causal kernel scales its -inf mask by the scale: 0 * -inf and -1 * -inf gave NaN
     on every token but the last)."""
-    return (_flash_cpu(q) and kind[0] in ("causal", "all") and slopes is None
+    return (_flash_cpu(q) and kind in (causal(), all_tokens()) and slopes is None
             and not need_dscale and q.shape[-1] == v.shape[-1]
-            and (kind[0] == "all" or float(scale) > 0))
+            and (kind.everything or float(scale) > 0))
 
 
 # The CPU flash backward recomputes the weights as exp(S_ij - lse_i) from its own float32 S and
@@ -120,7 +121,7 @@ def _masked_scores(
     qc: torch.Tensor,
     kh: torch.Tensor,
     scale: float | torch.Tensor,
-    kind: tuple,
+    kind: Context,
     slopes: torch.Tensor | None,
     r0: int,
     qk: torch.Tensor | None = None,
@@ -141,9 +142,8 @@ def _masked_scores(
     offset = i[:, None] - j
     if slopes is not None:
         scores = scores.add_(slopes.to(scores.dtype)[:, None, None] * offset)
-    if kind[0] != "all":
-        w = kind[1] if kind[0] == "window" else 0
-        scores = scores.masked_fill_(~_in_context(kind[0], w, offset), -math.inf)
+    if not kind.everything:
+        scores = scores.masked_fill_(~kind.contains(i[:, None], j), -math.inf)
     return scores, offset
 
 
@@ -152,13 +152,14 @@ def attention_forward(
     k: torch.Tensor,
     v: torch.Tensor,
     scale: float | torch.Tensor,
-    kind: tuple,
+    kind: Context | tuple,
     slopes: torch.Tensor | None = None,
     offset: int = 0,
     keep_probs: bool = False,
     probs: torch.Tensor | None = None,
 ) -> tuple:
-    """Softmax attention over the context set ``kind`` (a mask tuple such as ("causal",)).
+    """Softmax attention over the context set ``kind`` (an ``energyc.context.Context`` or its
+    spelling, such as ("causal",)).
 
         S_ij = scale * q_i . k_j + slopes_h * (i - j),   lse_i = log sum_{j in C(i)} exp(S_ij),
         o_i = sum_{j in C(i)} exp(S_ij - lse_i) v_j
@@ -188,7 +189,7 @@ def attention_forward(
     window not much narrower than the keys).
     """
     q, k, v = _operands(q, k, v)
-    out = _attention_forward(q, k, v, scale, kind, slopes, offset, keep_probs, probs)
+    out = _attention_forward(q, k, v, scale, context(kind), slopes, offset, keep_probs, probs)
     return out if keep_probs else out[:2]
 
 
@@ -230,7 +231,7 @@ def _attention_forward(q, k, v, scale, kind, slopes, offset, keep_probs, probs) 
         factor, s = flash_cpu.kernel_scale(q, scale)
         o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
             flash_cpu.ordered(qh, order, factor), flash_cpu.ordered(kh, order), vh, 0.0,
-            kind[0] == "causal", scale=s
+            kind == causal(), scale=s
         )
     elif flash_cpu.serves(q, v, scale, slopes):  # other context sets, a bias: masked blocks
         return *flash_cpu.forward(q, k, v, scale, kind, slopes), None
@@ -251,7 +252,7 @@ def _attention_forward(q, k, v, scale, kind, slopes, offset, keep_probs, probs) 
 # narrow windows over more than half a block of keys (``probs_fit``), where most of P is 0.
 
 
-def probs_fit(q: torch.Tensor, k: torch.Tensor, kind: tuple) -> bool:
+def probs_fit(q: torch.Tensor, k: torch.Tensor, kind: Context | tuple) -> bool:
     """Whether ``attention_forward(..., keep_probs=True)`` keeps the weights of (q, k) over the
     context set ``kind``: queries and keys fit one query block, and a window reaches at least
     half the keys or they fit half a block. (P is formed dense: a narrow window at 256 tokens
@@ -259,7 +260,8 @@ def probs_fit(q: torch.Tensor, k: torch.Tensor, kind: tuple) -> bool:
     queries, keys = q.shape[1], k.shape[1]
     if not (q.numel() > 0 and k.numel() > 0 and queries <= QUERY_CHUNK and keys <= QUERY_CHUNK):
         return False
-    return kind[0] != "window" or 2 * (kind[1] + 1) >= keys or 2 * keys <= QUERY_CHUNK
+    width = context(kind).width  # the most keys a row holds: a window's w + 1
+    return width is None or 2 * width >= keys or 2 * keys <= QUERY_CHUNK
 
 
 def _attention_whole(qh, kh, vh, scale, kind, slopes, dtype):
@@ -303,7 +305,7 @@ def attention_backward(
     k: torch.Tensor,
     v: torch.Tensor,
     scale: float | torch.Tensor,
-    kind: tuple,
+    kind: Context | tuple,
     o: torch.Tensor,
     lse: torch.Tensor,
     g: torch.Tensor,
@@ -333,6 +335,7 @@ def attention_backward(
     take them as they are: no scores are formed, except q . k for dscale.
     """
     q, k, v, o, g = _operands(q, k, v, o, g)
+    kind = context(kind)
     if probs is not None:
         return _backward_probs(q, k, v, scale, kind, g, slopes, need_dscale, probs)
     if q.numel() == 0 or k.numel() == 0:  # 0 tokens or batch 0: nothing flows back
@@ -350,7 +353,7 @@ def attention_backward(
         dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
             gh, qs, ks, vh, oh,
             lseh.float() if q.dtype in (torch.float16, torch.bfloat16) else lseh, 0.0,
-            kind[0] == "causal", scale=s
+            kind == causal(), scale=s
         )
         # the features back in their own order (into the ordered operands' memory, no longer
         # read); the kernel's dq is to the queries factor q
@@ -421,7 +424,7 @@ def attention_transposed(
     k: torch.Tensor,
     v: torch.Tensor,
     scale: float | torch.Tensor,
-    kind: tuple,
+    kind: Context | tuple,
     lse: torch.Tensor,
     slopes: torch.Tensor | None = None,
     probs: torch.Tensor | None = None,
@@ -433,6 +436,7 @@ def attention_transposed(
     flash kernels (``flash_cpu.transposed``) where they serve and are accurate; with ``probs``,
     the weights the forward kept, o_t = P^T v."""
     q, k, v = _operands(q, k, v)
+    kind = context(kind)
     if probs is not None:
         return _apply_probs(probs.transpose(-1, -2), v, v.dtype)
     if q.numel() == 0 or k.numel() == 0:  # 0 tokens or batch 0

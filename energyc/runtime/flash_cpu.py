@@ -104,7 +104,8 @@ import math
 
 import torch
 
-from energyc.runtime.pairs import _compute_dtype, band, mask_tile, partial_tile, query_blocks
+from energyc.context import Context, context
+from energyc.runtime.pairs import _compute_dtype, mask_tile, query_blocks
 
 BLOCK = 256  # queries per kernel call: a mask tile is (H|1, BLOCK, keys)
 # the narrowest run of keys worth a call of its own without a mask: narrower ones stay in the
@@ -208,49 +209,41 @@ def _offsets(r0: int, r1: int, c0: int, c1: int, device: torch.device) -> torch.
     return torch.arange(r0, r1, device=device)[:, None] - torch.arange(c0, c1, device=device)
 
 
-def _mask(kind: tuple, slopes: torch.Tensor | None, block: tuple[int, int, int, int],
+def _mask(ctx: Context, slopes: torch.Tensor | None, block: tuple[int, int, int, int],
           dtype: torch.dtype, device: torch.device) -> torch.Tensor | None:
     """The additive mask tile of a block: (I, J), or (1, H, I, J) with a bias; None when the
     block is wholly inside the context set and has no bias."""
     r0, r1, c0, c1 = block
-    w = kind[1] if kind[0] == "window" else 0
-    if slopes is None and not partial_tile(kind[0], w, r0, r1, c0, c1):
+    if slopes is None and not ctx.needs_mask(r0, r1, c0, c1):
         return None
-    mask = mask_tile(kind[0], w, r0, r1, c0, c1, dtype, device)
+    mask = mask_tile(ctx, r0, r1, c0, c1, dtype, device)
     if slopes is not None:
         d = _offsets(r0, r1, c0, c1, device)
         mask = mask + slopes.to(dtype)[None, :, None, None] * d.to(dtype)
     return mask
 
 
-def key_parts(kind: tuple, r0: int, r1: int, c0: int, c1: int) -> list[tuple[int, int, bool]]:
+def key_parts(kind: Context | tuple, r0: int, r1: int, c0: int,
+              c1: int) -> list[tuple[int, int, bool]]:
     """Keys [c0, c1) of queries [r0, r1) as consecutive parts (a, b, masked): a part is masked
-    when some of its pairs are outside the context set (``partial_tile``), else every query of
-    the block sees every key of it. With the band lo <= i - j <= hi, i - j != hole, a key j is
-    seen by every query of the block when r0 - j >= lo (j <= r0 - lo), r1 - 1 - j <= hi
-    (j >= r1 - 1 - hi) and j is outside [r0 - hole, r1 - hole): the parts are cut there and
-    adjacent parts of the same kind joined; a part without a mask narrower than MIN_UNMASKED
-    joins the masked calls (a call costs more than its mask there)."""
-    w = kind[1] if kind[0] == "window" else 0
-    return _parts(kind, w, c0, c1, lambda a, b: partial_tile(kind[0], w, r0, r1, a, b),
-                  lambda lo, hi, hole: [r0 - lo + 1 if lo is not None else None,
-                                        r1 - 1 - hi if hi is not None else None,
-                                        *((r0 - hole, r1 - hole) if hole is not None else ())])
+    when some of its pairs are outside the context set (``Context.needs_mask``), else every
+    query of the block sees every key of it. The parts are cut where that can change
+    (``Context.key_cuts``) and adjacent parts of the same kind joined; a part without a mask
+    narrower than MIN_UNMASKED joins the masked calls (a call costs more than its mask there)."""
+    ctx = context(kind)
+    return _parts(c0, c1, lambda a, b: ctx.needs_mask(r0, r1, a, b), ctx.key_cuts(r0, r1))
 
 
-def query_parts(kind: tuple, j0: int, j1: int, i0: int, i1: int) -> list[tuple[int, int, bool]]:
+def query_parts(kind: Context | tuple, j0: int, j1: int, i0: int,
+                i1: int) -> list[tuple[int, int, bool]]:
     """Queries [i0, i1) of keys [j0, j1) (the key role) as consecutive parts (a, b, masked), as
-    ``key_parts`` with the roles swapped: query i sees every key of the block when
-    i - (j1 - 1) >= lo, i - j0 <= hi and i is outside [j0 + hole, j1 + hole)."""
-    w = kind[1] if kind[0] == "window" else 0
-    return _parts(kind, w, i0, i1, lambda a, b: partial_tile(kind[0], w, a, b, j0, j1),
-                  lambda lo, hi, hole: [j1 - 1 + lo if lo is not None else None,
-                                        j0 + hi + 1 if hi is not None else None,
-                                        *((j0 + hole, j1 + hole) if hole is not None else ())])
+    ``key_parts`` with the roles swapped (``Context.query_cuts``)."""
+    ctx = context(kind)
+    return _parts(i0, i1, lambda a, b: ctx.needs_mask(a, b, j0, j1), ctx.query_cuts(j0, j1))
 
 
-def _parts(kind: tuple, w: int, a0: int, a1: int, masked, cuts) -> list[tuple[int, int, bool]]:
-    points = {a0, a1} | {c for c in cuts(*band(kind[0], w)) if c is not None and a0 < c < a1}
+def _parts(a0: int, a1: int, masked, cuts: list[int]) -> list[tuple[int, int, bool]]:
+    points = {a0, a1} | {c for c in cuts if a0 < c < a1}
     points = sorted(points)
     parts: list[tuple[int, int, bool]] = []
     for a, b in zip(points, points[1:]):
@@ -262,11 +255,11 @@ def _parts(kind: tuple, w: int, a0: int, a1: int, masked, cuts) -> list[tuple[in
     return parts
 
 
-def _no_keys(kind: tuple, r0: int, r1: int, a: int, b: int, device: torch.device) -> torch.Tensor:
+def _no_keys(ctx: Context, r0: int, r1: int, a: int, b: int, device: torch.device) -> torch.Tensor:
     """(r1 - r0,) bool: the queries of [r0, r1) none of whose context keys lies in [a, b). Row i
     meets offsets i - b + 1 .. i - a there; it has a key when that range meets the band other
     than at its hole alone."""
-    lo, hi, hole = band(kind[0], kind[1] if kind[0] == "window" else 0)
+    lo, hi, hole = ctx.band
     i = torch.arange(r0, r1, device=device)
     dl, dh = i - b + 1, i - a
     if lo is not None:
@@ -277,11 +270,6 @@ def _no_keys(kind: tuple, r0: int, r1: int, a: int, b: int, device: torch.device
     if hole is not None:
         empty |= (dl == dh) & (dl == hole)
     return empty
-
-
-def _empty_rows(kind: tuple, T: int) -> int:
-    """How many leading queries have an empty context set (their o and lse are 0)."""
-    return 1 if (kind[0] == "strict" or (kind[0] == "not_self" and T == 1)) and T else 0
 
 
 def _heads_first(*tensors: torch.Tensor, dtype: torch.dtype, width: int) -> list[torch.Tensor]:
@@ -319,36 +307,38 @@ class _Keys:
 
 
 def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | torch.Tensor,
-            kind: tuple, slopes: torch.Tensor | None = None
+            kind: Context | tuple, slopes: torch.Tensor | None = None
             ) -> tuple[torch.Tensor, torch.Tensor]:
     """o (B, T, H, G) in q's dtype and lse (B, T, H) in float32 (float64 for float64 inputs) of
     softmax attention over the context set ``kind``; q, k (B, T, H, F), v (B, T, H, G)."""
+    ctx = context(kind)
     dt = _compute_dtype(q.dtype)
     order = feature_order(q, k)
     qh, kh, vh = _heads_first(q, k, v, dtype=dt, width=max(q.shape[-1], v.shape[-1]))
     qh, kh, s = ordered(qh, order, float(scale)), ordered(kh, order), 1.0  # the scaled queries
     T = qh.shape[2]
     outs, lses = [], []
-    for block in query_blocks(kind, T, BLOCK):
+    for block in query_blocks(ctx, T, BLOCK):
         r0, r1, c0, c1 = block
-        parts = [(c0, c1, True)] if slopes is not None else key_parts(kind, r0, r1, c0, c1)
+        parts = [(c0, c1, True)] if slopes is not None else key_parts(ctx, r0, r1, c0, c1)
         if len(parts) == 1:
             ob, lb = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
                 qh[:, :, r0:r1], kh[:, :, c0:c1], vh[:, :, c0:c1], 0.0, False,
-                attn_mask=_mask(kind, slopes, block, dt, q.device), scale=s)
+                attn_mask=_mask(ctx, slopes, block, dt, q.device), scale=s)
         else:
-            ob, lb = _merged_forward(qh, kh, vh, s, kind, r0, r1, parts)
+            ob, lb = _merged_forward(qh, kh, vh, s, ctx, r0, r1, parts)
         outs.append(ob)
         lses.append(lb)
     o, lse = _rows(outs), _rows(lses)
-    n = _empty_rows(kind, T)
-    if n:
-        o[:, :, :n] = 0.0
-        lse[:, :, :n] = 0.0
+    head, tail = ctx.empty_rows(T)
+    for a, b in ((0, head), (T - tail, T)):  # rows with an empty context set: o 0, lse 0
+        if b > a:
+            o[:, :, a:b] = 0.0
+            lse[:, :, a:b] = 0.0
     return o[..., :v.shape[-1]].transpose(1, 2).to(q.dtype), lse.transpose(1, 2)
 
 
-def _merged_forward(qh: torch.Tensor, kh: torch.Tensor, vh: torch.Tensor, s: float, kind: tuple,
+def _merged_forward(qh: torch.Tensor, kh: torch.Tensor, vh: torch.Tensor, s: float, ctx: Context,
                     r0: int, r1: int, parts: list[tuple[int, int, bool]]
                     ) -> tuple[torch.Tensor, torch.Tensor]:
     """o and lse of queries [r0, r1) over the keys of ``parts``, one kernel call per part, merged
@@ -357,9 +347,9 @@ def _merged_forward(qh: torch.Tensor, kh: torch.Tensor, vh: torch.Tensor, s: flo
     for a, b, masked in parts:
         ob, lb = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
             qh[:, :, r0:r1], kh[:, :, a:b], vh[:, :, a:b], 0.0, False,
-            attn_mask=_mask(kind, None, (r0, r1, a, b), qh.dtype, qh.device), scale=s)
+            attn_mask=_mask(ctx, None, (r0, r1, a, b), qh.dtype, qh.device), scale=s)
         if masked:  # a row with no key in this part: the kernel says lse 0, o 0
-            lb = lb.masked_fill(_no_keys(kind, r0, r1, a, b, qh.device), -math.inf)
+            lb = lb.masked_fill(_no_keys(ctx, r0, r1, a, b, qh.device), -math.inf)
         obs.append(ob)
         lbs.append(lb.to(ob.dtype))
     lse = torch.logsumexp(torch.stack(lbs), dim=0)
@@ -368,11 +358,11 @@ def _merged_forward(qh: torch.Tensor, kh: torch.Tensor, vh: torch.Tensor, s: flo
     return o, finite
 
 
-def _narrow_band(kind: tuple) -> tuple[int, int] | None:
+def _narrow_band(ctx: Context) -> tuple[int, int] | None:
     """(lo, hi) of a context set that is the offsets lo <= i - j <= hi with hi - lo < BLOCK and no
     hole (a window narrower than a block), else None: where ``_band_sums`` sums dscale and
     dslopes."""
-    lo, hi, hole = band(kind[0], kind[1] if kind[0] == "window" else 0)
+    lo, hi, hole = ctx.band
     if lo is None or hi is None or hole is not None or hi - lo >= BLOCK:
         return None
     return lo, hi
@@ -424,15 +414,16 @@ def _band_sums(qh: torch.Tensor, kh: torch.Tensor, vh: torch.Tensor, gh: torch.T
 
 
 def backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | torch.Tensor,
-             kind: tuple, o: torch.Tensor, lse: torch.Tensor, g: torch.Tensor,
+             kind: Context | tuple, o: torch.Tensor, lse: torch.Tensor, g: torch.Tensor,
              slopes: torch.Tensor | None = None, need_dscale: bool = False
              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None,
                         torch.Tensor | None]:
     """dq, dk, dv (in q's dtype), dscale (0-d, when ``need_dscale``) and dslopes ((H,), when
     ``slopes`` is given), both in the compute dtype, of ``forward`` for the upstream gradient g."""
+    ctx = context(kind)
     dt = _compute_dtype(q.dtype)
     F, G = q.shape[-1], v.shape[-1]
-    narrow = _narrow_band(kind) if slopes is not None or need_dscale else None
+    narrow = _narrow_band(ctx) if slopes is not None or need_dscale else None
     padded = slopes is not None and narrow is None  # dslopes from a padded feature of k
     N = max(F, G) + padded  # the padded width; with the feature k's last is j - r0
     order = feature_order(q, k)  # as the forward: the same scores
@@ -443,9 +434,9 @@ def backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | t
     B, H, T, _ = qh.shape
     dqs, dk, dv = [], _Keys(T), _Keys(T)
     dslopes = qh.new_zeros(H) if slopes is not None else None
-    for block in query_blocks(kind, T, BLOCK):
+    for block in query_blocks(ctx, T, BLOCK):
         r0, r1, c0, c1 = block
-        parts = [(c0, c1, True)] if slopes is not None else key_parts(kind, r0, r1, c0, c1)
+        parts = [(c0, c1, True)] if slopes is not None else key_parts(ctx, r0, r1, c0, c1)
         dqb = None
         for a, b, _ in parts:  # each with the rows' full lse and o
             kb = kh[:, :, a:b]
@@ -455,7 +446,7 @@ def backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | t
             dqp, dkb, dvb = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
                 gh[:, :, r0:r1], qh[:, :, r0:r1], kb, vh[:, :, a:b], oh[:, :, r0:r1],
                 lseh[:, :, r0:r1], 0.0, False,
-                attn_mask=_mask(kind, slopes, (r0, r1, a, b), dt, q.device), scale=s)
+                attn_mask=_mask(ctx, slopes, (r0, r1, a, b), dt, q.device), scale=s)
             dqb = dqp if dqb is None else dqb.add_(dqp)
             dk.add(dkb, a, b)
             dv.add(dvb, a, b)
@@ -480,10 +471,11 @@ def backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | t
 
 
 def transposed(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | torch.Tensor,
-               kind: tuple, lse: torch.Tensor, slopes: torch.Tensor | None = None
+               kind: Context | tuple, lse: torch.Tensor, slopes: torch.Tensor | None = None
                ) -> torch.Tensor:
     """o_j = sum_{i : j in C(i)} P_ij v_i (B, T, H, G) with the weights of ``forward`` and its
     saved ``lse``; v (B, T, H, G) is indexed by the query token."""
+    ctx = context(kind)
     dt = _compute_dtype(q.dtype)
     F, G = q.shape[-1], v.shape[-1]
     N = max(F + 1, G)  # one more feature carries -lse_i (see below)
@@ -496,19 +488,19 @@ def transposed(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float |
     # keys as queries, queries as keys: [k_j, 1] . [s q_i, -lse_i] = S_ij - lse_i (kernel scale 1)
     kq = torch.nn.functional.pad(torch.cat([kh, torch.ones_like(lseh)], -1), (0, N - F - 1))
     qk = torch.nn.functional.pad(torch.cat([qh, -lseh], -1), (0, N - F - 1))
-    n = _empty_rows(kind, T)
+    head, tail = ctx.empty_rows(T)
     out = torch.zeros_like(vh)
     # keys j take the queries' place: their blocks, and the queries i that reach them
     for j0 in range(0, T, BLOCK):
         j1 = min(j0 + BLOCK, T)
-        i0, i1 = _reaching(kind, j0, j1, T)
-        i0 = max(i0, n)  # rows with an empty context set have no weights
+        i0, i1 = ctx.query_range(j0, j1, T)
+        i0, i1 = max(i0, head), min(i1, T - tail)  # rows with an empty context set: no weights
         if i1 <= i0:
             continue
-        parts = [(i0, i1, True)] if slopes is not None else query_parts(kind, j0, j1, i0, i1)
+        parts = [(i0, i1, True)] if slopes is not None else query_parts(ctx, j0, j1, i0, i1)
         total = None
         for a, b, _ in parts:
-            mask = _mask(kind, slopes, (a, b, j0, j1), dt, q.device)
+            mask = _mask(ctx, slopes, (a, b, j0, j1), dt, q.device)
             if mask is not None:  # queries x keys ...
                 mask = mask.transpose(-1, -2).contiguous()  # ... as keys x queries here
             ob, lb = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
@@ -520,14 +512,3 @@ def transposed(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float |
         out[:, :, j0:j1] = total
     return out[..., :G].transpose(1, 2).to(q.dtype)
 
-
-def _reaching(kind: tuple, j0: int, j1: int, T: int) -> tuple[int, int]:
-    """The queries [i0, i1) whose context sets reach some key of [j0, j1)."""
-    name, w = kind[0], (kind[1] if kind[0] == "window" else 0)
-    if name == "causal":
-        return j0, T
-    if name == "strict":
-        return j0 + 1, T
-    if name == "window":
-        return j0, min(T, j1 + w)
-    return 0, T  # all, not_self

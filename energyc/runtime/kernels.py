@@ -20,23 +20,27 @@ import inspect
 from types import ModuleType
 from typing import Any, Protocol
 
+from energyc.context import Context
+
 
 class AttentionKernels(Protocol):
-    """Softmax attention over a context set, and its backward."""
+    """Softmax attention over a context set, and its backward. ``kind`` is the context set: an
+    ``energyc.context.Context`` or its spelling, e.g. ``("window", 4)``, as generated code
+    passes it."""
 
-    def attention_forward(self, q: Any, k: Any, v: Any, scale: Any, kind: tuple,
+    def attention_forward(self, q: Any, k: Any, v: Any, scale: Any, kind: Context | tuple,
                           slopes: Any = None, offset: int = 0, keep_probs: bool = False,
                           probs: Any = None) -> tuple:
         """(o, lse) of ``o_i = sum_{j in C(i)} softmax_j(scale q_i . k_j + slopes (i - j)) v_j``
         (with ``keep_probs`` a third result, the kept weights or None)."""
 
-    def attention_backward(self, q: Any, k: Any, v: Any, scale: Any, kind: tuple, o: Any,
-                           lse: Any, g: Any, slopes: Any = None, need_dscale: bool = False,
-                           probs: Any = None) -> tuple:
+    def attention_backward(self, q: Any, k: Any, v: Any, scale: Any, kind: Context | tuple,
+                           o: Any, lse: Any, g: Any, slopes: Any = None,
+                           need_dscale: bool = False, probs: Any = None) -> tuple:
         """(dq, dk, dv, dscale or None, dslopes or None) for the upstream gradient g."""
 
-    def attention_transposed(self, q: Any, k: Any, v: Any, scale: Any, kind: tuple, lse: Any,
-                             slopes: Any = None, probs: Any = None) -> Any:
+    def attention_transposed(self, q: Any, k: Any, v: Any, scale: Any, kind: Context | tuple,
+                             lse: Any, slopes: Any = None, probs: Any = None) -> Any:
         """The forward's weights applied keys-major: ``o_j = sum_{i : j in C(i)} P_ij v_i``."""
 
 

@@ -7,18 +7,20 @@ import math
 
 import torch
 
-from energyc.runtime.pairs import _in_context
+from energyc.context import Context, context
 from energyc.runtime.tables import _cached
 
 
-def context_mask(kind: str, T: int, w: int, device: torch.device) -> torch.Tensor:
-    """Boolean (T, T) mask: entry (i, j) is True when token j is in the context set of token i."""
+def context_mask(kind: Context | tuple, T: int, device: torch.device) -> torch.Tensor:
+    """Boolean (T, T) mask: entry (i, j) is True when token j is in the context set ``kind`` (a
+    ``Context`` or its spelling, e.g. ``("window", 4)``) of token i."""
+    ctx = context(kind)
 
     def build() -> torch.Tensor:
         i = torch.arange(T, device=device)
-        return _in_context(kind, w, i[:, None] - i[None, :])
+        return ctx.contains(i[:, None], i[None, :])
 
-    return _cached(("mask", kind, T, w, str(device)), build)
+    return _cached(("mask", ctx.spelling, T, str(device)), build)
 
 
 def token_offset(T: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:

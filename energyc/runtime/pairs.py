@@ -4,8 +4,9 @@
 Operands come laid out as ``(B|1, *heads|1, T, F)`` (a size-1 axis broadcasts), extras as
 ``(B|1, *heads|1, T|1, T|1)`` (row extras vary along the first token axis, column extras along the
 second). Queries are taken ``BLOCK_Q`` at a time against only the blocks of ``BLOCK_K`` keys
-their context set reaches (causal: up to the diagonal; strict: below it; a window: its w keys;
-all and j != i: every block); a tile is masked only where it straddles the context set's edge.
+their context set reaches (``energyc.context``: causal, up to the diagonal; strict, below it; a
+window, its w keys; all and j != i, every block); a tile is masked only where it straddles the
+context set's edge.
 The element-wise pair functions are the generated package's (printed from SymPy); here they are called on tiles of
 shape ``(B, *heads, I, J)``. Memory is O(tokens x BLOCK_K), never (tokens x tokens); arithmetic is
 float32 for half-precision inputs.
@@ -18,8 +19,10 @@ from collections.abc import Callable, Iterator, Sequence
 
 import torch
 
+from energyc.context import Context, context
+
 __all__ = ["pair_lse", "pair_sums", "pair_softmax_sums", "running_sum", "pair_tiles",
-           "partial_tile", "key_range", "key_start", "query_blocks", "band", "mask_tile"]
+           "key_start", "query_blocks", "mask_tile"]
 
 # Tile sides. Each element-wise op of a pair function streams its tile through memory; 128 x 128
 # tiles ran softcap_attention and grouped_query_attention (B=2, 4 heads, 1 thread) 1.3-2.5x faster
@@ -28,77 +31,41 @@ BLOCK_Q = 128  # queries per tile
 BLOCK_K = 128  # keys per tile
 
 
-def band(kind: str, w: int = 0) -> tuple[int | None, int | None, int | None]:
-    """The context set ``kind`` as the offsets ``d = i - j`` it holds: ``lo <= d <= hi`` (None:
-    unbounded) and ``d != hole`` (None: no hole). The one definition of the context sets in the
-    runtime: the predicate, the tiles that need a mask and the mask tiles all derive from it.
-
-    Args:
-        kind: "causal" (j <= i), "strict" (j < i), "window" (i - w <= j <= i), "not_self"
-            (j != i) or "all".
-        w: the window's width (unused by the other sets).
-    """
-    bands = {"causal": (0, None, None), "strict": (1, None, None), "window": (0, w, None),
-             "not_self": (None, None, 0), "all": (None, None, None)}
-    if kind not in bands:
-        raise ValueError(f"unknown context set {kind!r}")
-    return bands[kind]
-
-
-def _in_context(kind: str, w: int, d: torch.Tensor) -> torch.Tensor:
-    """Whether key j is in the context set ``kind`` of query i, from ``d = i - j`` (any shape)."""
-    lo, hi, hole = band(kind, w)
-    inside = torch.ones_like(d, dtype=torch.bool)
-    if lo is not None:
-        inside &= d >= lo
-    if hi is not None:
-        inside &= d <= hi
-    if hole is not None:
-        inside &= d != hole
-    return inside
-
-
-def mask_tile(kind: str, w: int, i0: int, i1: int, j0: int, j1: int, dtype: torch.dtype,
+def mask_tile(ctx: Context, i0: int, i1: int, j0: int, j1: int, dtype: torch.dtype,
               device: torch.device) -> torch.Tensor:
     """The additive mask of queries [i0, i1) x keys [j0, j1): 0 inside the context set, -inf
-    outside, (i1 - i0, j1 - j0). Pair (r, c) of the tile has ``d = (i0 - j0) - (c - r)``, so each
-    bound of the band is a triangle of the tile and the hole one of its diagonals: built by
-    ``triu``/``tril``/``diagonal`` without an offsets tensor."""
-    lo, hi, hole = band(kind, w)
-    shape, base = (i1 - i0, j1 - j0), i0 - j0
+    outside, (i1 - i0, j1 - j0). Each bound of the band is a triangle of the tile and the hole
+    one of its diagonals (``Context.mask_diagonals``): built by ``triu``/``tril``/``diagonal``
+    without an offsets tensor."""
+    above, below, on = ctx.mask_diagonals(i0, j0)
+    shape = (i1 - i0, j1 - j0)
     tile = torch.zeros(shape, dtype=dtype, device=device)
-    if lo is not None:  # d < lo  <=>  c - r > base - lo
-        tile += torch.full(shape, -math.inf, dtype=dtype, device=device).triu_(base - lo + 1)
-    if hi is not None:  # d > hi  <=>  c - r < base - hi
-        tile += torch.full(shape, -math.inf, dtype=dtype, device=device).tril_(base - hi - 1)
-    if hole is not None:  # d = hole  <=>  c - r = base - hole
-        tile.diagonal(base - hole).fill_(-math.inf)
+    if above is not None:
+        tile += torch.full(shape, -math.inf, dtype=dtype, device=device).triu_(above)
+    if below is not None:
+        tile += torch.full(shape, -math.inf, dtype=dtype, device=device).tril_(below)
+    if on is not None:
+        tile.diagonal(on).fill_(-math.inf)
     return tile
 
 
-def key_range(kind: str, w: int, i0: int, i1: int, T: int) -> tuple[int, int]:
-    """The keys [lo, hi) that queries [i0, i1) reach in the context set ``kind``."""
-    return {"causal": (0, i1), "strict": (0, max(i1 - 1, 0)), "window": (max(0, i0 - w), i1),
-            "all": (0, T), "not_self": (0, T)}[kind]
-
-
-def query_blocks(kind: tuple, T: int, block: int, offset: int = 0,
+def query_blocks(kind: Context | tuple, T: int, block: int, offset: int = 0,
                  keys: int | None = None) -> list[tuple[int, int, int, int]]:
     """(r0, r1, c0, c1): each block of at most ``block`` queries with the keys [c0, c1) its
-    context set reaches (causal: up to the block's last query; a window: its w keys before; all:
-    every key), one (masked) key at least.
+    context set reaches (``Context.key_range``: causal, up to the block's last query; a window,
+    its w keys before; all, every key), one (masked) key at least.
 
     Decoding after a cached prefix: the T queries are the tokens at positions offset .. offset +
     T - 1, and the ``keys`` (default offset + T) are the last ones of the sequence up to the last
     query, at positions ``key_start(T, offset, keys)`` on (a window's cache keeps only its last
     tokens). r0, r1 count queries and c0, c1 keys, both from 0."""
-    w = kind[1] if kind[0] == "window" else 0
+    ctx = context(kind)
     keys = offset + T if keys is None else keys
     k0 = key_start(T, offset, keys)
     blocks = []
     for r0 in range(0, max(T, 1), block):
         r1 = min(r0 + block, T)
-        c0, c1 = key_range(kind[0], w, offset + r0, offset + r1, offset + T)
+        c0, c1 = ctx.key_range(offset + r0, offset + r1, offset + T)
         c0, c1 = max(c0 - k0, 0), max(c1 - k0, 0)
         blocks.append((r0, r1, c0, max(c1, min(c0 + 1, keys))))
     return blocks
@@ -114,33 +81,25 @@ def key_start(T: int, offset: int, keys: int) -> int:
     return k0
 
 
-def pair_tiles(T: int, kind: str, w: int, block_q: int | None = None,
+def pair_tiles(T: int, kind: Context | tuple, block_q: int | None = None,
                block_k: int | None = None, offset: int = 0,
                keys: int | None = None) -> Iterator[tuple[int, int, int, int, bool]]:
     """``(i0, i1, j0, j1, partial)`` for every tile of queries [i0, i1) x keys [j0, j1) that
     the context set reaches; ``partial`` when some of its pairs are outside the set. Tiles are
     ``block_q`` x ``block_k`` (default BLOCK_Q x BLOCK_K). With ``offset`` and ``keys``, as in
     ``query_blocks``: the set is tested at positions offset + i and key_start + j."""
+    ctx = context(kind)
     block_q = block_q or BLOCK_Q
     block_k = block_k or BLOCK_K
     k0 = key_start(T, offset, offset + T if keys is None else keys)
     for i0 in range(0, T, block_q):
         i1 = min(i0 + block_q, T)
         a0, a1 = offset + i0, offset + i1
-        lo, hi = key_range(kind, w, a0, a1, offset + T)
+        lo, hi = ctx.key_range(a0, a1, offset + T)
         lo, hi = max(lo - k0, 0), hi - k0
         for j0 in range(lo, hi, block_k):
             j1 = min(j0 + block_k, hi)
-            yield i0, i1, j0, j1, partial_tile(kind, w, a0, a1, k0 + j0, k0 + j1)
-
-
-def partial_tile(kind: str, w: int, i0: int, i1: int, j0: int, j1: int) -> bool:
-    """Whether some pair of queries [i0, i1) x keys [j0, j1) is outside the context set (the
-    tile needs a mask), from the indices alone: the tile's offsets span [i0 - j1 + 1, i1 - 1 - j0]."""
-    lo, hi, hole = band(kind, w)
-    dmin, dmax = i0 - j1 + 1, i1 - 1 - j0
-    return ((lo is not None and dmin < lo) or (hi is not None and dmax > hi)
-            or (hole is not None and dmin <= hole <= dmax))
+            yield i0, i1, j0, j1, ctx.needs_mask(a0, a1, k0 + j0, k0 + j1)
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -165,10 +124,9 @@ def _tile_args(q, kt, extras, i0, i1, j0, j1, uses_offset, dtype, device, offset
     return u, d, e
 
 
-def _context_tile(kind, w, i0, i1, j0, j1, device, offset=0, k0=0):
-    d = (torch.arange(offset + i0, offset + i1, device=device)[:, None]
-         - torch.arange(k0 + j0, k0 + j1, device=device)[None, :])
-    return _in_context(kind, w, d)
+def _context_tile(ctx, i0, i1, j0, j1, device, offset=0, k0=0):
+    return ctx.contains(torch.arange(offset + i0, offset + i1, device=device)[:, None],
+                        torch.arange(k0 + j0, k0 + j1, device=device)[None, :])
 
 
 def _keys(T, offset, kt, values):
@@ -184,7 +142,7 @@ def _keys(T, offset, kt, values):
 
 
 def pair_lse(q: Sequence[torch.Tensor], k: Sequence[torch.Tensor],
-             extras: Sequence[torch.Tensor], phi: Callable, mask: tuple, *, T: int,
+             extras: Sequence[torch.Tensor], phi: Callable, mask: Context | tuple, *, T: int,
              shape: Sequence[int], uses_offset: bool, dtype: torch.dtype,
              device: torch.device, offset: int = 0) -> torch.Tensor:
     """``R_i = log sum_{j in C(i)} exp(phi_ij)``, shape ``(*shape, T)``; 0 for an empty set.
@@ -198,8 +156,8 @@ def pair_lse(q: Sequence[torch.Tensor], k: Sequence[torch.Tensor],
 
 def pair_sums(q: Sequence[torch.Tensor], k: Sequence[torch.Tensor],
               extras: Sequence[torch.Tensor], weights: Callable,
-              outputs: Sequence[tuple[str, torch.Tensor | None]], mask: tuple, *, T: int,
-              shape: Sequence[int], uses_offset: bool, dtype: torch.dtype,
+              outputs: Sequence[tuple[str, torch.Tensor | None]], mask: Context | tuple, *,
+              T: int, shape: Sequence[int], uses_offset: bool, dtype: torch.dtype,
               device: torch.device, offset: int = 0) -> list[torch.Tensor]:
     """Several sums over the same pairs in one pass over the tiles.
 
@@ -211,7 +169,7 @@ def pair_sums(q: Sequence[torch.Tensor], k: Sequence[torch.Tensor],
     if offset and any(token == "j" for token, _, _ in outputs):
         raise ValueError("pair_sums: a sum over queries (token 'j') needs every query, not a "
                          "query offset")
-    kind, w = mask
+    ctx = context(mask)
     cdt = _compute_dtype(dtype)
     q, kt, extras = _prepare(q, k, extras, cdt)
     values = [None if v is None else v.to(cdt) for _, v, _ in outputs]
@@ -221,9 +179,9 @@ def pair_sums(q: Sequence[torch.Tensor], k: Sequence[torch.Tensor],
         results.append(torch.zeros((*shape, T, *tail), dtype=cdt, device=device))
     keys, k0 = _keys(T, offset, kt, [v for (token, _, _), v in zip(outputs, values)
                                      if v is not None and token == "i"])
-    for i0, i1, j0, j1, partial in pair_tiles(T, kind, w, offset=offset, keys=keys):
+    for i0, i1, j0, j1, partial in pair_tiles(T, ctx, offset=offset, keys=keys):
         u, d, e = _tile_args(q, kt, extras, i0, i1, j0, j1, uses_offset, cdt, device, offset, k0)
-        inside = _context_tile(kind, w, i0, i1, j0, j1, device, offset, k0) if partial else None
+        inside = _context_tile(ctx, i0, i1, j0, j1, device, offset, k0) if partial else None
         tiles = []
         for a in weights(u, d, e):
             a = torch.broadcast_to(torch.as_tensor(a, dtype=cdt, device=device),
@@ -244,7 +202,8 @@ def pair_sums(q: Sequence[torch.Tensor], k: Sequence[torch.Tensor],
 
 def pair_softmax_sums(q: Sequence[torch.Tensor], k: Sequence[torch.Tensor],
                       extras: Sequence[torch.Tensor], phi_g: Callable,
-                      outputs: Sequence[tuple[str, torch.Tensor | None, int]], mask: tuple, *,
+                      outputs: Sequence[tuple[str, torch.Tensor | None, int]],
+                      mask: Context | tuple, *,
                       T: int, shape: Sequence[int], uses_offset: bool, dtype: torch.dtype,
                       device: torch.device, offset: int = 0) -> list[torch.Tensor]:
     """``R_i = log sum_{j in C(i)} exp(phi_ij)`` and, in the same pass over the tiles, sums with
@@ -257,7 +216,7 @@ def pair_softmax_sums(q: Sequence[torch.Tensor], k: Sequence[torch.Tensor],
     ``exp(m_old - m_new)`` when the max grows; at the end ``R_i = m_i + log s_i`` and each sum
     is its accumulator over ``s_i``. An empty set gives R = 0 and sums 0. ``offset``: the T
     queries follow a prefix of that many tokens (``pair_tiles``)."""
-    kind, w = mask
+    ctx = context(mask)
     cdt = _compute_dtype(dtype)
     q, kt, extras = _prepare(q, k, extras, cdt)
     values = [None if v is None else v.to(cdt) for _, v, _ in outputs]
@@ -268,12 +227,12 @@ def pair_softmax_sums(q: Sequence[torch.Tensor], k: Sequence[torch.Tensor],
         results.append(torch.zeros((*shape, T, *tail), dtype=cdt, device=device))
     state: dict[int, list] = {}
     keys, k0 = _keys(T, offset, kt, [v for v in values if v is not None])
-    for i0, i1, j0, j1, partial in pair_tiles(T, kind, w, offset=offset, keys=keys):
+    for i0, i1, j0, j1, partial in pair_tiles(T, ctx, offset=offset, keys=keys):
         u, d, e = _tile_args(q, kt, extras, i0, i1, j0, j1, uses_offset, cdt, device, offset, k0)
         full = (*shape, i1 - i0, j1 - j0)
         phi, *factors = phi_g(u, d, e)
         x = torch.broadcast_to(torch.as_tensor(phi, dtype=cdt, device=device), full)
-        inside = _context_tile(kind, w, i0, i1, j0, j1, device, offset, k0) if partial else None
+        inside = _context_tile(ctx, i0, i1, j0, j1, device, offset, k0) if partial else None
         if inside is not None:
             x = torch.where(inside, x, -math.inf)
         m_tile = x.amax(-1)
@@ -312,7 +271,7 @@ def pair_softmax_sums(q: Sequence[torch.Tensor], k: Sequence[torch.Tensor],
     return [R.to(dtype), *(r.to(dtype) for r in results)]
 
 
-def running_sum(v: torch.Tensor, dim: int, mask: tuple, keys_major: bool,
+def running_sum(v: torch.Tensor, dim: int, mask: Context | tuple, keys_major: bool,
                 offset: int = 0, T: int | None = None) -> torch.Tensor:
     """``o_i = sum_{j in C(i)} v_j`` along ``dim`` (the token axis), or with ``keys_major`` the
     transposed ``o_j = sum_{i : j in C(i)} v_i``: prefix sums, O(tokens). With ``offset``, the
@@ -325,19 +284,41 @@ def running_sum(v: torch.Tensor, dim: int, mask: tuple, keys_major: bool,
         key_start(T, offset, v.shape[dim])
         out = running_sum(v, dim, mask, keys_major)
         return out.narrow(dim, v.shape[dim] - T, T)
-    kind, w = mask
-    if kind in ("all", "not_self"):
-        total = v.sum(dim, keepdim=True).expand_as(v)
-        return total if kind == "all" else total - v
-    src = v.flip(dim) if keys_major else v
-    acc = src.to(torch.float64) if kind == "window" else src  # a difference of prefix sums
-    c = acc.cumsum(dim)
-    if kind == "strict":
-        c = c - acc
-    elif kind == "window":
-        shifted = torch.zeros_like(c)
-        T = c.shape[dim]
-        if T > w + 1:
-            shifted.narrow(dim, w + 1, T - w - 1).copy_(c.narrow(dim, 0, T - w - 1))
-        c = (c - shifted).to(v.dtype)
-    return c.flip(dim) if keys_major else c
+    ctx = context(mask)
+    src = v.flip(dim) if keys_major else v  # the sums over queries: the same band, reversed
+    out = _band_sums(src, dim, ctx)
+    return out.flip(dim) if keys_major else out
+
+
+def _band_sums(v: torch.Tensor, dim: int, ctx: Context) -> torch.Tensor:
+    """``o_i = sum_{lo <= i - j <= hi, i - j != hole} v_j`` along ``dim`` from the prefix sums
+    ``c_k = v_0 + .. + v_k``: ``c_{i - lo} - c_{i - hi - 1}`` (an unbounded side: ``c_{T - 1}``
+    and 0), less ``v_{i - hole}``. A difference of two prefix sums is taken in float64 (the
+    cancellation of their common part would cost a float32 sum its precision)."""
+    T = v.shape[dim]
+    lo, hi, hole = ctx.band
+    acc = v.to(torch.float64) if lo is not None and hi is not None else v
+    if lo is None and hi is None:
+        out = acc.sum(dim, keepdim=True).expand_as(acc)
+    else:
+        c = acc.cumsum(dim)
+        out = _shifted(c, dim, 0 if lo is None else lo, c.narrow(dim, T - 1, 1) if T else c)
+        if hi is not None:
+            out = out - _shifted(c, dim, hi + 1, c.narrow(dim, T - 1, 1) if T else c)
+    if hole is not None and (lo is None or lo <= hole) and (hi is None or hole <= hi):
+        out = out - _shifted(acc, dim, hole, torch.zeros_like(acc.narrow(dim, 0, min(T, 1))))
+    return out.to(v.dtype)
+
+
+def _shifted(c: torch.Tensor, dim: int, s: int, last: torch.Tensor) -> torch.Tensor:
+    """``out_i = c_{i - s}`` along ``dim``: 0 where i - s < 0, ``last`` (one slice) where
+    i - s > T - 1."""
+    T = c.shape[dim]
+    if s == 0:
+        return c
+    if s > 0:
+        n = min(s, T)
+        zeros = torch.zeros_like(c.narrow(dim, 0, n))
+        return torch.cat([zeros, c.narrow(dim, 0, T - n)], dim)
+    n = min(-s, T)
+    return torch.cat([c.narrow(dim, n, T - n), last.expand_as(c.narrow(dim, 0, n))], dim)

@@ -31,12 +31,14 @@ import torch
 import triton
 import triton.language as tl
 
+from energyc.context import Context, context
 from energyc.runtime.kernels import implements
 from energyc.runtime.triton_layer import (
     INTERPRETED,
-    MASK_KINDS,
     in_context,
+    key_range,
     operand,
+    query_range,
     storage,
     tile_dot,
 )
@@ -51,7 +53,7 @@ GPU_TILES = ((128, 64, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 2), (
 
 # what the best tile depends on: sizes, context set, and the constexprs that change the work
 # (each backward kernel adds its own)
-_TUNING_KEY = ["T", "F", "G", "MASK_KIND", "HAS_BIAS"]
+_TUNING_KEY = ["T", "F", "G", "LO", "HI", "HOLE", "HAS_BIAS"]
 
 
 def _tiles():
@@ -64,20 +66,6 @@ def _tiles():
         triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=warps, num_stages=stages)
         for m, n, warps, stages in GPU_TILES
     ]
-
-
-@triton.jit
-def _key_range(pid_m, T, MASK_KIND: tl.constexpr, WINDOW, BLOCK_M: tl.constexpr,
-               BLOCK_N: tl.constexpr):
-    """[lo, hi): the keys a block of queries can see; blocks after the diagonal (and before a
-    window) are skipped."""
-    lo = 0
-    hi = T
-    if MASK_KIND == 1 or MASK_KIND == 2 or MASK_KIND == 3:
-        hi = tl.minimum((pid_m + 1) * BLOCK_M, T)
-    if MASK_KIND == 3:
-        lo = tl.maximum(pid_m * BLOCK_M - WINDOW, 0) // BLOCK_N * BLOCK_N
-    return lo, hi
 
 
 @triton.jit
@@ -111,7 +99,8 @@ def _attention_fwd(
     LSE,  # (B, H, T) fp32 output: log-sum-exp of the scores
     sq_b, sq_t, sq_h, sk_b, sk_t, sk_h, sv_b, sv_t, sv_h, so_b, so_t, so_h,
     T, H, F, G, scale,
-    MASK_KIND: tl.constexpr, WINDOW, UPCAST: tl.constexpr, HAS_BIAS: tl.constexpr,
+    LO: tl.constexpr, HI: tl.constexpr, HOLE: tl.constexpr,  # the context set's band
+    UPCAST: tl.constexpr, HAS_BIAS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_G: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -128,7 +117,7 @@ def _attention_fwd(
     m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
     acc = tl.zeros((BLOCK_M, BLOCK_G), dtype=tl.float32)
-    lo, hi = _key_range(pid_m, T, MASK_KIND, WINDOW, BLOCK_M, BLOCK_N)
+    lo, hi = key_range(pid_m, T, LO, HI, BLOCK_M, BLOCK_N)
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         mask_n = offs_n < T
@@ -137,7 +126,7 @@ def _attention_fwd(
         v = tl.load(V + b * sv_b + h * sv_h + offs_n[:, None] * sv_t + offs_g[None, :],
                     mask=mask_n[:, None] & (offs_g[None, :] < G), other=0.0)
         s = _scores(_dot(q, tl.trans(k), UPCAST), scale, slope, offs_m, offs_n, HAS_BIAS)
-        valid = mask_n[None, :] & mask_m[:, None] & in_context(offs_m, offs_n, MASK_KIND, WINDOW)
+        valid = mask_n[None, :] & mask_m[:, None] & in_context(offs_m, offs_n, LO, HI, HOLE)
         s = tl.where(valid, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows past T see no key
@@ -182,7 +171,8 @@ def _attention_bwd_dkdv(
     LSE, DELTA,  # (B, H, T) fp32 (DELTA unread with DV_ONLY)
     DK, DV,  # (B, T, H, F|G) outputs (DK unwritten with DV_ONLY)
     T, H, F, G, scale,
-    MASK_KIND: tl.constexpr, WINDOW, UPCAST: tl.constexpr, HAS_BIAS: tl.constexpr,
+    LO: tl.constexpr, HI: tl.constexpr, HOLE: tl.constexpr,  # the context set's band
+    UPCAST: tl.constexpr, HAS_BIAS: tl.constexpr,
     DV_ONLY: tl.constexpr,  # the transposed product sum_i P_ij do_i alone: no dp, dS, dk
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_G: tl.constexpr,
 ):
@@ -203,12 +193,7 @@ def _attention_bwd_dkdv(
     slope = _slope(SLOPES, h, HAS_BIAS)
     dk = tl.zeros((BLOCK_N, BLOCK_F), dtype=tl.float32)
     dv = tl.zeros((BLOCK_N, BLOCK_G), dtype=tl.float32)
-    lo = 0
-    hi = T
-    if MASK_KIND == 1 or MASK_KIND == 2 or MASK_KIND == 3:
-        lo = (pid_n * BLOCK_N) // BLOCK_M * BLOCK_M  # queries before the diagonal see no key here
-    if MASK_KIND == 3:
-        hi = tl.minimum((pid_n + 1) * BLOCK_N + WINDOW, T)  # nor queries past the window
+    lo, hi = query_range(pid_n, T, LO, HI, BLOCK_M, BLOCK_N)  # the queries that see a key here
     for start_m in range(lo, hi, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
         mask_m = offs_m < T
@@ -219,7 +204,7 @@ def _attention_bwd_dkdv(
                      mask=mask_m[:, None] & (offs_g[None, :] < G), other=0.0)
         lse = tl.load(LSE + pid_bh * T + offs_m, mask=mask_m, other=0.0)
         s = _scores(_dot(q, tl.trans(k), UPCAST), scale, slope, offs_m, offs_n, HAS_BIAS)  # (M, N)
-        valid = mask_m[:, None] & mask_n[None, :] & in_context(offs_m, offs_n, MASK_KIND, WINDOW)
+        valid = mask_m[:, None] & mask_n[None, :] & in_context(offs_m, offs_n, LO, HI, HOLE)
         p = tl.where(valid, tl.exp(s - lse[:, None]), 0.0)
         dv += _dot(operand(tl.trans(p), do, UPCAST), do, UPCAST)
         if not DV_ONLY:
@@ -244,7 +229,8 @@ def _attention_bwd_dq(
     DSCALE,  # (B, H, T) fp32 output with NEED_DSCALE: sum_j dS_ij (q_i . k_j)
     DSLOPES,  # (B, H, T) fp32 output with HAS_BIAS: sum_j dS_ij (i - j)
     T, H, F, G, scale,
-    MASK_KIND: tl.constexpr, WINDOW, UPCAST: tl.constexpr, HAS_BIAS: tl.constexpr,
+    LO: tl.constexpr, HI: tl.constexpr, HOLE: tl.constexpr,  # the context set's band
+    UPCAST: tl.constexpr, HAS_BIAS: tl.constexpr,
     NEED_DSCALE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_G: tl.constexpr,
 ):
@@ -267,7 +253,7 @@ def _attention_bwd_dq(
     dq = tl.zeros((BLOCK_M, BLOCK_F), dtype=tl.float32)
     dscale = tl.zeros((BLOCK_M,), dtype=tl.float32)
     dslope = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    lo, hi = _key_range(pid_m, T, MASK_KIND, WINDOW, BLOCK_M, BLOCK_N)
+    lo, hi = key_range(pid_m, T, LO, HI, BLOCK_M, BLOCK_N)
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         mask_n = offs_n < T
@@ -278,7 +264,7 @@ def _attention_bwd_dq(
                     other=0.0)
         qk = _dot(q, tl.trans(k), UPCAST)
         s = _scores(qk, scale, slope, offs_m, offs_n, HAS_BIAS)
-        valid = mask_m[:, None] & mask_n[None, :] & in_context(offs_m, offs_n, MASK_KIND, WINDOW)
+        valid = mask_m[:, None] & mask_n[None, :] & in_context(offs_m, offs_n, LO, HI, HOLE)
         p = tl.where(valid, tl.exp(s - lse[:, None]), 0.0)
         dp = _dot(do, tl.trans(v), UPCAST)
         ds = p * (dp - delta[:, None])
@@ -313,55 +299,50 @@ def _grid(T: int, B: int, H: int, block: str):
 
 
 def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                      scale: float | torch.Tensor, kind: tuple,
+                      scale: float | torch.Tensor, kind: Context | tuple,
                       slopes: torch.Tensor | None = None, offset: int = 0,
                       keep_probs: bool = False, probs: None = None) -> tuple:
     """o (B, T, H, G) and lse (B, T, H) of softmax attention over the context set ``kind``
-    (a mask tuple such as ("causal",) or ("window", 64)), with the bias slopes_h * (i - j) when
-    slopes (H,) is given; an empty set gives o = 0, lse = 0. These kernels keep no attention
-    weights: with ``keep_probs`` the third result is None (as the torch runtime's where it keeps
-    none), and ``probs`` is always None. ``offset`` (queries after a cached prefix) is 0 here:
-    decoding runs on the torch kernels (``energyc.runtime.decode``)."""
+    (a ``Context`` or its spelling, such as ("causal",) or ("window", 64)), with the bias
+    slopes_h * (i - j) when slopes (H,) is given; an empty set gives o = 0, lse = 0. These
+    kernels keep no attention weights: with ``keep_probs`` the third result is None (as the torch
+    runtime's where it keeps none), and ``probs`` is always None. ``offset`` (queries after a
+    cached prefix) is 0 here: decoding runs on the torch kernels (``energyc.runtime.decode``)."""
     if offset:
         raise NotImplementedError("the Triton attention kernels take no offset: decoding runs on "
                                   "energyc.runtime.attention")
-    o, lse = _attention_forward_op(q, k, v, torch.as_tensor(scale), *_kind_args(kind), slopes)
+    o, lse = _attention_forward_op(q, k, v, torch.as_tensor(scale), *context(kind).band, slopes)
     return (o, lse, None) if keep_probs else (o, lse)
 
 
 def attention_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                       scale: float | torch.Tensor, kind: tuple, o: torch.Tensor,
+                       scale: float | torch.Tensor, kind: Context | tuple, o: torch.Tensor,
                        lse: torch.Tensor, g: torch.Tensor, slopes: torch.Tensor | None = None,
                        need_dscale: bool = False, probs: None = None) -> tuple:
     """dq, dk, dv, dscale, dslopes of ``attention_forward`` for the upstream gradient g
     (B, T, H, G); dscale (0-d, fp32) only when ``need_dscale``, dslopes ((H,), fp32) only when
     ``slopes`` is given, else None. ``probs`` is None here (``attention_forward`` keeps none)."""
     dq, dk, dv, dscale, dslopes = _attention_backward_op(
-        q, k, v, torch.as_tensor(scale), *_kind_args(kind), o, lse, g, slopes, need_dscale
+        q, k, v, torch.as_tensor(scale), *context(kind).band, o, lse, g, slopes, need_dscale
     )
     return (dq, dk, dv, dscale if need_dscale else None,
             dslopes if slopes is not None else None)
 
 
 def attention_transposed(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                         scale: float | torch.Tensor, kind: tuple, lse: torch.Tensor,
+                         scale: float | torch.Tensor, kind: Context | tuple, lse: torch.Tensor,
                          slopes: torch.Tensor | None = None, probs: None = None) -> torch.Tensor:
     """The weights of ``attention_forward`` applied keys-major (the key role): o_t (B, T, H, G)
     with o_t[b, j, h] = sum_{i : j in C(i)} P_ij v[b, i, h], v indexed by the query token; lse is
     the saved log-sum-exp of ``attention_forward``; ``probs`` is None here (as there)."""
     return _attention_transposed_op(
-        q, k, v, torch.as_tensor(scale), *_kind_args(kind), lse, slopes
+        q, k, v, torch.as_tensor(scale), *context(kind).band, lse, slopes
     )
 
 
-def _kind_args(kind: tuple) -> tuple[str, int]:
-    """A context-set tuple such as ("window", 64) as the ops' (kind, window) arguments."""
-    return kind[0], kind[1] if kind[0] == "window" else 0
-
-
-def _mask_args(kind: str, window: int) -> dict:
-    """The kernels' context-set constexpr MASK_KIND and WINDOW."""
-    return {"MASK_KIND": MASK_KINDS[kind], "WINDOW": window}
+def _band_args(lo: int | None, hi: int | None, hole: int | None) -> dict:
+    """The kernels' context-set constexprs LO, HI, HOLE (``Context.kernel_args``)."""
+    return {"LO": lo, "HI": hi, "HOLE": hole}
 
 
 def _slopes_arg(slopes: torch.Tensor | None, like: torch.Tensor) -> tuple[torch.Tensor, bool]:
@@ -390,8 +371,9 @@ def _attention_forward_op(
     k: torch.Tensor,
     v: torch.Tensor,
     scale: torch.Tensor,
-    kind: str,
-    window: int,
+    lo: Optional[int],  # noqa: UP045 (the form of torch.library's docs)
+    hi: Optional[int],  # noqa: UP045
+    hole: Optional[int],  # noqa: UP045
     slopes: Optional[torch.Tensor],  # noqa: UP045 (the form of torch.library's docs)
 ) -> tuple[torch.Tensor, torch.Tensor]:
     scale = float(scale)
@@ -407,14 +389,14 @@ def _attention_forward_op(
         q, k, v, slopes, o, lse,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(1), o.stride(2),
-        T, H, F, G, scale, **_mask_args(kind, window), HAS_BIAS=has_bias, **blocks,
+        T, H, F, G, scale, **_band_args(lo, hi, hole), HAS_BIAS=has_bias, **blocks,
     )
     # lse stays fp32: rounding it to half precision would cost the backward accuracy
     return o.to(out_dtype), lse.transpose(1, 2).contiguous()
 
 
 @_attention_forward_op.register_fake
-def _(q, k, v, scale, kind, window, slopes):
+def _(q, k, v, scale, lo, hi, hole, slopes):
     B, T, H, _ = q.shape
     return v.new_empty(B, T, H, v.shape[-1]), q.new_empty(B, T, H, dtype=torch.float32)
 
@@ -425,8 +407,9 @@ def _attention_backward_op(
     k: torch.Tensor,
     v: torch.Tensor,
     scale: torch.Tensor,
-    kind: str,
-    window: int,
+    lo: Optional[int],  # noqa: UP045 (the form of torch.library's docs)
+    hi: Optional[int],  # noqa: UP045
+    hole: Optional[int],  # noqa: UP045
     o: torch.Tensor,
     lse: torch.Tensor,
     g: torch.Tensor,
@@ -446,7 +429,7 @@ def _attention_backward_op(
     dscale_rows = torch.empty_like(delta) if need_dscale else delta
     dslopes_rows = torch.empty_like(delta) if has_bias else delta
     blocks = _blocks(F, G, q.dtype)
-    masks = _mask_args(kind, window)
+    masks = _band_args(lo, hi, hole)
     _attention_bwd_preprocess[(triton.cdiv(T, INTERPRETER_TILE[0]), B * H)](
         o, g, delta, T, H, G, BLOCK_M=INTERPRETER_TILE[0], BLOCK_G=blocks["BLOCK_G"],
     )
@@ -464,7 +447,7 @@ def _attention_backward_op(
 
 
 @_attention_backward_op.register_fake
-def _(q, k, v, scale, kind, window, o, lse, g, slopes, need_dscale):
+def _(q, k, v, scale, lo, hi, hole, o, lse, g, slopes, need_dscale):
     H = q.shape[2]
     dscale = q.new_empty(() if need_dscale else (0,), dtype=torch.float32)
     dslopes = q.new_empty((H,) if slopes is not None else (0,), dtype=torch.float32)
@@ -477,8 +460,9 @@ def _attention_transposed_op(
     k: torch.Tensor,
     v: torch.Tensor,
     scale: torch.Tensor,
-    kind: str,
-    window: int,
+    lo: Optional[int],  # noqa: UP045 (the form of torch.library's docs)
+    hi: Optional[int],  # noqa: UP045
+    hole: Optional[int],  # noqa: UP045
     lse: torch.Tensor,
     slopes: Optional[torch.Tensor],  # noqa: UP045 (the form of torch.library's docs)
 ) -> torch.Tensor:
@@ -493,14 +477,14 @@ def _attention_transposed_op(
     blocks = _blocks(F, G, q.dtype)
     # the keys-major backward kernel with do = v: its dv is the transposed product
     _attention_bwd_dkdv[_grid(T, B, H, "BLOCK_N")](
-        q, k, v, v, slopes, lse, lse, q, o_t, T, H, F, G, scale, **_mask_args(kind, window),
+        q, k, v, v, slopes, lse, lse, q, o_t, T, H, F, G, scale, **_band_args(lo, hi, hole),
         HAS_BIAS=has_bias, DV_ONLY=True, **blocks,
     )
     return o_t.to(out_dtype)
 
 
 @_attention_transposed_op.register_fake
-def _(q, k, v, scale, kind, window, lse, slopes):
+def _(q, k, v, scale, lo, hi, hole, lse, slopes):
     return v.new_empty(v.shape)
 
 

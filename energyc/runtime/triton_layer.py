@@ -23,8 +23,10 @@ implementations giving their output shapes, instead of tracing Triton. Kernels c
 ``ACC``: fp32, fp64 for float64 inputs; results are stored in the inputs' dtype.
 
 Also here, shared with the flash kernels of ``energyc.runtime.triton_attention`` and the
-generated pair kernels: the kernels' context test ``in_context``, the tile product ``tile_dot``
-and the rounding of a weight tile to a dot operand (``operand``); and the interpreter helpers.
+generated pair kernels: the context set as the kernels read it (``in_context``, ``key_range``,
+``query_range``: the band of ``energyc.context.Context`` as the constexprs LO, HI, HOLE), the tile
+product ``tile_dot`` and the rounding of a weight tile to a dot operand (``operand``); and the
+interpreter helpers.
 """
 
 import math
@@ -39,10 +41,6 @@ import triton.language as tl
 # kernels made while TRITON_INTERPRET=1 run on the CPU in Triton's interpreter
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
-# the context sets as the integer codes the kernels test: j in C(i) (the compiler prints the same
-# codes, energyc.ir.ops.MASK_KINDS, into the reduction kernels it generates)
-MASK_KINDS = {"all": 0, "causal": 1, "strict": 2, "window": 3, "not_self": 4}
-
 BLOCK = 1024  # elements per program of an element-wise kernel
 BLOCK_O = 32  # outputs per program of a reduction kernel
 BLOCK_R = 64  # reduced elements per inner iteration
@@ -55,22 +53,52 @@ def storage(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if INTERPRETED and dtype == torch.bfloat16 else dtype
 
 
+# The context set in a kernel: the band LO <= i - j <= HI, i - j != HOLE of its
+# energyc.context.Context (``kernel_args``; None: unbounded, no hole), as constexprs, so that each
+# compiled kernel tests its own band alone and a new kind of band needs no kernel change.
+
+
 @triton.jit
-def in_context(offs_m, offs_n, MASK_KIND: tl.constexpr, WINDOW):
-    """(M, N) booleans: key n is in the context set MASK_KIND (a code of MASK_KINDS) of query m;
-    WINDOW is the window's width."""
-    m = offs_m[:, None]
-    n = offs_n[None, :]
-    if MASK_KIND == 1:
-        return n <= m
-    elif MASK_KIND == 2:
-        return n < m
-    elif MASK_KIND == 3:
-        return (n <= m) & (n >= m - WINDOW)
-    elif MASK_KIND == 4:
-        return n != m
-    else:
-        return (n >= 0) & (m >= 0)
+def in_context(offs_i, offs_j, LO: tl.constexpr, HI: tl.constexpr, HOLE: tl.constexpr):
+    """(I, J) booleans: key offs_j[c] is in the context set of query offs_i[r]."""
+    d = offs_i[:, None] - offs_j[None, :]
+    inside = d == d  # every pair
+    if LO is not None:
+        inside = inside & (d >= LO)
+    if HI is not None:
+        inside = inside & (d <= HI)
+    if HOLE is not None:
+        inside = inside & (d != HOLE)
+    return inside
+
+
+@triton.jit
+def key_range(pid, T, LO: tl.constexpr, HI: tl.constexpr, BLOCK_I: tl.constexpr,
+              BLOCK_J: tl.constexpr):
+    """[lo, hi): the keys that the queries [pid BLOCK_I, (pid + 1) BLOCK_I) reach
+    (``Context.key_range``: [i0 - HI, i1 - LO)), lo rounded down to a multiple of BLOCK_J; the
+    key blocks outside are skipped."""
+    lo = 0
+    hi = T
+    if HI is not None:
+        lo = tl.maximum(pid * BLOCK_I - HI, 0) // BLOCK_J * BLOCK_J
+    if LO is not None:
+        hi = tl.minimum(tl.minimum((pid + 1) * BLOCK_I, T) - LO, T)
+    return lo, hi
+
+
+@triton.jit
+def query_range(pid, T, LO: tl.constexpr, HI: tl.constexpr, BLOCK_I: tl.constexpr,
+                BLOCK_J: tl.constexpr):
+    """[lo, hi): the queries whose context sets reach a key of [pid BLOCK_J, (pid + 1) BLOCK_J)
+    (``Context.query_range``: [j0 + LO, j1 + HI)), lo rounded down to a multiple of BLOCK_I."""
+    lo = 0
+    hi = T
+    if LO is not None:
+        lo = tl.maximum(pid * BLOCK_J + LO, 0) // BLOCK_I * BLOCK_I
+    if HI is not None:
+        hi = tl.minimum(tl.minimum((pid + 1) * BLOCK_J, T) + HI, T)
+    return lo, hi
 
 
 @triton.jit
@@ -134,11 +162,10 @@ def _reduction_op(
     pre: list[torch.Tensor],
     epi: list[torch.Tensor],
     dims: list[int],
-    window: int,
 ) -> torch.Tensor:
     """Launch reduction ``kernel`` of ``module``: the prologue args ``pre`` broadcast to ``shape``,
     reduced over ``red_dims``; the epilogue args ``epi`` broadcast to the output (``out_dims`` of
-    ``shape``); ``window`` is the context set's width (-1 when it has none)."""
+    ``shape``). A context set is printed into the kernel."""
     fn = getattr(sys.modules[module], kernel)
     out_shape = tuple(shape[d] for d in out_dims)
     red_shape = tuple(shape[d] for d in red_dims)
@@ -147,17 +174,16 @@ def _reduction_op(
     pre_views = [a.expand(shape).permute(*out_dims, *red_dims) for a in pre]
     epi_views = [a.expand(out_shape) for a in epi]
     strides = [s for v in pre_views + epi_views for s in v.stride()]
-    extra = () if window < 0 else (window,)
     n_out, n_red = math.prod(out_shape), math.prod(red_shape)
     fn[(triton.cdiv(n_out, BLOCK_O),)](
-        out, *pre_views, *epi_views, n_out, n_red, *out_shape, *red_shape, *strides, *extra,
+        out, *pre_views, *epi_views, n_out, n_red, *out_shape, *red_shape, *strides,
         *map(float, dims), ACC=_acc(dtype), BLOCK_O=BLOCK_O, BLOCK_R=BLOCK_R,
     )
     return out.to(dtype)
 
 
 @_reduction_op.register_fake
-def _(module, kernel, shape, out_dims, red_dims, pre, epi, dims, window):
+def _(module, kernel, shape, out_dims, red_dims, pre, epi, dims):
     return pre[0].new_empty([shape[d] for d in out_dims])
 
 
@@ -169,7 +195,7 @@ def launchers(module: str) -> tuple[Callable[..., torch.Tensor], Callable[..., t
 
     Returns:
         ``pointwise(kernel, shape, args, dims)`` and ``reduction(kernel, shape, out_dims,
-        red_dims, pre, epi, dims, window=-1)``, as the module's step functions call them.
+        red_dims, pre, epi, dims)``, as the module's step functions call them.
     """
 
     def pointwise(
@@ -185,9 +211,8 @@ def launchers(module: str) -> tuple[Callable[..., torch.Tensor], Callable[..., t
         pre: Sequence[torch.Tensor],
         epi: Sequence[torch.Tensor],
         dims: Sequence[int],
-        window: int = -1,
     ) -> torch.Tensor:
         return _reduction_op(module, kernel, list(shape), list(out_dims), list(red_dims),
-                             list(pre), list(epi), list(dims), window)
+                             list(pre), list(epi), list(dims))
 
     return pointwise, reduction

@@ -1,5 +1,6 @@
-"""What the generated Triton pair kernels share: the block ranges of each context set, the
-tile products, and the launch (``energyc::triton_pairs``, registered once here).
+"""What the generated Triton pair kernels share: the row loads and stores, the online
+log-sum-exp, and the launch (``energyc::triton_pairs``, registered once here); the context set's
+block ranges and test are the flash kernels' (``energyc.runtime.triton_layer``).
 
 A pair kernel is printed per call site from ``codegen_templates/triton/pair.py.j2`` (its loops
 over the call's contractions, extras and outputs unrolled there: a Triton kernel takes no
@@ -27,19 +28,21 @@ Every sum is written by the one program that owns its token: no atomics. Product
 accumulate in ACC (fp32; fp64 for float64 operands), float32 operands multiply in full precision
 (``input_precision="ieee"``), half-precision ones on tensor cores with fp32 accumulation
 (``tile_dot`` and ``operand`` of ``energyc.runtime.triton_layer``, which the flash kernels use
-too). What does not depend on the energy is here, once: the block ranges, the row loads and
-stores, and the online log-sum-exp's step and result.
+too). What does not depend on the energy is here, once: the row loads and stores, and the
+online log-sum-exp's step and result.
 """
 
 import math
 import sys
+from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 
+from energyc.context import Context, context
 from energyc.runtime.pairs import _compute_dtype
-from energyc.runtime.triton_layer import INTERPRETED, MASK_KINDS, _acc
+from energyc.runtime.triton_layer import INTERPRETED, _acc
 
 # (BLOCK_I, BLOCK_J) of the one tile the interpreter runs
 INTERPRETER_TILE = (16, 16)
@@ -48,7 +51,7 @@ INTERPRETER_TILE = (16, 16)
 GPU_TILES = ((64, 64, 4, 3), (64, 32, 4, 2), (32, 64, 4, 2), (32, 32, 4, 2), (16, 16, 4, 1))
 # what the best tile depends on: tokens and context set; a kernel adds its feature widths (Triton's
 # autotuner keys on the names listed and the tensors' dtypes only)
-TUNING_KEY = ["T", "MASK_KIND"]
+TUNING_KEY = ["T", "LO", "HI", "HOLE"]
 
 
 def tiles() -> list:
@@ -59,34 +62,6 @@ def tiles() -> list:
         return [triton.Config({"BLOCK_I": INTERPRETER_TILE[0], "BLOCK_J": INTERPRETER_TILE[1]})]
     return [triton.Config({"BLOCK_I": i, "BLOCK_J": j}, num_warps=warps, num_stages=stages)
             for i, j, warps, stages in GPU_TILES]
-
-
-@triton.jit
-def key_blocks(pid, T, MASK_KIND: tl.constexpr, WINDOW, BLOCK_I: tl.constexpr,
-               BLOCK_J: tl.constexpr):
-    """[lo, hi): the keys the queries [pid BLOCK_I, (pid + 1) BLOCK_I) reach in the context
-    set (causal, strict: up to the block's last query; a window: its WINDOW keys before)."""
-    lo = 0
-    hi = T
-    if MASK_KIND == 1 or MASK_KIND == 2 or MASK_KIND == 3:
-        hi = tl.minimum((pid + 1) * BLOCK_I, T)
-    if MASK_KIND == 3:
-        lo = tl.maximum(pid * BLOCK_I - WINDOW, 0)
-    return lo, hi
-
-
-@triton.jit
-def query_blocks(pid, T, MASK_KIND: tl.constexpr, WINDOW, BLOCK_I: tl.constexpr,
-                 BLOCK_J: tl.constexpr):
-    """[lo, hi): the queries that reach a key of [pid BLOCK_J, (pid + 1) BLOCK_J) (causal,
-    strict: from the block's first key on; a window: up to WINDOW after its last)."""
-    lo = 0
-    hi = T
-    if MASK_KIND == 1 or MASK_KIND == 2 or MASK_KIND == 3:
-        lo = pid * BLOCK_J
-    if MASK_KIND == 3:
-        hi = tl.minimum((pid + 1) * BLOCK_J + WINDOW, T)
-    return lo, hi
 
 
 @triton.jit
@@ -147,8 +122,9 @@ def _pairs_op(
     k: list[torch.Tensor],
     extras: list[torch.Tensor],
     values: list[torch.Tensor | None],
-    kind: str,
-    window: int,
+    lo: Optional[int],  # noqa: UP045 (the form of torch.library's docs)
+    hi: Optional[int],  # noqa: UP045
+    hole: Optional[int],  # noqa: UP045
     T: int,
     shape: list[int],
     dims: list[float],
@@ -157,8 +133,9 @@ def _pairs_op(
 ) -> list[torch.Tensor]:
     """Launch pair ``kernel`` of ``module``: operands laid out ``(*shape|1, T, F)`` (q, k; a
     size-1 axis broadcasts), extras ``(*shape|1, T|1, T|1)``, one value ``(*shape|1, T, G)`` or
-    None per output; returns the outputs ``(*shape, T[, G])`` (with ``softmax``, R first) in the
-    operands' promoted dtype (``dtype`` without operands)."""
+    None per output, over the context set's band lo, hi, hole (``Context.band``); returns the
+    outputs ``(*shape, T[, G])`` (with ``softmax``, R first) in the operands' promoted dtype
+    (``dtype`` without operands)."""
     fn = getattr(sys.modules[module], kernel)
     dtype = _dtype(q, k, values, dtype)
     acc = _compute_dtype(dtype)  # as the torch pair kernels: float32 for half precision
@@ -181,15 +158,15 @@ def _pairs_op(
     block = "BLOCK_J" if keys_major else "BLOCK_I"
     grid = lambda meta: (triton.cdiv(T, meta[block]), max(math.prod(shape), 1))  # noqa: E731
     fn[grid](
-        *tensors, T, *shape[1:], *strides, *widths, window, *dims,
-        MASK_KIND=MASK_KINDS[kind], ACC=_acc(dtype),
+        *tensors, T, *shape[1:], *strides, *widths, *dims,
+        LO=lo, HI=hi, HOLE=hole, ACC=_acc(dtype),
         UPCAST=INTERPRETED and dtype == torch.bfloat16, **blocks,
     )
     return [o.to(dtype) for o in outs]  # the sums are ACC: rounded once, by torch
 
 
 @_pairs_op.register_fake
-def _(module, kernel, keys_major, softmax, q, k, extras, values, kind, window, T, shape, dims,
+def _(module, kernel, keys_major, softmax, q, k, extras, values, lo, hi, hole, T, shape, dims,
       dtype, device):
     dtype = _dtype(q, k, values, dtype)
     outs = [torch.empty((*shape, T), dtype=dtype, device=device)] if softmax else []
@@ -214,16 +191,18 @@ def launcher(module: str):
     """The pair launcher of the kernels defined in ``module`` (its ``__name__``), as its step
     functions call it::
 
-        outs = pairs(kernel, keys_major, softmax, q, k, extras, values, (kind, w), T=T,
+        outs = pairs(kernel, keys_major, softmax, q, k, extras, values, ("causal",), T=T,
                      shape=(B, *heads), dims=(...), dtype=x.dtype, device=x.device)
+
+    with the context set as a ``Context`` or its spelling.
     """
 
-    def pairs(kernel: str, keys_major: bool, softmax: bool, q, k, extras, values, mask: tuple,
-              *, T: int, shape, dims=(), dtype: torch.dtype,
+    def pairs(kernel: str, keys_major: bool, softmax: bool, q, k, extras, values,
+              mask: Context | tuple, *, T: int, shape, dims=(), dtype: torch.dtype,
               device: torch.device) -> list[torch.Tensor]:
         extras = [torch.as_tensor(x, device=device) for x in extras]
         return _pairs_op(module, kernel, keys_major, softmax, list(q), list(k), extras,
-                         list(values), mask[0], mask[1] if mask[0] == "window" else 0, T,
+                         list(values), *context(mask).band, T,
                          [int(s) for s in shape], [float(d) for d in dims], dtype, device)
 
     return pairs
