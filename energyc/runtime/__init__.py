@@ -1077,4 +1077,5 @@ def decode_layer(package: str, config: Any, x: Any, cache: DecodeCache | None, d
     return (x if compute is None else x.to(compute)), new
 
 
+from energyc.runtime.layer import EnergyLayer, LayerFunction  # noqa: E402,F401 (generated Layers)
 from energyc.runtime.pairs import *  # noqa: E402,F401,F403
