@@ -142,13 +142,15 @@ INITS: dict[str, Callable[..., Any]] = {
 
 @dataclass(frozen=True)
 class Declarations:
-    """A generated package's declarations (its ``layer.py``'s constants and functions), read
-    once when its Layer class is made.
+    """A generated package's declarations (its ``layer.py``'s constants), read once when its
+    Layer class is made, and the module itself, whose functions (``_declarations``, ``_energy``,
+    ``_grad_decode``; the step functions through ``implementation``) are looked up when called.
 
     ``dims``, ``params``, ``hypers``: the Layer's attributes (and, for dims and hyperparameters,
-    constructor keywords) in the declared order; ``sizes(*dims)`` ->
+    constructor keywords) in the declared order; ``module._declarations(*dims)`` ->
     ({param: (shape, init)}, {hyper: default or None}) at given dims."""
 
+    module: ModuleType
     package: str
     dims: tuple[str, ...]
     even_dims: tuple[str, ...]
@@ -156,18 +158,15 @@ class Declarations:
     params: tuple[str, ...]
     hypers: tuple[str, ...]
     learned: tuple[str, ...]
-    sizes: Callable[..., tuple[dict[str, tuple], dict[str, float | None]]]
-    energy: Callable[..., torch.Tensor]
-    grad_decode: Callable[..., torch.Tensor] | None
     decode_unsupported: str | None
     decode_keys_from_context: bool
 
     @classmethod
     def of(cls, module: ModuleType) -> Declarations:
         return cls(
-            module.__package__, tuple(module.DIMS), tuple(module.EVEN_DIMS), module.STATE_DIM,
-            tuple(module.PARAMS), tuple(module.HYPERS), tuple(module.LEARNED_HYPERS),
-            module._declarations, module._energy, module._grad_decode, module.DECODE_UNSUPPORTED,
+            module, module.__package__, tuple(module.DIMS), tuple(module.EVEN_DIMS),
+            module.STATE_DIM, tuple(module.PARAMS), tuple(module.HYPERS),
+            tuple(module.LEARNED_HYPERS), module.DECODE_UNSUPPORTED,
             module.DECODE_KEYS_FROM_CONTEXT)
 
 
@@ -204,7 +203,7 @@ class EnergyLayer(torch.nn.Module):
         _rt.preload(backend, declared.package)
         self.precond_rank = int(rank)
         factory = _rt.factory(dtype, device)
-        shapes, defaults = declared.sizes(*self._dims())
+        shapes, defaults = declared.module._declarations(*self._dims())
         for attr in declared.params:
             setattr(self, attr, torch.nn.Parameter(torch.empty(shapes[attr][0], **factory)))
         for attr, value in zip(declared.hypers, hypers):
@@ -226,7 +225,7 @@ class EnergyLayer(torch.nn.Module):
     def reset_parameters(self) -> None:
         """Each parameter drawn (or set) by its declared initialisation; P the identity."""
         declared = self._declared
-        shapes, _ = declared.sizes(*self._dims())
+        shapes, _ = declared.module._declarations(*self._dims())
         with torch.no_grad():
             for attr in declared.params:
                 kind, *args = shapes[attr][1]
@@ -261,7 +260,7 @@ class EnergyLayer(torch.nn.Module):
         params = self._params()
         x, xbar = _rt.energy_inputs(x, xbar, getattr(self, declared.state_dim), params)
         with _rt.autocast_off(x):
-            e = declared.energy(x, xbar, *params, *self._hypers(x))
+            e = declared.module._energy(x, xbar, *params, *self._hypers(x))
         return e if per_token else e.sum(dim=1)
 
     def decode(self, x: torch.Tensor, cache: Any = None) -> tuple[torch.Tensor, Any]:
@@ -276,7 +275,7 @@ class EnergyLayer(torch.nn.Module):
         declared = self._declared
         return _rt.decode_layer(
             declared.package, self.config, x, cache, getattr(self, declared.state_dim),
-            self._params(), self._hypers, (self.P_diag, self.P_lowrank), declared.grad_decode,
+            self._params(), self._hypers, (self.P_diag, self.P_lowrank), declared.module._grad_decode,
             precond.FORWARD, declared.decode_unsupported, declared.decode_keys_from_context)
 
     def extra_repr(self) -> str:
