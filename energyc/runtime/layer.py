@@ -37,7 +37,7 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from types import ModuleType
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -46,8 +46,7 @@ from energyc import settings
 from energyc.runtime import precond
 
 
-@dataclass(frozen=True)
-class StepConfig:
+class StepConfig(NamedTuple):
     """What one application of :class:`LayerFunction` runs: the Layer's ``config`` (eta, steps,
     precond, context, backend) and the generated package whose step functions it calls."""
 
@@ -233,10 +232,12 @@ class EnergyLayer(torch.nn.Module):
             precond.reset_(self.P_diag, self.P_lowrank)
 
     def _hypers(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        return tuple(_rt.as_scalar(getattr(self, attr), x) for attr in self._declared.hypers)
+        """The hyperparameters as 0-d tensors of x's dtype and device, in the declared order."""
+        return tuple([_rt.as_scalar(getattr(self, attr), x) for attr in self._declared.hypers])
 
     def _params(self) -> tuple[torch.Tensor, ...]:
-        return tuple(getattr(self, attr) for attr in self._declared.params)
+        """The parameters in the declared order."""
+        return tuple([getattr(self, attr) for attr in self._declared.params])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Map x (batch, tokens, D) to the state after the descent steps (D: the state's dim).
