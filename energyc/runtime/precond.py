@@ -17,7 +17,8 @@ sigmoid(p) = d softplus(p) / dp:
 
 Each ``forward(g, P_diag, P_lowrank)`` returns (u, saved) and each ``backward(saved, grad_u, g,
 P_diag, P_lowrank)`` returns (dg, dP_diag, dP_lowrank), None where P has no such parameter
-(:data:`FORWARD`, :data:`BACKWARD` by kind, ``energyc.settings.PRECONDITIONERS``). Products of
+(:data:`FORWARD`, :data:`BACKWARD` by kind, ``energyc.settings.PRECONDITIONERS``). In float16
+and bfloat16 the sum of dp takes its products in float32. Products of
 (B, T, D) values make one new tensor and work in place after it; contractions are
 ``energyc.runtime.gemm.contract`` as in the generated step functions, so under torch.autocast
 they are cast as the step's are. The Triton path uses these too: each is a few passes over
@@ -60,8 +61,16 @@ def diagonal_forward(g: torch.Tensor, P_diag: torch.Tensor,
     return g * s, (s,)
 
 
+#: dtypes whose products are summed in float32 for dp (a sum over every token, which a rounding
+#: of each product to 10 bits would bias; a Triton reduction kernel accumulates in float32 too)
+_HALF = (torch.float16, torch.bfloat16)
+
+
 def _grad_diag(g: torch.Tensor, grad_u: torch.Tensor, P_diag: torch.Tensor) -> torch.Tensor:
     """dp = sum_{b,t} g * G * sigmoid(p)."""
+    if g.dtype in _HALF or grad_u.dtype in _HALF:
+        dp = (g.float() * grad_u.float()).mul_(torch.sigmoid(P_diag.float())).sum(dim=(0, 1))
+        return dp.to(P_diag.dtype)
     return (g * grad_u).mul_(torch.sigmoid(P_diag)).sum(dim=(0, 1))
 
 
