@@ -36,6 +36,7 @@ from energyc.context import Context
 from energyc.loader import load
 from energyc.reference import evaluate_energy, module_values, reference_step
 from energyc.render import render_files, write_package
+from energyc.settings import CONTEXTS, PRECONDITIONERS
 from energyc.tolerances import tolerance
 
 CHECKS = ("forward", "backward", "causal", "descent", "energy")
@@ -118,8 +119,8 @@ def cases(layer: CompiledLayer, max_dim: int = 5, max_tokens: int = 6):
             hypers=hypers,
             eta=draw_fn(st.floats(0.05, 1.0)),
             steps=draw_fn(st.integers(1, 2)) if layer.decl.steps == 1 else layer.decl.steps,
-            precond=draw_fn(st.sampled_from(["identity", "diagonal", "dplr"])),
-            context=draw_fn(st.sampled_from(["current", "input"])),
+            precond=draw_fn(st.sampled_from(PRECONDITIONERS)),
+            context=draw_fn(st.sampled_from(CONTEXTS)),
         )
 
     return draw()

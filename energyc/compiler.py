@@ -1,13 +1,15 @@
 """From a declared layer to the graphs the backends print.
 
 The layer's step is ``x <- x - eta * P * g`` with ``g = dE/dx`` (the state's role(s) only; the
-context role ``xbar`` is held fixed). Three graphs are built, all with the same machinery:
+context role ``xbar`` is held fixed). Two graphs are built, with the same machinery:
 
 * ``energy``: the per-token energy ``E_i`` (for ``Layer.energy``);
 * ``step``:   forward output ``grad = dE/dx`` and, on top of it, the VJP of ``grad`` w.r.t. ``x``,
   ``xbar``, every parameter and every learned hyperparameter, seeded by an upstream ``grad_g``.
-  Those are the second derivatives of E, derived symbolically by applying :func:`vjp` twice;
-* ``precond[kind]``: ``u = P g`` and its VJP, for each preconditioner kind.
+  Those are the second derivatives of E, derived symbolically by applying :func:`vjp` twice.
+
+The preconditioner P, the step loop and its backward do not depend on the energy: they are the
+runtime's (``energyc.runtime.precond``, ``energyc.runtime.layer``).
 
 Each graph then runs through the pass pipeline. :func:`split` decides which nodes belong to the
 forward function, which to the backward, and which forward values the backward needs (saved).
@@ -40,7 +42,6 @@ class CompiledLayer:
     hypers: list[HyperDecl]
     energy: Graph
     step: Graph
-    precond: dict[str, Graph]
     timings: dict[str, float] = field(default_factory=dict)
     #: what stays slow, each "FILE:LINE: why" (a reduction over j left materialised)
     notes: list[str] = field(default_factory=list)
@@ -89,7 +90,7 @@ def differentiate(graph: Graph, out_name: str, upstream: str, wrt: dict[str, int
 
 
 def compile_layer(decl: LayerDecl, verify: bool = False) -> CompiledLayer:
-    """Build and optimise the energy, step and preconditioner graphs of one layer."""
+    """Build and optimise the energy and step graphs of one layer."""
     t0 = time.perf_counter()
     f = decl.file
     energy, e_node = _energy_subgraph(decl)
@@ -117,15 +118,11 @@ def compile_layer(decl: LayerDecl, verify: bool = False) -> CompiledLayer:
     t3 = time.perf_counter()
     energy = run_pipeline(energy, verify=verify, stages=("simplify", "lower"))
     times["passes"] += time.perf_counter() - t3
-    t3 = time.perf_counter()
-    precond = {kind: _precond_graph(kind, f.state_dim, verify) for kind in ("identity", "diagonal", "dplr")}
-    t4 = time.perf_counter()
     if not notes and _pair_valued(step):
         notes.append(f"{decl.where}: the step graph keeps values over (i, j): "
                      f"{', '.join(sorted(set(_pair_valued(step))))}")
     times["first_order"] += setup
-    return CompiledLayer(decl, dims, f.state_dim, params, hypers, energy, step, precond,
-                         {**times, "precond": t4 - t3}, notes)
+    return CompiledLayer(decl, dims, f.state_dim, params, hypers, energy, step, times, notes)
 
 
 def _step_graph(decl: LayerDecl, params: list[ParamDecl], hypers: list[HyperDecl],
@@ -162,30 +159,6 @@ def _step_graph(decl: LayerDecl, params: list[ParamDecl], hypers: list[HyperDecl
 def _pair_valued(graph: Graph) -> list[str]:
     """The ops of live values with both token axes (a (tokens x tokens) tensor at run time)."""
     return [graph.node(n).op for n in graph.live() if {"i", "j"} <= set(graph.node(n).axes)]
-
-
-def _precond_graph(kind: str, dim: str, verify: bool) -> Graph:
-    """``u = P g`` with P = I, diag(softplus(p)), or diag(softplus(p)) + L L^T; and its VJP."""
-    rank = "R" if dim != "R" else "R_"  # the low-rank axis; never the state dim's name
-    g = Graph((dim, rank))
-    grad = g.add("input", name="g", axes=("b", "i", dim))
-    if kind == "identity":
-        u = grad
-    else:
-        p = g.add("param", name="P_diag", axes=(dim,))
-        a0, a1 = ops.ARG_SYMBOLS[:2]
-        from energyc.ir.functions import softplus
-
-        u = ops.pointwise(g, softplus(a0) * a1, [p, grad])
-        if kind == "dplr":
-            low = g.add("param", name="P_lowrank", axes=(dim, rank))
-            proj = ops.contract(g, [grad, low], ("b", "i", rank))
-            u = ops.add_all(g, [u, ops.contract(g, [proj, low], ("b", "i", dim))])
-    g.outputs = {"u": u}
-    wrt = {"g": grad}
-    wrt.update({name: n for name, n in _leaves(g, "param").items()})
-    g = differentiate(g, "u", "grad_u", wrt)
-    return run_pipeline(g, verify=verify)
 
 
 def compile_file(energy_file: EnergyFile, verify: bool = False) -> list[CompiledLayer]:

@@ -28,7 +28,6 @@ from __future__ import annotations
 import functools
 import inspect
 import keyword
-import math
 import unicodedata
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -38,6 +37,7 @@ import sympy
 from sympy import Rational, pi  # noqa: F401 - re-exported for energy files
 
 from energyc import context as _context
+from energyc import settings
 from energyc.errors import EnergyError, user_location
 from energyc.ir import functions as _fn
 from energyc.ir import ops as _ops
@@ -733,17 +733,6 @@ def hyper(name: str, default: Any = None, learnable: bool = False) -> HyperSymbo
     return sym
 
 
-PRECONDITIONERS = ("identity", "diagonal", "dplr")
-
-
-def _finite(value: Any) -> bool:
-    """Whether ``value`` (a number or a constant SymPy expression) is a finite real number."""
-    try:
-        return math.isfinite(float(value))
-    except (TypeError, ValueError, OverflowError):
-        return False
-
-
 def layer(
     name: str,
     energy: Tensor,
@@ -819,24 +808,17 @@ def layer(
             "token x[i]; use xbar[j] for the context, or declare the layer joint=True",
             bad,
         )
-    if (isinstance(eta, bool) or not isinstance(eta, (int, float, sympy.Expr))
-            or not _finite(eta)):
-        raise EnergyError(f"eta must be a finite real number (the default step size), got "
-                          f"{eta!r}", where)
-    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
-        raise EnergyError(f"steps must be a positive int, got {steps!r}", where)
-    if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
-        raise EnergyError(f"rank must be a positive int (the columns of the dplr "
-                          f"preconditioner's low-rank part), got {rank!r}", where)
-    if precond not in PRECONDITIONERS:
-        raise EnergyError(f"precond must be one of {PRECONDITIONERS}, got {precond!r}", where)
     if not isinstance(doc, str):
         raise EnergyError(f"doc must be a string, got {type(doc).__name__}", where)
-    if not isinstance(precond, str) or not isinstance(context, str):
-        bad = ("precond", precond) if not isinstance(precond, str) else ("context", context)
-        raise EnergyError(f"{bad[0]} must be a string, got {bad[1]!r}", where)
-    if context not in ("current", "input"):
-        raise EnergyError(f"context must be 'current' or 'input', got {context!r}", where)
+    notes = {"eta": " (the default step size)",
+             "rank": " (the columns of the dplr preconditioner's low-rank part)"}
+    try:
+        settings.check_step_settings(eta, steps, precond, rank, context)
+    except settings.SettingError as exc:
+        setting = "rank" if exc.name == "precond_rank" else exc.name  # the DSL's keyword
+        expected = "a finite real number" if setting == "eta" else exc.expected
+        raise EnergyError(f"{setting} must be {expected}{notes.get(setting, '')}, got "
+                          f"{exc.value!r}", where) from None
     decl = LayerDecl(name, energy.node, float(eta), steps, precond, int(rank), bool(joint),
                      context, doc, where, f)
     f.layers.append(decl)

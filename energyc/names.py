@@ -23,11 +23,13 @@ import keyword
 import re
 import sys
 
+from energyc.settings import KEYWORDS
+
 #: names the notation itself uses: the tokens, the state and its context role, the step size
 RESERVED = ("i", "j", "x", "xbar", "eta")
 
 #: the generated Layer's own constructor keywords (its settings)
-SETTINGS = ("eta", "steps", "precond", "precond_rank", "context", "backend", "dtype", "device")
+SETTINGS = KEYWORDS
 
 #: identifiers of generated code and its templates that a user's name must not shadow
 INTERNAL = frozenset("""
@@ -117,10 +119,15 @@ def _module_attributes() -> frozenset[str]:
     torch = sys.modules.get("torch")
     if torch is not None:  # imported already: its own attributes too (another torch version)
         names |= set(dir(torch.nn.Module)) | set(vars(torch.nn.Module()))
-    names |= {"config", "precond_rank", "P_diag", "P_lowrank", "energy", "extra_repr",
-              "reset_parameters", "_hypers", "_params", "_config", "_setup", "self"}
+    names |= LAYER_ATTRIBUTES
     return frozenset(names | set(SETTINGS))
 
+
+#: the attributes of the generated Layer's base (energyc.runtime.layer.EnergyLayer) beyond
+#: torch.nn.Module's, and ``self`` (tests/test_names.py checks the list against the class)
+LAYER_ATTRIBUTES = frozenset({
+    "config", "precond_rank", "P_diag", "P_lowrank", "energy", "decode", "extra_repr",
+    "reset_parameters", "_hypers", "_params", "_config", "_setup", "_declared", "_dims", "self"})
 
 _ATTRIBUTES: frozenset[str] | None = None
 

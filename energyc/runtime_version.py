@@ -11,4 +11,4 @@ working leaves it as it is. It lives outside ``energyc/runtime/`` so that the co
 (``energyc.render``) reads it without importing the runtime, which imports torch.
 """
 
-RUNTIME_VERSION = "0.2.6"
+RUNTIME_VERSION = "0.3.0"

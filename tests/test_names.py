@@ -217,6 +217,37 @@ def test_the_listed_module_attributes_are_the_installed_torchs():
     assert installed <= names.NN_MODULE_ATTRIBUTES, sorted(installed - names.NN_MODULE_ATTRIBUTES)
 
 
+def test_layer_attributes_list_the_base_class():
+    """names.LAYER_ATTRIBUTES holds every attribute the generated Layer's base adds to
+    nn.Module's (a declared name never replaces a method or setting of the layer), and the
+    attributes a built layer sets that are not declared names."""
+    from energyc import names
+    from energyc.runtime.layer import EnergyLayer
+    from generated.cem_attention import Layer
+
+    added = set(dir(EnergyLayer)) - set(dir(torch.nn.Module))
+    built = set(vars(Layer(D=4, H=2, K=2, precond="dplr"))) - set(vars(torch.nn.Module()))
+    declared = {"D", "H", "K", "beta"}
+    assert added and added <= names.LAYER_ATTRIBUTES, sorted(added - names.LAYER_ATTRIBUTES)
+    assert built - declared <= names.LAYER_ATTRIBUTES, sorted(built - declared)
+
+
+@pytest.mark.parametrize("name", ["decode", "_declared", "reset_parameters"])
+def test_parameter_named_after_a_layer_method(tmp_path, name):
+    """A parameter called like one of the Layer's methods gets an attribute with an underscore
+    appended (``decode`` raised KeyError: attribute 'decode' already exists)."""
+    _, module = build(tmp_path, f"""\
+        D, H = dims("D H")
+        i, j = tokens()
+        x, xbar = state(D)
+        W = param({name!r}, (H, D))
+        layer("names_m", ((W @ x[i]) ** 2).sum(H))
+    """)
+    lay = run(module, D=4, H=2)
+    assert isinstance(getattr(lay, name + "_"), torch.nn.Parameter)
+    assert not isinstance(getattr(lay, name), torch.Tensor)  # the class's own, unchanged
+
+
 def test_compiling_imports_no_torch(tmp_path):
     """`energyc compile` in a fresh process leaves torch unimported (its import took 1.7 s of a
     2.3 s compile of cem_attention)."""

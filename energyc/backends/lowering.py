@@ -4,7 +4,7 @@ What every backend shares: the split of a step graph into the forward and backwa
 and what the forward saves (:func:`split`), the variables of a graph's nodes, the arguments of
 each function and the sizes they unpack, and :func:`function_spec`, which prints the nodes of a
 function with a backend's emitter. The torch backend lowers the package (``package_spec``: the
-energy, the step and preconditioner functions, incremental decoding, the Layer's declarations);
+energy, the step functions, incremental decoding, the Layer's declarations);
 the Triton backend the step functions again with its kernel-printing emitter
 (``triton_module_spec``). Nothing here renders or writes (``energyc.render``).
 """
@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import sympy
 
+from energyc import settings
 from energyc.backends.kept_weights import keeps_probs
 from energyc.backends.specs import (
     DimSpec,
@@ -73,8 +74,9 @@ def split(graph: Graph, forward_outputs: list[str], upstream_inputs: list[str]) 
 
 
 #: module-level names of layer.py that the class alias ``<ClassName> = Layer`` must not replace
-MODULE_GLOBALS = frozenset({"DIMS", "PARAMS", "HYPERS", "PRECONDITIONERS", "Layer", "math", "torch",
-                            "dataclass", "DECODE_UNSUPPORTED", "DECODE_KEYS_FROM_CONTEXT"})
+MODULE_GLOBALS = frozenset({"DIMS", "PARAMS", "HYPERS", "STATE_DIM", "EVEN_DIMS", "LEARNED_HYPERS",
+                            "PRECONDITIONERS", "Layer", "math", "torch", "DECODE_UNSUPPORTED",
+                            "DECODE_KEYS_FROM_CONTEXT"})
 
 
 def camel(name: str) -> str:
@@ -96,7 +98,7 @@ def _code(expr: sympy.Expr) -> str:
     return TorchPrinter(names, set()).doprint(expr)
 
 
-ALWAYS_TENSORS = {"x", "xbar", "g", "grad_u", "grad_g"}
+ALWAYS_TENSORS = {"x", "xbar", "grad_g"}
 
 
 def _size_lines(leaves: dict[str, tuple[int, tuple[str, ...]]], params: set[str]) -> list[str]:
@@ -105,7 +107,7 @@ def _size_lines(leaves: dict[str, tuple[int, tuple[str, ...]]], params: set[str]
     known: set[str] = set()
     for var, (nid, axes_order) in leaves.items():
         if nid < 0 and var not in ALWAYS_TENSORS and var not in params:
-            continue  # may be None (an unused preconditioner parameter)
+            continue  # an unused hyperparameter
         names = [{"b": "B", "i": "T"}.get(a, a) for a in axes_order]
         if set(names) - known:
             parts = [n if n not in known else "_" for n in names]
@@ -276,19 +278,19 @@ def package_spec(layer: CompiledLayer, source: str) -> PackageSpec:
     for p in layer.params:
         fan_in = p.dims[-1] if p.dims else "1"  # a scalar parameter: fan-in 1
         init = p.init
-        attr = f.attribute(p.name)
         if init.kind == "normal":
             std = _code(init.args["std"]) if init.args["std"] is not None else f"1 / math.sqrt({fan_in})"
-            stmt = f"torch.nn.init.normal_(self.{attr}, mean={_code(init.args['mean'])}, std={std})"
+            args = [_code(init.args["mean"]), std]
         elif init.kind == "uniform":
-            stmt = (f"torch.nn.init.uniform_(self.{attr}, a={_code(init.args['low'])}, "
-                    f"b={_code(init.args['high'])})")
+            args = [_code(init.args["low"]), _code(init.args["high"])]
         elif init.kind == "alibi":
-            stmt = f"_rt.alibi_slopes_(self.{attr})"
+            args = []
         else:
-            stmt = f"torch.nn.init.constant_(self.{attr}, {_code(init.args['value'])})"
-        params.append(ParamSpec(p.name, "(" + "".join(f"{d}, " for d in p.dims) + ")", stmt,
-                                attr, f.public_name(p.name)))
+            args = [_code(init.args["value"])]
+        shape = f"({p.dims[0]},)" if len(p.dims) == 1 else f"({', '.join(p.dims)})"
+        params.append(ParamSpec(p.name, shape, f"({', '.join([repr(init.kind), *args])}"
+                                f"{',' if not args else ''})", f.attribute(p.name),
+                                f.public_name(p.name)))
     doc = _module_doc(layer)
     dims = [DimSpec(d, f.attribute(d), f.public_name(d), d in layer.even_dims) for d in layer.dims]
     return PackageSpec(
@@ -296,14 +298,15 @@ def package_spec(layer: CompiledLayer, source: str) -> PackageSpec:
         dims=dims, state_dim=D, state_attr=f.attribute(D), hypers=hypers, params=params,
         eta=decl.eta,
         steps=decl.steps, precond=decl.precond, rank=decl.rank, context=decl.context,
-        joint=decl.joint, functions=functions, precond_kinds=list(layer.precond),
-        decode_unsupported=unsupported, decode_keys_from_context=from_context,
+        joint=decl.joint, functions=functions, precond_kinds=list(settings.PRECONDITIONERS),
+        settings_doc=settings.DOC.splitlines(), decode_unsupported=unsupported,
+        decode_keys_from_context=from_context,
     )
 
 
 def triton_module_spec(layer: CompiledLayer, source: str) -> TritonModuleSpec:
-    """The Triton path: the step and preconditioner functions printed again by the Triton
-    emitter, which makes each element-wise node, reduction and pass over pairs a kernel."""
+    """The Triton path: the step functions printed again by the Triton emitter, which makes
+    each element-wise node, reduction and pass over pairs a kernel."""
     kernel_set = KernelSet(layer.decl.name)
     functions = step_functions(
         layer, lambda stem: functools.partial(TritonEmitter, kernel_set=kernel_set, function=stem))
@@ -312,13 +315,13 @@ def triton_module_spec(layer: CompiledLayer, source: str) -> TritonModuleSpec:
     notes = [f"{where or layer.decl.where}: {what} runs torch's code on the Triton path: "
              f"{error} has no Triton spelling (correct; slower on a GPU)"
              for (where, what), error in kernel_set.on_torch.items()]
-    return TritonModuleSpec(layer.decl.name, functions, kernel_set.kernels, list(layer.precond),
-                            attention=attention, notes=notes, launches=kernel_set.launched)
+    return TritonModuleSpec(layer.decl.name, functions, kernel_set.kernels, attention=attention,
+                            notes=notes, launches=kernel_set.launched)
 
 
 def step_functions(layer: CompiledLayer, emitter) -> list[FunctionSpec]:
-    """The step's forward and backward and each preconditioner's; ``emitter(stem)`` makes the
-    emitter of one function (``stem`` names its kernels: fwd, bwd, precond_<kind>_fwd, ...)."""
+    """The step's forward and backward; ``emitter(stem)`` makes the emitter of one function
+    (``stem`` names its kernels: fwd, bwd)."""
     D = layer.state_dim
     state_order = ("b", "i", D)
     param_names = [p.name for p in layer.params]
@@ -349,30 +352,7 @@ def step_functions(layer: CompiledLayer, emitter) -> list[FunctionSpec]:
         [(sg.outputs.get(f"grad_{n}"), axes, order) for n, axes, order in grads], s_names,
         saved_in=sp.saved, params=set(param_names), emitter=emitter("bwd"),
     )
-    functions = [fwd, bwd]
-    for kind, pg in layer.precond.items():
-        pp = split(pg, ["u"], ["grad_u"])
-        p_names = _names(pg)
-        found = _named_leaves(pg)
-        R = pg.dims[1]  # the low-rank axis (compiler._precond_graph)
-        orders = {"g": state_order, "P_diag": (D,), "P_lowrank": (D, R)}
-        pleaves = {name: (found.get(name, -1), order) for name, order in orders.items()}
-        pleaves_b = {"grad_u": (found.get("grad_u", -1), state_order), **pleaves}
-        functions.append(function_spec(
-            pg, f"_precond_{kind}_forward", f"u = P g with the {kind} preconditioner.",
-            pp.forward, ["g", "P_diag", "P_lowrank"], pleaves,
-            [(pg.outputs["u"], state_order, state_order)], p_names, saved_out=pp.saved,
-            emitter=emitter(f"precond_{kind}_fwd"),
-        ))
-        rets = [(pg.outputs.get("grad_g"), state_order, state_order),
-                (pg.outputs.get("grad_P_diag"), (D,), (D,)),
-                (pg.outputs.get("grad_P_lowrank"), (D, R), (D, R))]
-        functions.append(function_spec(
-            pg, f"_precond_{kind}_backward", f"VJP of u = P g ({kind}) w.r.t. g and P's parameters.",
-            pp.backward, ["saved", "grad_u", "g", "P_diag", "P_lowrank"], pleaves_b, rets, p_names,
-            saved_in=pp.saved, emitter=emitter(f"precond_{kind}_bwd"),
-        ))
-    return functions
+    return [fwd, bwd]
 
 
 def decodable(layer: CompiledLayer) -> tuple[list[int], str | None, bool]:

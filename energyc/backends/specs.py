@@ -26,7 +26,6 @@ class TritonModuleSpec:
     energy: str
     functions: list[FunctionSpec]
     kernels: list = field(default_factory=list)  # PointwiseKernel | ReductionKernel | PairKernel
-    precond_kinds: list[str] = field(default_factory=list)
     attention: bool = False  # whether energyc.runtime.triton_attention serves fused reductions
     notes: list[str] = field(default_factory=list)  # what stays on torch, and why (file:line)
     launches: dict[str, int] = field(default_factory=dict)  # per family: a kernel may serve several
@@ -75,8 +74,8 @@ class HyperSpec:
 @dataclass
 class ParamSpec:
     name: str  # the code name
-    shape: str  # "(H, K, D)"
-    init: str  # a statement initialising self.<attr>
+    shape: str  # "(H, K, D)", in the dims' code names
+    init: str  # its initialisation as data: "('normal', 0, 1 / math.sqrt(D))" (runtime.layer.INITS)
     attr: str = ""  # the Layer's attribute
     public: str = ""
 
@@ -99,7 +98,8 @@ class PackageSpec:
     context: str
     joint: bool
     functions: list[FunctionSpec]
-    precond_kinds: list[str]
+    precond_kinds: list[str]  # energyc.settings.PRECONDITIONERS
+    settings_doc: list[str] = field(default_factory=list)  # the settings' Args lines (settings.DOC)
     runtime_version: str = RUNTIME_VERSION  # the energyc.runtime the package requires at least
     decode_unsupported: str | None = None  # why Layer.decode raises; None: it decodes
     decode_keys_from_context: bool = False  # the cached values depend on the context alone

@@ -159,7 +159,7 @@ class TritonEmitter(Emitter):
 
     rules: ClassVar[Rules] = TRITON
     kernel_set: KernelSet = field(default_factory=lambda: KernelSet("layer"))
-    function: str = "fn"  # fwd, bwd, precond_dplr_fwd, ...: the stem of its kernels' names
+    function: str = "fn"  # fwd, bwd: the stem of its kernels' names
     merge_backwards: bool = False  # its element-wise nodes are kernels: no gradient folds to 0
     accumulate_products: bool = False  # a sum is a kernel: its terms are tensors
 

@@ -1,7 +1,7 @@
 """The runtime every generated package shares (``from energyc import runtime as _rt``).
 
-Generated packages hold only what depends on their energy (the step functions, the ``Layer``,
-and the energy's own Triton kernels); everything else they call is here, written once, one
+Generated packages hold only what depends on their energy (declarations, the step functions, a
+``Layer`` declared on ``EnergyLayer``, and the energy's own Triton kernels); everything else they call is here, written once, one
 subject per module:
 
 * ``version``: the runtime version a package needs, checked at its import (``require``);
@@ -17,7 +17,11 @@ subject per module:
   a context set (``energyc.context``) reaches, and its mask tiles;
 * ``gemm``: two-operand contractions as one GEMM (``contract``, ``contract_add``);
 * ``elementwise``: helpers of generated bodies (``mul_affine_``);
-* ``arguments``: a layer's argument checks (dims, hyperparameters, settings, inputs);
+* ``layer``: the Layer every generated package declares (``EnergyLayer``: construction from the
+  package's declarations, forward, energy, decode) and the autograd Function of its step loop
+  (``LayerFunction``); the step settings are checked by ``energyc.settings``;
+* ``precond``: the preconditioners P (identity, diagonal, dplr) and their VJPs;
+* ``arguments``: a layer's argument checks (dims, hyperparameters, dtype, device, inputs);
 * ``backends``: which implementation runs (``implementation``, ``preload``);
 * ``autocast``: what a layer computes in under torch.autocast;
 * ``steps``: a layer's ``forward`` and ``energy`` calls (``apply_layer``, ``energy_inputs``)
@@ -36,7 +40,6 @@ from __future__ import annotations
 
 from energyc.runtime.arguments import (
     as_scalar,
-    check_config,
     check_dim,
     check_input,
     factory,
@@ -58,15 +61,16 @@ from energyc.runtime.autocast import (
     autocast_off,
     autocast_state,
 )
-from energyc.runtime.backends import BACKENDS, implementation, preload
+from energyc.runtime.backends import implementation, preload
 from energyc.runtime.decode import DecodeCache, decode_layer, extend
 from energyc.runtime.elementwise import mul_affine_
 from energyc.runtime.gemm import contract, contract_add
+from energyc.runtime.layer import EnergyLayer, LayerFunction, StepConfig
 from energyc.runtime.masks import context_mask, masked_logsumexp, token_offset
 from energyc.runtime.pairs import pair_lse, pair_softmax_sums, pair_sums, pair_tiles, running_sum
 from energyc.runtime.positions import alibi_slopes_, rotary
+from energyc.runtime.precond import INVERSE_SOFTPLUS_ONE
 from energyc.runtime.steps import Sums, add, apply_layer, energy_inputs
-from energyc.runtime.tables import INVERSE_SOFTPLUS_ONE
 from energyc.runtime.version import RUNTIME_VERSION, require
 
 __all__ = [
@@ -82,8 +86,9 @@ __all__ = [
     "pair_lse", "pair_softmax_sums", "pair_sums", "pair_tiles", "running_sum",
     "contract", "contract_add", "mul_affine_",
     # the layer's plumbing
-    "as_scalar", "check_config", "check_dim", "check_input", "factory", "finite_number",
-    "hyper_value", "BACKENDS", "implementation", "preload",
+    "EnergyLayer", "LayerFunction", "StepConfig",
+    "as_scalar", "check_dim", "check_input", "factory", "finite_number",
+    "hyper_value", "implementation", "preload",
     "AUTOCAST_DTYPES", "autocast_as", "autocast_dtype", "autocast_off", "autocast_state",
     "Sums", "add", "apply_layer", "energy_inputs",
     "DecodeCache", "decode_layer", "extend",

@@ -1,5 +1,5 @@
 """A generated layer's arguments, checked once with messages that name the argument: dims,
-hyperparameters, settings, dtype and device, and the inputs of ``forward``, ``energy`` and
+hyperparameters, dtype and device (the step settings: ``energyc.settings``), and the inputs of ``forward``, ``energy`` and
 ``decode``."""
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ from typing import Any
 import torch
 
 from energyc.runtime.autocast import AUTOCAST_DTYPES
-from energyc.runtime.backends import BACKENDS
 
 
 def as_scalar(value: float | torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -53,32 +52,6 @@ def finite_number(name: str, value: Any) -> float:
     if not math.isfinite(number):
         raise ValueError(f"argument {name}: expected a finite number, got {value!r}")
     return number
-
-
-def check_config(
-    eta: Any,
-    steps: Any,
-    precond: Any,
-    precond_rank: Any,
-    context: Any,
-    preconditioners: Sequence[str],
-    backend: Any = "auto",
-) -> tuple[float, int, str, str, str]:
-    """The constructor's settings, checked: (eta, steps, precond, context, backend).
-
-    eta is any finite number (0 is the identity map; a negative step climbs the energy)."""
-    eta = finite_number("eta", eta)
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"argument steps: expected a positive int, got {steps!r}")
-    if precond not in preconditioners:
-        raise ValueError(f"argument precond: expected one of {preconditioners}, got {precond!r}")
-    if isinstance(precond_rank, bool) or not isinstance(precond_rank, int) or precond_rank < 1:
-        raise ValueError(f"argument precond_rank: expected a positive int, got {precond_rank!r}")
-    if context not in ("current", "input"):
-        raise ValueError(f"argument context: expected 'current' or 'input', got {context!r}")
-    if backend not in BACKENDS:
-        raise ValueError(f"argument backend: expected one of {BACKENDS}, got {backend!r}")
-    return (eta, steps, precond, context, backend)
 
 
 def factory(dtype: Any, device: Any) -> dict[str, Any]:

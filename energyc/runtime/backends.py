@@ -11,8 +11,6 @@ import torch
 
 from energyc.runtime import attention
 
-BACKENDS = ("auto", "torch", "triton")
-
 
 def implementation(backend: str, x: torch.Tensor, package: str) -> tuple[ModuleType, ModuleType]:
     """(module with the step functions, module with the attention_* functions).

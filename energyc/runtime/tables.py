@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from typing import Any
-
-INVERSE_SOFTPLUS_ONE = math.log(math.e - 1.0)  # softplus(p) = 1
 
 _CACHE: dict[tuple, Any] = {}
 

@@ -1,0 +1,296 @@
+"""The Layer of every generated package: descent steps on its energy, driven by its declarations.
+
+A generated ``layer.py`` holds what depends on its energy: the declarations (``DIMS``,
+``PARAMS``, ``HYPERS``, ``STATE_DIM``, ``EVEN_DIMS``, ``LEARNED_HYPERS``, ``DECODE_*`` and
+``_declarations``, the parameters' shapes and initialisations and the hyperparameters' defaults
+at given dims), the step functions (``_energy``, ``_grad_forward``, ``_grad_backward``,
+``_grad_decode``) and a ``Layer(EnergyLayer, module=__name__)`` whose constructor keeps the
+energy's keywords. Here, once for every package:
+
+* :class:`EnergyLayer`: construction from the declarations (checked dims, parameters,
+  hyperparameters fixed or learned, the preconditioner's parameters), ``reset_parameters``,
+  ``forward``, ``energy``, ``decode``, ``extra_repr``;
+* :class:`LayerFunction`: the autograd Function of the step loop. Forward, ``steps`` times
+  (xbar = x with context "current", the layer's input with "input"; P of
+  ``energyc.runtime.precond``)::
+
+      g = dE/dx (x, xbar)          the package's _grad_forward
+      x <- x - eta P g
+
+  Backward, the steps in reverse, with the upstream gradient a = dLoss/dx_{k+1}::
+
+      G  = -eta a                  dLoss/du
+      dg, dP = VJP of P g          (precond.BACKWARD)
+      dx, dxbar, dθ = VJP of g     the package's _grad_backward, seeded by dg
+      a <- a + dx (+ dxbar with context "current"; with "input" dxbar adds to the input's)
+
+  dθ (parameters, learned hyperparameters) and dP summed over the steps (``Sums``, in place
+  after the first).
+
+The step's settings (eta, steps, precond, precond_rank, context, backend) are checked by
+``energyc.settings``.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from types import ModuleType
+from typing import Any, NamedTuple
+
+import torch
+
+from energyc import settings
+from energyc.runtime import precond
+from energyc.runtime.arguments import as_scalar, check_dim, hyper_value
+from energyc.runtime.arguments import factory as parameter_factory
+from energyc.runtime.autocast import autocast_as, autocast_off, autocast_state
+from energyc.runtime.backends import implementation, preload
+from energyc.runtime.decode import decode_layer
+from energyc.runtime.positions import alibi_slopes_
+from energyc.runtime.steps import Sums, apply_layer, energy_inputs
+
+
+class StepConfig(NamedTuple):
+    """What one application of :class:`LayerFunction` runs: the Layer's ``config`` (eta, steps,
+    precond, context, backend) and the generated package whose step functions it calls."""
+
+    eta: float
+    steps: int
+    precond: str
+    context: str
+    backend: str
+    package: str
+
+
+class LayerFunction(torch.autograd.Function):
+    """``steps`` descent steps x <- x - eta * P * g(x, xbar); backward by the derived VJPs.
+
+    Applied as ``(config, x, *params, *hypers, P_diag, P_lowrank)`` (``energyc.runtime.steps.apply_layer``): the
+    package's parameters and hyperparameters (0-d tensors) in its declared order, then P's."""
+
+    @staticmethod
+    def forward(ctx, config: StepConfig, x: torch.Tensor, *args: torch.Tensor | None):
+        *weights, P_diag, P_lowrank = args
+        keep = any(ctx.needs_input_grad)
+        ctx.autocast = autocast_state(x)
+        path, kernels = implementation(config.backend, x, config.package)
+        grad_forward = path._grad_forward
+        precond_forward = precond.FORWARD[config.precond]
+        current = config.context == "current"
+        x0 = x
+        steps = []
+        for _ in range(config.steps):
+            xbar = x if current else x0
+            g, saved = grad_forward(kernels, x, xbar, *weights)
+            u, precond_saved = precond_forward(g, P_diag, P_lowrank)
+            if keep:
+                steps.append((x, g, saved, precond_saved))
+            x = torch.add(x, u, alpha=-config.eta)  # x - eta u, one pass
+        ctx.config = config
+        ctx.steps = steps
+        ctx.save_for_backward(x0, *args)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad_y: torch.Tensor):
+        x0, *args = ctx.saved_tensors
+        with autocast_as(ctx.autocast, x0):  # contractions cast as in the forward
+            return LayerFunction._backward(ctx, ctx.config, grad_y, x0, args)
+
+    @staticmethod
+    def _backward(ctx, config: StepConfig, grad_y: torch.Tensor, x0: torch.Tensor,
+                  args: list[torch.Tensor | None]) -> tuple[torch.Tensor | None, ...]:
+        *weights, P_diag, P_lowrank = args
+        path, kernels = implementation(config.backend, x0, config.package)
+        grad_backward = path._grad_backward
+        precond_backward = precond.BACKWARD[config.precond]
+        current = config.context == "current"
+        sums = Sums()  # each gradient's parts over the steps, added in place after the first
+        grad_x = grad_y
+        grad_context = grad_P_diag = grad_P_lowrank = None
+        grads: list[torch.Tensor | None] = [None] * len(weights)
+        for x, g, saved, precond_saved in reversed(ctx.steps):
+            xbar = x if current else x0
+            grad_u = -config.eta * grad_x
+            grad_g, g_P_diag, g_P_lowrank = precond_backward(
+                precond_saved, grad_u, g, P_diag, P_lowrank)
+            gx, gxbar, *parts = grad_backward(kernels, saved, grad_g, x, xbar, *weights)
+            grad_x = sums.add(grad_x, gx)
+            if current:
+                grad_x = sums.add(grad_x, gxbar)
+            else:
+                grad_context = sums.add(grad_context, gxbar)
+            grads = [sums.add(total, part) for total, part in zip(grads, parts)]
+            grad_P_diag = sums.add(grad_P_diag, g_P_diag)
+            grad_P_lowrank = sums.add(grad_P_lowrank, g_P_lowrank)
+        grad_x = sums.add(grad_x, grad_context)
+        ctx.steps = None
+        return (None, grad_x, *grads, grad_P_diag, grad_P_lowrank)
+
+
+def _alibi(param: torch.Tensor) -> None:
+    alibi_slopes_(param)
+
+
+#: a parameter's initialisation by kind, with its arguments at the layer's dims (a generated
+#: package's ``_declarations``: ``("normal", mean, std)``, ``("uniform", low, high)``,
+#: ``("constant", value)``, ``("alibi",)``: ALiBi's geometric slopes over the entries)
+INITS: dict[str, Callable[..., Any]] = {
+    "normal": lambda p, mean, std: torch.nn.init.normal_(p, mean=mean, std=std),
+    "uniform": lambda p, low, high: torch.nn.init.uniform_(p, a=low, b=high),
+    "constant": lambda p, value: torch.nn.init.constant_(p, value),
+    "alibi": _alibi,
+}
+
+
+@dataclass(frozen=True)
+class Declarations:
+    """A generated package's declarations (its ``layer.py``'s constants), read once when its
+    Layer class is made, and the module itself, whose functions (``_declarations``, ``_energy``,
+    ``_grad_decode``; the step functions through ``implementation``) are looked up when called.
+
+    ``dims``, ``params``, ``hypers``: the Layer's attributes (and, for dims and hyperparameters,
+    constructor keywords) in the declared order; ``module._declarations(*dims)`` ->
+    ({param: (shape, init)}, {hyper: default or None}) at given dims."""
+
+    module: ModuleType
+    package: str
+    dims: tuple[str, ...]
+    even_dims: tuple[str, ...]
+    state_dim: str
+    params: tuple[str, ...]
+    hypers: tuple[str, ...]
+    learned: tuple[str, ...]
+    decode_unsupported: str | None
+    decode_keys_from_context: bool
+
+    @classmethod
+    def of(cls, module: ModuleType) -> Declarations:
+        return cls(
+            module, module.__package__, tuple(module.DIMS), tuple(module.EVEN_DIMS),
+            module.STATE_DIM, tuple(module.PARAMS), tuple(module.HYPERS),
+            tuple(module.LEARNED_HYPERS), module.DECODE_UNSUPPORTED,
+            module.DECODE_KEYS_FROM_CONTEXT)
+
+
+class EnergyLayer(torch.nn.Module):
+    """A layer of descent steps on a generated package's energy (the base of its ``Layer``).
+
+    A subclass names its module, ``class Layer(EnergyLayer, module=__name__)``, whose
+    declarations (:class:`Declarations`) it is built from, and its ``__init__`` takes the
+    energy's keywords and passes them on in order: ``self._setup(*dims, *hypers, eta, steps,
+    precond, precond_rank, context, backend, dtype, device)``. Attributes: each dim's size, each
+    parameter (``torch.nn.Parameter``), each hyperparameter (a float, or a 0-d Parameter when
+    learned), ``P_diag`` and ``P_lowrank`` (None where the preconditioner has none),
+    ``precond_rank`` and ``config`` = (eta, steps, precond, context, backend).
+    """
+
+    _declared: Declarations
+
+    def __init_subclass__(cls, module: str | None = None, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if module is not None:  # a generated Layer; a user's subclass inherits its declarations
+            cls._declared = Declarations.of(sys.modules[module])
+
+    def _setup(self, *values: Any) -> None:
+        """Build the layer from the constructor's arguments, dims and hyperparameters first in
+        the declared order, then the settings (``energyc.settings.KEYWORDS``)."""
+        declared = self._declared
+        n_dims, n_hypers = len(declared.dims), len(declared.hypers)
+        dims, hypers = values[:n_dims], values[n_dims:n_dims + n_hypers]
+        eta, steps, kind, rank, context, backend, dtype, device = values[n_dims + n_hypers:]
+        super().__init__()
+        for attr, size in zip(declared.dims, dims):
+            setattr(self, attr, check_dim(attr, size, even=attr in declared.even_dims))
+        self.config = settings.check_step_settings(eta, steps, kind, rank, context, backend)
+        preload(backend, declared.package)
+        self.precond_rank = int(rank)
+        factory = parameter_factory(dtype, device)
+        shapes, defaults = declared.module._declarations(*self._dims())
+        for attr in declared.params:
+            setattr(self, attr, torch.nn.Parameter(torch.empty(shapes[attr][0], **factory)))
+        for attr, value in zip(declared.hypers, hypers):
+            value = hyper_value(attr, value, defaults[attr])
+            if attr in declared.learned:
+                value = torch.nn.Parameter(torch.tensor(value, **factory))
+            setattr(self, attr, value)
+        self.P_diag, self.P_lowrank = precond.parameters(
+            kind, getattr(self, declared.state_dim), self.precond_rank, factory)
+        self.reset_parameters()
+
+    def _dims(self) -> tuple[int, ...]:
+        return tuple(getattr(self, attr) for attr in self._declared.dims)
+
+    @property
+    def _config(self) -> StepConfig:
+        return StepConfig(*self.config, self._declared.package)
+
+    def reset_parameters(self) -> None:
+        """Each parameter drawn (or set) by its declared initialisation; P the identity."""
+        declared = self._declared
+        shapes, _ = declared.module._declarations(*self._dims())
+        with torch.no_grad():
+            for attr in declared.params:
+                kind, *args = shapes[attr][1]
+                INITS[kind](getattr(self, attr), *args)
+            precond.reset_(self.P_diag, self.P_lowrank)
+
+    def _hypers(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The hyperparameters as 0-d tensors of x's dtype and device, in the declared order."""
+        return tuple([as_scalar(getattr(self, attr), x) for attr in self._declared.hypers])
+
+    def _params(self) -> tuple[torch.Tensor, ...]:
+        """The parameters in the declared order."""
+        return tuple([getattr(self, attr) for attr in self._declared.params])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Map x (batch, tokens, D) to the state after the descent steps (D: the state's dim).
+
+        Under torch.autocast the steps run inside the region on x in the parameters' dtype:
+        autocast casts each contraction's operands to its dtype, the rest stays float32, and the
+        output is in the autocast dtype (energyc.runtime's mixed-precision notes).
+        """
+        return apply_layer(
+            LayerFunction, self._config, "x", x, getattr(self, self._declared.state_dim),
+            self._params(), self._hypers, (self.P_diag, self.P_lowrank))
+
+    def energy(self, x: torch.Tensor, xbar: torch.Tensor | None = None,
+               per_token: bool = False) -> torch.Tensor:
+        """Total energy per batch element (or per token), evaluated from E itself.
+
+        ``xbar`` is the context; by default the state itself. Under torch.autocast it is evaluated
+        in the parameters' dtype (a reduction, which autocast keeps in float32).
+        """
+        declared = self._declared
+        params = self._params()
+        x, xbar = energy_inputs(x, xbar, getattr(self, declared.state_dim), params)
+        with autocast_off(x):
+            e = declared.module._energy(x, xbar, *params, *self._hypers(x))
+        return e if per_token else e.sum(dim=1)
+
+    def decode(self, x: torch.Tensor, cache: Any = None) -> tuple[torch.Tensor, Any]:
+        """Incremental decoding: the outputs at t new tokens x (batch, t, D) that follow the
+        tokens already passed through ``cache``, and the cache extended by them.
+
+        ``cache=None`` starts a sequence. Splitting a sequence into decode calls gives the outputs
+        of ``forward`` on the whole sequence; each call does work linear in the tokens so far.
+        Without autograd (inference). Raises ValueError where a token's update depends on later
+        tokens (the package's DECODE_UNSUPPORTED says why).
+        """
+        declared = self._declared
+        return decode_layer(
+            declared.package, self.config, x, cache, getattr(self, declared.state_dim),
+            self._params(), self._hypers, (self.P_diag, self.P_lowrank), declared.module._grad_decode,
+            precond.FORWARD, declared.decode_unsupported, declared.decode_keys_from_context)
+
+    def extra_repr(self) -> str:
+        declared = self._declared
+        dims = ", ".join(f"{d}={getattr(self, d)}" for d in declared.dims)
+        hypers = ", ".join(f"{h}={float(getattr(self, h)):.4g}" for h in declared.hypers)
+        eta, steps, kind, context, backend = self.config
+        return (
+            f"{dims}, {hypers}, eta={eta}, steps={steps}, precond={kind!r}, "
+            f"context={context!r}, backend={backend!r}"
+        ).replace(", , ", ", ")
