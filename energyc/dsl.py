@@ -493,7 +493,7 @@ def apply(fn: Callable[..., Any], *values: Any) -> Tensor:
         else:
             symbols.append(v)
     try:
-        body = sympy.sympify(fn(*symbols))
+        body = _fn.real_parts(sympy.sympify(fn(*symbols)))
     except (TypeError, ValueError, sympy.SympifyError) as exc:
         raise EnergyError(f"cannot build element-wise expression: {exc}", where) from None
     # hyperparameters become scalar inputs; dims stay as constants; anything else is undefined
@@ -535,10 +535,10 @@ def _check_differentiable(body: sympy.Expr, n_args: int, where: str | None) -> N
         return
     for k in range(n_args):
         arg = _ops.ARG_SYMBOLS[k]
-        if not sympy.diff(body, arg).has(sympy.Derivative, sympy.Subs):
+        if not _fn.diff(body, arg).has(sympy.Derivative, sympy.Subs):
             continue
         names = sorted({type(f).__name__ for f in body.atoms(sympy.Function)
-                        if sympy.diff(f, arg).has(sympy.Derivative, sympy.Subs)})
+                        if _fn.diff(f, arg).has(sympy.Derivative, sympy.Subs)})
         raise EnergyError(
             f"cannot differentiate {', '.join(names) or 'the expression'}: no derivative is known "
             "for it; define the function with elementwise(name, value, derivative=...)",

@@ -157,8 +157,20 @@ PRODUCT_IDENTITIES = [
 ]
 
 
+def real_parts(expr: sympy.Expr) -> sympy.Expr:
+    """``expr`` with re(z) as z, im(z) as 0 and conjugate(z) as z: every value of an energy is
+    real, but SymPy's symbols carry no such assumption, so it writes |exp(u)| as exp(re(u)),
+    which no printer spells."""
+    if not expr.has(sympy.re, sympy.im, sympy.conjugate):
+        return expr
+    return expr.replace(lambda e: isinstance(e, (sympy.re, sympy.conjugate)), lambda e: e.args[0]
+                        ).replace(lambda e: isinstance(e, sympy.im), lambda e: sympy.Integer(0))
+
+
 def simplify_functions(expr: sympy.Expr) -> sympy.Expr:
-    """``expr`` with PRODUCT_IDENTITIES applied to every product in it."""
+    """``expr`` with its real parts taken (``real_parts``) and PRODUCT_IDENTITIES applied to
+    every product in it."""
+    expr = real_parts(expr)
     if not expr.has(step, sympy.sinh):
         return expr
 
@@ -170,6 +182,101 @@ def simplify_functions(expr: sympy.Expr) -> sympy.Expr:
         return e
 
     return expr.replace(lambda e: e.is_Mul, rewrite)
+
+
+class _Frozen(sympy.Function):
+    """A stand-in, during ``diff`` only, for a function whose derivative energyc defines."""
+
+    back: type[sympy.Function]
+
+    @classmethod
+    def eval(cls, *args):
+        return None
+
+
+class _abs(_Frozen):  # noqa: N801
+    nargs = 1
+    back = sympy.Abs
+
+    def fdiff(self, argindex=1):
+        return sympy.sign(self.args[0])
+
+
+class _sign(_Frozen):  # noqa: N801
+    nargs = 1
+    back = sympy.sign
+
+    def fdiff(self, argindex=1):
+        return sympy.Integer(0)
+
+
+class _heaviside(_Frozen):  # noqa: N801
+    nargs = (1, 2)
+    back = sympy.Heaviside
+
+    def fdiff(self, argindex=1):
+        return sympy.Integer(0)
+
+
+class _max(_Frozen):  # noqa: N801
+    nargs = 2
+    back = sympy.Max
+
+    def fdiff(self, argindex=1):
+        a, b = self.args if argindex == 1 else self.args[::-1]
+        return sympy.Heaviside(a - b)
+
+
+class _min(_Frozen):  # noqa: N801
+    nargs = 2
+    back = sympy.Min
+
+    def fdiff(self, argindex=1):
+        a, b = self.args if argindex == 1 else self.args[::-1]
+        return sympy.Heaviside(b - a)
+
+
+def _fold(cls: type[_Frozen]) -> Callable[[sympy.Expr], sympy.Expr]:
+    def fold(e):
+        out = e.args[0]
+        for a in e.args[1:]:
+            out = cls(out, a)
+        return out
+    return fold
+
+
+_FREEZE = [
+    (sympy.Abs, lambda e: _abs(e.args[0])),
+    (sympy.sign, lambda e: _sign(e.args[0])),
+    (sympy.Heaviside, lambda e: _heaviside(*e.args)),
+    (sympy.Max, _fold(_max)),
+    (sympy.Min, _fold(_min)),
+]
+
+
+def diff(expr: sympy.Expr, *symbols: sympy.Symbol) -> sympy.Expr:
+    """d expr / d symbols, with the derivatives autograd takes where SymPy takes none or another:
+
+    * d|u|/du = sign(u) (0 at u = 0, torch.abs's); d sign(u)/du = 0, d Heaviside(u)/du = 0
+      (torch.sign's; SymPy's DiracDelta is 0 wherever it is not infinite);
+    * Max(a1, ..., an) = max(...max(max(a1, a2), a3)..., an) in its argument order (as the
+      printers and the reference evaluate it), each max(a, b) with d/da = Heaviside(a - b) and
+      d/db = Heaviside(b - a), Heaviside(0) = 1/2: torch.maximum's autograd, which splits the
+      gradient equally between tied arguments; Min likewise (torch.minimum's), so a clamp
+      Min(Max(u, lo), hi) has derivative 1 strictly inside, 0 outside, 1/2 at a bound.
+
+    SymPy's own rules need real symbols for |u| (else re/im forms) and give DiracDelta for sign
+    and Heaviside; an energy's symbols are real but carry no assumption.
+    """
+    for s in symbols:
+        if not expr.has(*(f for f, _ in _FREEZE)):
+            expr = sympy.diff(expr, s)
+            continue
+        for f, make in _FREEZE:
+            expr = expr.replace(lambda e, f=f: isinstance(e, f), make)
+        expr = sympy.diff(expr, s).replace(lambda e: isinstance(e, _Frozen),
+                                           lambda e: e.back(*e.args))
+    return expr
 
 
 BUILTIN_FUNCTIONS: dict[str, type[EnergyFunction]] = {

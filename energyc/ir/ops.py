@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any
 
 import sympy
 
-from energyc.ir.functions import simplify_functions
+from energyc.ir.functions import diff, simplify_functions
 
 if TYPE_CHECKING:
     from energyc.context import Context
@@ -359,7 +359,8 @@ class Contract(Op):
 class Pointwise(Op):
     """``out = body(a0, a1, ...)`` element-wise, broadcasting by axis name.
 
-    VJP: ``du_m = sum_{axes(out) - axes(u_m)} g * d body / d a_m`` (SymPy does the derivative).
+    VJP: ``du_m = sum_{axes(out) - axes(u_m)} g * d body / d a_m`` (SymPy does the derivative,
+    with autograd's subgradients of Abs, sign, Heaviside, Max, Min: ``functions.diff``).
     """
 
     name = "pointwise"
@@ -377,7 +378,7 @@ class Pointwise(Op):
         nargs = len(node.inputs)
         gsym = ARG_SYMBOLS[nargs]
         for m, u in enumerate(node.inputs):
-            d = sympy.diff(body, ARG_SYMBOLS[m])
+            d = diff(body, ARG_SYMBOLS[m])
             if d.has(sympy.Derivative) or d.has(sympy.Subs):
                 bad = sorted({str(f.expr.func) for f in d.atoms(sympy.Derivative)})
                 raise CompileError(

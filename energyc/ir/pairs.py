@@ -43,6 +43,7 @@ from typing import TYPE_CHECKING
 
 import sympy
 
+from energyc.ir.functions import diff
 from energyc.ir.ops import ARG_SYMBOLS, OPS, Op, describe_mask, pointwise, sum_to, wrap
 
 if TYPE_CHECKING:
@@ -299,14 +300,14 @@ class PairLse(Op):
         wanted = {t: form.q[t] for t in range(n)}
         wanted.update({2 * n + k: x for k, x in enumerate(form.extras)
                        if extra_token(graph.node(x).axes) != "j"})
-        grads = list(form_grads(graph, rows, lambda s: weights * sympy.diff(phi, s), wanted,
+        grads = list(form_grads(graph, rows, lambda s: weights * diff(phi, s), wanted,
                                 node.where, row_factor=g).items())
         # keys-major sums (k, column extras): g (extra m + 1) inside the sum over i
         cols = rows.with_extra(g)
         wanted = {n + t: form.k[t] for t in range(n)}
         wanted.update({2 * n + k: x for k, x in enumerate(form.extras)
                        if extra_token(graph.node(x).axes) == "j"})
-        grads += form_grads(graph, cols, lambda s: e(m + 1) * weights * sympy.diff(phi, s),
+        grads += form_grads(graph, cols, lambda s: e(m + 1) * weights * diff(phi, s),
                             wanted, node.where).items()
         return grads
 
@@ -359,13 +360,13 @@ class PairSum(Op):
         for pos, at in node_pos.items():
             x = node.inputs[at]
             if 2 * n <= at < 2 * n + m and extra_token(graph.node(x).axes) == token:
-                kappa = sympy.simplify(sympy.diff(A, e(at - 2 * n)) / A)
+                kappa = sympy.simplify(diff(A, e(at - 2 * n)) / A)
                 if kappa != 0 and not kappa.free_symbols & pair_symbols(A):
                     # dA/de = kappa A: de_i = kappa sum_j rho_ij A_ij = kappa G_i . o_i
                     grads.append((at, _row_dot(graph, g, nid, kappa, x)))
                     continue
             wanted[pos] = x
-        for pos, grad in form_grads(graph, ext, lambda s: sympy.diff(rho * A, s), wanted,
+        for pos, grad in form_grads(graph, ext, lambda s: diff(rho * A, s), wanted,
                                     node.where).items():
             grads.append((node_pos[pos], grad))
         return grads
