@@ -154,6 +154,10 @@ BODIES = {
     "transcendental": sympy.tanh(a0) * a1 + sympy.exp(a2 * a0) + sympy.log(1 + a1**2) * a3,
     "erf_sqrt": sympy.erf(a0 / sympy.sqrt(2)) * sympy.sqrt(1 + a1**2) + a3 * a2,
     "energy_functions": sigmoid(a0 * a2) * softplus(a1) + relu(a0) ** 2 * a3,
+    # subgradients (energyc.ir.functions.diff): random points are never ties
+    "subgradients": (sympy.Abs(a0 - a1) * a3 + sympy.Max(a0, a2) * sympy.Min(a1, a3)
+                     + sympy.sign(a0) * a2 + sympy.Heaviside(a1) * a0 ** 2
+                     + sympy.Min(sympy.Max(a0 * a3, -1), 1)),
 }
 
 

@@ -335,7 +335,11 @@ class TorchPrinter(PythonCodePrinter):
         return out
 
     def _print_Heaviside(self, expr):
+        # not torch.heaviside, which autograd cannot differentiate (layer.energy records the
+        # energy): Heaviside(u) = (sign(u) + 1) / 2 with H(0) = 1/2, its derivative 0 as autograd's
         arg = self._print(expr.args[0])
-        h0 = expr.args[1] if len(expr.args) > 1 else sympy.S.Half
-        return f"torch.heaviside({arg}, torch.tensor({float(h0)!r}, dtype=({arg}).dtype))"
+        h0 = float(expr.args[1]) if len(expr.args) > 1 else 0.5
+        if h0 == 0.5:
+            return f"(0.5 * (torch.sign({arg}) + 1))"
+        return f"torch.where(({arg}) == 0, {h0!r}, (({arg}) > 0).to(({arg}).dtype))"
 
