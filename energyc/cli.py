@@ -15,7 +15,8 @@ def _compile(args: argparse.Namespace) -> int:
     from energyc.build import compile_paths, write_package_marker
 
     log = (lambda m: None) if args.quiet else (lambda m: print(m, flush=True))
-    compile_paths(energy_files(args.files), args.outdir, log=log)  # all files or none
+    note = (lambda m: None) if args.quiet else None  # None: to stderr, "energyc: note: ..."
+    compile_paths(energy_files(args.files), args.outdir, log=log, note=note)  # all or none
     write_package_marker(args.outdir)  # `from generated.<layer> import Layer` finds these
     return 0
 
@@ -193,7 +194,8 @@ def parser() -> argparse.ArgumentParser:
                    help="energy file(s), or folders: every .py file in them that imports "
                         "energyc.dsl")
     c.add_argument("-o", "--outdir", default="generated", help="output folder (default generated)")
-    c.add_argument("-q", "--quiet", action="store_true", help="print nothing on success")
+    c.add_argument("-q", "--quiet", action="store_true", help="print nothing on success (neither the progress lines nor the "
+                        "compiler's notes); errors still go to stderr")
     c.set_defaults(fn=_compile)
     i = sub.add_parser("inspect", help="print a layer's graphs (ops, shapes); draw them",
                        description="Print the energy and the derived step graph of each layer.")
