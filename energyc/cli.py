@@ -241,7 +241,8 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--threads", type=int, nargs="+", default=[1], metavar="N",
                    help="torch CPU threads (default 1); several: a sweep, one row per count")
     b.add_argument("--dim", nargs="+", action="extend", default=[], metavar="NAME=SIZE",
-                   help="dim sizes (defaults D=128 H=4 K=32 M=512, any other dim 32)")
+                   help="dim sizes; a dim not given takes the size its energy's Layer "
+                        "declares, else D=128 H=4 K=32 M=512; any other dim must be given")
     b.add_argument("--repeats", type=int, default=5,
                    help="timed calls per variant, interleaved (default 5)")
     b.add_argument("--warmup", type=int, default=1, help="warm-up calls per variant (default 1)")
