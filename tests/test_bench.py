@@ -3,6 +3,7 @@
 import importlib.util
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -147,7 +148,15 @@ def test_bench_rechecks_a_rounding_difference_in_float64(monkeypatch, capsys):
     captured = capsys.readouterr()
     assert "agree in float64" in captured.err
     (cells,) = _table_rows(captured.out).values()
-    assert cells["agree"].startswith("ok in float64")
+    # in words: float32 differs beyond its tolerance, by rounding, naming the worst tensor (y and
+    # every gradient are 10 rtol off, a little under 10x the bound), and float64 agrees; the
+    # legend says what that means
+    found = re.fullmatch(r"ok: float32 beyond tolerance by rounding "
+                         r"\((y|d/d\w+): ([0-9.]+)x tol\), float64 agrees", cells["agree"])
+    assert found and 5 < float(found[2]) <= 10.01, cells["agree"]
+    assert ("'ok: float32 beyond tolerance by rounding (T: N x tol), float64 agrees': in the "
+            "run's dtype generated and autograd differ" in captured.out)
+    assert "so the difference is rounding, not a wrong formula" in captured.out
     # the errors against the float64 truth say which variant is off: the generated y, by 10 rtol
     # of each of its elements (relative to the largest, at most that), autograd by rounding
     gen, auto = cells["gen err"].split(" ", 1), float(cells["autograd err"])
@@ -263,7 +272,8 @@ def test_bench_refuses_a_dim_that_nothing_sizes(capsys):
     runs, naming them and --dim (not sized 32 each, 1024 query heads)."""
     assert main(["bench", GQA, "--tokens", "16", "--no-memory"]) == 1
     err = capsys.readouterr().err
-    assert "energyc: error: --dim: no size for dim G, R (layer grouped_query_attention: G, R)" in err
+    assert ("energyc: error: --dim: no size for dim G, R (layer grouped_query_attention: G, R)"
+            in err)
     assert "give it with --dim G=SIZE R=SIZE" in err and "D=128 H=4 K=32 M=512" in err
     # given, it runs, the others from the table
     assert main(["bench", GQA, "--tokens", "16", "--no-memory", "--repeats", "1", "--dim",

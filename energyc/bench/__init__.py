@@ -39,7 +39,9 @@ One call is forward plus backward of ``L = sum(y * w)`` to x and every parameter
   (:mod:`energyc.tolerances`, ``|a - b| <= atol + rtol |b|`` elementwise), and the generated layer
   recomputed in float64 from the same rounded values within the float64 tolerance of the truth:
   ``ok`` both, ``ok in float64`` the second only (a difference of rounding in the lower
-  precision), ``MISMATCH`` not the second (reported on stderr, exit status 1); in a float64 run
+  precision; the table says so in words, naming the worst tensor of the first comparison:
+  "ok: float32 beyond tolerance by rounding (d/dW: 1.9x tol), float64 agrees"), ``MISMATCH`` not
+  the second (reported on stderr, exit status 1); in a float64 run
   a difference of generated and autograd beyond the tolerance is a MISMATCH too.
 
 A variant that runs out of memory (on CPU: beyond ``max_memory_mib`` of address space over its base,
@@ -90,8 +92,13 @@ DEFINITIONS = {
              "interpreter cannot run within the budgets): the worst over y and the gradients t of "
              "max|t - t64| / max|t64| (the smaller, the more accurate)",
     "agreement": "ok: generated and autograd agree within the dtype's tolerance (energyc/"
-                 "tolerances.py) and the generated layer in float64 with the truth; ok in "
-                 "float64: only the second (rounding); MISMATCH: not the second (exit status 1)",
+                 "tolerances.py) and the generated layer recomputed in float64 agrees with the "
+                 "float64 truth; 'ok: float32 beyond tolerance by rounding (T: N x tol), float64 "
+                 "agrees': in the run's dtype generated and autograd differ, worst in the output "
+                 "or gradient T by N times the tolerance, but in float64 the generated layer "
+                 "agrees with the truth, so the difference is rounding, not a wrong formula; "
+                 "MISMATCH (T: N x tol): the generated layer in float64 differs from the truth "
+                 "(exit status 1)",
 }
 # the sizes of the usual dim names, where neither --dim nor the energy gives one; a dim that none of
 # them gives is refused (a blanket size would make e.g. 32 x 32 heads of a grouped-query energy)
@@ -793,11 +800,19 @@ def _err(row: Row, variant: str) -> str:
     return text
 
 
-def _cells(row: Row, names: Sequence[str] = COLUMNS) -> list[str]:
+def _agree(row: Row) -> str:
+    """The agree cell: the status (module docstring), in words where only float64 agrees."""
     agree = row.agreement.get("status", "-")
     f64 = row.agreement.get("float64", {})
     unchecked = {**row.agreement.get("unchecked", {}), **f64.get("unchecked", {})}
-    if unchecked and agree != "MISMATCH":
+    if agree.startswith("ok in float64") and "excess" in row.agreement:
+        a = row.agreement
+        agree = (f"ok: {a.get('dtype', 'the dtype')} beyond tolerance by rounding ({a['name']}: "
+                 f"{a['excess']:.1f}x tol), float64 agrees")
+        if unchecked:
+            agree += " (autograd not finite: " + ", ".join(
+                f"{n} {c}" for n, c in unchecked.items()) + ")"
+    elif unchecked and agree != "MISMATCH":
         agree += " (autograd not finite: " + ", ".join(
             f"{n} {c}" for n, c in unchecked.items()) + ")"
     elif agree not in ("ok", "-"):
@@ -807,6 +822,11 @@ def _cells(row: Row, names: Sequence[str] = COLUMNS) -> list[str]:
             agree += f" ({worst['name']}: {worst['excess']:.1f}x tol)"
         elif "error" in f64:
             agree += f" ({f64['error']})"
+    return agree
+
+
+def _cells(row: Row, names: Sequence[str] = COLUMNS) -> list[str]:
+    agree = _agree(row)
     interp = row.interpreter or VariantResult(status="-")
     cells = {"layer": row.layer, "tokens": str(row.tokens), "threads": str(row.threads),
              "generated ms": _ms(row.generated), "autograd ms": _ms(row.autograd),
