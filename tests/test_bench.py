@@ -274,7 +274,7 @@ def test_bench_refuses_a_dim_that_nothing_sizes(capsys):
     err = capsys.readouterr().err
     assert ("energyc: error: --dim: no size for dim G, R (layer grouped_query_attention: G, R)"
             in err)
-    assert "give it with --dim G=SIZE R=SIZE" in err and "D=128 H=4 K=32 M=512" in err
+    assert "give them with --dim G=SIZE R=SIZE" in err and "D=128 H=4 K=32 M=512" in err
     # given, it runs, the others from the table
     assert main(["bench", GQA, "--tokens", "16", "--no-memory", "--repeats", "1", "--dim",
                  "G=2", "R=1", "D=16", "K=8"]) == 0

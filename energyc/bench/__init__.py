@@ -267,8 +267,9 @@ def _missing_message(missing: dict[str, list[str]], opts: BenchOptions) -> str:
     names = list(dict.fromkeys(d for ds in missing.values() for d in ds))
     where = "; ".join(f"layer {k}: {', '.join(ds)}" for k, ds in missing.items())
     table = " ".join(f"{k}={v}" for k, v in opts.default_dims.items()) or "none"
+    it = "it" if len(names) == 1 else "them"
     return (f"no size for dim {', '.join(names)} ({where}): the energy's Layer declares no default "
-            f"for it and energyc bench sizes only {table}; give it with --dim "
+            f"for {it} and energyc bench sizes only {table}; give {it} with --dim "
             + " ".join(f"{d}=SIZE" for d in names))
 
 
