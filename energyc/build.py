@@ -30,9 +30,14 @@ def compile_path(
 
 
 def compile_paths(
-    paths: list[str], outdir: str = "generated", log: Callable[[str], None] | None = None
+    paths: list[str], outdir: str = "generated", log: Callable[[str], None] | None = None,
+    note: Callable[[str], None] | None = None,
 ) -> list[str]:
     """Compile every layer of every energy file in ``paths`` into ``outdir/<layer>/``.
+
+    ``log`` receives the progress lines (none by default); ``note`` each compiler note (what stays
+    materialised, what the Triton path leaves on torch, with file:line), by default printed to
+    stderr as ``energyc: note: ...``.
 
     All or nothing: every file is loaded, compiled and rendered before any package is written, so
     an error in any of them leaves ``outdir`` untouched.
@@ -42,6 +47,7 @@ def compile_paths(
             name, which would be the same package; ``outdir`` is an existing file.
     """
     log = log or (lambda message: None)
+    note = note or (lambda text: print(f"energyc: note: {text}", file=sys.stderr, flush=True))
     if os.path.exists(outdir) and not os.path.isdir(outdir):
         raise EnergyError(f"{outdir} is an existing file, not a folder", "output folder")
     t0 = time.perf_counter()
@@ -68,8 +74,8 @@ def compile_paths(
                 f"({len(layer.step.live())} nodes) in {sum(layer.timings.values()):.2f}s")
             notes = list(layer.notes)
             files = render_files(layer, source_name(path), notes)
-            for note in notes:
-                print(f"energyc: note: {note}", file=sys.stderr, flush=True)
+            for text in notes:
+                note(text)
             rendered.append((layer.name, files))
     written = [write_package(files, outdir, name) for name, files in rendered]
     for target in written:

@@ -15,7 +15,8 @@ def _compile(args: argparse.Namespace) -> int:
     from energyc.build import compile_paths, write_package_marker
 
     log = (lambda m: None) if args.quiet else (lambda m: print(m, flush=True))
-    compile_paths(energy_files(args.files), args.outdir, log=log)  # all files or none
+    note = (lambda m: None) if args.quiet else None  # None: to stderr, "energyc: note: ..."
+    compile_paths(energy_files(args.files), args.outdir, log=log, note=note)  # all or none
     write_package_marker(args.outdir)  # `from generated.<layer> import Layer` finds these
     return 0
 
@@ -193,7 +194,8 @@ def parser() -> argparse.ArgumentParser:
                    help="energy file(s), or folders: every .py file in them that imports "
                         "energyc.dsl")
     c.add_argument("-o", "--outdir", default="generated", help="output folder (default generated)")
-    c.add_argument("-q", "--quiet", action="store_true", help="print nothing on success")
+    c.add_argument("-q", "--quiet", action="store_true", help="print nothing on success (neither the progress lines nor the "
+                        "compiler's notes); errors still go to stderr")
     c.set_defaults(fn=_compile)
     i = sub.add_parser("inspect", help="print a layer's graphs (ops, shapes); draw them",
                        description="Print the energy and the derived step graph of each layer.")
@@ -239,7 +241,8 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--threads", type=int, nargs="+", default=[1], metavar="N",
                    help="torch CPU threads (default 1); several: a sweep, one row per count")
     b.add_argument("--dim", nargs="+", action="extend", default=[], metavar="NAME=SIZE",
-                   help="dim sizes (defaults D=128 H=4 K=32 M=512, any other dim 32)")
+                   help="dim sizes; a dim not given takes the size its energy's Layer "
+                        "declares, else D=128 H=4 K=32 M=512; any other dim must be given")
     b.add_argument("--repeats", type=int, default=5,
                    help="timed calls per variant, interleaved (default 5)")
     b.add_argument("--warmup", type=int, default=1, help="warm-up calls per variant (default 1)")

@@ -3,6 +3,7 @@
 import importlib.util
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -147,7 +148,15 @@ def test_bench_rechecks_a_rounding_difference_in_float64(monkeypatch, capsys):
     captured = capsys.readouterr()
     assert "agree in float64" in captured.err
     (cells,) = _table_rows(captured.out).values()
-    assert cells["agree"].startswith("ok in float64")
+    # in words: float32 differs beyond its tolerance, by rounding, naming the worst tensor (y and
+    # every gradient are 10 rtol off, a little under 10x the bound), and float64 agrees; the
+    # legend says what that means
+    found = re.fullmatch(r"ok: float32 beyond tolerance by rounding "
+                         r"\((y|d/d\w+): ([0-9.]+)x tol\), float64 agrees", cells["agree"])
+    assert found and 5 < float(found[2]) <= 10.01, cells["agree"]
+    assert ("'ok: float32 beyond tolerance by rounding (T: N x tol), float64 agrees': in the "
+            "run's dtype generated and autograd differ" in captured.out)
+    assert "so the difference is rounding, not a wrong formula" in captured.out
     # the errors against the float64 truth say which variant is off: the generated y, by 10 rtol
     # of each of its elements (relative to the largest, at most that), autograd by rounding
     gen, auto = cells["gen err"].split(" ", 1), float(cells["autograd err"])
@@ -253,6 +262,51 @@ def test_probe_out_of_memory_and_over_budget(mlp, one_thread):
 def test_bench_bad_arguments(args, message, capsys):
     assert main(["bench", FILES[0], *args]) == 1
     assert f"energyc: error: {message}" in capsys.readouterr().err
+
+
+GQA = "examples/grouped_query_attention.py"  # dims D G R K: G and R have no default size
+
+
+def test_bench_refuses_a_dim_that_nothing_sizes(capsys):
+    """G and R are in no table and the Layer declares no size for them: refused before anything
+    runs, naming them and --dim (not sized 32 each, 1024 query heads)."""
+    assert main(["bench", GQA, "--tokens", "16", "--no-memory"]) == 1
+    err = capsys.readouterr().err
+    assert ("energyc: error: --dim: no size for dim G, R (layer grouped_query_attention: G, R)"
+            in err)
+    assert "give them with --dim G=SIZE R=SIZE" in err and "D=128 H=4 K=32 M=512" in err
+    # given, it runs, the others from the table
+    assert main(["bench", GQA, "--tokens", "16", "--no-memory", "--repeats", "1", "--dim",
+                 "G=2", "R=1", "D=16", "K=8"]) == 0
+    assert "sizes: batch 2, D=16, G=2, K=8, R=1;" in capsys.readouterr().out
+
+
+def test_bench_takes_a_size_the_layer_declares():
+    """--dim first, then a size the generated Layer gives its dim keyword, then the table."""
+    (layer,) = compile_file(load(GQA))
+
+    class Layer:  # the generated package's Layer, as if the energy gave G and R defaults
+        def __init__(self, *, D, G=3, R=2, K):
+            pass
+
+    module = type("module", (), {"Layer": Layer, "DIMS": ("D", "G", "R", "K")})
+    assert bench.declared_dims(module) == {"G": 3, "R": 2}
+    opts = bench.BenchOptions(dims={"R": 5})
+    assert bench.layer_dims(layer, opts, module) == {"D": 128, "G": 3, "R": 5, "K": 32}
+    assert bench.missing_dims(layer, opts) == ["G"]
+    with pytest.raises(bench.EnergyError, match="no size for dim G .*--dim G=SIZE"):
+        bench.layer_dims(layer, opts)
+
+
+def test_bench_examples_size_every_dim_of_every_example():
+    """benchmarks/bench_examples.py's table gives every example's dims a size (G=2 R=2 for the
+    grouped and global heads), so that its run over examples/ needs no --dim."""
+    module = _bench_examples_module()
+    opts = bench.BenchOptions(default_dims=dict(module.EXAMPLE_DIMS))
+    assert module.EXAMPLE_DIMS == {**bench.DEFAULT_DIMS, "G": 2, "R": 2}
+    for path in module.example_files():
+        for layer in compile_file(load(path)):
+            assert bench.missing_dims(layer, opts) == [], (path, layer.name)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is present")

@@ -29,6 +29,28 @@ def test_compile_to_outdir(tmp_path, capsys):
     assert "wrote" in out and "done in" in out
 
 
+def test_compile_quiet_prints_nothing_on_success(tmp_path, capsys):
+    """-q silences the progress lines and the compiler's notes (here, that a reduction over j
+    stays materialised); without it the note is on stderr; an error is printed either way."""
+    path = tmp_path / "unfused.py"
+    path.write_text(
+        "from energyc.dsl import dims, dot, layer, logsumexp, param, state, tanh, tokens\n"
+        'D, H, K = dims("D H K"); i, j = tokens(); x, xbar = state(D)\n'
+        'W_q = param("W_q", (H, K, D)); W_k = param("W_k", (H, K, D))\n'
+        "s = dot(W_q @ x[i], W_k @ xbar[j], over=K)\n"
+        "E = -logsumexp(tanh(s) * tanh(s.sum(H)), over=j <= i).sum(H)\n"
+        'layer("unfused", E, eta=0.5)\n')
+    assert main(["compile", str(path), "-o", str(tmp_path / "loud")]) == 0
+    loud = capsys.readouterr()
+    assert "wrote" in loud.out and "energyc: note:" in loud.err
+    assert main(["compile", str(path), "-o", str(tmp_path / "quiet"), "-q"]) == 0
+    assert capsys.readouterr() == ("", "")
+    assert (tmp_path / "quiet" / "unfused" / "layer.py").exists()
+    assert main(["compile", "no/such/file.py", "-q"]) == 1
+    assert "no such energy file" in capsys.readouterr().err
+    assert "print nothing on success" in run("compile", "--help").stdout
+
+
 def test_inspect_prints_ops_and_shapes_and_writes_dot(tmp_path, capsys):
     dot = tmp_path / "g.dot"
     assert main(["inspect", "examples/cem_attention.py", "--dot", str(dot)]) == 0

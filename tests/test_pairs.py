@@ -274,9 +274,13 @@ def test_unfusable_reduction_is_reported_with_file_and_line(tmp_path, capsys):
     assert not run_check(layer, module, "backward", 3).error
     from energyc.cli import main
 
-    assert main(["compile", str(path), "-o", str(tmp_path / "out"), "--quiet"]) == 0
+    assert main(["compile", str(path), "-o", str(tmp_path / "out")]) == 0
     err = capsys.readouterr().err
     assert f"energyc: note: {path}:6: the reduction over j stays materialised" in err
+    # --quiet prints nothing on success, the notes included
+    assert main(["compile", str(path), "-o", str(tmp_path / "quiet"), "--quiet"]) == 0
+    assert capsys.readouterr() == ("", "")
+    assert (tmp_path / "quiet" / "f" / "layer.py").exists()
     assert main(["inspect", str(path)]) == 0
     assert f"note: {path}:6:" in capsys.readouterr().out
 

@@ -39,7 +39,9 @@ One call is forward plus backward of ``L = sum(y * w)`` to x and every parameter
   (:mod:`energyc.tolerances`, ``|a - b| <= atol + rtol |b|`` elementwise), and the generated layer
   recomputed in float64 from the same rounded values within the float64 tolerance of the truth:
   ``ok`` both, ``ok in float64`` the second only (a difference of rounding in the lower
-  precision), ``MISMATCH`` not the second (reported on stderr, exit status 1); in a float64 run
+  precision; the table says so in words, naming the worst tensor of the first comparison:
+  "ok: float32 beyond tolerance by rounding (d/dW: 1.9x tol), float64 agrees"), ``MISMATCH`` not
+  the second (reported on stderr, exit status 1); in a float64 run
   a difference of generated and autograd beyond the tolerance is a MISMATCH too.
 
 A variant that runs out of memory (on CPU: beyond ``max_memory_mib`` of address space over its base,
@@ -51,6 +53,7 @@ The probe processes (fork server, RLIMIT_AS, alarms) are :mod:`energyc.bench.iso
 from __future__ import annotations
 
 import datetime
+import inspect
 import json
 import math
 import os
@@ -89,11 +92,17 @@ DEFINITIONS = {
              "interpreter cannot run within the budgets): the worst over y and the gradients t of "
              "max|t - t64| / max|t64| (the smaller, the more accurate)",
     "agreement": "ok: generated and autograd agree within the dtype's tolerance (energyc/"
-                 "tolerances.py) and the generated layer in float64 with the truth; ok in "
-                 "float64: only the second (rounding); MISMATCH: not the second (exit status 1)",
+                 "tolerances.py) and the generated layer recomputed in float64 agrees with the "
+                 "float64 truth; 'ok: float32 beyond tolerance by rounding (T: N x tol), float64 "
+                 "agrees': in the run's dtype generated and autograd differ, worst in the output "
+                 "or gradient T by N times the tolerance, but in float64 the generated layer "
+                 "agrees with the truth, so the difference is rounding, not a wrong formula; "
+                 "MISMATCH (T: N x tol): the generated layer in float64 differs from the truth "
+                 "(exit status 1)",
 }
+# the sizes of the usual dim names, where neither --dim nor the energy gives one; a dim that none of
+# them gives is refused (a blanket size would make e.g. 32 x 32 heads of a grouped-query energy)
 DEFAULT_DIMS = {"D": 128, "H": 4, "K": 32, "M": 512}
-OTHER_DIM = 32  # any declared dim without a default above
 DEFAULT_TOKENS = (256, 1024)
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}
 MIB = 1024.0 * 1024.0
@@ -111,7 +120,9 @@ class BenchOptions:
     device: str = "cpu"
     backend: str = "auto"
     threads: int = 1
-    dims: dict[str, int] = field(default_factory=dict)  # overrides of DEFAULT_DIMS / OTHER_DIM
+    dims: dict[str, int] = field(default_factory=dict)  # --dim: over every other source
+    # the sizes of dims that neither ``dims`` nor the energy's Layer gives (``layer_dims``)
+    default_dims: dict[str, int] = field(default_factory=lambda: dict(DEFAULT_DIMS))
     repeats: int = 5
     warmup: int = 1
     max_seconds: float = 60.0
@@ -214,14 +225,52 @@ class Row:
 # -- sizes and cases ---------------------------------------------------------------------------------
 
 
-def layer_dims(layer: CompiledLayer, overrides: dict[str, int]) -> dict[str, int]:
-    """The dims of ``layer``: ``overrides``, else DEFAULT_DIMS, else OTHER_DIM."""
-    dims = {d: int(overrides.get(d, DEFAULT_DIMS.get(d, OTHER_DIM))) for d in layer.dims}
+def declared_dims(module: ModuleType | None) -> dict[str, int]:
+    """The dim sizes the generated package's Layer gives itself: its dim keywords (``DIMS``) that
+    have an integer default."""
+    if module is None:
+        return {}
+    params = inspect.signature(module.Layer).parameters
+    return {d: p.default for d in getattr(module, "DIMS", ()) if (p := params.get(d)) is not None
+            and isinstance(p.default, int) and not isinstance(p.default, bool)}
+
+
+def missing_dims(layer: CompiledLayer, opts: BenchOptions,
+                 module: ModuleType | None = None) -> list[str]:
+    """The dims of ``layer`` that nothing sizes (see :func:`layer_dims`)."""
+    given = {**opts.default_dims, **declared_dims(module), **opts.dims}
+    return [d for d in layer.dims if d not in given]
+
+
+def layer_dims(layer: CompiledLayer, opts: BenchOptions,
+               module: ModuleType | None = None) -> dict[str, int]:
+    """The dims of ``layer``: ``opts.dims`` (``--dim``), else the size the generated Layer
+    declares for itself (:func:`declared_dims`), else ``opts.default_dims`` (DEFAULT_DIMS).
+
+    Raises:
+        EnergyError: a dim that none of these sizes (naming it and ``--dim``); an odd size of a
+            dim whose features pair up.
+    """
+    missing = missing_dims(layer, opts, module)
+    if missing:
+        raise EnergyError(_missing_message({layer.name: missing}, opts), "--dim")
+    given = {**opts.default_dims, **declared_dims(module), **opts.dims}
+    dims = {d: int(given[d]) for d in layer.dims}
     for d in layer.even_dims:
         if dims[d] % 2:
             raise EnergyError(f"dim {d} of layer {layer.name} must be even (its features pair up "
                               f"in a rotary embedding), got {dims[d]}", "--dim")
     return dims
+
+
+def _missing_message(missing: dict[str, list[str]], opts: BenchOptions) -> str:
+    names = list(dict.fromkeys(d for ds in missing.values() for d in ds))
+    where = "; ".join(f"layer {k}: {', '.join(ds)}" for k, ds in missing.items())
+    table = " ".join(f"{k}={v}" for k, v in opts.default_dims.items()) or "none"
+    it = "it" if len(names) == 1 else "them"
+    return (f"no size for dim {', '.join(names)} ({where}): the energy's Layer declares no default "
+            f"for {it} and energyc bench sizes only {table}; give {it} with --dim "
+            + " ".join(f"{d}=SIZE" for d in names))
 
 
 def layer_hypers(layer: CompiledLayer) -> dict[str, float]:
@@ -239,7 +288,7 @@ def build_case(layer: CompiledLayer, module: ModuleType, opts: BenchOptions, tok
     dtype = dtype or DTYPES[opts.dtype]
     gen = torch.Generator().manual_seed(opts.seed)
     torch.manual_seed(opts.seed)
-    dims = layer_dims(layer, opts.dims)
+    dims = layer_dims(layer, opts, module)
     lay = module.Layer(**dims, **layer_hypers(layer), backend=opts.backend, dtype=dtype,
                        device=opts.device)
     with torch.no_grad():
@@ -256,7 +305,7 @@ def float64_case(layer: CompiledLayer, module: ModuleType, opts: BenchOptions,
     """``build_case``'s Layer, x and w in float64 with the same values: the weights, inputs and
     fixed hyperparameters as ``opts.dtype`` rounds them (a generated layer and the interpreter
     round a hyperparameter to the input's dtype), then widened."""
-    lay64 = module.Layer(**layer_dims(layer, opts.dims), **layer_hypers(layer),
+    lay64 = module.Layer(**layer_dims(layer, opts, module), **layer_hypers(layer),
                          backend=opts.backend, dtype=torch.float64, device=opts.device)
     lay64.load_state_dict({k: v.double() for k, v in lay.state_dict().items()})
     for h in layer.hypers:
@@ -532,7 +581,7 @@ def bench_size(layer: CompiledLayer, module: ModuleType, file: str, tokens: int,
     results = {v: VariantResult() for v in variants}
     from energyc.check import context_sets
 
-    row = Row(file, layer.name, tokens, layer_dims(layer, opts.dims), results["generated"],
+    row = Row(file, layer.name, tokens, layer_dims(layer, opts, module), results["generated"],
               results["autograd"], context_sets=sorted(context_sets(layer)), threads=opts.threads,
               interpreter=results.get("interpreter"))
     cuda = opts.device.startswith("cuda")
@@ -665,11 +714,17 @@ def run_bench(files: Sequence[str], opts: BenchOptions, log: Log | None = None) 
             log(f"{path}: {len(layers)} layer(s): {', '.join(c.name for c in layers)}")
             compiled += [(path, c) for c in layers]
         _check_dim_names(opts.dims, [c for _, c in compiled])
-        for _, layer in compiled:
-            layer_dims(layer, opts.dims)  # odd sizes of paired dims are argument errors, now
         with tempfile.TemporaryDirectory(prefix="energyc-bench-") as tmp:
-            for k, (path, layer) in enumerate(compiled):
-                module = import_generated(layer, os.path.join(tmp, str(k)))
+            modules = [import_generated(layer, os.path.join(tmp, str(k)))
+                       for k, (_, layer) in enumerate(compiled)]
+            # dims nothing sizes, and odd sizes of paired dims, are argument errors, now
+            missing = {layer.name: m for (_, layer), module in zip(compiled, modules)
+                       if (m := missing_dims(layer, opts, module))}
+            if missing:
+                raise EnergyError(_missing_message(missing, opts), "--dim")
+            for (_, layer), module in zip(compiled, modules):
+                layer_dims(layer, opts, module)
+            for (path, layer), module in zip(compiled, modules):
                 for tokens in opts.tokens:
                     report.rows.append(bench_size(layer, module, path, tokens, opts, server, log))
     finally:
@@ -746,11 +801,19 @@ def _err(row: Row, variant: str) -> str:
     return text
 
 
-def _cells(row: Row, names: Sequence[str] = COLUMNS) -> list[str]:
+def _agree(row: Row) -> str:
+    """The agree cell: the status (module docstring), in words where only float64 agrees."""
     agree = row.agreement.get("status", "-")
     f64 = row.agreement.get("float64", {})
     unchecked = {**row.agreement.get("unchecked", {}), **f64.get("unchecked", {})}
-    if unchecked and agree != "MISMATCH":
+    if agree.startswith("ok in float64") and "excess" in row.agreement:
+        a = row.agreement
+        agree = (f"ok: {a.get('dtype', 'the dtype')} beyond tolerance by rounding ({a['name']}: "
+                 f"{a['excess']:.1f}x tol), float64 agrees")
+        if unchecked:
+            agree += " (autograd not finite: " + ", ".join(
+                f"{n} {c}" for n, c in unchecked.items()) + ")"
+    elif unchecked and agree != "MISMATCH":
         agree += " (autograd not finite: " + ", ".join(
             f"{n} {c}" for n, c in unchecked.items()) + ")"
     elif agree not in ("ok", "-"):
@@ -760,6 +823,11 @@ def _cells(row: Row, names: Sequence[str] = COLUMNS) -> list[str]:
             agree += f" ({worst['name']}: {worst['excess']:.1f}x tol)"
         elif "error" in f64:
             agree += f" ({f64['error']})"
+    return agree
+
+
+def _cells(row: Row, names: Sequence[str] = COLUMNS) -> list[str]:
+    agree = _agree(row)
     interp = row.interpreter or VariantResult(status="-")
     cells = {"layer": row.layer, "tokens": str(row.tokens), "threads": str(row.threads),
              "generated ms": _ms(row.generated), "autograd ms": _ms(row.autograd),
