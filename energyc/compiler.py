@@ -122,7 +122,13 @@ def compile_layer(decl: LayerDecl, verify: bool = False) -> CompiledLayer:
         notes.append(f"{decl.where}: the step graph keeps values over (i, j): "
                      f"{', '.join(sorted(set(_pair_valued(step))))}")
     times["first_order"] += setup
-    return CompiledLayer(decl, dims, f.state_dim, params, hypers, energy, step, times, notes)
+    compiled = CompiledLayer(decl, dims, f.state_dim, params, hypers, energy, step, times, notes)
+    for d in compiled.even_dims:
+        if f.dim_sizes.get(d, 0) % 2:
+            raise EnergyError(f"dim {f.public_name(d)} must be even (its features pair up in a "
+                              f"rotary embedding), but its default size is {f.dim_sizes[d]}",
+                              f.dim_where.get(d))
+    return compiled
 
 
 def _step_graph(decl: LayerDecl, params: list[ParamDecl], hypers: list[HyperDecl],

@@ -176,6 +176,7 @@ class EnergyFile:
         self.graph = Graph(())
         self.dims: dict[str, Dim] = {}
         self.dim_where: dict[str, str | None] = {}
+        self.dim_sizes: dict[str, int] = {}  # default sizes (code name -> size), where declared
         self.state_dim: str | None = None
         self.state_where: str | None = None
         self.params: dict[str, ParamDecl] = {}
@@ -258,17 +259,26 @@ def _check_name(name: Any, what: str) -> str:
     return name
 
 
-def dims(names: str) -> tuple[Dim, ...] | Dim:
-    """Declare named dims: ``D, H, K = dims("D H K")``."""
+def dims(names: str, **sizes: int) -> tuple[Dim, ...] | Dim:
+    """Declare named dims: ``D, H, K = dims("D H K")``; ``dims("D G R K", G=2, R=2)`` gives G
+    and R default sizes (positive integers), the defaults of the generated Layer's keywords."""
     f = current_file()
+    declared = names.replace(",", " ").split()
+    for name, size in sizes.items():
+        if name not in declared:
+            raise _fail(f"dims({names!r}) gives a size to {name!r}, which it does not declare")
+        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+            raise _fail(f"the size of dim {name} must be a positive integer, got {size!r}")
     out = []
-    for name in names.replace(",", " ").split():
+    for name in declared:
         _check_name(name, "dim")
         if name in f.codes:
             raise _fail(f"dim {name!r} declared twice")
         code = f.declare(name, "dim")
         f.dims[code] = Dim(code)
         f.dim_where[code] = user_location()
+        if name in sizes:
+            f.dim_sizes[code] = sizes[name]
         f.graph.dims = f.graph.dims + (code,)
         out.append(f.dims[code])
     return tuple(out) if len(out) != 1 else out[0]

@@ -253,8 +253,10 @@ def _packed(line: str, width: int) -> str | None:
         return None  # ruff's layout: all on one row, or an argument split over rows
     rows = [inner]
     for k, arg in enumerate(args):
-        # the first named argument: the named ones on a row of their own unless all fit here
-        first_named = _NAMED.match(arg) and (k == 0 or not _NAMED.match(args[k - 1]))
+        # the first of the named arguments that end the list (keyword-only parameters with and
+        # without defaults may alternate): they go on a row of their own unless all fit here
+        first_named = (all(_NAMED.match(a) for a in args[k:])
+                       and (k == 0 or not _NAMED.match(args[k - 1])))
         piece = " ".join(a + "," for a in args[k:]) if first_named else arg + ","
         if rows[-1] != inner and len(rows[-1]) + 1 + len(piece) > width:
             rows.append(inner)

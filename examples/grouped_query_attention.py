@@ -11,7 +11,7 @@ gradient of W_k,g gathers the R heads of its group.
 
 from energyc.dsl import dims, dot, hyper, layer, logsumexp, param, sqrt, state, tokens
 
-D, G, R, K = dims("D G R K")
+D, G, R, K = dims("D G R K", G=2, R=2)  # 2 groups of 2 query heads unless given
 i, j = tokens()
 x, xbar = state(D)
 W_q = param("W_q", (G, R, K, D))

@@ -264,20 +264,41 @@ def test_bench_bad_arguments(args, message, capsys):
     assert f"energyc: error: {message}" in capsys.readouterr().err
 
 
-GQA = "examples/grouped_query_attention.py"  # dims D G R K: G and R have no default size
+GQA = "examples/grouped_query_attention.py"  # dims("D G R K", G=2, R=2)
 
 
-def test_bench_refuses_a_dim_that_nothing_sizes(capsys):
+def _gqa_without_sizes(tmp_path) -> str:
+    """The grouped-query energy with no default sizes for G and R."""
+    text = open(GQA).read()
+    assert 'dims("D G R K", G=2, R=2)' in text
+    path = tmp_path / "gqa_unsized.py"
+    path.write_text(text.replace('dims("D G R K", G=2, R=2)', 'dims("D G R K")'))
+    return str(path)
+
+
+def test_bench_refuses_a_dim_that_nothing_sizes(tmp_path, capsys):
     """G and R are in no table and the Layer declares no size for them: refused before anything
     runs, naming them and --dim (not sized 32 each, 1024 query heads)."""
-    assert main(["bench", GQA, "--tokens", "16", "--no-memory"]) == 1
+    unsized = _gqa_without_sizes(tmp_path)
+    assert main(["bench", unsized, "--tokens", "16", "--no-memory"]) == 1
     err = capsys.readouterr().err
     assert ("energyc: error: --dim: no size for dim G, R (layer grouped_query_attention: G, R)"
             in err)
     assert "give them with --dim G=SIZE R=SIZE" in err and "D=128 H=4 K=32 M=512" in err
     # given, it runs, the others from the table
-    assert main(["bench", GQA, "--tokens", "16", "--no-memory", "--repeats", "1", "--dim",
+    assert main(["bench", unsized, "--tokens", "16", "--no-memory", "--repeats", "1", "--dim",
                  "G=2", "R=1", "D=16", "K=8"]) == 0
+    assert "sizes: batch 2, D=16, G=2, K=8, R=1;" in capsys.readouterr().out
+
+
+def test_bench_takes_the_sizes_the_energy_declares(capsys):
+    """dims("D G R K", G=2, R=2): the generated Layer's G and R keywords default to 2, and bench
+    sizes them so without --dim (--dim still wins)."""
+    assert main(["bench", GQA, "--tokens", "16", "--no-memory", "--repeats", "1", "--dim",
+                 "D=16", "K=8"]) == 0
+    assert "sizes: batch 2, D=16, G=2, K=8, R=2;" in capsys.readouterr().out
+    assert main(["bench", GQA, "--tokens", "16", "--no-memory", "--repeats", "1", "--dim",
+                 "D=16", "K=8", "R=1"]) == 0
     assert "sizes: batch 2, D=16, G=2, K=8, R=1;" in capsys.readouterr().out
 
 

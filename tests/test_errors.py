@@ -50,6 +50,23 @@ CASES = {
     "reduce_over_token": (
         "E = (W_q @ x[i]).sum(j)\nlayer('bad', E)\n", 9, "context set"),
     "no_layer": ("E = (W_q @ x[i]).sum(H, K)\n", None, "declares no layer"),
+    "dim_size_of_another_dim": (
+        "M = dims('M', K=3)\nE = (W_q @ x[i]).sum(H, K)\nlayer('bad', E)\n", 9,
+        "dims('M') gives a size to 'K', which it does not declare"),
+    "dim_size_zero": (
+        "M = dims('M', M=0)\nE = (W_q @ x[i]).sum(H, K)\nlayer('bad', E)\n", 9,
+        "the size of dim M must be a positive integer, got 0"),
+    "dim_size_float": (
+        "M = dims('M', M=2.0)\nE = (W_q @ x[i]).sum(H, K)\nlayer('bad', E)\n", 9,
+        "the size of dim M must be a positive integer, got 2.0"),
+    "dim_size_bool": (
+        "M = dims('M', M=True)\nE = (W_q @ x[i]).sum(H, K)\nlayer('bad', E)\n", 9,
+        "the size of dim M must be a positive integer, got True"),
+    "dim_size_odd_for_rotary": (
+        "P = dims('P', P=3)\nW_p = param('W_p', (P, D))\n"
+        "E = rotary(W_p @ x[i], over=P).sum(P)\nlayer('bad', E)\n", 9,
+        "dim P must be even (its features pair up in a rotary embedding), but its default size "
+        "is 3"),
     "bad_precond": (
         "E = (W_q @ x[i]).sum(H, K)\nlayer('bad', E, precond='full')\n", 10, "precond must be"),
 }

@@ -8,6 +8,7 @@ line. Only the notation's own names (i, j, x, xbar, eta) are reserved.
 
 from __future__ import annotations
 
+import inspect
 import keyword
 import textwrap
 
@@ -99,6 +100,34 @@ def test_dim_names_that_collide(tmp_path, name):
     keyword_name = attribute_names(["D", name])[name]
     lay = run(module, D=4, **{keyword_name: 3})
     assert getattr(lay, keyword_name) == 3
+
+
+def test_declared_dim_sizes_are_the_keywords_defaults(tmp_path):
+    """dims("D in H", H=3, **{"in": 2}): the Layer's keywords in the declared order, D required,
+    in_ and H defaulting to their sizes (a hyperparameter default of H follows), and the Args
+    docstring saying so."""
+    _, module = build(tmp_path, """\
+        D, In, H = dims("D in H", H=3, **{"in": 2})
+        i, j = tokens()
+        x, xbar = state(D)
+        W = param("W", (H, In, D))
+        c = hyper("c", default=1 / sqrt(H))
+        layer("sizes", c * logsumexp(dot(W @ x[i], W @ xbar[j], over=(H, In)), over=j <= i))
+    """)
+    params = inspect.signature(module.Layer).parameters
+    assert list(params)[:3] == ["D", "in_", "H"]
+    assert params["D"].default is inspect.Parameter.empty
+    assert (params["in_"].default, params["H"].default) == (2, 3)
+    assert params["H"].kind is inspect.Parameter.KEYWORD_ONLY
+    doc = module.Layer.__doc__
+    assert "D: size of dim D.\n" in doc and "in_: size of dim in (default 2)." in doc
+    assert "H: size of dim H (default 3)." in doc
+    lay = run(module, D=4)
+    assert (lay.in_, lay.H, lay.W.shape) == (2, 3, (3, 2, 4))
+    assert lay.c == pytest.approx(1 / 3 ** 0.5)
+    assert run(module, D=4, H=5).W.shape == (5, 2, 4)
+    with pytest.raises(TypeError, match="D"):
+        module.Layer()
 
 
 @pytest.mark.parametrize("name", ["R", "b", "T", "Δ"])

@@ -4,7 +4,6 @@ non-contiguous inputs, every dtype, and constructor arguments outside their doma
 from __future__ import annotations
 
 import importlib
-import inspect
 import os
 
 import pytest
@@ -21,13 +20,10 @@ PACKAGES = sorted(
 
 
 def build(package: str, size: int = 4, **settings) -> torch.nn.Module:
-    """The package's Layer with every dim (the constructor's required arguments) set to ``size``."""
+    """The package's Layer with every dim (its ``DIMS`` keywords, those with a declared default
+    size too) set to ``size``."""
     Layer = importlib.import_module(f"generated.{package}").Layer
-    dims = {
-        p.name: size
-        for p in inspect.signature(Layer).parameters.values()
-        if p.default is inspect.Parameter.empty
-    }
+    dims = dict.fromkeys(importlib.import_module(f"generated.{package}.layer").DIMS, size)
     torch.manual_seed(0)
     return Layer(**dims, **settings)
 

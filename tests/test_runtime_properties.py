@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import copy
 import importlib
-import inspect
 import math
 import os
 
@@ -212,13 +211,29 @@ def test_negative_beta_is_descent_on_the_energy(package, beta):
     _close(layer(x.detach()), x.detach() - eta * grad, torch.float64)
 
 
+@pytest.mark.parametrize("package", PACKAGES)
+def test_energy_without_xbar_is_the_energy_the_step_descends(package):
+    """layer.energy(x) is E(x | x held fixed): one step x - eta grad_x layer.energy(x).sum() is
+    layer(x) (identity preconditioner, steps=1), and its value is E(x | x). With xbar=x the
+    gradient runs through both roles and is not the step's (it was the default)."""
+    layer = _layer(package, precond="identity", steps=1)
+    x = torch.randn(2, 5, SIZE, dtype=torch.float64, requires_grad=True)
+    energy = layer.energy(x, per_token=True)
+    (grad,) = torch.autograd.grad(energy.sum(), x)
+    eta = layer.config[0]
+    _close(layer(x.detach()), x.detach() - eta * grad, torch.float64)
+    torch.testing.assert_close(energy, layer.energy(x, x, per_token=True), rtol=0, atol=0)
+    if package in ("cem_attention", "grouped_query_attention"):
+        (both,) = torch.autograd.grad(layer.energy(x, x).sum(), x)
+        assert (both - grad).abs().max() > 1e-3
+
+
 # -- arguments outside their domain: a clear error naming the argument ----------------------------
 
 
 def _dims(package: str) -> dict[str, int]:
-    Layer = importlib.import_module(f"generated.{package}").Layer
-    return {p.name: SIZE for p in inspect.signature(Layer).parameters.values()
-            if p.default is inspect.Parameter.empty}
+    """Every dim keyword of the package's Layer (those with a declared default too) at SIZE."""
+    return dict.fromkeys(importlib.import_module(f"generated.{package}.layer").DIMS, SIZE)
 
 
 def _hypers(package: str) -> tuple[str, ...]:

@@ -292,7 +292,8 @@ def package_spec(layer: CompiledLayer, source: str) -> PackageSpec:
                                 f"{',' if not args else ''})", f.attribute(p.name),
                                 f.public_name(p.name)))
     doc = _module_doc(layer)
-    dims = [DimSpec(d, f.attribute(d), f.public_name(d), d in layer.even_dims) for d in layer.dims]
+    dims = [DimSpec(d, f.attribute(d), f.public_name(d), d in layer.even_dims, f.dim_sizes.get(d))
+            for d in layer.dims]
     return PackageSpec(
         name=decl.name, class_name=class_name(decl.name), source=source, doc=doc,
         dims=dims, state_dim=D, state_attr=f.attribute(D), hypers=hypers, params=params,

@@ -60,6 +60,7 @@ class DimSpec:
     attr: str  # the Layer's attribute and constructor keyword
     public: str  # as declared
     even: bool = False
+    default: int | None = None  # the declared default size (None: the constructor requires it)
 
 
 @dataclass

@@ -59,6 +59,7 @@ import math
 import os
 import platform
 import statistics
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -226,12 +227,16 @@ class Row:
 
 
 def declared_dims(module: ModuleType | None) -> dict[str, int]:
-    """The dim sizes the generated package's Layer gives itself: its dim keywords (``DIMS``) that
-    have an integer default."""
+    """The dim sizes the generated package's Layer gives itself: its dim keywords (``DIMS`` of
+    the package's layer.py, where the Layer is defined) that have an integer default (a size
+    declared in the energy file, ``dims("D G R K", G=2, R=2)``)."""
     if module is None:
         return {}
+    names = getattr(module, "DIMS", None)
+    if names is None:  # the package: its __init__ exports Layer alone
+        names = getattr(sys.modules.get(module.Layer.__module__), "DIMS", ())
     params = inspect.signature(module.Layer).parameters
-    return {d: p.default for d in getattr(module, "DIMS", ()) if (p := params.get(d)) is not None
+    return {d: p.default for d in names if (p := params.get(d)) is not None
             and isinstance(p.default, int) and not isinstance(p.default, bool)}
 
 

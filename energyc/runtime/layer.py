@@ -258,10 +258,16 @@ class EnergyLayer(torch.nn.Module):
 
     def energy(self, x: torch.Tensor, xbar: torch.Tensor | None = None,
                per_token: bool = False) -> torch.Tensor:
-        """Total energy per batch element (or per token), evaluated from E itself.
+        """Total energy per batch element (or per token), evaluated from E itself: E(x | xbar).
 
-        ``xbar`` is the context; by default the state itself. Under torch.autocast it is evaluated
-        in the parameters' dtype (a reduction, which autocast keeps in float32).
+        ``xbar`` is the context. Left out, it is the context a step from ``x`` uses: x itself,
+        held fixed (``x.detach()``), so the value is E(x | x) and gradients reach x through its
+        state role alone; ``x - eta * grad_x layer.energy(x).sum()`` is then one step of
+        ``forward`` (identity preconditioner, ``steps=1``; with context "input" the first step).
+        Give ``xbar=x`` to differentiate through both roles. Gradients reach the parameters
+        through both roles either way. A joint energy reads x at context tokens too (``x[j]``):
+        those terms are differentiated as the step differentiates them. Under torch.autocast it
+        is evaluated in the parameters' dtype (a reduction, which autocast keeps in float32).
         """
         declared = self._declared
         params = self._params()

@@ -71,13 +71,15 @@ def apply_layer(
 def energy_inputs(
     x: Any, xbar: Any, dim: int, params: Sequence[torch.Tensor]
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """A generated layer's ``energy`` arguments, checked: (x, xbar), xbar defaulting to x. Under
-    torch.autocast the energy, a reduction, is evaluated in the parameters' dtype (x and xbar cast
-    to it; the caller runs it with autocast off), as autocast keeps reductions in float32."""
+    """A generated layer's ``energy`` arguments, checked: (x, xbar), xbar defaulting to
+    ``x.detach()`` (the context the step holds fixed: the same values, no gradient through the
+    context role). Under torch.autocast the energy, a reduction, is evaluated in the parameters'
+    dtype (x and xbar cast to it; the caller runs it with autocast off), as autocast keeps
+    reductions in float32."""
     compute = autocast_dtype(x, params) if isinstance(x, torch.Tensor) else None
     check_input("x", x, dim, params, compute=compute)
     if xbar is None:
-        xbar = x
+        xbar = x.detach()
     else:
         check_input("xbar", xbar, dim, params, like=x, compute=compute)
     if compute is not None and params:
