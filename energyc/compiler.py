@@ -30,7 +30,7 @@ from energyc.ir.graph import Graph
 from energyc.passes import run_pipeline
 from energyc.passes.pairs import unfused_reductions
 
-LEAF_OPS = ("input", "param", "hyper", "const", "offset")
+LEAF_OPS = ("input", "param", "hyper", "const", "offset", "position")
 
 
 @dataclass

@@ -45,7 +45,7 @@ from energyc.ir.graph import Graph
 from energyc.names import RESERVED, attribute_names, code_name
 
 __all__ = [
-    "dims", "tokens", "state", "param", "hyper", "layer", "normal", "uniform", "zeros", "ones",
+    "dims", "tokens", "position", "state", "param", "hyper", "layer", "normal", "uniform", "zeros", "ones",
     "constant", "dot", "sum_over", "logsumexp", "apply", "elementwise",
     "rotary", "alibi_slopes", "exp", "log", "tanh", "sigmoid", "softplus", "relu", "erf", "cos", "sin", "cosh", "sqrt",
     "Rational", "pi", "Tensor", "Dim", "Token", "ContextSet",
@@ -354,6 +354,16 @@ def tokens() -> tuple[Token, Token]:
     if f.tokens is None:
         f.tokens = (Token("i"), Token("j"))
     return f.tokens
+
+
+def position(token: Token) -> Tensor:
+    """The index 0, 1, ... of token ``i`` or ``j`` as a value over that token alone (a decoding
+    layer's new tokens continue after the prefix), e.g. ``log(position(i) + 1)``: log n_i of
+    Scalable-Softmax. A constant: nothing differentiates it."""
+    if not isinstance(token, Token):
+        raise _fail(f"position() takes a token, i or j (i, j = tokens()); got {token!r}")
+    g = current_file().graph
+    return Tensor(g.add("position", where=user_location(), token=token.role), ())
 
 
 def _context_function(make: Callable[..., ContextSet]) -> Callable[..., ContextSet]:

@@ -15,7 +15,7 @@ from energyc.render import templates_dir
 
 # Op.vjp (no gradient): leaves, and attention_lse, a saved normaliser that only the attention
 # family reads, whose gradients hold its dependence on the scores already
-NO_VJP = {"input", "param", "hyper", "const", "offset", "attention_lse"}
+NO_VJP = {"input", "param", "hyper", "const", "offset", "position", "attention_lse"}
 DESCRIBED_BY_ATTRIBUTES = {"broadcast"}  # Op.describe: its name and attributes
 # Op.formula, their first input's: the energy's formula names what they are made from
 FORMULA_OF_FIRST_INPUT = {"broadcast", "rotary", "attention", "attention_lse",

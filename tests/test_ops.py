@@ -426,6 +426,7 @@ def test_shape_rules_give_canonical_axes():
     assert g.node(g.add("relabel", (x,), src="i", dst="j")).axes == ("b", "j", "D")
     assert g.node(g.add("reduce", (x,), kind="sum", axes=("D",), mask=None)).axes == ("b", "i")
     assert g.node(g.add("offset")).axes == ("i", "j")
+    assert g.node(g.add("position", token="j")).axes == ("j",)
     assert g.node(ops.const(g, 2)).axes == ()
     g.verify()
 

@@ -156,6 +156,11 @@ def _emit_offset(em: Emitter, nid: int, node: Node) -> str:
     return "_rt.token_offset(T, x.dtype, x.device)"
 
 
+@TORCH(ops.Position)
+def _emit_position(em: Emitter, nid: int, node: Node) -> str:
+    return f"_rt.token_position(T, x.dtype, x.device{em.offset_arg()})"
+
+
 def _einsum_call(em: Emitter, node: Node, out_axes: tuple[str, ...]) -> str:
     """``"subscripts", operands`` of contraction ``node`` with its output in ``out_axes``."""
     subs = ["".join(em.letters[a] for a in em.graph.node(u).axes) for u in node.inputs]

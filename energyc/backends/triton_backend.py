@@ -311,9 +311,9 @@ def _emit_reduction(em: TritonEmitter, nid: int, node: Node) -> str:
             f" {out_pos}, {red_pos}, {pre_in}, {epi_in}, {_tuple(dims)})")
 
 
-# what runs on torch on this path (see the module docstring): leaves, constants, dense products,
+# what runs on torch on this path (see the module docstring): leaves, constants, positions, dense products,
 # masks, broadcasts, relabels, rotary, and the attention family (whose torch printing calls
 # ``kernels``, here the Triton flash kernels)
-TRITON.reuse(TORCH, ops.Input, ops.Param, ops.Hyper, ops.Const, ops.Offset, ops.Contract,
-             ops.Mask, ops.Broadcast, ops.Relabel, ops.Rotary)
+TRITON.reuse(TORCH, ops.Input, ops.Param, ops.Hyper, ops.Const, ops.Offset, ops.Position,
+             ops.Contract, ops.Mask, ops.Broadcast, ops.Relabel, ops.Rotary)
 TRITON.reuse(TORCH, ops.Attention, ops.AttentionLse, ops.AttentionTransposed, ops.AttentionGrad)

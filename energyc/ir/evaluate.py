@@ -250,6 +250,11 @@ def _offset(ev: Evaluation, node: Node, ins: list) -> torch.Tensor:
     return ev.offsets()
 
 
+@evaluates(ops.Position)
+def _position(ev: Evaluation, node: Node, ins: list) -> torch.Tensor:
+    return torch.arange(ev.T, dtype=ev.dtype, device=ev.device)
+
+
 @evaluates(ops.Contract)
 def _contract(ev: Evaluation, node: Node, ins: list) -> torch.Tensor:
     letters = ev.letters()

@@ -319,6 +319,28 @@ class Offset(Op):
         return "(i - j)"
 
 
+class Position(Op):
+    """The index of one token (attribute ``token``: ``i`` or ``j``) as a float: 0, 1, ... over
+    that token's axis (continuing from the prefix's length where a layer decodes). A constant:
+    no gradient."""
+
+    name = "position"
+
+    @staticmethod
+    def shape(graph, in_axes, attrs):
+        if attrs["token"] not in ("i", "j"):
+            raise ValueError(f"position of token {attrs['token']!r}: i or j")
+        return (attrs["token"],)
+
+    @staticmethod
+    def describe(node):
+        return f"position {node.attr('token')}"
+
+    @staticmethod
+    def formula(graph, node, args):
+        return f"position({node.attr('token')})"
+
+
 class Contract(Op):
     """``out[o] = sum_{s} prod_k u_k[...]``: einsum over named axes (s = union - out).
 
@@ -809,7 +831,7 @@ class AttentionGrad(Op):
 
 OPS: dict[str, type[Op]] = {
     op.name: op
-    for op in (Input, Param, Hyper, Const, Offset, Contract, Pointwise, Reduce, FusedReduce, Mask,
+    for op in (Input, Param, Hyper, Const, Offset, Position, Contract, Pointwise, Reduce, FusedReduce, Mask,
                Broadcast,
                Relabel, Rotary, Attention, AttentionLse, AttentionTransposed, AttentionGrad)
 }

@@ -1,5 +1,6 @@
-"""Context sets on dense (T, T) tensors: the cached masks and offsets i - j that a generated
-``_energy`` reads, and the log-sum-exp over a context set that autograd differentiates."""
+"""Context sets on dense (T, T) tensors: the cached masks, offsets i - j and token positions
+that a generated ``_energy`` reads, and the log-sum-exp over a context set that autograd
+differentiates."""
 
 from __future__ import annotations
 
@@ -31,6 +32,16 @@ def token_offset(T: int, dtype: torch.dtype, device: torch.device) -> torch.Tens
         return i[:, None] - i[None, :]
 
     return _cached(("offset", T, dtype, str(device)), build)
+
+
+def token_position(T: int, dtype: torch.dtype, device: torch.device,
+                   offset: int = 0) -> torch.Tensor:
+    """The (T,) positions offset, offset + 1, ..., offset + T - 1 of T tokens after a prefix of
+    ``offset`` (decoding); a slice of one cached table of a power-of-two length."""
+    n = 1 << (offset + T - 1).bit_length() if offset else T
+    table = _cached(("position", n, dtype, str(device)),
+                    lambda: torch.arange(n, device=device, dtype=dtype))
+    return table[offset:offset + T] if offset else table
 
 
 def masked_logsumexp(s: torch.Tensor, mask: torch.Tensor, dim: int) -> torch.Tensor:
