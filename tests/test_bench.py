@@ -285,6 +285,7 @@ def test_bench_refuses_a_dim_that_nothing_sizes(tmp_path, capsys):
     assert ("energyc: error: --dim: no size for dim G, R (layer grouped_query_attention: G, R)"
             in err)
     assert "give them with --dim G=SIZE R=SIZE" in err and "D=128 H=4 K=32 M=512" in err
+    assert "or declare a size in the energy file: dims(\"...\", G=SIZE, R=SIZE)" in err
     # given, it runs, the others from the table
     assert main(["bench", unsized, "--tokens", "16", "--no-memory", "--repeats", "1", "--dim",
                  "G=2", "R=1", "D=16", "K=8"]) == 0

@@ -275,7 +275,9 @@ def _missing_message(missing: dict[str, list[str]], opts: BenchOptions) -> str:
     it = "it" if len(names) == 1 else "them"
     return (f"no size for dim {', '.join(names)} ({where}): the energy's Layer declares no default "
             f"for {it} and energyc bench sizes only {table}; give {it} with --dim "
-            + " ".join(f"{d}=SIZE" for d in names))
+            + " ".join(f"{d}=SIZE" for d in names)
+            + ", or declare a size in the energy file: dims(\"...\", "
+            + ", ".join(f"{d}=SIZE" for d in names) + ")")
 
 
 def layer_hypers(layer: CompiledLayer) -> dict[str, float]:
