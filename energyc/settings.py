@@ -62,9 +62,10 @@ class SettingTypeError(SettingError, TypeError):
     """A setting of the wrong type (a string, a bool or None for a number)."""
 
 
-def check_eta(value: Any, name: str = "eta") -> float:
-    """The step size: a finite real number (0 is the identity map; a negative one climbs E).
-    TypeError for what is not a number (a str, a bool, None), ValueError for NaN and +-inf."""
+def check_number(value: Any, name: str) -> float:
+    """A finite real number (the step size ``eta``: 0 is the identity map, a negative one climbs
+    E; a hyperparameter's value). TypeError for what is not a number (a str, a bool, None),
+    ValueError for NaN and +-inf."""
     if isinstance(value, (str, bytes, bool)):
         raise SettingTypeError(name, "a number", value)
     try:
@@ -101,7 +102,7 @@ def check_step_settings(eta: Any, steps: Any, precond: Any, precond_rank: Any, c
         SettingError: (a ValueError; SettingTypeError, also a TypeError, for an eta that is no
             number) naming the first bad setting.
     """
-    eta = check_eta(eta)
+    eta = check_number(eta, "eta")
     steps = check_count(steps, "steps")
     precond = check_choice(precond, "precond", PRECONDITIONERS)
     check_count(precond_rank, "precond_rank")

@@ -43,7 +43,6 @@ from energyc.runtime.arguments import (
     check_dim,
     check_input,
     factory,
-    finite_number,
     hyper_value,
 )
 from energyc.runtime.attention import (
@@ -70,7 +69,7 @@ from energyc.runtime.masks import context_mask, masked_logsumexp, token_offset, 
 from energyc.runtime.pairs import pair_lse, pair_softmax_sums, pair_sums, pair_tiles, running_sum
 from energyc.runtime.positions import alibi_slopes_, rotary
 from energyc.runtime.precond import INVERSE_SOFTPLUS_ONE
-from energyc.runtime.steps import Sums, add, apply_layer, energy_inputs
+from energyc.runtime.steps import Sums, apply_layer, energy_inputs
 from energyc.runtime.version import RUNTIME_VERSION, require
 
 __all__ = [
@@ -87,9 +86,9 @@ __all__ = [
     "contract", "contract_add", "mul_affine_",
     # the layer's plumbing
     "EnergyLayer", "LayerFunction", "StepConfig",
-    "as_scalar", "check_dim", "check_input", "factory", "finite_number",
+    "as_scalar", "check_dim", "check_input", "factory",
     "hyper_value", "implementation", "preload",
     "AUTOCAST_DTYPES", "autocast_as", "autocast_dtype", "autocast_off", "autocast_state",
-    "Sums", "add", "apply_layer", "energy_inputs",
+    "Sums", "apply_layer", "energy_inputs",
     "DecodeCache", "decode_layer", "extend",
 ]

@@ -1,16 +1,16 @@
 """A generated layer's arguments, checked once with messages that name the argument: dims,
-hyperparameters, dtype and device (the step settings: ``energyc.settings``), and the inputs of ``forward``, ``energy`` and
-``decode``."""
+hyperparameters, dtype and device, and the inputs of ``forward``, ``energy`` and ``decode``
+(numbers and counts by the checks of ``energyc.settings``, which also checks the step settings)."""
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 
 from energyc.runtime.autocast import AUTOCAST_DTYPES
+from energyc.settings import check_count, check_number
 
 
 def as_scalar(value: float | torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -22,8 +22,7 @@ def as_scalar(value: float | torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 
 def check_dim(name: str, value: Any, even: bool = False) -> int:
     """The constructor's dim argument ``name``: a positive int (even when ``even``)."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"argument {name}: expected a positive int, got {value!r}")
+    check_count(value, name)
     if even and value % 2:
         raise ValueError(
             f"argument {name}: expected an even size (rotary over {name}), got {value}"
@@ -32,26 +31,13 @@ def check_dim(name: str, value: Any, even: bool = False) -> int:
 
 
 def hyper_value(name: str, value: Any, default: float | None) -> float:
-    """The constructor's hyperparameter ``name``: ``value``, else ``default``, as a finite float."""
+    """The constructor's hyperparameter ``name``: ``value``, else ``default``, as a finite float
+    (``energyc.settings.check_number``)."""
     if value is None:
         value = default
     if value is None:
         raise TypeError(f"argument {name}: required (the energy declares no default)")
-    return finite_number(name, value)
-
-
-def finite_number(name: str, value: Any) -> float:
-    """Argument ``name`` as a finite float: TypeError for what is not a number (a str, a bool,
-    None), ValueError for NaN and +-inf."""
-    if isinstance(value, (str, bytes, bool)):
-        raise TypeError(f"argument {name}: expected a number, got {value!r}")
-    try:
-        number = float(value)
-    except (TypeError, ValueError, RuntimeError):  # RuntimeError: a tensor of more than one value
-        raise TypeError(f"argument {name}: expected a number, got {value!r}") from None
-    if not math.isfinite(number):
-        raise ValueError(f"argument {name}: expected a finite number, got {value!r}")
-    return number
+    return check_number(value, name)
 
 
 def factory(dtype: Any, device: Any) -> dict[str, Any]:

@@ -130,10 +130,6 @@ class LayerFunction(torch.autograd.Function):
         return (None, grad_x, *grads, grad_P_diag, grad_P_lowrank)
 
 
-def _alibi(param: torch.Tensor) -> None:
-    alibi_slopes_(param)
-
-
 #: a parameter's initialisation by kind, with its arguments at the layer's dims (a generated
 #: package's ``_declarations``: ``("normal", mean, std)``, ``("uniform", low, high)``,
 #: ``("constant", value)``, ``("alibi",)``: ALiBi's geometric slopes over the entries)
@@ -141,7 +137,7 @@ INITS: dict[str, Callable[..., Any]] = {
     "normal": lambda p, mean, std: torch.nn.init.normal_(p, mean=mean, std=std),
     "uniform": lambda p, low, high: torch.nn.init.uniform_(p, a=low, b=high),
     "constant": lambda p, value: torch.nn.init.constant_(p, value),
-    "alibi": _alibi,
+    "alibi": alibi_slopes_,
 }
 
 

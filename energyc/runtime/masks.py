@@ -9,7 +9,7 @@ import math
 import torch
 
 from energyc.context import Context, context
-from energyc.runtime.tables import _cached
+from energyc.runtime.tables import _cached, table_rows
 
 
 def context_mask(kind: Context | tuple, T: int, device: torch.device) -> torch.Tensor:
@@ -37,8 +37,8 @@ def token_offset(T: int, dtype: torch.dtype, device: torch.device) -> torch.Tens
 def token_position(T: int, dtype: torch.dtype, device: torch.device,
                    offset: int = 0) -> torch.Tensor:
     """The (T,) positions offset, offset + 1, ..., offset + T - 1 of T tokens after a prefix of
-    ``offset`` (decoding); a slice of one cached table of a power-of-two length."""
-    n = 1 << (offset + T - 1).bit_length() if offset else T
+    ``offset`` (decoding); a slice of one cached table (``table_rows``)."""
+    n = table_rows(T, offset)
     table = _cached(("position", n, dtype, str(device)),
                     lambda: torch.arange(n, device=device, dtype=dtype))
     return table[offset:offset + T] if offset else table

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from energyc.runtime.tables import _cached
+from energyc.runtime.tables import _cached, table_rows
 
 
 def _rotary_table(
@@ -37,12 +37,9 @@ def rotary(
     T, F = t.shape[token_dim], t.shape[feature_dim]
     if F % 2:
         raise ValueError(f"rotary position embedding needs an even feature size, got {F}")
-    if offset:  # a table of a power-of-two length serves every offset below it: few tables
-        n = 1 << (offset + T - 1).bit_length()
-        cos, sin = _rotary_table(n, F, base, t.dtype, t.device)
+    cos, sin = _rotary_table(table_rows(T, offset), F, base, t.dtype, t.device)
+    if offset:
         cos, sin = cos[offset:offset + T], sin[offset:offset + T]
-    else:
-        cos, sin = _rotary_table(T, F, base, t.dtype, t.device)
     if inverse:
         sin = -sin
     u = t.movedim((token_dim, feature_dim), (-2, -1)).unflatten(-1, (F // 2, 2))

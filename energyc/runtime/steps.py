@@ -12,15 +12,6 @@ from energyc.runtime.arguments import check_input
 from energyc.runtime.autocast import autocast_dtype
 
 
-def add(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:
-    """a + b where either may be None (no contribution)."""
-    if a is None:
-        return b
-    if b is None:
-        return a
-    return a + b
-
-
 class Sums:
     """Running sums of a backward's gradient parts across the descent steps. The first part is
     kept as it is (it may be another tensor's view, or the caller's upstream gradient), the

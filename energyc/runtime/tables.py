@@ -16,3 +16,10 @@ def _cached(key: tuple, build: Callable[[], Any]) -> Any:
             _CACHE.clear()
         value = _CACHE[key] = build()
     return value
+
+
+def table_rows(T: int, offset: int) -> int:
+    """Rows of a per-position table (positions, rotations) that serves T tokens at positions
+    offset .. offset + T - 1: T itself without a prefix; after one (decoding), the next power of
+    two above the last position, so that one table serves every call below it: few tables."""
+    return 1 << (offset + T - 1).bit_length() if offset else T
