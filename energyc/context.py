@@ -77,16 +77,55 @@ class Context:
     hi: int | None
     hole: int | None
     text: str
+    data: tuple[str, ...] = ()
 
     def __repr__(self) -> str:
-        return "{" + self.text + "}"
+        return "{" + self.described + "}"
+
+    @property
+    def described(self) -> str:
+        """The set for people, its band and what it reads from the call (``j <= i, same
+        document``)."""
+        return ", ".join([self.text, *[DATA[d] for d in self.data]])
+
+    # -- combining with sets from data ----------------------------------------------------------
+
+    def __and__(self, other: Any) -> Context:
+        """This set within each token's document: ``(j <= i) & same_document()``."""
+        if not isinstance(other, Context) or other.name != "all" or not other.data:
+            raise TypeError(
+                f"a context set combines by & with same_document() alone (its band and the "
+                f"document's tokens); got {self!r} & {other!r}")
+        return self.reading(*other.data)
+
+    __rand__ = __and__
+
+    def __or__(self, other: Any) -> Context:
+        """A prefix-LM's set: ``(j <= i) | (j < prefix())``, every key before the row's prefix
+        length P_b as well (hi_b(i) = max(i - LO, P_b - 1))."""
+        if not isinstance(other, PrefixSet):
+            raise TypeError(f"a context set combines by | with j < prefix() alone; got "
+                            f"{self!r} | {other!r}")
+        if self.hi is not None or self.hole is not None or self.lo is None:
+            raise TypeError(
+                f"{self!r} | (j < prefix()) is not one interval of keys per token (a window or a "
+                f"hole leaves a gap before the prefix's end); combine j <= i or j < i with it")
+        return self.reading("prefix")
+
+    def reading(self, *data: str) -> Context:
+        """This set, also bounded by the call's data ``data`` (``DATA``'s names)."""
+        for d in data:
+            if d not in DATA:
+                raise ValueError(f"unknown context data {d!r}; the kinds are {sorted(DATA)}")
+        merged = tuple(sorted(set(self.data) | set(data)))
+        return Context(self.name, self.args, self.lo, self.hi, self.hole, self.text, merged)
 
     # -- what the set is ---------------------------------------------------------------------
 
     @property
     def spelling(self) -> tuple:
         """The set as generated code spells it: ``("causal",)``, ``("window", 4)``."""
-        return (self.name, *self.args)
+        return (self.name, *self.args, *self.data)
 
     @property
     def band(self) -> tuple[int | None, int | None, int | None]:
@@ -95,14 +134,14 @@ class Context:
 
     @property
     def everything(self) -> bool:
-        """Whether every key is in every row's set (no mask at all)."""
-        return self.band == (None, None, None)
+        """Whether every key is in every row's set (no mask at all, whatever the call's data)."""
+        return self.band == (None, None, None) and not self.data
 
     @property
     def looks_back(self) -> bool:
         """Whether each query reads itself and earlier tokens alone (j <= i): a causal layer,
-        which decodes incrementally."""
-        return self.lo is not None and self.lo >= 0
+        which decodes incrementally (a prefix-LM's set reads the whole prefix: not)."""
+        return self.lo is not None and self.lo >= 0 and "prefix" not in self.data
 
     @property
     def reach(self) -> int | None:
@@ -269,10 +308,46 @@ def all_tokens() -> Context:
     return Context("all", (), None, None, None, "all j")
 
 
+#: what a set may read from the call besides its band, by the name its spelling carries, and
+#: how people say it (``energyc.runtime.rows`` turns the call's data into per-row bounds)
+DATA: dict[str, str] = {
+    "same_document": "same document",  # lo_b(i) >= start_b(doc(i)), hi_b(i) <= end_b(doc(i))
+    "prefix": "or j < prefix",  # hi_b(i) = max(hi(i), P_b - 1)
+}
+
+
+def same_document() -> Context:
+    """Every token of the query's own document (``cu_seqlens=`` or ``document_ids=`` at call
+    time): alone, an encoder over each document; ``(j <= i) & same_document()`` or
+    ``window(w) & same_document()`` bound another set by it."""
+    return all_tokens().reading("same_document")
+
+
+@dataclass(frozen=True)
+class PrefixSet:
+    """``j < prefix()``: the keys before the row's prefix length (``prefix=`` at call time).
+    Not a set by itself: ``(j <= i) | (j < prefix())`` is a prefix-LM's."""
+
+    def __repr__(self) -> str:
+        return "{j < prefix}"
+
+
+class Prefix:
+    """``prefix()``: the row's prefix length, compared with j (``j < prefix()``)."""
+
+    def __repr__(self) -> str:
+        return "prefix()"
+
+
+def prefix() -> Prefix:
+    """The row's prefix length P_b (``prefix=`` at call time), for ``j < prefix()``."""
+    return Prefix()
+
+
 #: the sets ``j <op> i`` makes in an energy file (``i, j = tokens()``)
 RELATIONS: dict[str, Callable[[], Context]] = {"<=": causal, "<": strict, "!=": not_self}
 #: the sets an energy file makes by calling a function (``energyc.dsl`` exports these)
-FUNCTIONS: tuple[Callable[..., Context], ...] = (window, all_tokens)
+FUNCTIONS: tuple[Callable[..., Any], ...] = (window, all_tokens, same_document, prefix)
 
 _PARSED: dict[tuple, Context] = {}
 
@@ -286,5 +361,7 @@ def context(spelling: Context | tuple) -> Context:
     if found is None:
         if not spelling or spelling[0] not in KINDS:
             raise ValueError(f"unknown context set {spelling!r}; the kinds are {sorted(KINDS)}")
-        found = _PARSED[spelling] = KINDS[spelling[0]](*spelling[1:])
+        args = [a for a in spelling[1:] if not isinstance(a, str)]
+        data = [a for a in spelling[1:] if isinstance(a, str)]
+        found = _PARSED[spelling] = KINDS[spelling[0]](*args).reading(*data)
     return found

@@ -310,7 +310,11 @@ class Token:
     def __repr__(self) -> str:
         return self.role
 
-    def _pair(self, other: Any, op: str) -> ContextSet:
+    def _pair(self, other: Any, op: str) -> Any:
+        if isinstance(other, _context.Prefix):
+            if self.role == "j" and op == "<":
+                return _context.PrefixSet()
+            raise _fail(f"the prefix compares as j < prefix(); got {self} {op} prefix()")
         if not isinstance(other, Token) or other.role == self.role:
             raise _fail(f"a context set compares j with i, e.g. j <= i; got {self} {op} {other}")
         # normalise to "j op i"
@@ -380,7 +384,8 @@ def _context_function(make: Callable[..., ContextSet]) -> Callable[..., ContextS
     return function
 
 
-# the context sets made by a function call: window(w), all_tokens()
+# the context sets made by a function call: window(w), all_tokens(), same_document(); and
+# prefix(), the bound of j < prefix()
 globals().update({f.__name__: _context_function(f) for f in _context.FUNCTIONS})
 
 

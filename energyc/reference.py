@@ -19,6 +19,7 @@ from energyc.compiler import CompiledLayer, _energy_subgraph
 from energyc.ir.evaluate import STABLE as _STABLE  # noqa: F401  (tests read it here)
 from energyc.ir.evaluate import align, evaluate
 from energyc.ir.functions import softplus  # noqa: F401
+from energyc.runtime.rows import call_data, calling
 
 
 def evaluate_energy(
@@ -58,8 +59,8 @@ def precondition(kind: str, g: torch.Tensor, P_diag=None, P_lowrank=None) -> tor
     return u
 
 
-def autograd_step(module: torch.nn.Module, x: torch.Tensor, energy, create_graph: bool
-                  ) -> torch.Tensor:
+def autograd_step(module: torch.nn.Module, x: torch.Tensor, energy, create_graph: bool,
+                  valid: torch.Tensor | None = None) -> torch.Tensor:
     """The layer's output, ``steps`` times ``x <- x - eta P grad_x E(x | xbar)``, with ``grad_x E``
     taken by ``torch.autograd.grad`` of ``energy(xa, xbar)`` (the per-token energy, (B, T)).
 
@@ -69,7 +70,8 @@ def autograd_step(module: torch.nn.Module, x: torch.Tensor, energy, create_graph
     ``module`` gives the settings (``config``: eta, steps, preconditioner, context) and the
     preconditioner's parameters (``P_diag``, ``P_lowrank``; :func:`precondition`). With
     ``create_graph`` the result is differentiable again: its backward is autograd's double
-    backward."""
+    backward. ``valid`` (B, T, 1), where given: 1 at real tokens, 0 at padding, whose update is
+    zero."""
     eta, steps, precond, context = module.config[:4]
     x0 = x
     for _ in range(steps):
@@ -79,6 +81,8 @@ def autograd_step(module: torch.nn.Module, x: torch.Tensor, energy, create_graph
             xbar = xbar.detach()
         e = energy(xa, xbar)
         (g,) = torch.autograd.grad(e.sum(), xa, create_graph=create_graph)
+        if valid is not None:
+            g = g * valid.to(g.dtype)
         u = precondition(precond, g, module.P_diag, module.P_lowrank)
         x = x - eta * u
     return x
@@ -95,9 +99,14 @@ def module_values(layer: CompiledLayer, module: torch.nn.Module
 
 
 def reference_step(layer: CompiledLayer, module: torch.nn.Module, x: torch.Tensor,
-                   create_graph: bool) -> torch.Tensor:
-    """The layer's output computed with torch.autograd on :func:`evaluate_energy`."""
+                   create_graph: bool, **data) -> torch.Tensor:
+    """The layer's output computed with torch.autograd on :func:`evaluate_energy`; ``data``: the
+    call's context data keywords (``cu_seqlens``, ``document_ids``, ``lengths``, ``prefix``), as
+    the layer takes them."""
     params, hypers = module_values(layer, module)
-    return autograd_step(
-        module, x, lambda xa, xbar: evaluate_energy(layer, xa, xbar, params, hypers),
-        create_graph)
+    call = call_data(x, None, **data)
+    valid = None if call is None else call.valid
+    with calling(call):
+        return autograd_step(
+            module, x, lambda xa, xbar: evaluate_energy(layer, xa, xbar, params, hypers),
+            create_graph, valid)

@@ -301,8 +301,19 @@ def package_spec(layer: CompiledLayer, source: str) -> PackageSpec:
         steps=decl.steps, precond=decl.precond, rank=decl.rank, context=decl.context,
         joint=decl.joint, functions=functions, precond_kinds=list(settings.PRECONDITIONERS),
         settings_doc=settings.DOC.splitlines(), decode_unsupported=unsupported,
-        decode_keys_from_context=from_context,
+        decode_keys_from_context=from_context, context_data=context_data(layer),
     )
+
+
+def context_data(layer: CompiledLayer) -> tuple[str, ...]:
+    """What the layer's context sets read from the call (``energyc.context.DATA``'s names)."""
+    graph = layer.energy
+    found: set[str] = set()
+    for n in graph.live():
+        mask = graph.node(n).attr("mask")
+        if mask is not None:
+            found.update(mask.data)
+    return tuple(sorted(found))
 
 
 def triton_module_spec(layer: CompiledLayer, source: str) -> TritonModuleSpec:
@@ -385,6 +396,9 @@ def decodable(layer: CompiledLayer) -> tuple[list[int], str | None, bool]:
         if mask is not None and not mask.looks_back:
             return needed, (f"the context set {{{describe_mask(mask)}}}{where} holds tokens "
                             f"after i"), False
+        if mask is not None and mask.data:
+            return needed, (f"the context set {{{describe_mask(mask)}}}{where} reads the call's "
+                            f"documents, which decoding does not take yet"), False
         if {"i", "j"} <= axes or node.op == "offset":
             return needed, (f"a reduction over j stays materialised{where}: decode runs fused "
                             f"context reductions"), False

@@ -104,3 +104,4 @@ class PackageSpec:
     runtime_version: str = RUNTIME_VERSION  # the energyc.runtime the package requires at least
     decode_unsupported: str | None = None  # why Layer.decode raises; None: it decodes
     decode_keys_from_context: bool = False  # the cached values depend on the context alone
+    context_data: tuple[str, ...] = ()  # what the context sets read from the call (context.DATA)

@@ -100,7 +100,7 @@ class Emitter:
                 f"{name} = _rt.context_mask({mask.spelling!r}, T, x.device)  "
                 f"# {{{describe_mask(mask)}}}"
             )
-        return _broadcast(self.masks[mask], ("i", "j"), to_axes)
+        return _broadcast(self.masks[mask], ("b", "i", "j"), to_axes)
 
     def print_body(self, body: sympy.Expr, args: list[int], out_axes: tuple[str, ...],
                    first: str | None = None) -> str:
@@ -248,7 +248,7 @@ def _reduce_code(em: Emitter, src: str, in_axes: tuple[str, ...], node: Node) ->
     dims = tuple(in_axes.index(a) for a in node.attr("axes"))
     dim = dims[0] if len(dims) == 1 else dims
     mask = node.attr("mask")
-    if mask is not None and not mask.everything:
+    if mask is not None:  # every set, all tokens too: the call's lengths bound it
         m = em.mask(mask, in_axes)
         if node.attr("kind") == "lse":
             return f"_rt.masked_logsumexp({src}, {m}, dim={dim})"

@@ -234,7 +234,7 @@ def _emit_reduction(em: TritonEmitter, nid: int, node: Node) -> str:
     red_axes = tuple(a for a in in_axes if a not in out_axes)
     p, q = len(out_axes), len(red_axes)
     mask = node.attr("mask")
-    masked = mask is not None and not mask.everything
+    masked = mask is not None  # every set, all tokens too: the call's lengths bound it
 
     params = ["OUT", *(f"IN{k}" for k in range(len(pre_args))),
               *(f"EPI{k}" for k in range(len(epi_args))), "N_OUT", "N_RED",

@@ -114,10 +114,27 @@ def evaluate_body(expr: sympy.Basic, env: Mapping[str, torch.Tensor], dtype) -> 
 
 
 def context_mask(mask: Context, T: int, device=None) -> torch.Tensor:
-    """The (i, j) boolean matrix of a context set (``Context.contains``, whose kinds
-    ``tests/test_context.py`` checks against their textbook definitions)."""
+    """The (b, i, j) boolean mask of a context set: (1, T, T) from ``Context.contains`` (whose
+    kinds ``tests/test_context.py`` checks against their textbook definitions), and where the
+    call gives data (``energyc.runtime.rows.calling``), (B, T, T) from its textbook definition
+    (FlexAttention's): ``| (j < P_b)`` for a prefix, ``& (doc(i) == doc(j))`` for documents,
+    ``& (i < L_b) & (j < L_b)`` for lengths (not from the runtime's per-row bounds)."""
+    from energyc.runtime.rows import current  # the call's data, as the layer was given it
+
     idx = torch.arange(T, device=device)
-    return mask.contains(idx[:, None], idx[None, :]).expand(T, T)
+    out = mask.contains(idx[:, None], idx[None, :]).expand(T, T)[None]
+    data = current()
+    if data is None:
+        return out
+    i, j = idx[None, :, None], idx[None, None, :]
+    if "prefix" in mask.data:
+        out = out | (j < data.prefix[:, None, None])
+    if "same_document" in mask.data:
+        out = out & (data.ids[:, :, None] == data.ids[:, None, :])
+    if data.lengths is not None:
+        n = data.lengths[:, None, None]
+        out = out & (i < n) & (j < n)
+    return out
 
 
 def masked_logsumexp(v: torch.Tensor, m: torch.Tensor, dim: int) -> torch.Tensor:
@@ -178,8 +195,8 @@ class Evaluation:
         return align(value, axes, to_axes).expand(self.full(to_axes))
 
     def mask(self, mask: Context, to_axes: tuple) -> torch.Tensor:
-        """The context set's (i, j) mask, aligned to ``to_axes``."""
-        return align(context_mask(mask, self.T, self.device), ("i", "j"), to_axes)
+        """The context set's (b, i, j) mask, aligned to ``to_axes``."""
+        return align(context_mask(mask, self.T, self.device), ("b", "i", "j"), to_axes)
 
     def offsets(self) -> torch.Tensor:
         """The (i, j) matrix of ``i - j``."""

@@ -95,7 +95,7 @@ SIZE_SYMBOLS = {"b": sympy.Symbol("B", positive=True, integer=True),
 def describe_mask(mask: Context | None) -> str:
     """A node's context set (its ``mask``, an ``energyc.context.Context``) as text, e.g.
     ``j <= i``; "" without one."""
-    return "" if mask is None else mask.text
+    return "" if mask is None else mask.described
 
 
 def size_of(graph: Graph, axis: str) -> sympy.Expr:
@@ -468,7 +468,7 @@ class Reduce(Op):
         else:
             du = pointwise(graph, ARG_SYMBOLS[0] * sympy.exp(ARG_SYMBOLS[1] - ARG_SYMBOLS[2]),
                            [g, u, nid])
-        if mask is not None and not mask.everything:
+        if mask is not None:  # every set, all tokens too: the call's lengths bound it
             du = graph.add("mask", (du,), mask=mask)
         return [(0, du)]
 

@@ -49,6 +49,7 @@ from energyc.runtime.autocast import autocast_as, autocast_off, autocast_state
 from energyc.runtime.backends import implementation, preload
 from energyc.runtime.decode import decode_layer
 from energyc.runtime.positions import alibi_slopes_
+from energyc.runtime.rows import CallData, call_data, calling
 from energyc.runtime.steps import Sums, apply_layer, energy_inputs
 
 
@@ -67,12 +68,23 @@ class StepConfig(NamedTuple):
 class LayerFunction(torch.autograd.Function):
     """``steps`` descent steps x <- x - eta * P * g(x, xbar); backward by the derived VJPs.
 
-    Applied as ``(config, x, *params, *hypers, P_diag, P_lowrank)`` (``energyc.runtime.steps.apply_layer``): the
-    package's parameters and hyperparameters (0-d tensors) in its declared order, then P's."""
+    Applied as ``(config, data, x, *params, *hypers, P_diag, P_lowrank)``
+    (``energyc.runtime.steps.apply_layer``): the call's context data (``energyc.runtime.rows``;
+    None: none), then the package's parameters and hyperparameters (0-d tensors) in its declared
+    order, then P's. The steps run with the data as the call's (``rows.calling``); with lengths,
+    g is zero at padded tokens (so is the gradient reaching it in the backward)."""
 
     @staticmethod
-    def forward(ctx, config: StepConfig, x: torch.Tensor, *args: torch.Tensor | None):
+    def forward(ctx, config: StepConfig, data: CallData | None, x: torch.Tensor,
+                *args: torch.Tensor | None):
+        with calling(data):
+            return LayerFunction._forward(ctx, config, data, x, args)
+
+    @staticmethod
+    def _forward(ctx, config: StepConfig, data: CallData | None, x: torch.Tensor,
+                 args: tuple[torch.Tensor | None, ...]) -> torch.Tensor:
         *weights, P_diag, P_lowrank = args
+        valid = None if data is None or data.valid is None else data.valid.to(x.dtype)
         keep = any(ctx.needs_input_grad)
         ctx.autocast = autocast_state(x)
         path, kernels = implementation(config.backend, x, config.package)
@@ -84,11 +96,14 @@ class LayerFunction(torch.autograd.Function):
         for _ in range(config.steps):
             xbar = x if current else x0
             g, saved = grad_forward(kernels, x, xbar, *weights)
+            if valid is not None:
+                g = g * valid
             u, precond_saved = precond_forward(g, P_diag, P_lowrank)
             if keep:
                 steps.append((x, g, saved, precond_saved))
             x = torch.add(x, u, alpha=-config.eta)  # x - eta u, one pass
         ctx.config = config
+        ctx.data, ctx.valid = data, valid
         ctx.steps = steps
         ctx.save_for_backward(x0, *args)
         return x
@@ -96,7 +111,7 @@ class LayerFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_y: torch.Tensor):
         x0, *args = ctx.saved_tensors
-        with autocast_as(ctx.autocast, x0):  # contractions cast as in the forward
+        with autocast_as(ctx.autocast, x0), calling(ctx.data):  # as in the forward
             return LayerFunction._backward(ctx, ctx.config, grad_y, x0, args)
 
     @staticmethod
@@ -116,6 +131,8 @@ class LayerFunction(torch.autograd.Function):
             grad_u = -config.eta * grad_x
             grad_g, g_P_diag, g_P_lowrank = precond_backward(
                 precond_saved, grad_u, g, P_diag, P_lowrank)
+            if ctx.valid is not None:
+                grad_g = grad_g * ctx.valid
             gx, gxbar, *parts = grad_backward(kernels, saved, grad_g, x, xbar, *weights)
             grad_x = sums.add(grad_x, gx)
             if current:
@@ -127,7 +144,7 @@ class LayerFunction(torch.autograd.Function):
             grad_P_lowrank = sums.add(grad_P_lowrank, g_P_lowrank)
         grad_x = sums.add(grad_x, grad_context)
         ctx.steps = None
-        return (None, grad_x, *grads, grad_P_diag, grad_P_lowrank)
+        return (None, None, grad_x, *grads, grad_P_diag, grad_P_lowrank)
 
 
 #: a parameter's initialisation by kind, with its arguments at the layer's dims (a generated
@@ -161,6 +178,7 @@ class Declarations:
     learned: tuple[str, ...]
     decode_unsupported: str | None
     decode_keys_from_context: bool
+    context_data: tuple[str, ...]
 
     @classmethod
     def of(cls, module: ModuleType) -> Declarations:
@@ -168,7 +186,7 @@ class Declarations:
             module, module.__package__, tuple(module.DIMS), tuple(module.EVEN_DIMS),
             module.STATE_DIM, tuple(module.PARAMS), tuple(module.HYPERS),
             tuple(module.LEARNED_HYPERS), module.DECODE_UNSUPPORTED,
-            module.DECODE_KEYS_FROM_CONTEXT)
+            module.DECODE_KEYS_FROM_CONTEXT, tuple(getattr(module, "CONTEXT_DATA", ())))
 
 
 class EnergyLayer(torch.nn.Module):
@@ -241,19 +259,36 @@ class EnergyLayer(torch.nn.Module):
         """The parameters in the declared order."""
         return tuple([getattr(self, attr) for attr in self._declared.params])
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _call_data(self, x: Any, sets: dict[str, Any]) -> CallData | None:
+        if not isinstance(x, torch.Tensor) or x.dim() != 3:
+            return None  # apply_layer's check says what x must be
+        return call_data(x, self._declared.context_data, **sets)
+
+    def forward(self, x: torch.Tensor, *, cu_seqlens: Any = None, document_ids: Any = None,
+                lengths: Any = None, prefix: Any = None) -> torch.Tensor:
         """Map x (batch, tokens, D) to the state after the descent steps (D: the state's dim).
+
+        The call's context data (``energyc.runtime.rows``): ``cu_seqlens`` (1-D offsets of the
+        documents packed in each row, shared by the rows, as FlashAttention's varlen) or
+        ``document_ids`` ((batch, tokens) or (tokens,), non-decreasing), where the energy's sets
+        read documents (``& same_document()``); ``prefix`` (an int or one per row) where they read
+        a prefix (``| (j < prefix())``); ``lengths`` (an int or one per row) on any layer: tokens
+        at or after a row's length are padding, outside every context set, and their outputs are
+        their inputs (no update; no gradient from the real tokens' losses).
 
         Under torch.autocast the steps run inside the region on x in the parameters' dtype:
         autocast casts each contraction's operands to its dtype, the rest stays float32, and the
         output is in the autocast dtype (energyc.runtime's mixed-precision notes).
         """
+        data = self._call_data(x, dict(cu_seqlens=cu_seqlens, document_ids=document_ids,
+                                       lengths=lengths, prefix=prefix))
         return apply_layer(
-            LayerFunction, self._config, "x", x, getattr(self, self._declared.state_dim),
+            LayerFunction, self._config, data, "x", x, getattr(self, self._declared.state_dim),
             self._params(), self._hypers, (self.P_diag, self.P_lowrank))
 
     def energy(self, x: torch.Tensor, xbar: torch.Tensor | None = None,
-               per_token: bool = False) -> torch.Tensor:
+               per_token: bool = False, *, cu_seqlens: Any = None, document_ids: Any = None,
+               lengths: Any = None, prefix: Any = None) -> torch.Tensor:
         """Total energy per batch element (or per token), evaluated from E itself: E(x | xbar).
 
         ``xbar`` is the context. Left out, it is the context a step from ``x`` uses: x itself,
@@ -264,12 +299,17 @@ class EnergyLayer(torch.nn.Module):
         through both roles either way. A joint energy reads x at context tokens too (``x[j]``):
         those terms are differentiated as the step differentiates them. Under torch.autocast it
         is evaluated in the parameters' dtype (a reduction, which autocast keeps in float32).
+        The context data keywords are ``forward``'s; a padded token's energy is 0.
         """
         declared = self._declared
         params = self._params()
         x, xbar = energy_inputs(x, xbar, getattr(self, declared.state_dim), params)
-        with autocast_off(x):
+        data = self._call_data(x, dict(cu_seqlens=cu_seqlens, document_ids=document_ids,
+                                       lengths=lengths, prefix=prefix))
+        with autocast_off(x), calling(data):
             e = declared.module._energy(x, xbar, *params, *self._hypers(x))
+        if data is not None and data.valid is not None:
+            e = e * data.valid[:, :, 0].to(e.dtype)
         return e if per_token else e.sum(dim=1)
 
     def decode(self, x: torch.Tensor, cache: Any = None) -> tuple[torch.Tensor, Any]:

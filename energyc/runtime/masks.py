@@ -8,18 +8,22 @@ import math
 
 import torch
 
-from energyc.context import Context, context
+from energyc.context import Context
+from energyc.runtime.rows import resolve
 from energyc.runtime.tables import _cached, table_rows
 
 
 def context_mask(kind: Context | tuple, T: int, device: torch.device) -> torch.Tensor:
-    """Boolean (T, T) mask: entry (i, j) is True when token j is in the context set ``kind`` (a
-    ``Context`` or its spelling, e.g. ``("window", 4)``) of token i."""
-    ctx = context(kind)
+    """Boolean (1, T, T) mask, or (B, T, T) where the call's data bounds the set row by row
+    (``energyc.runtime.rows``): entry (b, i, j) is True when token j is in the context set
+    ``kind`` (a ``Context`` or its spelling, e.g. ``("window", 4)``) of token i."""
+    ctx = resolve(kind, T, device)
+    if not isinstance(ctx, Context):
+        return ctx.dense()
 
     def build() -> torch.Tensor:
         i = torch.arange(T, device=device)
-        return ctx.contains(i[:, None], i[None, :])
+        return ctx.contains(i[:, None], i[None, :])[None]
 
     return _cached(("mask", ctx.spelling, T, str(device)), build)
 

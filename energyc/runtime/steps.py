@@ -39,6 +39,7 @@ class Sums:
 def apply_layer(
     function: Any,
     config: Any,
+    data: Any,
     name: str,
     x: Any,
     dim: int,
@@ -47,16 +48,16 @@ def apply_layer(
     precond: Sequence[torch.Tensor | None],
 ) -> torch.Tensor:
     """A generated layer's forward: check argument ``name`` (``x``) and run ``function`` (its
-    ``_LayerFunction``) on x, the parameters, the hyperparameters (``hypers(x)``, as 0-d tensors
+    ``_LayerFunction``) on the call's context data ``data``, x, the parameters, the hyperparameters (``hypers(x)``, as 0-d tensors
     of x's dtype) and the preconditioner's parameters. Under torch.autocast x is taken in the
     parameters' dtype, the steps run inside the region and the output comes in the autocast dtype
     (see the comment above ``AUTOCAST_DTYPES``)."""
     compute = autocast_dtype(x, params) if isinstance(x, torch.Tensor) else None
     check_input(name, x, dim, params, compute=compute)
     if compute is None:
-        return function.apply(config, x, *params, *hypers(x), *precond)
+        return function.apply(config, data, x, *params, *hypers(x), *precond)
     x = x.to(params[0].dtype) if params else x
-    return function.apply(config, x, *params, *hypers(x), *precond).to(compute)
+    return function.apply(config, data, x, *params, *hypers(x), *precond).to(compute)
 
 
 def energy_inputs(
