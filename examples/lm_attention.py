@@ -1,6 +1,8 @@
 """CEM attention layers for the byte-level language model (examples/train_lm.py).
 
-Six layers from one file: three positional schemes times two interactions.
+Twelve layers from one file: three positional schemes times two interactions, each over the
+causal set and, for windows packed from several documents (``train_lm.py --pack-documents``),
+over the causal set within a document (``_documents``, called with ``document_ids=``).
 
     scores_ij = beta * s_ij with
       lowrank:  s = (W_q x_i) . (W_k xbar_j)
@@ -9,7 +11,11 @@ Six layers from one file: three positional schemes times two interactions.
       rope:     the low-rank part uses R_i W_q x_i and R_j W_k xbar_j (R_p a fixed rotation)
       alibi:    the scores get -m_h (i - j) (slopes m_h, learned, ALiBi-initialised)
       nope:     nothing
-    E_i = -(1/beta) sum_h log sum_{j <= i} exp(scores_ij)
+    E_i = -(1/beta) sum_h log sum_{j in C(i)} exp(scores_ij)
+    C(i): j <= i, or (j <= i) & same_document(): the keys of token i's own document up to i
+
+Positions enter the scores only as i - j (the rotation's angle, the ALiBi term), so a document
+packed after others scores as it does alone: no per-document position offsets.
 """
 
 from energyc.dsl import (
@@ -21,6 +27,7 @@ from energyc.dsl import (
     logsumexp,
     param,
     rotary,
+    same_document,
     sqrt,
     state,
     tokens,
@@ -43,12 +50,14 @@ rope = dot(rotary(q, over=K), rotary(k, over=K), over=K)
 diagonal = dot(d * x[i], xbar[j], over=D)
 
 
-def causal_energy(scores):
-    return -(1 / beta) * logsumexp(scores, over=j <= i).sum(H)
+def causal_energy(scores, over):
+    return -(1 / beta) * logsumexp(scores, over=over).sum(H)
 
 
-for interaction, extra in (("", 0), ("_dplr", diagonal)):
-    layer(f"lm_attention_nope{interaction}", causal_energy(beta * (lowrank + extra)))
-    layer(f"lm_attention_rope{interaction}", causal_energy(beta * (rope + extra)))
-    layer(f"lm_attention_alibi{interaction}",
-          causal_energy(beta * (lowrank + extra) - slopes * (i - j)))
+for documents, over in (("", j <= i), ("_documents", (j <= i) & same_document())):
+    for interaction, extra in (("", 0), ("_dplr", diagonal)):
+        name = f"{interaction}{documents}"
+        layer(f"lm_attention_nope{name}", causal_energy(beta * (lowrank + extra), over))
+        layer(f"lm_attention_rope{name}", causal_energy(beta * (rope + extra), over))
+        layer(f"lm_attention_alibi{name}",
+              causal_energy(beta * (lowrank + extra) - slopes * (i - j), over))
