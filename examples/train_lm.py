@@ -26,6 +26,17 @@ on every machine with the same Python), split into training and validation by fi
 hash of the relative path. ``--data PATH`` takes a text file (split 95/5 by position) or a folder
 (every file, split by file like the default).
 
+``--pack-documents``: each window holds pieces of the files it covers (the file it starts in cut
+at its start, whole files, the file it ends in cut at its end: ``window_documents``), and a token
+attends only to its own document's bytes: the CEM model's attention layers are
+``generated.lm_attention_<position>[_dplr]_documents`` (the same energy over
+``(j <= i) & same_document()``, called with ``document_ids=``), the baseline's SDPA takes the
+boolean block-causal mask (FlexAttention has no backward on CPU in torch 2.13, and torchtune
+packs with this mask wherever FlexAttention does not run). Rotary and ALiBi positions enter the
+scores as i - j and need no per-document offsets. The windows and the targets are the same as
+without packing (a document's last byte keeps the next document's first byte as its target);
+only what each token attends to changes. A text file (--data FILE) is one document.
+
 Batch k is a pure function of (--seed, k), and the validation windows are fixed, so a run resumed
 from ``OUT/checkpoint.pt`` follows the same loss curve as an uninterrupted one (same machine and
 threads; ``--stop-at K`` stops after step K as if interrupted), and N processes under torchrun
@@ -91,9 +102,10 @@ FALLBACK_ATTENTION = "generated.cem_attention"
 RESUME_KEYS = (
     "model", "dim", "depth", "heads", "mlp_hidden", "position", "interaction", "recursive_steps",
     "preconditioner", "precond_rank", "eta", "seq", "batch", "lr", "warmup", "min_lr_ratio",
-    "weight_decay", "grad_clip", "seed", "data", "eval_batches", "precision",
+    "weight_decay", "grad_clip", "seed", "data", "eval_batches", "precision", "pack_documents",
 )  # fmt: skip
-RESUME_DEFAULTS = {"precision": "fp32"}  # of checkpoints written before the setting existed
+# of checkpoints written before the setting existed
+RESUME_DEFAULTS = {"precision": "fp32", "pack_documents": False}
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}  # the autocast dtype
 
 
@@ -106,7 +118,12 @@ class ConfigError(ValueError):
 
 @dataclasses.dataclass
 class Corpus:
-    """Training and validation bytes (uint8 tensors) and where they came from."""
+    """Training and validation bytes (uint8 tensors) and where they came from.
+
+    ``train_documents`` and ``val_documents`` (int64, increasing, starting at 0) are the offsets
+    of each document's first byte in its split: a file of a folder (empty files have none), or
+    the whole split of a text file.
+    """
 
     train: torch.Tensor
     val: torch.Tensor
@@ -114,6 +131,8 @@ class Corpus:
     split: str
     files_train: int = 0
     files_val: int = 0
+    train_documents: torch.Tensor = dataclasses.field(default_factory=lambda: _starts([0]))
+    val_documents: torch.Tensor = dataclasses.field(default_factory=lambda: _starts([0]))
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -123,7 +142,19 @@ class Corpus:
             "val_bytes": int(self.val.numel()),
             "files_train": self.files_train,
             "files_val": self.files_val,
+            "documents_train": int(self.train_documents.numel()),
+            "documents_val": int(self.val_documents.numel()),
         }
+
+
+def _starts(offsets: list[int]) -> torch.Tensor:
+    return torch.tensor(offsets, dtype=torch.int64)
+
+
+def _documents_in(starts: list[int], lo: int, hi: int) -> torch.Tensor:
+    """The document starts of bytes lo .. hi - 1 of a stream whose documents start at ``starts``
+    (sorted), as offsets from lo: 0 (the document lo is in, cut there) and every start inside."""
+    return _starts([0] + [s - lo for s in starts if lo < s < hi])
 
 
 def is_validation_file(relpath: str) -> bool:
@@ -198,18 +229,28 @@ def load_corpus(
         parts: dict[bool, bytearray] = {False: bytearray(), True: bytearray()}
         caps = {False: max_train_bytes, True: max_val_bytes}
         counts = {False: 0, True: 0}
+        starts: dict[bool, list[int]] = {False: [], True: []}  # each file's first byte
         for rel in files:
             is_val = is_validation_file(rel)
             room = caps[is_val] - len(parts[is_val])
             if room <= 0:
                 continue
             with open(os.path.join(root, rel), "rb") as fh:
-                parts[is_val] += fh.read(room)
+                content = fh.read(room)
+            if content:
+                starts[is_val].append(len(parts[is_val]))
+            parts[is_val] += content
             counts[is_val] += 1
         split = f"by file (crc32(relative path) % {VAL_MODULUS} == 0: validation)"
+        documents = {k: _documents_in(v, 0, len(parts[k])) for k, v in starts.items()}
         if min(len(parts[False]), len(parts[True])) < min_bytes:
+            n_train = len(parts[False])
             data = bytes(parts[False] + parts[True])
             train, val = _split_by_position(data, max_train_bytes, max_val_bytes)
+            every = starts[False] + [n_train + s for s in starts[True]]
+            cut = int(len(data) * SINGLE_FILE_TRAIN_FRACTION)
+            documents = {False: _documents_in(every, 0, len(train)),
+                         True: _documents_in(every, cut, cut + len(val))}  # fmt: skip
             parts = {False: bytearray(train), True: bytearray(val)}
             split = "by position 95/5 (too few files for a split by file)"
         corpus = Corpus(
@@ -219,6 +260,8 @@ def load_corpus(
             split,
             counts[False],
             counts[True],
+            documents[False],
+            documents[True],
         )
     for name, part in (("training", corpus.train), ("validation", corpus.val)):
         if part.numel() < min_bytes:
@@ -236,11 +279,33 @@ def _stream_seed(seed: int, step: int) -> int:
 
 
 def _windows(
-    data: torch.Tensor, starts: torch.Tensor, seq: int, device: str | torch.device
-) -> tuple[torch.Tensor, torch.Tensor]:
+    data: torch.Tensor,
+    starts: torch.Tensor,
+    seq: int,
+    device: str | torch.device,
+    documents: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, ...]:
     idx = starts[:, None] + torch.arange(seq + 1)
     w = data[idx].long().to(device)
-    return w[:, :-1], w[:, 1:]
+    if documents is None:
+        return w[:, :-1], w[:, 1:]
+    return w[:, :-1], w[:, 1:], window_documents(documents, starts, seq).to(device)
+
+
+def window_documents(documents: torch.Tensor, starts: torch.Tensor, seq: int) -> torch.Tensor:
+    """(n, seq) int64 document ids of the windows of ``seq`` input bytes at ``starts`` (n,) of a
+    stream whose documents start at the offsets ``documents``: 0 for the document a window
+    starts in, + 1 at each document that starts inside it (FlexAttention's ``document_ids``).
+
+    A window packs the pieces of the files it covers: the file it starts in, cut at the window's
+    start (whole where the window starts at its first byte), the files inside it whole, and the
+    file it ends in cut at the window's end (its rest is another window's piece): packing that
+    splits a document across packs, as torchtune's pretraining packing (split_across_pack) and
+    trl's packing of text streams do, at random offsets.
+    """
+    idx = starts[:, None] + torch.arange(seq)
+    ids = torch.searchsorted(documents, idx, right=True)
+    return ids - ids[:, :1]
 
 
 def _rank_slice(n: int, rank: int, world_size: int) -> slice:
@@ -260,16 +325,19 @@ def get_batch(
     rank: int = 0,
     world_size: int = 1,
     device: str | torch.device = "cpu",
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Inputs and targets (batch // world_size, seq) for training step ``step``.
+    documents: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, ...]:
+    """Inputs and targets (batch // world_size, seq) for training step ``step``, and with
+    ``documents`` (the split's document starts, ``Corpus.train_documents``) the windows'
+    document ids (``window_documents``): (x, y) or (x, y, document_ids).
 
     The global batch is ``batch`` random windows of seq + 1 bytes drawn from a generator seeded
     by (seed, step) only, so it is a pure function of (seed, step); rank r takes the r-th of
-    world_size equal slices of it.
+    world_size equal slices of it. The windows are the same with documents and without.
     """
     g = torch.Generator().manual_seed(_stream_seed(seed, step))
     starts = torch.randint(0, data.numel() - seq, (batch,), generator=g)
-    return _windows(data, starts[_rank_slice(batch, rank, world_size)], seq, device)
+    return _windows(data, starts[_rank_slice(batch, rank, world_size)], seq, device, documents)
 
 
 def validation_batches(
@@ -281,12 +349,14 @@ def validation_batches(
     rank: int = 0,
     world_size: int = 1,
     device: str | torch.device = "cpu",
-) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """The fixed validation windows (seeded by VAL_SEED): ``batches`` batches of ``batch``."""
+    documents: torch.Tensor | None = None,
+) -> list[tuple[torch.Tensor, ...]]:
+    """The fixed validation windows (seeded by VAL_SEED): ``batches`` batches of ``batch``, each
+    as ``get_batch``'s (with ``documents``, ``Corpus.val_documents``: and their document ids)."""
     g = torch.Generator().manual_seed(VAL_SEED)
     starts = torch.randint(0, data.numel() - seq, (batches, batch), generator=g)
     part = _rank_slice(batch, rank, world_size)
-    return [_windows(data, s[part], seq, device) for s in starts]
+    return [_windows(data, s[part], seq, device, documents) for s in starts]
 
 
 # -- models ----------------------------------------------------------------------------------------
@@ -332,6 +402,14 @@ def causal_mask(T: int, device: torch.device, start: int = 0) -> torch.Tensor:
     return j[None, :] <= i[:, None]
 
 
+def document_mask(document_ids: torch.Tensor) -> torch.Tensor:
+    """(B, T, T) boolean mask of the windows' documents (B, T): j <= i and j in i's document,
+    the block-causal mask of packed sequences (torchtune's ``packed_block_causal_mask``)."""
+    T = document_ids.shape[1]
+    same = document_ids[:, :, None] == document_ids[:, None, :]
+    return same & causal_mask(T, document_ids.device)
+
+
 @dataclasses.dataclass
 class KVCache:
     """Keys (rotated, under rope) and values of the P tokens an Attention has decoded so far,
@@ -375,10 +453,20 @@ class Attention(nn.Module):
             q, k = rotary(q, offset=offset), rotary(k, offset=offset)
         return q, k, v
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, document_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Attention of x (B, T, D) over j <= i, or with ``document_ids`` (B, T) over j <= i in
+        i's document: SDPA with the boolean block-causal mask (ALiBi: its bias, -inf outside the
+        document). Rotary and ALiBi positions enter the scores as i - j, so a packed document
+        attends as it does alone, without per-document position offsets."""
         B, T, D = x.shape
         q, k, v = self._qkv(x, 0)
-        if self.position == "alibi":
+        if document_ids is not None:
+            mask = document_mask(document_ids)[:, None]  # (B, 1, T, T)
+            if self.position == "alibi":
+                bias = alibi_bias(self.heads, T, x.device, q.dtype)
+                mask = bias.masked_fill(~mask, -math.inf)  # (B, H, T, T)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        elif self.position == "alibi":
             mask = alibi_bias(self.heads, T, x.device, x.dtype)
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         else:
@@ -436,8 +524,8 @@ class BaselineBlock(nn.Module):
         nn.init.normal_(self.attention.o.weight, std=dim**-0.5 * out_scale)
         nn.init.normal_(self.mlp.w2.weight, std=mlp_hidden**-0.5 * out_scale)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attention(self.attention_norm(x))
+    def forward(self, x: torch.Tensor, document_ids: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.attention(self.attention_norm(x), document_ids)
         return x + self.mlp(self.mlp_norm(x))
 
     def decode(
@@ -460,10 +548,14 @@ class CemBlock(nn.Module):
         self.mlp_norm = nn.RMSNorm(dim)
         self.mlp = mlp
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # each layer maps h to h - eta P dE/dh; its update joins the residual stream
+    def forward(self, x: torch.Tensor, document_ids: torch.Tensor | None = None) -> torch.Tensor:
+        # each layer maps h to h - eta P dE/dh; its update joins the residual stream; a layer
+        # over (j <= i) & same_document() takes the windows' documents (the MLP reads none)
         h = self.attention_norm(x)
-        x = x + (self.attention(h) - h)
+        if document_ids is None:
+            x = x + (self.attention(h) - h)
+        else:
+            x = x + (self.attention(h, document_ids=document_ids) - h)
         h = self.mlp_norm(x)
         return x + (self.mlp(h) - h)
 
@@ -515,10 +607,15 @@ class LanguageModel(nn.Module):
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
         return self.norm(x) @ self.embed.weight.T  # tied embeddings
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, tokens: torch.Tensor, document_ids: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Logits (B, T, VOCAB) of tokens (B, T); with ``document_ids`` (B, T), non-decreasing
+        along each row (``window_documents``), every token sees only its own document's tokens
+        (the model must have been built with --pack-documents for the CEM model's layers)."""
         x = self._embed(tokens)
         for block in self.blocks:
-            x = block(x)
+            x = block(x, document_ids)
         return self._logits(x)
 
     def decode(
@@ -543,26 +640,35 @@ class LanguageModel(nn.Module):
         return self._logits(x), DecodeCache(caches, P + tokens_new.shape[1])
 
 
-def attention_layer_name(position: str, interaction: str) -> str:
-    """The generated package for a position scheme and an interaction."""
-    suffix = "_dplr" if interaction == "dplr" else ""
+def attention_layer_name(position: str, interaction: str, documents: bool = False) -> str:
+    """The generated package for a position scheme and an interaction, over j <= i or (with
+    ``documents``) over (j <= i) & same_document()."""
+    suffix = ("_dplr" if interaction == "dplr" else "") + ("_documents" if documents else "")
     return f"generated.lm_attention_{POSITION_LAYER[position]}{suffix}"
 
 
 def load_attention_layer(
-    position: str, interaction: str, warn: bool = True
+    position: str, interaction: str, warn: bool = True, documents: bool = False
 ) -> tuple[type[nn.Module], str]:
     """The generated attention ``Layer`` class and its module name.
 
     Falls back to ``generated.cem_attention`` (no positions, low-rank scores) with a warning when
-    the wanted package has not been generated.
+    the wanted package has not been generated; a layer over documents has no fallback.
+
+    Raises:
+        ConfigError: the layer over documents has not been generated.
     """
-    name = attention_layer_name(position, interaction)
+    name = attention_layer_name(position, interaction, documents)
     try:
         return importlib.import_module(name).Layer, name
     except ModuleNotFoundError as exc:
         if exc.name is None or not name.startswith(exc.name):
             raise  # an import error inside the package, not a missing package
+        if documents:
+            raise ConfigError(
+                f"--pack-documents: {name} is not generated yet (run `python -m energyc compile "
+                f"examples/`)"
+            ) from None
         if warn:
             print(
                 f"warning: {name} is not generated yet (run `python -m energyc compile "
@@ -583,7 +689,12 @@ def build_model(args: argparse.Namespace, warn: bool = True) -> LanguageModel:
             BaselineBlock(dim, heads, hidden, args.position, args.depth) for _ in range(args.depth)
         ]
         return LanguageModel(blocks, dim, "baseline", "torch scaled_dot_product_attention")
-    attention_cls, attention_name = load_attention_layer(args.position, args.interaction, warn)
+    # the layers over documents have the same parameters as the causal ones: a checkpoint of
+    # either loads into the other (generate.py decodes one document with the causal layers)
+    documents = getattr(args, "pack_documents", False)
+    attention_cls, attention_name = load_attention_layer(
+        args.position, args.interaction, warn, documents
+    )
     from generated.cem_mlp import Layer as CemMlp
 
     common = {
@@ -616,7 +727,13 @@ def param_counts(model: LanguageModel) -> dict[str, int]:
 
 
 def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean next-byte cross-entropy in nats."""
+    """Mean next-byte cross-entropy in nats.
+
+    Packed windows too: every position's target is the next byte, also a document's last byte,
+    whose target is the first byte of the next document, as torchtune's packed datasets keep it
+    (its logits see only its own document: it predicts how a file starts). Every window so counts
+    the same seq bytes with packing and without.
+    """
     return F.cross_entropy(logits.reshape(-1, VOCAB).float(), targets.reshape(-1))
 
 
@@ -656,17 +773,19 @@ def autocast(device: torch.device, precision: str) -> torch.autocast:
 @torch.no_grad()
 def evaluate(
     model: nn.Module,
-    batches: list[tuple[torch.Tensor, torch.Tensor]],
+    batches: list[tuple[torch.Tensor, ...]],
     world_size: int = 1,
     precision: str = "fp32",
 ) -> float:
-    """Validation bits per byte: mean cross-entropy (nats) over all ranks' windows / ln 2."""
+    """Validation bits per byte: mean cross-entropy (nats) over all ranks' windows / ln 2.
+
+    A batch is (x, y) or, packed, (x, y, document_ids)."""
     was_training = model.training
     model.eval()
     total = torch.zeros(2, dtype=torch.float64, device=batches[0][0].device)
-    for x, y in batches:
+    for x, y, *documents in batches:
         with autocast(x.device, precision):
-            logits = model(x)
+            logits = model(x, *documents)
         total[0] += F.cross_entropy(
             logits.reshape(-1, VOCAB).float(), y.reshape(-1), reduction="sum"
         ).double()
@@ -825,6 +944,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
             wrapped = DistributedDataParallel(
                 model, device_ids=[device.index] if device.type == "cuda" else None
             )
+        packed = args.pack_documents
         val = validation_batches(
             corpus.val,
             batches=args.eval_batches,
@@ -833,6 +953,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
             rank=rank,
             world_size=world,
             device=device,
+            documents=corpus.val_documents if packed else None,
         )
         config = {k: v for k, v in vars(args).items()}
         stop = min(args.steps, args.stop_at) if args.stop_at else args.steps
@@ -845,6 +966,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
                 f"{counts['params_attention']:,}, MLP {counts['params_mlp']:,}); "
                 f"{model.attention_layer}; {corpus.train.numel():,} training bytes; "
                 f"{world} process(es) on {device}; {args.precision}"
+                + ("; windows packed from documents (document masks)" if packed else "")
             )
 
         def metrics() -> dict[str, Any]:
@@ -919,7 +1041,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         model.train()
         while step < stop:
             t0 = time.perf_counter()
-            x, y = get_batch(
+            x, y, *documents = get_batch(
                 corpus.train,
                 step,
                 seed=args.seed,
@@ -928,9 +1050,10 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
                 rank=rank,
                 world_size=world,
                 device=device,
+                documents=corpus.train_documents if packed else None,
             )
             with autocast(device, args.precision):
-                logits = wrapped(x)
+                logits = wrapped(x, *documents)
             loss = lm_loss(logits, y)  # in float32
             opt.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()  # no scaling unless fp16
@@ -1017,6 +1140,13 @@ def build_parser() -> argparse.ArgumentParser:
     cem.add_argument("--eta", type=float, default=1.0, help="descent step size")
     p.add_argument("--seq", type=int, default=256, help="tokens (bytes) per window")
     p.add_argument("--batch", type=int, default=16, help="windows per step (all processes)")
+    p.add_argument(
+        "--pack-documents",
+        action="store_true",
+        help="document masks: a token sees only its own file's bytes in a window (the same "
+        "windows; the CEM model's attention over (j <= i) & same_document(), the baseline's "
+        "SDPA with the block-causal mask)",
+    )
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--warmup", type=int, default=20, help="linear warmup steps")
