@@ -115,7 +115,10 @@ def load_model(run_dir: str, device: torch.device) -> tuple[train_lm.LanguageMod
         )
     ckpt = torch.load(path, map_location=device, weights_only=True)
     config = ckpt["config"]
-    model = train_lm.build_model(argparse.Namespace(**config)).to(device)
+    # a --pack-documents run's attention layers read documents; the prompt and its continuation
+    # are one document, which the causal layers (the same parameters) decode
+    settings = {**config, "pack_documents": False}
+    model = train_lm.build_model(argparse.Namespace(**settings)).to(device)
     try:
         model.load_state_dict(ckpt["model"])
     except RuntimeError as exc:

@@ -198,3 +198,21 @@ def test_cli_errors(where, extra, message, runs, tmp_path, capsys):
         generate.main(argv)
     assert exc.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_cli_decodes_a_packed_run(tmp_path, capsys):
+    """A --pack-documents CEM run's checkpoint loads into the causal layers (the same parameters):
+    a prompt and its continuation are one document, decoded through the cache."""
+    data = tmp_path / "corpus.txt"
+    data.write_text(_text())
+    out = str(tmp_path / "packed")
+    train_lm.main(tiny("cem", str(data), out, *SMALL, "--steps", "1", "--eval-every", "1",
+                       "--warmup", "1", "--pack-documents"))  # fmt: skip
+    net, config = generate.load_model(out, torch.device("cpu"))
+    assert config["pack_documents"] and net.attention_layer == "generated.lm_attention_rope"
+    capsys.readouterr()
+    argv = ["--checkpoint", out, "--prompt", PROMPT.decode(), "--tokens", "5", "--temperature",
+            "0", "--device", "cpu"]  # fmt: skip
+    assert generate.main(argv) == 0
+    expected = run(net, 5, use_cache=False)
+    assert capsys.readouterr().out == expected.decode("utf-8", errors="replace") + "\n"
