@@ -1,3 +1,4 @@
+import importlib
 import os
 import sys
 
@@ -25,6 +26,29 @@ def example_files() -> list[str]:
     from energyc.cli import energy_files
 
     return sorted(os.path.relpath(f, ROOT) for f in energy_files([EXAMPLES]))
+
+
+def context_data(name: str, batch: int, tokens: int) -> dict:
+    """The call's context data keywords for the generated example layer ``name`` on ``batch``
+    rows of ``tokens``: for sets that read documents, per-row ``document_ids`` cut at other
+    tokens in each row (the first row's first document one token long); for sets that read a
+    prefix, a third of each row; {} where the sets read nothing from the call."""
+    reads = getattr(importlib.import_module(f"generated.{name}.layer"), "CONTEXT_DATA", ())
+    import torch
+
+    data = {}
+    if "same_document" in reads:
+        rows = []
+        for b in range(batch):
+            ids = torch.zeros(tokens, dtype=torch.int64)
+            for cut in {1 + b, tokens // 2 + b}:
+                if 0 < cut < tokens:
+                    ids[cut:] += 1
+            rows.append(ids)
+        data["document_ids"] = torch.stack(rows)
+    if "prefix" in reads:
+        data["prefix"] = torch.full((batch,), tokens // 3, dtype=torch.int64)
+    return data
 
 
 @pytest.fixture(autouse=True)

@@ -23,7 +23,7 @@ from energyc.check import Case, build
 from energyc.compiler import compile_file
 from energyc.loader import load
 from energyc.reference import reference_step
-from tests.conftest import assert_within_tolerance, example_files
+from tests.conftest import assert_within_tolerance, context_data, example_files
 
 BF16 = torch.bfloat16
 
@@ -69,7 +69,8 @@ def test_autocast_bf16_against_float64_reference(layer, backend):
     exact.load_state_dict({k: v.to(BF16).double() for k, v in exact.state_dict().items()})
     x = x.to(BF16).double().requires_grad_()
     w = torch.randn(x.shape, dtype=x.dtype, generator=torch.Generator().manual_seed(1))
-    y = reference_step(layer, exact, x, create_graph=True)
+    data = context_data(layer.name, case.batch, case.tokens)
+    y = reference_step(layer, exact, x, create_graph=True, **data)
     expected = [y, *torch.autograd.grad((y * w).sum(), [x, *exact.parameters()],
                                         allow_unused=True)]
 
@@ -81,7 +82,7 @@ def test_autocast_bf16_against_float64_reference(layer, backend):
     lay.load_state_dict({k: v.float() for k, v in exact.state_dict().items()})
     xt = x.detach().float().requires_grad_()
     with torch.autocast("cpu", dtype=BF16):
-        yt = lay(xt)
+        yt = lay(xt, **data)
         loss = (yt * w.to(BF16)).sum()
     assert yt.dtype == BF16
     params = list(lay.parameters())

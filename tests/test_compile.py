@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from energyc.tolerances import tolerance
+from tests.conftest import context_data
 
 
 @pytest.mark.slow
@@ -124,9 +125,10 @@ def test_every_example_compiles_fullgraph(name, backend):
     layer = Layer(**EXAMPLES[name], precond="dplr", backend=backend).double()
     x = torch.randn(2, 7, EXAMPLES[name]["D"], dtype=torch.float64, requires_grad=True)
     params = [x, *layer.parameters()]
+    data = context_data(name, 2, 7)
 
     def loss(x):
-        return (layer(x) ** 2).sum()
+        return (layer(x, **data) ** 2).sum()
 
     eager = torch.autograd.grad(loss(x), params, allow_unused=True)
     compiled = torch.compile(loss, fullgraph=True)

@@ -23,7 +23,7 @@ from energyc.check import Case, build
 from energyc.compiler import compile_file
 from energyc.loader import load
 from energyc.reference import reference_step
-from tests.conftest import assert_within_tolerance, example_files
+from tests.conftest import assert_within_tolerance, context_data, example_files
 
 pytest.importorskip("triton")
 
@@ -66,7 +66,8 @@ def step_and_grads(layer, module, dtype, device, tokens: int = 7, backend: str =
     exact.load_state_dict({k: v.to(dtype).double() for k, v in exact.state_dict().items()})
     x = x.to(dtype).double().requires_grad_()
     w = torch.randn(x.shape, dtype=x.dtype, generator=torch.Generator().manual_seed(1))
-    y = reference_step(layer, exact, x, create_graph=True)
+    data = context_data(layer.name, case.batch, case.tokens)
+    y = reference_step(layer, exact, x, create_graph=True, **data)
     expected = [y, *torch.autograd.grad((y * w).sum(), [x, *exact.parameters()],
                                         allow_unused=True)]
 
@@ -75,7 +76,7 @@ def step_and_grads(layer, module, dtype, device, tokens: int = 7, backend: str =
                        backend=backend, dtype=dtype, device=device)
     lay.load_state_dict({k: v.to(dtype) for k, v in exact.state_dict().items()})
     xt = x.detach().to(device, dtype).requires_grad_()
-    yt = lay(xt)
+    yt = lay(xt, **{k: v.to(device) for k, v in data.items()})
     got = [yt, *torch.autograd.grad((yt * w.to(device, dtype)).sum(), [xt, *lay.parameters()],
                                     allow_unused=True)]
     got = [None if t is None else t.detach().cpu().double() for t in got]
