@@ -38,14 +38,12 @@ def context_data(name: str, batch: int, tokens: int) -> dict:
 
     data = {}
     if "same_document" in reads:
-        rows = []
+        ids = torch.zeros(batch, tokens, dtype=torch.int64)
         for b in range(batch):
-            ids = torch.zeros(tokens, dtype=torch.int64)
             for cut in {1 + b, tokens // 2 + b}:
                 if 0 < cut < tokens:
-                    ids[cut:] += 1
-            rows.append(ids)
-        data["document_ids"] = torch.stack(rows)
+                    ids[b, cut:] += 1
+        data["document_ids"] = ids
     if "prefix" in reads:
         data["prefix"] = torch.full((batch,), tokens // 3, dtype=torch.int64)
     return data

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from energyc import runtime as rt
-from tests.conftest import ROOT
+from tests.conftest import ROOT, context_data
 
 PACKAGES = sorted(
     name
@@ -44,15 +44,16 @@ def test_empty_input_gives_empty_outputs_forward_and_backward(package, dtype, sh
     a reduction over no keys: outputs, gradients and energies of the right (empty) shape."""
     layer = build(package).to(dtype)
     x = torch.randn(*shape, 4, dtype=dtype, requires_grad=True)
-    y = layer(x)
+    data = context_data(package, *shape)
+    y = layer(x, **data)
     assert y.shape == x.shape and y.dtype == dtype
     y.sum().backward()
     assert x.grad.shape == x.shape
     for p in layer.parameters():
         if p.grad is not None:
             assert p.grad.shape == p.shape and torch.count_nonzero(p.grad) == 0
-    assert layer.energy(x.detach()).shape == (shape[0],)
-    assert layer.energy(x.detach(), per_token=True).shape == shape
+    assert layer.energy(x.detach(), **data).shape == (shape[0],)
+    assert layer.energy(x.detach(), per_token=True, **data).shape == shape
 
 
 @pytest.mark.parametrize("shape", [(2, 0, 2, 4), (0, 3, 2, 4)])
@@ -83,8 +84,9 @@ def test_nan_input_stays_nan_in_the_per_token_energy_and_the_output(package):
     layer = build(package).double()
     x = torch.randn(2, 3, 4, dtype=torch.float64)
     x[:, 1, 0] = float("nan")
-    assert torch.isnan(layer.energy(x, per_token=True)[:, 1]).all()
-    assert torch.isnan(layer(x)[:, 1]).any()
+    data = context_data(package, 2, 3)
+    assert torch.isnan(layer.energy(x, per_token=True, **data)[:, 1]).all()
+    assert torch.isnan(layer(x, **data)[:, 1]).any()
 
 
 @pytest.mark.parametrize("value", [float("inf"), float("-inf"), float("nan")])
@@ -94,7 +96,7 @@ def test_non_finite_input_never_crashes(package, value):
     x = torch.randn(1, 3, 4)
     x[0, 0, 0] = value
     x.requires_grad_(True)
-    layer(x).sum().backward()
+    layer(x, **context_data(package, 1, 3)).sum().backward()
     assert x.grad.shape == x.shape
 
 
