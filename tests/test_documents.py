@@ -229,3 +229,12 @@ def test_notation_errors(tmp_path):
         with pytest.raises(Exception, match=message) as info:
             compile_file(load(str(path)))
         assert "bad.py:6" in str(info.value), str(info.value)
+
+
+def test_positions_with_documents_are_refused(tmp_path):
+    path = tmp_path / "pos.py"
+    path.write_text(HEADER + "E = -logsumexp(log(position(i) + 1) * s, "
+                    "over=(j <= i) & same_document()).sum(H)\nlayer('pos', E)\n")
+    with pytest.raises(Exception, match="position\\(\\) with a set that reads documents") as info:
+        compile_file(load(str(path)))
+    assert "pos.py:6" in str(info.value), str(info.value)
