@@ -134,6 +134,9 @@ def context_mask(mask: Context, T: int, device=None) -> torch.Tensor:
     if data.lengths is not None:
         n = data.lengths[:, None, None]
         out = out & (i < n) & (j < n)
+    if data.first is not None:
+        f = data.first[:, None, None]
+        out = out & (i >= f) & (j >= f)
     return out
 
 

@@ -312,7 +312,8 @@ class EnergyLayer(torch.nn.Module):
             e = e * data.valid[:, :, 0].to(e.dtype)
         return e if per_token else e.sum(dim=1)
 
-    def decode(self, x: torch.Tensor, cache: Any = None) -> tuple[torch.Tensor, Any]:
+    def decode(self, x: torch.Tensor, cache: Any = None, *, document_ids: Any = None,
+               left_padding: Any = None) -> tuple[torch.Tensor, Any]:
         """Incremental decoding: the outputs at t new tokens x (batch, t, D) that follow the
         tokens already passed through ``cache``, and the cache extended by them.
 
@@ -320,12 +321,19 @@ class EnergyLayer(torch.nn.Module):
         of ``forward`` on the whole sequence; each call does work linear in the tokens so far.
         Without autograd (inference). Raises ValueError where a token's update depends on later
         tokens (the package's DECODE_UNSUPPORTED says why).
+
+        Rows of different lengths decode together padded on the left: ``left_padding`` (an int
+        or one per row, on the first call) counts each row's padding tokens, which no real token
+        reads and whose outputs are their inputs. Where the energy's sets read documents,
+        ``document_ids`` ((batch, t) or (t,)) gives the new tokens' documents: a token whose id
+        differs from the one before starts a document, with a fresh context.
         """
         declared = self._declared
         return decode_layer(
             declared.package, self.config, x, cache, getattr(self, declared.state_dim),
             self._params(), self._hypers, (self.P_diag, self.P_lowrank), declared.module._grad_decode,
-            precond.FORWARD, declared.decode_unsupported, declared.decode_keys_from_context)
+            precond.FORWARD, declared.decode_unsupported, declared.decode_keys_from_context,
+            declared.context_data, document_ids, left_padding)
 
     def extra_repr(self) -> str:
         declared = self._declared

@@ -19,6 +19,9 @@ with, from the band LO <= i - j <= HI (``energyc/context.py``)::
     & same_document():  lo_b(i) = max(lo_b(i), start_b(i)),  hi_b(i) = min(hi_b(i), end_b(i))
     lengths:            hi_b(i) = min(hi_b(i), L_b - 1); a padded query (i >= L_b): empty,
                         lo_b(i) = L_b, hi_b(i) = L_b - 1
+    first (decoding a batch of prompts padded on the left):
+                        lo_b(i) = max(lo_b(i), F_b); a padded query (i < F_b): empty,
+                        lo_b(i) = F_b, hi_b(i) = F_b - 1
 
 O(tokens) vectors built on the device; never a (T x T) mask or a block table. lo_b and hi_b
 never decrease along i, so a block of queries [i0, i1) reaches the keys [min_b lo_b(i0),
@@ -58,6 +61,8 @@ class CallData:
             the first and the last token of token i's document.
         lengths: (B,) int64, each row's real tokens (None: every token is real).
         prefix: (B,) int64, each row's prefix length (None: no prefix given).
+        first: (B,) int64, each row's first real token (None: 0): the tokens before it are
+            padding (a decoded batch of prompts padded on the left).
     """
 
     B: int
@@ -67,16 +72,23 @@ class CallData:
     end: torch.Tensor | None = None
     lengths: torch.Tensor | None = None
     prefix: torch.Tensor | None = None
+    first: torch.Tensor | None = None
     _rows: dict = field(default_factory=dict, repr=False)
 
     @property
     def valid(self) -> torch.Tensor | None:
         """(B, T, 1) 1 at real tokens, 0 at padding (None without lengths), in int64; callers
         cast it."""
-        if self.lengths is None:
+        if self.lengths is None and self.first is None:
             return None
-        i = torch.arange(self.T, device=self.lengths.device)
-        return (i[None, :] < self.lengths[:, None])[:, :, None]
+        known = self.lengths if self.lengths is not None else self.first
+        i = torch.arange(self.T, device=known.device)[None, :]
+        real = torch.ones((known.shape[0], self.T), dtype=torch.bool, device=known.device)
+        if self.lengths is not None:
+            real = real & (i < self.lengths[:, None])
+        if self.first is not None:
+            real = real & (i >= self.first[:, None])
+        return real[:, :, None]
 
     def positions(self) -> torch.Tensor | None:
         """(B or 1, T) int64, each token's index within its document (None without documents):
@@ -239,7 +251,7 @@ def resolve(kind: Context | tuple, T: int, device: torch.device | str) -> Contex
     """
     ctx = context(kind)
     data = current()
-    if data is None or (not ctx.data and data.lengths is None):
+    if data is None or (not ctx.data and data.lengths is None and data.first is None):
         if ctx.data:
             raise ValueError(f"the context set {ctx!r} reads the call's data; run it through its "
                              f"layer with cu_seqlens=, document_ids= or prefix=")
@@ -280,6 +292,11 @@ class Rows:
             real = i[None, :] < n
             hi = torch.where(real, torch.minimum(hi, n - 1), n - 1)
             lo = torch.where(real, lo, n)
+        if data.first is not None:  # padding on the left: every row starts at its first token
+            f = data.first.to(device)[:, None]
+            real = i[None, :] >= f
+            lo = torch.where(real, torch.maximum(lo, f), f)
+            hi = torch.where(real, hi, f - 1)
         return cls(ctx, lo.contiguous(), hi.contiguous(), ctx.hole, T)
 
     # -- per-row answers ----------------------------------------------------------------------
