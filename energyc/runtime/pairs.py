@@ -173,7 +173,7 @@ def _rows_tiles(rows: Rows, T: int, block_q: int, block_k: int
         for j0 in range(lo, hi, block_k):
             j1 = min(j0 + block_k, hi)
             r0, r1 = rows.query_range(j0, j1)
-            if r1 <= i0 or i1 <= r0:
+            if min(r1, i1) <= max(r0, i0):
                 continue  # no row's query of the block reaches these keys
             yield i0, i1, j0, j1, rows.needs_mask(i0, i1, j0, j1)
 
@@ -392,13 +392,13 @@ def _rows_sums(v: torch.Tensor, dim: int, rows: Rows, keys_major: bool) -> torch
     lo, hi, hole = rows.lo, rows.hi, rows.hole
     T = v.shape[dim]
     if dim == 0:
-        if lo.shape[0] != 1:
+        if max(lo.shape[0], hi.shape[0]) != 1:
             raise ValueError("running_sum: a value without a batch axis cannot take the call's "
                              "per-row context data (lengths, per-row documents or prefixes)")
         return _rows_sums(v[None], 1, rows, keys_major)[0]
     x = v.movedim(dim, 1)
     rest = x.shape[2:]
-    B = max(x.shape[0], lo.shape[0])
+    B = max(x.shape[0], lo.shape[0], hi.shape[0])
     x = x.reshape(x.shape[0], T, -1).to(torch.float64)
     lo, hi = lo.to(x.device).expand(B, T), hi.to(x.device).expand(B, T)
     C = torch.nn.functional.pad(x.cumsum(1), (0, 0, 1, 0)).expand(B, T + 1, -1)  # C[k] = C(k - 1)
