@@ -401,7 +401,9 @@ def _rows_sums(v: torch.Tensor, dim: int, rows: Rows, keys_major: bool) -> torch
     B = max(x.shape[0], lo.shape[0], hi.shape[0])
     x = x.reshape(x.shape[0], T, -1).to(torch.float64)
     lo, hi = lo.to(x.device).expand(B, T), hi.to(x.device).expand(B, T)
-    C = torch.nn.functional.pad(x.cumsum(1), (0, 0, 1, 0)).expand(B, T + 1, -1)  # C[k] = C(k - 1)
+    C = x.new_empty(x.shape[0], T + 1, x.shape[2])  # C[k] = C(k - 1)
+    C[:, 0] = 0
+    torch.cumsum(x, 1, out=C[:, 1:])
     t = torch.arange(T, device=x.device).expand(B, T)
     if keys_major:
         a = torch.searchsorted(hi.contiguous(), t.contiguous())  # first query i with hi >= j
@@ -412,18 +414,20 @@ def _rows_sums(v: torch.Tensor, dim: int, rows: Rows, keys_major: bool) -> torch
         first, past = lo, torch.maximum(hi + 1, lo)
         hole_at = None if hole is None else t - hole
     count = past - first
-    out = _gather(C, past) - _gather(C, first)
+    out = _rows_at(C, past).sub_(_rows_at(C, first))
     if hole_at is not None:
         inside = (first <= hole_at) & (hole_at < past)
-        out = out - torch.where(inside[..., None], _gather(x.expand(B, T, -1), hole_at.clamp(0, T - 1)), 0.0)
+        out.sub_(_rows_at(x, hole_at.clamp(0, T - 1)).mul_(inside[..., None]))
         count = count - inside.to(count.dtype)
-    out = torch.where((count > 0)[..., None], out, 0.0)
+    out.masked_fill_((count <= 0)[..., None], 0.0)  # an empty set: exactly 0
     return out.reshape(B, T, *rest).movedim(1, dim).to(v.dtype)
 
 
-def _gather(c: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """``c[b, index[b, i], :]`` for c (B, N, R) and index (B, T)."""
-    return c.gather(1, index[..., None].expand(*index.shape, c.shape[2]))
+def _rows_at(c: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``c[b, index[b, i], :]`` (B, T, R) for c (B|1, N, R) and index (B, T)."""
+    if c.shape[0] == 1:
+        return c[0][index]
+    return c[torch.arange(c.shape[0], device=c.device)[:, None], index]
 
 
 def _band_sums(v: torch.Tensor, dim: int, ctx: Context) -> torch.Tensor:
