@@ -199,6 +199,24 @@ def test_running_sums_on_rows_other_axes():
             kernels.running_sum(v[0, 0], 0, causal(), False)
 
 
+def test_rows_kernels_differentiate():
+    """layer.energy records the kernels: autograd through them on rows (gradcheck, float64)."""
+    call = _data({"cu_seqlens": torch.tensor([0, 1, 4, 9]), "lengths": torch.tensor([9, 7])},
+                 tokens=9)
+    ctx = strict() & DOCS
+    torch.manual_seed(6)
+    v = _draw(B, 9, 2).requires_grad_(True)
+    q, k = _draw(B, 1, 9, 2).requires_grad_(True), _draw(1, 1, 9, 2).requires_grad_(True)
+    kw = dict(T=9, shape=(B, 1), uses_offset=False, dtype=torch.float64,
+              device=torch.device("cpu"))
+    with calling(call):
+        assert torch.autograd.gradcheck(lambda a: kernels.running_sum(a, 1, ctx, False), (v,))
+        assert torch.autograd.gradcheck(lambda a: kernels.running_sum(a, 1, ctx, True), (v,))
+        assert torch.autograd.gradcheck(
+            lambda a, b: kernels.pair_lse([a], [b], [], lambda u, d, e: torch.tanh(u[0]), ctx,
+                                          **kw), (q, k))
+
+
 def test_running_sum_in_float32_restarts_at_each_document():
     """A long float32 sum restarted at documents keeps float32 precision (the differences of
     prefix sums are taken in float64)."""

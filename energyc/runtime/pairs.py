@@ -401,9 +401,7 @@ def _rows_sums(v: torch.Tensor, dim: int, rows: Rows, keys_major: bool) -> torch
     B = max(x.shape[0], lo.shape[0], hi.shape[0])
     x = x.reshape(x.shape[0], T, -1).to(torch.float64)
     lo, hi = lo.to(x.device).expand(B, T), hi.to(x.device).expand(B, T)
-    C = x.new_empty(x.shape[0], T + 1, x.shape[2])  # C[k] = C(k - 1)
-    C[:, 0] = 0
-    torch.cumsum(x, 1, out=C[:, 1:])
+    C = torch.cat([x.new_zeros(x.shape[0], 1, x.shape[2]), x.cumsum(1)], 1)  # C[k] = C(k - 1)
     t = torch.arange(T, device=x.device).expand(B, T)
     if keys_major:
         a = torch.searchsorted(hi.contiguous(), t.contiguous())  # first query i with hi >= j
