@@ -335,17 +335,26 @@ def test_query_blocks_and_mask_tiles_on_rows():
     assert torch.isneginf(tile[~m[:, 5:17, 3:30]]).all()
 
 
-def test_decoding_with_context_data_is_refused():
-    ctx = causal() & DOCS
-    call = _data({"cu_seqlens": torch.tensor([0, 4, 8])}, batch=1, tokens=8)
-    q, k = _draw(1, 1, 2, 2), _draw(1, 1, 8, 2)
-    kw = dict(T=2, shape=(1, 1), uses_offset=False, dtype=torch.float64,
-              device=torch.device("cpu"), offset=6)
-    with calling(call):
-        with pytest.raises(ValueError, match="decoding after a prefix of 6 tokens"):
-            kernels.pair_lse([q], [k], [], lambda u, d, e: u[0], ctx, **kw)
-        with pytest.raises(ValueError, match="decoding after a prefix of 6 tokens"):
-            kernels.running_sum(_draw(1, 8, 2), 1, ctx, False, offset=6, T=2)
-    with calling(_data({"lengths": torch.tensor([7])}, batch=1, tokens=8)):
-        with pytest.raises(ValueError, match="decoding after a prefix of 6 tokens"):
-            kernels.pair_lse([q], [k], [], lambda u, d, e: u[0], causal(), **kw)
+def test_decoding_reads_the_rows_at_the_queries_positions():
+    """T queries after ``offset`` cached tokens on the rows of all offset + T tokens (as
+    runtime.decode builds them) give the last T rows of the whole computation, with every key
+    held or a window's last keys alone (key_start > 0)."""
+    fn = lambda u, d, e: torch.tanh(u[0])  # noqa: E731
+    # (set, data, the fewest keys the queries 6 .. 8 read: those from the first's lo on)
+    for ctx, data, fewest in [
+            (causal() & DOCS, {"cu_seqlens": torch.tensor([0, 3, 4, 9])}, 5),
+            (window(2) & DOCS, {"document_ids": torch.tensor([[0, 0, 0, 0, 1, 1, 1, 1, 1]])}, 5),
+            (causal(), {"lengths": torch.tensor([8])}, 9)]:
+        call = _data(data, batch=1, tokens=9)
+        q, k = _draw(1, 1, 9, 2), _draw(1, 1, 9, 2)
+        v = _draw(1, 9, 3)
+        kw = dict(shape=(1, 1), uses_offset=True, dtype=torch.float64, device=torch.device("cpu"))
+        with calling(call):
+            whole = kernels.pair_lse([q], [k], [], fn, ctx, T=9, **kw)
+            sums = kernels.running_sum(v, 1, ctx, False)
+            for keep in {9, fewest}:  # every key, or the last ones alone (a window's cache)
+                part = kernels.pair_lse([q[..., 6:, :]], [k[..., 9 - keep:, :]], [], fn, ctx, T=3,
+                                        offset=6, **kw)
+                torch.testing.assert_close(part, whole[..., 6:], rtol=1e-12, atol=1e-12)
+                tail = kernels.running_sum(v[:, 9 - keep:], 1, ctx, False, offset=6, T=3)
+                torch.testing.assert_close(tail, sums[:, 6:], rtol=1e-12, atol=1e-12)

@@ -396,9 +396,6 @@ def decodable(layer: CompiledLayer) -> tuple[list[int], str | None, bool]:
         if mask is not None and not mask.looks_back:
             return needed, (f"the context set {{{describe_mask(mask)}}}{where} holds tokens "
                             f"after i"), False
-        if mask is not None and mask.data:
-            return needed, (f"the context set {{{describe_mask(mask)}}}{where} reads the call's "
-                            f"documents, which decoding does not take yet"), False
         if {"i", "j"} <= axes or node.op == "offset":
             return needed, (f"a reduction over j stays materialised{where}: decode runs fused "
                             f"context reductions"), False

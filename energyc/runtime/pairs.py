@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterator, Sequence
 
 import torch
 
-from energyc.context import Context, context
+from energyc.context import Context
 from energyc.runtime import rows as _rows
 from energyc.runtime.rows import Rows
 
@@ -44,26 +44,12 @@ def resolve(kind: Context | Rows | tuple, T: int, device: torch.device | str | N
     """What the kernels iterate over for the set ``kind`` on T queries in the current call
     (``rows.resolve``): the ``Context`` without context data, else the call's ``Rows`` (a
     ``Rows`` is returned as it is). ``device``: where the rows are built (default: the call's
-    data's device).
-
-    Raises:
-        ValueError: decoding (``offset`` > 0) with context data in the call, which the kernels
-            do not serve yet.
-    """
+    data's device). Decoding T queries after ``offset`` cached tokens, the rows are those of the
+    offset + T tokens so far (``energyc.runtime.decode``), read at positions offset + i."""
     if isinstance(kind, Rows):
-        found = kind
-    else:
-        data = _rows.current()
-        if offset and data is not None and (context(kind).data or data.lengths is not None):
-            found = None  # the call's rows are for every token, not the queries after offset
-        else:
-            found = _rows.resolve(kind, T, _data_device(data) if device is None else device)
-    if offset and not isinstance(found, Context):
-        raise ValueError(f"decoding after a prefix of {offset} tokens with the call's context "
-                         f"data (documents, lengths, prefixes) is not supported by the pair "
-                         f"kernels and running sums; run the whole sequence through the "
-                         f"layer's forward")
-    return found
+        return kind
+    data = _rows.current()
+    return _rows.resolve(kind, offset + T, _data_device(data) if device is None else device)
 
 
 def _data_device(data) -> torch.device | str:
@@ -151,10 +137,10 @@ def pair_tiles(T: int, kind: Context | Rows | tuple, block_q: int | None = None,
     ctx = resolve(kind, T, device, offset)
     block_q = block_q or BLOCK_Q
     block_k = block_k or BLOCK_K
-    if isinstance(ctx, Rows):
-        yield from _rows_tiles(ctx, T, block_q, block_k)
-        return
     k0 = key_start(T, offset, offset + T if keys is None else keys)
+    if isinstance(ctx, Rows):
+        yield from _rows_tiles(ctx, T, block_q, block_k, offset, k0)
+        return
     for i0 in range(0, T, block_q):
         i1 = min(i0 + block_q, T)
         a0, a1 = offset + i0, offset + i1
@@ -165,17 +151,20 @@ def pair_tiles(T: int, kind: Context | Rows | tuple, block_q: int | None = None,
             yield i0, i1, j0, j1, ctx.needs_mask(a0, a1, k0 + j0, k0 + j1)
 
 
-def _rows_tiles(rows: Rows, T: int, block_q: int, block_k: int
+def _rows_tiles(rows: Rows, T: int, block_q: int, block_k: int, offset: int = 0, k0: int = 0
                 ) -> Iterator[tuple[int, int, int, int, bool]]:
+    """``pair_tiles`` on rows: the queries at positions offset + i, the keys at k0 + j."""
     for i0 in range(0, T, block_q):
         i1 = min(i0 + block_q, T)
-        lo, hi = rows.key_range(i0, i1)
+        a0, a1 = offset + i0, offset + i1
+        lo, hi = rows.key_range(a0, a1)
+        lo, hi = max(lo - k0, 0), hi - k0
         for j0 in range(lo, hi, block_k):
             j1 = min(j0 + block_k, hi)
-            r0, r1 = rows.query_range(j0, j1)
-            if min(r1, i1) <= max(r0, i0):
+            r0, r1 = rows.query_range(k0 + j0, k0 + j1)
+            if min(r1, a1) <= max(r0, a0):
                 continue  # no row's query of the block reaches these keys
-            yield i0, i1, j0, j1, rows.needs_mask(i0, i1, j0, j1)
+            yield i0, i1, j0, j1, rows.needs_mask(a0, a1, k0 + j0, k0 + j1)
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -204,7 +193,7 @@ def _context_tile(ctx, i0, i1, j0, j1, device, offset=0, k0=0, heads=0):
     """The bool mask of the tile: (I, J) for a ``Context``, (B|1, 1 x heads, I, J) for
     ``Rows``."""
     if isinstance(ctx, Rows):
-        return _rows_tile(ctx, i0, i1, j0, j1, heads)
+        return _rows_tile(ctx, offset + i0, offset + i1, k0 + j0, k0 + j1, heads)
     return ctx.contains(torch.arange(offset + i0, offset + i1, device=device)[:, None],
                         torch.arange(k0 + j0, k0 + j1, device=device)[None, :])
 
@@ -363,9 +352,12 @@ def running_sum(v: torch.Tensor, dim: int, mask: Context | tuple, keys_major: bo
         if keys_major:
             raise ValueError("running_sum: a sum over queries needs every query, not an offset")
         T = v.shape[dim] - offset if T is None else T
-        key_start(T, offset, v.shape[dim])
-        resolve(mask, T, v.device, offset)  # no context data with a decode prefix
-        out = running_sum(v, dim, mask, keys_major)
+        k0 = key_start(T, offset, v.shape[dim])
+        ctx = resolve(mask, T, v.device, offset)
+        if isinstance(ctx, Rows):  # the rows of the tokens v holds, from position k0 on
+            out = _rows_sums(v, dim, ctx.keys_from(k0), keys_major)
+        else:
+            out = running_sum(v, dim, mask, keys_major)
         return out.narrow(dim, v.shape[dim] - T, T)
     ctx = resolve(mask, v.shape[dim], v.device)
     if isinstance(ctx, Rows):

@@ -299,6 +299,15 @@ class Rows:
             hi = torch.where(real, hi, f - 1)
         return cls(ctx, lo.contiguous(), hi.contiguous(), ctx.hole, T)
 
+    def keys_from(self, k0: int) -> Rows:
+        """The set on the tokens from position k0 on, counted from there (a decode cache that
+        keeps a window's last keys alone): rows k0 .. T - 1, bounds less k0 (a bound before k0
+        is never a query's that reads these keys alone)."""
+        if not k0:
+            return self
+        return Rows(self.ctx, (self.lo[:, k0:] - k0).clamp(min=0), self.hi[:, k0:] - k0,
+                    self.hole, self.T - k0)
+
     # -- per-row answers ----------------------------------------------------------------------
 
     @property
