@@ -100,6 +100,8 @@ class Emitter:
                 f"{name} = _rt.context_mask({mask.spelling!r}, T, x.device)  "
                 f"# {{{describe_mask(mask)}}}"
             )
+        if "b" not in to_axes:  # a value over (i, j) alone: one mask for every row
+            return _broadcast(f"_rt.shared_mask({self.masks[mask]})", ("i", "j"), to_axes)
         return _broadcast(self.masks[mask], ("b", "i", "j"), to_axes)
 
     def print_body(self, body: sympy.Expr, args: list[int], out_axes: tuple[str, ...],

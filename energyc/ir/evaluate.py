@@ -198,8 +198,15 @@ class Evaluation:
         return align(value, axes, to_axes).expand(self.full(to_axes))
 
     def mask(self, mask: Context, to_axes: tuple) -> torch.Tensor:
-        """The context set's (b, i, j) mask, aligned to ``to_axes``."""
-        return align(context_mask(mask, self.T, self.device), ("b", "i", "j"), to_axes)
+        """The context set's (b, i, j) mask, aligned to ``to_axes`` (a value without the batch
+        axis takes the one mask of every row; per-row data cannot bound it)."""
+        m = context_mask(mask, self.T, self.device)
+        if "b" not in to_axes:
+            if m.shape[0] != 1:
+                raise ValueError("a value over (i, j) without a batch axis cannot follow per-row "
+                                 "context data")
+            return align(m[0], ("i", "j"), to_axes)
+        return align(m, ("b", "i", "j"), to_axes)
 
     def offsets(self) -> torch.Tensor:
         """The (i, j) matrix of ``i - j``."""

@@ -28,6 +28,23 @@ def context_mask(kind: Context | tuple, T: int, device: torch.device) -> torch.T
     return _cached(("mask", ctx.spelling, T, str(device)), build)
 
 
+def shared_mask(mask: torch.Tensor) -> torch.Tensor:
+    """The (T, T) mask of a ``context_mask`` that is the same for every batch row, for a value
+    over (i, j) that depends on no row (a function of i - j alone).
+
+    Raises:
+        ValueError: the call's data bounds the set row by row (lengths, per-row document ids,
+            prefixes), which a value with no batch axis cannot follow.
+    """
+    if mask.shape[0] != 1:
+        raise ValueError(
+            "a value over (i, j) that depends on no batch row (a function of i - j alone, say) "
+            "is reduced over a context set that the call's data bounds row by row (lengths, "
+            "per-row document_ids, prefix): give data shared by the rows (cu_seqlens), or make "
+            "the summand depend on the state")
+    return mask[0]
+
+
 def token_offset(T: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """The (T, T) matrix of i - j."""
 
