@@ -245,7 +245,8 @@ def blocks(kind: Context | tuple | Rows, T: int, block: int,
     document is blocked as it would be alone and a block's key range (``Rows.key_range``) holds
     no other document's keys; consecutive blocks shorter than ``block`` together (small
     documents) are then joined while the joined block does fewer than MERGE_WORK more pairs
-    (times ``weight``, the rows x heads of a pair) than the two apart. Made once per ``Rows``."""
+    (times ``weight``, the rows x heads of a pair) than the two apart, and blocks whose queries
+    have no key in any row (padding) into one. Made once per ``Rows``."""
     ctx = _set(kind)
     if not isinstance(ctx, Rows):
         return query_blocks(ctx, T, block)
@@ -266,7 +267,8 @@ def blocks(kind: Context | tuple | Rows, T: int, block: int,
     for a, b in chunks:
         if joined:
             a0, _ = joined[-1]
-            if b - a0 <= block and weight * (work(a0, b) - work(a0, a) - work(a, b)) < MERGE_WORK:
+            if ((b - a0 <= block and weight * (work(a0, b) - work(a0, a) - work(a, b)) < MERGE_WORK)
+                    or work(a0, b) == 0):  # queries without keys in every row (padding): one block
                 joined[-1] = (a0, b)
                 continue
         joined.append((a, b))
@@ -276,6 +278,59 @@ def blocks(kind: Context | tuple | Rows, T: int, block: int,
         out.append((r0, r1, c0, max(c1, min(c0 + 1, T))))
     cache[(T, block, weight)] = out
     return out
+
+
+_GROUPS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+Selection = slice | torch.Tensor | None
+
+
+def groups(ctx: Context | Rows) -> list[tuple[Selection, Context | Rows]]:
+    """The batch rows run together, each group with the set they share: (None, ctx) for a set
+    the same on every row (a ``Context``, or ``Rows`` of one row or shared by all); otherwise
+    one group per distinct row interval (rows of equal lengths together), with its ``Rows`` of
+    one row and the rows as a slice where they are consecutive (a view of the operands), else an
+    index tensor. A group's blocks are then its own: a row of 512 real tokens among rows of
+    4096 does the work of 512 tokens, as alone. Made once per ``Rows``."""
+    if not isinstance(ctx, Rows) or ctx.lo.shape[0] == 1:
+        return [(None, ctx)]
+    found = _GROUPS.get(ctx)
+    if found is None:
+        _, which = torch.unique(torch.cat([ctx.lo, ctx.hi], 1), dim=0, return_inverse=True)
+        found = []
+        for u in torch.unique(which).tolist():
+            index = torch.nonzero(which == u).flatten()
+            first, last = int(index[0]), int(index[-1])
+            sel = slice(first, last + 1) if last - first + 1 == len(index) else index
+            found.append((sel, Rows(ctx.ctx, ctx.lo[first:first + 1], ctx.hi[first:first + 1],
+                                    ctx.hole, ctx.T)))
+        if len(found) == 1:
+            found = [(None, found[0][1])]
+        _GROUPS[ctx] = found
+    return found
+
+
+def _grouped(ctx: Context | Rows, run, *tensors: torch.Tensor) -> tuple:
+    """``run(rows, *tensors)`` once per group of ``groups(ctx)`` on its batch rows (dim 0) of
+    ``tensors``; the results (tensors over the batch, or None) joined into the batch's (a sum
+    for 0-d and 1-d results, which are sums over the batch)."""
+    found = groups(ctx)
+    if len(found) == 1:
+        return run(found[0][1], *tensors)
+    results = [(sel, run(rows, *(t[sel] for t in tensors))) for sel, rows in found]
+    B = tensors[0].shape[0]
+    joined = []
+    for n, first in enumerate(results[0][1]):
+        if first is None:
+            joined.append(None)
+        elif first.dim() <= 1:
+            joined.append(sum(r[n] for _, r in results))
+        else:
+            total = first.new_zeros((B, *first.shape[1:]))
+            for sel, r in results:
+                total[sel] = r[n]
+            joined.append(total)
+    return tuple(joined)
 
 
 def _zero_empty(ctx: Context | Rows, o: torch.Tensor, lse: torch.Tensor) -> None:
@@ -424,6 +479,15 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | to
     order = feature_order(q, k)
     qh, kh, vh = _heads_first(q, k, v, dtype=dt, width=max(q.shape[-1], v.shape[-1]))
     qh, kh, s = ordered(qh, order, float(scale)), ordered(kh, order), 1.0  # the scaled queries
+    o, lse = _grouped(ctx, lambda rows, *t: _forward_blocks(*t, s, rows, slopes), qh, kh, vh)
+    return o[..., :v.shape[-1]].transpose(1, 2).to(q.dtype), lse.transpose(1, 2)
+
+
+def _forward_blocks(qh: torch.Tensor, kh: torch.Tensor, vh: torch.Tensor, s: float,
+                    ctx: Context | Rows, slopes: torch.Tensor | None
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``forward``'s o (B, H, T, N) and lse (B, H, T) of the operands (B, H, T, N) in the
+    kernels' dtype and feature order, a block of queries at a time."""
     B, H, T, _ = qh.shape
     outs, lses = [], []
     for block in blocks(ctx, T, BLOCK, B * H):
@@ -432,14 +496,14 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | to
         if len(parts) == 1:
             ob, lb = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
                 qh[:, :, r0:r1], kh[:, :, c0:c1], vh[:, :, c0:c1], 0.0, False,
-                attn_mask=_mask(ctx, slopes, block, dt, q.device), scale=s)
+                attn_mask=_mask(ctx, slopes, block, qh.dtype, qh.device), scale=s)
         else:
             ob, lb = _merged_forward(qh, kh, vh, s, ctx, r0, r1, parts)
         outs.append(ob)
         lses.append(lb)
     o, lse = _rows(outs), _rows(lses)
     _zero_empty(ctx, o, lse)  # rows with an empty context set: o 0, lse 0
-    return o[..., :v.shape[-1]].transpose(1, 2).to(q.dtype), lse.transpose(1, 2)
+    return o, lse
 
 
 def _merged_forward(qh: torch.Tensor, kh: torch.Tensor, vh: torch.Tensor, s: float,
@@ -540,34 +604,14 @@ def backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | t
     (k0,) = _heads_first(k, dtype=dt, width=max(F, G))
     qh, kh, s = ordered(q0, order, float(scale)), ordered(k0, order), 1.0  # the scaled queries
     lseh = lse.transpose(1, 2).to(dt)
-    B, H, T, _ = qh.shape
-    dqs, dk, dv = [], _Keys(T), _Keys(T)
-    dslopes = qh.new_zeros(H) if slopes is not None else None
-    for block in blocks(ctx, T, BLOCK, B * H):
-        r0, r1, c0, c1 = block
-        parts = [(c0, c1, True)] if slopes is not None else key_parts(ctx, r0, r1, c0, c1)
-        dqb = None
-        for a, b, _ in parts:  # each with the rows' full lse and o
-            kb = kh[:, :, a:b]
-            if padded:
-                j = torch.arange(a - r0, b - r0, device=q.device, dtype=dt)
-                kb = torch.cat([kb, j[:, None].expand(B, H, b - a, 1)], -1)
-            dqp, dkb, dvb = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-                gh[:, :, r0:r1], qh[:, :, r0:r1], kb, vh[:, :, a:b], oh[:, :, r0:r1],
-                lseh[:, :, r0:r1], 0.0, False,
-                attn_mask=_mask(ctx, slopes, (r0, r1, a, b), dt, q.device), scale=s)
-            dqb = dqp if dqb is None else dqb.add_(dqp)
-            dk.add(dkb, a, b)
-            dv.add(dvb, a, b)
-        dqs.append(dqb)
-        if padded:
-            dslopes -= dqb[..., -1].sum((0, 2))  # the kernel scale is 1: dq'' itself
+    dq, dk, dv, dslopes = _grouped(
+        ctx, lambda rows, *t: _backward_blocks(*t, s, rows, slopes, padded),
+        gh, qh, kh, vh, oh, lseh)
     dscale = None
     if narrow is not None:
         dscale, dslopes = _band_sums(q0[..., :F], k0[..., :F], vh[..., :G], gh[..., :G], lseh,
                                      float(scale), slopes, *narrow, need_dscale,
                                      ctx if isinstance(ctx, Rows) else None)
-    dq, dk, dv = _rows(dqs), dk.total, dv.total
     # dq, dk in the features' own order, into the ordered operands' memory (no longer read)
     dq, dk, dv = dq[..., :F], unordered(dk[..., :F], order, out=kh[..., :F]), dv[..., :G]
     if need_dscale and narrow is None:  # the kernels' dq is dq' = sum_j dS_ij k_j
@@ -578,6 +622,37 @@ def backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | t
         dq = unordered(dq, order, float(scale), out=qh[..., :F])
     return (dq.transpose(1, 2).to(q.dtype), dk.transpose(1, 2).to(q.dtype),
             dv.transpose(1, 2).to(q.dtype), dscale, dslopes)
+
+
+def _backward_blocks(gh: torch.Tensor, qh: torch.Tensor, kh: torch.Tensor, vh: torch.Tensor,
+                     oh: torch.Tensor, lseh: torch.Tensor, s: float, ctx: Context | Rows,
+                     slopes: torch.Tensor | None, padded: bool) -> tuple:
+    """``backward``'s kernel products, a block of queries at a time: the kernels' dq' (B, H, T,
+    N), dk, dv (B, H, T, .) and, where ``padded`` (dslopes from the keys' padded feature j - r0),
+    dslopes (H,), else None."""
+    B, H, T, _ = qh.shape
+    dqs, dk, dv = [], _Keys(T), _Keys(T)
+    dslopes = qh.new_zeros(H) if padded else None
+    for block in blocks(ctx, T, BLOCK, B * H):
+        r0, r1, c0, c1 = block
+        parts = [(c0, c1, True)] if slopes is not None else key_parts(ctx, r0, r1, c0, c1)
+        dqb = None
+        for a, b, _ in parts:  # each with the rows' full lse and o
+            kb = kh[:, :, a:b]
+            if padded:
+                j = torch.arange(a - r0, b - r0, device=qh.device, dtype=qh.dtype)
+                kb = torch.cat([kb, j[:, None].expand(B, H, b - a, 1)], -1)
+            dqp, dkb, dvb = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+                gh[:, :, r0:r1], qh[:, :, r0:r1], kb, vh[:, :, a:b], oh[:, :, r0:r1],
+                lseh[:, :, r0:r1], 0.0, False,
+                attn_mask=_mask(ctx, slopes, (r0, r1, a, b), qh.dtype, qh.device), scale=s)
+            dqb = dqp if dqb is None else dqb.add_(dqp)
+            dk.add(dkb, a, b)
+            dv.add(dvb, a, b)
+        dqs.append(dqb)
+        if padded:
+            dslopes -= dqb[..., -1].sum((0, 2))  # the kernel scale is 1: dq'' itself
+    return _rows(dqs), dk.total, dv.total, dslopes
 
 
 def transposed(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | torch.Tensor,
@@ -600,6 +675,15 @@ def transposed(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float |
     # keys as queries, queries as keys: [k_j, 1] . [s q_i, -lse_i] = S_ij - lse_i (kernel scale 1)
     kq = torch.nn.functional.pad(torch.cat([kh, torch.ones_like(lseh)], -1), (0, N - F - 1))
     qk = torch.nn.functional.pad(torch.cat([qh, -lseh], -1), (0, N - F - 1))
+    (out,) = _grouped(ctx, lambda rows, *t: _transposed_blocks(*t, rows, slopes), kq, qk, vh)
+    return out[..., :G].transpose(1, 2).to(q.dtype)
+
+
+def _transposed_blocks(kq: torch.Tensor, qk: torch.Tensor, vh: torch.Tensor,
+                       ctx: Context | Rows, slopes: torch.Tensor | None) -> tuple[torch.Tensor]:
+    """``transposed``'s sums (B, H, T, N) over the operands [k_j, 1] and [s q_i, -lse_i]
+    (B, H, T, N), a block of keys at a time against the queries that reach it."""
+    B, H, T, _ = kq.shape
     out = torch.zeros_like(vh)
     # keys j take the queries' place: their blocks, and the queries i that reach them
     if isinstance(ctx, Rows):  # empty rows are masked out of every tile
@@ -615,7 +699,7 @@ def transposed(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float |
         parts = [(i0, i1, True)] if slopes is not None else query_parts(ctx, j0, j1, i0, i1)
         total = None
         for a, b, _ in parts:
-            mask = _mask(ctx, slopes, (a, b, j0, j1), dt, q.device)
+            mask = _mask(ctx, slopes, (a, b, j0, j1), kq.dtype, kq.device)
             if mask is not None:  # queries x keys ...
                 mask = mask.transpose(-1, -2).contiguous()  # ... as keys x queries here
             ob, lb = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
@@ -625,5 +709,5 @@ def transposed(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float |
             part = torch.where(torch.isneginf(lb)[..., None], 0.0, ob * torch.exp(lb)[..., None])
             total = part if total is None else total.add_(part)
         out[:, :, j0:j1] = total
-    return out[..., :G].transpose(1, 2).to(q.dtype)
+    return (out,)
 
