@@ -92,6 +92,20 @@ with lse_i^r = -inf where part r holds no key of row i (the kernel reports 0 the
 backward's dq sums over the parts (each with the row's full lse and o), dk and dv are per part's
 keys; the key role sums o'_j^r Z_j^r over the parts of its queries.
 
+With the call's data (documents, lengths, prefixes: ``energyc.runtime.rows``) every entry takes
+the set's ``Rows``, per-row key intervals lo_b(i) <= j <= hi_b(i), in place of its band. Rows whose
+intervals differ run as groups of equal ones (``groups``: a padded row does the work of its real
+tokens); a group's queries go in blocks that start where its rows part into independent runs
+(``blocks``: a document is blocked as it would be alone, and small documents share a block only
+while that adds little work), against the keys some row of the block reaches
+(``Rows.key_range``); a part of those keys takes a mask tile only where some row's interval cuts
+it (``Rows.needs_mask``, ``key_cuts``; the tile is ``Rows.tile`` (B|1, I, J), broadcast over the
+heads), and the key role takes each block of keys against the queries ``Rows.query_range``
+gives. A row with an empty set, wherever it sits (a document's first token under j < i, a
+padded query), gets lse 0 and o 0 (the kernels give both for a row masked whole, and nothing
+flows back from it: its weights are exp(-inf - 0) = 0); the narrow-band sums count a pair where
+its key is in its row's interval.
+
 The kernels want the same feature size for q, k and v: the narrower side is padded with zero
 features, which changes neither S nor o (the padded features of o and dv are dropped). They want
 a mask of the query's dtype, and compute in float32 for float32 and half-precision inputs (inputs
