@@ -66,7 +66,12 @@ from energyc.runtime.elementwise import mul_affine_
 from energyc.runtime.gemm import contract, contract_add
 from energyc.runtime.layer import EnergyLayer, LayerFunction, StepConfig
 from energyc.runtime.masks import (
-    context_mask, masked_logsumexp, shared_mask, token_offset, token_position)
+    context_mask,
+    masked_logsumexp,
+    shared_mask,
+    token_offset,
+    token_position,
+)
 from energyc.runtime.pairs import pair_lse, pair_softmax_sums, pair_sums, pair_tiles, running_sum
 from energyc.runtime.positions import alibi_slopes_, rotary
 from energyc.runtime.precond import INVERSE_SOFTPLUS_ONE
