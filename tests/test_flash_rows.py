@@ -191,12 +191,19 @@ def test_rows_on_the_whole_matrix_with_kept_weights(name, bias):
     _check(name, bias, "probs")
 
 
-def test_decoding_with_call_data_is_refused():
-    q = torch.randn(1, 3, H, F, dtype=DT)
+def test_decoding_reads_the_rows_at_the_queries_positions():
+    """3 queries after 5 cached tokens, on the rows of all 8 (as runtime.decode builds them),
+    give the whole computation's last 3 rows: documents, and padding on the left."""
+    q = torch.randn(1, 8, H, F, dtype=DT)
     k = torch.randn(1, 8, H, F, dtype=DT)
-    with calling(call_data(q, None, lengths=[2])):
-        with pytest.raises(ValueError, match="offset > 0.*not supported"):
-            rt.attention_forward(q, k, k, 1.0, ("causal",), offset=5)
+    for kind, data in [(("causal", "same_document"), dict(cu_seqlens=[0, 6, 8])),
+                       (("window", 2, "same_document"), dict(cu_seqlens=[0, 4, 8])),
+                       (("causal",), dict(lengths=[7]))]:
+        with calling(call_data(q, None, **data)):
+            o, lse = rt.attention_forward(q, k, k, 0.7, kind)
+            o2, lse2 = rt.attention_forward(q[:, 5:], k, k, 0.7, kind, offset=5)
+        torch.testing.assert_close(o2, o[:, 5:], rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(lse2, lse[:, 5:], rtol=1e-12, atol=1e-12)
 
 
 def _kernel_calls(monkeypatch) -> list[tuple[int, int, int, int]]:

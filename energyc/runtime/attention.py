@@ -8,7 +8,7 @@ Every entry resolves its ``kind`` in the current call (``energyc.runtime.rows.re
 the call's data for it, the ``Context`` and the paths above as they are; with it, the set's
 ``Rows`` (per-row key intervals: documents, lengths, prefixes), which the masked blocks iterate
 by (``flash_cpu.blocks``) and every other path masks with (``Rows.tile``). Decoding after a
-cached prefix (``offset``) takes no call data."""
+cached prefix (``offset``) reads the rows of every token so far at the queries' positions."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from energyc.context import Context, all_tokens, causal, context
 from energyc.runtime import flash_cpu
 from energyc.runtime.kernels import implements
 from energyc.runtime.pairs import key_start, query_blocks
-from energyc.runtime.rows import Rows, current, resolve
+from energyc.runtime.rows import Rows, resolve
 
 _FLASH_CPU_OPS = all(
     hasattr(torch.ops.aten, name)
@@ -208,25 +208,17 @@ def attention_forward(
 
 def _call_set(kind: Context | tuple, T: int, device: torch.device,
               offset: int = 0) -> Context | Rows:
-    """The context set ``kind`` on T queries in the current call (``rows.resolve``).
-
-    Raises:
-        ValueError: decoding after a cached prefix (``offset``) in a call whose data bounds the
-            set (documents, lengths, prefixes), which no kernel serves.
-    """
-    if offset:
-        data = current()
-        if data is not None and (context(kind).data or data.lengths is not None):
-            raise ValueError("attention after a cached prefix (offset > 0) takes no call data: "
-                             "decoding with documents, lengths or prefixes is not supported")
-    return resolve(kind, T, device)
+    """The context set ``kind`` on T queries in the current call (``rows.resolve``); decoding T
+    queries after ``offset`` cached tokens, the rows of the offset + T tokens so far
+    (``energyc.runtime.decode``), read at the queries' positions offset + r."""
+    return resolve(kind, offset + T, device)
 
 
 def _query_chunks(kind: Context | Rows, T: int, offset: int = 0,
                   keys: int | None = None) -> list[tuple[int, int, int, int]]:
     """The chunked path's blocks of QUERY_CHUNK queries and their keys (``query_blocks``; with
     the call's rows, ``flash_cpu.blocks``)."""
-    if isinstance(kind, Rows):
+    if isinstance(kind, Rows) and not offset and keys in (None, T):
         return flash_cpu.blocks(kind, T, QUERY_CHUNK)
     return query_blocks(kind, T, QUERY_CHUNK, offset, keys)
 
