@@ -318,7 +318,7 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | to
     qh, kh, s = ordered(qh, order, float(scale)), ordered(kh, order), 1.0  # the scaled queries
     T = qh.shape[2]
     outs, lses = [], []
-    for block in query_blocks(ctx, T, BLOCK):
+    for block in query_blocks(ctx, T, BLOCK, keys=kh.shape[2]):  # keys: T, or a memory's
         r0, r1, c0, c1 = block
         parts = [(c0, c1, True)] if slopes is not None else key_parts(ctx, r0, r1, c0, c1)
         if len(parts) == 1:
@@ -432,9 +432,10 @@ def backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | t
     qh, kh, s = ordered(q0, order, float(scale)), ordered(k0, order), 1.0  # the scaled queries
     lseh = lse.transpose(1, 2).to(dt)
     B, H, T, _ = qh.shape
-    dqs, dk, dv = [], _Keys(T), _Keys(T)
+    keys = kh.shape[2]  # T, or a memory's tokens
+    dqs, dk, dv = [], _Keys(keys), _Keys(keys)
     dslopes = qh.new_zeros(H) if slopes is not None else None
-    for block in query_blocks(ctx, T, BLOCK):
+    for block in query_blocks(ctx, T, BLOCK, keys=keys):
         r0, r1, c0, c1 = block
         parts = [(c0, c1, True)] if slopes is not None else key_parts(ctx, r0, r1, c0, c1)
         dqb = None
@@ -484,15 +485,16 @@ def transposed(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float |
     qh, kh = _heads_first(q, k, dtype=dt, width=F)
     qh, kh = ordered(qh, order, float(scale)), ordered(kh, order)
     B, H, T, _ = qh.shape
+    keys = kh.shape[2]  # T, or a memory's tokens
     lseh = lse.transpose(1, 2).to(dt)[..., None]
     # keys as queries, queries as keys: [k_j, 1] . [s q_i, -lse_i] = S_ij - lse_i (kernel scale 1)
     kq = torch.nn.functional.pad(torch.cat([kh, torch.ones_like(lseh)], -1), (0, N - F - 1))
     qk = torch.nn.functional.pad(torch.cat([qh, -lseh], -1), (0, N - F - 1))
     head, tail = ctx.empty_rows(T)
-    out = torch.zeros_like(vh)
+    out = vh.new_zeros((B, H, keys, N))
     # keys j take the queries' place: their blocks, and the queries i that reach them
-    for j0 in range(0, T, BLOCK):
-        j1 = min(j0 + BLOCK, T)
+    for j0 in range(0, keys, BLOCK):
+        j1 = min(j0 + BLOCK, keys)
         i0, i1 = ctx.query_range(j0, j1, T)
         i0, i1 = max(i0, head), min(i1, T - tail)  # rows with an empty context set: no weights
         if i1 <= i0:

@@ -58,9 +58,12 @@ def query_blocks(kind: Context | tuple, T: int, block: int, offset: int = 0,
     Decoding after a cached prefix: the T queries are the tokens at positions offset .. offset +
     T - 1, and the ``keys`` (default offset + T) are the last ones of the sequence up to the last
     query, at positions ``key_start(T, offset, keys)`` on (a window's cache keeps only its last
-    tokens). r0, r1 count queries and c0, c1 keys, both from 0."""
+    tokens). r0, r1 count queries and c0, c1 keys, both from 0. A set of every key (no band,
+    no hole) reaches all ``keys`` whatever their count: the tokens, or a memory's M."""
     ctx = context(kind)
     keys = offset + T if keys is None else keys
+    if ctx.band == (None, None, None):
+        return [(r0, min(r0 + block, T), 0, keys) for r0 in range(0, max(T, 1), block)]
     k0 = key_start(T, offset, keys)
     blocks = []
     for r0 in range(0, max(T, 1), block):
@@ -87,15 +90,18 @@ def pair_tiles(T: int, kind: Context | tuple, block_q: int | None = None,
     """``(i0, i1, j0, j1, partial)`` for every tile of queries [i0, i1) x keys [j0, j1) that
     the context set reaches; ``partial`` when some of its pairs are outside the set. Tiles are
     ``block_q`` x ``block_k`` (default BLOCK_Q x BLOCK_K). With ``offset`` and ``keys``, as in
-    ``query_blocks``: the set is tested at positions offset + i and key_start + j."""
+    ``query_blocks``: the set is tested at positions offset + i and key_start + j; a set of
+    every key reaches all ``keys`` (a memory's M tokens too)."""
     ctx = context(kind)
     block_q = block_q or BLOCK_Q
     block_k = block_k or BLOCK_K
-    k0 = key_start(T, offset, offset + T if keys is None else keys)
+    keys = offset + T if keys is None else keys
+    everything = ctx.band == (None, None, None)
+    k0 = 0 if everything else key_start(T, offset, keys)
     for i0 in range(0, T, block_q):
         i1 = min(i0 + block_q, T)
         a0, a1 = offset + i0, offset + i1
-        lo, hi = ctx.key_range(a0, a1, offset + T)
+        lo, hi = (0, keys) if everything else ctx.key_range(a0, a1, offset + T)
         lo, hi = max(lo - k0, 0), hi - k0
         for j0 in range(lo, hi, block_k):
             j1 = min(j0 + block_k, hi)
