@@ -21,6 +21,7 @@ from energyc.loader import load
 from energyc.reference import evaluate_energy, module_values, reference_step
 from energyc.render import render_files
 from energyc.tolerances import tolerance
+from tests.conftest import assert_within_tolerance
 
 F64 = torch.float64
 DIMS = {"cross_attention": dict(D=5, Dm=3, H=2, K=4), "hopfield_memory": dict(D=4)}
@@ -95,7 +96,8 @@ def _close(what: str, got: torch.Tensor, want: torch.Tensor) -> None:
 
 
 def _grads(out: torch.Tensor, leaves: list[torch.Tensor], seed: int = 3):
-    up = torch.randn(out.shape, dtype=out.dtype, generator=torch.Generator().manual_seed(seed))
+    up = torch.randn(out.shape, dtype=F64, generator=torch.Generator().manual_seed(seed))
+    up = up.to(out.dtype)
     return torch.autograd.grad(out, leaves, up)
 
 
@@ -103,7 +105,7 @@ def _grads(out: torch.Tensor, leaves: list[torch.Tensor], seed: int = 3):
 @pytest.mark.parametrize("name", sorted(PATHS))
 def test_forward_and_backward_against_plain_pytorch(name, steps):
     """M = 7 memory tokens for T = 5 queries (and M = 2 < T): outputs, and the gradients to x,
-    the memory and every parameter (hopfield_memory's learned beta too), equal autograd's on the
+    the memory and every parameter, equal autograd's on the
     plainly written energy; the memory is not changed (it is no output)."""
     lay = _layer(name, steps=steps)
     for M in (7, 2):
@@ -271,3 +273,23 @@ def test_refused_energies_name_the_line(tmp_path, case):
     with pytest.raises(EnergyError, match=message) as info:
         compile_file(load(str(path)))
     assert f"bad.py:{line}" in str(info.value)
+
+
+@pytest.mark.parametrize("name", sorted(PATHS))
+def test_triton_path(name):
+    """The Triton path (under the interpreter without a GPU; its kernels compute in float32)
+    with a memory of as many tokens as queries equals the float64 torch path within float32's
+    tolerance (outputs and the gradients to x and the memory); a memory of another length is
+    refused with the remedy (its kernels index keys by one T)."""
+    pytest.importorskip("triton")
+    ref, lay = _layer(name), _layer(name, backend="triton").float()
+    x, c = _inputs(name, T=5, M=5)
+    xf, cf = (t.detach().float().requires_grad_() for t in (x, c))
+    y, want = lay(xf, memory=cf), ref(x, memory=c)
+    assert_within_tolerance("output", y, want.detach(), torch.float32)
+    for got, exp in zip(_grads(y, [xf, cf]), _grads(want, [x, c])):
+        assert_within_tolerance("gradient", got, exp, torch.float32)
+    x, c = _inputs(name, T=5, M=7)
+    x, c = x.float(), c.float()
+    with pytest.raises(NotImplementedError, match="as many keys as queries"):
+        lay(x, memory=c)
