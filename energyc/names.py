@@ -127,7 +127,8 @@ def _module_attributes() -> frozenset[str]:
 #: torch.nn.Module's, and ``self`` (tests/test_names.py checks the list against the class)
 LAYER_ATTRIBUTES = frozenset({
     "config", "precond_rank", "P_diag", "P_lowrank", "energy", "decode", "extra_repr",
-    "reset_parameters", "_hypers", "_params", "_config", "_setup", "_declared", "_dims", "self"})
+    "reset_parameters", "_hypers", "_params", "_config", "_setup", "_declared", "_dims", "self",
+    "_call_data", "_memory"})
 
 _ATTRIBUTES: frozenset[str] | None = None
 

@@ -22,7 +22,7 @@ from energyc.dsl import (
     tokens,
 )
 
-D, Dm, H, K = dims("D Dm H K")
+D, Dm, H, K = dims("D Dm H K", Dm=64)  # the encoder's width: a default size
 i, j = tokens()
 x, xbar = state(D)
 c = memory("c", Dm)  # the encoder's output: (batch, M, Dm) at call time
