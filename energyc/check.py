@@ -96,6 +96,7 @@ class Case:
     precond: str
     context: str
     data: dict = field(default_factory=dict)  # the call's context data keywords
+    memory_tokens: int = 0  # a memory's tokens, for a layer that reads one
 
 
 def context_reads(layer: CompiledLayer) -> set[str]:
@@ -164,6 +165,7 @@ def cases(layer: CompiledLayer, max_dim: int = 5, max_tokens: int = 6):
             precond=draw_fn(st.sampled_from(PRECONDITIONERS)),
             context=draw_fn(st.sampled_from(CONTEXTS)),
             data=_draw_data(draw_fn, reads, batch, tokens),
+            memory_tokens=draw_fn(st.integers(1, max_tokens + 2)) if layer.memory else 0,
         )
 
     return draw()
@@ -182,6 +184,20 @@ def build(layer: CompiledLayer, module: ModuleType, case: Case, dtype=torch.floa
             p.add_(0.1 * torch.randn_like(p))  # break symmetric inits (P starts at identity)
     x = case.scale * torch.randn(case.batch, case.tokens, case.dims[state_dim], dtype=dtype)
     return lay, x
+
+
+def memory_of(layer: CompiledLayer, case: Case, dtype=torch.float64) -> torch.Tensor | None:
+    """The drawn memory (batch, memory_tokens, Dm) of a layer that reads one (else None)."""
+    if not layer.memory:
+        return None
+    gen = torch.Generator().manual_seed(case.seed + 1)
+    return case.scale * torch.randn(case.batch, case.memory_tokens,
+                                    case.dims[layer.context_dim], dtype=dtype, generator=gen)
+
+
+def _memory(c: torch.Tensor | None) -> dict:
+    """The layer call's keywords for memory ``c`` (none without one)."""
+    return {} if c is None else {"memory": c}
 
 
 class ReferenceNotFiniteError(Exception):
@@ -206,21 +222,26 @@ def _close(name: str, actual: torch.Tensor, expected: torch.Tensor) -> float:
 
 def check_forward(layer: CompiledLayer, module: ModuleType, case: Case) -> float:
     lay, x = build(layer, module, case)
+    c = memory_of(layer, case)
     with torch.no_grad():
-        y = lay(x, **case.data)
-    expected = reference_step(layer, lay, x, create_graph=False, **case.data).detach()
+        y = lay(x, **_memory(c), **case.data)
+    expected = reference_step(layer, lay, x, create_graph=False, memory=c, **case.data).detach()
     return _close("forward", y, expected)
 
 
 def check_backward(layer: CompiledLayer, module: ModuleType, case: Case) -> float:
     lay, x = build(layer, module, case)
     x = x.requires_grad_(True)
-    params = [x] + [p for p in lay.parameters()]
-    names = ["x"] + [n for n, _ in lay.named_parameters()]
+    c = memory_of(layer, case)
+    memory = [] if c is None else [c.requires_grad_(True)]
+    params = [x, *memory] + [p for p in lay.parameters()]
+    names = ["x", *["memory"] * len(memory)] + [n for n, _ in lay.named_parameters()]
     w = torch.randn(x.shape, dtype=x.dtype, generator=torch.Generator().manual_seed(case.seed))
-    got = torch.autograd.grad((lay(x, **case.data) * w).sum(), params, allow_unused=True)
+    got = torch.autograd.grad((lay(x, **_memory(c), **case.data) * w).sum(), params,
+                              allow_unused=True)
     expected = torch.autograd.grad(
-        (reference_step(layer, lay, x, create_graph=True, **case.data) * w).sum(), params,
+        (reference_step(layer, lay, x, create_graph=True, memory=c, **case.data) * w).sum(),
+        params,
         allow_unused=True)
     worst = 0.0
     for name, a, b in zip(names, got, expected):
@@ -249,16 +270,19 @@ def check_causal(layer: CompiledLayer, module: ModuleType, case: Case) -> float:
 def check_descent(layer: CompiledLayer, module: ModuleType, case: Case) -> float:
     lay, x = build(layer, module, case)
     lay.config = (1.0, 1, case.precond, "current", lay.config[4])
+    c = memory_of(layer, case)
     with torch.no_grad():
-        g = lay(x, **case.data) - x  # = -P grad E at eta = 1
+        g = lay(x, **_memory(c), **case.data) - x  # = -P grad E at eta = 1
         step = 1e-4 / (1.0 + float(g.abs().max()))
         y = x + step * g
         if layer.decl.joint:
             before, after = lay.energy(x, **case.data), lay.energy(y, **case.data)
             scale_ok = g.abs().amax(dim=(1, 2)) < 1e-12  # a stationary state cannot descend
-        else:
-            before = lay.energy(x, x, per_token=True, **case.data)
-            after = lay.energy(y, x, per_token=True, **case.data)
+        else:  # the context held fixed: x's tokens, or the memory
+            before = lay.energy(x, x, per_token=True, **case.data) if c is None else \
+                lay.energy(x, per_token=True, memory=c, **case.data)
+            after = lay.energy(y, x, per_token=True, **case.data) if c is None else \
+                lay.energy(y, per_token=True, memory=c, **case.data)
             scale_ok = g.abs().amax(dim=2) < 1e-12  # a stationary token cannot descend
         drop = before - after
         # A change within the rounding of the energies is no rise: a flat energy (or a gradient
@@ -293,14 +317,22 @@ def _energy_derivatives(energy, x: torch.Tensor, xbar: torch.Tensor, params: lis
 
 def check_energy(layer: CompiledLayer, module: ModuleType, case: Case) -> float:
     lay, x = build(layer, module, case)
-    xbar = torch.randn(x.shape, dtype=x.dtype, generator=torch.Generator().manual_seed(case.seed))
-    x, xbar = x.requires_grad_(True), (case.scale * xbar).requires_grad_(True)
+    xbar = memory_of(layer, case)  # a memory is the context; else another state's tokens
+    if xbar is None:
+        gen = torch.Generator().manual_seed(case.seed)
+        xbar = case.scale * torch.randn(x.shape, dtype=x.dtype, generator=gen)
+    x, xbar = x.requires_grad_(True), xbar.requires_grad_(True)
     params, hypers = module_values(layer, lay)
     learned = {h: v for h, v in hypers.items() if isinstance(v, torch.Tensor) and v.requires_grad}
     leaves = [*params.values(), *learned.values()]
-    got = _energy_derivatives(lambda a, b: lay.energy(a, b, per_token=True, **case.data), x,
-                              xbar, leaves, case.seed)
-    call = call_data(x, None, **case.data)
+    if layer.memory:
+        def energy(a, b):
+            return lay.energy(a, memory=b, per_token=True, **case.data)
+    else:
+        def energy(a, b):
+            return lay.energy(a, b, per_token=True, **case.data)
+    got = _energy_derivatives(energy, x, xbar, leaves, case.seed)
+    call = call_data(x, None, memory=xbar if layer.memory else None, **case.data)
     valid = 1.0 if call is None or call.valid is None else call.valid[:, :, 0].to(x.dtype)
 
     def reference(a, b):

@@ -58,6 +58,17 @@ class CompiledLayer:
         return self.decl.name
 
     @property
+    def memory(self) -> str | None:
+        """The code name of the memory the energy reads (a second sequence, in the context
+        role: the step functions take it as ``xbar``), or None."""
+        return self.decl.memory
+
+    @property
+    def context_dim(self) -> str:
+        """The dim of the context role's tokens: the memory's, else the state's."""
+        return self.file.memories[self.memory].dim if self.memory else self.state_dim
+
+    @property
     def file(self) -> EnergyFile:
         return self.decl.file
 

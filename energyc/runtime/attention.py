@@ -218,7 +218,7 @@ def _query_chunks(kind: Context | Rows, T: int, offset: int = 0,
                   keys: int | None = None) -> list[tuple[int, int, int, int]]:
     """The chunked path's blocks of QUERY_CHUNK queries and their keys (``query_blocks``; with
     the call's rows, ``flash_cpu.blocks``)."""
-    if isinstance(kind, Rows) and not offset and keys in (None, T):
+    if isinstance(kind, Rows) and not offset and keys in (None, T) and kind.S is None:
         return flash_cpu.blocks(kind, T, QUERY_CHUNK)
     return query_blocks(kind, T, QUERY_CHUNK, offset, keys)
 
@@ -398,7 +398,7 @@ def attention_backward(
         dqs, dk, dv = [], torch.zeros_like(kh), torch.zeros_like(vh)
         dscale = qh.new_zeros(()) if need_dscale else None
         dslopes = qh.new_zeros(q.shape[2]) if slopes is not None else None
-        for r0, r1, c0, c1 in _query_chunks(kind, q.shape[1]):
+        for r0, r1, c0, c1 in _query_chunks(kind, q.shape[1], keys=k.shape[1]):
             qc, gc = qh[..., r0:r1, :], gh[..., r0:r1, :]
             kc, vc = kh[..., c0:c1, :], vh[..., c0:c1, :]
             qk = qc @ kc.transpose(-1, -2)
@@ -476,8 +476,8 @@ def attention_transposed(
         return flash_cpu.transposed(q, k, v, scale, kind, lse, slopes)
     acc = _accumulator(q)
     qh, kh, vh, lseh = (t.transpose(1, 2).to(acc) for t in (q, k, v, lse))
-    o_t = torch.zeros_like(vh)
-    for r0, r1, c0, c1 in _query_chunks(kind, q.shape[1]):
+    o_t = vh.new_zeros((*vh.shape[:2], k.shape[1], vh.shape[-1]))  # over the keys
+    for r0, r1, c0, c1 in _query_chunks(kind, q.shape[1], keys=k.shape[1]):
         scores, _ = _masked_scores(qh[..., r0:r1, :], kh[..., c0:c1, :], scale, kind, slopes, r0,
                                    c0=c0)
         p = _softmax_rows(scores, lseh[..., r0:r1])

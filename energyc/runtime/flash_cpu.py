@@ -247,7 +247,7 @@ _BLOCKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def blocks(kind: Context | tuple | Rows, T: int, block: int,
-           weight: int = 1) -> list[tuple[int, int, int, int]]:
+           weight: int = 1, keys: int | None = None) -> list[tuple[int, int, int, int]]:
     """(r0, r1, c0, c1): blocks of at most ``block`` queries [r0, r1) with the keys [c0, c1)
     they reach, one (masked) key at least: for a ``Context``, ``pairs.query_blocks``' blocks;
     for the call's rows, blocks that start where the rows part into independent runs.
@@ -263,7 +263,7 @@ def blocks(kind: Context | tuple | Rows, T: int, block: int,
     have no key in any row (padding) into one. Made once per ``Rows``."""
     ctx = _set(kind)
     if not isinstance(ctx, Rows):
-        return query_blocks(ctx, T, block)
+        return query_blocks(ctx, T, block, keys=keys)  # keys: T, or a memory's M
     cache = _BLOCKS.setdefault(ctx, {})
     found = cache.get((T, block, weight))
     if found is not None:
@@ -504,7 +504,7 @@ def _forward_blocks(qh: torch.Tensor, kh: torch.Tensor, vh: torch.Tensor, s: flo
     kernels' dtype and feature order, a block of queries at a time."""
     B, H, T, _ = qh.shape
     outs, lses = [], []
-    for block in blocks(ctx, T, BLOCK, B * H):
+    for block in blocks(ctx, T, BLOCK, B * H, keys=kh.shape[2]):
         r0, r1, c0, c1 = block
         parts = [(c0, c1, True)] if slopes is not None else key_parts(ctx, r0, r1, c0, c1)
         if len(parts) == 1:
@@ -645,9 +645,10 @@ def _backward_blocks(gh: torch.Tensor, qh: torch.Tensor, kh: torch.Tensor, vh: t
     N), dk, dv (B, H, T, .) and, where ``padded`` (dslopes from the keys' padded feature j - r0),
     dslopes (H,), else None."""
     B, H, T, _ = qh.shape
-    dqs, dk, dv = [], _Keys(T), _Keys(T)
+    keys = kh.shape[2]  # T, or a memory's tokens
+    dqs, dk, dv = [], _Keys(keys), _Keys(keys)
     dslopes = qh.new_zeros(H) if padded else None
-    for block in blocks(ctx, T, BLOCK, B * H):
+    for block in blocks(ctx, T, BLOCK, B * H, keys=keys):
         r0, r1, c0, c1 = block
         parts = [(c0, c1, True)] if slopes is not None else key_parts(ctx, r0, r1, c0, c1)
         dqb = None
@@ -695,16 +696,18 @@ def transposed(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float |
 
 def _transposed_blocks(kq: torch.Tensor, qk: torch.Tensor, vh: torch.Tensor,
                        ctx: Context | Rows, slopes: torch.Tensor | None) -> tuple[torch.Tensor]:
-    """``transposed``'s sums (B, H, T, N) over the operands [k_j, 1] and [s q_i, -lse_i]
-    (B, H, T, N), a block of keys at a time against the queries that reach it."""
-    B, H, T, _ = kq.shape
-    out = torch.zeros_like(vh)
+    """``transposed``'s sums (B, H, keys, N) over the operands [k_j, 1] (B, H, keys, N) and
+    [s q_i, -lse_i] (B, H, T, N), a block of keys at a time against the queries that reach it
+    (keys: T, or a memory's M)."""
+    B, H, keys, _ = kq.shape
+    T = qk.shape[2]
+    out = vh.new_zeros((B, H, keys, vh.shape[-1]))
     # keys j take the queries' place: their blocks, and the queries i that reach them
-    if isinstance(ctx, Rows):  # empty rows are masked out of every tile
+    if isinstance(ctx, Rows) and keys == T:  # empty rows are masked out of every tile
         key_blocks, head, tail = [b[:2] for b in blocks(ctx, T, BLOCK, B * H)], 0, 0
     else:
-        key_blocks = [(j0, min(j0 + BLOCK, T)) for j0 in range(0, T, BLOCK)]
-        head, tail = ctx.empty_rows(T)
+        key_blocks = [(j0, min(j0 + BLOCK, keys)) for j0 in range(0, keys, BLOCK)]
+        head, tail = (0, 0) if isinstance(ctx, Rows) else ctx.empty_rows(T)
     for j0, j1 in key_blocks:
         i0, i1 = ctx.query_range(j0, j1, T)
         i0, i1 = max(i0, head), min(i1, T - tail)  # rows with an empty context set: no weights

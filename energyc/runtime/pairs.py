@@ -53,7 +53,8 @@ def resolve(kind: Context | Rows | tuple, T: int, device: torch.device | str | N
 
 
 def _data_device(data) -> torch.device | str:
-    for t in () if data is None else (data.ids, data.lengths, data.prefix):
+    for t in () if data is None else (data.ids, data.lengths, data.prefix, data.first,
+                                      data.memory_lengths):
         if t is not None:
             return t.device
     return "cpu"
@@ -99,9 +100,12 @@ def query_blocks(kind: Context | Rows | tuple, T: int, block: int, offset: int =
     T - 1, and the ``keys`` (default offset + T) are the last ones of the sequence up to the last
     query, at positions ``key_start(T, offset, keys)`` on (a window's cache keeps only its last
     tokens). r0, r1 count queries and c0, c1 keys, both from 0. With the call's context data
-    (``resolve``) the keys some row's queries of the block reach."""
+    (``resolve``) the keys some row's queries of the block reach. A set of every key (no band,
+    no hole) reaches all ``keys`` whatever their count: the tokens, or a memory's M."""
     ctx = resolve(kind, T, device, offset)
     keys = offset + T if keys is None else keys
+    if isinstance(ctx, Context) and ctx.band == (None, None, None):  # every key: a memory's too
+        return [(r0, min(r0 + block, T), 0, keys) for r0 in range(0, max(T, 1), block)]
     k0 = key_start(T, offset, keys)
     blocks = []
     for r0 in range(0, max(T, 1), block):
@@ -137,14 +141,16 @@ def pair_tiles(T: int, kind: Context | Rows | tuple, block_q: int | None = None,
     ctx = resolve(kind, T, device, offset)
     block_q = block_q or BLOCK_Q
     block_k = block_k or BLOCK_K
-    k0 = key_start(T, offset, offset + T if keys is None else keys)
+    keys = offset + T if keys is None else keys
+    everything = isinstance(ctx, Context) and ctx.band == (None, None, None)
+    k0 = 0 if everything else key_start(T, offset, keys)  # every key: a memory's M too
     if isinstance(ctx, Rows):
         yield from _rows_tiles(ctx, T, block_q, block_k, offset, k0)
         return
     for i0 in range(0, T, block_q):
         i1 = min(i0 + block_q, T)
         a0, a1 = offset + i0, offset + i1
-        lo, hi = ctx.key_range(a0, a1, offset + T)
+        lo, hi = (0, keys) if everything else ctx.key_range(a0, a1, offset + T)
         lo, hi = max(lo - k0, 0), hi - k0
         for j0 in range(lo, hi, block_k):
             j1 = min(j0 + block_k, hi)
