@@ -13,6 +13,11 @@ For drawn dims, batch, tokens, values, hyperparameters and layer settings (float
   differentiates it twice: its gradients to x, xbar and every parameter (``create_graph=True``),
   and the gradients of their weighted sum again, equal autograd's on the reference (users
   differentiate energies: to monitor descent, regularise, or write their own dynamics).
+
+Each case also draws the call's context data (``energyc.runtime.rows``): document boundaries
+(as ``cu_seqlens`` or per-row ``document_ids``) and prefix lengths for energies whose sets read
+them, and, for every layer, sometimes each row's length (padding). The reference builds its
+masks from the sets' textbook definitions with the same data.
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ from energyc.context import Context
 from energyc.loader import load
 from energyc.reference import evaluate_energy, module_values, reference_step
 from energyc.render import render_files, write_package
+from energyc.runtime.rows import call_data, calling
 from energyc.settings import CONTEXTS, PRECONDITIONERS
 from energyc.tolerances import tolerance
 
@@ -89,11 +95,47 @@ class Case:
     steps: int
     precond: str
     context: str
+    data: dict = field(default_factory=dict)  # the call's context data keywords
+    memory_tokens: int = 0  # a memory's tokens, for a layer that reads one
+
+
+def context_reads(layer: CompiledLayer) -> set[str]:
+    """What the energy's context sets read from the call (``energyc.context.DATA``'s names)."""
+    return {d for ctx in _contexts(layer) for d in ctx.data}
+
+
+def _draw_data(draw_fn, reads: set[str], batch: int, tokens: int) -> dict:
+    """The call's context data for ``batch`` rows of ``tokens``: documents and prefixes where
+    ``reads`` says the sets read them, lengths (padding) for any layer, a third of the time."""
+    data: dict = {}
+    if "same_document" in reads:
+        cuts = sorted(draw_fn(st.sets(st.integers(1, max(tokens - 1, 1)), max_size=3)))
+        cuts = [c for c in cuts if c < tokens]
+        if draw_fn(st.booleans()):
+            data["cu_seqlens"] = torch.tensor([0, *cuts, tokens], dtype=torch.int32)
+        else:  # per row: each row its own boundaries
+            rows = []
+            for _ in range(batch):
+                row_cuts = sorted(draw_fn(st.sets(st.integers(1, max(tokens - 1, 1)),
+                                                  max_size=3)))
+                ids = torch.zeros(tokens, dtype=torch.long)
+                for c in row_cuts:
+                    ids[c:] += 1
+                rows.append(ids)
+            data["document_ids"] = torch.stack(rows)
+    if "prefix" in reads:
+        data["prefix"] = torch.tensor(draw_fn(st.lists(st.integers(0, tokens), min_size=batch,
+                                                       max_size=batch)))
+    if draw_fn(st.integers(0, 2)) == 0:
+        data["lengths"] = torch.tensor(draw_fn(st.lists(st.integers(0, tokens), min_size=batch,
+                                                        max_size=batch)))
+    return data
 
 
 def cases(layer: CompiledLayer, max_dim: int = 5, max_tokens: int = 6):
     """Hypothesis strategy of :class:`Case` for ``layer``."""
     dim_names = list(layer.dims)
+    reads = context_reads(layer)
     hyper_defaults = {}
     for h in layer.hypers:
         hyper_defaults[h.name] = h.default
@@ -110,10 +152,11 @@ def cases(layer: CompiledLayer, max_dim: int = 5, max_tokens: int = 6):
                 base = float(default.subs({s: dims[s.name] for s in default.free_symbols}))
             factor = draw_fn(st.floats(0.5, 2.0))
             hypers[name] = base * factor if base != 0 else factor - 1.0
+        batch, tokens = draw_fn(st.integers(1, 3)), draw_fn(st.integers(1, max_tokens))
         return Case(
             dims=dims,
-            batch=draw_fn(st.integers(1, 3)),
-            tokens=draw_fn(st.integers(1, max_tokens)),
+            batch=batch,
+            tokens=tokens,
             seed=draw_fn(st.integers(0, 2**31 - 1)),
             scale=draw_fn(st.floats(0.3, 1.5)),
             hypers=hypers,
@@ -121,6 +164,8 @@ def cases(layer: CompiledLayer, max_dim: int = 5, max_tokens: int = 6):
             steps=draw_fn(st.integers(1, 2)) if layer.decl.steps == 1 else layer.decl.steps,
             precond=draw_fn(st.sampled_from(PRECONDITIONERS)),
             context=draw_fn(st.sampled_from(CONTEXTS)),
+            data=_draw_data(draw_fn, reads, batch, tokens),
+            memory_tokens=draw_fn(st.integers(1, max_tokens + 2)) if layer.memory else 0,
         )
 
     return draw()
@@ -139,6 +184,20 @@ def build(layer: CompiledLayer, module: ModuleType, case: Case, dtype=torch.floa
             p.add_(0.1 * torch.randn_like(p))  # break symmetric inits (P starts at identity)
     x = case.scale * torch.randn(case.batch, case.tokens, case.dims[state_dim], dtype=dtype)
     return lay, x
+
+
+def memory_of(layer: CompiledLayer, case: Case, dtype=torch.float64) -> torch.Tensor | None:
+    """The drawn memory (batch, memory_tokens, Dm) of a layer that reads one (else None)."""
+    if not layer.memory:
+        return None
+    gen = torch.Generator().manual_seed(case.seed + 1)
+    return case.scale * torch.randn(case.batch, case.memory_tokens,
+                                    case.dims[layer.context_dim], dtype=dtype, generator=gen)
+
+
+def _memory(c: torch.Tensor | None) -> dict:
+    """The layer call's keywords for memory ``c`` (none without one)."""
+    return {} if c is None else {"memory": c}
 
 
 class ReferenceNotFiniteError(Exception):
@@ -163,21 +222,27 @@ def _close(name: str, actual: torch.Tensor, expected: torch.Tensor) -> float:
 
 def check_forward(layer: CompiledLayer, module: ModuleType, case: Case) -> float:
     lay, x = build(layer, module, case)
+    c = memory_of(layer, case)
     with torch.no_grad():
-        y = lay(x)
-    expected = reference_step(layer, lay, x, create_graph=False).detach()
+        y = lay(x, **_memory(c), **case.data)
+    expected = reference_step(layer, lay, x, create_graph=False, memory=c, **case.data).detach()
     return _close("forward", y, expected)
 
 
 def check_backward(layer: CompiledLayer, module: ModuleType, case: Case) -> float:
     lay, x = build(layer, module, case)
     x = x.requires_grad_(True)
-    params = [x] + [p for p in lay.parameters()]
-    names = ["x"] + [n for n, _ in lay.named_parameters()]
+    c = memory_of(layer, case)
+    memory = [] if c is None else [c.requires_grad_(True)]
+    params = [x, *memory] + [p for p in lay.parameters()]
+    names = ["x", *["memory"] * len(memory)] + [n for n, _ in lay.named_parameters()]
     w = torch.randn(x.shape, dtype=x.dtype, generator=torch.Generator().manual_seed(case.seed))
-    got = torch.autograd.grad((lay(x) * w).sum(), params, allow_unused=True)
-    expected = torch.autograd.grad((reference_step(layer, lay, x, create_graph=True) * w).sum(),
-                                   params, allow_unused=True)
+    got = torch.autograd.grad((lay(x, **_memory(c), **case.data) * w).sum(), params,
+                              allow_unused=True)
+    expected = torch.autograd.grad(
+        (reference_step(layer, lay, x, create_graph=True, memory=c, **case.data) * w).sum(),
+        params,
+        allow_unused=True)
     worst = 0.0
     for name, a, b in zip(names, got, expected):
         if b is None:
@@ -198,23 +263,26 @@ def check_causal(layer: CompiledLayer, module: ModuleType, case: Case) -> float:
     x2 = x.clone()
     x2[:, t + 1:] += torch.randn_like(x2[:, t + 1:])
     with torch.no_grad():
-        y1, y2 = lay(x), lay(x2)
+        y1, y2 = lay(x, **case.data), lay(x2, **case.data)
     return _close(f"causal (tokens <= {t})", y2[:, : t + 1], y1[:, : t + 1])
 
 
 def check_descent(layer: CompiledLayer, module: ModuleType, case: Case) -> float:
     lay, x = build(layer, module, case)
     lay.config = (1.0, 1, case.precond, "current", lay.config[4])
+    c = memory_of(layer, case)
     with torch.no_grad():
-        g = lay(x) - x  # = -P grad E at eta = 1
+        g = lay(x, **_memory(c), **case.data) - x  # = -P grad E at eta = 1
         step = 1e-4 / (1.0 + float(g.abs().max()))
         y = x + step * g
         if layer.decl.joint:
-            before, after = lay.energy(x), lay.energy(y)
+            before, after = lay.energy(x, **case.data), lay.energy(y, **case.data)
             scale_ok = g.abs().amax(dim=(1, 2)) < 1e-12  # a stationary state cannot descend
-        else:
-            before = lay.energy(x, x, per_token=True)
-            after = lay.energy(y, x, per_token=True)
+        else:  # the context held fixed: x's tokens, or the memory
+            before = lay.energy(x, x, per_token=True, **case.data) if c is None else \
+                lay.energy(x, per_token=True, memory=c, **case.data)
+            after = lay.energy(y, x, per_token=True, **case.data) if c is None else \
+                lay.energy(y, per_token=True, memory=c, **case.data)
             scale_ok = g.abs().amax(dim=2) < 1e-12  # a stationary token cannot descend
         drop = before - after
         # A change within the rounding of the energies is no rise: a flat energy (or a gradient
@@ -249,15 +317,29 @@ def _energy_derivatives(energy, x: torch.Tensor, xbar: torch.Tensor, params: lis
 
 def check_energy(layer: CompiledLayer, module: ModuleType, case: Case) -> float:
     lay, x = build(layer, module, case)
-    xbar = torch.randn(x.shape, dtype=x.dtype, generator=torch.Generator().manual_seed(case.seed))
-    x, xbar = x.requires_grad_(True), (case.scale * xbar).requires_grad_(True)
+    xbar = memory_of(layer, case)  # a memory is the context; else another state's tokens
+    if xbar is None:
+        gen = torch.Generator().manual_seed(case.seed)
+        xbar = case.scale * torch.randn(x.shape, dtype=x.dtype, generator=gen)
+    x, xbar = x.requires_grad_(True), xbar.requires_grad_(True)
     params, hypers = module_values(layer, lay)
     learned = {h: v for h, v in hypers.items() if isinstance(v, torch.Tensor) and v.requires_grad}
     leaves = [*params.values(), *learned.values()]
-    got = _energy_derivatives(lambda a, b: lay.energy(a, b, per_token=True), x, xbar, leaves,
-                              case.seed)
-    want = _energy_derivatives(lambda a, b: evaluate_energy(layer, a, b, params, hypers), x, xbar,
-                               leaves, case.seed)
+    if layer.memory:
+        def energy(a, b):
+            return lay.energy(a, memory=b, per_token=True, **case.data)
+    else:
+        def energy(a, b):
+            return lay.energy(a, b, per_token=True, **case.data)
+    got = _energy_derivatives(energy, x, xbar, leaves, case.seed)
+    call = call_data(x, None, memory=xbar if layer.memory else None, **case.data)
+    valid = 1.0 if call is None or call.valid is None else call.valid[:, :, 0].to(x.dtype)
+
+    def reference(a, b):
+        with calling(call):
+            return evaluate_energy(layer, a, b, params, hypers) * valid
+
+    want = _energy_derivatives(reference, x, xbar, leaves, case.seed)
     names = ["x", "xbar", *params, *learned]
     labels = ["E"] + [f"dE/d{n}" for n in names] + [f"d(dE . w)/d{n}" for n in names]
     return max(_close(f"energy {k}", a.detach(), b.detach()) for k, a, b in zip(labels, got, want))

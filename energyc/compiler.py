@@ -58,6 +58,17 @@ class CompiledLayer:
         return self.decl.name
 
     @property
+    def memory(self) -> str | None:
+        """The code name of the memory the energy reads (a second sequence, in the context
+        role: the step functions take it as ``xbar``), or None."""
+        return self.decl.memory
+
+    @property
+    def context_dim(self) -> str:
+        """The dim of the context role's tokens: the memory's, else the state's."""
+        return self.file.memories[self.memory].dim if self.memory else self.state_dim
+
+    @property
     def file(self) -> EnergyFile:
         return self.decl.file
 
@@ -109,6 +120,7 @@ def compile_layer(decl: LayerDecl, verify: bool = False) -> CompiledLayer:
             raise EnergyError(f"dim {d} has no size: no parameter uses it", f.dim_where.get(d))
     if verify:
         energy.verify()
+    _check_positions_in_documents(energy, decl)
 
     energy = run_pipeline(energy, verify=verify, stages=("energy",))  # its reductions' kernels
     notes = [f"{where or decl.where}: the reduction over j stays materialised ((tokens x tokens) "
@@ -129,6 +141,23 @@ def compile_layer(decl: LayerDecl, verify: bool = False) -> CompiledLayer:
                               f"rotary embedding), but its default size is {f.dim_sizes[d]}",
                               f.dim_where.get(d))
     return compiled
+
+
+def _check_positions_in_documents(energy: Graph, decl: LayerDecl) -> None:
+    """Refuse ``position(i)`` / ``position(j)`` beside a set that reads documents: a packed
+    document's absolute positions would have to restart at its first token, which positions (a
+    value of one token, the same in every row) do not do. Scores that read positions as ``i - j``
+    (RoPE, ALiBi, ``i - j``) need no per-document offset and are served."""
+    nodes = [energy.node(n) for n in energy.live()]
+    position = next((n for n in nodes if n.op == "position"), None)
+    if position is None:
+        return
+    if any(n.attr("mask") is not None and "same_document" in n.attr("mask").data for n in nodes):
+        raise EnergyError(
+            "position() with a set that reads documents (same_document()) is not supported: "
+            "positions count from the row's first token, not the document's; a score that reads "
+            "the distance i - j (RoPE, ALiBi) needs no per-document position",
+            position.where or decl.where)
 
 
 def _step_graph(decl: LayerDecl, params: list[ParamDecl], hypers: list[HyperDecl],

@@ -45,7 +45,7 @@ from energyc.ir.graph import Graph
 from energyc.names import RESERVED, attribute_names, code_name
 
 __all__ = [
-    "dims", "tokens", "position", "state", "param", "hyper", "layer", "normal", "uniform", "zeros", "ones",
+    "dims", "tokens", "position", "state", "memory", "param", "hyper", "layer", "normal", "uniform", "zeros", "ones",
     "constant", "dot", "sum_over", "logsumexp", "apply", "elementwise",
     "rotary", "alibi_slopes", "exp", "log", "tanh", "sigmoid", "softplus", "relu", "erf", "cos", "sin", "cosh", "sqrt",
     "Rational", "pi", "Tensor", "Dim", "Token", "ContextSet",
@@ -166,6 +166,7 @@ class LayerDecl:
     doc: str
     where: str | None
     file: EnergyFile
+    memory: str | None = None  # the code name of the memory the energy reads (None: none)
 
 
 class EnergyFile:
@@ -179,6 +180,7 @@ class EnergyFile:
         self.dim_sizes: dict[str, int] = {}  # default sizes (code name -> size), where declared
         self.state_dim: str | None = None
         self.state_where: str | None = None
+        self.memories: dict[str, MemoryDecl] = {}  # code name -> the declared second sequence
         self.params: dict[str, ParamDecl] = {}
         self.hypers: dict[str, HyperDecl] = {}
         self.layers: list[LayerDecl] = []
@@ -493,7 +495,7 @@ def dot(a: Tensor, b: Tensor, over: Any) -> Tensor:
 def _as_tensor(value: Any) -> Tensor | sympy.Expr:
     if isinstance(value, Tensor):
         return value
-    if isinstance(value, (State, Token, ContextSet)):
+    if isinstance(value, (State, Memory, Token, ContextSet)):
         raise _fail(f"{value!r} is not a value here (index the state: x[i], xbar[j])")
     try:
         return sympy.sympify(value, strict=True)
@@ -647,6 +649,11 @@ def _reduce(t: Tensor, over: tuple, kind: str) -> Tensor:
     if len(over) == 1 and isinstance(over[0], ContextSet):
         if "j" not in t.axes:
             raise _fail("a reduction over a context set needs a value that depends on j")
+        read = _memory_reads(g, t.node)
+        if read and not (over[0].everything or over[0] == _context.all_tokens()):
+            name = current_file().memories[read[0]].public
+            raise _fail(f"the memory {name} is read over all its tokens: over=all_tokens() (the "
+                        f"call's memory_lengths= bound it per row), not {over[0]!r}")
         if "i" not in t.axes and not over[0].everything:
             # the context set depends on i: the summand is constant along i, the sum is not
             t = Tensor(g.add("broadcast", (t.node,), out=g.canonical(set(t.axes) | {"i"})),
@@ -668,6 +675,46 @@ def _reduce(t: Tensor, over: tuple, kind: str) -> Tensor:
         raise _fail("logsumexp reduces one dim at a time")
     node = g.add("reduce", (t.node,), where=where, kind=kind, axes=g.canonical(names), mask=None)
     return Tensor(node, tuple(d for d in t.order if d not in names))
+
+
+def _memory_reads(g: Graph, node: int) -> list[str]:
+    """The memories (code names) that value ``node`` reads."""
+    found = {g.node(n).attr("memory") for n in g.ancestors([node]) if g.node(n).op == "input"}
+    return sorted(m for m in found if m is not None)
+
+
+def _check_memory(f: EnergyFile, energy: int, joint: bool, where: str | None) -> str | None:
+    """The memory the energy reads (None: none), refusing an energy that reads two, or a memory
+    and the state's context tokens (xbar[j], x[j], i - j, position(j), rotary): its reductions
+    over j read one sequence."""
+    g = f.graph
+    ancestors = sorted(g.ancestors([energy]))
+    reads = _memory_reads(g, energy)
+    if not reads:
+        return None
+    if len(reads) > 1:
+        raise EnergyError(f"the energy reads two memories ({f.public_names(reads)}); a layer "
+                          f"reads one", where)
+    decl = f.memories[reads[0]]
+    read_at = next((g.node(n).where for n in ancestors if g.node(n).op == "input"
+                    and g.node(n).attr("memory") == decl.name), None)
+    if joint:
+        raise EnergyError(f"a layer that reads the memory {decl.public} is not joint: its context "
+                          f"is the memory, not the state", where)
+    for n in ancestors:
+        node = g.node(n)
+        state_context = (node.op == "relabel" and g.node(node.inputs[0]).op == "input"
+                         and g.node(node.inputs[0]).attr("memory") is None)
+        what = ("the state at the context token (xbar[j] or x[j])" if state_context
+                else "the token distance i - j" if node.op == "offset"
+                else "position(j)" if node.op == "position" and node.attr("token") == "j"
+                else "rotary() (a position-dependent rotation)" if node.op == "rotary"
+                else None)
+        if what is not None:
+            raise EnergyError(
+                f"the energy reads the memory {decl.public} (at {read_at}) and {what}: an energy "
+                f"reads the state's context tokens or a memory's, not both", node.where or where)
+    return decl.name
 
 
 # -- state, params, hypers -------------------------------------------------------------------------
@@ -710,6 +757,66 @@ def state(dim: Dim) -> tuple[State, State]:
     f.state_dim = _dim_name(dim)
     f.state_where = user_location()
     return State("x", f.state_dim), State("xbar", f.state_dim)
+
+
+@dataclass
+class MemoryDecl:
+    """A second sequence (``c = memory("c", Dm)``): tokens given at call time, read at the
+    context token ``c[j]`` over all of them."""
+
+    name: str  # the code name
+    dim: str  # its feature dim (a code name)
+    where: str | None
+    public: str = ""
+
+
+class Memory:
+    """A second sequence of tokens, not the state, given to the layer at call time
+    (``layer(x, memory=c)``): read at the context token, ``c[j]``, over all its tokens
+    (``over=all_tokens()``, bounded per row by the call's ``memory_lengths=``). Its tokens are not
+    updated; the layer's backward gives their gradient."""
+
+    def __init__(self, decl: MemoryDecl) -> None:
+        self.decl = decl
+
+    def __repr__(self) -> str:
+        return self.decl.public
+
+    def __getitem__(self, token: Any) -> Tensor:
+        f = current_file()
+        g = f.graph
+        where = user_location()
+        if not isinstance(token, Token) or token.role != "j":
+            raise _fail(f"a memory is read at the context token: {self.decl.public}[j] (its tokens "
+                        f"are not the state's, so there is no {self.decl.public}[i])")
+        # the context role's input, over the memory's tokens and dim: the step functions take
+        # the memory where they take xbar, and its gradient where they give xbar's
+        node = g.add("input", where=where, name="xbar", axes=("b", "i", self.decl.dim),
+                     memory=self.decl.name)
+        node = g.add("relabel", (node,), where=where, src="i", dst="j")
+        return Tensor(node, (self.decl.dim,))
+
+    def __mul__(self, other):
+        raise _fail(f"index the memory by the context token before using it: "
+                    f"{self.decl.public}[j]")
+
+    __rmul__ = __add__ = __radd__ = __sub__ = __rsub__ = __matmul__ = __rmatmul__ = __mul__
+
+
+def memory(name: str, dim: Dim) -> Memory:
+    """Declare a second sequence over dim ``dim``: ``c = memory("c", Dm)`` (an encoder's output,
+    stored patterns), passed to the layer at call time as ``memory=`` and read as ``c[j]`` in
+    reductions over ``all_tokens()``. An energy reads either the state's context (``xbar[j]``,
+    ``x[j]``) or one memory, not both."""
+    f = current_file()
+    _check_name(name, "memory")
+    if name in f.codes:
+        raise _fail(f"name {name!r} declared twice")
+    d = _dim_name(dim)
+    code = f.declare(name, "memory")
+    decl = MemoryDecl(code, d, user_location(), public=name)
+    f.memories[code] = decl
+    return Memory(decl)
 
 
 def param(name: str, shape: Iterable[Any], init: Init | None = None) -> Tensor:
@@ -833,6 +940,7 @@ def layer(
             "token x[i]; use xbar[j] for the context, or declare the layer joint=True",
             bad,
         )
+    memory_read = _check_memory(f, energy.node, joint, where)
     if not isinstance(doc, str):
         raise EnergyError(f"doc must be a string, got {type(doc).__name__}", where)
     notes = {"eta": " (the default step size)",
@@ -845,6 +953,6 @@ def layer(
         raise EnergyError(f"{setting} must be {expected}{notes.get(setting, '')}, got "
                           f"{exc.value!r}", where) from None
     decl = LayerDecl(name, energy.node, float(eta), steps, precond, int(rank), bool(joint),
-                     context, doc, where, f)
+                     context, doc, where, f, memory_read)
     f.layers.append(decl)
     return decl

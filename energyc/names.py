@@ -33,7 +33,7 @@ SETTINGS = KEYWORDS
 
 #: identifiers of generated code and its templates that a user's name must not shadow
 INTERNAL = frozenset("""
-    b i j B T x xbar x0 y g u gx gxbar grad_g grad_u grad_y grad_x grad_context
+    b i j B T Tm x xbar x0 y g u gx gxbar grad_g grad_u grad_y grad_x grad_context
     kernels saved keep path steps config ctx self torch math triton tl dataclass launchers
     triton_attention precond_forward precond_backward precond_saved factory exc dims hypers
     DIMS PARAMS HYPERS PRECONDITIONERS KERNELS Layer P_diag P_lowrank acc out red rest start offs
@@ -127,7 +127,8 @@ def _module_attributes() -> frozenset[str]:
 #: torch.nn.Module's, and ``self`` (tests/test_names.py checks the list against the class)
 LAYER_ATTRIBUTES = frozenset({
     "config", "precond_rank", "P_diag", "P_lowrank", "energy", "decode", "extra_repr",
-    "reset_parameters", "_hypers", "_params", "_config", "_setup", "_declared", "_dims", "self"})
+    "reset_parameters", "_hypers", "_params", "_config", "_setup", "_declared", "_dims", "self",
+    "_call_data", "_memory"})
 
 _ATTRIBUTES: frozenset[str] | None = None
 

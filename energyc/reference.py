@@ -30,10 +30,12 @@ def evaluate_energy(
     hypers: Mapping[str, float | torch.Tensor],
 ) -> torch.Tensor:
     """Per-token energy E_i, shape (B, T), from the declared energy graph (each op by its rule
-    in :mod:`energyc.ir.evaluate`)."""
+    in :mod:`energyc.ir.evaluate`). ``xbar`` is the context: the state's tokens, or for a layer
+    that reads a memory, the memory (B, M, Dm)."""
     graph, out = _energy_subgraph(layer.decl)
     B, T, _ = x.shape
-    sizes = {"b": B, "i": T, "j": T, layer.state_dim: x.shape[-1]}
+    sizes = {"b": B, "i": T, "j": xbar.shape[1], layer.state_dim: x.shape[-1],
+             layer.context_dim: xbar.shape[-1]}
     env: dict[str, torch.Tensor | float] = {"x": x, "xbar": xbar}
     for p in layer.params:
         for d, n in zip(p.dims, params[p.name].shape):
@@ -60,7 +62,8 @@ def precondition(kind: str, g: torch.Tensor, P_diag=None, P_lowrank=None) -> tor
 
 
 def autograd_step(module: torch.nn.Module, x: torch.Tensor, energy, create_graph: bool,
-                  valid: torch.Tensor | None = None) -> torch.Tensor:
+                  valid: torch.Tensor | None = None,
+                  memory: torch.Tensor | None = None) -> torch.Tensor:
     """The layer's output, ``steps`` times ``x <- x - eta P grad_x E(x | xbar)``, with ``grad_x E``
     taken by ``torch.autograd.grad`` of ``energy(xa, xbar)`` (the per-token energy, (B, T)).
 
@@ -71,11 +74,11 @@ def autograd_step(module: torch.nn.Module, x: torch.Tensor, energy, create_graph
     preconditioner's parameters (``P_diag``, ``P_lowrank``; :func:`precondition`). With
     ``create_graph`` the result is differentiable again: its backward is autograd's double
     backward. ``valid`` (B, T, 1), where given: 1 at real tokens, 0 at padding, whose update is
-    zero."""
+    zero. ``memory``, for a layer that reads one, is the context of every step."""
     eta, steps, precond, context = module.config[:4]
     x0 = x
     for _ in range(steps):
-        xbar = x if context == "current" else x0
+        xbar = memory if memory is not None else x if context == "current" else x0
         xa = x * 1.0 if create_graph else x.detach().requires_grad_(True)  # the state role only
         if not create_graph:
             xbar = xbar.detach()
@@ -99,14 +102,16 @@ def module_values(layer: CompiledLayer, module: torch.nn.Module
 
 
 def reference_step(layer: CompiledLayer, module: torch.nn.Module, x: torch.Tensor,
-                   create_graph: bool, **data) -> torch.Tensor:
+                   create_graph: bool, memory: torch.Tensor | None = None,
+                   **data) -> torch.Tensor:
     """The layer's output computed with torch.autograd on :func:`evaluate_energy`; ``data``: the
-    call's context data keywords (``cu_seqlens``, ``document_ids``, ``lengths``, ``prefix``), as
-    the layer takes them."""
+    call's context data keywords (``cu_seqlens``, ``document_ids``, ``lengths``, ``prefix``,
+    ``memory_lengths``), as the layer takes them; ``memory``: the memory, for a layer that
+    reads one."""
     params, hypers = module_values(layer, module)
-    call = call_data(x, None, **data)
+    call = call_data(x, None, memory=memory, **data)
     valid = None if call is None else call.valid
     with calling(call):
         return autograd_step(
             module, x, lambda xa, xbar: evaluate_energy(layer, xa, xbar, params, hypers),
-            create_graph, valid)
+            create_graph, valid, memory)

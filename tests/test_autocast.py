@@ -19,7 +19,7 @@ import importlib
 import pytest
 import torch
 
-from energyc.check import Case, build
+from energyc.check import Case, build, memory_of
 from energyc.compiler import compile_file
 from energyc.loader import load
 from energyc.reference import reference_step
@@ -49,7 +49,8 @@ def _case(layer) -> Case:
         value = 1.0 if d is None else float(d.subs({s: dims[s.name] for s in d.free_symbols}))
         hypers[h.name] = _bf16(value)
     return Case(dims=dims, batch=2, tokens=7, seed=0, scale=0.7, hypers=hypers, eta=0.5,
-                steps=layer.decl.steps, precond="dplr", context=layer.decl.context)
+                steps=layer.decl.steps, precond="dplr", context=layer.decl.context,
+                memory_tokens=7 if layer.memory else 0)  # Triton: as many keys as queries
 
 
 BACKENDS = ["torch", pytest.param("triton", marks=pytest.mark.slow)]
@@ -68,10 +69,13 @@ def test_autocast_bf16_against_float64_reference(layer, backend):
     # what autocast computes from: the parameters and the input rounded to bfloat16
     exact.load_state_dict({k: v.to(BF16).double() for k, v in exact.state_dict().items()})
     x = x.to(BF16).double().requires_grad_()
+    c = memory_of(layer, case)  # a layer that reads a memory: its memory, rounded as x
+    memory = [] if c is None else [c.to(BF16).double().requires_grad_()]
     w = torch.randn(x.shape, dtype=x.dtype, generator=torch.Generator().manual_seed(1))
     data = context_data(layer.name, case.batch, case.tokens)
-    y = reference_step(layer, exact, x, create_graph=True, **data)
-    expected = [y, *torch.autograd.grad((y * w).sum(), [x, *exact.parameters()],
+    y = reference_step(layer, exact, x, create_graph=True, memory=memory[0] if memory else None,
+                       **data)
+    expected = [y, *torch.autograd.grad((y * w).sum(), [x, *memory, *exact.parameters()],
                                         allow_unused=True)]
 
     keyword = layer.file.attribute
@@ -81,15 +85,17 @@ def test_autocast_bf16_against_float64_reference(layer, backend):
                        context=case.context, backend=backend)
     lay.load_state_dict({k: v.float() for k, v in exact.state_dict().items()})
     xt = x.detach().float().requires_grad_()
+    ct = [m.detach().float().requires_grad_() for m in memory]
     with torch.autocast("cpu", dtype=BF16):
-        yt = lay(xt, **data)
+        yt = lay(xt, **dict(zip(["memory"], ct)), **data)
         loss = (yt * w.to(BF16)).sum()
     assert yt.dtype == BF16
     params = list(lay.parameters())
-    got = [yt, *torch.autograd.grad(loss, [xt, *params], allow_unused=True)]
+    got = [yt, *torch.autograd.grad(loss, [xt, *ct, *params], allow_unused=True)]
     assert all(p.dtype == torch.float32 for p in params)
     assert all(g is None or g.dtype == torch.float32 for g in got[1:])
-    names = ["forward", "d/dx", *(f"d/d{n}" for n, _ in lay.named_parameters())]
+    names = ["forward", "d/dx", *["d/dmemory"] * len(ct),
+             *(f"d/d{n}" for n, _ in lay.named_parameters())]
     for name, a, b in zip(names, got, expected):
         if b is None:
             assert a is None or not a.any(), name

@@ -124,11 +124,15 @@ def test_every_example_compiles_fullgraph(name, backend):
     torch.manual_seed(0)
     layer = Layer(**EXAMPLES[name], precond="dplr", backend=backend).double()
     x = torch.randn(2, 7, EXAMPLES[name]["D"], dtype=torch.float64, requires_grad=True)
-    params = [x, *layer.parameters()]
+    call = {}
+    if layer._declared.memory:  # a layer that reads a memory: 7 tokens (Triton: as many keys as
+        dim = getattr(layer, layer._declared.memory[1])  # queries), and its gradient
+        call["memory"] = torch.randn(2, 7, dim, dtype=torch.float64, requires_grad=True)
+    params = [x, *call.values(), *layer.parameters()]
     data = context_data(name, 2, 7)
 
     def loss(x):
-        return (layer(x, **data) ** 2).sum()
+        return (layer(x, **call, **data) ** 2).sum()
 
     eager = torch.autograd.grad(loss(x), params, allow_unused=True)
     compiled = torch.compile(loss, fullgraph=True)

@@ -82,8 +82,9 @@ def _layer(layer, module, backend, tokens, batch=1, seed=0, precond="dplr", step
         pytest.importorskip("triton")
         if not os.environ.get("TRITON_INTERPRET"):
             pytest.skip("the Triton path runs on CPU under TRITON_INTERPRET=1")
+    hypers = {"beta": 0.7} if any(h.name == "beta" for h in layer.hypers) else {}
     case = Case(dims={"D": 4, "H": 2, "K": 3}, batch=batch, tokens=tokens, seed=seed, scale=0.8,
-                hypers={"beta": 0.7}, eta=0.5, steps=steps, precond=precond, context=context)
+                hypers=hypers, eta=0.5, steps=steps, precond=precond, context=context)
     lay, x = build(layer, module, case)
     lay.config = (*lay.config[:4], backend)
     return lay, x
@@ -229,3 +230,52 @@ def test_notation_errors(tmp_path):
         with pytest.raises(Exception, match=message) as info:
             compile_file(load(str(path)))
         assert "bad.py:6" in str(info.value), str(info.value)
+
+
+def test_positions_with_documents_are_refused(tmp_path):
+    path = tmp_path / "pos.py"
+    path.write_text(HEADER + "E = -logsumexp(log(position(i) + 1) * s, "
+                    "over=(j <= i) & same_document()).sum(H)\nlayer('pos', E)\n")
+    with pytest.raises(Exception, match="position\\(\\) with a set that reads documents") as info:
+        compile_file(load(str(path)))
+    assert "pos.py:6" in str(info.value), str(info.value)
+
+
+DECODERS = ["doc_causal", "doc_window", "doc_strict", "doc_softcap", "doc_sigmoid", "doc_running"]
+
+
+@pytest.mark.parametrize("name", DECODERS)
+def test_decode_across_documents_equals_the_forward(tmp_path_factory, name):
+    layer, module = compiled(tmp_path_factory, name)
+    lay, x = _layer(layer, module, "torch", tokens=12, batch=2, seed=3)
+    ids = torch.tensor([[0, 0, 0, 1, 1, 1, 1, 1, 2, 3, 3, 3], [5, 5, 5, 5, 5, 6, 6, 6, 6, 6, 7, 7]])
+    with torch.no_grad():
+        want = lay(x, document_ids=ids)
+        got, cache = [], None
+        for a, b in [(0, 5), (5, 6), (6, 10), (10, 12)]:  # boundaries inside and at chunk ends
+            y, cache = lay.decode(x[:, a:b], cache, document_ids=ids[:, a:b])
+            got.append(y)
+    _close(f"{name} decode across documents", torch.cat(got, 1), want)
+
+
+@pytest.mark.parametrize("name", ["causal", "doc_causal", "doc_window", "doc_softcap",
+                                  "doc_running"])
+def test_decode_ragged_rows_equals_each_row_alone(tmp_path_factory, name):
+    layer, module = compiled(tmp_path_factory, name)
+    lay, x = _layer(layer, module, "torch", tokens=10, batch=3, seed=4)
+    prompts = [5, 2, 7]  # each row's prompt, padded on the left to 7; then 3 tokens each
+    pad = [7 - n for n in prompts]
+    ids = torch.zeros(3, 10, dtype=torch.long)  # one document per row
+    data = {"document_ids": ids} if name.startswith("doc_") else {}
+    with torch.no_grad():
+        out, cache = lay.decode(x[:, :7], None, left_padding=torch.tensor(pad),
+                                **{k: v[:, :7] for k, v in data.items()})
+        outs = [out]
+        for t in range(7, 10):
+            y, cache = lay.decode(x[:, t:t + 1], cache, **{k: v[:, t:t + 1] for k, v in data.items()})
+            outs.append(y)
+        got = torch.cat(outs, 1)
+        for b in range(3):
+            alone = lay(x[b:b + 1, pad[b]:], **{k: v[b:b + 1, pad[b]:] for k, v in data.items()})
+            _close(f"{name} row {b} decoded with the others", got[b:b + 1, pad[b]:], alone)
+            _close(f"{name} row {b} padding unchanged", got[b, :pad[b]], x[b, :pad[b]])

@@ -246,7 +246,7 @@ def test_interpreter_masks_follow_their_definitions():
         "not_self": [[0, 1, 1, 1], [1, 0, 1, 1], [1, 1, 0, 1], [1, 1, 1, 0]],
     }
     for mask in MASKS:
-        assert context_mask(mask, T).int().tolist() == want[mask.name], mask
+        assert context_mask(mask, T).int().tolist() == [want[mask.name]], mask
 
 
 @pytest.mark.parametrize("mask", MASKS, ids=[m.name for m in MASKS])

@@ -28,9 +28,20 @@ def build(package: str, size: int = 4, **settings) -> torch.nn.Module:
     return Layer(**dims, **settings)
 
 
+def memory(layer: torch.nn.Module, x: torch.Tensor, tokens: int = 3) -> dict:
+    """The call's ``memory=`` for a layer that reads one (``tokens`` of it per row of x, drawn),
+    else no keywords."""
+    declared = layer._declared.memory
+    if declared is None:
+        return {}
+    dim = getattr(layer, declared[1])
+    gen = torch.Generator().manual_seed(2)
+    return {"memory": torch.randn(x.shape[0], tokens, dim, generator=gen).to(x.dtype)}
+
+
 def state_dim(layer: torch.nn.Module) -> int:
     """The size of the state's feature dim (the last of x)."""
-    return next(p for p in layer.parameters()).shape[-1]
+    return getattr(layer, layer._declared.state_dim)
 
 
 # -- item 1: 0 tokens and batch 0 ------------------------------------------------------------------
@@ -44,16 +55,16 @@ def test_empty_input_gives_empty_outputs_forward_and_backward(package, dtype, sh
     a reduction over no keys: outputs, gradients and energies of the right (empty) shape."""
     layer = build(package).to(dtype)
     x = torch.randn(*shape, 4, dtype=dtype, requires_grad=True)
-    data = context_data(package, *shape)
-    y = layer(x, **data)
+    call = {**memory(layer, x), **context_data(package, *shape)}
+    y = layer(x, **call)
     assert y.shape == x.shape and y.dtype == dtype
     y.sum().backward()
     assert x.grad.shape == x.shape
     for p in layer.parameters():
         if p.grad is not None:
             assert p.grad.shape == p.shape and torch.count_nonzero(p.grad) == 0
-    assert layer.energy(x.detach(), **data).shape == (shape[0],)
-    assert layer.energy(x.detach(), per_token=True, **data).shape == shape
+    assert layer.energy(x.detach(), **call).shape == (shape[0],)
+    assert layer.energy(x.detach(), per_token=True, **call).shape == shape
 
 
 @pytest.mark.parametrize("shape", [(2, 0, 2, 4), (0, 3, 2, 4)])
@@ -84,9 +95,9 @@ def test_nan_input_stays_nan_in_the_per_token_energy_and_the_output(package):
     layer = build(package).double()
     x = torch.randn(2, 3, 4, dtype=torch.float64)
     x[:, 1, 0] = float("nan")
-    data = context_data(package, 2, 3)
-    assert torch.isnan(layer.energy(x, per_token=True, **data)[:, 1]).all()
-    assert torch.isnan(layer(x, **data)[:, 1]).any()
+    call = {**memory(layer, x), **context_data(package, 2, 3)}
+    assert torch.isnan(layer.energy(x, per_token=True, **call)[:, 1]).all()
+    assert torch.isnan(layer(x, **call)[:, 1]).any()
 
 
 @pytest.mark.parametrize("value", [float("inf"), float("-inf"), float("nan")])
@@ -96,7 +107,7 @@ def test_non_finite_input_never_crashes(package, value):
     x = torch.randn(1, 3, 4)
     x[0, 0, 0] = value
     x.requires_grad_(True)
-    layer(x, **context_data(package, 1, 3)).sum().backward()
+    layer(x, **memory(layer, x), **context_data(package, 1, 3)).sum().backward()
     assert x.grad.shape == x.shape
 
 

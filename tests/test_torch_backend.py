@@ -17,10 +17,11 @@ def test_broadcast_index():
 
 
 def test_mask_of_a_pair_value_without_batch_is_the_mask_itself():
-    """A (T, T) value needs the (T, T) mask as it is (this printed ``mask_causal[]`` before)."""
+    """A (T, T) value needs the (T, T) mask of every row (this printed ``mask_causal[]``
+    before); a value with the batch axis, the (B|1, T, T) mask as it is."""
     em = Emitter(Graph(("D",)), {}, {})
-    assert em.mask(causal(), ("i", "j")) == "mask_causal"
-    assert em.mask(causal(), ("b", "i", "j", "D")) == "mask_causal[None, :, :, None]"
+    assert em.mask(causal(), ("i", "j")) == "_rt.shared_mask(mask_causal)"
+    assert em.mask(causal(), ("b", "i", "j", "D")) == "mask_causal[:, :, :, None]"
 
 
 def test_functions_of_dim_sizes_print_as_math():

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from energyc.backends import TRITON
-from energyc.check import Case, build
+from energyc.check import Case, build, memory_of
 from energyc.compiler import compile_file
 from energyc.loader import load
 from energyc.reference import reference_step
@@ -49,7 +49,8 @@ def _case(layer, tokens: int = 7) -> Case:
         d = h.default
         hypers[h.name] = 1.0 if d is None else float(d.subs({s: dims[s.name] for s in d.free_symbols}))
     return Case(dims=dims, batch=2, tokens=tokens, seed=0, scale=0.7, hypers=hypers, eta=0.5,
-                steps=layer.decl.steps, precond="dplr", context=layer.decl.context)
+                steps=layer.decl.steps, precond="dplr", context=layer.decl.context,
+                memory_tokens=tokens if layer.memory else 0)  # Triton: as many keys as queries
 
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
@@ -65,10 +66,13 @@ def step_and_grads(layer, module, dtype, device, tokens: int = 7, backend: str =
     # measures the layer's arithmetic, not the rounding of its inputs
     exact.load_state_dict({k: v.to(dtype).double() for k, v in exact.state_dict().items()})
     x = x.to(dtype).double().requires_grad_()
+    c = memory_of(layer, case)  # a layer that reads a memory: its memory
+    c = None if c is None else c.to(dtype).double().requires_grad_()
+    memory = [] if c is None else [c]
     w = torch.randn(x.shape, dtype=x.dtype, generator=torch.Generator().manual_seed(1))
     data = context_data(layer.name, case.batch, case.tokens)
-    y = reference_step(layer, exact, x, create_graph=True, **data)
-    expected = [y, *torch.autograd.grad((y * w).sum(), [x, *exact.parameters()],
+    y = reference_step(layer, exact, x, create_graph=True, memory=c, **data)
+    expected = [y, *torch.autograd.grad((y * w).sum(), [x, *memory, *exact.parameters()],
                                         allow_unused=True)]
 
     lay = module.Layer(**case.dims, **case.hypers, eta=case.eta, steps=case.steps,
@@ -76,11 +80,13 @@ def step_and_grads(layer, module, dtype, device, tokens: int = 7, backend: str =
                        backend=backend, dtype=dtype, device=device)
     lay.load_state_dict({k: v.to(dtype) for k, v in exact.state_dict().items()})
     xt = x.detach().to(device, dtype).requires_grad_()
-    yt = lay(xt, **{k: v.to(device) for k, v in data.items()})
-    got = [yt, *torch.autograd.grad((yt * w.to(device, dtype)).sum(), [xt, *lay.parameters()],
-                                    allow_unused=True)]
+    ct = [m.detach().to(device, dtype).requires_grad_() for m in memory]
+    yt = lay(xt, **dict(zip(["memory"], ct)), **{k: v.to(device) for k, v in data.items()})
+    got = [yt, *torch.autograd.grad((yt * w.to(device, dtype)).sum(),
+                                    [xt, *ct, *lay.parameters()], allow_unused=True)]
     got = [None if t is None else t.detach().cpu().double() for t in got]
-    names = ["forward", "d/dx", *(f"d/d{n}" for n, _ in lay.named_parameters())]
+    names = ["forward", "d/dx", *["d/dmemory"] * len(ct),
+             *(f"d/d{n}" for n, _ in lay.named_parameters())]
     return names, got, [None if t is None else t.detach() for t in expected]
 
 

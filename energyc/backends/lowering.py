@@ -101,14 +101,17 @@ def _code(expr: sympy.Expr) -> str:
 ALWAYS_TENSORS = {"x", "xbar", "grad_g"}
 
 
-def _size_lines(leaves: dict[str, tuple[int, tuple[str, ...]]], params: set[str]) -> list[str]:
-    """``B, T, D = x.shape`` and one unpacking per further source of a dim size."""
+def _size_lines(leaves: dict[str, tuple[int, tuple[str, ...]]], params: set[str],
+                memory: bool = False) -> list[str]:
+    """``B, T, D = x.shape`` and one unpacking per further source of a dim size (with a
+    memory, its tokens' count ``Tm`` from the context argument: ``_, Tm, Dm = xbar.shape``)."""
     lines = []
     known: set[str] = set()
     for var, (nid, axes_order) in leaves.items():
         if nid < 0 and var not in ALWAYS_TENSORS and var not in params:
             continue  # an unused hyperparameter
-        names = [{"b": "B", "i": "T"}.get(a, a) for a in axes_order]
+        tokens = "Tm" if memory and var == "xbar" else "T"
+        names = [{"b": "B", "i": tokens}.get(a, a) for a in axes_order]
         if set(names) - known:
             parts = [n if n not in known else "_" for n in names]
             lines.append(f"{', '.join(parts)} = {var}.shape")
@@ -170,7 +173,7 @@ def function_spec(
         if n in em.names:
             continue
         em.emit(n, names.get(n, ""))
-    size_lines = _size_lines(leaves, params or set())
+    size_lines = _size_lines(leaves, params or set(), em.keys == "Tm")
     body = size_lines + em.mask_lines + lines + em.lines
     outs = [full_output(em, nid, axes, order) for nid, axes, order in returns]
     if saved_out is not None:
@@ -192,7 +195,7 @@ def _named_leaves(graph: Graph) -> dict[str, int]:
 
 
 #: what the printed functions bind besides their nodes' variables: arguments and sizes
-FUNCTION_NAMES = frozenset({"kernels", "saved", "cache", "P", "B", "T", "x", "xbar", "g",
+FUNCTION_NAMES = frozenset({"kernels", "saved", "cache", "P", "B", "T", "Tm", "x", "xbar", "g",
                             "grad_g", "grad_u", "P_diag", "P_lowrank"})
 
 
@@ -239,7 +242,9 @@ def _leaf_map(layer: CompiledLayer, graph: Graph,
     found = _named_leaves(graph)
     leaves: dict[str, tuple[int, tuple[str, ...]]] = {}
     for var in ["x", "xbar", *extra_inputs]:
-        leaves[var] = (found.get(var, -1), state_order)
+        # the context argument: the state's tokens, or the memory's over its own dim
+        order = ("b", "i", layer.context_dim) if var == "xbar" else state_order
+        leaves[var] = (found.get(var, -1), order)
     for p in layer.params:
         leaves[p.name] = (found.get(p.name, -1), p.dims)
     for h in layer.hypers:
@@ -302,6 +307,8 @@ def package_spec(layer: CompiledLayer, source: str) -> PackageSpec:
         joint=decl.joint, functions=functions, precond_kinds=list(settings.PRECONDITIONERS),
         settings_doc=settings.DOC.splitlines(), decode_unsupported=unsupported,
         decode_keys_from_context=from_context, context_data=context_data(layer),
+        memory=None if layer.memory is None else (f.public_name(layer.memory),
+                                                  f.attribute(layer.context_dim)),
     )
 
 
@@ -353,7 +360,8 @@ def step_functions(layer: CompiledLayer, emitter) -> list[FunctionSpec]:
         [(sg.outputs["grad"], state_order, state_order)], s_names, saved_out=sp.saved,
         params=set(param_names), emitter=emitter("fwd"),
     )
-    grads = [("x", state_order, state_order), ("xbar", state_order, state_order)]
+    context_order = ("b", "i", layer.context_dim)  # the memory's gradient, where it has one
+    grads = [("x", state_order, state_order), ("xbar", context_order, context_order)]
     grads += [(p.name, sg.canonical(p.dims), p.dims) for p in layer.params]
     grads += [(h.name, (), ()) for h in layer.hypers]
     bwd = function_spec(
@@ -385,6 +393,10 @@ def decodable(layer: CompiledLayer) -> tuple[list[int], str | None, bool]:
         node = sg.node(n)
         if n in inputs or any(u in token_dep for u in node.inputs):
             token_dep.add(n)
+    if layer.memory is not None:
+        return needed, ("the energy reads a memory; decoding with one is not supported yet "
+                        "(run forward on the new tokens with memory=: each token's update "
+                        "depends on itself and the memory alone)"), False
     if layer.decl.joint:
         return needed, ("a joint energy: a token's update has a term from every token whose "
                         "context holds it (the key role), later ones included"), False
@@ -396,9 +408,6 @@ def decodable(layer: CompiledLayer) -> tuple[list[int], str | None, bool]:
         if mask is not None and not mask.looks_back:
             return needed, (f"the context set {{{describe_mask(mask)}}}{where} holds tokens "
                             f"after i"), False
-        if mask is not None and mask.data:
-            return needed, (f"the context set {{{describe_mask(mask)}}}{where} reads the call's "
-                            f"documents, which decoding does not take yet"), False
         if {"i", "j"} <= axes or node.op == "offset":
             return needed, (f"a reduction over j stays materialised{where}: decode runs fused "
                             f"context reductions"), False
@@ -470,7 +479,7 @@ def decode_function(layer: CompiledLayer, needed: list[int]) -> FunctionSpec:
     for n in rest:
         if n not in em.names:
             em.emit(n, names.get(n, ""))
-    body = _size_lines(leaves, set(param_names)) + em.mask_lines + lines + em.lines
+    body = _size_lines(leaves, set(param_names), em.keys == "Tm") + em.mask_lines + lines + em.lines
     out = full_output(em, sg.outputs["grad"], state_order, state_order)
     return FunctionSpec(
         "_grad_decode",
@@ -486,7 +495,9 @@ def _module_doc(layer: CompiledLayer) -> str:
         parts.append((decl.doc or layer.file.doc).strip())
     energy = format_energy(layer.energy, "energy", layer.file.public)
     parts.append("Energy (per updated token i):\n\n    E_i = " + energy)
-    role = "both roles of x (joint energy)" if decl.joint else "x_i only (xbar is held fixed)"
+    role = ("both roles of x (joint energy)" if decl.joint
+            else f"x_i only (the memory {layer.file.public_name(layer.memory)} is held fixed)"
+            if layer.memory else "x_i only (xbar is held fixed)")
     parts.append(
         "Layer: `steps` descent steps  x <- x - eta * P * dE/dx,  differentiating through "
         f"{role}.\nThe backward (second derivatives of E) is derived symbolically: see "

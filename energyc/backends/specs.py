@@ -105,3 +105,6 @@ class PackageSpec:
     decode_unsupported: str | None = None  # why Layer.decode raises; None: it decodes
     decode_keys_from_context: bool = False  # the cached values depend on the context alone
     context_data: tuple[str, ...] = ()  # what the context sets read from the call (context.DATA)
+    # the memory the energy reads (a second sequence given at call time): its declared name and
+    # its dim's attribute; None: none
+    memory: tuple[str, str] | None = None

@@ -10,6 +10,7 @@ for two operands); masks are boolean (T, T) tensors built once per function.
 
 from __future__ import annotations
 
+import functools
 import re
 import string
 from dataclasses import dataclass, field
@@ -80,11 +81,19 @@ class Emitter:
                     self._users.setdefault(u, []).append(n)
         return self._users.get(nid, [])
 
+    @functools.cached_property
+    def keys(self) -> str:
+        """The size of the context token axis j: ``T`` (the state's tokens), or ``Tm`` where the
+        graph reads a memory (a second sequence, in the context role)."""
+        memory = any(self.graph.node(n).op == "input" and self.graph.node(n).attr("memory")
+                     for n in self.graph.ids())
+        return "Tm" if memory else "T"
+
     def offset_arg(self) -> str:
         return f", offset={self.position}" if self.position else ""
 
     def size(self, axis: str) -> str:
-        return SIZE_NAMES.get(axis, axis)
+        return self.keys if axis == "j" else SIZE_NAMES.get(axis, axis)
 
     def align(self, nid: int, to_axes: tuple[str, ...]) -> str:
         """The expression of node ``nid`` indexed so that it broadcasts against ``to_axes``."""
@@ -96,10 +105,13 @@ class Emitter:
         if mask not in self.masks:
             name = "mask_" + "_".join(str(m) for m in mask.spelling)
             self.masks[mask] = name
+            keys = "" if self.keys == "T" else f", keys={self.keys}"  # a memory's tokens
             self.mask_lines.append(
-                f"{name} = _rt.context_mask({mask.spelling!r}, T, x.device)  "
+                f"{name} = _rt.context_mask({mask.spelling!r}, T, x.device{keys})  "
                 f"# {{{describe_mask(mask)}}}"
             )
+        if "b" not in to_axes:  # a value over (i, j) alone: one mask for every row
+            return _broadcast(f"_rt.shared_mask({self.masks[mask]})", ("i", "j"), to_axes)
         return _broadcast(self.masks[mask], ("b", "i", "j"), to_axes)
 
     def print_body(self, body: sympy.Expr, args: list[int], out_axes: tuple[str, ...],

@@ -292,6 +292,9 @@ def build_case(layer: CompiledLayer, module: ModuleType, opts: BenchOptions, tok
 
     Deterministic in ``opts.seed``: every process builds the same weights and inputs.
     """
+    if layer.memory:
+        raise EnergyError(f"layer {layer.name} reads a memory (a second sequence given at call "
+                          f"time), which energyc bench does not draw yet", layer.decl.where)
     dtype = dtype or DTYPES[opts.dtype]
     gen = torch.Generator().manual_seed(opts.seed)
     torch.manual_seed(opts.seed)

@@ -113,27 +113,35 @@ def evaluate_body(expr: sympy.Basic, env: Mapping[str, torch.Tensor], dtype) -> 
     return ev(expanded)
 
 
-def context_mask(mask: Context, T: int, device=None) -> torch.Tensor:
+def context_mask(mask: Context, T: int, device=None, keys: int | None = None) -> torch.Tensor:
     """The (b, i, j) boolean mask of a context set: (1, T, T) from ``Context.contains`` (whose
     kinds ``tests/test_context.py`` checks against their textbook definitions), and where the
     call gives data (``energyc.runtime.rows.calling``), (B, T, T) from its textbook definition
     (FlexAttention's): ``| (j < P_b)`` for a prefix, ``& (doc(i) == doc(j))`` for documents,
-    ``& (i < L_b) & (j < L_b)`` for lengths (not from the runtime's per-row bounds)."""
+    ``& (i < L_b) & (j < L_b)`` for lengths (not from the runtime's per-row bounds). Over a
+    memory's ``keys`` tokens (all of them): (1, T, keys), ``& (i < L_b) & (j < M_b)`` with the
+    call's lengths and memory_lengths."""
     from energyc.runtime.rows import current  # the call's data, as the layer was given it
 
-    idx = torch.arange(T, device=device)
-    out = mask.contains(idx[:, None], idx[None, :]).expand(T, T)[None]
+    keys = T if keys is None else keys
+    idx, kdx = torch.arange(T, device=device), torch.arange(keys, device=device)
+    out = mask.contains(idx[:, None], kdx[None, :]).expand(T, keys)[None]
     data = current()
     if data is None:
         return out
-    i, j = idx[None, :, None], idx[None, None, :]
+    i, j = idx[None, :, None], kdx[None, None, :]
     if "prefix" in mask.data:
         out = out | (j < data.prefix[:, None, None])
     if "same_document" in mask.data:
         out = out & (data.ids[:, :, None] == data.ids[:, None, :])
     if data.lengths is not None:
         n = data.lengths[:, None, None]
-        out = out & (i < n) & (j < n)
+        out = out & (i < n) & (j < n) if data.M is None else out & (i < n)
+    if data.first is not None:
+        f = data.first[:, None, None]
+        out = out & (i >= f) & (j >= f)
+    if data.memory_lengths is not None:
+        out = out & (j < data.memory_lengths[:, None, None])
     return out
 
 
@@ -195,13 +203,21 @@ class Evaluation:
         return align(value, axes, to_axes).expand(self.full(to_axes))
 
     def mask(self, mask: Context, to_axes: tuple) -> torch.Tensor:
-        """The context set's (b, i, j) mask, aligned to ``to_axes``."""
-        return align(context_mask(mask, self.T, self.device), ("b", "i", "j"), to_axes)
+        """The context set's (b, i, j) mask, aligned to ``to_axes`` (a value without the batch
+        axis takes the one mask of every row; per-row data cannot bound it)."""
+        m = context_mask(mask, self.T, self.device, self.sizes["j"])
+        if "b" not in to_axes:
+            if m.shape[0] != 1:
+                raise ValueError("a value over (i, j) without a batch axis cannot follow per-row "
+                                 "context data")
+            return align(m[0], ("i", "j"), to_axes)
+        return align(m, ("b", "i", "j"), to_axes)
 
     def offsets(self) -> torch.Tensor:
         """The (i, j) matrix of ``i - j``."""
         idx = torch.arange(self.T, dtype=self.dtype, device=self.device)
-        return idx[:, None] - idx[None, :]
+        keys = torch.arange(self.sizes.get("j", self.T), dtype=self.dtype, device=self.device)
+        return idx[:, None] - keys[None, :]
 
     def letters(self) -> dict[str, str]:
         """One einsum letter per axis."""
@@ -251,7 +267,9 @@ def _leaf(ev: Evaluation, node: Node, ins: list) -> torch.Tensor:
     value = ev.env[node.attr("name")]
     if node.op == "hyper" or not isinstance(value, torch.Tensor):
         value = torch.as_tensor(value, dtype=ev.dtype)
-    assert tuple(value.shape) == tuple(ev.full(node.axes)), (node.attr("name"), value.shape)
+    # a memory's tokens are the context token's (its input is relabelled to j where read)
+    axes = tuple("j" if a == "i" and node.attr("memory") else a for a in node.axes)
+    assert tuple(value.shape) == tuple(ev.full(axes)), (node.attr("name"), value.shape)
     return value
 
 

@@ -244,7 +244,7 @@ class Input(Op):
 
     @staticmethod
     def formula(graph, node, args):
-        return f"{node.attr('name')}_i"
+        return f"{node.attr('memory') or node.attr('name')}_i"  # a memory by its own name
 
 
 class Param(Op):

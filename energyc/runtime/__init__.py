@@ -65,7 +65,13 @@ from energyc.runtime.decode import DecodeCache, decode_layer, extend
 from energyc.runtime.elementwise import mul_affine_
 from energyc.runtime.gemm import contract, contract_add
 from energyc.runtime.layer import EnergyLayer, LayerFunction, StepConfig
-from energyc.runtime.masks import context_mask, masked_logsumexp, token_offset, token_position
+from energyc.runtime.masks import (
+    context_mask,
+    masked_logsumexp,
+    shared_mask,
+    token_offset,
+    token_position,
+)
 from energyc.runtime.pairs import pair_lse, pair_softmax_sums, pair_sums, pair_tiles, running_sum
 from energyc.runtime.positions import alibi_slopes_, rotary
 from energyc.runtime.precond import INVERSE_SOFTPLUS_ONE
@@ -78,7 +84,7 @@ __all__ = [
     # constants
     "INVERSE_SOFTPLUS_ONE",
     # context sets, positions
-    "context_mask", "masked_logsumexp", "token_offset", "token_position", "alibi_slopes_", "rotary",
+    "context_mask", "masked_logsumexp", "shared_mask", "token_offset", "token_position", "alibi_slopes_", "rotary",
     # kernels
     "attention_backward", "attention_forward", "attention_transposed", "probs_fit",
     "FLASH_BACKWARD_MAX_LSE", "QUERY_CHUNK",

@@ -2,7 +2,13 @@
 ``attention_backward``, ``attention_transposed``) on torch's CPU flash kernels where they serve,
 the masked blocks of ``energyc.runtime.flash_cpu`` for other context sets and a bias, and
 otherwise a fallback that forms the scores ``QUERY_CHUNK`` queries at a time; weights kept
-for later calls over the same scores (``keep_probs``, ``probs_fit``)."""
+for later calls over the same scores (``keep_probs``, ``probs_fit``).
+
+Every entry resolves its ``kind`` in the current call (``energyc.runtime.rows.resolve``): without
+the call's data for it, the ``Context`` and the paths above as they are; with it, the set's
+``Rows`` (per-row key intervals: documents, lengths, prefixes), which the masked blocks iterate
+by (``flash_cpu.blocks``) and every other path masks with (``Rows.tile``). Decoding after a
+cached prefix (``offset``) reads the rows of every token so far at the queries' positions."""
 
 from __future__ import annotations
 
@@ -15,6 +21,7 @@ from energyc.context import Context, all_tokens, causal, context
 from energyc.runtime import flash_cpu
 from energyc.runtime.kernels import implements
 from energyc.runtime.pairs import key_start, query_blocks
+from energyc.runtime.rows import Rows, resolve
 
 _FLASH_CPU_OPS = all(
     hasattr(torch.ops.aten, name)
@@ -42,7 +49,8 @@ def _flash_cpu_serves(
     know (all keys, or causal), values of the query's feature size, and for causal a positive
     scale (the causal kernel scales its -inf mask by the scale: 0 * -inf and -1 * -inf gave NaN
     on every token but the last)."""
-    return (_flash_cpu(q) and kind in (causal(), all_tokens()) and slopes is None
+    return (_flash_cpu(q) and isinstance(kind, Context) and kind in (causal(), all_tokens())
+            and slopes is None
             and not need_dscale and q.shape[-1] == v.shape[-1]
             and (kind.everything or float(scale) > 0))
 
@@ -121,7 +129,7 @@ def _masked_scores(
     qc: torch.Tensor,
     kh: torch.Tensor,
     scale: float | torch.Tensor,
-    kind: Context,
+    kind: Context | Rows,
     slopes: torch.Tensor | None,
     r0: int,
     qk: torch.Tensor | None = None,
@@ -129,7 +137,8 @@ def _masked_scores(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Scores (B, H, C, K) of the C queries from ``r0`` on against the K keys from ``c0`` on:
     scale * (q_i . k_j) + slopes_h * (i - j) (the bias only when slopes is not None), -inf outside
-    the context set ``kind``; ``qk`` is qc @ kh^T when already formed. Also returns the (C, K)
+    the context set ``kind`` (with the call's rows, each row's: ``Rows.tile``, broadcast over the
+    heads; i - j is the offset within the row as without them); ``qk`` is qc @ kh^T when already formed. Also returns the (C, K)
     offsets i - j. The scores are a fresh tensor (``qk`` is left as it is), changed in place
     after their first pass."""
     if qk is None:
@@ -142,7 +151,10 @@ def _masked_scores(
     offset = i[:, None] - j
     if slopes is not None:
         scores = scores.add_(slopes.to(scores.dtype)[:, None, None] * offset)
-    if not kind.everything:
+    if isinstance(kind, Rows):
+        scores = scores.masked_fill_(
+            ~kind.tile(r0, r0 + qc.shape[-2], c0, c0 + kh.shape[-2])[:, None], -math.inf)
+    elif not kind.everything:
         scores = scores.masked_fill_(~kind.contains(i[:, None], j), -math.inf)
     return scores, offset
 
@@ -189,8 +201,26 @@ def attention_forward(
     window not much narrower than the keys).
     """
     q, k, v = _operands(q, k, v)
-    out = _attention_forward(q, k, v, scale, context(kind), slopes, offset, keep_probs, probs)
+    kind = _call_set(kind, q.shape[1], q.device, offset)
+    out = _attention_forward(q, k, v, scale, kind, slopes, offset, keep_probs, probs)
     return out if keep_probs else out[:2]
+
+
+def _call_set(kind: Context | tuple, T: int, device: torch.device,
+              offset: int = 0) -> Context | Rows:
+    """The context set ``kind`` on T queries in the current call (``rows.resolve``); decoding T
+    queries after ``offset`` cached tokens, the rows of the offset + T tokens so far
+    (``energyc.runtime.decode``), read at the queries' positions offset + r."""
+    return resolve(kind, offset + T, device)
+
+
+def _query_chunks(kind: Context | Rows, T: int, offset: int = 0,
+                  keys: int | None = None) -> list[tuple[int, int, int, int]]:
+    """The chunked path's blocks of QUERY_CHUNK queries and their keys (``query_blocks``; with
+    the call's rows, ``flash_cpu.blocks``)."""
+    if isinstance(kind, Rows) and not offset and keys in (None, T) and kind.S is None:
+        return flash_cpu.blocks(kind, T, QUERY_CHUNK)
+    return query_blocks(kind, T, QUERY_CHUNK, offset, keys)
 
 
 def _operands(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -252,7 +282,7 @@ def _attention_forward(q, k, v, scale, kind, slopes, offset, keep_probs, probs) 
 # narrow windows over more than half a block of keys (``probs_fit``), where most of P is 0.
 
 
-def probs_fit(q: torch.Tensor, k: torch.Tensor, kind: Context | tuple) -> bool:
+def probs_fit(q: torch.Tensor, k: torch.Tensor, kind: Context | tuple | Rows) -> bool:
     """Whether ``attention_forward(..., keep_probs=True)`` keeps the weights of (q, k) over the
     context set ``kind``: queries and keys fit one query block, and a window reaches at least
     half the keys or they fit half a block. (P is formed dense: a narrow window at 256 tokens
@@ -260,7 +290,8 @@ def probs_fit(q: torch.Tensor, k: torch.Tensor, kind: Context | tuple) -> bool:
     queries, keys = q.shape[1], k.shape[1]
     if not (q.numel() > 0 and k.numel() > 0 and queries <= QUERY_CHUNK and keys <= QUERY_CHUNK):
         return False
-    width = context(kind).width  # the most keys a row holds: a window's w + 1
+    band = kind.ctx if isinstance(kind, Rows) else context(kind)
+    width = band.width  # the most keys a row holds: a window's w + 1 (the call's rows: at most)
     return width is None or 2 * width >= keys or 2 * keys <= QUERY_CHUNK
 
 
@@ -290,7 +321,7 @@ def _attention_chunks(qh, kh, vh, scale, kind, slopes, offset: int, dtype: torch
     outs, lses = [], []
     T, keys = qh.shape[-2], kh.shape[-2]
     k0 = key_start(T, offset, keys)  # a window's cache holds its last keys alone
-    for r0, r1, c0, c1 in query_blocks(kind, T, QUERY_CHUNK, offset, keys):
+    for r0, r1, c0, c1 in _query_chunks(kind, T, offset, keys):
         scores, _ = _masked_scores(qh[..., r0:r1, :], kh[..., c0:c1, :], scale, kind, slopes,
                                    offset + r0, c0=k0 + c0)
         o_block, lse_block = _softmax_apply(scores, vh[..., c0:c1, :])
@@ -335,7 +366,7 @@ def attention_backward(
     take them as they are: no scores are formed, except q . k for dscale.
     """
     q, k, v, o, g = _operands(q, k, v, o, g)
-    kind = context(kind)
+    kind = _call_set(kind, q.shape[1], q.device)
     if probs is not None:
         return _backward_probs(q, k, v, scale, kind, g, slopes, need_dscale, probs)
     if q.numel() == 0 or k.numel() == 0:  # 0 tokens or batch 0: nothing flows back
@@ -367,7 +398,7 @@ def attention_backward(
         dqs, dk, dv = [], torch.zeros_like(kh), torch.zeros_like(vh)
         dscale = qh.new_zeros(()) if need_dscale else None
         dslopes = qh.new_zeros(q.shape[2]) if slopes is not None else None
-        for r0, r1, c0, c1 in query_blocks(kind, q.shape[1], QUERY_CHUNK):
+        for r0, r1, c0, c1 in _query_chunks(kind, q.shape[1], keys=k.shape[1]):
             qc, gc = qh[..., r0:r1, :], gh[..., r0:r1, :]
             kc, vc = kh[..., c0:c1, :], vh[..., c0:c1, :]
             qk = qc @ kc.transpose(-1, -2)
@@ -436,7 +467,7 @@ def attention_transposed(
     flash kernels (``flash_cpu.transposed``) where they serve and are accurate; with ``probs``,
     the weights the forward kept, o_t = P^T v."""
     q, k, v = _operands(q, k, v)
-    kind = context(kind)
+    kind = _call_set(kind, q.shape[1], q.device)
     if probs is not None:
         return _apply_probs(probs.transpose(-1, -2), v, v.dtype)
     if q.numel() == 0 or k.numel() == 0:  # 0 tokens or batch 0
@@ -445,8 +476,8 @@ def attention_transposed(
         return flash_cpu.transposed(q, k, v, scale, kind, lse, slopes)
     acc = _accumulator(q)
     qh, kh, vh, lseh = (t.transpose(1, 2).to(acc) for t in (q, k, v, lse))
-    o_t = torch.zeros_like(vh)
-    for r0, r1, c0, c1 in query_blocks(kind, q.shape[1], QUERY_CHUNK):
+    o_t = vh.new_zeros((*vh.shape[:2], k.shape[1], vh.shape[-1]))  # over the keys
+    for r0, r1, c0, c1 in _query_chunks(kind, q.shape[1], keys=k.shape[1]):
         scores, _ = _masked_scores(qh[..., r0:r1, :], kh[..., c0:c1, :], scale, kind, slopes, r0,
                                    c0=c0)
         p = _softmax_rows(scores, lseh[..., r0:r1])

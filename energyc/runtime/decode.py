@@ -6,6 +6,15 @@ step only through per-token values on the j side of its reductions (keys such as
 outputs with a cache of those values: each step's ``_grad_decode`` computes the new tokens'
 values, joins them to the cached ones (``extend``) and runs the reductions with the new tokens as
 queries at positions P .. P + t - 1 (the ``offset`` of the pair kernels, attention and rotary).
+
+Rows of different lengths decode together padded on the left (``left_padding=`` on the first
+call: each row's prompt ends at the chunk's end, so every later token is at the same position in
+every row); the padding is outside every context set and its outputs are its inputs. Where the
+layer's sets read documents, ``document_ids=`` of each call's tokens say where a document starts:
+at a token whose id differs from the one before (the previous call's last, for the first), and
+from there its context is fresh. Both become the call's context data over the P + t positions
+(``energyc.runtime.rows``: ``first`` and per-position document starts), which the kernels read as
+in the forward.
 """
 
 from __future__ import annotations
@@ -18,6 +27,7 @@ import torch
 from energyc.runtime import attention
 from energyc.runtime.arguments import check_input
 from energyc.runtime.autocast import autocast_dtype
+from energyc.runtime.rows import CallData, _int_tensor, _row_values, calling
 
 
 class DecodeCache:
@@ -30,6 +40,8 @@ class DecodeCache:
     def __init__(self, package: str, batch: int, steps: list[dict[str, Any]],
                  position: int = 0) -> None:
         self.package, self.batch, self.steps, self.position = package, batch, steps, position
+        self.first: torch.Tensor | None = None  # each row's first real token (left padding)
+        self.document: tuple[torch.Tensor, torch.Tensor] | None = None  # (id, start) of the last
 
     def values(self, step: int = 0) -> dict[str, torch.Tensor]:
         """The cached values of descent step ``step`` by name: over the ``position`` tokens, or
@@ -114,16 +126,22 @@ def decode_layer(package: str, config: Any, x: Any, cache: DecodeCache | None, d
                  hypers: Callable[[torch.Tensor], tuple[torch.Tensor, ...]],
                  precond: Sequence[torch.Tensor | None], grad_decode: Callable | None,
                  precond_forward: dict[str, Callable], unsupported: str | None,
-                 keys_from_context: bool) -> tuple[torch.Tensor, DecodeCache]:
+                 keys_from_context: bool, reads: tuple[str, ...] = (),
+                 document_ids: Any = None, left_padding: Any = None
+                 ) -> tuple[torch.Tensor, DecodeCache]:
     """A generated layer's ``decode``: the outputs of the ``steps`` descent steps at the t new
     tokens of ``x`` (batch, t, dim) that follow the ``cache.position`` tokens of ``cache``, and
     the cache extended by them. Without autograd (inference). Under torch.autocast, as
     ``apply_layer``: x in the parameters' dtype, steps inside the region, output in the autocast
     dtype.
 
+    ``reads``: what the layer's sets read from the call; ``document_ids`` (batch, t) or (t,):
+    the new tokens' documents, required where ``reads`` holds "same_document"; ``left_padding``
+    (an int or one per row, first call only): the padding tokens at the start of each row.
+
     Raises:
-        ValueError: the layer cannot decode (``unsupported`` says why), or the cache is not one
-            of this layer's for this batch.
+        ValueError: the layer cannot decode (``unsupported`` says why), the cache is not one
+            of this layer's for this batch, or the context data is wrong or not this layer's.
     """
     if unsupported is not None:
         raise ValueError(f"{package}: decode needs every token's update to depend on earlier "
@@ -145,16 +163,69 @@ def decode_layer(package: str, config: Any, x: Any, cache: DecodeCache | None, d
     # a new cache: the dictionaries copied (shared ones stay shared), the tensors joined anew
     copies = {id(d): dict(d) for d in cache.steps}
     new = DecodeCache(package, cache.batch, [copies[id(d)] for d in cache.steps], cache.position)
+    new.first, new.document = cache.first, cache.document
+    data = _decode_data(new, x, reads, document_ids, left_padding)
+    valid = None if data is None or data.first is None else \
+        data.valid[:, new.position:].to(params[0].dtype if params else x.dtype)
     if compute is not None:
         x = x.to(params[0].dtype) if params else x
     forward = precond_forward[precond_kind]
-    with torch.no_grad():
+    with torch.no_grad(), calling(data):
         x0 = x
         for step in new.steps:
             xbar = x if context == "current" else x0
             g = grad_decode(attention, step, new.position, x, xbar, *params,
                             *hypers(x))
+            if valid is not None:
+                g = g * valid
             u, _ = forward(g, *precond)
             x = torch.add(x, u, alpha=-eta)
     new.position += x.shape[1]
     return (x if compute is None else x.to(compute)), new
+
+
+def _decode_data(cache: DecodeCache, x: torch.Tensor, reads: tuple[str, ...],
+                 document_ids: Any, left_padding: Any) -> CallData | None:
+    """The context data of a decode call over the P + t tokens so far (P = cache.position),
+    updating ``cache``'s rows' first real token and last document (id, start)."""
+    B, t = x.shape[0], x.shape[1]
+    P, T = cache.position, cache.position + t
+    device = x.device
+    if left_padding is not None:
+        if P:
+            raise ValueError("left_padding= is taken on a sequence's first decode call (the "
+                             "prompts padded on the left); later calls continue every row")
+        cache.first = _row_values("left_padding", left_padding, B, t, device)
+    wants_docs = "same_document" in reads
+    if document_ids is not None and not wants_docs:
+        raise ValueError("document_ids= given, but this layer's context sets read no documents "
+                         "(declare them with & same_document() in the energy)")
+    if wants_docs and document_ids is None:
+        raise ValueError("this layer's context set reads documents (same_document()): give "
+                         "document_ids= of the new tokens (decoding takes per-token ids; a token "
+                         "whose id differs from the one before starts a document)")
+    if not wants_docs and cache.first is None:
+        return None
+    data = CallData(B, T, first=cache.first)
+    if wants_docs:
+        ids = _int_tensor("document_ids", document_ids, device)
+        if ids.dim() == 1:
+            ids = ids[None, :].expand(B, t)
+        if ids.shape != (B, t):
+            raise ValueError(f"document_ids must be per new token, shape ({B}, {t}) or ({t},); "
+                             f"got {tuple(ids.shape)}")
+        r = torch.arange(P, T, device=device).expand(B, t)
+        before = torch.empty_like(ids)
+        before[:, 1:] = ids[:, :-1]
+        if cache.document is None:
+            before[:, 0] = ids[:, 0] - 1  # the sequence's first token starts a document
+            carried = torch.zeros(B, dtype=torch.long, device=device)
+        else:
+            before[:, 0] = cache.document[0]
+            carried = cache.document[1]
+        starts = torch.where(ids != before, r, carried[:, None]).cummax(dim=1).values
+        cache.document = (ids[:, -1].clone(), starts[:, -1].clone())
+        # the earlier positions are no query of this call: their start only keeps lo monotone
+        data.start = torch.cat([torch.zeros(B, P, dtype=torch.long, device=device), starts], 1)
+        data.end = torch.full((B, T), T - 1, dtype=torch.long, device=device)
+    return data

@@ -92,6 +92,20 @@ with lse_i^r = -inf where part r holds no key of row i (the kernel reports 0 the
 backward's dq sums over the parts (each with the row's full lse and o), dk and dv are per part's
 keys; the key role sums o'_j^r Z_j^r over the parts of its queries.
 
+With the call's data (documents, lengths, prefixes: ``energyc.runtime.rows``) every entry takes
+the set's ``Rows``, per-row key intervals lo_b(i) <= j <= hi_b(i), in place of its band. Rows whose
+intervals differ run as groups of equal ones (``groups``: a padded row does the work of its real
+tokens); a group's queries go in blocks that start where its rows part into independent runs
+(``blocks``: a document is blocked as it would be alone, and small documents share a block only
+while that adds little work), against the keys some row of the block reaches
+(``Rows.key_range``); a part of those keys takes a mask tile only where some row's interval cuts
+it (``Rows.needs_mask``, ``key_cuts``; the tile is ``Rows.tile`` (B|1, I, J), broadcast over the
+heads), and the key role takes each block of keys against the queries ``Rows.query_range``
+gives. A row with an empty set, wherever it sits (a document's first token under j < i, a
+padded query), gets lse 0 and o 0 (the kernels give both for a row masked whole, and nothing
+flows back from it: its weights are exp(-inf - 0) = 0); the narrow-band sums count a pair where
+its key is in its row's interval.
+
 The kernels want the same feature size for q, k and v: the narrower side is padded with zero
 features, which changes neither S nor o (the padded features of o and dv are dropped). They want
 a mask of the query's dtype, and compute in float32 for float32 and half-precision inputs (inputs
@@ -101,11 +115,13 @@ are converted), float64 for float64.
 from __future__ import annotations
 
 import math
+import weakref
 
 import torch
 
 from energyc.context import Context, context
 from energyc.runtime.pairs import _compute_dtype, mask_tile, query_blocks
+from energyc.runtime.rows import Rows, resolve
 
 BLOCK = 256  # queries per kernel call: a mask tile is (H|1, BLOCK, keys)
 # the narrowest run of keys worth a call of its own without a mask: narrower ones stay in the
@@ -119,6 +135,11 @@ MIN_UNMASKED = 1024
 # low-rank ones', made the float32 attention output 2.7x less accurate, see the module); features
 # within a factor of 8 of each other are left in their own order (the reordering copies q, k, dk)
 SMALL_TERMS = 8
+# blocks of queries with the call's rows (``blocks``): consecutive documents share a block only
+# while that adds fewer than MERGE_WORK pairs x rows x heads to their own work (a kernel call and
+# its block's Python cost ~30 us, the work of ~4000 pairs x heads at 32 features on one core: two
+# causal documents of 16 tokens ran faster as one call of 32 x 32, two of 32 as two calls)
+MERGE_WORK = 4096
 
 _OPS = all(hasattr(torch.ops.aten, name) for name in (
     "_scaled_dot_product_flash_attention_for_cpu",
@@ -205,40 +226,186 @@ def kernel_scale(q: torch.Tensor, scale: float | torch.Tensor) -> tuple[float, f
     return (s, 1.0) if q.dtype in (torch.float32, torch.float64) else (1.0, s)
 
 
+def _set(kind: Context | tuple | Rows) -> Context | Rows:
+    """The context set as the blocks read it: the call's ``Rows`` as they are, else the
+    ``Context`` of a spelling."""
+    return kind if isinstance(kind, Rows) else context(kind)
+
+
+def _resolved(kind: Context | tuple | Rows, T: int, device: torch.device) -> Context | Rows:
+    """The set on T tokens in the current call (``energyc.runtime.rows.resolve``): its
+    ``Context`` without data for it, else its ``Rows``; ``Rows`` given are taken as they are."""
+    return kind if isinstance(kind, Rows) else resolve(kind, T, device)
+
+
+def _band(ctx: Context | Rows) -> Context:
+    """The band of offsets a set is drawn from (a ``Rows``' set: its ``Context``)."""
+    return ctx.ctx if isinstance(ctx, Rows) else ctx
+
+
+_BLOCKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def blocks(kind: Context | tuple | Rows, T: int, block: int,
+           weight: int = 1, keys: int | None = None) -> list[tuple[int, int, int, int]]:
+    """(r0, r1, c0, c1): blocks of at most ``block`` queries [r0, r1) with the keys [c0, c1)
+    they reach, one (masked) key at least: for a ``Context``, ``pairs.query_blocks``' blocks;
+    for the call's rows, blocks that start where the rows part into independent runs.
+
+    A point p parts the rows when no row's query before p reaches a key from p on and no query
+    from p on a key before it: max_b hi_b(p - 1) < p <= min_b lo_b(p) (a document boundary
+    shared by the rows; the end of the real tokens of a batch of one row). The runs between
+    such points are cut into blocks of ``block`` queries from their first token, so that a
+    document is blocked as it would be alone and a block's key range (``Rows.key_range``) holds
+    no other document's keys; consecutive blocks shorter than ``block`` together (small
+    documents) are then joined while the joined block does fewer than MERGE_WORK more pairs
+    (times ``weight``, the rows x heads of a pair) than the two apart, and blocks whose queries
+    have no key in any row (padding) into one. Made once per ``Rows``."""
+    ctx = _set(kind)
+    if not isinstance(ctx, Rows):
+        return query_blocks(ctx, T, block, keys=keys)  # keys: T, or a memory's M
+    cache = _BLOCKS.setdefault(ctx, {})
+    found = cache.get((T, block, weight))
+    if found is not None:
+        return found
+    lo_min, _, _, hi_max = ctx._extremes()
+    starts = [0] + [p for p in range(1, T) if hi_max[p - 1] < p <= lo_min[p]] + [T]
+    chunks = [(a, min(a + block, b)) for s, b in zip(starts, starts[1:])
+              for a in range(s, b, block)]
+
+    def work(a: int, b: int) -> int:
+        c0, c1 = ctx.key_range(a, b)
+        return (b - a) * (c1 - c0)
+
+    joined: list[tuple[int, int]] = []
+    for a, b in chunks:
+        if joined:
+            a0, _ = joined[-1]
+            if ((b - a0 <= block and weight * (work(a0, b) - work(a0, a) - work(a, b)) < MERGE_WORK)
+                    or work(a0, b) == 0):  # queries without keys in every row (padding): one block
+                joined[-1] = (a0, b)
+                continue
+        joined.append((a, b))
+    out = []
+    for r0, r1 in joined:
+        c0, c1 = ctx.key_range(r0, r1)
+        out.append((r0, r1, c0, max(c1, min(c0 + 1, T))))
+    cache[(T, block, weight)] = out
+    return out
+
+
+_GROUPS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+Selection = slice | torch.Tensor | None
+
+
+def groups(ctx: Context | Rows) -> list[tuple[Selection, Context | Rows]]:
+    """The batch rows run together, each group with the set they share: (None, ctx) for a set
+    the same on every row (a ``Context``, or ``Rows`` of one row or shared by all); otherwise
+    one group per distinct row interval (rows of equal lengths together), with its ``Rows`` of
+    one row and the rows as a slice where they are consecutive (a view of the operands), else an
+    index tensor. A group's blocks are then its own: a row of 512 real tokens among rows of
+    4096 does the work of 512 tokens, as alone. Made once per ``Rows``."""
+    if not isinstance(ctx, Rows) or ctx.lo.shape[0] == 1:
+        return [(None, ctx)]
+    found = _GROUPS.get(ctx)
+    if found is None:
+        _, which = torch.unique(torch.cat([ctx.lo, ctx.hi], 1), dim=0, return_inverse=True)
+        found = []
+        for u in torch.unique(which).tolist():
+            index = torch.nonzero(which == u).flatten()
+            first, last = int(index[0]), int(index[-1])
+            sel = slice(first, last + 1) if last - first + 1 == len(index) else index
+            found.append((sel, Rows(ctx.ctx, ctx.lo[first:first + 1], ctx.hi[first:first + 1],
+                                    ctx.hole, ctx.T)))
+        if len(found) == 1:
+            found = [(None, found[0][1])]
+        _GROUPS[ctx] = found
+    return found
+
+
+def _grouped(ctx: Context | Rows, run, *tensors: torch.Tensor) -> tuple:
+    """``run(rows, *tensors)`` once per group of ``groups(ctx)`` on its batch rows (dim 0) of
+    ``tensors``; the results (tensors over the batch, or None) joined into the batch's (a sum
+    for 0-d and 1-d results, which are sums over the batch)."""
+    found = groups(ctx)
+    if len(found) == 1:
+        return run(found[0][1], *tensors)
+    results = [(sel, run(rows, *(t[sel] for t in tensors))) for sel, rows in found]
+    B = tensors[0].shape[0]
+    joined = []
+    for n, first in enumerate(results[0][1]):
+        if first is None:
+            joined.append(None)
+        elif first.dim() <= 1:
+            joined.append(sum(r[n] for _, r in results))
+        else:
+            total = first.new_zeros((B, *first.shape[1:]))
+            for sel, r in results:
+                total[sel] = r[n]
+            joined.append(total)
+    return tuple(joined)
+
+
+def _zero_empty(ctx: Context | Rows, o: torch.Tensor, lse: torch.Tensor) -> None:
+    """o (B, H, T, G) and lse (B, H, T) set to 0, in place, at the rows with an empty context
+    set (the project's convention)."""
+    T = o.shape[2]
+    if isinstance(ctx, Rows):
+        empty = ctx.empty
+        if bool(empty.any()):
+            o.masked_fill_(empty[:, None, :, None], 0.0)
+            lse.masked_fill_(empty[:, None, :], 0.0)
+        return
+    head, tail = ctx.empty_rows(T)
+    for a, b in ((0, head), (T - tail, T)):
+        if b > a:
+            o[:, :, a:b] = 0.0
+            lse[:, :, a:b] = 0.0
+
+
 def _offsets(r0: int, r1: int, c0: int, c1: int, device: torch.device) -> torch.Tensor:
     return torch.arange(r0, r1, device=device)[:, None] - torch.arange(c0, c1, device=device)
 
 
-def _mask(ctx: Context, slopes: torch.Tensor | None, block: tuple[int, int, int, int],
-          dtype: torch.dtype, device: torch.device) -> torch.Tensor | None:
-    """The additive mask tile of a block: (I, J), or (1, H, I, J) with a bias; None when the
-    block is wholly inside the context set and has no bias."""
+def _mask(ctx: Context | Rows, slopes: torch.Tensor | None,
+          block: tuple[int, int, int, int], dtype: torch.dtype,
+          device: torch.device) -> torch.Tensor | None:
+    """The additive mask tile of a block: (I, J), or (1, H, I, J) with a bias; with the call's
+    rows (B|1, 1, I, J), or (B|1, H, I, J) with a bias; None when the block is wholly inside the
+    context set (of every row) and has no bias."""
     r0, r1, c0, c1 = block
     if slopes is None and not ctx.needs_mask(r0, r1, c0, c1):
         return None
-    mask = mask_tile(ctx, r0, r1, c0, c1, dtype, device)
+    if isinstance(ctx, Rows):
+        mask = torch.zeros((), dtype=dtype, device=device).masked_fill(
+            ~ctx.tile(r0, r1, c0, c1)[:, None], -math.inf)
+    else:
+        mask = mask_tile(ctx, r0, r1, c0, c1, dtype, device)
     if slopes is not None:
         d = _offsets(r0, r1, c0, c1, device)
         mask = mask + slopes.to(dtype)[None, :, None, None] * d.to(dtype)
     return mask
 
 
-def key_parts(kind: Context | tuple, r0: int, r1: int, c0: int,
+def key_parts(kind: Context | tuple | Rows, r0: int, r1: int, c0: int,
               c1: int) -> list[tuple[int, int, bool]]:
     """Keys [c0, c1) of queries [r0, r1) as consecutive parts (a, b, masked): a part is masked
     when some of its pairs are outside the context set (``Context.needs_mask``), else every
     query of the block sees every key of it. The parts are cut where that can change
     (``Context.key_cuts``) and adjacent parts of the same kind joined; a part without a mask
-    narrower than MIN_UNMASKED joins the masked calls (a call costs more than its mask there)."""
-    ctx = context(kind)
+    narrower than MIN_UNMASKED joins the masked calls (a call costs more than its mask there).
+    With the call's rows (``Rows``), over every row: unmasked where every row's queries see the
+    part's every key."""
+    ctx = _set(kind)
     return _parts(c0, c1, lambda a, b: ctx.needs_mask(r0, r1, a, b), ctx.key_cuts(r0, r1))
 
 
-def query_parts(kind: Context | tuple, j0: int, j1: int, i0: int,
+def query_parts(kind: Context | tuple | Rows, j0: int, j1: int, i0: int,
                 i1: int) -> list[tuple[int, int, bool]]:
     """Queries [i0, i1) of keys [j0, j1) (the key role) as consecutive parts (a, b, masked), as
     ``key_parts`` with the roles swapped (``Context.query_cuts``)."""
-    ctx = context(kind)
+    ctx = _set(kind)
     return _parts(i0, i1, lambda a, b: ctx.needs_mask(a, b, j0, j1), ctx.query_cuts(j0, j1))
 
 
@@ -255,12 +422,21 @@ def _parts(a0: int, a1: int, masked, cuts: list[int]) -> list[tuple[int, int, bo
     return parts
 
 
-def _no_keys(ctx: Context, r0: int, r1: int, a: int, b: int, device: torch.device) -> torch.Tensor:
-    """(r1 - r0,) bool: the queries of [r0, r1) none of whose context keys lies in [a, b). Row i
-    meets offsets i - b + 1 .. i - a there; it has a key when that range meets the band other
-    than at its hole alone."""
-    lo, hi, hole = ctx.band
+def _no_keys(ctx: Context | Rows, r0: int, r1: int, a: int, b: int,
+             device: torch.device) -> torch.Tensor:
+    """(r1 - r0,) bool, or (B|1, 1, r1 - r0) with the call's rows: the queries of [r0, r1) none
+    of whose context keys lies in [a, b). Row i meets offsets i - b + 1 .. i - a there; it has a
+    key when that range meets the band other than at its hole alone (with rows: when
+    [max(lo_b(i), a), min(hi_b(i), b - 1)] is not empty nor the hole alone)."""
     i = torch.arange(r0, r1, device=device)
+    if isinstance(ctx, Rows):
+        first = ctx.lo[:, r0:r1].clamp(min=a)
+        last = ctx.hi[:, r0:r1].clamp(max=b - 1)
+        empty = first > last
+        if ctx.hole is not None:
+            empty |= (first == last) & (first == i - ctx.hole)
+        return empty[:, None]
+    lo, hi, hole = ctx.band
     dl, dh = i - b + 1, i - a
     if lo is not None:
         dl = dl.clamp(min=lo)
@@ -310,35 +486,42 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | to
             kind: Context | tuple, slopes: torch.Tensor | None = None
             ) -> tuple[torch.Tensor, torch.Tensor]:
     """o (B, T, H, G) in q's dtype and lse (B, T, H) in float32 (float64 for float64 inputs) of
-    softmax attention over the context set ``kind``; q, k (B, T, H, F), v (B, T, H, G)."""
-    ctx = context(kind)
+    softmax attention over the context set ``kind`` (its rows in the current call, ``Rows``, where
+    the call's data bounds it); q, k (B, T, H, F), v (B, T, H, G)."""
+    ctx = _resolved(kind, q.shape[1], q.device)
     dt = _compute_dtype(q.dtype)
     order = feature_order(q, k)
     qh, kh, vh = _heads_first(q, k, v, dtype=dt, width=max(q.shape[-1], v.shape[-1]))
     qh, kh, s = ordered(qh, order, float(scale)), ordered(kh, order), 1.0  # the scaled queries
-    T = qh.shape[2]
+    o, lse = _grouped(ctx, lambda rows, *t: _forward_blocks(*t, s, rows, slopes), qh, kh, vh)
+    return o[..., :v.shape[-1]].transpose(1, 2).to(q.dtype), lse.transpose(1, 2)
+
+
+def _forward_blocks(qh: torch.Tensor, kh: torch.Tensor, vh: torch.Tensor, s: float,
+                    ctx: Context | Rows, slopes: torch.Tensor | None
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``forward``'s o (B, H, T, N) and lse (B, H, T) of the operands (B, H, T, N) in the
+    kernels' dtype and feature order, a block of queries at a time."""
+    B, H, T, _ = qh.shape
     outs, lses = [], []
-    for block in query_blocks(ctx, T, BLOCK):
+    for block in blocks(ctx, T, BLOCK, B * H, keys=kh.shape[2]):
         r0, r1, c0, c1 = block
         parts = [(c0, c1, True)] if slopes is not None else key_parts(ctx, r0, r1, c0, c1)
         if len(parts) == 1:
             ob, lb = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
                 qh[:, :, r0:r1], kh[:, :, c0:c1], vh[:, :, c0:c1], 0.0, False,
-                attn_mask=_mask(ctx, slopes, block, dt, q.device), scale=s)
+                attn_mask=_mask(ctx, slopes, block, qh.dtype, qh.device), scale=s)
         else:
             ob, lb = _merged_forward(qh, kh, vh, s, ctx, r0, r1, parts)
         outs.append(ob)
         lses.append(lb)
     o, lse = _rows(outs), _rows(lses)
-    head, tail = ctx.empty_rows(T)
-    for a, b in ((0, head), (T - tail, T)):  # rows with an empty context set: o 0, lse 0
-        if b > a:
-            o[:, :, a:b] = 0.0
-            lse[:, :, a:b] = 0.0
-    return o[..., :v.shape[-1]].transpose(1, 2).to(q.dtype), lse.transpose(1, 2)
+    _zero_empty(ctx, o, lse)  # rows with an empty context set: o 0, lse 0
+    return o, lse
 
 
-def _merged_forward(qh: torch.Tensor, kh: torch.Tensor, vh: torch.Tensor, s: float, ctx: Context,
+def _merged_forward(qh: torch.Tensor, kh: torch.Tensor, vh: torch.Tensor, s: float,
+                    ctx: Context | Rows,
                     r0: int, r1: int, parts: list[tuple[int, int, bool]]
                     ) -> tuple[torch.Tensor, torch.Tensor]:
     """o and lse of queries [r0, r1) over the keys of ``parts``, one kernel call per part, merged
@@ -379,7 +562,8 @@ def _bands(t: torch.Tensor, a: int, b: int, n: int) -> torch.Tensor:
 
 def _band_sums(qh: torch.Tensor, kh: torch.Tensor, vh: torch.Tensor, gh: torch.Tensor,
                lseh: torch.Tensor, scale: float, slopes: torch.Tensor | None, lo: int, hi: int,
-               need_dscale: bool) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+               need_dscale: bool, rows: Rows | None = None
+               ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """dscale = sum_{b,h,i,j} dS_ij q_i . k_j (when ``need_dscale``) and dslopes_h =
     sum_{b,i,j} dS_ij (i - j) (when slopes are given) over the pairs lo <= d = i - j <= hi alone,
     BLOCK queries at a time; q, k (B, H, T, F), v, g (B, H, T, G) and lse (B, H, T) in the
@@ -388,7 +572,8 @@ def _band_sums(qh: torch.Tensor, kh: torch.Tensor, vh: torch.Tensor, gh: torch.T
     of its own size (``attention_backward``'s fallback does the same); each pair's weight,
     q_i . k_j or its own offset, is centred on its row's mean under P (which changes no sum of a
     row of dS summing to 0, and keeps that rounding from being multiplied by the weights' size:
-    see the module)."""
+    see the module). With the call's ``rows`` (a set within the band: documents, lengths), a
+    pair counts where its key is also in its row's interval lo_b(i) <= j <= hi_b(i)."""
     B, H, T, _ = qh.shape
     n = hi - lo + 1
     # band position e = 0 .. n - 1 holds key j = i - hi + e, offset d = hi - e
@@ -400,6 +585,8 @@ def _band_sums(qh: torch.Tensor, kh: torch.Tensor, vh: torch.Tensor, gh: torch.T
         r1 = min(T, r0 + BLOCK)
         j = torch.arange(r0, r1, device=qh.device)[:, None] - d.long()[None, :]
         inside = (j >= 0) & (j < T)
+        if rows is not None:  # (B|1, 1, queries, n)
+            inside = ((j >= rows.lo[:, r0:r1, None]) & (j <= rows.hi[:, r0:r1, None]))[:, None]
         qk = torch.einsum("bhif,bhife->bhie", qh[:, :, r0:r1], _bands(kh, r0 - hi, r1 - lo, n))
         P = torch.where(inside, torch.exp(scale * qk + m - lseh[:, :, r0:r1, None]), 0.0)
         total_p = P.sum(-1, keepdim=True)
@@ -420,10 +607,10 @@ def backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | t
                         torch.Tensor | None]:
     """dq, dk, dv (in q's dtype), dscale (0-d, when ``need_dscale``) and dslopes ((H,), when
     ``slopes`` is given), both in the compute dtype, of ``forward`` for the upstream gradient g."""
-    ctx = context(kind)
+    ctx = _resolved(kind, q.shape[1], q.device)
     dt = _compute_dtype(q.dtype)
     F, G = q.shape[-1], v.shape[-1]
-    narrow = _narrow_band(ctx) if slopes is not None or need_dscale else None
+    narrow = _narrow_band(_band(ctx)) if slopes is not None or need_dscale else None
     padded = slopes is not None and narrow is None  # dslopes from a padded feature of k
     N = max(F, G) + padded  # the padded width; with the feature k's last is j - r0
     order = feature_order(q, k)  # as the forward: the same scores
@@ -431,33 +618,14 @@ def backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | t
     (k0,) = _heads_first(k, dtype=dt, width=max(F, G))
     qh, kh, s = ordered(q0, order, float(scale)), ordered(k0, order), 1.0  # the scaled queries
     lseh = lse.transpose(1, 2).to(dt)
-    B, H, T, _ = qh.shape
-    dqs, dk, dv = [], _Keys(T), _Keys(T)
-    dslopes = qh.new_zeros(H) if slopes is not None else None
-    for block in query_blocks(ctx, T, BLOCK):
-        r0, r1, c0, c1 = block
-        parts = [(c0, c1, True)] if slopes is not None else key_parts(ctx, r0, r1, c0, c1)
-        dqb = None
-        for a, b, _ in parts:  # each with the rows' full lse and o
-            kb = kh[:, :, a:b]
-            if padded:
-                j = torch.arange(a - r0, b - r0, device=q.device, dtype=dt)
-                kb = torch.cat([kb, j[:, None].expand(B, H, b - a, 1)], -1)
-            dqp, dkb, dvb = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-                gh[:, :, r0:r1], qh[:, :, r0:r1], kb, vh[:, :, a:b], oh[:, :, r0:r1],
-                lseh[:, :, r0:r1], 0.0, False,
-                attn_mask=_mask(ctx, slopes, (r0, r1, a, b), dt, q.device), scale=s)
-            dqb = dqp if dqb is None else dqb.add_(dqp)
-            dk.add(dkb, a, b)
-            dv.add(dvb, a, b)
-        dqs.append(dqb)
-        if padded:
-            dslopes -= dqb[..., -1].sum((0, 2))  # the kernel scale is 1: dq'' itself
+    dq, dk, dv, dslopes = _grouped(
+        ctx, lambda rows, *t: _backward_blocks(*t, s, rows, slopes, padded),
+        gh, qh, kh, vh, oh, lseh)
     dscale = None
     if narrow is not None:
         dscale, dslopes = _band_sums(q0[..., :F], k0[..., :F], vh[..., :G], gh[..., :G], lseh,
-                                     float(scale), slopes, *narrow, need_dscale)
-    dq, dk, dv = _rows(dqs), dk.total, dv.total
+                                     float(scale), slopes, *narrow, need_dscale,
+                                     ctx if isinstance(ctx, Rows) else None)
     # dq, dk in the features' own order, into the ordered operands' memory (no longer read)
     dq, dk, dv = dq[..., :F], unordered(dk[..., :F], order, out=kh[..., :F]), dv[..., :G]
     if need_dscale and narrow is None:  # the kernels' dq is dq' = sum_j dS_ij k_j
@@ -470,12 +638,46 @@ def backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | t
             dv.transpose(1, 2).to(q.dtype), dscale, dslopes)
 
 
+def _backward_blocks(gh: torch.Tensor, qh: torch.Tensor, kh: torch.Tensor, vh: torch.Tensor,
+                     oh: torch.Tensor, lseh: torch.Tensor, s: float, ctx: Context | Rows,
+                     slopes: torch.Tensor | None, padded: bool) -> tuple:
+    """``backward``'s kernel products, a block of queries at a time: the kernels' dq' (B, H, T,
+    N), dk, dv (B, H, T, .) and, where ``padded`` (dslopes from the keys' padded feature j - r0),
+    dslopes (H,), else None."""
+    B, H, T, _ = qh.shape
+    keys = kh.shape[2]  # T, or a memory's tokens
+    dqs, dk, dv = [], _Keys(keys), _Keys(keys)
+    dslopes = qh.new_zeros(H) if padded else None
+    for block in blocks(ctx, T, BLOCK, B * H, keys=keys):
+        r0, r1, c0, c1 = block
+        parts = [(c0, c1, True)] if slopes is not None else key_parts(ctx, r0, r1, c0, c1)
+        dqb = None
+        for a, b, _ in parts:  # each with the rows' full lse and o
+            kb = kh[:, :, a:b]
+            if padded:
+                j = torch.arange(a - r0, b - r0, device=qh.device, dtype=qh.dtype)
+                kb = torch.cat([kb, j[:, None].expand(B, H, b - a, 1)], -1)
+            dqp, dkb, dvb = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+                gh[:, :, r0:r1], qh[:, :, r0:r1], kb, vh[:, :, a:b], oh[:, :, r0:r1],
+                lseh[:, :, r0:r1], 0.0, False,
+                attn_mask=_mask(ctx, slopes, (r0, r1, a, b), qh.dtype, qh.device), scale=s)
+            dqb = dqp if dqb is None else dqb.add_(dqp)
+            dk.add(dkb, a, b)
+            dv.add(dvb, a, b)
+        dqs.append(dqb)
+        if padded:
+            dslopes -= dqb[..., -1].sum((0, 2))  # the kernel scale is 1: dq'' itself
+    return _rows(dqs), dk.total, dv.total, dslopes
+
+
 def transposed(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | torch.Tensor,
                kind: Context | tuple, lse: torch.Tensor, slopes: torch.Tensor | None = None
                ) -> torch.Tensor:
     """o_j = sum_{i : j in C(i)} P_ij v_i (B, T, H, G) with the weights of ``forward`` and its
-    saved ``lse``; v (B, T, H, G) is indexed by the query token."""
-    ctx = context(kind)
+    saved ``lse``; v (B, T, H, G) is indexed by the query token. With the call's rows, keys go in
+    the blocks queries go in (``blocks``), each against the queries some row's set reaches it from
+    (``Rows.query_range``)."""
+    ctx = _resolved(kind, q.shape[1], q.device)
     dt = _compute_dtype(q.dtype)
     F, G = q.shape[-1], v.shape[-1]
     N = max(F + 1, G)  # one more feature carries -lse_i (see below)
@@ -488,11 +690,25 @@ def transposed(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float |
     # keys as queries, queries as keys: [k_j, 1] . [s q_i, -lse_i] = S_ij - lse_i (kernel scale 1)
     kq = torch.nn.functional.pad(torch.cat([kh, torch.ones_like(lseh)], -1), (0, N - F - 1))
     qk = torch.nn.functional.pad(torch.cat([qh, -lseh], -1), (0, N - F - 1))
-    head, tail = ctx.empty_rows(T)
-    out = torch.zeros_like(vh)
+    (out,) = _grouped(ctx, lambda rows, *t: _transposed_blocks(*t, rows, slopes), kq, qk, vh)
+    return out[..., :G].transpose(1, 2).to(q.dtype)
+
+
+def _transposed_blocks(kq: torch.Tensor, qk: torch.Tensor, vh: torch.Tensor,
+                       ctx: Context | Rows, slopes: torch.Tensor | None) -> tuple[torch.Tensor]:
+    """``transposed``'s sums (B, H, keys, N) over the operands [k_j, 1] (B, H, keys, N) and
+    [s q_i, -lse_i] (B, H, T, N), a block of keys at a time against the queries that reach it
+    (keys: T, or a memory's M)."""
+    B, H, keys, _ = kq.shape
+    T = qk.shape[2]
+    out = vh.new_zeros((B, H, keys, vh.shape[-1]))
     # keys j take the queries' place: their blocks, and the queries i that reach them
-    for j0 in range(0, T, BLOCK):
-        j1 = min(j0 + BLOCK, T)
+    if isinstance(ctx, Rows) and keys == T:  # empty rows are masked out of every tile
+        key_blocks, head, tail = [b[:2] for b in blocks(ctx, T, BLOCK, B * H)], 0, 0
+    else:
+        key_blocks = [(j0, min(j0 + BLOCK, keys)) for j0 in range(0, keys, BLOCK)]
+        head, tail = (0, 0) if isinstance(ctx, Rows) else ctx.empty_rows(T)
+    for j0, j1 in key_blocks:
         i0, i1 = ctx.query_range(j0, j1, T)
         i0, i1 = max(i0, head), min(i1, T - tail)  # rows with an empty context set: no weights
         if i1 <= i0:
@@ -500,7 +716,7 @@ def transposed(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float |
         parts = [(i0, i1, True)] if slopes is not None else query_parts(ctx, j0, j1, i0, i1)
         total = None
         for a, b, _ in parts:
-            mask = _mask(ctx, slopes, (a, b, j0, j1), dt, q.device)
+            mask = _mask(ctx, slopes, (a, b, j0, j1), kq.dtype, kq.device)
             if mask is not None:  # queries x keys ...
                 mask = mask.transpose(-1, -2).contiguous()  # ... as keys x queries here
             ob, lb = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
@@ -510,5 +726,5 @@ def transposed(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float |
             part = torch.where(torch.isneginf(lb)[..., None], 0.0, ob * torch.exp(lb)[..., None])
             total = part if total is None else total.add_(part)
         out[:, :, j0:j1] = total
-    return out[..., :G].transpose(1, 2).to(q.dtype)
+    return (out,)
 

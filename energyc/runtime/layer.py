@@ -43,9 +43,9 @@ import torch
 
 from energyc import settings
 from energyc.runtime import precond
-from energyc.runtime.arguments import as_scalar, check_dim, hyper_value
+from energyc.runtime.arguments import as_scalar, check_dim, check_input, hyper_value
 from energyc.runtime.arguments import factory as parameter_factory
-from energyc.runtime.autocast import autocast_as, autocast_off, autocast_state
+from energyc.runtime.autocast import autocast_as, autocast_dtype, autocast_off, autocast_state
 from energyc.runtime.backends import implementation, preload
 from energyc.runtime.decode import decode_layer
 from energyc.runtime.positions import alibi_slopes_
@@ -68,20 +68,23 @@ class StepConfig(NamedTuple):
 class LayerFunction(torch.autograd.Function):
     """``steps`` descent steps x <- x - eta * P * g(x, xbar); backward by the derived VJPs.
 
-    Applied as ``(config, data, x, *params, *hypers, P_diag, P_lowrank)``
+    Applied as ``(config, data, x, memory, *params, *hypers, P_diag, P_lowrank)``
     (``energyc.runtime.steps.apply_layer``): the call's context data (``energyc.runtime.rows``;
-    None: none), then the package's parameters and hyperparameters (0-d tensors) in its declared
-    order, then P's. The steps run with the data as the call's (``rows.calling``); with lengths,
-    g is zero at padded tokens (so is the gradient reaching it in the backward)."""
+    None: none), the memory (None: the layer reads none), then the package's parameters and
+    hyperparameters (0-d tensors) in its declared order, then P's. The steps run with the data as
+    the call's (``rows.calling``); with lengths, g is zero at padded tokens (so is the gradient
+    reaching it in the backward). A memory is every step's context (the step functions' xbar),
+    unchanged by the steps; its gradient is the steps' xbar gradients, summed."""
 
     @staticmethod
     def forward(ctx, config: StepConfig, data: CallData | None, x: torch.Tensor,
-                *args: torch.Tensor | None):
+                memory: torch.Tensor | None, *args: torch.Tensor | None):
         with calling(data):
-            return LayerFunction._forward(ctx, config, data, x, args)
+            return LayerFunction._forward(ctx, config, data, x, memory, args)
 
     @staticmethod
     def _forward(ctx, config: StepConfig, data: CallData | None, x: torch.Tensor,
+                 memory: torch.Tensor | None,
                  args: tuple[torch.Tensor | None, ...]) -> torch.Tensor:
         *weights, P_diag, P_lowrank = args
         valid = None if data is None or data.valid is None else data.valid.to(x.dtype)
@@ -94,7 +97,7 @@ class LayerFunction(torch.autograd.Function):
         x0 = x
         steps = []
         for _ in range(config.steps):
-            xbar = x if current else x0
+            xbar = memory if memory is not None else x if current else x0
             g, saved = grad_forward(kernels, x, xbar, *weights)
             if valid is not None:
                 g = g * valid
@@ -105,17 +108,19 @@ class LayerFunction(torch.autograd.Function):
         ctx.config = config
         ctx.data, ctx.valid = data, valid
         ctx.steps = steps
-        ctx.save_for_backward(x0, *args)
+        ctx.has_memory = memory is not None
+        ctx.save_for_backward(x0, memory, *args)
         return x
 
     @staticmethod
     def backward(ctx, grad_y: torch.Tensor):
-        x0, *args = ctx.saved_tensors
+        x0, memory, *args = ctx.saved_tensors
         with autocast_as(ctx.autocast, x0), calling(ctx.data):  # as in the forward
-            return LayerFunction._backward(ctx, ctx.config, grad_y, x0, args)
+            return LayerFunction._backward(ctx, ctx.config, grad_y, x0, memory, args)
 
     @staticmethod
     def _backward(ctx, config: StepConfig, grad_y: torch.Tensor, x0: torch.Tensor,
+                  memory: torch.Tensor | None,
                   args: list[torch.Tensor | None]) -> tuple[torch.Tensor | None, ...]:
         *weights, P_diag, P_lowrank = args
         path, kernels = implementation(config.backend, x0, config.package)
@@ -124,10 +129,10 @@ class LayerFunction(torch.autograd.Function):
         current = config.context == "current"
         sums = Sums()  # each gradient's parts over the steps, added in place after the first
         grad_x = grad_y
-        grad_context = grad_P_diag = grad_P_lowrank = None
+        grad_context = grad_memory = grad_P_diag = grad_P_lowrank = None
         grads: list[torch.Tensor | None] = [None] * len(weights)
         for x, g, saved, precond_saved in reversed(ctx.steps):
-            xbar = x if current else x0
+            xbar = memory if memory is not None else x if current else x0
             grad_u = -config.eta * grad_x
             grad_g, g_P_diag, g_P_lowrank = precond_backward(
                 precond_saved, grad_u, g, P_diag, P_lowrank)
@@ -135,7 +140,9 @@ class LayerFunction(torch.autograd.Function):
                 grad_g = grad_g * ctx.valid
             gx, gxbar, *parts = grad_backward(kernels, saved, grad_g, x, xbar, *weights)
             grad_x = sums.add(grad_x, gx)
-            if current:
+            if memory is not None:
+                grad_memory = sums.add(grad_memory, gxbar)
+            elif current:
                 grad_x = sums.add(grad_x, gxbar)
             else:
                 grad_context = sums.add(grad_context, gxbar)
@@ -144,7 +151,7 @@ class LayerFunction(torch.autograd.Function):
             grad_P_lowrank = sums.add(grad_P_lowrank, g_P_lowrank)
         grad_x = sums.add(grad_x, grad_context)
         ctx.steps = None
-        return (None, None, grad_x, *grads, grad_P_diag, grad_P_lowrank)
+        return (None, None, grad_x, grad_memory, *grads, grad_P_diag, grad_P_lowrank)
 
 
 #: a parameter's initialisation by kind, with its arguments at the layer's dims (a generated
@@ -179,6 +186,7 @@ class Declarations:
     decode_unsupported: str | None
     decode_keys_from_context: bool
     context_data: tuple[str, ...]
+    memory: tuple[str, str] | None  # the memory's name and its dim's attribute (None: none)
 
     @classmethod
     def of(cls, module: ModuleType) -> Declarations:
@@ -186,7 +194,8 @@ class Declarations:
             module, module.__package__, tuple(module.DIMS), tuple(module.EVEN_DIMS),
             module.STATE_DIM, tuple(module.PARAMS), tuple(module.HYPERS),
             tuple(module.LEARNED_HYPERS), module.DECODE_UNSUPPORTED,
-            module.DECODE_KEYS_FROM_CONTEXT, tuple(getattr(module, "CONTEXT_DATA", ())))
+            module.DECODE_KEYS_FROM_CONTEXT, tuple(getattr(module, "CONTEXT_DATA", ())),
+            getattr(module, "MEMORY", None))
 
 
 class EnergyLayer(torch.nn.Module):
@@ -259,12 +268,36 @@ class EnergyLayer(torch.nn.Module):
         """The parameters in the declared order."""
         return tuple([getattr(self, attr) for attr in self._declared.params])
 
-    def _call_data(self, x: Any, sets: dict[str, Any]) -> CallData | None:
+    def _call_data(self, x: Any, sets: dict[str, Any],
+                   memory: torch.Tensor | None = None) -> CallData | None:
         if not isinstance(x, torch.Tensor) or x.dim() != 3:
             return None  # apply_layer's check says what x must be
-        return call_data(x, self._declared.context_data, **sets)
+        return call_data(x, self._declared.context_data, memory=memory, **sets)
 
-    def forward(self, x: torch.Tensor, *, cu_seqlens: Any = None, document_ids: Any = None,
+    def _memory(self, memory: Any, x: Any) -> None:
+        """Check the call's ``memory=`` against the layer: required where the energy reads a
+        memory, a (batch, M, Dm) tensor like x, refused elsewhere."""
+        declared = self._declared.memory
+        if declared is None:
+            if memory is not None:
+                raise ValueError("memory= given, but this layer's energy reads no memory "
+                                 "(declare one with memory(name, dim) and read it as name[j])")
+            return
+        name, dim = declared
+        if memory is None:
+            raise ValueError(f"this layer's energy reads the memory {name}: give it as memory= "
+                             f"(batch, tokens, {dim}={getattr(self, dim)})")
+        params = self._params()
+        if not isinstance(x, torch.Tensor):
+            return  # x's own check says what it must be
+        check_input("memory", memory, getattr(self, dim), params or (x,),
+                    compute=autocast_dtype(x, params) if params else None)
+        if memory.shape[0] != x.shape[0]:
+            raise ValueError(f"argument memory: expected x's batch of {x.shape[0]} rows, got "
+                             f"{memory.shape[0]}")
+
+    def forward(self, x: torch.Tensor, *, memory: torch.Tensor | None = None,
+                memory_lengths: Any = None, cu_seqlens: Any = None, document_ids: Any = None,
                 lengths: Any = None, prefix: Any = None) -> torch.Tensor:
         """Map x (batch, tokens, D) to the state after the descent steps (D: the state's dim).
 
@@ -276,18 +309,27 @@ class EnergyLayer(torch.nn.Module):
         at or after a row's length are padding, outside every context set, and their outputs are
         their inputs (no update; no gradient from the real tokens' losses).
 
+        ``memory`` (batch, M, Dm), where the energy reads a memory (``memory(name, Dm)``, read
+        as ``name[j]``): the second sequence every step's reductions over j read, all M tokens of
+        it, or with ``memory_lengths`` (an int or one per row) the first M_b of row b (later ones
+        are padding: they change no output and get gradient 0). It is not updated; its gradient
+        is returned like x's.
+
         Under torch.autocast the steps run inside the region on x in the parameters' dtype:
         autocast casts each contraction's operands to its dtype, the rest stays float32, and the
         output is in the autocast dtype (energyc.runtime's mixed-precision notes).
         """
+        self._memory(memory, x)
         data = self._call_data(x, dict(cu_seqlens=cu_seqlens, document_ids=document_ids,
-                                       lengths=lengths, prefix=prefix))
+                                       lengths=lengths, prefix=prefix,
+                                       memory_lengths=memory_lengths), memory)
         return apply_layer(
             LayerFunction, self._config, data, "x", x, getattr(self, self._declared.state_dim),
-            self._params(), self._hypers, (self.P_diag, self.P_lowrank))
+            self._params(), self._hypers, (self.P_diag, self.P_lowrank), memory)
 
     def energy(self, x: torch.Tensor, xbar: torch.Tensor | None = None,
-               per_token: bool = False, *, cu_seqlens: Any = None, document_ids: Any = None,
+               per_token: bool = False, *, memory: torch.Tensor | None = None,
+               memory_lengths: Any = None, cu_seqlens: Any = None, document_ids: Any = None,
                lengths: Any = None, prefix: Any = None) -> torch.Tensor:
         """Total energy per batch element (or per token), evaluated from E itself: E(x | xbar).
 
@@ -299,20 +341,28 @@ class EnergyLayer(torch.nn.Module):
         through both roles either way. A joint energy reads x at context tokens too (``x[j]``):
         those terms are differentiated as the step differentiates them. Under torch.autocast it
         is evaluated in the parameters' dtype (a reduction, which autocast keeps in float32).
-        The context data keywords are ``forward``'s; a padded token's energy is 0.
+        The context data keywords are ``forward``'s; a padded token's energy is 0. A layer that
+        reads a memory takes it as ``memory=`` (and ``memory_lengths=``), as ``forward`` does,
+        and no ``xbar``: E(x | memory), differentiable to the memory too.
         """
         declared = self._declared
         params = self._params()
-        x, xbar = energy_inputs(x, xbar, getattr(self, declared.state_dim), params)
+        self._memory(memory, x)
+        if memory is not None and xbar is not None:
+            raise ValueError("give the context once: this layer's context is its memory=, not "
+                             "xbar")
+        x, xbar = energy_inputs(x, xbar, getattr(self, declared.state_dim), params, memory)
         data = self._call_data(x, dict(cu_seqlens=cu_seqlens, document_ids=document_ids,
-                                       lengths=lengths, prefix=prefix))
+                                       lengths=lengths, prefix=prefix,
+                                       memory_lengths=memory_lengths), memory)
         with autocast_off(x), calling(data):
             e = declared.module._energy(x, xbar, *params, *self._hypers(x))
         if data is not None and data.valid is not None:
             e = e * data.valid[:, :, 0].to(e.dtype)
         return e if per_token else e.sum(dim=1)
 
-    def decode(self, x: torch.Tensor, cache: Any = None) -> tuple[torch.Tensor, Any]:
+    def decode(self, x: torch.Tensor, cache: Any = None, *, document_ids: Any = None,
+               left_padding: Any = None) -> tuple[torch.Tensor, Any]:
         """Incremental decoding: the outputs at t new tokens x (batch, t, D) that follow the
         tokens already passed through ``cache``, and the cache extended by them.
 
@@ -320,12 +370,19 @@ class EnergyLayer(torch.nn.Module):
         of ``forward`` on the whole sequence; each call does work linear in the tokens so far.
         Without autograd (inference). Raises ValueError where a token's update depends on later
         tokens (the package's DECODE_UNSUPPORTED says why).
+
+        Rows of different lengths decode together padded on the left: ``left_padding`` (an int
+        or one per row, on the first call) counts each row's padding tokens, which no real token
+        reads and whose outputs are their inputs. Where the energy's sets read documents,
+        ``document_ids`` ((batch, t) or (t,)) gives the new tokens' documents: a token whose id
+        differs from the one before starts a document, with a fresh context.
         """
         declared = self._declared
         return decode_layer(
             declared.package, self.config, x, cache, getattr(self, declared.state_dim),
             self._params(), self._hypers, (self.P_diag, self.P_lowrank), declared.module._grad_decode,
-            precond.FORWARD, declared.decode_unsupported, declared.decode_keys_from_context)
+            precond.FORWARD, declared.decode_unsupported, declared.decode_keys_from_context,
+            declared.context_data, document_ids, left_padding)
 
     def extra_repr(self) -> str:
         declared = self._declared

@@ -13,19 +13,39 @@ from energyc.runtime.rows import resolve
 from energyc.runtime.tables import _cached, table_rows
 
 
-def context_mask(kind: Context | tuple, T: int, device: torch.device) -> torch.Tensor:
-    """Boolean (1, T, T) mask, or (B, T, T) where the call's data bounds the set row by row
-    (``energyc.runtime.rows``): entry (b, i, j) is True when token j is in the context set
-    ``kind`` (a ``Context`` or its spelling, e.g. ``("window", 4)``) of token i."""
+def context_mask(kind: Context | tuple, T: int, device: torch.device,
+                 keys: int | None = None) -> torch.Tensor:
+    """Boolean (1, T, keys) mask, or (B, T, keys) where the call's data bounds the set row by
+    row (``energyc.runtime.rows``): entry (b, i, j) is True when token j is in the context set
+    ``kind`` (a ``Context`` or its spelling, e.g. ``("window", 4)``) of token i. The keys are
+    the T tokens themselves, or (``keys``) a memory's tokens, which a layer reads all of."""
+    keys = T if keys is None else keys
     ctx = resolve(kind, T, device)
     if not isinstance(ctx, Context):
         return ctx.dense()
 
     def build() -> torch.Tensor:
         i = torch.arange(T, device=device)
-        return ctx.contains(i[:, None], i[None, :])[None]
+        return ctx.contains(i[:, None], torch.arange(keys, device=device)[None, :])[None]
 
-    return _cached(("mask", ctx.spelling, T, str(device)), build)
+    return _cached(("mask", ctx.spelling, T, keys, str(device)), build)
+
+
+def shared_mask(mask: torch.Tensor) -> torch.Tensor:
+    """The (T, T) mask of a ``context_mask`` that is the same for every batch row, for a value
+    over (i, j) that depends on no row (a function of i - j alone).
+
+    Raises:
+        ValueError: the call's data bounds the set row by row (lengths, per-row document ids,
+            prefixes), which a value with no batch axis cannot follow.
+    """
+    if mask.shape[0] != 1:
+        raise ValueError(
+            "a value over (i, j) that depends on no batch row (a function of i - j alone, say) "
+            "is reduced over a context set that the call's data bounds row by row (lengths, "
+            "per-row document_ids, prefix): give data shared by the rows (cu_seqlens), or make "
+            "the summand depend on the state")
+    return mask[0]
 
 
 def token_offset(T: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:

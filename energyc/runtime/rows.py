@@ -19,6 +19,16 @@ with, from the band LO <= i - j <= HI (``energyc/context.py``)::
     & same_document():  lo_b(i) = max(lo_b(i), start_b(i)),  hi_b(i) = min(hi_b(i), end_b(i))
     lengths:            hi_b(i) = min(hi_b(i), L_b - 1); a padded query (i >= L_b): empty,
                         lo_b(i) = L_b, hi_b(i) = L_b - 1
+    first (decoding a batch of prompts padded on the left):
+                        lo_b(i) = max(lo_b(i), F_b); a padded query (i < F_b): empty,
+                        lo_b(i) = F_b, hi_b(i) = F_b - 1
+
+A layer that reads a memory (a second sequence of M tokens given at call time, ``energyc.dsl.memory``)
+has keys that are the memory's tokens, not the state's: every set is all of them, bounded by the
+call's ``memory_lengths=`` (M_b per row), and the state's lengths bound the queries alone::
+
+    memory:             lo_b(i) = 0, hi_b(i) = M_b - 1 (queries T, keys M); a padded query:
+                        lo_b(i) = M_b, hi_b(i) = M_b - 1
 
 O(tokens) vectors built on the device; never a (T x T) mask or a block table. lo_b and hi_b
 never decrease along i, so a block of queries [i0, i1) reaches the keys [min_b lo_b(i0),
@@ -46,7 +56,7 @@ import torch
 from energyc.context import Context, context
 
 #: the call's keywords that carry context data, and what each gives
-KEYWORDS = ("cu_seqlens", "document_ids", "lengths", "prefix")
+KEYWORDS = ("cu_seqlens", "document_ids", "lengths", "prefix", "memory_lengths")
 
 
 @dataclass(eq=False)
@@ -58,6 +68,10 @@ class CallData:
             the first and the last token of token i's document.
         lengths: (B,) int64, each row's real tokens (None: every token is real).
         prefix: (B,) int64, each row's prefix length (None: no prefix given).
+        first: (B,) int64, each row's first real token (None: 0): the tokens before it are
+            padding (a decoded batch of prompts padded on the left).
+        M: the memory's tokens (None: the layer reads no memory; its keys are the state's).
+        memory_lengths: (B,) int64, each row's real memory tokens (None: all M).
     """
 
     B: int
@@ -67,16 +81,30 @@ class CallData:
     end: torch.Tensor | None = None
     lengths: torch.Tensor | None = None
     prefix: torch.Tensor | None = None
+    first: torch.Tensor | None = None
+    M: int | None = None
+    memory_lengths: torch.Tensor | None = None
     _rows: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def keys(self) -> int:
+        """The keys' count: the memory's tokens, else the state's."""
+        return self.T if self.M is None else self.M
 
     @property
     def valid(self) -> torch.Tensor | None:
         """(B, T, 1) 1 at real tokens, 0 at padding (None without lengths), in int64; callers
         cast it."""
-        if self.lengths is None:
+        if self.lengths is None and self.first is None:
             return None
-        i = torch.arange(self.T, device=self.lengths.device)
-        return (i[None, :] < self.lengths[:, None])[:, :, None]
+        known = self.lengths if self.lengths is not None else self.first
+        i = torch.arange(self.T, device=known.device)[None, :]
+        real = torch.ones((known.shape[0], self.T), dtype=torch.bool, device=known.device)
+        if self.lengths is not None:
+            real = real & (i < self.lengths[:, None])
+        if self.first is not None:
+            real = real & (i >= self.first[:, None])
+        return real[:, :, None]
 
     def positions(self) -> torch.Tensor | None:
         """(B or 1, T) int64, each token's index within its document (None without documents):
@@ -136,13 +164,16 @@ def _documents(ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def call_data(x: torch.Tensor, reads: tuple[str, ...] | None, *, cu_seqlens: Any = None,
-              document_ids: Any = None, lengths: Any = None, prefix: Any = None
+              document_ids: Any = None, lengths: Any = None, prefix: Any = None,
+              memory: torch.Tensor | None = None, memory_lengths: Any = None
               ) -> CallData | None:
     """The call's context data for the state x (B, T, D), checked; None when none is given.
 
     ``reads``: what the layer's context sets read (``energyc.context.DATA``'s names); documents
     and prefix lengths are required where read and refused where not, lengths accepted always
-    (None: whatever is given is taken, as the reference does).
+    (None: whatever is given is taken, as the reference does). ``memory``: the memory (B, M, Dm)
+    the layer reads (None: none; its keys are the state's tokens), whose rows ``memory_lengths``
+    bounds (an int or one per row, 0 .. M; refused without a memory).
 
     Raises:
         TypeError, ValueError: naming the argument and what it must be.
@@ -170,9 +201,20 @@ def call_data(x: torch.Tensor, reads: tuple[str, ...] | None, *, cu_seqlens: Any
     if prefix is None and "prefix" in reads:
         raise ValueError("this layer's context set reads a prefix ((j <= i) | (j < prefix())): "
                          "give prefix= (each row's prefix length, an int or a (batch,) tensor)")
-    if not docs and lengths is None and prefix is None:
+    if memory_lengths is not None and memory is None:
+        raise ValueError("memory_lengths= given, but no memory: it bounds the tokens of the "
+                         "memory= this layer reads")
+    if memory is not None and (docs or prefix is not None):
+        raise ValueError("a layer that reads a memory reads all its tokens: documents and "
+                         "prefixes bound the state's context, which it does not read")
+    if not docs and lengths is None and prefix is None and memory_lengths is None:
         return None
     data = CallData(B, T)
+    if memory is not None:
+        data.M = memory.shape[1]
+        if memory_lengths is not None:
+            data.memory_lengths = _row_values("memory_lengths", memory_lengths, B, data.M,
+                                              device)
     if cu_seqlens is not None:
         cu = _int_tensor("cu_seqlens", cu_seqlens, device)
         if cu.dim() != 1 or cu.numel() < 2:
@@ -239,7 +281,8 @@ def resolve(kind: Context | tuple, T: int, device: torch.device | str) -> Contex
     """
     ctx = context(kind)
     data = current()
-    if data is None or (not ctx.data and data.lengths is None):
+    if data is None or (not ctx.data and data.lengths is None and data.first is None
+                        and data.memory_lengths is None):
         if ctx.data:
             raise ValueError(f"the context set {ctx!r} reads the call's data; run it through its "
                              f"layer with cu_seqlens=, document_ids= or prefix=")
@@ -252,7 +295,8 @@ class Rows:
     """A context set on the rows of one call: query i of row b reads the keys lo[b, i] ..
     hi[b, i] less the hole i - HOLE (``hole``: HOLE, or None).
 
-    ``lo`` and ``hi`` are (B or 1, T) int64 on the call's device, non-decreasing along i; the
+    ``lo`` and ``hi`` are (B or 1, T) int64 on the call's device, non-decreasing along i, over
+    ``keys`` keys: T, or where the keys are a memory's, its M tokens (``S``); the
     block questions below are answered over every row at once (a tile needs a mask when some
     row's interval cuts it), from host copies of their per-query extremes made on first use."""
 
@@ -261,10 +305,13 @@ class Rows:
     hi: torch.Tensor
     hole: int | None
     T: int
+    S: int | None = None  # the keys' count where they are a memory's (None: T, the queries')
     _host: tuple | None = field(default=None, repr=False)
 
     @classmethod
     def build(cls, ctx: Context, data: CallData, device: torch.device | str) -> Rows:
+        if data.M is not None:
+            return cls._memory(ctx, data, device)
         T = data.T
         i = torch.arange(T, device=device)
         lo = (i - ctx.hi).clamp(min=0) if ctx.hi is not None else torch.zeros_like(i)
@@ -280,7 +327,44 @@ class Rows:
             real = i[None, :] < n
             hi = torch.where(real, torch.minimum(hi, n - 1), n - 1)
             lo = torch.where(real, lo, n)
+        if data.first is not None:  # padding on the left: every row starts at its first token
+            f = data.first.to(device)[:, None]
+            real = i[None, :] >= f
+            lo = torch.where(real, torch.maximum(lo, f), f)
+            hi = torch.where(real, hi, f - 1)
         return cls(ctx, lo.contiguous(), hi.contiguous(), ctx.hole, T)
+
+    def keys_from(self, k0: int) -> Rows:
+        """The set on the tokens from position k0 on, counted from there (a decode cache that
+        keeps a window's last keys alone): rows k0 .. T - 1, bounds less k0 (a bound before k0
+        is never a query's that reads these keys alone)."""
+        if not k0:
+            return self
+        return Rows(self.ctx, (self.lo[:, k0:] - k0).clamp(min=0), self.hi[:, k0:] - k0,
+                    self.hole, self.T - k0)
+
+    @classmethod
+    def _memory(cls, ctx: Context, data: CallData, device: torch.device | str) -> Rows:
+        """All M memory tokens (less those at or after a row's memory length) for each of the T
+        queries; a padded query's row is empty (lo = M_b, hi = M_b - 1: monotone in i)."""
+        if ctx.band != (None, None, None) or ctx.data:
+            raise ValueError(f"a memory is read over all its tokens; got the set {ctx!r}")
+        T, M = data.T, data.M
+        n = (data.memory_lengths.to(device)[:, None] if data.memory_lengths is not None
+             else torch.full((1, 1), M, device=device, dtype=torch.int64))
+        lo = torch.zeros((1, T), device=device, dtype=torch.int64)
+        hi = (n - 1).expand(-1, T)
+        if data.lengths is not None:
+            i = torch.arange(T, device=device)
+            real = i[None, :] < data.lengths.to(device)[:, None]
+            lo = torch.where(real, lo, n)
+            hi = torch.where(real, hi, n - 1)
+        return cls(ctx, lo.contiguous(), hi.contiguous(), None, T, S=M)
+
+    @property
+    def keys(self) -> int:
+        """The keys' count: T, or a memory's M (``S``)."""
+        return self.T if self.S is None else self.S
 
     # -- per-row answers ----------------------------------------------------------------------
 
@@ -309,8 +393,8 @@ class Rows:
                              torch.arange(j0, j1, device=device))
 
     def dense(self) -> torch.Tensor:
-        """(B or 1, T, T) bool: the whole mask (the reference and the unfused path)."""
-        return self.tile(0, self.T, 0, self.T)
+        """(B or 1, T, keys) bool: the whole mask (the reference and the unfused path)."""
+        return self.tile(0, self.T, 0, self.keys)
 
     # -- block answers over every row ---------------------------------------------------------
 

@@ -46,31 +46,38 @@ def apply_layer(
     params: Sequence[torch.Tensor],
     hypers: Callable[[torch.Tensor], tuple[torch.Tensor, ...]],
     precond: Sequence[torch.Tensor | None],
+    memory: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """A generated layer's forward: check argument ``name`` (``x``) and run ``function`` (its
     ``_LayerFunction``) on the call's context data ``data``, x, the parameters, the hyperparameters (``hypers(x)``, as 0-d tensors
     of x's dtype) and the preconditioner's parameters. Under torch.autocast x is taken in the
     parameters' dtype, the steps run inside the region and the output comes in the autocast dtype
-    (see the comment above ``AUTOCAST_DTYPES``)."""
+    (see the comment above ``AUTOCAST_DTYPES``). ``memory``: the memory the layer reads (None:
+    none), checked by the caller, taken in x's dtype."""
     compute = autocast_dtype(x, params) if isinstance(x, torch.Tensor) else None
     check_input(name, x, dim, params, compute=compute)
     if compute is None:
-        return function.apply(config, data, x, *params, *hypers(x), *precond)
+        return function.apply(config, data, x, memory, *params, *hypers(x), *precond)
     x = x.to(params[0].dtype) if params else x
-    return function.apply(config, data, x, *params, *hypers(x), *precond).to(compute)
+    memory = memory.to(x.dtype) if memory is not None else None
+    return function.apply(config, data, x, memory, *params, *hypers(x), *precond).to(compute)
 
 
 def energy_inputs(
-    x: Any, xbar: Any, dim: int, params: Sequence[torch.Tensor]
+    x: Any, xbar: Any, dim: int, params: Sequence[torch.Tensor],
+    memory: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """A generated layer's ``energy`` arguments, checked: (x, xbar), xbar defaulting to
     ``x.detach()`` (the context the step holds fixed: the same values, no gradient through the
     context role). Under torch.autocast the energy, a reduction, is evaluated in the parameters'
     dtype (x and xbar cast to it; the caller runs it with autocast off), as autocast keeps
-    reductions in float32."""
+    reductions in float32. A layer that reads a memory has it as its context (``memory``,
+    checked by the caller)."""
     compute = autocast_dtype(x, params) if isinstance(x, torch.Tensor) else None
     check_input("x", x, dim, params, compute=compute)
-    if xbar is None:
+    if memory is not None:
+        xbar = memory
+    elif xbar is None:
         xbar = x.detach()
     else:
         check_input("xbar", xbar, dim, params, like=x, compute=compute)

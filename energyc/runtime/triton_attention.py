@@ -298,6 +298,15 @@ def _grid(T: int, B: int, H: int, block: str):
     return lambda meta: (triton.cdiv(T, meta[block]), B * H)
 
 
+def _as_many_keys(q: torch.Tensor, k: torch.Tensor) -> None:
+    """Refuse keys of another count than the queries' (a memory of M != T tokens): these
+    kernels index both by one T."""
+    if q.shape[1] != k.shape[1]:
+        raise NotImplementedError(
+            f"the Triton attention kernels take as many keys as queries; got {k.shape[1]} keys "
+            f"(a memory's tokens) for {q.shape[1]} queries: run the layer with backend='torch'")
+
+
 def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                       scale: float | torch.Tensor, kind: Context | tuple,
                       slopes: torch.Tensor | None = None, offset: int = 0,
@@ -311,6 +320,7 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     if offset:
         raise NotImplementedError("the Triton attention kernels take no offset: decoding runs on "
                                   "energyc.runtime.attention")
+    _as_many_keys(q, k)
     o, lse = _attention_forward_op(q, k, v, torch.as_tensor(scale), *context(kind).band, slopes)
     return (o, lse, None) if keep_probs else (o, lse)
 
@@ -322,6 +332,7 @@ def attention_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     """dq, dk, dv, dscale, dslopes of ``attention_forward`` for the upstream gradient g
     (B, T, H, G); dscale (0-d, fp32) only when ``need_dscale``, dslopes ((H,), fp32) only when
     ``slopes`` is given, else None. ``probs`` is None here (``attention_forward`` keeps none)."""
+    _as_many_keys(q, k)
     dq, dk, dv, dscale, dslopes = _attention_backward_op(
         q, k, v, torch.as_tensor(scale), *context(kind).band, o, lse, g, slopes, need_dscale
     )
@@ -335,6 +346,7 @@ def attention_transposed(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     """The weights of ``attention_forward`` applied keys-major (the key role): o_t (B, T, H, G)
     with o_t[b, j, h] = sum_{i : j in C(i)} P_ij v[b, i, h], v indexed by the query token; lse is
     the saved log-sum-exp of ``attention_forward``; ``probs`` is None here (as there)."""
+    _as_many_keys(q, k)
     return _attention_transposed_op(
         q, k, v, torch.as_tensor(scale), *context(kind).band, lse, slopes
     )
