@@ -106,11 +106,20 @@ def _example_layers():
 
 
 EXAMPLES = _example_layers()
+# the call's context data is checked and planned on the host (energyc.runtime.rows: the checks of
+# document_ids, the rows' per-query extremes that place the blocks), which fullgraph cannot trace
+CALL_DATA_ON_HOST = pytest.mark.xfail(
+    strict=True, reason="torch.compile(fullgraph=True) does not trace rows.call_data's host checks")
+
+
+def _example_params():
+    return [pytest.param(name, marks=CALL_DATA_ON_HOST if context_data(name, 2, 7) else ())
+            for name in sorted(EXAMPLES)]
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("backend", ["torch", "triton"])
-@pytest.mark.parametrize("name", sorted(EXAMPLES))
+@pytest.mark.parametrize("name", _example_params())
 def test_every_example_compiles_fullgraph(name, backend):
     """Each example layer alone (forward and backward, DPLR preconditioner) traces under
     torch.compile(fullgraph=True) and gives eager mode's values, on either backend (pair kernels
