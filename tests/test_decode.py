@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 
 from energyc import runtime as rt
 from energyc.tolerances import tolerance
+from tests.conftest import context_data
 from tests.test_runtime_edges import PACKAGES, build, state_dim
 
 # the examples whose context sets hold later tokens (all j, j != i), and those that read a
@@ -34,10 +35,13 @@ def _layer(package: str, **settings_) -> torch.nn.Module:
     return layer
 
 
-def _decode_in_pieces(layer, x: torch.Tensor, cuts: list[int]) -> torch.Tensor:
+def _decode_in_pieces(layer, x: torch.Tensor, cuts: list[int], **data) -> torch.Tensor:
+    """Decode x in the pieces that ``cuts`` make; ``data``: the forward's document_ids, whose
+    columns each call takes for its tokens."""
     cache, outs, start = None, [], 0
     for stop in [*cuts, x.shape[1]]:
-        y, cache = layer.decode(x[:, start:stop], cache)
+        piece = {k: v[:, start:stop] for k, v in data.items()}
+        y, cache = layer.decode(x[:, start:stop], cache, **piece)
         assert cache.position == stop
         outs.append(y)
         start = stop
@@ -72,9 +76,10 @@ def test_decode_in_any_split_equals_the_forward(package, data):
     layer = _layer(package, steps=steps, context=context, precond=precond)
     x = torch.randn(2, T, state_dim(layer), dtype=torch.float64,
                     generator=torch.Generator().manual_seed(T))
+    data = context_data(package, 2, T)  # documents: each row's, cut inside the calls and at them
     with torch.no_grad():
-        want = layer(x)
-    _assert_close(_decode_in_pieces(layer, x, cuts), want)
+        want = layer(x, **data)
+    _assert_close(_decode_in_pieces(layer, x, cuts, **data), want)
 
 
 @pytest.mark.parametrize("package", ["strict_dplr", "window_alibi", "local_global_attention",
