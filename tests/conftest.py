@@ -28,12 +28,15 @@ def example_files() -> list[str]:
     return sorted(os.path.relpath(f, ROOT) for f in energy_files([EXAMPLES]))
 
 
-def context_data(name: str, batch: int, tokens: int) -> dict:
-    """The call's context data keywords for the generated example layer ``name`` on ``batch``
-    rows of ``tokens``: for sets that read documents, per-row ``document_ids`` cut at other
-    tokens in each row (the first row's first document one token long); for sets that read a
-    prefix, a third of each row; {} where the sets read nothing from the call."""
-    reads = getattr(importlib.import_module(f"generated.{name}.layer"), "CONTEXT_DATA", ())
+def context_data(layer, batch: int, tokens: int) -> dict:
+    """The call's context data keywords for a generated layer (its Layer class, or an example
+    package's name) on ``batch`` rows of ``tokens``: for sets that read documents, per-row
+    ``document_ids`` cut at other tokens in each row (the first row's first document one token
+    long); for sets that read a prefix, a third of each row; {} where the sets read nothing from
+    the call."""
+    if isinstance(layer, str):
+        layer = importlib.import_module(f"generated.{layer}").Layer
+    reads = layer._declared.context_data
     import torch
 
     data = {}

@@ -72,7 +72,7 @@ def test_autocast_bf16_against_float64_reference(layer, backend):
     c = memory_of(layer, case)  # a layer that reads a memory: its memory, rounded as x
     memory = [] if c is None else [c.to(BF16).double().requires_grad_()]
     w = torch.randn(x.shape, dtype=x.dtype, generator=torch.Generator().manual_seed(1))
-    data = context_data(layer.name, case.batch, case.tokens)
+    data = context_data(module.Layer, case.batch, case.tokens)
     y = reference_step(layer, exact, x, create_graph=True, memory=memory[0] if memory else None,
                        **data)
     expected = [y, *torch.autograd.grad((y * w).sum(), [x, *memory, *exact.parameters()],

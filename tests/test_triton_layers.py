@@ -70,7 +70,7 @@ def step_and_grads(layer, module, dtype, device, tokens: int = 7, backend: str =
     c = None if c is None else c.to(dtype).double().requires_grad_()
     memory = [] if c is None else [c]
     w = torch.randn(x.shape, dtype=x.dtype, generator=torch.Generator().manual_seed(1))
-    data = context_data(layer.name, case.batch, case.tokens)
+    data = context_data(module.Layer, case.batch, case.tokens)
     y = reference_step(layer, exact, x, create_graph=True, memory=c, **data)
     expected = [y, *torch.autograd.grad((y * w).sum(), [x, *memory, *exact.parameters()],
                                         allow_unused=True)]
