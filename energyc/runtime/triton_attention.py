@@ -17,6 +17,16 @@ dscale (NEED_DSCALE) and dslopes (HAS_BIAS), which the host adds up), so no atom
 Transposed (the key role of the weights): o_t_j = sum_{i : j in C(i)} P_ij v_i, the dv of the
 backward with do = v: the keys-major kernel with DV_ONLY.
 
+The context set: the band LO <= i - j <= HI, i - j != HOLE as constexprs, or, where the call has
+data for it (``energyc.runtime.rows.resolve`` gives a ``Rows``: packed documents, lengths,
+prefixes), per-row key intervals lo_b(i) <= j <= hi_b(i) less the hole, read from the call's
+(B or 1, T) rows under the constexpr ROWS (``triton_layer.row_bounds``, ``in_row_context``): a
+block of queries [i0, i1) reaches the keys [lo_b(i0), hi_b(i1 - 1)], a block of keys [j0, j1) is
+reached by the queries from the first i with hi_b(i) >= j0 to the last with lo_b(i) <= j1 - 1
+(binary searches in the kernel, ``row_key_range`` / ``row_query_range``), per program (one
+batch row and head); an empty row (a document's first token under j < i, a padded query) gives
+lse 0, o 0 and no gradient. Without data the kernels are the band's alone.
+
 The entry points ``attention_forward``, ``attention_backward`` and ``attention_transposed`` have
 the interface of ``energyc.runtime.kernels`` (checked at import), as the torch kernels of
 ``energyc.runtime.attention`` do; the generated step functions call
@@ -31,14 +41,17 @@ import torch
 import triton
 import triton.language as tl
 
-from energyc.context import Context, context
+from energyc.context import Context
 from energyc.runtime.kernels import implements
 from energyc.runtime.triton_layer import (
     INTERPRETED,
-    in_context,
-    key_range,
+    context_args,
+    in_row_context,
     operand,
-    query_range,
+    row_args,
+    row_bounds,
+    row_key_range,
+    row_query_range,
     storage,
     tile_dot,
 )
@@ -53,7 +66,7 @@ GPU_TILES = ((128, 64, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 2), (
 
 # what the best tile depends on: sizes, context set, and the constexprs that change the work
 # (each backward kernel adds its own)
-_TUNING_KEY = ["T", "F", "G", "LO", "HI", "HOLE", "HAS_BIAS"]
+_TUNING_KEY = ["T", "F", "G", "LO", "HI", "HOLE", "ROWS", "HAS_BIAS"]
 
 
 def _tiles():
@@ -99,7 +112,9 @@ def _attention_fwd(
     LSE,  # (B, H, T) fp32 output: log-sum-exp of the scores
     sq_b, sq_t, sq_h, sk_b, sk_t, sk_h, sv_b, sv_t, sv_h, so_b, so_t, so_h,
     T, H, F, G, scale,
+    ROWS_LO, ROWS_HI, s_rows,  # the call's key bounds lo_b(i), hi_b(i) (read under ROWS)
     LO: tl.constexpr, HI: tl.constexpr, HOLE: tl.constexpr,  # the context set's band
+    ROWS: tl.constexpr,  # the set's keys are the call's rows (LO, HI None), not the band
     UPCAST: tl.constexpr, HAS_BIAS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_G: tl.constexpr,
 ):
@@ -117,7 +132,10 @@ def _attention_fwd(
     m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
     acc = tl.zeros((BLOCK_M, BLOCK_G), dtype=tl.float32)
-    lo, hi = key_range(pid_m, T, LO, HI, BLOCK_M, BLOCK_N)
+    LO_ROW = ROWS_LO + b * s_rows
+    HI_ROW = ROWS_HI + b * s_rows
+    lo_m, hi_m = row_bounds(LO_ROW, HI_ROW, offs_m, mask_m, ROWS)
+    lo, hi = row_key_range(pid_m, T, LO_ROW, HI_ROW, LO, HI, BLOCK_M, BLOCK_N, ROWS)
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         mask_n = offs_n < T
@@ -126,7 +144,8 @@ def _attention_fwd(
         v = tl.load(V + b * sv_b + h * sv_h + offs_n[:, None] * sv_t + offs_g[None, :],
                     mask=mask_n[:, None] & (offs_g[None, :] < G), other=0.0)
         s = _scores(_dot(q, tl.trans(k), UPCAST), scale, slope, offs_m, offs_n, HAS_BIAS)
-        valid = mask_n[None, :] & mask_m[:, None] & in_context(offs_m, offs_n, LO, HI, HOLE)
+        valid = mask_n[None, :] & mask_m[:, None] & in_row_context(offs_m, offs_n, lo_m, hi_m, LO,
+                                                                   HI, HOLE, ROWS)
         s = tl.where(valid, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows past T see no key
@@ -171,7 +190,9 @@ def _attention_bwd_dkdv(
     LSE, DELTA,  # (B, H, T) fp32 (DELTA unread with DV_ONLY)
     DK, DV,  # (B, T, H, F|G) outputs (DK unwritten with DV_ONLY)
     T, H, F, G, scale,
+    ROWS_LO, ROWS_HI, s_rows,  # the call's key bounds lo_b(i), hi_b(i) (read under ROWS)
     LO: tl.constexpr, HI: tl.constexpr, HOLE: tl.constexpr,  # the context set's band
+    ROWS: tl.constexpr,  # the set's keys are the call's rows (LO, HI None), not the band
     UPCAST: tl.constexpr, HAS_BIAS: tl.constexpr,
     DV_ONLY: tl.constexpr,  # the transposed product sum_i P_ij do_i alone: no dp, dS, dk
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_G: tl.constexpr,
@@ -193,7 +214,10 @@ def _attention_bwd_dkdv(
     slope = _slope(SLOPES, h, HAS_BIAS)
     dk = tl.zeros((BLOCK_N, BLOCK_F), dtype=tl.float32)
     dv = tl.zeros((BLOCK_N, BLOCK_G), dtype=tl.float32)
-    lo, hi = query_range(pid_n, T, LO, HI, BLOCK_M, BLOCK_N)  # the queries that see a key here
+    LO_ROW = ROWS_LO + b * s_rows
+    HI_ROW = ROWS_HI + b * s_rows
+    # the queries that see a key here
+    lo, hi = row_query_range(pid_n, T, LO_ROW, HI_ROW, LO, HI, BLOCK_M, BLOCK_N, ROWS)
     for start_m in range(lo, hi, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
         mask_m = offs_m < T
@@ -204,7 +228,9 @@ def _attention_bwd_dkdv(
                      mask=mask_m[:, None] & (offs_g[None, :] < G), other=0.0)
         lse = tl.load(LSE + pid_bh * T + offs_m, mask=mask_m, other=0.0)
         s = _scores(_dot(q, tl.trans(k), UPCAST), scale, slope, offs_m, offs_n, HAS_BIAS)  # (M, N)
-        valid = mask_m[:, None] & mask_n[None, :] & in_context(offs_m, offs_n, LO, HI, HOLE)
+        lo_m, hi_m = row_bounds(LO_ROW, HI_ROW, offs_m, mask_m, ROWS)
+        valid = mask_m[:, None] & mask_n[None, :] & in_row_context(offs_m, offs_n, lo_m, hi_m, LO,
+                                                                   HI, HOLE, ROWS)
         p = tl.where(valid, tl.exp(s - lse[:, None]), 0.0)
         dv += _dot(operand(tl.trans(p), do, UPCAST), do, UPCAST)
         if not DV_ONLY:
@@ -229,7 +255,9 @@ def _attention_bwd_dq(
     DSCALE,  # (B, H, T) fp32 output with NEED_DSCALE: sum_j dS_ij (q_i . k_j)
     DSLOPES,  # (B, H, T) fp32 output with HAS_BIAS: sum_j dS_ij (i - j)
     T, H, F, G, scale,
+    ROWS_LO, ROWS_HI, s_rows,  # the call's key bounds lo_b(i), hi_b(i) (read under ROWS)
     LO: tl.constexpr, HI: tl.constexpr, HOLE: tl.constexpr,  # the context set's band
+    ROWS: tl.constexpr,  # the set's keys are the call's rows (LO, HI None), not the band
     UPCAST: tl.constexpr, HAS_BIAS: tl.constexpr,
     NEED_DSCALE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_G: tl.constexpr,
@@ -253,7 +281,10 @@ def _attention_bwd_dq(
     dq = tl.zeros((BLOCK_M, BLOCK_F), dtype=tl.float32)
     dscale = tl.zeros((BLOCK_M,), dtype=tl.float32)
     dslope = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    lo, hi = key_range(pid_m, T, LO, HI, BLOCK_M, BLOCK_N)
+    LO_ROW = ROWS_LO + b * s_rows
+    HI_ROW = ROWS_HI + b * s_rows
+    lo_m, hi_m = row_bounds(LO_ROW, HI_ROW, offs_m, mask_m, ROWS)
+    lo, hi = row_key_range(pid_m, T, LO_ROW, HI_ROW, LO, HI, BLOCK_M, BLOCK_N, ROWS)
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         mask_n = offs_n < T
@@ -264,7 +295,8 @@ def _attention_bwd_dq(
                     other=0.0)
         qk = _dot(q, tl.trans(k), UPCAST)
         s = _scores(qk, scale, slope, offs_m, offs_n, HAS_BIAS)
-        valid = mask_m[:, None] & mask_n[None, :] & in_context(offs_m, offs_n, LO, HI, HOLE)
+        valid = mask_m[:, None] & mask_n[None, :] & in_row_context(offs_m, offs_n, lo_m, hi_m, LO,
+                                                                   HI, HOLE, ROWS)
         p = tl.where(valid, tl.exp(s - lse[:, None]), 0.0)
         dp = _dot(do, tl.trans(v), UPCAST)
         ds = p * (dp - delta[:, None])
@@ -311,7 +343,9 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     if offset:
         raise NotImplementedError("the Triton attention kernels take no offset: decoding runs on "
                                   "energyc.runtime.attention")
-    o, lse = _attention_forward_op(q, k, v, torch.as_tensor(scale), *context(kind).band, slopes)
+    band, rows_lo, rows_hi = context_args(kind, q.shape[1], q.device)
+    o, lse = _attention_forward_op(q, k, v, torch.as_tensor(scale), *band, slopes, rows_lo,
+                                   rows_hi)
     return (o, lse, None) if keep_probs else (o, lse)
 
 
@@ -322,8 +356,9 @@ def attention_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     """dq, dk, dv, dscale, dslopes of ``attention_forward`` for the upstream gradient g
     (B, T, H, G); dscale (0-d, fp32) only when ``need_dscale``, dslopes ((H,), fp32) only when
     ``slopes`` is given, else None. ``probs`` is None here (``attention_forward`` keeps none)."""
+    band, rows_lo, rows_hi = context_args(kind, q.shape[1], q.device)
     dq, dk, dv, dscale, dslopes = _attention_backward_op(
-        q, k, v, torch.as_tensor(scale), *context(kind).band, o, lse, g, slopes, need_dscale
+        q, k, v, torch.as_tensor(scale), *band, o, lse, g, slopes, need_dscale, rows_lo, rows_hi
     )
     return (dq, dk, dv, dscale if need_dscale else None,
             dslopes if slopes is not None else None)
@@ -335,8 +370,9 @@ def attention_transposed(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     """The weights of ``attention_forward`` applied keys-major (the key role): o_t (B, T, H, G)
     with o_t[b, j, h] = sum_{i : j in C(i)} P_ij v[b, i, h], v indexed by the query token; lse is
     the saved log-sum-exp of ``attention_forward``; ``probs`` is None here (as there)."""
+    band, rows_lo, rows_hi = context_args(kind, q.shape[1], q.device)
     return _attention_transposed_op(
-        q, k, v, torch.as_tensor(scale), *context(kind).band, lse, slopes
+        q, k, v, torch.as_tensor(scale), *band, lse, slopes, rows_lo, rows_hi
     )
 
 
@@ -375,6 +411,8 @@ def _attention_forward_op(
     hi: Optional[int],  # noqa: UP045
     hole: Optional[int],  # noqa: UP045
     slopes: Optional[torch.Tensor],  # noqa: UP045 (the form of torch.library's docs)
+    rows_lo: Optional[torch.Tensor] = None,  # noqa: UP045
+    rows_hi: Optional[torch.Tensor] = None,  # noqa: UP045
 ) -> tuple[torch.Tensor, torch.Tensor]:
     scale = float(scale)
     B, T, H, F = q.shape
@@ -389,14 +427,15 @@ def _attention_forward_op(
         q, k, v, slopes, o, lse,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(1), o.stride(2),
-        T, H, F, G, scale, **_band_args(lo, hi, hole), HAS_BIAS=has_bias, **blocks,
+        T, H, F, G, scale, **row_args(rows_lo, rows_hi, B, T, lse), **_band_args(lo, hi, hole),
+        HAS_BIAS=has_bias, **blocks,
     )
     # lse stays fp32: rounding it to half precision would cost the backward accuracy
     return o.to(out_dtype), lse.transpose(1, 2).contiguous()
 
 
 @_attention_forward_op.register_fake
-def _(q, k, v, scale, lo, hi, hole, slopes):
+def _(q, k, v, scale, lo, hi, hole, slopes, rows_lo=None, rows_hi=None):
     B, T, H, _ = q.shape
     return v.new_empty(B, T, H, v.shape[-1]), q.new_empty(B, T, H, dtype=torch.float32)
 
@@ -415,6 +454,8 @@ def _attention_backward_op(
     g: torch.Tensor,
     slopes: Optional[torch.Tensor],  # noqa: UP045 (the form of torch.library's docs)
     need_dscale: bool,
+    rows_lo: Optional[torch.Tensor] = None,  # noqa: UP045
+    rows_hi: Optional[torch.Tensor] = None,  # noqa: UP045
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     scale = float(scale)
     B, T, H, F = q.shape
@@ -429,7 +470,7 @@ def _attention_backward_op(
     dscale_rows = torch.empty_like(delta) if need_dscale else delta
     dslopes_rows = torch.empty_like(delta) if has_bias else delta
     blocks = _blocks(F, G, q.dtype)
-    masks = _band_args(lo, hi, hole)
+    masks = {**_band_args(lo, hi, hole), **row_args(rows_lo, rows_hi, B, T, delta)}
     _attention_bwd_preprocess[(triton.cdiv(T, INTERPRETER_TILE[0]), B * H)](
         o, g, delta, T, H, G, BLOCK_M=INTERPRETER_TILE[0], BLOCK_G=blocks["BLOCK_G"],
     )
@@ -447,7 +488,7 @@ def _attention_backward_op(
 
 
 @_attention_backward_op.register_fake
-def _(q, k, v, scale, lo, hi, hole, o, lse, g, slopes, need_dscale):
+def _(q, k, v, scale, lo, hi, hole, o, lse, g, slopes, need_dscale, rows_lo=None, rows_hi=None):
     H = q.shape[2]
     dscale = q.new_empty(() if need_dscale else (0,), dtype=torch.float32)
     dslopes = q.new_empty((H,) if slopes is not None else (0,), dtype=torch.float32)
@@ -465,6 +506,8 @@ def _attention_transposed_op(
     hole: Optional[int],  # noqa: UP045
     lse: torch.Tensor,
     slopes: Optional[torch.Tensor],  # noqa: UP045 (the form of torch.library's docs)
+    rows_lo: Optional[torch.Tensor] = None,  # noqa: UP045
+    rows_hi: Optional[torch.Tensor] = None,  # noqa: UP045
 ) -> torch.Tensor:
     scale = float(scale)
     B, T, H, F = q.shape
@@ -478,13 +521,13 @@ def _attention_transposed_op(
     # the keys-major backward kernel with do = v: its dv is the transposed product
     _attention_bwd_dkdv[_grid(T, B, H, "BLOCK_N")](
         q, k, v, v, slopes, lse, lse, q, o_t, T, H, F, G, scale, **_band_args(lo, hi, hole),
-        HAS_BIAS=has_bias, DV_ONLY=True, **blocks,
+        **row_args(rows_lo, rows_hi, B, T, lse), HAS_BIAS=has_bias, DV_ONLY=True, **blocks,
     )
     return o_t.to(out_dtype)
 
 
 @_attention_transposed_op.register_fake
-def _(q, k, v, scale, lo, hi, hole, lse, slopes):
+def _(q, k, v, scale, lo, hi, hole, lse, slopes, rows_lo=None, rows_hi=None):
     return v.new_empty(v.shape)
 
 

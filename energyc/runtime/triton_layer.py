@@ -38,6 +38,9 @@ import torch
 import triton
 import triton.language as tl
 
+from energyc.context import Context
+from energyc.runtime.rows import resolve
+
 # kernels made while TRITON_INTERPRET=1 run on the CPU in Triton's interpreter
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -101,6 +104,90 @@ def query_range(pid, T, LO: tl.constexpr, HI: tl.constexpr, BLOCK_I: tl.constexp
     return lo, hi
 
 
+# The context set from the call's data (``energyc.runtime.rows.Rows``): query i of batch row b
+# reads the keys lo_b(i) <= j <= hi_b(i), less the hole i - HOLE; lo_b and hi_b are (B or 1, T)
+# int64 rows, non-decreasing in i, which a kernel given them (the constexpr ROWS) reads from
+# LO_ROW, HI_ROW: its batch row's start (row stride 0 when one row serves the batch). Without
+# ROWS each helper below is the band's, above, and compiles to exactly its code.
+
+
+@triton.jit
+def row_bounds(LO_ROW, HI_ROW, offs_i, valid_i, ROWS: tl.constexpr):
+    """(lo_b(i), hi_b(i)) of the queries offs_i under ROWS (queries not ``valid_i`` read an empty
+    interval); without ROWS nothing is read (zeros)."""
+    if ROWS:
+        lo = tl.load(LO_ROW + offs_i, mask=valid_i, other=1)
+        hi = tl.load(HI_ROW + offs_i, mask=valid_i, other=0)
+    else:
+        lo = offs_i * 0
+        hi = lo
+    return lo, hi
+
+
+@triton.jit
+def in_row_context(offs_i, offs_j, lo_i, hi_i, LO: tl.constexpr, HI: tl.constexpr,
+                   HOLE: tl.constexpr, ROWS: tl.constexpr):
+    """(I, J) booleans: key offs_j[c] is in the context set of query offs_i[r]: under ROWS
+    lo_i[r] <= offs_j[c] <= hi_i[r] (``row_bounds``) and offs_i[r] - offs_j[c] != HOLE, else
+    ``in_context`` of the band."""
+    if ROWS:
+        j = offs_j[None, :]
+        inside = (j >= lo_i[:, None]) & (j <= hi_i[:, None])
+        if HOLE is not None:
+            inside = inside & (offs_i[:, None] - j != HOLE)
+    else:
+        inside = in_context(offs_i, offs_j, LO, HI, HOLE)
+    return inside
+
+
+@triton.jit
+def first_at_least(ROW, n, x):
+    """The first k in [0, n) with ROW[k] >= x (n when there is none), for a non-decreasing
+    ROW: a binary search, about log2(n) + 1 scalar loads."""
+    lo = tl.full([], 0, tl.int64)
+    hi = lo + n
+    while lo < hi:
+        mid = (lo + hi) // 2
+        below = tl.load(ROW + mid) < x
+        lo = tl.where(below, mid + 1, lo)
+        hi = tl.where(below, hi, mid)
+    return lo
+
+
+@triton.jit
+def row_key_range(pid, T, LO_ROW, HI_ROW, LO: tl.constexpr, HI: tl.constexpr,
+                  BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, ROWS: tl.constexpr):
+    """[lo, hi): the keys that the queries [i0, i1) = [pid BLOCK_I, (pid + 1) BLOCK_I) of one
+    batch row reach: under ROWS [lo_b(i0), hi_b(i1 - 1) + 1) (lo_b and hi_b never decrease;
+    empty, hi <= lo, when no query of the block has a key), lo rounded down to a multiple of
+    BLOCK_J; else ``key_range`` of the band."""
+    if ROWS:
+        i0 = pid * BLOCK_I
+        i1 = tl.minimum(i0 + BLOCK_I, T)
+        lo = tl.load(LO_ROW + i0) // BLOCK_J * BLOCK_J
+        hi = tl.load(HI_ROW + i1 - 1) + 1
+    else:
+        lo, hi = key_range(pid, T, LO, HI, BLOCK_I, BLOCK_J)
+    return lo, hi
+
+
+@triton.jit
+def row_query_range(pid, T, LO_ROW, HI_ROW, LO: tl.constexpr, HI: tl.constexpr,
+                    BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, ROWS: tl.constexpr):
+    """[lo, hi): the queries of one batch row whose sets reach a key of [j0, j1) =
+    [pid BLOCK_J, (pid + 1) BLOCK_J): under ROWS from the first i with hi_b(i) >= j0 to the
+    last with lo_b(i) <= j1 - 1 (two binary searches on the monotone rows), lo rounded down to
+    a multiple of BLOCK_I; else ``query_range`` of the band."""
+    if ROWS:
+        j0 = pid * BLOCK_J
+        j1 = tl.minimum(j0 + BLOCK_J, T)
+        lo = first_at_least(HI_ROW, T, j0) // BLOCK_I * BLOCK_I
+        hi = first_at_least(LO_ROW, T, j1)
+    else:
+        lo, hi = query_range(pid, T, LO, HI, BLOCK_I, BLOCK_J)
+    return lo, hi
+
+
 @triton.jit
 def tile_dot(a, b, ACC: tl.constexpr, UPCAST: tl.constexpr):
     """a @ b accumulated in ACC. float32 operands multiply in full precision ("ieee", as torch's
@@ -122,6 +209,31 @@ def operand(x, like, UPCAST: tl.constexpr):
         bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
         return bits.to(tl.float32, bitcast=True)
     return x.to(like.dtype)
+
+
+def context_args(kind, T: int, device) -> tuple[tuple, torch.Tensor | None, torch.Tensor | None]:
+    """What a launch passes for the context set ``kind`` (a ``Context`` or its spelling) on T
+    tokens in the current call (``energyc.runtime.rows.resolve``): ``((LO, HI, HOLE), None,
+    None)``, the band, when the call has no data for it; else ``((None, None, HOLE), lo, hi)``
+    with the call's per-row key intervals (``Rows``: int64, (B or 1, T)), which bound the keys
+    in place of the band."""
+    found = resolve(kind, T, device)
+    if isinstance(found, Context):
+        return found.band, None, None
+    return (None, None, found.hole), found.lo, found.hi
+
+
+def row_args(lo: torch.Tensor | None, hi: torch.Tensor | None, B: int, T: int,
+             like: torch.Tensor) -> dict:
+    """The kernels' ``ROWS_LO``, ``ROWS_HI`` (``like`` stands in, unread, without rows),
+    ``s_rows`` (the row stride: 0 where one row serves the B rows of the batch) and ``ROWS``."""
+    if lo is None:
+        return {"ROWS_LO": like, "ROWS_HI": like, "s_rows": 0, "ROWS": False}
+    if lo.shape[0] not in (1, B) or lo.shape[-1] != T:
+        raise ValueError(f"the context set's rows have shape {tuple(lo.shape)}, the launch "
+                         f"{B} rows of {T} tokens")
+    lo, hi = lo.to(torch.int64).contiguous(), hi.to(torch.int64).contiguous()
+    return {"ROWS_LO": lo, "ROWS_HI": hi, "s_rows": T if lo.shape[0] > 1 else 0, "ROWS": True}
 
 
 def _acc(dtype: torch.dtype):
