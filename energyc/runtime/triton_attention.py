@@ -7,7 +7,8 @@ every generated package whose energy has one.
 
 with the scale s; the bias term only when slopes (H,) are given (HAS_BIAS).
 Forward: one program per (batch x head, block of BLOCK_M queries); an online log-sum-exp over
-blocks of BLOCK_N keys, fp32 accumulation; no (tokens x tokens) tensor is formed.
+blocks of BLOCK_N keys, accumulated in ACC (fp32; fp64 for float64 operands, as every kernel
+of the Triton path); no (tokens x tokens) tensor is formed.
 Backward: P is recomputed from the saved lse; with delta_i = sum_g do_ig o_ig,
     dS_ij = P_ij (do_i . v_j - delta_i),  dv_j = sum_i P_ij do_i,
     dk_j = s sum_i dS_ij q_i,             dq_i = s sum_j dS_ij k_j,
@@ -45,6 +46,7 @@ from energyc.context import Context
 from energyc.runtime.kernels import implements
 from energyc.runtime.triton_layer import (
     INTERPRETED,
+    _acc,
     context_args,
     in_row_context,
     operand,
@@ -82,16 +84,16 @@ def _tiles():
 
 
 @triton.jit
-def _dot(a, b, UPCAST: tl.constexpr):
-    """a @ b with fp32 accumulation (``tile_dot`` of the generated kernels, in fp32)."""
-    return tile_dot(a, b, tl.float32, UPCAST)
+def _dot(a, b, ACC: tl.constexpr, UPCAST: tl.constexpr):
+    """a @ b accumulated in ACC (``tile_dot`` of the generated kernels)."""
+    return tile_dot(a, b, ACC, UPCAST)
 
 
 @triton.jit
-def _slope(SLOPES, h, HAS_BIAS: tl.constexpr):
+def _slope(SLOPES, h, ACC: tl.constexpr, HAS_BIAS: tl.constexpr):
     """The bias slope of head h (0 without a bias)."""
     if HAS_BIAS:
-        return tl.load(SLOPES + h).to(tl.float32)
+        return tl.load(SLOPES + h).to(ACC)
     return 0.0
 
 
@@ -99,7 +101,7 @@ def _slope(SLOPES, h, HAS_BIAS: tl.constexpr):
 def _scores(qk, scale, slope, offs_m, offs_n, HAS_BIAS: tl.constexpr):
     """(M, N) scores from the unscaled dots qk: scale * qk, plus slope * (i - j) with HAS_BIAS."""
     if HAS_BIAS:
-        return qk * scale + slope * (offs_m[:, None] - offs_n[None, :]).to(tl.float32)
+        return qk * scale + slope * (offs_m[:, None] - offs_n[None, :]).to(qk.dtype)
     return qk * scale
 
 
@@ -107,15 +109,15 @@ def _scores(qk, scale, slope, offs_m, offs_n, HAS_BIAS: tl.constexpr):
 @triton.jit
 def _attention_fwd(
     Q, K, V,  # (B, T, H, F), (B, T, H, F), (B, T, H, G): any strides
-    SLOPES,  # (H,) fp32: the bias slopes (read when HAS_BIAS)
+    SLOPES,  # (H,) ACC: the bias slopes (read when HAS_BIAS)
     OUT,  # (B, T, H, G) output: o
-    LSE,  # (B, H, T) fp32 output: log-sum-exp of the scores
+    LSE,  # (B, H, T) ACC output: log-sum-exp of the scores
     sq_b, sq_t, sq_h, sk_b, sk_t, sk_h, sv_b, sv_t, sv_h, so_b, so_t, so_h,
     T, H, F, G, scale,
     ROWS_LO, ROWS_HI, s_rows,  # the call's key bounds lo_b(i), hi_b(i) (read under ROWS)
     LO: tl.constexpr, HI: tl.constexpr, HOLE: tl.constexpr,  # the context set's band
     ROWS: tl.constexpr,  # the set's keys are the call's rows (LO, HI None), not the band
-    UPCAST: tl.constexpr, HAS_BIAS: tl.constexpr,
+    ACC: tl.constexpr, UPCAST: tl.constexpr, HAS_BIAS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_G: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -128,10 +130,10 @@ def _attention_fwd(
     mask_m = offs_m < T
     q = tl.load(Q + b * sq_b + h * sq_h + offs_m[:, None] * sq_t + offs_f[None, :],
                 mask=mask_m[:, None] & (offs_f[None, :] < F), other=0.0)
-    slope = _slope(SLOPES, h, HAS_BIAS)
-    m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    acc = tl.zeros((BLOCK_M, BLOCK_G), dtype=tl.float32)
+    slope = _slope(SLOPES, h, ACC, HAS_BIAS)
+    m_i = tl.full((BLOCK_M,), float("-inf"), dtype=ACC)
+    l_i = tl.zeros((BLOCK_M,), dtype=ACC)
+    acc = tl.zeros((BLOCK_M, BLOCK_G), dtype=ACC)
     LO_ROW = ROWS_LO + b * s_rows
     HI_ROW = ROWS_HI + b * s_rows
     lo_m, hi_m = row_bounds(LO_ROW, HI_ROW, offs_m, mask_m, ROWS)
@@ -143,7 +145,7 @@ def _attention_fwd(
                     mask=mask_n[:, None] & (offs_f[None, :] < F), other=0.0)
         v = tl.load(V + b * sv_b + h * sv_h + offs_n[:, None] * sv_t + offs_g[None, :],
                     mask=mask_n[:, None] & (offs_g[None, :] < G), other=0.0)
-        s = _scores(_dot(q, tl.trans(k), UPCAST), scale, slope, offs_m, offs_n, HAS_BIAS)
+        s = _scores(_dot(q, tl.trans(k), ACC, UPCAST), scale, slope, offs_m, offs_n, HAS_BIAS)
         valid = mask_n[None, :] & mask_m[:, None] & in_row_context(offs_m, offs_n, lo_m, hi_m, LO,
                                                                    HI, HOLE, ROWS)
         s = tl.where(valid, s, float("-inf"))
@@ -152,7 +154,7 @@ def _attention_fwd(
         p = tl.exp(s - m_safe[:, None])
         alpha = tl.exp(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + _dot(operand(p, v, UPCAST), v, UPCAST)
+        acc = acc * alpha[:, None] + _dot(operand(p, v, UPCAST), v, ACC, UPCAST)
         m_i = m_new
     l_safe = tl.where(l_i > 0, l_i, 1.0)
     o = acc / l_safe[:, None]
@@ -165,9 +167,9 @@ def _attention_fwd(
 @triton.jit
 def _attention_bwd_preprocess(
     OUT, DO,  # (B, T, H, G) contiguous: o and its upstream gradient
-    DELTA,  # (B, H, T) fp32 output: sum_g do * o
+    DELTA,  # (B, H, T) ACC output: sum_g do * o
     T, H, G,
-    BLOCK_M: tl.constexpr, BLOCK_G: tl.constexpr,
+    ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_G: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -177,8 +179,8 @@ def _attention_bwd_preprocess(
     offs_g = tl.arange(0, BLOCK_G)
     mask = (offs_m[:, None] < T) & (offs_g[None, :] < G)
     ptr = (b * T * H + offs_m[:, None] * H + h) * G + offs_g[None, :]
-    o = tl.load(OUT + ptr, mask=mask, other=0.0).to(tl.float32)
-    do = tl.load(DO + ptr, mask=mask, other=0.0).to(tl.float32)
+    o = tl.load(OUT + ptr, mask=mask, other=0.0).to(ACC)
+    do = tl.load(DO + ptr, mask=mask, other=0.0).to(ACC)
     tl.store(DELTA + pid_bh * T + offs_m, tl.sum(o * do, 1), mask=offs_m < T)
 
 
@@ -186,14 +188,14 @@ def _attention_bwd_preprocess(
 @triton.jit
 def _attention_bwd_dkdv(
     Q, K, V, DO,  # (B, T, H, F|G) contiguous; DO indexed by query (v itself with DV_ONLY)
-    SLOPES,  # (H,) fp32: the bias slopes (read when HAS_BIAS)
-    LSE, DELTA,  # (B, H, T) fp32 (DELTA unread with DV_ONLY)
+    SLOPES,  # (H,) ACC: the bias slopes (read when HAS_BIAS)
+    LSE, DELTA,  # (B, H, T) ACC (DELTA unread with DV_ONLY)
     DK, DV,  # (B, T, H, F|G) outputs (DK unwritten with DV_ONLY)
     T, H, F, G, scale,
     ROWS_LO, ROWS_HI, s_rows,  # the call's key bounds lo_b(i), hi_b(i) (read under ROWS)
     LO: tl.constexpr, HI: tl.constexpr, HOLE: tl.constexpr,  # the context set's band
     ROWS: tl.constexpr,  # the set's keys are the call's rows (LO, HI None), not the band
-    UPCAST: tl.constexpr, HAS_BIAS: tl.constexpr,
+    ACC: tl.constexpr, UPCAST: tl.constexpr, HAS_BIAS: tl.constexpr,
     DV_ONLY: tl.constexpr,  # the transposed product sum_i P_ij do_i alone: no dp, dS, dk
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_G: tl.constexpr,
 ):
@@ -211,9 +213,9 @@ def _attention_bwd_dkdv(
     if not DV_ONLY:
         v = tl.load(V + row_n * G + offs_g[None, :], mask=mask_n[:, None] & (offs_g[None, :] < G),
                     other=0.0)
-    slope = _slope(SLOPES, h, HAS_BIAS)
-    dk = tl.zeros((BLOCK_N, BLOCK_F), dtype=tl.float32)
-    dv = tl.zeros((BLOCK_N, BLOCK_G), dtype=tl.float32)
+    slope = _slope(SLOPES, h, ACC, HAS_BIAS)
+    dk = tl.zeros((BLOCK_N, BLOCK_F), dtype=ACC)
+    dv = tl.zeros((BLOCK_N, BLOCK_G), dtype=ACC)
     LO_ROW = ROWS_LO + b * s_rows
     HI_ROW = ROWS_HI + b * s_rows
     # the queries that see a key here
@@ -227,17 +229,18 @@ def _attention_bwd_dkdv(
         do = tl.load(DO + row_m * G + offs_g[None, :],
                      mask=mask_m[:, None] & (offs_g[None, :] < G), other=0.0)
         lse = tl.load(LSE + pid_bh * T + offs_m, mask=mask_m, other=0.0)
-        s = _scores(_dot(q, tl.trans(k), UPCAST), scale, slope, offs_m, offs_n, HAS_BIAS)  # (M, N)
+        s = _scores(_dot(q, tl.trans(k), ACC, UPCAST), scale, slope, offs_m, offs_n,
+                    HAS_BIAS)  # (M, N)
         lo_m, hi_m = row_bounds(LO_ROW, HI_ROW, offs_m, mask_m, ROWS)
         valid = mask_m[:, None] & mask_n[None, :] & in_row_context(offs_m, offs_n, lo_m, hi_m, LO,
                                                                    HI, HOLE, ROWS)
         p = tl.where(valid, tl.exp(s - lse[:, None]), 0.0)
-        dv += _dot(operand(tl.trans(p), do, UPCAST), do, UPCAST)
+        dv += _dot(operand(tl.trans(p), do, UPCAST), do, ACC, UPCAST)
         if not DV_ONLY:
             delta = tl.load(DELTA + pid_bh * T + offs_m, mask=mask_m, other=0.0)
-            dp = _dot(do, tl.trans(v), UPCAST)
+            dp = _dot(do, tl.trans(v), ACC, UPCAST)
             ds = p * (dp - delta[:, None])
-            dk += _dot(operand(tl.trans(ds), q, UPCAST), q, UPCAST)
+            dk += _dot(operand(tl.trans(ds), q, UPCAST), q, ACC, UPCAST)
     if not DV_ONLY:
         tl.store(DK + row_n * F + offs_f[None, :], (dk * scale).to(DK.dtype.element_ty),
                  mask=mask_n[:, None] & (offs_f[None, :] < F))
@@ -249,16 +252,16 @@ def _attention_bwd_dkdv(
 @triton.jit
 def _attention_bwd_dq(
     Q, K, V, DO,  # (B, T, H, F|G) contiguous
-    SLOPES,  # (H,) fp32: the bias slopes (read when HAS_BIAS)
-    LSE, DELTA,  # (B, H, T) fp32
+    SLOPES,  # (H,) ACC: the bias slopes (read when HAS_BIAS)
+    LSE, DELTA,  # (B, H, T) ACC
     DQ,  # (B, T, H, F) output
-    DSCALE,  # (B, H, T) fp32 output with NEED_DSCALE: sum_j dS_ij (q_i . k_j)
-    DSLOPES,  # (B, H, T) fp32 output with HAS_BIAS: sum_j dS_ij (i - j)
+    DSCALE,  # (B, H, T) ACC output with NEED_DSCALE: sum_j dS_ij (q_i . k_j)
+    DSLOPES,  # (B, H, T) ACC output with HAS_BIAS: sum_j dS_ij (i - j)
     T, H, F, G, scale,
     ROWS_LO, ROWS_HI, s_rows,  # the call's key bounds lo_b(i), hi_b(i) (read under ROWS)
     LO: tl.constexpr, HI: tl.constexpr, HOLE: tl.constexpr,  # the context set's band
     ROWS: tl.constexpr,  # the set's keys are the call's rows (LO, HI None), not the band
-    UPCAST: tl.constexpr, HAS_BIAS: tl.constexpr,
+    ACC: tl.constexpr, UPCAST: tl.constexpr, HAS_BIAS: tl.constexpr,
     NEED_DSCALE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_G: tl.constexpr,
 ):
@@ -277,10 +280,10 @@ def _attention_bwd_dq(
                  other=0.0)
     lse = tl.load(LSE + pid_bh * T + offs_m, mask=mask_m, other=0.0)
     delta = tl.load(DELTA + pid_bh * T + offs_m, mask=mask_m, other=0.0)
-    slope = _slope(SLOPES, h, HAS_BIAS)
-    dq = tl.zeros((BLOCK_M, BLOCK_F), dtype=tl.float32)
-    dscale = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    dslope = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    slope = _slope(SLOPES, h, ACC, HAS_BIAS)
+    dq = tl.zeros((BLOCK_M, BLOCK_F), dtype=ACC)
+    dscale = tl.zeros((BLOCK_M,), dtype=ACC)
+    dslope = tl.zeros((BLOCK_M,), dtype=ACC)
     LO_ROW = ROWS_LO + b * s_rows
     HI_ROW = ROWS_HI + b * s_rows
     lo_m, hi_m = row_bounds(LO_ROW, HI_ROW, offs_m, mask_m, ROWS)
@@ -293,18 +296,18 @@ def _attention_bwd_dq(
                     other=0.0)
         v = tl.load(V + row_n * G + offs_g[None, :], mask=mask_n[:, None] & (offs_g[None, :] < G),
                     other=0.0)
-        qk = _dot(q, tl.trans(k), UPCAST)
+        qk = _dot(q, tl.trans(k), ACC, UPCAST)
         s = _scores(qk, scale, slope, offs_m, offs_n, HAS_BIAS)
         valid = mask_m[:, None] & mask_n[None, :] & in_row_context(offs_m, offs_n, lo_m, hi_m, LO,
                                                                    HI, HOLE, ROWS)
         p = tl.where(valid, tl.exp(s - lse[:, None]), 0.0)
-        dp = _dot(do, tl.trans(v), UPCAST)
+        dp = _dot(do, tl.trans(v), ACC, UPCAST)
         ds = p * (dp - delta[:, None])
-        dq += _dot(operand(ds, k, UPCAST), k, UPCAST)
+        dq += _dot(operand(ds, k, UPCAST), k, ACC, UPCAST)
         if NEED_DSCALE:
             dscale += tl.sum(ds * qk, 1)
         if HAS_BIAS:
-            dslope += tl.sum(ds * (offs_m[:, None] - offs_n[None, :]).to(tl.float32), 1)
+            dslope += tl.sum(ds * (offs_m[:, None] - offs_n[None, :]).to(ACC), 1)
     tl.store(DQ + row_m * F + offs_f[None, :], (dq * scale).to(DQ.dtype.element_ty),
              mask=mask_m[:, None] & (offs_f[None, :] < F))
     if NEED_DSCALE:
@@ -313,12 +316,19 @@ def _attention_bwd_dq(
         tl.store(DSLOPES + pid_bh * T + offs_m, dslope, mask=mask_m)
 
 
+def _stat_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of the kernels' arithmetic and saved statistics (lse, delta, dscale, dslopes)
+    for operands of ``dtype``: float32, float64 for float64."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def _blocks(F: int, G: int, dtype: torch.dtype) -> dict:
-    """The constexprs of a launch besides the tiles: whole feature rows per tile, and UPCAST.
+    """The constexprs of a launch besides the tiles: whole feature rows per tile, ACC, and UPCAST.
     Triton's CPU interpreter multiplies the raw bits of bfloat16 operands in tl.dot; bf16 x bf16
     products are exact in fp32, so upcasting the operands there computes what a bf16 dot with
     fp32 accumulation computes on a GPU."""
     return {
+        "ACC": _acc(dtype),
         "UPCAST": INTERPRETED and dtype == torch.bfloat16,
         "BLOCK_F": max(16, triton.next_power_of_2(F)),
         "BLOCK_G": max(16, triton.next_power_of_2(G)),
@@ -354,7 +364,7 @@ def attention_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                        lse: torch.Tensor, g: torch.Tensor, slopes: torch.Tensor | None = None,
                        need_dscale: bool = False, probs: None = None) -> tuple:
     """dq, dk, dv, dscale, dslopes of ``attention_forward`` for the upstream gradient g
-    (B, T, H, G); dscale (0-d, fp32) only when ``need_dscale``, dslopes ((H,), fp32) only when
+    (B, T, H, G); dscale (0-d) only when ``need_dscale``, dslopes (H,) only when
     ``slopes`` is given, else None. ``probs`` is None here (``attention_forward`` keeps none)."""
     band, rows_lo, rows_hi = context_args(kind, q.shape[1], q.device)
     dq, dk, dv, dscale, dslopes = _attention_backward_op(
@@ -382,10 +392,11 @@ def _band_args(lo: int | None, hi: int | None, hole: int | None) -> dict:
 
 
 def _slopes_arg(slopes: torch.Tensor | None, like: torch.Tensor) -> tuple[torch.Tensor, bool]:
-    """The slopes as the kernels' fp32 (H,) pointer, and HAS_BIAS; ``like`` stands in unread."""
+    """The slopes as the kernels' (H,) pointer in ``like``'s dtype (the statistics'), and
+    HAS_BIAS; ``like`` stands in unread without slopes."""
     if slopes is None:
         return like, False
-    return slopes.to(torch.float32).contiguous(), True
+    return slopes.to(like.dtype).contiguous(), True
 
 
 def _alike(*tensors: torch.Tensor) -> list[torch.Tensor]:
@@ -420,7 +431,7 @@ def _attention_forward_op(
     out_dtype = v.dtype
     q, k, v = _alike(q, k, v)
     o = torch.empty(B, T, H, G, dtype=storage(q.dtype), device=q.device)
-    lse = torch.empty(B, H, T, dtype=torch.float32, device=q.device)
+    lse = torch.empty(B, H, T, dtype=_stat_dtype(q.dtype), device=q.device)
     slopes, has_bias = _slopes_arg(slopes, lse)
     blocks = _blocks(F, G, q.dtype)
     _attention_fwd[_grid(T, B, H, "BLOCK_M")](
@@ -430,14 +441,15 @@ def _attention_forward_op(
         T, H, F, G, scale, **row_args(rows_lo, rows_hi, B, T, lse), **_band_args(lo, hi, hole),
         HAS_BIAS=has_bias, **blocks,
     )
-    # lse stays fp32: rounding it to half precision would cost the backward accuracy
+    # lse stays fp32 (fp64): rounding it to half precision would cost the backward accuracy
     return o.to(out_dtype), lse.transpose(1, 2).contiguous()
 
 
 @_attention_forward_op.register_fake
 def _(q, k, v, scale, lo, hi, hole, slopes, rows_lo=None, rows_hi=None):
     B, T, H, _ = q.shape
-    return v.new_empty(B, T, H, v.shape[-1]), q.new_empty(B, T, H, dtype=torch.float32)
+    stat = _stat_dtype(torch.promote_types(torch.promote_types(q.dtype, k.dtype), v.dtype))
+    return v.new_empty(B, T, H, v.shape[-1]), q.new_empty(B, T, H, dtype=stat)
 
 
 @torch.library.custom_op("energyc::triton_attention_backward", mutates_args=())
@@ -462,8 +474,8 @@ def _attention_backward_op(
     G = v.shape[-1]
     dtypes = (q.dtype, k.dtype, v.dtype)
     q, k, v, o, g = _alike(q, k, v, o, g)
-    lse = lse.transpose(1, 2).float().contiguous()
-    delta = torch.empty(B, H, T, dtype=torch.float32, device=q.device)
+    lse = lse.transpose(1, 2).to(_stat_dtype(q.dtype)).contiguous()
+    delta = torch.empty_like(lse)
     dq, dk, dv = (torch.empty_like(t, dtype=storage(t.dtype)) for t in (q, k, v))
     slopes, has_bias = _slopes_arg(slopes, delta)
     # per-query partial sums of dscale and dslopes, added up below (no atomics)
@@ -472,7 +484,8 @@ def _attention_backward_op(
     blocks = _blocks(F, G, q.dtype)
     masks = {**_band_args(lo, hi, hole), **row_args(rows_lo, rows_hi, B, T, delta)}
     _attention_bwd_preprocess[(triton.cdiv(T, INTERPRETER_TILE[0]), B * H)](
-        o, g, delta, T, H, G, BLOCK_M=INTERPRETER_TILE[0], BLOCK_G=blocks["BLOCK_G"],
+        o, g, delta, T, H, G, ACC=blocks["ACC"], BLOCK_M=INTERPRETER_TILE[0],
+        BLOCK_G=blocks["BLOCK_G"],
     )
     _attention_bwd_dkdv[_grid(T, B, H, "BLOCK_N")](
         q, k, v, g, slopes, lse, delta, dk, dv, T, H, F, G, scale, **masks,
@@ -490,8 +503,9 @@ def _attention_backward_op(
 @_attention_backward_op.register_fake
 def _(q, k, v, scale, lo, hi, hole, o, lse, g, slopes, need_dscale, rows_lo=None, rows_hi=None):
     H = q.shape[2]
-    dscale = q.new_empty(() if need_dscale else (0,), dtype=torch.float32)
-    dslopes = q.new_empty((H,) if slopes is not None else (0,), dtype=torch.float32)
+    stat = _stat_dtype(torch.promote_types(torch.promote_types(q.dtype, k.dtype), v.dtype))
+    dscale = q.new_empty(() if need_dscale else (0,), dtype=stat)
+    dslopes = q.new_empty((H,) if slopes is not None else (0,), dtype=stat)
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), dscale, dslopes
 
 
@@ -514,7 +528,7 @@ def _attention_transposed_op(
     G = v.shape[-1]
     out_dtype = v.dtype
     q, k, v = _alike(q, k, v)
-    lse = lse.transpose(1, 2).float().contiguous()
+    lse = lse.transpose(1, 2).to(_stat_dtype(q.dtype)).contiguous()
     o_t = torch.empty_like(v, dtype=storage(v.dtype))
     slopes, has_bias = _slopes_arg(slopes, lse)
     blocks = _blocks(F, G, q.dtype)
