@@ -83,8 +83,9 @@ def _layer(layer, module, backend, tokens, batch=1, seed=0, precond="dplr", step
         pytest.importorskip("triton")
         if not os.environ.get("TRITON_INTERPRET"):
             pytest.skip("the Triton path runs on CPU under TRITON_INTERPRET=1")
+    hypers = {h.name: 0.7 for h in layer.hypers if h.name == "beta"}  # doc_running has none
     case = Case(dims={"D": 4, "H": 2, "K": 3}, batch=batch, tokens=tokens, seed=seed, scale=0.8,
-                hypers={"beta": 0.7}, eta=0.5, steps=steps, precond=precond, context=context)
+                hypers=hypers, eta=0.5, steps=steps, precond=precond, context=context)
     lay, x = build(layer, module, case)
     lay.config = (*lay.config[:4], backend)
     preload(backend, module.__name__)  # the Triton path is imported where a layer is built on it
