@@ -24,7 +24,9 @@ implementations giving their output shapes, instead of tracing Triton. Kernels c
 
 Also here, shared with the flash kernels of ``energyc.runtime.triton_attention`` and the
 generated pair kernels: the context set as the kernels read it (``in_context``, ``key_range``,
-``query_range``: the band of ``energyc.context.Context`` as the constexprs LO, HI, HOLE), the tile
+``query_range``: the band of ``energyc.context.Context`` as the constexprs LO, HI, HOLE; and
+``row_bounds``, ``in_row_context``, ``row_key_range``, ``row_query_range``: the same under the
+constexpr ROWS from the call's per-row key bounds, ``energyc.runtime.rows``), the tile
 product ``tile_dot`` and the rounding of a weight tile to a dot operand (``operand``); and the
 interpreter helpers.
 """
@@ -33,6 +35,7 @@ import math
 import os
 import sys
 from collections.abc import Callable, Sequence
+from typing import Optional
 
 import torch
 import triton
@@ -274,10 +277,14 @@ def _reduction_op(
     pre: list[torch.Tensor],
     epi: list[torch.Tensor],
     dims: list[int],
+    masked: bool = False,
+    rows_lo: Optional[torch.Tensor] = None,  # noqa: UP045 (the form of torch.library's docs)
+    rows_hi: Optional[torch.Tensor] = None,  # noqa: UP045
 ) -> torch.Tensor:
     """Launch reduction ``kernel`` of ``module``: the prologue args ``pre`` broadcast to ``shape``,
     reduced over ``red_dims``; the epilogue args ``epi`` broadcast to the output (``out_dims`` of
-    ``shape``). A context set is printed into the kernel."""
+    ``shape``). A context set's band is printed into the kernel; a ``masked`` kernel also takes
+    the call's rows of key bounds (``rows_lo``, ``rows_hi``; None: the call has no data for it)."""
     fn = getattr(sys.modules[module], kernel)
     out_shape = tuple(shape[d] for d in out_dims)
     red_shape = tuple(shape[d] for d in red_dims)
@@ -287,15 +294,21 @@ def _reduction_op(
     epi_views = [a.expand(out_shape) for a in epi]
     strides = [s for v in pre_views + epi_views for s in v.stride()]
     n_out, n_red = math.prod(out_shape), math.prod(red_shape)
+    rows = {}
+    if masked:  # the batch rows: any count the rows serve (one, or the batch's)
+        n = 1 if rows_lo is None else rows_lo.shape[0]
+        rows = row_args(rows_lo, rows_hi, n, red_shape[-1] if rows_lo is None else
+                        rows_lo.shape[-1], out)
     fn[(triton.cdiv(n_out, BLOCK_O),)](
         out, *pre_views, *epi_views, n_out, n_red, *out_shape, *red_shape, *strides,
-        *map(float, dims), ACC=_acc(dtype), BLOCK_O=BLOCK_O, BLOCK_R=BLOCK_R,
+        *map(float, dims), **rows, ACC=_acc(dtype), BLOCK_O=BLOCK_O, BLOCK_R=BLOCK_R,
     )
     return out.to(dtype)
 
 
 @_reduction_op.register_fake
-def _(module, kernel, shape, out_dims, red_dims, pre, epi, dims):
+def _(module, kernel, shape, out_dims, red_dims, pre, epi, dims, masked=False, rows_lo=None,
+      rows_hi=None):
     return pre[0].new_empty([shape[d] for d in out_dims])
 
 
@@ -307,7 +320,8 @@ def launchers(module: str) -> tuple[Callable[..., torch.Tensor], Callable[..., t
 
     Returns:
         ``pointwise(kernel, shape, args, dims)`` and ``reduction(kernel, shape, out_dims,
-        red_dims, pre, epi, dims)``, as the module's step functions call them.
+        red_dims, pre, epi, dims[, mask=, T=])``, as the module's step functions call them (a
+        reduction over a context set names it, and its T tokens, to read the call's rows).
     """
 
     def pointwise(
@@ -323,8 +337,13 @@ def launchers(module: str) -> tuple[Callable[..., torch.Tensor], Callable[..., t
         pre: Sequence[torch.Tensor],
         epi: Sequence[torch.Tensor],
         dims: Sequence[int],
+        mask: Context | tuple | None = None,
+        T: int | None = None,
     ) -> torch.Tensor:
+        rows_lo = rows_hi = None
+        if mask is not None:
+            _, rows_lo, rows_hi = context_args(mask, T, pre[0].device)
         return _reduction_op(module, kernel, list(shape), list(out_dims), list(red_dims),
-                             list(pre), list(epi), list(dims))
+                             list(pre), list(epi), list(dims), mask is not None, rows_lo, rows_hi)
 
     return pointwise, reduction
