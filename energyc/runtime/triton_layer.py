@@ -229,14 +229,16 @@ def context_args(kind, T: int, device) -> tuple[tuple, torch.Tensor | None, torc
 def row_args(lo: torch.Tensor | None, hi: torch.Tensor | None, B: int, T: int,
              like: torch.Tensor) -> dict:
     """The kernels' ``ROWS_LO``, ``ROWS_HI`` (``like`` stands in, unread, without rows),
-    ``s_rows`` (the row stride: 0 where one row serves the B rows of the batch) and ``ROWS``."""
+    ``s_rows`` (the row stride: 0 where one row serves the B rows of the batch) and ``ROWS``;
+    lo and hi are given as one row each or one per batch row, made alike here."""
     if lo is None:
         return {"ROWS_LO": like, "ROWS_HI": like, "s_rows": 0, "ROWS": False}
-    if lo.shape[0] not in (1, B) or lo.shape[-1] != T:
-        raise ValueError(f"the context set's rows have shape {tuple(lo.shape)}, the launch "
-                         f"{B} rows of {T} tokens")
-    lo, hi = lo.to(torch.int64).contiguous(), hi.to(torch.int64).contiguous()
-    return {"ROWS_LO": lo, "ROWS_HI": hi, "s_rows": T if lo.shape[0] > 1 else 0, "ROWS": True}
+    n = max(lo.shape[0], hi.shape[0])  # lo may be shared where hi is per row (a prefix)
+    if n not in (1, B) or lo.shape[-1] != T or hi.shape[-1] != T:
+        raise ValueError(f"the context set's rows have shapes {tuple(lo.shape)}, "
+                         f"{tuple(hi.shape)}; the launch {B} rows of {T} tokens")
+    lo, hi = (t.to(torch.int64).expand(n, T).contiguous() for t in (lo, hi))
+    return {"ROWS_LO": lo, "ROWS_HI": hi, "s_rows": T if n > 1 else 0, "ROWS": True}
 
 
 def _acc(dtype: torch.dtype):
@@ -296,9 +298,8 @@ def _reduction_op(
     n_out, n_red = math.prod(out_shape), math.prod(red_shape)
     rows = {}
     if masked:  # the batch rows: any count the rows serve (one, or the batch's)
-        n = 1 if rows_lo is None else rows_lo.shape[0]
-        rows = row_args(rows_lo, rows_hi, n, red_shape[-1] if rows_lo is None else
-                        rows_lo.shape[-1], out)
+        n = 1 if rows_lo is None else max(rows_lo.shape[0], rows_hi.shape[0])
+        rows = row_args(rows_lo, rows_hi, n, 0 if rows_lo is None else rows_lo.shape[-1], out)
     fn[(triton.cdiv(n_out, BLOCK_O),)](
         out, *pre_views, *epi_views, n_out, n_red, *out_shape, *red_shape, *strides,
         *map(float, dims), **rows, ACC=_acc(dtype), BLOCK_O=BLOCK_O, BLOCK_R=BLOCK_R,
