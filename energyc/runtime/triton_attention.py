@@ -98,6 +98,15 @@ def _slope(SLOPES, h, ACC: tl.constexpr, HAS_BIAS: tl.constexpr):
 
 
 @triton.jit
+def _scale(scale, scale_lo, ACC: tl.constexpr):
+    """The scale in ACC: a Python float reaches a kernel in fp32, so in fp64 it comes as its fp32
+    rounding plus the rest (``_scale_args``; 48 bits of mantissa)."""
+    if ACC == tl.float64:
+        return tl.cast(scale, tl.float64) + tl.cast(scale_lo, tl.float64)
+    return scale
+
+
+@triton.jit
 def _scores(qk, scale, slope, offs_m, offs_n, HAS_BIAS: tl.constexpr):
     """(M, N) scores from the unscaled dots qk: scale * qk, plus slope * (i - j) with HAS_BIAS."""
     if HAS_BIAS:
@@ -113,7 +122,7 @@ def _attention_fwd(
     OUT,  # (B, T, H, G) output: o
     LSE,  # (B, H, T) ACC output: log-sum-exp of the scores
     sq_b, sq_t, sq_h, sk_b, sk_t, sk_h, sv_b, sv_t, sv_h, so_b, so_t, so_h,
-    T, H, F, G, scale,
+    T, H, F, G, scale, scale_lo,  # the scale: its fp32 rounding, and the rest (read in fp64)
     ROWS_LO, ROWS_HI, s_rows,  # the call's key bounds lo_b(i), hi_b(i) (read under ROWS)
     LO: tl.constexpr, HI: tl.constexpr, HOLE: tl.constexpr,  # the context set's band
     ROWS: tl.constexpr,  # the set's keys are the call's rows (LO, HI None), not the band
@@ -131,6 +140,7 @@ def _attention_fwd(
     q = tl.load(Q + b * sq_b + h * sq_h + offs_m[:, None] * sq_t + offs_f[None, :],
                 mask=mask_m[:, None] & (offs_f[None, :] < F), other=0.0)
     slope = _slope(SLOPES, h, ACC, HAS_BIAS)
+    scale = _scale(scale, scale_lo, ACC)
     m_i = tl.full((BLOCK_M,), float("-inf"), dtype=ACC)
     l_i = tl.zeros((BLOCK_M,), dtype=ACC)
     acc = tl.zeros((BLOCK_M, BLOCK_G), dtype=ACC)
@@ -191,7 +201,7 @@ def _attention_bwd_dkdv(
     SLOPES,  # (H,) ACC: the bias slopes (read when HAS_BIAS)
     LSE, DELTA,  # (B, H, T) ACC (DELTA unread with DV_ONLY)
     DK, DV,  # (B, T, H, F|G) outputs (DK unwritten with DV_ONLY)
-    T, H, F, G, scale,
+    T, H, F, G, scale, scale_lo,  # the scale: its fp32 rounding, and the rest (read in fp64)
     ROWS_LO, ROWS_HI, s_rows,  # the call's key bounds lo_b(i), hi_b(i) (read under ROWS)
     LO: tl.constexpr, HI: tl.constexpr, HOLE: tl.constexpr,  # the context set's band
     ROWS: tl.constexpr,  # the set's keys are the call's rows (LO, HI None), not the band
@@ -214,6 +224,7 @@ def _attention_bwd_dkdv(
         v = tl.load(V + row_n * G + offs_g[None, :], mask=mask_n[:, None] & (offs_g[None, :] < G),
                     other=0.0)
     slope = _slope(SLOPES, h, ACC, HAS_BIAS)
+    scale = _scale(scale, scale_lo, ACC)
     dk = tl.zeros((BLOCK_N, BLOCK_F), dtype=ACC)
     dv = tl.zeros((BLOCK_N, BLOCK_G), dtype=ACC)
     LO_ROW = ROWS_LO + b * s_rows
@@ -257,7 +268,7 @@ def _attention_bwd_dq(
     DQ,  # (B, T, H, F) output
     DSCALE,  # (B, H, T) ACC output with NEED_DSCALE: sum_j dS_ij (q_i . k_j)
     DSLOPES,  # (B, H, T) ACC output with HAS_BIAS: sum_j dS_ij (i - j)
-    T, H, F, G, scale,
+    T, H, F, G, scale, scale_lo,  # the scale: its fp32 rounding, and the rest (read in fp64)
     ROWS_LO, ROWS_HI, s_rows,  # the call's key bounds lo_b(i), hi_b(i) (read under ROWS)
     LO: tl.constexpr, HI: tl.constexpr, HOLE: tl.constexpr,  # the context set's band
     ROWS: tl.constexpr,  # the set's keys are the call's rows (LO, HI None), not the band
@@ -281,6 +292,7 @@ def _attention_bwd_dq(
     lse = tl.load(LSE + pid_bh * T + offs_m, mask=mask_m, other=0.0)
     delta = tl.load(DELTA + pid_bh * T + offs_m, mask=mask_m, other=0.0)
     slope = _slope(SLOPES, h, ACC, HAS_BIAS)
+    scale = _scale(scale, scale_lo, ACC)
     dq = tl.zeros((BLOCK_M, BLOCK_F), dtype=ACC)
     dscale = tl.zeros((BLOCK_M,), dtype=ACC)
     dslope = tl.zeros((BLOCK_M,), dtype=ACC)
@@ -354,7 +366,7 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         raise NotImplementedError("the Triton attention kernels take no offset: decoding runs on "
                                   "energyc.runtime.attention")
     band, rows_lo, rows_hi = context_args(kind, q.shape[1], q.device)
-    o, lse = _attention_forward_op(q, k, v, torch.as_tensor(scale), *band, slopes, rows_lo,
+    o, lse = _attention_forward_op(q, k, v, torch.as_tensor(scale, dtype=torch.float64), *band, slopes, rows_lo,
                                    rows_hi)
     return (o, lse, None) if keep_probs else (o, lse)
 
@@ -368,7 +380,7 @@ def attention_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     ``slopes`` is given, else None. ``probs`` is None here (``attention_forward`` keeps none)."""
     band, rows_lo, rows_hi = context_args(kind, q.shape[1], q.device)
     dq, dk, dv, dscale, dslopes = _attention_backward_op(
-        q, k, v, torch.as_tensor(scale), *band, o, lse, g, slopes, need_dscale, rows_lo, rows_hi
+        q, k, v, torch.as_tensor(scale, dtype=torch.float64), *band, o, lse, g, slopes, need_dscale, rows_lo, rows_hi
     )
     return (dq, dk, dv, dscale if need_dscale else None,
             dslopes if slopes is not None else None)
@@ -382,8 +394,16 @@ def attention_transposed(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     the saved log-sum-exp of ``attention_forward``; ``probs`` is None here (as there)."""
     band, rows_lo, rows_hi = context_args(kind, q.shape[1], q.device)
     return _attention_transposed_op(
-        q, k, v, torch.as_tensor(scale), *band, lse, slopes, rows_lo, rows_hi
+        q, k, v, torch.as_tensor(scale, dtype=torch.float64), *band, lse, slopes, rows_lo, rows_hi
     )
+
+
+def _scale_args(scale: torch.Tensor) -> tuple[float, float]:
+    """(scale, scale_lo): the scale's float32 rounding and the rest, which the kernels add in
+    fp64 for float64 operands (a Python float is an fp32 argument of a Triton kernel)."""
+    value = float(scale)
+    high = torch.tensor(value, dtype=torch.float32).item()
+    return high, value - high
 
 
 def _band_args(lo: int | None, hi: int | None, hole: int | None) -> dict:
@@ -425,7 +445,7 @@ def _attention_forward_op(
     rows_lo: Optional[torch.Tensor] = None,  # noqa: UP045
     rows_hi: Optional[torch.Tensor] = None,  # noqa: UP045
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    scale = float(scale)
+    scale, scale_lo = _scale_args(scale)
     B, T, H, F = q.shape
     G = v.shape[-1]
     out_dtype = v.dtype
@@ -438,7 +458,8 @@ def _attention_forward_op(
         q, k, v, slopes, o, lse,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(1), o.stride(2),
-        T, H, F, G, scale, **row_args(rows_lo, rows_hi, B, T, lse), **_band_args(lo, hi, hole),
+        T, H, F, G, scale, scale_lo, **row_args(rows_lo, rows_hi, B, T, lse),
+        **_band_args(lo, hi, hole),
         HAS_BIAS=has_bias, **blocks,
     )
     # lse stays fp32 (fp64): rounding it to half precision would cost the backward accuracy
@@ -469,7 +490,7 @@ def _attention_backward_op(
     rows_lo: Optional[torch.Tensor] = None,  # noqa: UP045
     rows_hi: Optional[torch.Tensor] = None,  # noqa: UP045
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    scale = float(scale)
+    scale, scale_lo = _scale_args(scale)
     B, T, H, F = q.shape
     G = v.shape[-1]
     dtypes = (q.dtype, k.dtype, v.dtype)
@@ -488,11 +509,12 @@ def _attention_backward_op(
         BLOCK_G=blocks["BLOCK_G"],
     )
     _attention_bwd_dkdv[_grid(T, B, H, "BLOCK_N")](
-        q, k, v, g, slopes, lse, delta, dk, dv, T, H, F, G, scale, **masks,
+        q, k, v, g, slopes, lse, delta, dk, dv, T, H, F, G, scale, scale_lo, **masks,
         HAS_BIAS=has_bias, DV_ONLY=False, **blocks,
     )
     _attention_bwd_dq[_grid(T, B, H, "BLOCK_M")](
-        q, k, v, g, slopes, lse, delta, dq, dscale_rows, dslopes_rows, T, H, F, G, scale, **masks,
+        q, k, v, g, slopes, lse, delta, dq, dscale_rows, dslopes_rows, T, H, F, G, scale, scale_lo,
+        **masks,
         HAS_BIAS=has_bias, NEED_DSCALE=need_dscale, **blocks,
     )
     dscale = dscale_rows.sum() if need_dscale else delta.new_empty(0)
@@ -523,7 +545,7 @@ def _attention_transposed_op(
     rows_lo: Optional[torch.Tensor] = None,  # noqa: UP045
     rows_hi: Optional[torch.Tensor] = None,  # noqa: UP045
 ) -> torch.Tensor:
-    scale = float(scale)
+    scale, scale_lo = _scale_args(scale)
     B, T, H, F = q.shape
     G = v.shape[-1]
     out_dtype = v.dtype
@@ -534,7 +556,8 @@ def _attention_transposed_op(
     blocks = _blocks(F, G, q.dtype)
     # the keys-major backward kernel with do = v: its dv is the transposed product
     _attention_bwd_dkdv[_grid(T, B, H, "BLOCK_N")](
-        q, k, v, v, slopes, lse, lse, q, o_t, T, H, F, G, scale, **_band_args(lo, hi, hole),
+        q, k, v, v, slopes, lse, lse, q, o_t, T, H, F, G, scale, scale_lo,
+        **_band_args(lo, hi, hole),
         **row_args(rows_lo, rows_hi, B, T, lse), HAS_BIAS=has_bias, DV_ONLY=True, **blocks,
     )
     return o_t.to(out_dtype)
