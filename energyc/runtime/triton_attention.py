@@ -92,18 +92,20 @@ def _dot(a, b, ACC: tl.constexpr, UPCAST: tl.constexpr):
 @triton.jit
 def _slope(SLOPES, h, ACC: tl.constexpr, HAS_BIAS: tl.constexpr):
     """The bias slope of head h (0 without a bias)."""
+    slope = tl.zeros([], dtype=ACC)
     if HAS_BIAS:
-        return tl.load(SLOPES + h).to(ACC)
-    return 0.0
+        slope = tl.load(SLOPES + h).to(ACC)
+    return slope
 
 
 @triton.jit
 def _scale(scale, scale_lo, ACC: tl.constexpr):
     """The scale in ACC: a Python float reaches a kernel in fp32, so in fp64 it comes as its fp32
     rounding plus the rest (``_scale_args``; 48 bits of mantissa)."""
+    value = tl.cast(scale, ACC)
     if ACC == tl.float64:
-        return tl.cast(scale, tl.float64) + tl.cast(scale_lo, tl.float64)
-    return scale
+        value = value + tl.cast(scale_lo, ACC)
+    return value
 
 
 @triton.jit
