@@ -5,7 +5,10 @@ Steps, in order, each a subprocess with its own time budget (a step that runs pa
 and reported; the next one still runs, so a short lease gives what it had time for):
 
 1. ``env``: the machine (nvidia-smi, torch, triton, the CUDA device) into ``env.txt``;
-2. ``pytest``: ``pytest -m gpu``, the Triton suite on CUDA, into ``pytest_gpu.log``;
+2. ``pytest``: ``pytest -m gpu``, the Triton suite on CUDA, into ``pytest_gpu.log``; with it
+   the documents case (tests/test_triton_rows.py: cem-style attention over (j <= i) &
+   same_document() on cu_seqlens at 4096 tokens, forward and backward against torch's float64
+   attention of each document alone, and its time beside plain causal attention);
 3. ``examples``: ``energyc bench`` (benchmarks/bench_examples.py) over every example in bfloat16
    at ``--tokens`` (default 1024, 4096 and 16384) with the Triton path, one example per
    subprocess, each with its own JSON (``examples/<name>.json`` and ``.log``), until the step's

@@ -25,6 +25,7 @@ from energyc.check import Case, build, import_generated
 from energyc.compiler import compile_file
 from energyc.loader import load
 from energyc.reference import reference_step
+from energyc.runtime.backends import preload
 from tests.conftest import assert_within_tolerance
 
 HEADER = """from energyc.dsl import *
@@ -87,6 +88,7 @@ def _layer(layer, module, backend, tokens, batch=1, seed=0, precond="dplr", step
                 hypers=hypers, eta=0.5, steps=steps, precond=precond, context=context)
     lay, x = build(layer, module, case)
     lay.config = (*lay.config[:4], backend)
+    preload(backend, module.__name__)  # the Triton path is imported where a layer is built on it
     return lay, x
 
 

@@ -32,8 +32,9 @@ class TritonModuleSpec:
 
     @property
     def context_test(self) -> bool:
-        """Whether a kernel tests a context set (``_in_context``, from energyc.runtime)."""
-        return self.pairs or any("_in_context(" in getattr(k, "valid", "") for k in self.kernels)
+        """Whether a kernel tests a context set (``_in_row_context``, from energyc.runtime)."""
+        return self.pairs or any("_in_row_context(" in getattr(k, "valid", "")
+                                 for k in self.kernels)
 
     @property
     def math(self) -> bool:

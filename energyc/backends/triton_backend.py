@@ -23,7 +23,11 @@ reduces over ``j``::
     out[o] = post(acc_{r in R, j in C(i)} pre(in_0[o, r], ...), epi_0[o], ...)
 
 with ``acc`` a sum, or an online log-sum-exp (running max ``m`` and sum ``s``,
-``s <- s exp(m - m') + sum exp(v - m')``); an empty context set gives 0. Arithmetic is in
+``s <- s exp(m - m') + sum exp(v - m')``); an empty context set gives 0. The set's band is
+printed into the kernel; its launch names the set (``mask=``), so that where the call has data
+for it (documents, lengths, prefixes) the kernel reads the call's per-row key bounds instead
+(constexpr ROWS, ``energyc.runtime.triton_layer.in_row_context``). A reduction over the batch
+and a context set stays on torch (its rows differ per batch row). Arithmetic is in
 ``ACC``: fp32 (fp64 for float64 inputs).
 """
 
@@ -235,6 +239,10 @@ def _emit_reduction(em: TritonEmitter, nid: int, node: Node) -> str:
     p, q = len(out_axes), len(red_axes)
     mask = node.attr("mask")
     masked = mask is not None  # every set, all tokens too: the call's lengths bound it
+    if masked and "b" not in out_axes:
+        # the call's rows differ per batch row: a sum over the batch too stays on torch
+        emit = torch_backend._emit_fused_reduce if fused else torch_backend._emit_reduce
+        return emit(em, nid, node)
 
     params = ["OUT", *(f"IN{k}" for k in range(len(pre_args))),
               *(f"EPI{k}" for k in range(len(epi_args))), "N_OUT", "N_RED",
@@ -246,6 +254,8 @@ def _emit_reduction(em: TritonEmitter, nid: int, node: Node) -> str:
     post_names.update({ARG_SYMBOLS[k + 1].name: f"e{k}" for k in range(len(epi_args))})
     dims = _dims(pre_body, post_body)
     params += [f"dim_{d}" for d in dims]
+    if masked:  # the call's per-row key bounds, read under ROWS (energyc.runtime.triton_layer)
+        params += ["ROWS_LO", "ROWS_HI", "s_rows", "ROWS: tl.constexpr"]
     try:
         pre = _print(pre_body, pre_names, dims)
         post = _print(post_body, post_names, dims)
@@ -267,10 +277,13 @@ def _emit_reduction(em: TritonEmitter, nid: int, node: Node) -> str:
         loads.append(f"a{k} = tl.load(IN{k} + ({o_part})[:, None] + ({r_part})[None, :], "
                      f"mask=valid, other=0.0).to(ACC)")
     valid = "valid_o[:, None] & valid_r[None, :]"
+    out_index = _unravel("offs_o", "o", "on", p, "rest_o")
     if masked:
-        i_pos, j_pos = out_axes.index("i"), red_axes.index("j")
+        i_pos, j_pos, b_pos = out_axes.index("i"), red_axes.index("j"), out_axes.index("b")
         band = ", ".join(f"{name}={value}" for name, value in mask.kernel_args().items())
-        valid += f" & _in_context(o{i_pos}, r{j_pos}, {band})"
+        out_index.append(f"lo_o, hi_o = _row_bounds(ROWS_LO + o{b_pos} * s_rows, ROWS_HI + "
+                         f"o{b_pos} * s_rows, o{i_pos}, valid_o, ROWS)")
+        valid += f" & _in_row_context(o{i_pos}, r{j_pos}, lo_o, hi_o, {band}, ROWS=ROWS)"
     if node.attr("kind") == "sum":
         init = ["acc = tl.zeros((BLOCK_O,), dtype=ACC)"]
         update = ["acc += tl.sum(tl.where(valid, v, 0.0), axis=1)"]
@@ -299,16 +312,16 @@ def _emit_reduction(em: TritonEmitter, nid: int, node: Node) -> str:
     doc = f"({', '.join(out_axes)}) = " + formula(
         post_body, [red_text] + [em.names[u] for u in epi_args])
     name = em.kernel_set.add(ReductionKernel(
-        em.kernel_set.name(em.function, "reduce"), doc, params,
-        _unravel("offs_o", "o", "on", p, "rest_o"), init,
+        em.kernel_set.name(em.function, "reduce"), doc, params, out_index, init,
         _unravel("offs_r", "r", "rn", q, "rest_r"), valid, loads, pre, update, final, epi, post))
     in_shape = _tuple([em.size(a) for a in in_axes])
     out_pos = _tuple([str(in_axes.index(a)) for a in out_axes])
     red_pos = _tuple([str(in_axes.index(a)) for a in red_axes])
     pre_in = _tuple([em.align(u, in_axes) for u in pre_args])
     epi_in = _tuple([em.align(u, out_axes) for u in epi_args])
+    context = f", mask={mask.spelling!r}, T={em.size('i')}" if masked else ""
     return (f'_reduction("{name}", {in_shape},'
-            f" {out_pos}, {red_pos}, {pre_in}, {epi_in}, {_tuple(dims)})")
+            f" {out_pos}, {red_pos}, {pre_in}, {epi_in}, {_tuple(dims)}{context})")
 
 
 # what runs on torch on this path (see the module docstring): leaves, constants, positions, dense products,

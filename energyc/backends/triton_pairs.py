@@ -180,6 +180,9 @@ class _Kernel:
                 pro.append(f"c{a} = rest % n{a}")
                 pro.append(f"rest = rest // n{a}")
             pro.append("c0 = rest")
+        # the call's key bounds of batch row c0 (read under ROWS: energyc.runtime.triton_layer)
+        pro.append("LO_ROW = ROWS_LO + c0 * s_rows")
+        pro.append("HI_ROW = ROWS_HI + c0 * s_rows")
         for t in self.terms:
             pro.append(f"Q{t}_base = {self._base(f'Q{t}')}")
             pro.append(f"K{t}_base = {self._base(f'K{t}')}")
@@ -205,13 +208,18 @@ class _Kernel:
         if self.softmax:
             pro.append('m = tl.full((BLOCK_I,), float("-inf"), dtype=ACC)')
             pro.append("s = tl.zeros((BLOCK_I,), dtype=ACC)")
-        ranges = "_key_range" if own == "i" else "_query_range"
-        pro.append(f"lo, hi = {ranges}(pid, T, LO, HI, BLOCK_I, BLOCK_J)")
+        ranges = "_row_key_range" if own == "i" else "_row_query_range"
+        pro.append(f"lo, hi = {ranges}(pid, T, LO_ROW, HI_ROW, LO, HI, BLOCK_I, BLOCK_J, ROWS)")
+        bounds = "lo_i, hi_i = _row_bounds(LO_ROW, HI_ROW, offs_i, valid_i, ROWS)"
+        if own == "i":
+            pro.append(bounds)
 
         loop = [f"offs_{other} = start + tl.arange(0, {block[other]})",
-                f"valid_{other} = offs_{other} < T",
-                "valid = valid_i[:, None] & valid_j[None, :] & "
-                "_in_context(offs_i, offs_j, LO, HI, HOLE)"]
+                f"valid_{other} = offs_{other} < T"]
+        if own == "j":
+            loop.append(bounds)
+        loop.append("valid = valid_i[:, None] & valid_j[None, :] & "
+                    "_in_row_context(offs_i, offs_j, lo_i, hi_i, LO, HI, HOLE, ROWS)")
         for t in self.terms:
             loop.append(f"{other_ptr.lower()}{t} = "
                         f"{self._rows(f'{other_ptr}{t}', other, f'BF{t}', f'F{t}')}")

@@ -287,9 +287,11 @@ def blocks(kind: Context | tuple | Rows, T: int, block: int,
                 continue
         joined.append((a, b))
     out = []
+    keys = ctx.keys  # T, or a memory's M
     for r0, r1 in joined:
         c0, c1 = ctx.key_range(r0, r1)
-        out.append((r0, r1, c0, max(c1, min(c0 + 1, T))))
+        c0 = min(c0, keys - 1)  # one (masked) key at least, inside the keys
+        out.append((r0, r1, c0, max(c1, c0 + 1)))
     cache[(T, block, weight)] = out
     return out
 
@@ -317,7 +319,7 @@ def groups(ctx: Context | Rows) -> list[tuple[Selection, Context | Rows]]:
             first, last = int(index[0]), int(index[-1])
             sel = slice(first, last + 1) if last - first + 1 == len(index) else index
             found.append((sel, Rows(ctx.ctx, ctx.lo[first:first + 1], ctx.hi[first:first + 1],
-                                    ctx.hole, ctx.T)))
+                                    ctx.hole, ctx.T, S=ctx.S)))
         if len(found) == 1:
             found = [(None, found[0][1])]
         _GROUPS[ctx] = found

@@ -7,7 +7,8 @@ every generated package whose energy has one.
 
 with the scale s; the bias term only when slopes (H,) are given (HAS_BIAS).
 Forward: one program per (batch x head, block of BLOCK_M queries); an online log-sum-exp over
-blocks of BLOCK_N keys, fp32 accumulation; no (tokens x tokens) tensor is formed.
+blocks of BLOCK_N keys, accumulated in ACC (fp32; fp64 for float64 operands, as every kernel
+of the Triton path); no (tokens x tokens) tensor is formed.
 Backward: P is recomputed from the saved lse; with delta_i = sum_g do_ig o_ig,
     dS_ij = P_ij (do_i . v_j - delta_i),  dv_j = sum_i P_ij do_i,
     dk_j = s sum_i dS_ij q_i,             dq_i = s sum_j dS_ij k_j,
@@ -16,6 +17,16 @@ in two kernels (keys-major for dk, dv; queries-major for dq and the per-query pa
 dscale (NEED_DSCALE) and dslopes (HAS_BIAS), which the host adds up), so no atomics are needed.
 Transposed (the key role of the weights): o_t_j = sum_{i : j in C(i)} P_ij v_i, the dv of the
 backward with do = v: the keys-major kernel with DV_ONLY.
+
+The context set: the band LO <= i - j <= HI, i - j != HOLE as constexprs, or, where the call has
+data for it (``energyc.runtime.rows.resolve`` gives a ``Rows``: packed documents, lengths,
+prefixes), per-row key intervals lo_b(i) <= j <= hi_b(i) less the hole, read from the call's
+(B or 1, T) rows under the constexpr ROWS (``triton_layer.row_bounds``, ``in_row_context``): a
+block of queries [i0, i1) reaches the keys [lo_b(i0), hi_b(i1 - 1)], a block of keys [j0, j1) is
+reached by the queries from the first i with hi_b(i) >= j0 to the last with lo_b(i) <= j1 - 1
+(binary searches in the kernel, ``row_key_range`` / ``row_query_range``), per program (one
+batch row and head); an empty row (a document's first token under j < i, a padded query) gives
+lse 0, o 0 and no gradient. Without data the kernels are the band's alone.
 
 The entry points ``attention_forward``, ``attention_backward`` and ``attention_transposed`` have
 the interface of ``energyc.runtime.kernels`` (checked at import), as the torch kernels of
@@ -31,14 +42,18 @@ import torch
 import triton
 import triton.language as tl
 
-from energyc.context import Context, context
+from energyc.context import Context
 from energyc.runtime.kernels import implements
 from energyc.runtime.triton_layer import (
     INTERPRETED,
-    in_context,
-    key_range,
+    _acc,
+    context_args,
+    in_row_context,
     operand,
-    query_range,
+    row_args,
+    row_bounds,
+    row_key_range,
+    row_query_range,
     storage,
     tile_dot,
 )
@@ -53,7 +68,7 @@ GPU_TILES = ((128, 64, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 2), (
 
 # what the best tile depends on: sizes, context set, and the constexprs that change the work
 # (each backward kernel adds its own)
-_TUNING_KEY = ["T", "F", "G", "LO", "HI", "HOLE", "HAS_BIAS"]
+_TUNING_KEY = ["T", "F", "G", "LO", "HI", "HOLE", "ROWS", "HAS_BIAS"]
 
 
 def _tiles():
@@ -69,24 +84,35 @@ def _tiles():
 
 
 @triton.jit
-def _dot(a, b, UPCAST: tl.constexpr):
-    """a @ b with fp32 accumulation (``tile_dot`` of the generated kernels, in fp32)."""
-    return tile_dot(a, b, tl.float32, UPCAST)
+def _dot(a, b, ACC: tl.constexpr, UPCAST: tl.constexpr):
+    """a @ b accumulated in ACC (``tile_dot`` of the generated kernels)."""
+    return tile_dot(a, b, ACC, UPCAST)
 
 
 @triton.jit
-def _slope(SLOPES, h, HAS_BIAS: tl.constexpr):
+def _slope(SLOPES, h, ACC: tl.constexpr, HAS_BIAS: tl.constexpr):
     """The bias slope of head h (0 without a bias)."""
+    slope = tl.zeros([], dtype=ACC)
     if HAS_BIAS:
-        return tl.load(SLOPES + h).to(tl.float32)
-    return 0.0
+        slope = tl.load(SLOPES + h).to(ACC)
+    return slope
+
+
+@triton.jit
+def _scale(scale, scale_lo, ACC: tl.constexpr):
+    """The scale in ACC: a Python float reaches a kernel in fp32, so in fp64 it comes as its fp32
+    rounding plus the rest (``_scale_args``; 48 bits of mantissa)."""
+    value = tl.cast(scale, ACC)
+    if ACC == tl.float64:
+        value = value + tl.cast(scale_lo, ACC)
+    return value
 
 
 @triton.jit
 def _scores(qk, scale, slope, offs_m, offs_n, HAS_BIAS: tl.constexpr):
     """(M, N) scores from the unscaled dots qk: scale * qk, plus slope * (i - j) with HAS_BIAS."""
     if HAS_BIAS:
-        return qk * scale + slope * (offs_m[:, None] - offs_n[None, :]).to(tl.float32)
+        return qk * scale + slope * (offs_m[:, None] - offs_n[None, :]).to(qk.dtype)
     return qk * scale
 
 
@@ -94,13 +120,15 @@ def _scores(qk, scale, slope, offs_m, offs_n, HAS_BIAS: tl.constexpr):
 @triton.jit
 def _attention_fwd(
     Q, K, V,  # (B, T, H, F), (B, T, H, F), (B, T, H, G): any strides
-    SLOPES,  # (H,) fp32: the bias slopes (read when HAS_BIAS)
+    SLOPES,  # (H,) ACC: the bias slopes (read when HAS_BIAS)
     OUT,  # (B, T, H, G) output: o
-    LSE,  # (B, H, T) fp32 output: log-sum-exp of the scores
+    LSE,  # (B, H, T) ACC output: log-sum-exp of the scores
     sq_b, sq_t, sq_h, sk_b, sk_t, sk_h, sv_b, sv_t, sv_h, so_b, so_t, so_h,
-    T, H, F, G, scale,
+    T, H, F, G, scale, scale_lo,  # the scale: its fp32 rounding, and the rest (read in fp64)
+    ROWS_LO, ROWS_HI, s_rows,  # the call's key bounds lo_b(i), hi_b(i) (read under ROWS)
     LO: tl.constexpr, HI: tl.constexpr, HOLE: tl.constexpr,  # the context set's band
-    UPCAST: tl.constexpr, HAS_BIAS: tl.constexpr,
+    ROWS: tl.constexpr,  # the set's keys are the call's rows (LO, HI None), not the band
+    ACC: tl.constexpr, UPCAST: tl.constexpr, HAS_BIAS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_G: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -113,11 +141,15 @@ def _attention_fwd(
     mask_m = offs_m < T
     q = tl.load(Q + b * sq_b + h * sq_h + offs_m[:, None] * sq_t + offs_f[None, :],
                 mask=mask_m[:, None] & (offs_f[None, :] < F), other=0.0)
-    slope = _slope(SLOPES, h, HAS_BIAS)
-    m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    acc = tl.zeros((BLOCK_M, BLOCK_G), dtype=tl.float32)
-    lo, hi = key_range(pid_m, T, LO, HI, BLOCK_M, BLOCK_N)
+    slope = _slope(SLOPES, h, ACC, HAS_BIAS)
+    scale = _scale(scale, scale_lo, ACC)
+    m_i = tl.full((BLOCK_M,), float("-inf"), dtype=ACC)
+    l_i = tl.zeros((BLOCK_M,), dtype=ACC)
+    acc = tl.zeros((BLOCK_M, BLOCK_G), dtype=ACC)
+    LO_ROW = ROWS_LO + b * s_rows
+    HI_ROW = ROWS_HI + b * s_rows
+    lo_m, hi_m = row_bounds(LO_ROW, HI_ROW, offs_m, mask_m, ROWS)
+    lo, hi = row_key_range(pid_m, T, LO_ROW, HI_ROW, LO, HI, BLOCK_M, BLOCK_N, ROWS)
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         mask_n = offs_n < T
@@ -125,15 +157,16 @@ def _attention_fwd(
                     mask=mask_n[:, None] & (offs_f[None, :] < F), other=0.0)
         v = tl.load(V + b * sv_b + h * sv_h + offs_n[:, None] * sv_t + offs_g[None, :],
                     mask=mask_n[:, None] & (offs_g[None, :] < G), other=0.0)
-        s = _scores(_dot(q, tl.trans(k), UPCAST), scale, slope, offs_m, offs_n, HAS_BIAS)
-        valid = mask_n[None, :] & mask_m[:, None] & in_context(offs_m, offs_n, LO, HI, HOLE)
+        s = _scores(_dot(q, tl.trans(k), ACC, UPCAST), scale, slope, offs_m, offs_n, HAS_BIAS)
+        valid = mask_n[None, :] & mask_m[:, None] & in_row_context(offs_m, offs_n, lo_m, hi_m, LO,
+                                                                   HI, HOLE, ROWS)
         s = tl.where(valid, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows past T see no key
         p = tl.exp(s - m_safe[:, None])
         alpha = tl.exp(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + _dot(operand(p, v, UPCAST), v, UPCAST)
+        acc = acc * alpha[:, None] + _dot(operand(p, v, UPCAST), v, ACC, UPCAST)
         m_i = m_new
     l_safe = tl.where(l_i > 0, l_i, 1.0)
     o = acc / l_safe[:, None]
@@ -146,9 +179,9 @@ def _attention_fwd(
 @triton.jit
 def _attention_bwd_preprocess(
     OUT, DO,  # (B, T, H, G) contiguous: o and its upstream gradient
-    DELTA,  # (B, H, T) fp32 output: sum_g do * o
+    DELTA,  # (B, H, T) ACC output: sum_g do * o
     T, H, G,
-    BLOCK_M: tl.constexpr, BLOCK_G: tl.constexpr,
+    ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_G: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -158,8 +191,8 @@ def _attention_bwd_preprocess(
     offs_g = tl.arange(0, BLOCK_G)
     mask = (offs_m[:, None] < T) & (offs_g[None, :] < G)
     ptr = (b * T * H + offs_m[:, None] * H + h) * G + offs_g[None, :]
-    o = tl.load(OUT + ptr, mask=mask, other=0.0).to(tl.float32)
-    do = tl.load(DO + ptr, mask=mask, other=0.0).to(tl.float32)
+    o = tl.load(OUT + ptr, mask=mask, other=0.0).to(ACC)
+    do = tl.load(DO + ptr, mask=mask, other=0.0).to(ACC)
     tl.store(DELTA + pid_bh * T + offs_m, tl.sum(o * do, 1), mask=offs_m < T)
 
 
@@ -167,12 +200,14 @@ def _attention_bwd_preprocess(
 @triton.jit
 def _attention_bwd_dkdv(
     Q, K, V, DO,  # (B, T, H, F|G) contiguous; DO indexed by query (v itself with DV_ONLY)
-    SLOPES,  # (H,) fp32: the bias slopes (read when HAS_BIAS)
-    LSE, DELTA,  # (B, H, T) fp32 (DELTA unread with DV_ONLY)
+    SLOPES,  # (H,) ACC: the bias slopes (read when HAS_BIAS)
+    LSE, DELTA,  # (B, H, T) ACC (DELTA unread with DV_ONLY)
     DK, DV,  # (B, T, H, F|G) outputs (DK unwritten with DV_ONLY)
-    T, H, F, G, scale,
+    T, H, F, G, scale, scale_lo,  # the scale: its fp32 rounding, and the rest (read in fp64)
+    ROWS_LO, ROWS_HI, s_rows,  # the call's key bounds lo_b(i), hi_b(i) (read under ROWS)
     LO: tl.constexpr, HI: tl.constexpr, HOLE: tl.constexpr,  # the context set's band
-    UPCAST: tl.constexpr, HAS_BIAS: tl.constexpr,
+    ROWS: tl.constexpr,  # the set's keys are the call's rows (LO, HI None), not the band
+    ACC: tl.constexpr, UPCAST: tl.constexpr, HAS_BIAS: tl.constexpr,
     DV_ONLY: tl.constexpr,  # the transposed product sum_i P_ij do_i alone: no dp, dS, dk
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_G: tl.constexpr,
 ):
@@ -190,10 +225,14 @@ def _attention_bwd_dkdv(
     if not DV_ONLY:
         v = tl.load(V + row_n * G + offs_g[None, :], mask=mask_n[:, None] & (offs_g[None, :] < G),
                     other=0.0)
-    slope = _slope(SLOPES, h, HAS_BIAS)
-    dk = tl.zeros((BLOCK_N, BLOCK_F), dtype=tl.float32)
-    dv = tl.zeros((BLOCK_N, BLOCK_G), dtype=tl.float32)
-    lo, hi = query_range(pid_n, T, LO, HI, BLOCK_M, BLOCK_N)  # the queries that see a key here
+    slope = _slope(SLOPES, h, ACC, HAS_BIAS)
+    scale = _scale(scale, scale_lo, ACC)
+    dk = tl.zeros((BLOCK_N, BLOCK_F), dtype=ACC)
+    dv = tl.zeros((BLOCK_N, BLOCK_G), dtype=ACC)
+    LO_ROW = ROWS_LO + b * s_rows
+    HI_ROW = ROWS_HI + b * s_rows
+    # the queries that see a key here
+    lo, hi = row_query_range(pid_n, T, LO_ROW, HI_ROW, LO, HI, BLOCK_M, BLOCK_N, ROWS)
     for start_m in range(lo, hi, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
         mask_m = offs_m < T
@@ -203,15 +242,18 @@ def _attention_bwd_dkdv(
         do = tl.load(DO + row_m * G + offs_g[None, :],
                      mask=mask_m[:, None] & (offs_g[None, :] < G), other=0.0)
         lse = tl.load(LSE + pid_bh * T + offs_m, mask=mask_m, other=0.0)
-        s = _scores(_dot(q, tl.trans(k), UPCAST), scale, slope, offs_m, offs_n, HAS_BIAS)  # (M, N)
-        valid = mask_m[:, None] & mask_n[None, :] & in_context(offs_m, offs_n, LO, HI, HOLE)
+        s = _scores(_dot(q, tl.trans(k), ACC, UPCAST), scale, slope, offs_m, offs_n,
+                    HAS_BIAS)  # (M, N)
+        lo_m, hi_m = row_bounds(LO_ROW, HI_ROW, offs_m, mask_m, ROWS)
+        valid = mask_m[:, None] & mask_n[None, :] & in_row_context(offs_m, offs_n, lo_m, hi_m, LO,
+                                                                   HI, HOLE, ROWS)
         p = tl.where(valid, tl.exp(s - lse[:, None]), 0.0)
-        dv += _dot(operand(tl.trans(p), do, UPCAST), do, UPCAST)
+        dv += _dot(operand(tl.trans(p), do, UPCAST), do, ACC, UPCAST)
         if not DV_ONLY:
             delta = tl.load(DELTA + pid_bh * T + offs_m, mask=mask_m, other=0.0)
-            dp = _dot(do, tl.trans(v), UPCAST)
+            dp = _dot(do, tl.trans(v), ACC, UPCAST)
             ds = p * (dp - delta[:, None])
-            dk += _dot(operand(tl.trans(ds), q, UPCAST), q, UPCAST)
+            dk += _dot(operand(tl.trans(ds), q, UPCAST), q, ACC, UPCAST)
     if not DV_ONLY:
         tl.store(DK + row_n * F + offs_f[None, :], (dk * scale).to(DK.dtype.element_ty),
                  mask=mask_n[:, None] & (offs_f[None, :] < F))
@@ -223,14 +265,16 @@ def _attention_bwd_dkdv(
 @triton.jit
 def _attention_bwd_dq(
     Q, K, V, DO,  # (B, T, H, F|G) contiguous
-    SLOPES,  # (H,) fp32: the bias slopes (read when HAS_BIAS)
-    LSE, DELTA,  # (B, H, T) fp32
+    SLOPES,  # (H,) ACC: the bias slopes (read when HAS_BIAS)
+    LSE, DELTA,  # (B, H, T) ACC
     DQ,  # (B, T, H, F) output
-    DSCALE,  # (B, H, T) fp32 output with NEED_DSCALE: sum_j dS_ij (q_i . k_j)
-    DSLOPES,  # (B, H, T) fp32 output with HAS_BIAS: sum_j dS_ij (i - j)
-    T, H, F, G, scale,
+    DSCALE,  # (B, H, T) ACC output with NEED_DSCALE: sum_j dS_ij (q_i . k_j)
+    DSLOPES,  # (B, H, T) ACC output with HAS_BIAS: sum_j dS_ij (i - j)
+    T, H, F, G, scale, scale_lo,  # the scale: its fp32 rounding, and the rest (read in fp64)
+    ROWS_LO, ROWS_HI, s_rows,  # the call's key bounds lo_b(i), hi_b(i) (read under ROWS)
     LO: tl.constexpr, HI: tl.constexpr, HOLE: tl.constexpr,  # the context set's band
-    UPCAST: tl.constexpr, HAS_BIAS: tl.constexpr,
+    ROWS: tl.constexpr,  # the set's keys are the call's rows (LO, HI None), not the band
+    ACC: tl.constexpr, UPCAST: tl.constexpr, HAS_BIAS: tl.constexpr,
     NEED_DSCALE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_G: tl.constexpr,
 ):
@@ -249,11 +293,15 @@ def _attention_bwd_dq(
                  other=0.0)
     lse = tl.load(LSE + pid_bh * T + offs_m, mask=mask_m, other=0.0)
     delta = tl.load(DELTA + pid_bh * T + offs_m, mask=mask_m, other=0.0)
-    slope = _slope(SLOPES, h, HAS_BIAS)
-    dq = tl.zeros((BLOCK_M, BLOCK_F), dtype=tl.float32)
-    dscale = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    dslope = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    lo, hi = key_range(pid_m, T, LO, HI, BLOCK_M, BLOCK_N)
+    slope = _slope(SLOPES, h, ACC, HAS_BIAS)
+    scale = _scale(scale, scale_lo, ACC)
+    dq = tl.zeros((BLOCK_M, BLOCK_F), dtype=ACC)
+    dscale = tl.zeros((BLOCK_M,), dtype=ACC)
+    dslope = tl.zeros((BLOCK_M,), dtype=ACC)
+    LO_ROW = ROWS_LO + b * s_rows
+    HI_ROW = ROWS_HI + b * s_rows
+    lo_m, hi_m = row_bounds(LO_ROW, HI_ROW, offs_m, mask_m, ROWS)
+    lo, hi = row_key_range(pid_m, T, LO_ROW, HI_ROW, LO, HI, BLOCK_M, BLOCK_N, ROWS)
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         mask_n = offs_n < T
@@ -262,17 +310,18 @@ def _attention_bwd_dq(
                     other=0.0)
         v = tl.load(V + row_n * G + offs_g[None, :], mask=mask_n[:, None] & (offs_g[None, :] < G),
                     other=0.0)
-        qk = _dot(q, tl.trans(k), UPCAST)
+        qk = _dot(q, tl.trans(k), ACC, UPCAST)
         s = _scores(qk, scale, slope, offs_m, offs_n, HAS_BIAS)
-        valid = mask_m[:, None] & mask_n[None, :] & in_context(offs_m, offs_n, LO, HI, HOLE)
+        valid = mask_m[:, None] & mask_n[None, :] & in_row_context(offs_m, offs_n, lo_m, hi_m, LO,
+                                                                   HI, HOLE, ROWS)
         p = tl.where(valid, tl.exp(s - lse[:, None]), 0.0)
-        dp = _dot(do, tl.trans(v), UPCAST)
+        dp = _dot(do, tl.trans(v), ACC, UPCAST)
         ds = p * (dp - delta[:, None])
-        dq += _dot(operand(ds, k, UPCAST), k, UPCAST)
+        dq += _dot(operand(ds, k, UPCAST), k, ACC, UPCAST)
         if NEED_DSCALE:
             dscale += tl.sum(ds * qk, 1)
         if HAS_BIAS:
-            dslope += tl.sum(ds * (offs_m[:, None] - offs_n[None, :]).to(tl.float32), 1)
+            dslope += tl.sum(ds * (offs_m[:, None] - offs_n[None, :]).to(ACC), 1)
     tl.store(DQ + row_m * F + offs_f[None, :], (dq * scale).to(DQ.dtype.element_ty),
              mask=mask_m[:, None] & (offs_f[None, :] < F))
     if NEED_DSCALE:
@@ -281,12 +330,19 @@ def _attention_bwd_dq(
         tl.store(DSLOPES + pid_bh * T + offs_m, dslope, mask=mask_m)
 
 
+def _stat_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of the kernels' arithmetic and saved statistics (lse, delta, dscale, dslopes)
+    for operands of ``dtype``: float32, float64 for float64."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def _blocks(F: int, G: int, dtype: torch.dtype) -> dict:
-    """The constexprs of a launch besides the tiles: whole feature rows per tile, and UPCAST.
+    """The constexprs of a launch besides the tiles: whole feature rows per tile, ACC, and UPCAST.
     Triton's CPU interpreter multiplies the raw bits of bfloat16 operands in tl.dot; bf16 x bf16
     products are exact in fp32, so upcasting the operands there computes what a bf16 dot with
     fp32 accumulation computes on a GPU."""
     return {
+        "ACC": _acc(dtype),
         "UPCAST": INTERPRETED and dtype == torch.bfloat16,
         "BLOCK_F": max(16, triton.next_power_of_2(F)),
         "BLOCK_G": max(16, triton.next_power_of_2(G)),
@@ -321,7 +377,9 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         raise NotImplementedError("the Triton attention kernels take no offset: decoding runs on "
                                   "energyc.runtime.attention")
     _as_many_keys(q, k)
-    o, lse = _attention_forward_op(q, k, v, torch.as_tensor(scale), *context(kind).band, slopes)
+    band, rows_lo, rows_hi = context_args(kind, q.shape[1], q.device)
+    o, lse = _attention_forward_op(q, k, v, torch.as_tensor(scale, dtype=torch.float64), *band,
+                                   slopes, rows_lo, rows_hi)
     return (o, lse, None) if keep_probs else (o, lse)
 
 
@@ -330,11 +388,12 @@ def attention_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                        lse: torch.Tensor, g: torch.Tensor, slopes: torch.Tensor | None = None,
                        need_dscale: bool = False, probs: None = None) -> tuple:
     """dq, dk, dv, dscale, dslopes of ``attention_forward`` for the upstream gradient g
-    (B, T, H, G); dscale (0-d, fp32) only when ``need_dscale``, dslopes ((H,), fp32) only when
+    (B, T, H, G); dscale (0-d) only when ``need_dscale``, dslopes (H,) only when
     ``slopes`` is given, else None. ``probs`` is None here (``attention_forward`` keeps none)."""
     _as_many_keys(q, k)
+    band, rows_lo, rows_hi = context_args(kind, q.shape[1], q.device)
     dq, dk, dv, dscale, dslopes = _attention_backward_op(
-        q, k, v, torch.as_tensor(scale), *context(kind).band, o, lse, g, slopes, need_dscale
+        q, k, v, torch.as_tensor(scale, dtype=torch.float64), *band, o, lse, g, slopes, need_dscale, rows_lo, rows_hi
     )
     return (dq, dk, dv, dscale if need_dscale else None,
             dslopes if slopes is not None else None)
@@ -347,9 +406,18 @@ def attention_transposed(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     with o_t[b, j, h] = sum_{i : j in C(i)} P_ij v[b, i, h], v indexed by the query token; lse is
     the saved log-sum-exp of ``attention_forward``; ``probs`` is None here (as there)."""
     _as_many_keys(q, k)
+    band, rows_lo, rows_hi = context_args(kind, q.shape[1], q.device)
     return _attention_transposed_op(
-        q, k, v, torch.as_tensor(scale), *context(kind).band, lse, slopes
+        q, k, v, torch.as_tensor(scale, dtype=torch.float64), *band, lse, slopes, rows_lo, rows_hi
     )
+
+
+def _scale_args(scale: torch.Tensor) -> tuple[float, float]:
+    """(scale, scale_lo): the scale's float32 rounding and the rest, which the kernels add in
+    fp64 for float64 operands (a Python float is an fp32 argument of a Triton kernel)."""
+    value = float(scale)
+    high = torch.tensor(value, dtype=torch.float32).item()
+    return high, value - high
 
 
 def _band_args(lo: int | None, hi: int | None, hole: int | None) -> dict:
@@ -358,10 +426,11 @@ def _band_args(lo: int | None, hi: int | None, hole: int | None) -> dict:
 
 
 def _slopes_arg(slopes: torch.Tensor | None, like: torch.Tensor) -> tuple[torch.Tensor, bool]:
-    """The slopes as the kernels' fp32 (H,) pointer, and HAS_BIAS; ``like`` stands in unread."""
+    """The slopes as the kernels' (H,) pointer in ``like``'s dtype (the statistics'), and
+    HAS_BIAS; ``like`` stands in unread without slopes."""
     if slopes is None:
         return like, False
-    return slopes.to(torch.float32).contiguous(), True
+    return slopes.to(like.dtype).contiguous(), True
 
 
 def _alike(*tensors: torch.Tensor) -> list[torch.Tensor]:
@@ -387,30 +456,35 @@ def _attention_forward_op(
     hi: Optional[int],  # noqa: UP045
     hole: Optional[int],  # noqa: UP045
     slopes: Optional[torch.Tensor],  # noqa: UP045 (the form of torch.library's docs)
+    rows_lo: Optional[torch.Tensor] = None,  # noqa: UP045
+    rows_hi: Optional[torch.Tensor] = None,  # noqa: UP045
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    scale = float(scale)
+    scale, scale_lo = _scale_args(scale)
     B, T, H, F = q.shape
     G = v.shape[-1]
     out_dtype = v.dtype
     q, k, v = _alike(q, k, v)
     o = torch.empty(B, T, H, G, dtype=storage(q.dtype), device=q.device)
-    lse = torch.empty(B, H, T, dtype=torch.float32, device=q.device)
+    lse = torch.empty(B, H, T, dtype=_stat_dtype(q.dtype), device=q.device)
     slopes, has_bias = _slopes_arg(slopes, lse)
     blocks = _blocks(F, G, q.dtype)
     _attention_fwd[_grid(T, B, H, "BLOCK_M")](
         q, k, v, slopes, o, lse,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(1), o.stride(2),
-        T, H, F, G, scale, **_band_args(lo, hi, hole), HAS_BIAS=has_bias, **blocks,
+        T, H, F, G, scale, scale_lo, **row_args(rows_lo, rows_hi, B, T, lse),
+        **_band_args(lo, hi, hole),
+        HAS_BIAS=has_bias, **blocks,
     )
-    # lse stays fp32: rounding it to half precision would cost the backward accuracy
+    # lse stays fp32 (fp64): rounding it to half precision would cost the backward accuracy
     return o.to(out_dtype), lse.transpose(1, 2).contiguous()
 
 
 @_attention_forward_op.register_fake
-def _(q, k, v, scale, lo, hi, hole, slopes):
+def _(q, k, v, scale, lo, hi, hole, slopes, rows_lo=None, rows_hi=None):
     B, T, H, _ = q.shape
-    return v.new_empty(B, T, H, v.shape[-1]), q.new_empty(B, T, H, dtype=torch.float32)
+    stat = _stat_dtype(torch.promote_types(torch.promote_types(q.dtype, k.dtype), v.dtype))
+    return v.new_empty(B, T, H, v.shape[-1]), q.new_empty(B, T, H, dtype=stat)
 
 
 @torch.library.custom_op("energyc::triton_attention_backward", mutates_args=())
@@ -427,30 +501,34 @@ def _attention_backward_op(
     g: torch.Tensor,
     slopes: Optional[torch.Tensor],  # noqa: UP045 (the form of torch.library's docs)
     need_dscale: bool,
+    rows_lo: Optional[torch.Tensor] = None,  # noqa: UP045
+    rows_hi: Optional[torch.Tensor] = None,  # noqa: UP045
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    scale = float(scale)
+    scale, scale_lo = _scale_args(scale)
     B, T, H, F = q.shape
     G = v.shape[-1]
     dtypes = (q.dtype, k.dtype, v.dtype)
     q, k, v, o, g = _alike(q, k, v, o, g)
-    lse = lse.transpose(1, 2).float().contiguous()
-    delta = torch.empty(B, H, T, dtype=torch.float32, device=q.device)
+    lse = lse.transpose(1, 2).to(_stat_dtype(q.dtype)).contiguous()
+    delta = torch.empty_like(lse)
     dq, dk, dv = (torch.empty_like(t, dtype=storage(t.dtype)) for t in (q, k, v))
     slopes, has_bias = _slopes_arg(slopes, delta)
     # per-query partial sums of dscale and dslopes, added up below (no atomics)
     dscale_rows = torch.empty_like(delta) if need_dscale else delta
     dslopes_rows = torch.empty_like(delta) if has_bias else delta
     blocks = _blocks(F, G, q.dtype)
-    masks = _band_args(lo, hi, hole)
+    masks = {**_band_args(lo, hi, hole), **row_args(rows_lo, rows_hi, B, T, delta)}
     _attention_bwd_preprocess[(triton.cdiv(T, INTERPRETER_TILE[0]), B * H)](
-        o, g, delta, T, H, G, BLOCK_M=INTERPRETER_TILE[0], BLOCK_G=blocks["BLOCK_G"],
+        o, g, delta, T, H, G, ACC=blocks["ACC"], BLOCK_M=INTERPRETER_TILE[0],
+        BLOCK_G=blocks["BLOCK_G"],
     )
     _attention_bwd_dkdv[_grid(T, B, H, "BLOCK_N")](
-        q, k, v, g, slopes, lse, delta, dk, dv, T, H, F, G, scale, **masks,
+        q, k, v, g, slopes, lse, delta, dk, dv, T, H, F, G, scale, scale_lo, **masks,
         HAS_BIAS=has_bias, DV_ONLY=False, **blocks,
     )
     _attention_bwd_dq[_grid(T, B, H, "BLOCK_M")](
-        q, k, v, g, slopes, lse, delta, dq, dscale_rows, dslopes_rows, T, H, F, G, scale, **masks,
+        q, k, v, g, slopes, lse, delta, dq, dscale_rows, dslopes_rows, T, H, F, G, scale, scale_lo,
+        **masks,
         HAS_BIAS=has_bias, NEED_DSCALE=need_dscale, **blocks,
     )
     dscale = dscale_rows.sum() if need_dscale else delta.new_empty(0)
@@ -459,10 +537,11 @@ def _attention_backward_op(
 
 
 @_attention_backward_op.register_fake
-def _(q, k, v, scale, lo, hi, hole, o, lse, g, slopes, need_dscale):
+def _(q, k, v, scale, lo, hi, hole, o, lse, g, slopes, need_dscale, rows_lo=None, rows_hi=None):
     H = q.shape[2]
-    dscale = q.new_empty(() if need_dscale else (0,), dtype=torch.float32)
-    dslopes = q.new_empty((H,) if slopes is not None else (0,), dtype=torch.float32)
+    stat = _stat_dtype(torch.promote_types(torch.promote_types(q.dtype, k.dtype), v.dtype))
+    dscale = q.new_empty(() if need_dscale else (0,), dtype=stat)
+    dslopes = q.new_empty((H,) if slopes is not None else (0,), dtype=stat)
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), dscale, dslopes
 
 
@@ -477,26 +556,29 @@ def _attention_transposed_op(
     hole: Optional[int],  # noqa: UP045
     lse: torch.Tensor,
     slopes: Optional[torch.Tensor],  # noqa: UP045 (the form of torch.library's docs)
+    rows_lo: Optional[torch.Tensor] = None,  # noqa: UP045
+    rows_hi: Optional[torch.Tensor] = None,  # noqa: UP045
 ) -> torch.Tensor:
-    scale = float(scale)
+    scale, scale_lo = _scale_args(scale)
     B, T, H, F = q.shape
     G = v.shape[-1]
     out_dtype = v.dtype
     q, k, v = _alike(q, k, v)
-    lse = lse.transpose(1, 2).float().contiguous()
+    lse = lse.transpose(1, 2).to(_stat_dtype(q.dtype)).contiguous()
     o_t = torch.empty_like(v, dtype=storage(v.dtype))
     slopes, has_bias = _slopes_arg(slopes, lse)
     blocks = _blocks(F, G, q.dtype)
     # the keys-major backward kernel with do = v: its dv is the transposed product
     _attention_bwd_dkdv[_grid(T, B, H, "BLOCK_N")](
-        q, k, v, v, slopes, lse, lse, q, o_t, T, H, F, G, scale, **_band_args(lo, hi, hole),
-        HAS_BIAS=has_bias, DV_ONLY=True, **blocks,
+        q, k, v, v, slopes, lse, lse, q, o_t, T, H, F, G, scale, scale_lo,
+        **_band_args(lo, hi, hole),
+        **row_args(rows_lo, rows_hi, B, T, lse), HAS_BIAS=has_bias, DV_ONLY=True, **blocks,
     )
     return o_t.to(out_dtype)
 
 
 @_attention_transposed_op.register_fake
-def _(q, k, v, scale, lo, hi, hole, lse, slopes):
+def _(q, k, v, scale, lo, hi, hole, lse, slopes, rows_lo=None, rows_hi=None):
     return v.new_empty(v.shape)
 
 

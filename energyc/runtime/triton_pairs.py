@@ -1,6 +1,7 @@
 """What the generated Triton pair kernels share: the row loads and stores, the online
 log-sum-exp, and the launch (``energyc::triton_pairs``, registered once here); the context set's
-block ranges and test are the flash kernels' (``energyc.runtime.triton_layer``).
+block ranges and test are the flash kernels' (``energyc.runtime.triton_layer``): the band, or
+the call's per-row key bounds where it has data for the set (``ROWS``).
 
 A pair kernel is printed per call site from ``codegen_templates/triton/pair.py.j2`` (its loops
 over the call's contractions, extras and outputs unrolled there: a Triton kernel takes no
@@ -40,9 +41,9 @@ import torch
 import triton
 import triton.language as tl
 
-from energyc.context import Context, context
+from energyc.context import Context
 from energyc.runtime.pairs import _compute_dtype
-from energyc.runtime.triton_layer import INTERPRETED, _acc
+from energyc.runtime.triton_layer import INTERPRETED, _acc, context_args, row_args
 
 # (BLOCK_I, BLOCK_J) of the one tile the interpreter runs
 INTERPRETER_TILE = (16, 16)
@@ -51,7 +52,7 @@ INTERPRETER_TILE = (16, 16)
 GPU_TILES = ((64, 64, 4, 3), (64, 32, 4, 2), (32, 64, 4, 2), (32, 32, 4, 2), (16, 16, 4, 1))
 # what the best tile depends on: tokens and context set; a kernel adds its feature widths (Triton's
 # autotuner keys on the names listed and the tensors' dtypes only)
-TUNING_KEY = ["T", "LO", "HI", "HOLE"]
+TUNING_KEY = ["T", "LO", "HI", "HOLE", "ROWS"]
 
 
 def tiles() -> list:
@@ -130,10 +131,13 @@ def _pairs_op(
     dims: list[float],
     dtype: torch.dtype,
     device: torch.device,
+    rows_lo: Optional[torch.Tensor] = None,  # noqa: UP045
+    rows_hi: Optional[torch.Tensor] = None,  # noqa: UP045
 ) -> list[torch.Tensor]:
     """Launch pair ``kernel`` of ``module``: operands laid out ``(*shape|1, T, F)`` (q, k; a
     size-1 axis broadcasts), extras ``(*shape|1, T|1, T|1)``, one value ``(*shape|1, T, G)`` or
-    None per output, over the context set's band lo, hi, hole (``Context.band``); returns the
+    None per output, over the context set's band lo, hi, hole (``Context.band``) or, given
+    ``rows_lo`` and ``rows_hi`` (``triton_layer.context_args``), the call's rows; returns the
     outputs ``(*shape, T[, G])`` (with ``softmax``, R first) in the operands' promoted dtype
     (``dtype`` without operands)."""
     fn = getattr(sys.modules[module], kernel)
@@ -159,7 +163,8 @@ def _pairs_op(
     grid = lambda meta: (triton.cdiv(T, meta[block]), max(math.prod(shape), 1))  # noqa: E731
     fn[grid](
         *tensors, T, *shape[1:], *strides, *widths, *dims,
-        LO=lo, HI=hi, HOLE=hole, ACC=_acc(dtype),
+        **row_args(rows_lo, rows_hi, max(shape[0], 1), T, outs[0]), LO=lo, HI=hi, HOLE=hole,
+        ACC=_acc(dtype),
         UPCAST=INTERPRETED and dtype == torch.bfloat16, **blocks,
     )
     return [o.to(dtype) for o in outs]  # the sums are ACC: rounded once, by torch
@@ -167,7 +172,7 @@ def _pairs_op(
 
 @_pairs_op.register_fake
 def _(module, kernel, keys_major, softmax, q, k, extras, values, lo, hi, hole, T, shape, dims,
-      dtype, device):
+      dtype, device, rows_lo=None, rows_hi=None):
     dtype = _dtype(q, k, values, dtype)
     outs = [torch.empty((*shape, T), dtype=dtype, device=device)] if softmax else []
     outs += [torch.empty((*shape, T) if v is None else (*shape, T, v.shape[-1]), dtype=dtype,
@@ -201,8 +206,9 @@ def launcher(module: str):
               mask: Context | tuple, *, T: int, shape, dims=(), dtype: torch.dtype,
               device: torch.device) -> list[torch.Tensor]:
         extras = [torch.as_tensor(x, device=device) for x in extras]
+        band, rows_lo, rows_hi = context_args(mask, T, device)
         return _pairs_op(module, kernel, keys_major, softmax, list(q), list(k), extras,
-                         list(values), *context(mask).band, T,
-                         [int(s) for s in shape], [float(d) for d in dims], dtype, device)
+                         list(values), *band, T, [int(s) for s in shape],
+                         [float(d) for d in dims], dtype, device, rows_lo, rows_hi)
 
     return pairs
