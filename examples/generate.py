@@ -7,6 +7,7 @@ Usage:
     python examples/generate.py --checkpoint runs/baseline --prompt "import " --tokens 100 \\
         --temperature 0.8 --top-k 40 --seed 1
     python examples/generate.py --checkpoint runs/cem --prompt "class " --tokens 50 --no-cache
+    python examples/generate.py --checkpoint runs/cem --prompts prompts.txt --tokens 100
 
 The model (CEM or baseline) is rebuilt from the settings saved in RUN_DIR/checkpoint.pt (the file
 ``train_lm.py --resume`` reads) and loaded with its weights. The prompt's UTF-8 bytes are the
@@ -15,6 +16,12 @@ prefill) and each new byte takes one ``decode`` call on that byte alone; with ``
 new byte runs the ordinary forward on the whole sequence so far and takes its last logits. The two
 give the same bytes (to rounding of the logits). The continuation goes to stdout, decoded as UTF-8
 with invalid bytes replaced; a line on stderr gives the throughput and the mode.
+
+With ``--prompts FILE`` (one prompt per line) the prompts are continued together, one batch:
+padded on the left to the longest (``left_padding=`` of the layers' decode: no real token reads
+the padding), one ``decode`` prefill, then one call per new byte for every row at once; each
+row's bytes are those its prompt gives alone (to rounding of the logits). Each continuation is
+printed after a line ``== prompt k: 'PROMPT'``.
 
 Sampling: softmax(logits / temperature), optionally restricted to the top-k bytes, drawn with a
 CPU torch.Generator seeded by --seed; temperature 0 takes the most likely byte (greedy).
@@ -97,6 +104,47 @@ def generate(
     return bytes(out), time.perf_counter() - start
 
 
+def generate_batch(
+    model: train_lm.LanguageModel,
+    prompts: list[bytes],
+    n: int,
+    temperature: float,
+    top_k: int | None,
+    generator: torch.Generator,
+) -> tuple[list[bytes], float]:
+    """Continue every prompt by ``n`` bytes at once, decoding the rows together; return the
+    continuations and the seconds taken (the prefill included).
+
+    The prompts are padded on the left to the longest (``left_padding`` of ``model.decode``), so
+    that every row's next byte is at the same position; a row's bytes are those ``generate``
+    gives its prompt alone (the same draws in the same order when ``generator`` is seeded alike
+    for a single row). The rows draw from ``generator`` in turn, row 0 first, at each step.
+    """
+    if not prompts or any(not p for p in prompts):
+        raise ValueError("every prompt needs at least one byte to condition on")
+    if n < 1:
+        raise ValueError(f"n must be at least 1, got {n}")
+    device = next(model.parameters()).device
+    width = max(len(p) for p in prompts)
+    pad = torch.tensor([width - len(p) for p in prompts], device=device)
+    tokens = torch.tensor([[0] * (width - len(p)) + list(p) for p in prompts], dtype=torch.long,
+                          device=device)
+    outs = [bytearray() for _ in prompts]
+    start = time.perf_counter()
+    with torch.inference_mode():
+        logits, cache = model.decode(tokens, left_padding=pad)
+        while True:
+            new = [next_byte(logits[b, -1], temperature, top_k, generator)
+                   for b in range(len(prompts))]
+            for out, byte in zip(outs, new):
+                out.append(byte)
+            if len(outs[0]) == n:
+                break
+            step = torch.tensor(new, dtype=torch.long, device=device)[:, None]
+            logits, cache = model.decode(step, cache)
+    return [bytes(o) for o in outs], time.perf_counter() - start
+
+
 def load_model(run_dir: str, device: torch.device) -> tuple[train_lm.LanguageModel, dict]:
     """The model of RUN_DIR/checkpoint.pt, rebuilt from its saved settings, in eval mode; and
     those settings.
@@ -143,7 +191,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="RUN_DIR",
         help=f"a train_lm.py --out folder (reads RUN_DIR/{CHECKPOINT_FILE})",
     )
-    p.add_argument("--prompt", required=True, help="the text to continue (its UTF-8 bytes)")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--prompt", help="the text to continue (its UTF-8 bytes)")
+    which.add_argument(
+        "--prompts", metavar="FILE",
+        help="a file of prompts, one per line, continued together (rows of different lengths "
+        "decoded in one batch)",
+    )
     p.add_argument("--tokens", type=int, required=True, help="bytes to generate")
     p.add_argument("--temperature", type=float, default=1.0, help="softmax temperature; 0: greedy")
     p.add_argument("--top-k", type=int, default=None, help="sample among the k likeliest bytes")
@@ -163,7 +217,18 @@ def main(argv: list[str] | None = None) -> int:
     incrementally exit with status 2 and a message."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    if not args.prompt:
+    prompts = None
+    if args.prompts is not None:
+        try:
+            with open(args.prompts, encoding="utf-8") as fh:
+                prompts = [line.rstrip("\n") for line in fh if line.rstrip("\n")]
+        except OSError as exc:
+            parser.error(f"--prompts {args.prompts}: {exc.strerror or exc}")
+        if not prompts:
+            parser.error(f"--prompts {args.prompts}: no prompt in it (one per line)")
+        if args.no_cache:
+            parser.error("--prompts decodes the rows together; --no-cache takes one --prompt")
+    elif not args.prompt:
         parser.error("--prompt is empty: give at least one character to continue")
     if args.tokens < 1:
         parser.error(f"--tokens must be at least 1, got {args.tokens}")
@@ -182,6 +247,22 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(exc))
     generator = torch.Generator().manual_seed(args.seed)
     use_cache = not args.no_cache
+    if prompts is not None:
+        try:
+            texts, seconds = generate_batch(model, [p.encode("utf-8") for p in prompts],
+                                            args.tokens, args.temperature, args.top_k, generator)
+        except (NotImplementedError, ValueError) as exc:
+            parser.error(str(exc))
+        for k, (prompt, text) in enumerate(zip(prompts, texts)):
+            print(f"== prompt {k}: {prompt!r}")
+            print(text.decode("utf-8", errors="replace"))
+        total = args.tokens * len(prompts)
+        print(
+            f"{config['model']} ({model.attention_layer}) on {device}: {len(prompts)} prompts x "
+            f"{args.tokens} bytes in {seconds:.3f} s, {total / seconds:,.1f} tokens/s (batch)",
+            file=sys.stderr,
+        )
+        return 0
     try:
         text, seconds = generate(
             model,

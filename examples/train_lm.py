@@ -413,10 +413,12 @@ def document_mask(document_ids: torch.Tensor) -> torch.Tensor:
 @dataclasses.dataclass
 class KVCache:
     """Keys (rotated, under rope) and values of the P tokens an Attention has decoded so far,
-    each (B, H, P, K)."""
+    each (B, H, P, K); ``first``: each row's first real token (B,) when the rows were padded on
+    the left (None: no padding)."""
 
     k: torch.Tensor
     v: torch.Tensor
+    first: torch.Tensor | None = None
 
     @property
     def length(self) -> int:
@@ -474,26 +476,39 @@ class Attention(nn.Module):
         return self.o(out.transpose(1, 2).reshape(B, T, D))
 
     def decode(
-        self, x_new: torch.Tensor, cache: KVCache | None = None
+        self, x_new: torch.Tensor, cache: KVCache | None = None,
+        left_padding: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, KVCache]:
         """Attention of t >= 1 new tokens x_new (B, t, D) that follow the P tokens in ``cache``
         (None: P = 0): the rows P..P+t-1 of ``forward`` on the whole sequence.
 
         Query i (absolute position P..P+t-1) attends to the keys j <= i of all P + t tokens; rope
         rotates the new q and k by their absolute positions, alibi adds -slope_h (i - j).
-        Returns (out (B, t, D), the cache with the new keys and values appended).
+        ``left_padding`` (B,), on a sequence's first call: each row's padding tokens at its start
+        (prompts of different lengths), which no real token reads (a padding token reads itself
+        alone, so that every row of the softmax has a key). Returns (out (B, t, D), the cache
+        with the new keys and values appended).
         """
         B, t, D = x_new.shape
         P = 0 if cache is None else cache.length
+        first = left_padding if cache is None else cache.first
         q, k, v = self._qkv(x_new, P)
         if cache is not None:
             k, v = torch.cat((cache.k, k), dim=2), torch.cat((cache.v, v), dim=2)
+        allowed = causal_mask(P + t, x_new.device, start=P)  # (t, P + t)
+        if first is not None:
+            i = torch.arange(P, P + t, device=x_new.device)[:, None]
+            j = torch.arange(P + t, device=x_new.device)[None, :]
+            real = j >= first.to(x_new.device)[:, None, None]  # (B, 1, P + t)
+            allowed = (allowed & real) | (i == j)  # (B, t, P + t)
+            allowed = allowed[:, None]  # (B, 1, t, P + t)
         if self.position == "alibi":
-            mask = alibi_bias(self.heads, P + t, x_new.device, x_new.dtype, start=P)
+            bias = alibi_bias(self.heads, P + t, x_new.device, x_new.dtype, start=P)
+            mask = bias.masked_fill(~allowed, -math.inf)
         else:
-            mask = causal_mask(P + t, x_new.device, start=P)
+            mask = allowed
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        return self.o(out.transpose(1, 2).reshape(B, t, D)), KVCache(k, v)
+        return self.o(out.transpose(1, 2).reshape(B, t, D)), KVCache(k, v, first)
 
 
 class SwiGLU(nn.Module):
@@ -529,11 +544,12 @@ class BaselineBlock(nn.Module):
         return x + self.mlp(self.mlp_norm(x))
 
     def decode(
-        self, x_new: torch.Tensor, cache: KVCache | None = None
+        self, x_new: torch.Tensor, cache: KVCache | None = None,
+        left_padding: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, KVCache]:
         """``forward`` on t new tokens (B, t, D) after the cached ones: (the new rows, the cache).
         Only the attention looks back; norms and MLP act per token."""
-        a, cache = self.attention.decode(self.attention_norm(x_new), cache)
+        a, cache = self.attention.decode(self.attention_norm(x_new), cache, left_padding)
         x = x_new + a
         return x + self.mlp(self.mlp_norm(x)), cache
 
@@ -560,12 +576,15 @@ class CemBlock(nn.Module):
         return x + (self.mlp(h) - h)
 
     def decode(
-        self, x_new: torch.Tensor, cache: tuple[Any, Any] | None = None
+        self, x_new: torch.Tensor, cache: tuple[Any, Any] | None = None,
+        left_padding: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, tuple[Any, Any]]:
         """``forward`` on t new tokens (B, t, D) after the cached ones: (the new rows, the cache).
 
         Each generated layer's ``decode(h_new, cache) -> (y_new, cache)`` returns the rows of
         ``layer(h)`` for the new tokens; the cache is the pair of the layers' opaque caches.
+        ``left_padding`` (first call): each row's padding tokens, passed to both layers (the
+        attention layer's sets then start at each row's first real token).
 
         Raises:
             NotImplementedError: a layer has no ``decode`` (generated without incremental
@@ -581,11 +600,12 @@ class CemBlock(nn.Module):
                     f"forward model(tokens) instead"
                 )
         attention_cache, mlp_cache = (None, None) if cache is None else cache
+        pad = {} if left_padding is None else {"left_padding": left_padding}
         h = self.attention_norm(x_new)
-        y, attention_cache = self.attention.decode(h, attention_cache)
+        y, attention_cache = self.attention.decode(h, attention_cache, **pad)
         x = x_new + (y - h)
         h = self.mlp_norm(x)
-        y, mlp_cache = self.mlp.decode(h, mlp_cache)
+        y, mlp_cache = self.mlp.decode(h, mlp_cache, **pad)
         return x + (y - h), (attention_cache, mlp_cache)
 
 
@@ -619,13 +639,17 @@ class LanguageModel(nn.Module):
         return self._logits(x)
 
     def decode(
-        self, tokens_new: torch.Tensor, cache: DecodeCache | None = None
+        self, tokens_new: torch.Tensor, cache: DecodeCache | None = None,
+        left_padding: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, DecodeCache]:
         """Incremental ``forward``: the logits (B, t, VOCAB) of t >= 1 new tokens (B, t) that follow
         the P tokens in ``cache`` (None: a new sequence), and the cache after P + t tokens.
 
         Decoding a sequence in pieces gives ``forward``'s logits on the whole of it (to rounding):
         the same embedding, blocks and tied output, each block looking back through its cache.
+        Rows of different lengths decode together padded on the left: ``left_padding`` (B,), on
+        the first call, counts each row's padding tokens; a row's logits are then those of the
+        row decoded alone (its padding's logits mean nothing).
 
         Raises:
             NotImplementedError: a block's layers cannot decode (see CemBlock.decode).
@@ -633,8 +657,9 @@ class LanguageModel(nn.Module):
         previous = [None] * len(self.blocks) if cache is None else cache.blocks
         x = self._embed(tokens_new)
         caches = []
+        pad = {} if left_padding is None else {"left_padding": left_padding}
         for block, block_cache in zip(self.blocks, previous):
-            x, block_cache = block.decode(x, block_cache)
+            x, block_cache = block.decode(x, block_cache, **pad)
             caches.append(block_cache)
         P = 0 if cache is None else cache.length
         return self._logits(x), DecodeCache(caches, P + tokens_new.shape[1])

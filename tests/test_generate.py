@@ -216,3 +216,49 @@ def test_cli_decodes_a_packed_run(tmp_path, capsys):
     assert generate.main(argv) == 0
     expected = run(net, 5, use_cache=False)
     assert capsys.readouterr().out == expected.decode("utf-8", errors="replace") + "\n"
+
+
+# -- a batch of prompts of different lengths -------------------------------------------------------
+
+BATCH = [b"def f(x):", b"ab", b"00012 energy min", b"z"]
+
+
+@pytest.mark.parametrize("model,position", CASES)
+def test_ragged_rows_decode_as_each_row_alone(model, position):
+    """Prompts of different lengths padded on the left and decoded together (prefill, then one
+    byte per row per call) give each row's logits of the row decoded alone."""
+    net = small_model(model, position)
+    width = max(len(p) for p in BATCH)
+    pad = torch.tensor([width - len(p) for p in BATCH])
+    tokens = torch.tensor([[7] * (width - len(p)) + list(p) for p in BATCH])
+    follow = torch.randint(0, 256, (len(BATCH), 4), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        logits, cache = net.decode(tokens, left_padding=pad)
+        steps = [logits[:, -1]]
+        for t in range(3):
+            logits, cache = net.decode(follow[:, t:t + 1], cache)
+            steps.append(logits[:, -1])
+        for b, prompt in enumerate(BATCH):
+            alone = net(torch.cat([torch.tensor([list(prompt)]), follow[b:b + 1, :3]], 1))
+            want = alone[0, len(prompt) - 1:]  # the logits after the prompt and each new byte
+            got = torch.stack([s[b] for s in steps])
+            torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)  # float64 rounding
+
+
+@pytest.mark.parametrize("model", ["baseline", pytest.param("cem", marks=CEM_ROPE.marks)])
+def test_cli_continues_a_file_of_prompts_together(model, runs, tmp_path, capsys):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("def f(x):\nab\n\nz\n")
+    argv = ["--checkpoint", runs[model], "--prompts", str(prompts), "--tokens", "4",
+            "--temperature", "0", "--device", "cpu"]  # fmt: skip
+    assert generate.main(argv) == 0
+    captured = capsys.readouterr()
+    net, _ = generate.load_model(runs[model], torch.device("cpu"))
+    expected = []
+    for prompt in ("def f(x):", "ab", "z"):  # the empty line is no prompt
+        g = torch.Generator().manual_seed(0)
+        text, _ = generate.generate(net, prompt.encode(), 4, 0.0, None, g, use_cache=False)
+        expected += [f"== prompt {len(expected) // 2}: {prompt!r}",
+                     text.decode("utf-8", errors="replace")]
+    assert captured.out == "\n".join(expected) + "\n"
+    assert "3 prompts x 4 bytes" in captured.err and "(batch)" in captured.err
