@@ -292,9 +292,6 @@ def build_case(layer: CompiledLayer, module: ModuleType, opts: BenchOptions, tok
 
     Deterministic in ``opts.seed``: every process builds the same weights and inputs.
     """
-    if layer.memory:
-        raise EnergyError(f"layer {layer.name} reads a memory (a second sequence given at call "
-                          f"time), which energyc bench does not draw yet", layer.decl.where)
     dtype = dtype or DTYPES[opts.dtype]
     gen = torch.Generator().manual_seed(opts.seed)
     torch.manual_seed(opts.seed)
@@ -307,7 +304,33 @@ def build_case(layer: CompiledLayer, module: ModuleType, opts: BenchOptions, tok
     shape = (opts.batch, tokens, dims[layer.state_dim])
     x = torch.randn(shape, generator=gen, dtype=torch.float64).to(opts.device, dtype)
     w = torch.randn(shape, generator=gen, dtype=torch.float64).to(opts.device, dtype)
+    lay.bench_call = call_keywords(layer, opts, tokens, gen, dtype, dims)
     return lay, x.requires_grad_(True), w
+
+
+#: the tokens of each packed document where a layer's sets read documents
+DOCUMENT_TOKENS = 512
+
+
+def call_keywords(layer: CompiledLayer, opts: BenchOptions, tokens: int, gen: torch.Generator,
+                  dtype: torch.dtype, dims: dict[str, int]) -> dict:
+    """The call's keywords a layer needs besides x, as a user's batch would give them: packed
+    documents of DOCUMENT_TOKENS tokens (``cu_seqlens``) where its sets read documents, a prefix
+    of half the tokens where they read one, and a memory of as many tokens as the state where
+    the energy reads one (its gradient is not compared)."""
+    reads = {d for n in layer.energy.live() for d in
+             getattr(layer.energy.node(n).attr("mask"), "data", ())}
+    out: dict = {}
+    if "same_document" in reads:
+        cuts = list(range(0, tokens, DOCUMENT_TOKENS)) + [tokens]
+        out["cu_seqlens"] = torch.tensor(cuts, dtype=torch.int32, device=opts.device)
+    if "prefix" in reads:
+        out["prefix"] = tokens // 2
+    if layer.memory:
+        size = dims[layer.file.attribute(layer.context_dim)]
+        out["memory"] = torch.randn((opts.batch, tokens, size), generator=gen,
+                                    dtype=torch.float64).to(opts.device, dtype)
+    return out
 
 
 def float64_case(layer: CompiledLayer, module: ModuleType, opts: BenchOptions,
@@ -318,6 +341,8 @@ def float64_case(layer: CompiledLayer, module: ModuleType, opts: BenchOptions,
     lay64 = module.Layer(**layer_dims(layer, opts, module), **layer_hypers(layer),
                          backend=opts.backend, dtype=torch.float64, device=opts.device)
     lay64.load_state_dict({k: v.double() for k, v in lay.state_dict().items()})
+    lay64.bench_call = {k: v.double() if isinstance(v, torch.Tensor) and v.is_floating_point()
+                        else v for k, v in getattr(lay, "bench_call", {}).items()}
     for h in layer.hypers:
         name = layer.file.attribute(h.name)
         value = getattr(lay, name)
@@ -335,13 +360,21 @@ def run_variant(variant: str, layer: CompiledLayer, lay: torch.nn.Module, x: tor
     (:func:`energyc.reference.reference_step`)."""
     from energyc.reference import autograd_step, reference_step
 
+    call = getattr(lay, "bench_call", {})  # the call's keywords (build_case)
+    memory = call.get("memory")
+    data = {k: v for k, v in call.items() if k != "memory"}
     if variant == "generated":
-        y = lay(x)
+        y = lay(x, **call)
     elif variant == "autograd":
-        y = autograd_step(lay, x, lambda xa, xbar: lay.energy(xa, xbar, per_token=True),
-                          create_graph=True)
+        if memory is None:
+            def energy(xa, xbar):
+                return lay.energy(xa, xbar, per_token=True, **data)
+        else:  # the memory is every step's context
+            def energy(xa, xbar):
+                return lay.energy(xa, per_token=True, memory=memory, **data)
+        y = autograd_step(lay, x, energy, create_graph=True)
     elif variant == "interpreter":
-        y = reference_step(layer, lay, x, create_graph=True)
+        y = reference_step(layer, lay, x, create_graph=True, memory=memory, **data)
     else:
         raise ValueError(f"unknown variant {variant!r} (choose from {', '.join(VARIANTS)})")
     grads = torch.autograd.grad((y * w).sum(), [x, *lay.parameters()], allow_unused=True)
