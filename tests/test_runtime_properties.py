@@ -21,7 +21,8 @@ from hypothesis import strategies as st
 from energyc import runtime as rt
 from energyc.context import context
 from energyc.tolerances import tolerance
-from tests.test_runtime_edges import PACKAGES, build
+from tests.conftest import context_data
+from tests.test_runtime_edges import PACKAGES, build, memory
 
 SETTINGS = settings(
     max_examples=int(os.environ.get("ENERGYC_EDGE_EXAMPLES", "3")),
@@ -35,8 +36,39 @@ DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
 SIZE = 4  # every dim of every layer (build's default): the state is (batch, tokens, 4)
 
 
+class Called(torch.nn.Module):
+    """A generated layer called with the keywords its energy needs besides x (a memory, the
+    documents or prefix its sets read: ``memory``, ``conftest.context_data``), drawn from x's
+    shape, so that every package runs the same properties; other attributes are the layer's."""
+
+    def __init__(self, layer: torch.nn.Module, package: str) -> None:
+        super().__init__()
+        self.layer, self.package = layer, package
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self._modules["layer"], name)
+
+    def _keywords(self, x: torch.Tensor) -> dict:
+        if not isinstance(x, torch.Tensor) or x.dim() != 3:
+            return {}  # the layer names what is wrong with x
+        dtype = next(iter(self.layer.parameters()), x).dtype  # a layer may have none
+        return {**memory(self.layer, x.to(dtype)),
+                **context_data(self.package, x.shape[0], x.shape[1])}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layer(x, **self._keywords(x))
+
+    def energy(self, x: torch.Tensor, xbar: torch.Tensor | None = None, per_token: bool = False):
+        if self.layer._declared.memory is not None:  # the memory is the context, not xbar
+            return self.layer.energy(x, per_token=per_token, **self._keywords(x))
+        return self.layer.energy(x, xbar, per_token, **self._keywords(x))
+
+
 def _layer(package: str, dtype: torch.dtype = torch.float64, **settings_) -> torch.nn.Module:
-    return build(package, SIZE, **settings_).to(dtype)
+    return Called(build(package, SIZE, **settings_).to(dtype), package)
 
 
 def _call(layer: torch.nn.Module, x: torch.Tensor, w: torch.Tensor):
@@ -286,9 +318,12 @@ def test_settings_in_their_domain_are_accepted():
     spelling torch takes."""
     x = torch.randn(1, 3, SIZE)
     for package in PACKAGES:
-        torch.testing.assert_close(build(package, SIZE, eta=0)(x), x)
-        build(package, SIZE, eta=-0.5, dtype=torch.float32, device="cpu")(x)
-        build(package, SIZE, eta=torch.tensor(0.5), device=torch.device("cpu"))(x)
+        def made(package=package, **settings_):
+            return Called(build(package, SIZE, **settings_), package)
+
+        torch.testing.assert_close(made(eta=0)(x), x)
+        made(eta=-0.5, dtype=torch.float32, device="cpu")(x)
+        made(eta=torch.tensor(0.5), device=torch.device("cpu"))(x)
 
 
 BAD_INPUTS = [
@@ -313,6 +348,10 @@ def test_bad_input_names_the_argument(name, make, error, message):
     """xbar of another batch or token count than x was broadcast or failed deep in a step."""
     for package in PACKAGES:
         layer = _layer(package)
+        if name == "xbar" and layer._declared.memory is not None:
+            continue  # its context is the memory (tests/test_memory.py checks memory=)
+        if message == "does not match" and not list(layer.parameters()):
+            continue  # no parameters: any floating dtype is the layer's
         x = torch.randn(2, 3, SIZE, dtype=torch.float64)
         with pytest.raises(error, match=f"argument {name}: .*{message}"):
             if name == "x":

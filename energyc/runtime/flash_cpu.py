@@ -335,12 +335,18 @@ def _grouped(ctx: Context | Rows, run, *tensors: torch.Tensor) -> tuple:
         return run(found[0][1], *tensors)
     results = [(sel, run(rows, *(t[sel] for t in tensors))) for sel, rows in found]
     B = tensors[0].shape[0]
+    # groups of consecutive rows that tile the batch join by one cat (no zero-filled total)
+    spans = all(isinstance(sel, slice) for sel, _ in results)
+    if spans:
+        results.sort(key=lambda item: item[0].start)
     joined = []
     for n, first in enumerate(results[0][1]):
         if first is None:
             joined.append(None)
         elif first.dim() <= 1:
             joined.append(sum(r[n] for _, r in results))
+        elif spans:
+            joined.append(torch.cat([r[n] for _, r in results], dim=0))
         else:
             total = first.new_zeros((B, *first.shape[1:]))
             for sel, r in results:

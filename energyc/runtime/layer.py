@@ -270,7 +270,8 @@ class EnergyLayer(torch.nn.Module):
 
     def _call_data(self, x: Any, sets: dict[str, Any],
                    memory: torch.Tensor | None = None) -> CallData | None:
-        if not isinstance(x, torch.Tensor) or x.dim() != 3:
+        if (not isinstance(x, torch.Tensor) or x.dim() != 3 or not x.dtype.is_floating_point
+                or x.shape[-1] != getattr(self, self._declared.state_dim)):
             return None  # apply_layer's check says what x must be
         return call_data(x, self._declared.context_data, memory=memory, **sets)
 
@@ -284,6 +285,9 @@ class EnergyLayer(torch.nn.Module):
                                  "(declare one with memory(name, dim) and read it as name[j])")
             return
         name, dim = declared
+        params = self._params()
+        compute = autocast_dtype(x, params) if isinstance(x, torch.Tensor) else None
+        check_input("x", x, getattr(self, self._declared.state_dim), params, compute=compute)
         if memory is None:
             raise ValueError(f"this layer's energy reads the memory {name}: give it as memory= "
                              f"(batch, tokens, {dim}={getattr(self, dim)})")
