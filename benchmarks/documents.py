@@ -12,8 +12,10 @@ float32, forward + backward of loss = (y * w).sum() to x and every parameter.
    within each document). Goal: packed within 1.3x of the documents alone.
 2. Padding: one batch of rows of 4096, 2048, 1024 and 512 real tokens of 4096 (``lengths``)
    against each row alone at its length, ``j <= i``. Goal: within 1.3x.
-3. Peak memory of one step, packed documents of 512, from 1k to 16k tokens (a fresh process per
-   size: the peak RSS increment of the step; linear in the tokens when no (T x T) value exists).
+3. Peak memory of one step, packed documents of 512, from 1k to 16k tokens, on every path (the
+   attention kernels: doc_causal, doc_window; the pair kernels: doc_softcap; a fresh process per
+   energy and size: the peak RSS increment of the step; linear in the tokens when no (T x T)
+   value exists).
 4. FlexAttention: the same step written by hand (q = W_q x, k = W_k x, y = x + eta W_q^T
    attn(q, k, k)) on ``torch.nn.attention.flex_attention`` with a ``create_block_mask`` document
    mask, compiled with torch.compile, against the packed energyc layer: the forward alone
@@ -144,11 +146,14 @@ def _status_kib(key: str) -> int:
     raise RuntimeError(f"no {key} in /proc/self/status")
 
 
-def memory_probe(tokens: int, args) -> dict:
-    """In this (fresh) process: the peak RSS increment of one step of doc_causal on documents of
+MEMORY_LAYERS = ("doc_causal", "doc_window", "doc_softcap")  # the attention and pair paths
+
+
+def memory_probe(tokens: int, args, name: str = "doc_causal") -> dict:
+    """In this (fresh) process: the peak RSS increment of one step of ``name`` on documents of
     512 packed into ``tokens``, after a step at 512 tokens has made the one-time allocations."""
     modules = compile_layers()
-    lay = make(modules, "doc_causal", args)
+    lay = make(modules, name, args)
     n = min(512, tokens)
     small = torch.randn(1, n, args.dim)
     step(lay, small, small, cu_seqlens=cuts(n, n))
@@ -168,16 +173,18 @@ def memory_probe(tokens: int, args) -> dict:
 def memory_table(args) -> list[list[str]]:
     rows = []
     for tokens in args.memory_sizes:
-        cmd = [sys.executable, str(Path(__file__).resolve()), "--memory-probe", str(tokens),
-               "--threads", str(args.threads), "--dim", str(args.dim), "--heads",
-               str(args.heads), "--head-dim", str(args.head_dim)]
-        out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
-        if out.returncode != 0:
-            rows.append([str(tokens), "failed: " + out.stderr.strip().splitlines()[-1], "", ""])
-            continue
-        r = json.loads(out.stdout.strip().splitlines()[-1])
-        rows.append([str(tokens), f"{r['peak_mib']:.1f}",
-                     f"{r['peak_mib'] * 1024 / tokens:.1f}", f"{r['ms']:.0f}"])
+        row = [str(tokens)]
+        for name in MEMORY_LAYERS:
+            cmd = [sys.executable, str(Path(__file__).resolve()), "--memory-probe", str(tokens),
+                   "--memory-layer", name, "--threads", str(args.threads), "--dim",
+                   str(args.dim), "--heads", str(args.heads), "--head-dim", str(args.head_dim)]
+            out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+            if out.returncode != 0:
+                row.append("failed: " + out.stderr.strip().splitlines()[-1])
+                continue
+            r = json.loads(out.stdout.strip().splitlines()[-1])
+            row.append(f"{r['peak_mib']:.1f} ({r['peak_mib'] * 1024 / tokens:.1f})")
+        rows.append(row)
     return rows
 
 
@@ -258,10 +265,12 @@ def main() -> None:
     p.add_argument("--quick", action="store_true",
                    help="1024 tokens, 2 repeats, memory at 1k and 2k tokens")
     p.add_argument("--memory-probe", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--memory-layer", default="doc_causal", choices=MEMORY_LAYERS,
+                   help=argparse.SUPPRESS)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     if args.memory_probe:
-        print(json.dumps(memory_probe(args.memory_probe, args)))
+        print(json.dumps(memory_probe(args.memory_probe, args, args.memory_layer)))
         return
     if args.quick:
         args.tokens, args.repeats, args.memory_sizes = 1024, 2, [1024, 2048]
@@ -280,8 +289,9 @@ def main() -> None:
              ["rows", "padded batch", "rows alone", "batch without lengths",
               "padded / alone"], padding_table(modules, args))
     if "memory" not in args.skip:
-        show("Peak memory of one step, documents of 512 packed (fresh process per size)",
-             ["tokens", "peak MiB", "KiB / token", "ms"], memory_table(args))
+        show("Peak memory of one step, documents of 512 packed: MiB (KiB per token), a fresh "
+             "process per energy and size",
+             ["tokens", *MEMORY_LAYERS], memory_table(args))
     if "flex" not in args.skip:
         show("FlexAttention, document mask, compiled: forward alone (ms)",
              ["case", "energyc", "flex_attention", "flex / energyc", "block mask ms",

@@ -119,7 +119,16 @@ def main(argv: list[str] | None = None) -> int:
             for precond in ("identity", "diagonal", "dplr"):
                 layer = module.Layer(**dims, precond=precond, backend="triton", dtype=dtype)
                 x = torch.randn(2, 5, dims["D"], dtype=dtype, requires_grad=True)
-                y = layer(x)
+                call = {}  # the documents or prefix its sets read (not conftest's helper:
+                reads = layer._declared.context_data  # importing it would interpret Triton)
+                if "same_document" in reads:
+                    call["document_ids"] = torch.tensor([[0, 0, 1, 1, 1], [0, 1, 1, 1, 2]])
+                if "prefix" in reads:
+                    call["prefix"] = 2
+                declared = layer._declared.memory
+                if declared is not None:  # as many memory tokens as x's (the Triton path's)
+                    call["memory"] = torch.randn(2, 5, getattr(layer, declared[1]), dtype=dtype)
+                y = layer(x, **call)
                 torch.autograd.grad(y.float().sum(), [x, *layer.parameters()], allow_unused=True)
     failed = [key for key, err in built.items() if err is not None]
     print(f"{len(args.packages)} packages, {' '.join(args.dtypes)}: {len(built) - len(failed)} "
