@@ -5,7 +5,9 @@ every generated package whose energy has one.
     o_i   = sum_{j in C(i)} P_ij v_j,          P_ij = exp(S_ij - lse_i)
     lse_i = log sum_{j in C(i)} exp(S_ij)
 
-with the scale s; the bias term only when slopes (H,) are given (HAS_BIAS).
+with the scale s; the bias term only when slopes (H,) are given (HAS_BIAS). The T queries and
+the TK keys (T, or a memory's M tokens) are counted apart: key loads are masked by TK, and the
+keys-major kernel runs over TK's blocks and writes dk, dv and the transposed product over TK rows.
 Forward: one program per (batch x head, block of BLOCK_M queries); an online log-sum-exp over
 blocks of BLOCK_N keys, accumulated in ACC (fp32; fp64 for float64 operands, as every kernel
 of the Triton path); no (tokens x tokens) tensor is formed.
