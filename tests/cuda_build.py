@@ -126,8 +126,9 @@ def main(argv: list[str] | None = None) -> int:
                 if "prefix" in reads:
                     call["prefix"] = 2
                 declared = layer._declared.memory
-                if declared is not None:  # as many memory tokens as x's (the Triton path's)
-                    call["memory"] = torch.randn(2, 5, getattr(layer, declared[1]), dtype=dtype)
+                if declared is not None:  # more memory tokens than x's, padded in one row
+                    call["memory"] = torch.randn(2, 7, getattr(layer, declared[1]), dtype=dtype)
+                    call["memory_lengths"] = torch.tensor([7, 3])
                 y = layer(x, **call)
                 torch.autograd.grad(y.float().sum(), [x, *layer.parameters()], allow_unused=True)
     failed = [key for key, err in built.items() if err is not None]

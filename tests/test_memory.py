@@ -3,7 +3,8 @@ layer at call time: cross-attention of a decoder on an encoder's output and Hopf
 over patterns given at run time (examples/cross_attention.py, examples/hopfield_memory.py)
 against torch.autograd of the same energies written plainly in PyTorch (float64): the forward,
 the backward to x, the memory and every parameter, the energy and its gradients; the memory's
-own token count (M != T); memory_lengths (padding changes no real output, padded memory tokens
+own token count (M != T), on the torch and the Triton paths (and the flash kernels alone, with
+M keys for T queries); memory_lengths (padding changes no real output, padded memory tokens
 get gradient 0); the fused path (attention kernels, no (tokens x memory) value); the refusals."""
 
 from __future__ import annotations
@@ -272,21 +273,84 @@ def test_refused_energies_name_the_line(tmp_path, case):
     assert f"bad.py:{line}" in str(info.value)
 
 
+@pytest.mark.parametrize("memory_lengths", [False, True], ids=["all", "memory_lengths"])
+@pytest.mark.parametrize("dtype", [torch.float32, F64], ids=str)
+@pytest.mark.parametrize(("T", "M"), [(5, 5), (7, 3), (4, 9)], ids=["M=T", "M<T", "M>T"])
 @pytest.mark.parametrize("name", sorted(PATHS))
-def test_triton_path(name):
-    """The Triton path (under the interpreter without a GPU; its kernels compute in float32)
-    with a memory of as many tokens as queries equals the float64 torch path within float32's
-    tolerance (outputs and the gradients to x and the memory); a memory of another length is
-    refused with the remedy (its kernels index keys by one T)."""
+def test_triton_path(name, T, M, dtype, memory_lengths):
+    """The Triton path (under the interpreter without a GPU) with a memory of as many, fewer or
+    more tokens than queries, with and without memory_lengths, equals autograd of the plainly
+    written energy in float64 within ``dtype``'s tolerance: the output and the gradients to x,
+    the memory and every parameter; padded memory tokens get gradient 0."""
     pytest.importorskip("triton")
-    ref, lay = _layer(name), _layer(name, backend="triton").float()
-    x, c = _inputs(name, T=5, M=5)
-    xf, cf = (t.detach().float().requires_grad_() for t in (x, c))
-    y, want = lay(xf, memory=cf), ref(x, memory=c)
-    assert_within_tolerance("output", y, want.detach(), torch.float32)
-    for got, exp in zip(_grads(y, [xf, cf]), _grads(want, [x, c])):
-        assert_within_tolerance("gradient", got, exp, torch.float32)
-    x, c = _inputs(name, T=5, M=7)
-    x, c = x.float(), c.float()
-    with pytest.raises(NotImplementedError, match="as many keys as queries"):
-        lay(x, memory=c)
+    lay = _layer(name, backend="triton").to(dtype)
+    ref = _layer(name)
+    x, c = _inputs(name, T=T, M=M)
+    ml = torch.tensor([M, max(M - 2, 1)]) if memory_lengths else None
+    xd, cd = (t.detach().to(dtype).requires_grad_() for t in (x, c))
+    y = lay(xd, memory=cd, memory_lengths=ml)
+    want = plain_steps(name, ref, x, c, 1, ml)
+    assert y.dtype == dtype
+    assert_within_tolerance("output", y, want.detach(), dtype)
+    names = ["x", "memory", *(n for n, _ in lay.named_parameters())]
+    got = _grads(y, [xd, cd, *lay.parameters()])
+    exp = _grads(want, [x, c, *ref.parameters()])
+    for what, g, e in zip(names, got, exp, strict=True):
+        assert_within_tolerance(f"gradient of {what}", g, e, dtype)
+    if memory_lengths:
+        assert torch.count_nonzero(got[1][1, int(ml[1]):]) == 0
+
+
+@pytest.mark.parametrize("data", ["none", "memory_lengths", "both_lengths"])
+@pytest.mark.parametrize("dtype", [torch.float32, F64], ids=str)
+@pytest.mark.parametrize(("T", "M"), [(40, 9), (9, 40)], ids=["M<T", "M>T"])
+def test_triton_flash_kernels_on_a_memory(T, M, dtype, data):
+    """The flash kernels with T queries and M keys across their 32-token blocks (forward, dq,
+    the keys-major dk, dv and the transposed product, whose results have M rows), with the
+    call's rows of a memory (memory_lengths: keys m >= M_b out of row b's sets; the state's
+    lengths: padded queries read no key), against a dense masked reference in float64; empty
+    rows give lse 0 and o 0, keys no query sees get gradient 0."""
+    pytest.importorskip("triton")
+    from energyc.runtime import triton_attention
+    from energyc.runtime.rows import call_data, calling
+
+    B, H, F, G = 2, 2, 8, 5
+    gen = torch.Generator().manual_seed(11)
+    q = torch.randn(B, T, H, F, generator=gen, dtype=dtype)
+    k = torch.randn(B, M, H, F, generator=gen, dtype=dtype)
+    v_keys = torch.randn(B, M, H, G, generator=gen, dtype=dtype)
+    g, v_queries = (torch.randn(B, T, H, G, generator=gen, dtype=dtype) for _ in range(2))
+    keywords = {}
+    if data != "none":
+        keywords["memory_lengths"] = torch.tensor([M, M // 3])
+    if data == "both_lengths":
+        keywords["lengths"] = torch.tensor([T - 3, T])
+    call = call_data(torch.zeros(B, T, 1), (), memory=torch.zeros(B, M, 1), **keywords)
+    with calling(call):
+        o, lse = triton_attention.attention_forward(q, k, v_keys, 0.4, ("all",))
+        dq, dk, dv, _, _ = triton_attention.attention_backward(q, k, v_keys, 0.4, ("all",), o,
+                                                               lse, g)
+        o_t = triton_attention.attention_transposed(q, k, v_queries, 0.4, ("all",), lse)
+    mask = torch.ones(B, T, M, dtype=torch.bool)
+    if "memory_lengths" in keywords:
+        mask &= torch.arange(M)[None, None, :] < keywords["memory_lengths"][:, None, None]
+    if "lengths" in keywords:
+        mask &= torch.arange(T)[None, :, None] < keywords["lengths"][:, None, None]
+    leaves = [t.double().requires_grad_() for t in (q, k, v_keys)]
+    s = 0.4 * torch.einsum("bihf,bjhf->bhij", leaves[0], leaves[1])
+    s = s.masked_fill(~mask[:, None], -1e300)
+    empty = ~mask[:, None].any(-1, keepdim=True)  # (B, 1, T, 1)
+    p = torch.softmax(s, -1).masked_fill(empty, 0.0)
+    o_ref = torch.einsum("bhij,bjhg->bihg", p, leaves[2])
+    lse_ref = torch.logsumexp(s, -1).masked_fill(empty[..., 0], 0.0).transpose(1, 2)
+    grads = torch.autograd.grad((o_ref * g.double()).sum(), leaves)
+    o_t_ref = torch.einsum("bhij,bihg->bjhg", p, v_queries.double())
+    for what, got, want, rows in zip(
+            ("o", "lse", "dq", "dk", "dv", "o_t"), (o, lse, dq, dk, dv, o_t),
+            (o_ref, lse_ref, *grads, o_t_ref), (T, T, T, M, M, M), strict=True):
+        assert got.shape[:2] == (B, rows) and got.dtype == dtype, what
+        assert_within_tolerance(what, got, want.detach(), dtype)
+    empty_rows, seen = ~mask.any(-1), mask.any(1)  # (B, T), (B, M)
+    assert bool((lse[empty_rows] == 0).all()) and bool((o[empty_rows] == 0).all())
+    assert bool((dk[~seen] == 0).all()) and bool((dv[~seen] == 0).all())
+    assert bool((o_t[~seen] == 0).all())

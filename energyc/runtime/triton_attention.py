@@ -5,7 +5,9 @@ every generated package whose energy has one.
     o_i   = sum_{j in C(i)} P_ij v_j,          P_ij = exp(S_ij - lse_i)
     lse_i = log sum_{j in C(i)} exp(S_ij)
 
-with the scale s; the bias term only when slopes (H,) are given (HAS_BIAS).
+with the scale s; the bias term only when slopes (H,) are given (HAS_BIAS). The T queries and
+the TK keys (T, or a memory's M tokens) are counted apart: key loads are masked by TK, and the
+keys-major kernel runs over TK's blocks and writes dk, dv and the transposed product over TK rows.
 Forward: one program per (batch x head, block of BLOCK_M queries); an online log-sum-exp over
 blocks of BLOCK_N keys, accumulated in ACC (fp32; fp64 for float64 operands, as every kernel
 of the Triton path); no (tokens x tokens) tensor is formed.
@@ -68,7 +70,7 @@ GPU_TILES = ((128, 64, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 2), (
 
 # what the best tile depends on: sizes, context set, and the constexprs that change the work
 # (each backward kernel adds its own)
-_TUNING_KEY = ["T", "F", "G", "LO", "HI", "HOLE", "ROWS", "HAS_BIAS"]
+_TUNING_KEY = ["T", "TK", "F", "G", "LO", "HI", "HOLE", "ROWS", "HAS_BIAS"]
 
 
 def _tiles():
@@ -119,12 +121,13 @@ def _scores(qk, scale, slope, offs_m, offs_n, HAS_BIAS: tl.constexpr):
 @triton.autotune(configs=_tiles(), key=_TUNING_KEY)
 @triton.jit
 def _attention_fwd(
-    Q, K, V,  # (B, T, H, F), (B, T, H, F), (B, T, H, G): any strides
+    Q, K, V,  # (B, T, H, F), (B, TK, H, F), (B, TK, H, G): any strides
     SLOPES,  # (H,) ACC: the bias slopes (read when HAS_BIAS)
     OUT,  # (B, T, H, G) output: o
     LSE,  # (B, H, T) ACC output: log-sum-exp of the scores
     sq_b, sq_t, sq_h, sk_b, sk_t, sk_h, sv_b, sv_t, sv_h, so_b, so_t, so_h,
-    T, H, F, G, scale, scale_lo,  # the scale: its fp32 rounding, and the rest (read in fp64)
+    T, TK, H, F, G,  # T queries, TK keys (a memory's M tokens, or T)
+    scale, scale_lo,  # the scale: its fp32 rounding, and the rest (read in fp64)
     ROWS_LO, ROWS_HI, s_rows,  # the call's key bounds lo_b(i), hi_b(i) (read under ROWS)
     LO: tl.constexpr, HI: tl.constexpr, HOLE: tl.constexpr,  # the context set's band
     ROWS: tl.constexpr,  # the set's keys are the call's rows (LO, HI None), not the band
@@ -149,10 +152,10 @@ def _attention_fwd(
     LO_ROW = ROWS_LO + b * s_rows
     HI_ROW = ROWS_HI + b * s_rows
     lo_m, hi_m = row_bounds(LO_ROW, HI_ROW, offs_m, mask_m, ROWS)
-    lo, hi = row_key_range(pid_m, T, LO_ROW, HI_ROW, LO, HI, BLOCK_M, BLOCK_N, ROWS)
+    lo, hi = row_key_range(pid_m, T, LO_ROW, HI_ROW, LO, HI, BLOCK_M, BLOCK_N, ROWS, TK)
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        mask_n = offs_n < T
+        mask_n = offs_n < TK
         k = tl.load(K + b * sk_b + h * sk_h + offs_n[:, None] * sk_t + offs_f[None, :],
                     mask=mask_n[:, None] & (offs_f[None, :] < F), other=0.0)
         v = tl.load(V + b * sv_b + h * sv_h + offs_n[:, None] * sv_t + offs_g[None, :],
@@ -199,11 +202,13 @@ def _attention_bwd_preprocess(
 @triton.autotune(configs=_tiles(), key=_TUNING_KEY + ["DV_ONLY"])
 @triton.jit
 def _attention_bwd_dkdv(
-    Q, K, V, DO,  # (B, T, H, F|G) contiguous; DO indexed by query (v itself with DV_ONLY)
+    Q, K, V, DO,  # contiguous: Q, DO (B, T, H, F|G) by query (DO: v itself with DV_ONLY, V
+    #               then unread), K, V (B, TK, H, F|G) by key
     SLOPES,  # (H,) ACC: the bias slopes (read when HAS_BIAS)
     LSE, DELTA,  # (B, H, T) ACC (DELTA unread with DV_ONLY)
-    DK, DV,  # (B, T, H, F|G) outputs (DK unwritten with DV_ONLY)
-    T, H, F, G, scale, scale_lo,  # the scale: its fp32 rounding, and the rest (read in fp64)
+    DK, DV,  # (B, TK, H, F|G) outputs, by key (DK unwritten with DV_ONLY)
+    T, TK, H, F, G,  # T queries, TK keys (a memory's M tokens, or T)
+    scale, scale_lo,  # the scale: its fp32 rounding, and the rest (read in fp64)
     ROWS_LO, ROWS_HI, s_rows,  # the call's key bounds lo_b(i), hi_b(i) (read under ROWS)
     LO: tl.constexpr, HI: tl.constexpr, HOLE: tl.constexpr,  # the context set's band
     ROWS: tl.constexpr,  # the set's keys are the call's rows (LO, HI None), not the band
@@ -218,8 +223,8 @@ def _attention_bwd_dkdv(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_f = tl.arange(0, BLOCK_F)
     offs_g = tl.arange(0, BLOCK_G)
-    mask_n = offs_n < T
-    row_n = (b * T * H + offs_n[:, None] * H + h)
+    mask_n = offs_n < TK
+    row_n = (b * TK * H + offs_n[:, None] * H + h)
     k = tl.load(K + row_n * F + offs_f[None, :], mask=mask_n[:, None] & (offs_f[None, :] < F),
                 other=0.0)
     if not DV_ONLY:
@@ -232,7 +237,7 @@ def _attention_bwd_dkdv(
     LO_ROW = ROWS_LO + b * s_rows
     HI_ROW = ROWS_HI + b * s_rows
     # the queries that see a key here
-    lo, hi = row_query_range(pid_n, T, LO_ROW, HI_ROW, LO, HI, BLOCK_M, BLOCK_N, ROWS)
+    lo, hi = row_query_range(pid_n, T, LO_ROW, HI_ROW, LO, HI, BLOCK_M, BLOCK_N, ROWS, TK)
     for start_m in range(lo, hi, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
         mask_m = offs_m < T
@@ -264,13 +269,14 @@ def _attention_bwd_dkdv(
 @triton.autotune(configs=_tiles(), key=_TUNING_KEY + ["NEED_DSCALE"])
 @triton.jit
 def _attention_bwd_dq(
-    Q, K, V, DO,  # (B, T, H, F|G) contiguous
+    Q, K, V, DO,  # contiguous: Q, DO (B, T, H, F|G) by query, K, V (B, TK, H, F|G) by key
     SLOPES,  # (H,) ACC: the bias slopes (read when HAS_BIAS)
     LSE, DELTA,  # (B, H, T) ACC
     DQ,  # (B, T, H, F) output
     DSCALE,  # (B, H, T) ACC output with NEED_DSCALE: sum_j dS_ij (q_i . k_j)
     DSLOPES,  # (B, H, T) ACC output with HAS_BIAS: sum_j dS_ij (i - j)
-    T, H, F, G, scale, scale_lo,  # the scale: its fp32 rounding, and the rest (read in fp64)
+    T, TK, H, F, G,  # T queries, TK keys (a memory's M tokens, or T)
+    scale, scale_lo,  # the scale: its fp32 rounding, and the rest (read in fp64)
     ROWS_LO, ROWS_HI, s_rows,  # the call's key bounds lo_b(i), hi_b(i) (read under ROWS)
     LO: tl.constexpr, HI: tl.constexpr, HOLE: tl.constexpr,  # the context set's band
     ROWS: tl.constexpr,  # the set's keys are the call's rows (LO, HI None), not the band
@@ -301,11 +307,11 @@ def _attention_bwd_dq(
     LO_ROW = ROWS_LO + b * s_rows
     HI_ROW = ROWS_HI + b * s_rows
     lo_m, hi_m = row_bounds(LO_ROW, HI_ROW, offs_m, mask_m, ROWS)
-    lo, hi = row_key_range(pid_m, T, LO_ROW, HI_ROW, LO, HI, BLOCK_M, BLOCK_N, ROWS)
+    lo, hi = row_key_range(pid_m, T, LO_ROW, HI_ROW, LO, HI, BLOCK_M, BLOCK_N, ROWS, TK)
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        mask_n = offs_n < T
-        row_n = (b * T * H + offs_n[:, None] * H + h)
+        mask_n = offs_n < TK
+        row_n = (b * TK * H + offs_n[:, None] * H + h)
         k = tl.load(K + row_n * F + offs_f[None, :], mask=mask_n[:, None] & (offs_f[None, :] < F),
                     other=0.0)
         v = tl.load(V + row_n * G + offs_g[None, :], mask=mask_n[:, None] & (offs_g[None, :] < G),
@@ -350,25 +356,19 @@ def _blocks(F: int, G: int, dtype: torch.dtype) -> dict:
 
 
 def _grid(T: int, B: int, H: int, block: str):
-    """One program per (tile of ``block`` tokens, batch x head)."""
+    """One program per (tile of ``block`` tokens, batch x head): T the queries (queries-major
+    kernels) or the keys (keys-major)."""
     return lambda meta: (triton.cdiv(T, meta[block]), B * H)
-
-
-def _as_many_keys(q: torch.Tensor, k: torch.Tensor) -> None:
-    """Refuse keys of another count than the queries' (a memory of M != T tokens): these
-    kernels index both by one T."""
-    if q.shape[1] != k.shape[1]:
-        raise NotImplementedError(
-            f"the Triton attention kernels take as many keys as queries; got {k.shape[1]} keys "
-            f"(a memory's tokens) for {q.shape[1]} queries: run the layer with backend='torch'")
 
 
 def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                       scale: float | torch.Tensor, kind: Context | tuple,
                       slopes: torch.Tensor | None = None, offset: int = 0,
                       keep_probs: bool = False, probs: None = None) -> tuple:
-    """o (B, T, H, G) and lse (B, T, H) of softmax attention over the context set ``kind``
-    (a ``Context`` or its spelling, such as ("causal",) or ("window", 64)), with the bias
+    """o (B, T, H, G) and lse (B, T, H) of softmax attention of the T queries q (B, T, H, F)
+    over the keys k (B, TK, H, F) and values v (B, TK, H, G) (TK: T, or a memory's M tokens) in
+    the context set ``kind`` (a ``Context`` or its spelling, such as ("causal",) or
+    ("window", 64)), with the bias
     slopes_h * (i - j) when slopes (H,) is given; an empty set gives o = 0, lse = 0. These
     kernels keep no attention weights: with ``keep_probs`` the third result is None (as the torch
     runtime's where it keeps none), and ``probs`` is always None. ``offset`` (queries after a
@@ -376,7 +376,6 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     if offset:
         raise NotImplementedError("the Triton attention kernels take no offset: decoding runs on "
                                   "energyc.runtime.attention")
-    _as_many_keys(q, k)
     band, rows_lo, rows_hi = context_args(kind, q.shape[1], q.device)
     o, lse = _attention_forward_op(q, k, v, torch.as_tensor(scale, dtype=torch.float64), *band,
                                    slopes, rows_lo, rows_hi)
@@ -388,9 +387,8 @@ def attention_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                        lse: torch.Tensor, g: torch.Tensor, slopes: torch.Tensor | None = None,
                        need_dscale: bool = False, probs: None = None) -> tuple:
     """dq, dk, dv, dscale, dslopes of ``attention_forward`` for the upstream gradient g
-    (B, T, H, G); dscale (0-d) only when ``need_dscale``, dslopes (H,) only when
+    (B, T, H, G) (dk, dv over the TK keys); dscale (0-d) only when ``need_dscale``, dslopes (H,) only when
     ``slopes`` is given, else None. ``probs`` is None here (``attention_forward`` keeps none)."""
-    _as_many_keys(q, k)
     band, rows_lo, rows_hi = context_args(kind, q.shape[1], q.device)
     dq, dk, dv, dscale, dslopes = _attention_backward_op(
         q, k, v, torch.as_tensor(scale, dtype=torch.float64), *band, o, lse, g, slopes, need_dscale, rows_lo, rows_hi
@@ -402,10 +400,10 @@ def attention_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 def attention_transposed(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                          scale: float | torch.Tensor, kind: Context | tuple, lse: torch.Tensor,
                          slopes: torch.Tensor | None = None, probs: None = None) -> torch.Tensor:
-    """The weights of ``attention_forward`` applied keys-major (the key role): o_t (B, T, H, G)
-    with o_t[b, j, h] = sum_{i : j in C(i)} P_ij v[b, i, h], v indexed by the query token; lse is
+    """The weights of ``attention_forward`` applied keys-major (the key role): o_t
+    (B, TK, H, G) over the keys with o_t[b, j, h] = sum_{i : j in C(i)} P_ij v[b, i, h], v
+    (B, T, H, G) indexed by the query token; lse is
     the saved log-sum-exp of ``attention_forward``; ``probs`` is None here (as there)."""
-    _as_many_keys(q, k)
     band, rows_lo, rows_hi = context_args(kind, q.shape[1], q.device)
     return _attention_transposed_op(
         q, k, v, torch.as_tensor(scale, dtype=torch.float64), *band, lse, slopes, rows_lo, rows_hi
@@ -461,7 +459,7 @@ def _attention_forward_op(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     scale, scale_lo = _scale_args(scale)
     B, T, H, F = q.shape
-    G = v.shape[-1]
+    TK, G = k.shape[1], v.shape[-1]
     out_dtype = v.dtype
     q, k, v = _alike(q, k, v)
     o = torch.empty(B, T, H, G, dtype=storage(q.dtype), device=q.device)
@@ -472,7 +470,7 @@ def _attention_forward_op(
         q, k, v, slopes, o, lse,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(1), o.stride(2),
-        T, H, F, G, scale, scale_lo, **row_args(rows_lo, rows_hi, B, T, lse),
+        T, TK, H, F, G, scale, scale_lo, **row_args(rows_lo, rows_hi, B, T, lse),
         **_band_args(lo, hi, hole),
         HAS_BIAS=has_bias, **blocks,
     )
@@ -506,7 +504,7 @@ def _attention_backward_op(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     scale, scale_lo = _scale_args(scale)
     B, T, H, F = q.shape
-    G = v.shape[-1]
+    TK, G = k.shape[1], v.shape[-1]
     dtypes = (q.dtype, k.dtype, v.dtype)
     q, k, v, o, g = _alike(q, k, v, o, g)
     lse = lse.transpose(1, 2).to(_stat_dtype(q.dtype)).contiguous()
@@ -522,13 +520,13 @@ def _attention_backward_op(
         o, g, delta, T, H, G, ACC=blocks["ACC"], BLOCK_M=INTERPRETER_TILE[0],
         BLOCK_G=blocks["BLOCK_G"],
     )
-    _attention_bwd_dkdv[_grid(T, B, H, "BLOCK_N")](
-        q, k, v, g, slopes, lse, delta, dk, dv, T, H, F, G, scale, scale_lo, **masks,
+    _attention_bwd_dkdv[_grid(TK, B, H, "BLOCK_N")](
+        q, k, v, g, slopes, lse, delta, dk, dv, T, TK, H, F, G, scale, scale_lo, **masks,
         HAS_BIAS=has_bias, DV_ONLY=False, **blocks,
     )
     _attention_bwd_dq[_grid(T, B, H, "BLOCK_M")](
-        q, k, v, g, slopes, lse, delta, dq, dscale_rows, dslopes_rows, T, H, F, G, scale, scale_lo,
-        **masks,
+        q, k, v, g, slopes, lse, delta, dq, dscale_rows, dslopes_rows, T, TK, H, F, G, scale,
+        scale_lo, **masks,
         HAS_BIAS=has_bias, NEED_DSCALE=need_dscale, **blocks,
     )
     dscale = dscale_rows.sum() if need_dscale else delta.new_empty(0)
@@ -561,16 +559,16 @@ def _attention_transposed_op(
 ) -> torch.Tensor:
     scale, scale_lo = _scale_args(scale)
     B, T, H, F = q.shape
-    G = v.shape[-1]
+    TK, G = k.shape[1], v.shape[-1]
     out_dtype = v.dtype
     q, k, v = _alike(q, k, v)
     lse = lse.transpose(1, 2).to(_stat_dtype(q.dtype)).contiguous()
-    o_t = torch.empty_like(v, dtype=storage(v.dtype))
+    o_t = torch.empty(B, TK, H, G, dtype=storage(v.dtype), device=v.device)  # over the keys
     slopes, has_bias = _slopes_arg(slopes, lse)
     blocks = _blocks(F, G, q.dtype)
     # the keys-major backward kernel with do = v: its dv is the transposed product
-    _attention_bwd_dkdv[_grid(T, B, H, "BLOCK_N")](
-        q, k, v, v, slopes, lse, lse, q, o_t, T, H, F, G, scale, scale_lo,
+    _attention_bwd_dkdv[_grid(TK, B, H, "BLOCK_N")](
+        q, k, v, v, slopes, lse, lse, q, o_t, T, TK, H, F, G, scale, scale_lo,
         **_band_args(lo, hi, hole),
         **row_args(rows_lo, rows_hi, B, T, lse), HAS_BIAS=has_bias, DV_ONLY=True, **blocks,
     )
@@ -579,7 +577,7 @@ def _attention_transposed_op(
 
 @_attention_transposed_op.register_fake
 def _(q, k, v, scale, lo, hi, hole, lse, slopes, rows_lo=None, rows_hi=None):
-    return v.new_empty(v.shape)
+    return v.new_empty(k.shape[0], k.shape[1], v.shape[2], v.shape[3])
 
 
 implements(sys.modules[__name__])  # the kernels interface, shared with the other backend

@@ -80,30 +80,35 @@ def in_context(offs_i, offs_j, LO: tl.constexpr, HI: tl.constexpr, HOLE: tl.cons
 
 @triton.jit
 def key_range(pid, T, LO: tl.constexpr, HI: tl.constexpr, BLOCK_I: tl.constexpr,
-              BLOCK_J: tl.constexpr):
-    """[lo, hi): the keys that the queries [pid BLOCK_I, (pid + 1) BLOCK_I) reach
-    (``Context.key_range``: [i0 - HI, i1 - LO)), lo rounded down to a multiple of BLOCK_J; the
-    key blocks outside are skipped."""
+              BLOCK_J: tl.constexpr, TK=None):
+    """[lo, hi): the keys that the queries [pid BLOCK_I, (pid + 1) BLOCK_I) of T reach
+    (``Context.key_range``: [i0 - HI, i1 - LO)) among the TK keys (None: T, the queries' own),
+    lo rounded down to a multiple of BLOCK_J; the key blocks outside are skipped."""
+    if TK is None:
+        TK = T
     lo = 0
-    hi = T
+    hi = TK
     if HI is not None:
         lo = tl.maximum(pid * BLOCK_I - HI, 0) // BLOCK_J * BLOCK_J
     if LO is not None:
-        hi = tl.minimum(tl.minimum((pid + 1) * BLOCK_I, T) - LO, T)
+        hi = tl.minimum(tl.minimum((pid + 1) * BLOCK_I, T) - LO, TK)
     return lo, hi
 
 
 @triton.jit
 def query_range(pid, T, LO: tl.constexpr, HI: tl.constexpr, BLOCK_I: tl.constexpr,
-                BLOCK_J: tl.constexpr):
-    """[lo, hi): the queries whose context sets reach a key of [pid BLOCK_J, (pid + 1) BLOCK_J)
-    (``Context.query_range``: [j0 + LO, j1 + HI)), lo rounded down to a multiple of BLOCK_I."""
+                BLOCK_J: tl.constexpr, TK=None):
+    """[lo, hi): the queries of T whose context sets reach a key of [pid BLOCK_J, (pid + 1)
+    BLOCK_J) among the TK keys (None: T) (``Context.query_range``: [j0 + LO, j1 + HI)), lo
+    rounded down to a multiple of BLOCK_I."""
+    if TK is None:
+        TK = T
     lo = 0
     hi = T
     if LO is not None:
         lo = tl.maximum(pid * BLOCK_J + LO, 0) // BLOCK_I * BLOCK_I
     if HI is not None:
-        hi = tl.minimum(tl.minimum((pid + 1) * BLOCK_J, T) + HI, T)
+        hi = tl.minimum(tl.minimum((pid + 1) * BLOCK_J, TK) + HI, T)
     return lo, hi
 
 
@@ -159,35 +164,39 @@ def first_at_least(ROW, n, x):
 
 @triton.jit
 def row_key_range(pid, T, LO_ROW, HI_ROW, LO: tl.constexpr, HI: tl.constexpr,
-                  BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, ROWS: tl.constexpr):
+                  BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, ROWS: tl.constexpr, TK=None):
     """[lo, hi): the keys that the queries [i0, i1) = [pid BLOCK_I, (pid + 1) BLOCK_I) of one
-    batch row reach: under ROWS [lo_b(i0), hi_b(i1 - 1) + 1) (lo_b and hi_b never decrease;
-    empty, hi <= lo, when no query of the block has a key), lo rounded down to a multiple of
-    BLOCK_J; else ``key_range`` of the band."""
+    batch row of T queries reach, among TK keys (None: T; a memory's M): under ROWS
+    [lo_b(i0), hi_b(i1 - 1) + 1) (key coordinates, hi_b <= TK - 1; lo_b and hi_b never
+    decrease; empty, hi <= lo, when no query of the block has a key), lo rounded down to a
+    multiple of BLOCK_J; else ``key_range`` of the band."""
     if ROWS:
         i0 = pid * BLOCK_I
         i1 = tl.minimum(i0 + BLOCK_I, T)
         lo = tl.load(LO_ROW + i0) // BLOCK_J * BLOCK_J
         hi = tl.load(HI_ROW + i1 - 1) + 1
     else:
-        lo, hi = key_range(pid, T, LO, HI, BLOCK_I, BLOCK_J)
+        lo, hi = key_range(pid, T, LO, HI, BLOCK_I, BLOCK_J, TK)
     return lo, hi
 
 
 @triton.jit
 def row_query_range(pid, T, LO_ROW, HI_ROW, LO: tl.constexpr, HI: tl.constexpr,
-                    BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, ROWS: tl.constexpr):
-    """[lo, hi): the queries of one batch row whose sets reach a key of [j0, j1) =
-    [pid BLOCK_J, (pid + 1) BLOCK_J): under ROWS from the first i with hi_b(i) >= j0 to the
-    last with lo_b(i) <= j1 - 1 (two binary searches on the monotone rows), lo rounded down to
-    a multiple of BLOCK_I; else ``query_range`` of the band."""
+                    BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, ROWS: tl.constexpr, TK=None):
+    """[lo, hi): the queries of one batch row of T queries whose sets reach a key of [j0, j1) =
+    [pid BLOCK_J, (pid + 1) BLOCK_J) among TK keys (None: T; a memory's M): under ROWS from
+    the first i with hi_b(i) >= j0 to the last with lo_b(i) <= j1 - 1 (two binary searches
+    over the T queries' monotone rows), lo rounded down to a multiple of BLOCK_I; else
+    ``query_range`` of the band."""
+    if TK is None:
+        TK = T
     if ROWS:
         j0 = pid * BLOCK_J
-        j1 = tl.minimum(j0 + BLOCK_J, T)
+        j1 = tl.minimum(j0 + BLOCK_J, TK)
         lo = first_at_least(HI_ROW, T, j0) // BLOCK_I * BLOCK_I
         hi = first_at_least(LO_ROW, T, j1)
     else:
-        lo, hi = query_range(pid, T, LO, HI, BLOCK_I, BLOCK_J)
+        lo, hi = query_range(pid, T, LO, HI, BLOCK_I, BLOCK_J, TK)
     return lo, hi
 
 
