@@ -327,9 +327,39 @@ class EnergyLayer(torch.nn.Module):
         data = self._call_data(x, dict(cu_seqlens=cu_seqlens, document_ids=document_ids,
                                        lengths=lengths, prefix=prefix,
                                        memory_lengths=memory_lengths), memory)
+        if (data is not None and data.lengths is not None and not torch.is_autocast_enabled()
+                and not torch.compiler.is_compiling()):
+            return self._by_length(x, memory, data)
         return apply_layer(
             LayerFunction, self._config, data, "x", x, getattr(self, self._declared.state_dim),
             self._params(), self._hypers, (self.P_diag, self.P_lowrank), memory)
+
+    def _by_length(self, x: torch.Tensor, memory: torch.Tensor | None,
+                   data: CallData) -> torch.Tensor:
+        """``forward`` of a padded batch, the rows of each length together on their real tokens
+        alone: the rows with L real tokens are the call ``forward(x[rows, :L])`` (their
+        documents, prefixes, memories and memory lengths cut alike), and every padded token's
+        output is its input. The same values as the padded call through the kernels' per-row
+        bounds (no real token reads a padded one), without the dense work of the padding
+        (projections and element-wise steps over every row's T tokens)."""
+        lengths = data.lengths.tolist()
+        out = x.clone()  # a padded token's output is its input
+        for n in sorted(set(lengths)):
+            if n == 0:
+                continue
+            rows = torch.tensor([b for b, m in enumerate(lengths) if m == n], device=x.device)
+            cut: dict[str, Any] = {}
+            if data.ids is not None:
+                ids = data.ids if data.ids.shape[0] == 1 else data.ids[rows]
+                cut["document_ids"] = ids[:, :n].expand(len(rows), n)
+            if data.prefix is not None:
+                cut["prefix"] = data.prefix[rows].clamp(max=n)
+            if memory is not None:
+                cut["memory"] = memory[rows]
+                if data.memory_lengths is not None:
+                    cut["memory_lengths"] = data.memory_lengths[rows]
+            out[rows, :n] = self.forward(x[rows, :n], **cut)
+        return out
 
     def energy(self, x: torch.Tensor, xbar: torch.Tensor | None = None,
                per_token: bool = False, *, memory: torch.Tensor | None = None,
