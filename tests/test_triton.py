@@ -10,6 +10,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from energyc.tolerances import tolerance
+from tests.conftest import context_data
 
 triton = pytest.importorskip("triton")
 
@@ -197,6 +198,11 @@ ATTENTION_LAYERS = {  # every attention-type example; its sizes
     "strict_dplr": SIZES, "lm_attention_alibi": SIZES, "lm_attention_nope_dplr": SIZES,
     "lm_attention_rope_dplr": SIZES, "lm_attention_alibi_dplr": SIZES,
     "local_global_attention": dict(SIZES, G=2),
+    # over (j <= i) & same_document(), called with per-row document ids (conftest.context_data)
+    **{f"lm_attention_{p}_documents": SIZES for p in ("nope", "rope", "alibi", "nope_dplr",
+                                                       "rope_dplr", "alibi_dplr")},
+    # a memory of as many tokens as x (37: a (tokens x memory) value shows as two 37s)
+    "cross_attention": dict(SIZES, Dm=12), "hopfield_memory": dict(D=16),
 }
 CONTEXT_LAYERS = {  # every example with a reduction over a context set: the above and pair ops
     **ATTENTION_LAYERS,
@@ -217,9 +223,12 @@ def _token_pair_shapes(name, backend, chunk=None):
     torch.manual_seed(0)
     layer = Layer(**CONTEXT_LAYERS[name], precond="dplr", backend=backend)
     x = torch.randn(2, 37, 16, requires_grad=True)
+    call = context_data(name, 2, 37)  # the documents its sets read
+    if layer._declared.memory is not None:
+        call["memory"] = torch.randn(2, 37, getattr(layer, layer._declared.memory[1]))
     try:
         with _Shapes() as mode:
-            y = layer(x)
+            y = layer(x, **call)
             torch.autograd.grad(y.sum(), [x, *layer.parameters()])
     finally:
         runtime.QUERY_CHUNK, flash_cpu.BLOCK, pairs.BLOCK_Q, pairs.BLOCK_K = saved
