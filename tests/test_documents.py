@@ -314,3 +314,20 @@ def test_padding_through_the_kernels_rows_equals_the_rows_by_length(tmp_path_fac
     _close(f"{name} output", y, yr.detach())
     for (pname, _), a, b in zip([("x", None), *lay.named_parameters()], grads, want):
         _close(f"{name} d{pname}", a, b)
+
+
+def test_padding_under_autocast_runs_through_the_rows(tmp_path_factory):
+    """Under torch.autocast a padded call runs the whole batch through the per-row bounds (the
+    output in the autocast dtype): real rows as each row alone under autocast, padding unchanged
+    (this once failed: the rows by length were written into a float32 output)."""
+    layer, module = compiled(tmp_path_factory, "doc_causal")
+    lay, x = _layer(layer, module, "torch", tokens=8, batch=2, seed=6)
+    lay = lay.float()
+    x = x.float()
+    ids = torch.tensor([[0, 0, 0, 1, 1, 1, 1, 1], [0, 0, 1, 1, 1, 1, 1, 1]])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = lay(x, document_ids=ids, lengths=torch.tensor([8, 5]))
+        alone = lay(x[1:, :5], document_ids=ids[1:, :5])
+    assert y.dtype == torch.bfloat16
+    assert torch.equal(y[1, 5:], x[1, 5:].to(torch.bfloat16))
+    assert_within_tolerance("autocast row 1", y[1:, :5].float(), alone.double(), torch.bfloat16)

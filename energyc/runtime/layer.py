@@ -327,7 +327,8 @@ class EnergyLayer(torch.nn.Module):
         data = self._call_data(x, dict(cu_seqlens=cu_seqlens, document_ids=document_ids,
                                        lengths=lengths, prefix=prefix,
                                        memory_lengths=memory_lengths), memory)
-        if (data is not None and data.lengths is not None and not torch.is_autocast_enabled()
+        if (data is not None and data.lengths is not None
+                and not torch.is_autocast_enabled(x.device.type)
                 and not torch.compiler.is_compiling()):
             return self._by_length(x, memory, data)
         return apply_layer(
