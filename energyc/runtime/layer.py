@@ -311,7 +311,9 @@ class EnergyLayer(torch.nn.Module):
         read documents (``& same_document()``); ``prefix`` (an int or one per row) where they read
         a prefix (``| (j < prefix())``); ``lengths`` (an int or one per row) on any layer: tokens
         at or after a row's length are padding, outside every context set, and their outputs are
-        their inputs (no update; no gradient from the real tokens' losses).
+        their inputs (no update; no gradient from the real tokens' losses); the rows of each
+        length run together on their real tokens alone (``_by_length``), so padding costs no
+        work beyond the rows' own.
 
         ``memory`` (batch, M, Dm), where the energy reads a memory (``memory(name, Dm)``, read
         as ``name[j]``): the second sequence every step's reductions over j read, all M tokens of
