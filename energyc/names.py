@@ -128,7 +128,7 @@ def _module_attributes() -> frozenset[str]:
 LAYER_ATTRIBUTES = frozenset({
     "config", "precond_rank", "P_diag", "P_lowrank", "energy", "decode", "extra_repr",
     "reset_parameters", "_hypers", "_params", "_config", "_setup", "_declared", "_dims", "self",
-    "_call_data", "_memory"})
+    "_call_data", "_memory", "_by_length"})
 
 _ATTRIBUTES: frozenset[str] | None = None
 
