@@ -201,17 +201,9 @@ def attention_forward(
     window not much narrower than the keys).
     """
     q, k, v = _operands(q, k, v)
-    kind = _call_set(kind, q.shape[1], q.device, offset)
+    kind = resolve(kind, q.shape[1], q.device, offset)
     out = _attention_forward(q, k, v, scale, kind, slopes, offset, keep_probs, probs)
     return out if keep_probs else out[:2]
-
-
-def _call_set(kind: Context | tuple, T: int, device: torch.device,
-              offset: int = 0) -> Context | Rows:
-    """The context set ``kind`` on T queries in the current call (``rows.resolve``); decoding T
-    queries after ``offset`` cached tokens, the rows of the offset + T tokens so far
-    (``energyc.runtime.decode``), read at the queries' positions offset + r."""
-    return resolve(kind, offset + T, device)
 
 
 def _query_chunks(kind: Context | Rows, T: int, offset: int = 0,
@@ -366,7 +358,7 @@ def attention_backward(
     take them as they are: no scores are formed, except q . k for dscale.
     """
     q, k, v, o, g = _operands(q, k, v, o, g)
-    kind = _call_set(kind, q.shape[1], q.device)
+    kind = resolve(kind, q.shape[1], q.device)
     if probs is not None:
         return _backward_probs(q, k, v, scale, kind, g, slopes, need_dscale, probs)
     if q.numel() == 0 or k.numel() == 0:  # 0 tokens or batch 0: nothing flows back
@@ -467,7 +459,7 @@ def attention_transposed(
     flash kernels (``flash_cpu.transposed``) where they serve and are accurate; with ``probs``,
     the weights the forward kept, o_t = P^T v."""
     q, k, v = _operands(q, k, v)
-    kind = _call_set(kind, q.shape[1], q.device)
+    kind = resolve(kind, q.shape[1], q.device)
     if probs is not None:
         return _apply_probs(probs.transpose(-1, -2), v, v.dtype)
     if q.numel() == 0 or k.numel() == 0:  # 0 tokens or batch 0

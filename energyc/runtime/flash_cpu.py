@@ -232,12 +232,6 @@ def _set(kind: Context | tuple | Rows) -> Context | Rows:
     return kind if isinstance(kind, Rows) else context(kind)
 
 
-def _resolved(kind: Context | tuple | Rows, T: int, device: torch.device) -> Context | Rows:
-    """The set on T tokens in the current call (``energyc.runtime.rows.resolve``): its
-    ``Context`` without data for it, else its ``Rows``; ``Rows`` given are taken as they are."""
-    return kind if isinstance(kind, Rows) else resolve(kind, T, device)
-
-
 def _band(ctx: Context | Rows) -> Context:
     """The band of offsets a set is drawn from (a ``Rows``' set: its ``Context``)."""
     return ctx.ctx if isinstance(ctx, Rows) else ctx
@@ -496,7 +490,7 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | to
     """o (B, T, H, G) in q's dtype and lse (B, T, H) in float32 (float64 for float64 inputs) of
     softmax attention over the context set ``kind`` (its rows in the current call, ``Rows``, where
     the call's data bounds it); q, k (B, T, H, F), v (B, T, H, G)."""
-    ctx = _resolved(kind, q.shape[1], q.device)
+    ctx = resolve(kind, q.shape[1], q.device)
     dt = _compute_dtype(q.dtype)
     order = feature_order(q, k)
     qh, kh, vh = _heads_first(q, k, v, dtype=dt, width=max(q.shape[-1], v.shape[-1]))
@@ -615,7 +609,7 @@ def backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | t
                         torch.Tensor | None]:
     """dq, dk, dv (in q's dtype), dscale (0-d, when ``need_dscale``) and dslopes ((H,), when
     ``slopes`` is given), both in the compute dtype, of ``forward`` for the upstream gradient g."""
-    ctx = _resolved(kind, q.shape[1], q.device)
+    ctx = resolve(kind, q.shape[1], q.device)
     dt = _compute_dtype(q.dtype)
     F, G = q.shape[-1], v.shape[-1]
     narrow = _narrow_band(_band(ctx)) if slopes is not None or need_dscale else None
@@ -685,7 +679,7 @@ def transposed(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float |
     saved ``lse``; v (B, T, H, G) is indexed by the query token. With the call's rows, keys go in
     the blocks queries go in (``blocks``), each against the queries some row's set reaches it from
     (``Rows.query_range``)."""
-    ctx = _resolved(kind, q.shape[1], q.device)
+    ctx = resolve(kind, q.shape[1], q.device)
     dt = _compute_dtype(q.dtype)
     F, G = q.shape[-1], v.shape[-1]
     N = max(F + 1, G)  # one more feature carries -lse_i (see below)

@@ -26,8 +26,7 @@ from collections.abc import Callable, Iterator, Sequence
 import torch
 
 from energyc.context import Context
-from energyc.runtime import rows as _rows
-from energyc.runtime.rows import Rows
+from energyc.runtime.rows import Rows, resolve
 
 __all__ = ["pair_lse", "pair_sums", "pair_softmax_sums", "running_sum", "pair_tiles",
            "key_start", "query_blocks", "mask_tile"]
@@ -37,27 +36,6 @@ __all__ = ["pair_lse", "pair_sums", "pair_softmax_sums", "running_sum", "pair_ti
 # than 256 x 256 at 256 and 1024 tokens (smaller working sets, and causal sets skip more pairs).
 BLOCK_Q = 128  # queries per tile
 BLOCK_K = 128  # keys per tile
-
-
-def resolve(kind: Context | Rows | tuple, T: int, device: torch.device | str | None = None,
-            offset: int = 0) -> Context | Rows:
-    """What the kernels iterate over for the set ``kind`` on T queries in the current call
-    (``rows.resolve``): the ``Context`` without context data, else the call's ``Rows`` (a
-    ``Rows`` is returned as it is). ``device``: where the rows are built (default: the call's
-    data's device). Decoding T queries after ``offset`` cached tokens, the rows are those of the
-    offset + T tokens so far (``energyc.runtime.decode``), read at positions offset + i."""
-    if isinstance(kind, Rows):
-        return kind
-    data = _rows.current()
-    return _rows.resolve(kind, offset + T, _data_device(data) if device is None else device)
-
-
-def _data_device(data) -> torch.device | str:
-    for t in () if data is None else (data.ids, data.lengths, data.prefix, data.first,
-                                      data.memory_lengths):
-        if t is not None:
-            return t.device
-    return "cpu"
 
 
 def _rows_tile(rows: Rows, i0: int, i1: int, j0: int, j1: int, heads: int) -> torch.Tensor:

@@ -92,6 +92,14 @@ class CallData:
         return self.T if self.M is None else self.M
 
     @property
+    def device(self) -> torch.device | str:
+        """Where the call's data lives (the CPU when it holds no tensor)."""
+        for t in (self.ids, self.lengths, self.prefix, self.first, self.memory_lengths):
+            if t is not None:
+                return t.device
+        return "cpu"
+
+    @property
     def valid(self) -> torch.Tensor | None:
         """(B, T, 1) 1 at real tokens, 0 at padding (None without lengths), in int64; callers
         cast it."""
@@ -270,15 +278,21 @@ def current() -> CallData | None:
     return getattr(_CALL, "data", None)
 
 
-def resolve(kind: Context | tuple, T: int, device: torch.device | str) -> Context | Rows:
+def resolve(kind: Context | tuple | Rows, T: int, device: torch.device | str | None = None,
+            offset: int = 0) -> Context | Rows:
     """What a kernel iterates over for the set ``kind`` (a ``Context`` or its spelling) on T
-    tokens in the current call: the ``Context`` itself when the call has no data for it, else
-    its :class:`Rows`.
+    queries in the current call: the ``Context`` itself when the call has no data for it, else
+    its :class:`Rows` (a ``Rows`` is returned as it is). ``device``: where the rows are built
+    (default: the call data's). Decoding T queries after ``offset`` cached tokens, the rows are
+    those of the offset + T tokens so far (``energyc.runtime.decode``), read at positions
+    offset + i.
 
     Raises:
         ValueError: the set reads data the call did not give (a package's step functions called
             outside its layer).
     """
+    if isinstance(kind, Rows):
+        return kind
     ctx = context(kind)
     data = current()
     if data is None or (not ctx.data and data.lengths is None and data.first is None
@@ -287,7 +301,7 @@ def resolve(kind: Context | tuple, T: int, device: torch.device | str) -> Contex
             raise ValueError(f"the context set {ctx!r} reads the call's data; run it through its "
                              f"layer with cu_seqlens=, document_ids= or prefix=")
         return ctx
-    return data.rows(ctx, T, device)
+    return data.rows(ctx, offset + T, data.device if device is None else device)
 
 
 @dataclass(eq=False)
