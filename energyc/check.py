@@ -99,11 +99,6 @@ class Case:
     memory_tokens: int = 0  # a memory's tokens, for a layer that reads one
 
 
-def context_reads(layer: CompiledLayer) -> set[str]:
-    """What the energy's context sets read from the call (``energyc.context.DATA``'s names)."""
-    return {d for ctx in _contexts(layer) for d in ctx.data}
-
-
 def _draw_data(draw_fn, reads: set[str], batch: int, tokens: int) -> dict:
     """The call's context data for ``batch`` rows of ``tokens``: documents and prefixes where
     ``reads`` says the sets read them, lengths (padding) for any layer, a third of the time."""
@@ -135,7 +130,7 @@ def _draw_data(draw_fn, reads: set[str], batch: int, tokens: int) -> dict:
 def cases(layer: CompiledLayer, max_dim: int = 5, max_tokens: int = 6):
     """Hypothesis strategy of :class:`Case` for ``layer``."""
     dim_names = list(layer.dims)
-    reads = context_reads(layer)
+    reads = set(layer.context_data)
     hyper_defaults = {}
     for h in layer.hypers:
         hyper_defaults[h.name] = h.default

@@ -69,6 +69,14 @@ class CompiledLayer:
         return self.file.memories[self.memory].dim if self.memory else self.state_dim
 
     @property
+    def context_data(self) -> tuple[str, ...]:
+        """What the energy's context sets read from the call (``energyc.context.DATA``'s names:
+        documents, a prefix), sorted."""
+        g = self.energy
+        masks = [g.node(n).attr("mask") for n in g.live()]
+        return tuple(sorted({d for m in masks if m is not None for d in m.data}))
+
+    @property
     def file(self) -> EnergyFile:
         return self.decl.file
 

@@ -306,21 +306,10 @@ def package_spec(layer: CompiledLayer, source: str) -> PackageSpec:
         steps=decl.steps, precond=decl.precond, rank=decl.rank, context=decl.context,
         joint=decl.joint, functions=functions, precond_kinds=list(settings.PRECONDITIONERS),
         settings_doc=settings.DOC.splitlines(), decode_unsupported=unsupported,
-        decode_keys_from_context=from_context, context_data=context_data(layer),
+        decode_keys_from_context=from_context, context_data=layer.context_data,
         memory=None if layer.memory is None else (f.public_name(layer.memory),
                                                   f.attribute(layer.context_dim)),
     )
-
-
-def context_data(layer: CompiledLayer) -> tuple[str, ...]:
-    """What the layer's context sets read from the call (``energyc.context.DATA``'s names)."""
-    graph = layer.energy
-    found: set[str] = set()
-    for n in graph.live():
-        mask = graph.node(n).attr("mask")
-        if mask is not None:
-            found.update(mask.data)
-    return tuple(sorted(found))
 
 
 def triton_module_spec(layer: CompiledLayer, source: str) -> TritonModuleSpec:

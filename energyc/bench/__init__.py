@@ -318,8 +318,7 @@ def call_keywords(layer: CompiledLayer, opts: BenchOptions, tokens: int, gen: to
     documents of DOCUMENT_TOKENS tokens (``cu_seqlens``) where its sets read documents, a prefix
     of half the tokens where they read one, and a memory of as many tokens as the state where
     the energy reads one (its gradient is not compared)."""
-    reads = {d for n in layer.energy.live() for d in
-             getattr(layer.energy.node(n).attr("mask"), "data", ())}
+    reads = layer.context_data
     out: dict = {}
     if "same_document" in reads:
         cuts = list(range(0, tokens, DOCUMENT_TOKENS)) + [tokens]
