@@ -18,14 +18,24 @@ def vjp(graph: Graph, out: int, seed: int, wrt: list[int],
 
     With ``prefix``, the gradient of each labelled node is labelled ``prefix + label`` (``dq``
     for dE/dq), unless it is a leaf or has a label already."""
-    region = graph.ancestors([out])
-    # nodes on a path from some w to out
+    return vjp_many(graph, [(out, seed)], wrt, prefix)
+
+
+def vjp_many(graph: Graph, seeded: list[tuple[int, int]], wrt: list[int],
+             prefix: str | None = None) -> dict[int, int | None]:
+    """:func:`vjp` of several outputs at once: ``sum_k sum(seed_k * d out_k / d w)`` for each
+    ``w``, from (out_k, seed_k) pairs (the VJP of a tuple of outputs, e.g. the gradients of an
+    energy with respect to each of several states)."""
+    region = graph.ancestors([out for out, _ in seeded])
+    # nodes on a path from some w to an output
     depends: set[int] = set()
     for n in sorted(region):
         node = graph.node(n)
         if n in wrt or any(u in depends for u in node.inputs):
             depends.add(n)
-    contributions: dict[int, list[int]] = {out: [seed]}
+    contributions: dict[int, list[int]] = {}
+    for out, seed in seeded:
+        contributions.setdefault(out, []).append(seed)
     grads: dict[int, int] = {}
     for n in sorted(depends, reverse=True):
         terms = contributions.pop(n, None)

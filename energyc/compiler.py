@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 import sympy
 
-from energyc.autodiff import vjp
+from energyc.autodiff import vjp, vjp_many
 from energyc.dsl import EnergyFile, HyperDecl, LayerDecl, ParamDecl
 from energyc.errors import CompileError, EnergyError
 from energyc.ir import ops
@@ -45,6 +45,20 @@ class CompiledLayer:
     timings: dict[str, float] = field(default_factory=dict)
     #: what stays slow, each "FILE:LINE: why" (a reduction over j left materialised)
     notes: list[str] = field(default_factory=list)
+    #: a neuron model's Lagrangians: each layer's per token (outputs ``lagrangian:<input>``),
+    #: and their sum's step graph (outputs: the activations g = dL/dx, ``grad_output``; the
+    #: backward: the Hessian-vector products J v and the Lagrangians' parameters' gradients)
+    lagrangian: Graph | None = None
+    lagrangian_step: Graph | None = None
+
+    @property
+    def states(self) -> list[tuple[str, str]]:
+        """The states the step updates (``state_inputs``)."""
+        return state_inputs(self.decl)
+
+    @property
+    def neurons(self) -> bool:
+        return bool(self.decl.neurons)
 
     @property
     def even_dims(self) -> tuple[str, ...]:
@@ -81,27 +95,54 @@ class CompiledLayer:
         return self.decl.file
 
 
-def _energy_subgraph(decl: LayerDecl) -> tuple[Graph, int]:
-    src = decl.file.graph
+def _subgraph(src: Graph, roots: list[int]) -> tuple[Graph, list[int]]:
+    """A new graph of ``roots`` and their ancestors in ``src``, and the roots' ids in it."""
     g = Graph(src.dims)
-    order = sorted(src.ancestors([decl.energy]))
+    order = sorted(src.ancestors(roots))
     mapping: dict[int, int] = {}
     for n in order:
         node = src.node(n)
         mapping[n] = g.add_like(node, [mapping[u] for u in node.inputs])
-    return g, mapping[decl.energy]
+    return g, [mapping[r] for r in roots]
+
+
+def _energy_subgraph(decl: LayerDecl) -> tuple[Graph, int]:
+    g, (e,) = _subgraph(decl.file.graph, [decl.energy])
+    return g, e
+
+
+def state_inputs(decl: LayerDecl) -> list[tuple[str, str]]:
+    """The states the step updates, as (graph input's name, dim): ``x`` alone, or a neuron
+    model's layers (in the energy's graph each input is the layer's activation g, in the
+    Lagrangian's its state x)."""
+    if decl.neurons:
+        return [(n.input, n.dim) for n in decl.neurons]
+    return [("x", decl.file.state_dim)]
+
+
+def grad_output(state: str) -> str:
+    """The step graph's output dE/d<state>: ``grad`` for x, ``grad:<state>`` for another."""
+    return "grad" if state == "x" else f"grad:{state}"
+
+
+def grad_seed(state: str) -> str:
+    """The backward's upstream input for ``grad_output(state)``: ``grad_g``, ``grad_g_<state>``."""
+    return "grad_g" if state == "x" else f"grad_g_{state}"
 
 
 def _leaves(graph: Graph, op: str) -> dict[str, int]:
     return {graph.node(n).attr("name"): n for n in graph.ids() if graph.node(n).op == op}
 
 
-def differentiate(graph: Graph, out_name: str, upstream: str, wrt: dict[str, int]) -> Graph:
-    """Add the VJP of output ``out_name`` w.r.t. ``wrt``, seeded by a new input ``upstream``
-    (the gradient of a value labelled ``q`` labelled ``grad_q``)."""
-    out = graph.outputs[out_name]
-    seed = graph.add("input", name=upstream, axes=graph.node(out).axes)
-    grads = vjp(graph, out, seed, list(wrt.values()), prefix="grad_")
+def differentiate(graph: Graph, seeded: list[tuple[str, str]], wrt: dict[str, int]) -> Graph:
+    """Add the VJP of the outputs named in ``seeded`` (output, upstream) w.r.t. ``wrt``, each
+    seeded by a new input ``upstream`` (the gradient of a value labelled ``q`` labelled
+    ``grad_q``), as outputs ``grad_<name>``."""
+    pairs = []
+    for out_name, upstream in seeded:
+        out = graph.outputs[out_name]
+        pairs.append((out, graph.add("input", name=upstream, axes=graph.node(out).axes)))
+    grads = vjp_many(graph, pairs, list(wrt.values()), prefix="grad_")
     for name, w in wrt.items():
         if grads[w] is not None:
             graph.outputs[f"grad_{name}"] = grads[w]
@@ -112,19 +153,30 @@ def compile_layer(decl: LayerDecl, verify: bool = False) -> CompiledLayer:
     """Build and optimise the energy and step graphs of one layer."""
     t0 = time.perf_counter()
     f = decl.file
-    energy, e_node = _energy_subgraph(decl)
+    energy, (e_node, *term_nodes) = _subgraph(f.graph, [decl.energy, *(n for _, n in decl.terms)])
     energy.outputs["energy"] = e_node
-    used_params, used_hypers = _leaves(energy, "param"), _leaves(energy, "hyper")
+    for (name, _), node in zip(decl.terms, term_nodes):
+        energy.outputs[f"term:{name}"] = node
+    lagrangian = None
+    if decl.neurons:  # each layer's Lagrangian, per token
+        lagrangian, nodes = _subgraph(f.graph, [n.lagrangian for n in decl.neurons])
+        lagrangian.outputs = {f"lagrangian:{n.input}": node
+                              for n, node in zip(decl.neurons, nodes)}
+    graphs = [energy] if lagrangian is None else [energy, lagrangian]
+    used_params = {k for g in graphs for k in _leaves(g, "param")}
+    used_hypers = {k for g in graphs for k in _leaves(g, "hyper")}
     params = [p for name, p in f.params.items() if name in used_params]
     hypers = [h for name, h in f.hypers.items() if name in used_hypers]
     used_dims = set()
-    for n in energy.live():
-        used_dims.update(a for a in energy.node(n).axes if a not in ("b", "i", "j"))
+    for g in graphs:
+        for n in g.live():
+            used_dims.update(a for a in g.node(n).axes if a not in ("b", "i", "j"))
     for p in params:
         used_dims.update(p.dims)
-    dims = tuple(d for d in f.dims if d in used_dims or d == f.state_dim)
+    state_dims = {d for _, d in state_inputs(decl)}
+    dims = tuple(d for d in f.dims if d in used_dims or d in state_dims)
     for d in dims:
-        if d != f.state_dim and not any(d in p.dims for p in params):
+        if d not in state_dims and not any(d in p.dims for p in params):
             raise EnergyError(f"dim {d} has no size: no parameter uses it", f.dim_where.get(d))
     if verify:
         energy.verify()
@@ -138,11 +190,22 @@ def compile_layer(decl: LayerDecl, verify: bool = False) -> CompiledLayer:
     t3 = time.perf_counter()
     energy = run_pipeline(energy, verify=verify, stages=("simplify", "lower"))
     times["passes"] += time.perf_counter() - t3
+    lagrangian_step = None
+    if lagrangian is not None:
+        total = ops.add_all(f.graph, [n.lagrangian for n in decl.neurons])
+        lagrangian_step, more = _step_graph(decl, params, hypers, verify, root=total)
+        t4 = time.perf_counter()
+        lagrangian = run_pipeline(lagrangian, verify=verify,
+                                  stages=("energy", "simplify", "lower"))
+        for key, value in more.items():
+            times[key] += value
+        times["passes"] += time.perf_counter() - t4
     if not notes and _pair_valued(step):
         notes.append(f"{decl.where}: the step graph keeps values over (i, j): "
                      f"{', '.join(sorted(set(_pair_valued(step))))}")
     times["first_order"] += setup
-    compiled = CompiledLayer(decl, dims, f.state_dim, params, hypers, energy, step, times, notes)
+    compiled = CompiledLayer(decl, dims, f.state_dim, params, hypers, energy, step, times, notes,
+                             lagrangian, lagrangian_step)
     for d in compiled.even_dims:
         if f.dim_sizes.get(d, 0) % 2:
             raise EnergyError(f"dim {f.public_name(d)} must be even (its features pair up in a "
@@ -169,22 +232,30 @@ def _check_positions_in_documents(energy: Graph, decl: LayerDecl) -> None:
 
 
 def _step_graph(decl: LayerDecl, params: list[ParamDecl], hypers: list[HyperDecl],
-                verify: bool) -> tuple[Graph, dict[str, float]]:
-    """The step graph: g = dE/dx, then its VJP w.r.t. the inputs, the parameters and the
-    learned hyperparameters (second derivatives of E), through the pipeline; and the seconds
-    each part took."""
+                verify: bool, root: int | None = None) -> tuple[Graph, dict[str, float]]:
+    """The step graph of the energy ``root`` (the layer's by default): each state's gradient
+    g = dE/dx (``grad_output``), then their VJP w.r.t. the inputs, the parameters and the
+    learned hyperparameters (second derivatives of E), seeded by one upstream input per state
+    (``grad_seed``), through the pipeline; and the seconds each part took. A neuron model's
+    Lagrangian is compiled by the same function (its root the sum of the layers' Lagrangians:
+    g is then each layer's activation and the VJP its Hessian-vector product)."""
     t0 = time.perf_counter()
-    step, e_step = _energy_subgraph(decl)
+    step, (e_step,) = _subgraph(decl.file.graph, [decl.energy if root is None else root])
     step.outputs = {"energy": e_step}
     step = run_pipeline(step, verify=verify, stages=("energy",))
     e_step = step.outputs["energy"]
-    x = _leaves(step, "input")["x"]
-    grads = vjp(step, e_step, ops.const(step, 1), [x], prefix="d")  # dq = dE/dq
-    g = grads[x]
-    full = ("b", "i", decl.file.state_dim)
-    if step.node(g).axes != full:
-        g = step.add("broadcast", (g,), out=full)
-    step.outputs = {"grad": g}
+    states = state_inputs(decl)
+    inputs = _leaves(step, "input")
+    xs = [inputs[name] for name, _ in states]
+    grads = vjp(step, e_step, ops.const(step, 1), xs, prefix="d")  # dq = dE/dq
+    outputs = {}
+    for (name, dim), xn in zip(states, xs):
+        g = grads[xn]
+        full = ("b", "i", dim)
+        if step.node(g).axes != full:
+            g = step.add("broadcast", (g,), out=full)
+        outputs[grad_output(name)] = g
+    step.outputs = outputs
     t1 = time.perf_counter()
     step = run_pipeline(step, verify=verify, stages=("simplify",))
     step_params, step_hypers = _leaves(step, "param"), _leaves(step, "hyper")
@@ -192,7 +263,7 @@ def _step_graph(decl: LayerDecl, params: list[ParamDecl], hypers: list[HyperDecl
     wrt.update({p.name: step_params[p.name] for p in params if p.name in step_params})
     wrt.update({h.name: step_hypers[h.name] for h in hypers
                 if h.learnable and h.name in step_hypers})
-    step = differentiate(step, "grad", "grad_g", wrt)
+    step = differentiate(step, [(grad_output(name), grad_seed(name)) for name, _ in states], wrt)
     t2 = time.perf_counter()
     step = run_pipeline(step, verify=verify, stages=("simplify", "lower", "step"))
     return step, {"first_order": t1 - t0, "second_order": t2 - t1,

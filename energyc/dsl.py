@@ -45,7 +45,7 @@ from energyc.ir.graph import Graph
 from energyc.names import RESERVED, attribute_names, code_name
 
 __all__ = [
-    "dims", "tokens", "position", "state", "memory", "param", "hyper", "layer", "normal", "uniform", "zeros", "ones",
+    "dims", "tokens", "position", "state", "neurons", "memory", "param", "hyper", "layer", "normal", "uniform", "zeros", "ones",
     "constant", "dot", "sum_over", "logsumexp", "apply", "elementwise",
     "rotary", "alibi_slopes", "exp", "log", "tanh", "sigmoid", "softplus", "relu", "erf", "cos", "sin", "cosh", "sqrt",
     "Rational", "pi", "Tensor", "Dim", "Token", "ContextSet",
@@ -167,6 +167,13 @@ class LayerDecl:
     where: str | None
     file: EnergyFile
     memory: str | None = None  # the code name of the memory the energy reads (None: none)
+    #: a neuron model's layers (``neurons``), in declared order; empty: the state is x itself
+    neurons: tuple[NeuronDecl, ...] = ()
+    #: how a neuron model steps: "descent" (x <- x - eta/tau dE/dg, the Energy Transformer's) or
+    #: "legendre" (x <- x - eta/tau (x + dE/dg), hamux's, with the Legendre terms in its energy)
+    dynamics: str = "descent"
+    #: the energy's named terms (code-safe names, nodes), where it was given as a dict
+    terms: tuple[tuple[str, int], ...] = ()
 
 
 class EnergyFile:
@@ -181,6 +188,7 @@ class EnergyFile:
         self.state_dim: str | None = None
         self.state_where: str | None = None
         self.memories: dict[str, MemoryDecl] = {}  # code name -> the declared second sequence
+        self.neurons: list[NeuronDecl] = []  # the neuron layers (neurons(...)), in declared order
         self.params: dict[str, ParamDecl] = {}
         self.hypers: dict[str, HyperDecl] = {}
         self.layers: list[LayerDecl] = []
@@ -721,21 +729,32 @@ def _check_memory(f: EnergyFile, energy: int, joint: bool, where: str | None) ->
 
 
 class State:
-    """The state ``x`` (role ``x``, differentiated) or its context role ``xbar``."""
+    """The state ``x`` (role ``x``, differentiated) or its context role ``xbar``; for a neuron
+    model, a neuron layer's activation (``g``, the first layer's in role ``x``, a further layer's
+    in a role of its own name) or the first layer's context role (``gbar``). ``public``: the
+    name the user reads it by, for messages."""
 
-    def __init__(self, role: str, dim: str) -> None:
+    def __init__(self, role: str, dim: str, public: str | None = None,
+                 context: str | None = None) -> None:
         self.role = role
         self.dim = dim
+        self.public = public or role
+        #: why this value has no context role (None: it has one): a further neuron layer
+        self.no_context = context
+        self.context_role = role == "xbar" or (context is not None and public is not None
+                                               and public.endswith("bar"))
 
     def __repr__(self) -> str:
-        return self.role
+        return self.public
 
     def __getitem__(self, token: Any) -> Tensor:
         f = current_file()
         g = f.graph
         where = user_location()
         if not isinstance(token, Token):
-            raise _fail(f"index the state by a token: {self.role}[i] or {self.role}[j]")
+            raise _fail(f"index the state by a token: {self.public}[i] or {self.public}[j]")
+        if self.no_context is not None and (token.role == "j" or self.context_role):
+            raise _fail(self.no_context)
         node = g.add("input", where=where, name=self.role, axes=("b", "i", self.dim))
         if token.role == "j":
             if self.role == "x":
@@ -744,7 +763,7 @@ class State:
         return Tensor(node, (self.dim,))
 
     def __mul__(self, other):
-        raise _fail(f"index the state by a token before using it: {self.role}[i]")
+        raise _fail(f"index the state by a token before using it: {self.public}[i]")
 
     __rmul__ = __add__ = __radd__ = __sub__ = __rsub__ = __matmul__ = __rmatmul__ = __mul__
 
@@ -752,11 +771,93 @@ class State:
 def state(dim: Dim) -> tuple[State, State]:
     """Declare the state's dim: ``x, xbar = state(D)``."""
     f = current_file()
+    if f.neurons:
+        raise _fail("a file declares its state with state(D) or neuron layers with neurons(...), "
+                    "not both")
     if f.state_dim is not None:
         raise _fail("state(...) declared twice")
     f.state_dim = _dim_name(dim)
     f.state_where = user_location()
     return State("x", f.state_dim), State("xbar", f.state_dim)
+
+
+@dataclass
+class NeuronDecl:
+    """A neuron layer (``neurons``): a state over ``dim`` with a Lagrangian ``L`` (a scalar per
+    token, the node ``lagrangian``) whose gradient is the layer's activation g = dL/dx. The
+    energies read g; the dynamics step on the state. ``input``: the name of the graph input that
+    stands for the layer (its state in the Lagrangian's graph, its activation in the energy's):
+    ``x`` for the first layer, the code name for the others. ``tau``: its time constant (its
+    step is eta / tau)."""
+
+    name: str  # the code name
+    dim: str
+    input: str
+    lagrangian: int
+    tau: float
+    where: str | None
+    public: str = ""
+
+
+def neurons(name: str, dim: Dim, lagrangian: Callable[[Tensor], Tensor],
+            tau: float = 1.0) -> tuple[State, State]:
+    """Declare a neuron layer: ``g, gbar = neurons("g", D, layernorm())``.
+
+    Its state x (batch, tokens, D) is what the dynamics update and what the Layer takes and
+    returns; ``lagrangian`` is a function of the state at the updated token (a tensor over D)
+    returning the Lagrangian L(x_i), a scalar per token (``energyc.lagrangians`` has the usual
+    ones: ``identity()``, ``relu()``, ``softmax(beta)``, ``layernorm()``, ...). The energy is
+    written in the activation g = dL/dx (derived by the compiler): ``g[i]``, and for the first
+    layer declared ``gbar[j]`` (the context role) or ``g[j]`` (a joint energy), as ``x`` and
+    ``xbar`` are for ``state(D)``. Further layers (a model of several: pixels, hidden, labels)
+    are read at the updated token alone. ``tau``: the layer's time constant, its step eta / tau.
+    """
+    f = current_file()
+    where = user_location()
+    _check_name(name, "neuron layer")
+    if name in f.codes:
+        raise _fail(f"name {name!r} declared twice")
+    if f.state_dim is not None and not f.neurons:
+        raise _fail("a file declares its state with state(D) or neuron layers with neurons(...), "
+                    "not both")
+    d = _dim_name(dim)
+    if not callable(lagrangian):
+        raise _fail(f"neurons({name!r}, ...): the Lagrangian must be a function of the state "
+                    f"(e.g. energyc.lagrangians.layernorm(), or lambda x: ...), got "
+                    f"{type(lagrangian).__name__}")
+    try:
+        tau = float(tau)
+    except (TypeError, ValueError):
+        raise _fail(f"neurons({name!r}, ...): tau must be a positive number, got {tau!r}") from None
+    if not tau > 0 or tau == float("inf"):
+        raise _fail(f"neurons({name!r}, ...): tau must be a positive number, got {tau!r}")
+    code = f.declare(name, "neuron layer")
+    first = not f.neurons
+    role = "x" if first else code
+    g = f.graph
+    x_i = Tensor(g.add("input", where=where, name=role, axes=("b", "i", d)), (d,))
+    L = lagrangian(x_i)
+    if not isinstance(L, Tensor):
+        raise EnergyError(f"the Lagrangian of {name} must be a tensor expression of its state, got "
+                          f"{type(L).__name__}", where)
+    if L.order:
+        raise EnergyError(f"the Lagrangian of {name} is not a scalar per token: it still has dims "
+                          f"({_pub(L.order)}); sum over them", where)
+    reads = {g.node(n).attr("name") for n in g.ancestors([L.node]) if g.node(n).op == "input"}
+    if "j" in L.axes or reads != {role}:
+        raise EnergyError(f"the Lagrangian of {name} must be a function of its own state at the "
+                          f"updated token alone (no context token, no other layer)", where)
+    if "i" not in L.axes or "b" not in L.axes:
+        raise EnergyError(f"the Lagrangian of {name} does not depend on its state", where)
+    decl = NeuronDecl(code, d, role, L.node, tau, where, public=name)
+    f.neurons.append(decl)
+    if first:
+        f.state_dim, f.state_where = d, where
+        return State("x", d, name), State("xbar", d, name + "bar")
+    why = (f"{name} is a further neuron layer of the model: energies read it at the updated token "
+           f"alone ({name}[i]); the first layer declared ({f.neurons[0].public}) has a context "
+           f"role")
+    return State(role, d, name, context=why), State(role, d, name + "bar", context=why)
 
 
 @dataclass
@@ -875,6 +976,7 @@ def layer(
     joint: bool = False,
     context: str = "current",
     doc: str = "",
+    dynamics: str = "descent",
 ) -> LayerDecl:
     """Declare a layer: ``steps`` descent steps ``x <- x - eta * P * dE/dx`` on ``energy``.
 
@@ -887,6 +989,12 @@ def layer(
         joint: the state is used in the context role too (``x[j]``), and both roles contribute.
         context: "current" (the context is the current state at each step) or "input" (frozen
             at the layer input).
+        dynamics: for a neuron model (``neurons``): "descent", x <- x - (eta / tau) P dE/dg (the
+            Energy Transformer's), or "legendre", x <- x - (eta / tau) (x + dE/dg) (hamux's:
+            the total energy adds each layer's Legendre term x . g - L(x)).
+
+    ``energy`` may be a dict of named terms ({"attention": E_att, "hopfield": E_hop}): the energy
+    is their sum, and a neuron model's trace reports each.
     """
     f = current_file()
     where = user_location()
@@ -902,12 +1010,24 @@ def layer(
                           f"reads it as {normal!r} in an import; write {normal!r}", where)
     if any(lay.name == name for lay in f.layers):
         raise EnergyError(f"layer {name!r} declared twice", where)
+    terms: tuple[tuple[str, int], ...] = ()
+    if isinstance(energy, dict):
+        energy, terms = _terms(energy, where)
     if not isinstance(energy, Tensor):
         raise EnergyError(
             f"the energy must be a tensor expression, got {type(energy).__name__}", where
         )
     if f.state_dim is None:
-        raise EnergyError("no state declared: add x, xbar = state(D)", where)
+        raise EnergyError("no state declared: add x, xbar = state(D) (or neuron layers, "
+                          "g, gbar = neurons(\"g\", D, lagrangian))", where)
+    if f.neurons:
+        _check_neuron_model(f, energy, dynamics, precond, where)
+    elif dynamics != "descent":
+        raise EnergyError(f"dynamics={dynamics!r} is for neuron models (neurons(...)); this "
+                          f"layer's state is x itself", where)
+    elif terms:
+        raise EnergyError("named energy terms are for neuron models (their energy trace reports "
+                          "each); give this layer's energy as one expression", where)
     axes = f.graph.node(energy.node).axes
     leftover = [d for d in energy.order]
     if leftover:
@@ -926,7 +1046,7 @@ def layer(
     uses_x = any(
         f.graph.node(n).op == "input" and f.graph.node(n).attr("name") == "x" for n in ancestors
     )
-    if not uses_x:
+    if not uses_x and not f.neurons:
         raise EnergyError("the energy does not depend on the state x (use x[i])", where)
     joint_here = any(
         f.graph.node(n).op == "relabel"
@@ -953,6 +1073,47 @@ def layer(
         raise EnergyError(f"{setting} must be {expected}{notes.get(setting, '')}, got "
                           f"{exc.value!r}", where) from None
     decl = LayerDecl(name, energy.node, float(eta), steps, precond, int(rank), bool(joint),
-                     context, doc, where, f, memory_read)
+                     context, doc, where, f, memory_read, tuple(f.neurons), dynamics, terms)
     f.layers.append(decl)
     return decl
+
+
+DYNAMICS = ("descent", "legendre")
+
+
+def _terms(energy: dict, where: str | None) -> tuple[Tensor, tuple[tuple[str, int], ...]]:
+    """The sum of an energy given as named terms, and the terms (name, node) in order."""
+    if not energy:
+        raise EnergyError("the energy's dict of terms is empty", where)
+    terms = []
+    for name, term in energy.items():
+        if not isinstance(name, str) or not name.isidentifier() or keyword.iskeyword(name):
+            raise EnergyError(f"energy term name {name!r} must be a Python identifier", where)
+        if not isinstance(term, Tensor):
+            raise EnergyError(f"energy term {name!r} must be a tensor expression, got "
+                              f"{type(term).__name__}", where)
+        if term.order or "j" in term.axes:
+            raise EnergyError(f"energy term {name!r} is not a scalar per token (dims "
+                              f"({_pub(term.order)}) or the context token j left)", where)
+        terms.append((name, term.node))
+    total = functools.reduce(lambda a, b: a + b, [t for t in energy.values()])
+    return total, tuple(terms)
+
+
+def _check_neuron_model(f: EnergyFile, energy: Tensor, dynamics: str, precond: str,
+                        where: str | None) -> None:
+    """A neuron model's energy reads every neuron layer's activation; its dynamics is known;
+    several layers step with the identity preconditioner (P acts on one state)."""
+    if dynamics not in DYNAMICS:
+        raise EnergyError(f"dynamics must be one of {', '.join(map(repr, DYNAMICS))}, got "
+                          f"{dynamics!r}", where)
+    g = f.graph
+    reads = {g.node(n).attr("name") for n in g.ancestors([energy.node]) if g.node(n).op == "input"}
+    for n in f.neurons:
+        if n.input not in reads:
+            raise EnergyError(f"the energy does not read the neuron layer {n.public} (use "
+                              f"{n.public}[i]): it would have no dynamics of its own", where)
+    if len(f.neurons) > 1 and precond != "identity":
+        raise EnergyError(f"precond={precond!r} with several neuron layers: a preconditioner "
+                          f"acts on one state; a model of several steps with eta / tau per "
+                          f"layer", where)

@@ -15,7 +15,7 @@ from collections.abc import Mapping
 import torch
 import torch.nn.functional as F  # noqa: N812
 
-from energyc.compiler import CompiledLayer, _energy_subgraph
+from energyc.compiler import CompiledLayer, _energy_subgraph, _subgraph
 from energyc.ir.evaluate import STABLE as _STABLE  # noqa: F401  (tests read it here)
 from energyc.ir.evaluate import align, evaluate
 from energyc.ir.functions import softplus  # noqa: F401
@@ -28,15 +28,26 @@ def evaluate_energy(
     xbar: torch.Tensor,
     params: Mapping[str, torch.Tensor],
     hypers: Mapping[str, float | torch.Tensor],
+    further: Mapping[str, torch.Tensor] | None = None,
+    root: int | None = None,
 ) -> torch.Tensor:
     """Per-token energy E_i, shape (B, T), from the declared energy graph (each op by its rule
     in :mod:`energyc.ir.evaluate`). ``xbar`` is the context: the state's tokens, or for a layer
-    that reads a memory, the memory (B, M, Dm)."""
-    graph, out = _energy_subgraph(layer.decl)
+    that reads a memory, the memory (B, M, Dm). ``further``: a neuron model's further layers'
+    values by input name; ``root``: another node of the file's graph to evaluate (a
+    Lagrangian) instead of the energy."""
+    if root is None:
+        graph, out = _energy_subgraph(layer.decl)
+    else:
+        graph, (out,) = _subgraph(layer.file.graph, [root])
     B, T, _ = x.shape
     sizes = {"b": B, "i": T, "j": xbar.shape[1], layer.state_dim: x.shape[-1],
              layer.context_dim: xbar.shape[-1]}
     env: dict[str, torch.Tensor | float] = {"x": x, "xbar": xbar}
+    for (name, dim) in layer.states[1:]:
+        if further is not None and name in further:
+            env[name] = further[name]
+            sizes[dim] = further[name].shape[-1]
     for p in layer.params:
         for d, n in zip(p.dims, params[p.name].shape):
             sizes[d] = n
@@ -115,3 +126,50 @@ def reference_step(layer: CompiledLayer, module: torch.nn.Module, x: torch.Tenso
         return autograd_step(
             module, x, lambda xa, xbar: evaluate_energy(layer, xa, xbar, params, hypers),
             create_graph, valid, memory)
+
+
+def reference_neurons(layer: CompiledLayer, module: torch.nn.Module, xs: list[torch.Tensor],
+                      create_graph: bool, clamp: tuple[str, ...] = (),
+                      **data) -> list[torch.Tensor]:
+    """A neuron model's states after its dynamics, with torch.autograd on the declared graphs:
+    each layer's activation g_l = grad of its Lagrangian (evaluated from its declaration), dE/dg
+    by autograd of :func:`evaluate_energy` at the activations (the first layer's state role a
+    separate tensor, its context role g_1 itself, or the input's with context "input"), the
+    step ``x_l <- x_l - (eta / tau_l) u_l`` with u_l = P dE/dg_l or, for "legendre" dynamics,
+    x_l + dE/dg_l; clamped layers held fixed. With ``create_graph`` the result is
+    differentiable again (autograd through the whole unrolled dynamics)."""
+    params, hypers = module_values(layer, module)
+    config = module._neuron_config(clamp)
+    names = [name for name, _ in layer.states]
+    call = call_data(xs[0], None, **data)
+    valid = None if call is None or call.valid is None else call.valid.to(xs[0].dtype)
+
+    def activations(xs: list[torch.Tensor]) -> list[torch.Tensor]:
+        # a separate tensor per state (x * 1.0): a later state depends on the earlier steps'
+        # states, and the activation of each is the partial derivative along its own
+        xa = [x * 1.0 if create_graph else x.detach().requires_grad_(True) for x in xs]
+        with torch.enable_grad():
+            total = sum(evaluate_energy(layer, xa[0], xa[0], params, hypers,
+                                        dict(zip(names[1:], xa[1:])), root=n.lagrangian).sum()
+                        for n in layer.decl.neurons)
+            return list(torch.autograd.grad(total, xa, create_graph=create_graph))
+
+    xs = list(xs)
+    g0 = None
+    with calling(call):
+        for _ in range(config.steps):
+            gs = activations(xs)
+            g0 = gs if g0 is None else g0
+            gbar = gs[0] if config.context == "current" else g0[0]
+            ga = [g * 1.0 if create_graph else g.detach().requires_grad_(True) for g in gs]
+            with torch.enable_grad():
+                e = evaluate_energy(layer, ga[0], gbar if create_graph else gbar.detach(),
+                                    params, hypers, dict(zip(names[1:], ga[1:])))
+                ds = torch.autograd.grad(e.sum(), ga, create_graph=create_graph)
+            us = [x + d for x, d in zip(xs, ds)] if config.dynamics == "legendre" else list(ds)
+            if valid is not None:
+                us = [u * valid for u in us]
+            us[0] = precondition(config.precond, us[0], module.P_diag, module.P_lowrank)
+            xs = [x if fixed else x - eta * u
+                  for x, u, eta, fixed in zip(xs, us, config.etas, config.clamped)]
+    return xs

@@ -823,7 +823,7 @@ def test_pipeline_keeps_example_values(path):
 
         leaves = {optimised.node(n).attr("name"): n for n in optimised.live()
                   if optimised.node(n).op in ("input", "param", "hyper")}
-        second = differentiate(optimised, "grad", "grad_g", leaves)
+        second = differentiate(optimised, [("grad", "grad_g")], leaves)
         assert_same_outputs(second, run_pipeline(second, verify=True, stages=("simplify", "lower")),
                             sizes)
 

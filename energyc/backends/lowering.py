@@ -29,7 +29,7 @@ from energyc.backends.specs import (
 )
 from energyc.backends.torch_backend import Emitter, einsum_letters, full_output
 from energyc.backends.triton_backend import KernelSet, TritonEmitter
-from energyc.compiler import LEAF_OPS, CompiledLayer
+from energyc.compiler import LEAF_OPS, CompiledLayer, grad_output, grad_seed
 from energyc.ir.describe import format_energy
 from energyc.ir.graph import Graph
 from energyc.ir.ops import describe_mask
@@ -241,9 +241,12 @@ def _leaf_map(layer: CompiledLayer, graph: Graph,
     state_order = ("b", "i", layer.state_dim)
     found = _named_leaves(graph)
     leaves: dict[str, tuple[int, tuple[str, ...]]] = {}
-    for var in ["x", "xbar", *extra_inputs]:
+    dims = dict(layer.states)
+    dims.update({grad_seed(name): dim for name, dim in layer.states})
+    for var in ["x", "xbar", *_further_states(layer), *extra_inputs]:
         # the context argument: the state's tokens, or the memory's over its own dim
-        order = ("b", "i", layer.context_dim) if var == "xbar" else state_order
+        order = (("b", "i", layer.context_dim) if var == "xbar" else ("b", "i", dims[var])
+                 if var in dims else state_order)
         leaves[var] = (found.get(var, -1), order)
     for p in layer.params:
         leaves[p.name] = (found.get(p.name, -1), p.dims)
@@ -265,9 +268,10 @@ def package_spec(layer: CompiledLayer, source: str) -> PackageSpec:
     # energy
     eg = layer.energy
     e_names = _names(eg)
+    states = ["x", "xbar", *_further_states(layer)]
     energy_fn = function_spec(
         eg, "_energy", "Per-token energy E_i, shape (B, T).",
-        eg.live(), ["x", "xbar", *param_names, *hyper_names], leaf_map(eg, []),
+        eg.live(), [*states, *param_names, *hyper_names], leaf_map(eg, []),
         [(eg.outputs["energy"], ("b", "i"), ("b", "i"))], e_names, params=set(param_names),
         emitter=functools.partial(Emitter, recorded=True),  # users differentiate the energy
     )
@@ -275,6 +279,8 @@ def package_spec(layer: CompiledLayer, source: str) -> PackageSpec:
     needed, unsupported, from_context = decodable(layer)
     if unsupported is None:
         functions.insert(3, decode_function(layer, needed))  # after _grad_forward, _grad_backward
+    if layer.neurons:
+        functions += neuron_functions(layer, e_names, states, param_names, hyper_names)
     f = layer.file
     hypers = [HyperSpec(h.name, _code(h.default) if h.default is not None else "None", h.learnable,
                         f.attribute(h.name), f.public_name(h.name))
@@ -309,6 +315,8 @@ def package_spec(layer: CompiledLayer, source: str) -> PackageSpec:
         decode_keys_from_context=from_context, context_data=layer.context_data,
         memory=None if layer.memory is None else (f.public_name(layer.memory),
                                                   f.attribute(layer.context_dim)),
+        neurons=tuple((n.public, f.attribute(n.dim), n.tau) for n in decl.neurons),
+        dynamics=decl.dynamics, terms=tuple(name for name, _ in decl.terms),
     )
 
 
@@ -316,8 +324,12 @@ def triton_module_spec(layer: CompiledLayer, source: str) -> TritonModuleSpec:
     """The Triton path: the step functions printed again by the Triton emitter, which makes
     each element-wise node, reduction and pass over pairs a kernel."""
     kernel_set = KernelSet(layer.decl.name)
-    functions = step_functions(
-        layer, lambda stem: functools.partial(TritonEmitter, kernel_set=kernel_set, function=stem))
+    def emitter(stem):
+        return functools.partial(TritonEmitter, kernel_set=kernel_set, function=stem)
+
+    functions = step_functions(layer, emitter)
+    if layer.neurons:
+        functions += step_functions(layer, emitter, lagrangian=True)
     sg = layer.step
     attention = any(sg.node(n).op in ("attention", "attention_transposed") for n in sg.live())
     notes = [f"{where or layer.decl.where}: {what} runs torch's code on the Triton path: "
@@ -327,41 +339,88 @@ def triton_module_spec(layer: CompiledLayer, source: str) -> TritonModuleSpec:
                             notes=notes, launches=kernel_set.launched)
 
 
-def step_functions(layer: CompiledLayer, emitter) -> list[FunctionSpec]:
+def _further_states(layer: CompiledLayer) -> list[str]:
+    """The states after x (a neuron model's further layers), as the functions' arguments."""
+    return [name for name, _ in layer.states if name != "x"]
+
+
+def step_functions(layer: CompiledLayer, emitter, lagrangian: bool = False) -> list[FunctionSpec]:
     """The step's forward and backward; ``emitter(stem)`` makes the emitter of one function
-    (``stem`` names its kernels: fwd, bwd)."""
-    D = layer.state_dim
-    state_order = ("b", "i", D)
+    (``stem`` names its kernels: fwd, bwd). With ``lagrangian``, a neuron model's activations
+    and their VJP from its Lagrangian's step graph (``_activation_forward``: g = dL/dx of
+    each layer; ``_activation_backward``: the Hessian-vector products J v and the Lagrangians'
+    parameters' gradients; stems act, actb)."""
     param_names = [p.name for p in layer.params]
     hyper_names = [h.name for h in layer.hypers]
+    states = layer.states
+    further = _further_states(layer)
+    seeds = [grad_seed(name) for name, _ in states]
 
     def leaf_map(graph: Graph, extra_inputs: list[str]) -> dict[str, tuple[int, tuple[str, ...]]]:
         return _leaf_map(layer, graph, extra_inputs)
 
     # step: forward (g = dE/dx) and backward (its VJP)
-    sg = layer.step
-    sp = split(sg, ["grad"], ["grad_g"])
+    sg = layer.lagrangian_step if lagrangian else layer.step
+    sp = split(sg, [grad_output(name) for name, _ in states], seeds)
     s_names = _names(sg)
+    outs = [(sg.outputs[grad_output(name)], ("b", "i", dim), ("b", "i", dim))
+            for name, dim in states]
+    state_args = ["x", *further] if lagrangian else ["x", "xbar", *further]
     fwd = function_spec(
-        sg, "_grad_forward",
-        "g = dE/dx (B, T, D), and the intermediates the backward needs.",
-        sp.forward, ["kernels", "x", "xbar", *param_names, *hyper_names], leaf_map(sg, []),
-        [(sg.outputs["grad"], state_order, state_order)], s_names, saved_out=sp.saved,
-        params=set(param_names), emitter=emitter("fwd"),
+        sg, "_activation_forward" if lagrangian else "_grad_forward",
+        ("The activations g = dL/dx (B, T, dim) of each neuron layer, and the intermediates "
+         "the backward needs." if lagrangian else
+         "g = dE/dx (B, T, D), and the intermediates the backward needs." if not further else
+         "g = dE/dg for each neuron layer (B, T, dim), and the intermediates the backward "
+         "needs."),
+        sp.forward, ["kernels", *state_args, *param_names, *hyper_names], leaf_map(sg, []),
+        outs, s_names, saved_out=sp.saved, params=set(param_names),
+        emitter=emitter("act" if lagrangian else "fwd"),
     )
     context_order = ("b", "i", layer.context_dim)  # the memory's gradient, where it has one
-    grads = [("x", state_order, state_order), ("xbar", context_order, context_order)]
+    grads = [("x", ("b", "i", states[0][1]), ("b", "i", states[0][1]))]
+    if not lagrangian:
+        grads.append(("xbar", context_order, context_order))
+    grads += [(name, ("b", "i", dim), ("b", "i", dim)) for name, dim in states[1:]]
     grads += [(p.name, sg.canonical(p.dims), p.dims) for p in layer.params]
     grads += [(h.name, (), ()) for h in layer.hypers]
     bwd = function_spec(
-        sg, "_grad_backward",
-        "Vector-Jacobian product of g w.r.t. x, xbar, the parameters and the hyperparameters.",
-        sp.backward, ["kernels", "saved", "grad_g", "x", "xbar", *param_names, *hyper_names],
-        leaf_map(sg, ["grad_g"]),
+        sg, "_activation_backward" if lagrangian else "_grad_backward",
+        ("Vector-Jacobian product of the activations w.r.t. each layer's state (J v, J the "
+         "Lagrangian's Hessian) and the parameters." if lagrangian else
+         "Vector-Jacobian product of g w.r.t. x, xbar, the parameters and the hyperparameters."),
+        sp.backward, ["kernels", "saved", *seeds, *state_args, *param_names, *hyper_names],
+        leaf_map(sg, seeds),
         [(sg.outputs.get(f"grad_{n}"), axes, order) for n, axes, order in grads], s_names,
-        saved_in=sp.saved, params=set(param_names), emitter=emitter("bwd"),
+        saved_in=sp.saved, params=set(param_names),
+        emitter=emitter("actb" if lagrangian else "bwd"),
     )
     return [fwd, bwd]
+
+
+def neuron_functions(layer: CompiledLayer, e_names: dict[int, str], states: list[str],
+                     param_names: list[str], hyper_names: list[str]) -> list[FunctionSpec]:
+    """A neuron model's further functions: ``_energy_terms`` (each named term per token, where
+    the energy was given as terms), ``_lagrangians`` (each layer's Lagrangian per token), and
+    the activations with their VJP (``step_functions(lagrangian=True)``)."""
+    out = []
+    eg = layer.energy
+    terms = [k for k in eg.outputs if k.startswith("term:")]
+    if terms:
+        out.append(function_spec(
+            eg, "_energy_terms", "Each named term of the energy per token, (B, T) each.",
+            eg.live(), [*states, *param_names, *hyper_names], _leaf_map(layer, eg, []),
+            [(eg.outputs[k], ("b", "i"), ("b", "i")) for k in terms], e_names,
+            params=set(param_names), emitter=functools.partial(Emitter, recorded=True)))
+    lg = layer.lagrangian
+    lagrangian_states = [s for s in states if s != "xbar"]
+    out.append(function_spec(
+        lg, "_lagrangians", "Each neuron layer's Lagrangian L(x) per token, (B, T) each.",
+        lg.live(), [*lagrangian_states, *param_names, *hyper_names], _leaf_map(layer, lg, []),
+        [(lg.outputs[f"lagrangian:{name}"], ("b", "i"), ("b", "i")) for name, _ in layer.states],
+        _names(lg), params=set(param_names), emitter=functools.partial(Emitter, recorded=True)))
+    out += step_functions(layer, lambda stem: Emitter, lagrangian=True)
+    return out
 
 
 def decodable(layer: CompiledLayer) -> tuple[list[int], str | None, bool]:
@@ -382,6 +441,10 @@ def decodable(layer: CompiledLayer) -> tuple[list[int], str | None, bool]:
         node = sg.node(n)
         if n in inputs or any(u in token_dep for u in node.inputs):
             token_dep.add(n)
+    if layer.neurons:
+        return needed, ("a neuron model: its dynamics step on every layer's state; decoding "
+                        "neuron models is not supported yet (run forward on the whole "
+                        "sequence)"), False
     if layer.memory is not None:
         return needed, ("the energy reads a memory; decoding with one is not supported yet "
                         "(run forward on the new tokens with memory=: each token's update "

@@ -109,3 +109,8 @@ class PackageSpec:
     # the memory the energy reads (a second sequence given at call time): its declared name and
     # its dim's attribute; None: none
     memory: tuple[str, str] | None = None
+    # a neuron model's layers (its declared name, its dim's attribute, its time constant tau),
+    # in declared order; empty: the state is x itself
+    neurons: tuple[tuple[str, str, float], ...] = ()
+    dynamics: str = "descent"  # a neuron model's: "descent" or "legendre"
+    terms: tuple[str, ...] = ()  # the energy's named terms

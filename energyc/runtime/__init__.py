@@ -20,6 +20,8 @@ subject per module:
 * ``layer``: the Layer every generated package declares (``EnergyLayer``: construction from the
   package's declarations, forward, energy, decode) and the autograd Function of its step loop
   (``LayerFunction``); the step settings are checked by ``energyc.settings``;
+* ``neurons``: the Layer of a neuron model (``NeuronLayer``: states per neuron layer, the
+  energy trace) and the autograd Function of its dynamics (``NeuronFunction``);
 * ``precond``: the preconditioners P (identity, diagonal, dplr) and their VJPs;
 * ``arguments``: a layer's argument checks (dims, hyperparameters, dtype, device, inputs);
 * ``backends``: which implementation runs (``implementation``, ``preload``);
@@ -72,6 +74,7 @@ from energyc.runtime.masks import (
     token_offset,
     token_position,
 )
+from energyc.runtime.neurons import NeuronConfig, NeuronFunction, NeuronLayer
 from energyc.runtime.pairs import pair_lse, pair_softmax_sums, pair_sums, pair_tiles, running_sum
 from energyc.runtime.positions import alibi_slopes_, rotary
 from energyc.runtime.precond import INVERSE_SOFTPLUS_ONE
@@ -91,7 +94,7 @@ __all__ = [
     "pair_lse", "pair_softmax_sums", "pair_sums", "pair_tiles", "running_sum",
     "contract", "contract_add", "mul_affine_",
     # the layer's plumbing
-    "EnergyLayer", "LayerFunction", "StepConfig",
+    "EnergyLayer", "LayerFunction", "StepConfig", "NeuronLayer", "NeuronFunction", "NeuronConfig",
     "as_scalar", "check_dim", "check_input", "factory",
     "hyper_value", "implementation", "preload",
     "AUTOCAST_DTYPES", "autocast_as", "autocast_dtype", "autocast_off", "autocast_state",
