@@ -39,7 +39,13 @@ from hypothesis import strategies as st
 from energyc.compiler import CompiledLayer, compile_file
 from energyc.context import Context
 from energyc.loader import load
-from energyc.reference import evaluate_energy, module_values, reference_step
+from energyc.reference import (
+    evaluate_energy,
+    module_values,
+    reference_neurons,
+    reference_step,
+    reference_total_energy,
+)
 from energyc.render import render_files, write_package
 from energyc.runtime.rows import call_data, calling
 from energyc.settings import CONTEXTS, PRECONDITIONERS
@@ -97,6 +103,7 @@ class Case:
     context: str
     data: dict = field(default_factory=dict)  # the call's context data keywords
     memory_tokens: int = 0  # a memory's tokens, for a layer that reads one
+    clamp: tuple[str, ...] = ()  # a neuron model's layers held fixed (by name)
 
 
 def _draw_data(draw_fn, reads: set[str], batch: int, tokens: int) -> dict:
@@ -148,6 +155,11 @@ def cases(layer: CompiledLayer, max_dim: int = 5, max_tokens: int = 6):
             factor = draw_fn(st.floats(0.5, 2.0))
             hypers[name] = base * factor if base != 0 else factor - 1.0
         batch, tokens = draw_fn(st.integers(1, 3)), draw_fn(st.integers(1, max_tokens))
+        several = len(layer.decl.neurons) > 1
+        names = [n.public for n in layer.decl.neurons]
+        clamp = tuple(n for n in names if draw_fn(st.integers(0, 2)) == 0) if several else ()
+        if len(clamp) == len(names):
+            clamp = clamp[1:]  # at least one layer moves
         return Case(
             dims=dims,
             batch=batch,
@@ -157,10 +169,12 @@ def cases(layer: CompiledLayer, max_dim: int = 5, max_tokens: int = 6):
             hypers=hypers,
             eta=draw_fn(st.floats(0.05, 1.0)),
             steps=draw_fn(st.integers(1, 2)) if layer.decl.steps == 1 else layer.decl.steps,
-            precond=draw_fn(st.sampled_from(PRECONDITIONERS)),
+            # several neuron layers step with eta / tau each, no preconditioner
+            precond="identity" if several else draw_fn(st.sampled_from(PRECONDITIONERS)),
             context=draw_fn(st.sampled_from(CONTEXTS)),
             data=_draw_data(draw_fn, reads, batch, tokens),
             memory_tokens=draw_fn(st.integers(1, max_tokens + 2)) if layer.memory else 0,
+            clamp=clamp,
         )
 
     return draw()
@@ -179,6 +193,14 @@ def build(layer: CompiledLayer, module: ModuleType, case: Case, dtype=torch.floa
             p.add_(0.1 * torch.randn_like(p))  # break symmetric inits (P starts at identity)
     x = case.scale * torch.randn(case.batch, case.tokens, case.dims[state_dim], dtype=dtype)
     return lay, x
+
+
+def build_neurons(layer: CompiledLayer, module: ModuleType, case: Case, dtype=torch.float64):
+    """A neuron model's layer and drawn states, one (batch, tokens, D_l) per neuron layer."""
+    lay, x = build(layer, module, case, dtype)
+    xs = [x] + [case.scale * torch.randn(case.batch, case.tokens, case.dims[dim], dtype=dtype)
+                for _, dim in layer.states[1:]]
+    return lay, xs
 
 
 def memory_of(layer: CompiledLayer, case: Case, dtype=torch.float64) -> torch.Tensor | None:
@@ -340,8 +362,112 @@ def check_energy(layer: CompiledLayer, module: ModuleType, case: Case) -> float:
     return max(_close(f"energy {k}", a.detach(), b.detach()) for k, a, b in zip(labels, got, want))
 
 
+def check_neuron_forward(layer: CompiledLayer, module: ModuleType, case: Case) -> float:
+    """A neuron model's states after its dynamics equal :func:`reference_neurons`'s."""
+    lay, xs = build_neurons(layer, module, case)
+    with torch.no_grad():
+        ys = _as_list(lay(*xs, clamp=case.clamp, **case.data))
+    want = reference_neurons(layer, lay, xs, False, clamp=case.clamp, **case.data)
+    return max(_close(f"forward {n.public}", y, w.detach())
+               for n, y, w in zip(layer.decl.neurons, ys, want))
+
+
+def check_neuron_backward(layer: CompiledLayer, module: ModuleType, case: Case) -> float:
+    """The backward through the dynamics equals autograd's through the reference's unrolled
+    steps, for every state and parameter."""
+    lay, xs = build_neurons(layer, module, case)
+    xs = [x.requires_grad_(True) for x in xs]
+    leaves = [*xs, *lay.parameters()]
+    names = [n.public for n in layer.decl.neurons] + [n for n, _ in lay.named_parameters()]
+    gen = torch.Generator().manual_seed(case.seed)
+    ws = [torch.randn(x.shape, dtype=x.dtype, generator=gen) for x in xs]
+    ys = _as_list(lay(*xs, clamp=case.clamp, **case.data))
+    got = torch.autograd.grad(sum((y * w).sum() for y, w in zip(ys, ws)), leaves,
+                              allow_unused=True)
+    want_ys = reference_neurons(layer, lay, xs, True, clamp=case.clamp, **case.data)
+    want = torch.autograd.grad(sum((y * w).sum() for y, w in zip(want_ys, ws)), leaves,
+                               allow_unused=True)
+    worst = 0.0
+    for name, a, b, v in zip(names, got, want, leaves):
+        a = torch.zeros_like(v) if a is None else a
+        b = torch.zeros_like(v) if b is None else b
+        worst = max(worst, _close(f"backward d/d{name}", a, b))
+    return worst
+
+
+def check_neuron_descent(layer: CompiledLayer, module: ModuleType, case: Case) -> float:
+    """A small step of the dynamics lowers the total energy (E(g), plus the Legendre terms for
+    "legendre" dynamics): dTotal = -s u^T J u <= 0 where every Lagrangian's Hessian J is positive
+    semi-definite. Taken with the identity preconditioner (J P need not be semi-definite) and the
+    context held at the states' activations (per token for a conditional energy)."""
+    lay, xs = build_neurons(layer, module, case)
+    eta, _, _, _, backend = lay.config
+    lay.config = (1.0, 1, "identity", "current", backend)
+    lay.tau = dict.fromkeys(lay.tau, 1.0)
+    per_token = not layer.decl.joint
+    with torch.no_grad():
+        ys = _as_list(lay(*xs, clamp=case.clamp, **case.data))
+        us = [y - x for x, y in zip(xs, ys)]  # = -u at eta = 1
+        step = 1e-4 / (1.0 + max(float(u.abs().max()) for u in us))
+        new = [x + step * u for x, u in zip(xs, us)]
+        before = lay.energy(*xs, per_token=per_token, context=xs[0], **case.data)
+        after = lay.energy(*new, per_token=per_token, context=xs[0], **case.data)
+        moving = sum(u.abs().amax(dim=-1) for u in us)
+        scale_ok = (moving < 1e-12) if per_token else (moving.amax(dim=1) < 1e-12)
+        drop = before - after
+        # as in check_descent: a change within the rounding of the energies is no rise
+        resolution = 16 * torch.finfo(before.dtype).eps * (before.abs() + after.abs())
+        ok = drop >= -resolution
+    bad = ~(ok | scale_ok)
+    if bool(bad.any()):
+        raise AssertionError(f"descent: a step of size {step:.2e} raised the total energy "
+                             f"(max rise {float((-drop).max()):.3e})")
+    return float(drop.min())
+
+
+def check_neuron_energy(layer: CompiledLayer, module: ModuleType, case: Case) -> float:
+    """``layer.energy(*states)`` per token (the total the dynamics descend) equals the
+    reference's, and autograd differentiates it twice alike, to every state and parameter."""
+    lay, xs = build_neurons(layer, module, case)
+    xs = [x.requires_grad_(True) for x in xs]
+    params, hypers = module_values(layer, lay)
+    learned = [v for v in hypers.values() if isinstance(v, torch.Tensor) and v.requires_grad]
+    leaves = [*xs, *params.values(), *learned]
+    n = len(xs)
+    got = _derivatives(lambda *a: lay.energy(*a[:n], per_token=True, **case.data), leaves,
+                       case.seed)
+    want = _derivatives(lambda *a: reference_total_energy(layer, lay, list(a[:n]), **case.data),
+                        leaves, case.seed)
+    names = [m.public for m in layer.decl.neurons] + [*params] + [f"h{k}" for k in range(len(learned))]
+    labels = ["E"] + [f"dE/d{m}" for m in names] + [f"d(dE . w)/d{m}" for m in names]
+    return max(_close(f"energy {k}", a.detach(), b.detach()) for k, a, b in zip(labels, got, want))
+
+
+def _derivatives(energy, leaves: list[torch.Tensor], seed: int) -> list[torch.Tensor]:
+    """E (B, T) of ``energy(*leaves)``, its gradients to the leaves and the gradients of their
+    sum weighted by drawn tensors (first and second order, as :func:`_energy_derivatives`)."""
+    gen = torch.Generator().manual_seed(seed)
+    e = energy(*leaves)
+    w = torch.randn(e.shape, dtype=e.dtype, generator=gen)
+    first = torch.autograd.grad((e * w).sum(), leaves, create_graph=True, allow_unused=True)
+    first = [torch.zeros_like(v) if g is None else g for v, g in zip(leaves, first)]
+    total = sum((g * torch.randn(g.shape, dtype=g.dtype, generator=gen)).sum() for g in first)
+    second = (torch.autograd.grad(total, leaves, allow_unused=True) if total.requires_grad
+              else [None] * len(leaves))
+    second = [torch.zeros_like(v) if g is None else g for v, g in zip(leaves, second)]
+    return [e, *first, *second]
+
+
+def _as_list(out) -> list[torch.Tensor]:
+    return list(out) if isinstance(out, tuple) else [out]
+
+
 CHECK_FUNCTIONS = {"forward": check_forward, "backward": check_backward,
                    "causal": check_causal, "descent": check_descent, "energy": check_energy}
+#: a neuron model's checks (its states, its dynamics, its total energy)
+NEURON_CHECK_FUNCTIONS = {"forward": check_neuron_forward, "backward": check_neuron_backward,
+                          "causal": check_causal, "descent": check_neuron_descent,
+                          "energy": check_neuron_energy}
 
 
 @dataclass
@@ -367,7 +493,10 @@ def run_check(layer: CompiledLayer, module: ModuleType, check: str, max_examples
     if check == "causal" and not is_causal(layer):
         result.skipped = "not causal" if not layer.decl.joint else "joint energy"
         return result
-    fn = CHECK_FUNCTIONS[check]
+    if check == "causal" and len(layer.decl.neurons) > 1:
+        result.skipped = "several neuron layers"
+        return result
+    fn = (NEURON_CHECK_FUNCTIONS if layer.neurons else CHECK_FUNCTIONS)[check]
 
     @settings(max_examples=max_examples, deadline=None, derandomize=derandomize, database=None,
               suppress_health_check=list(HealthCheck), print_blob=False)

@@ -1108,7 +1108,12 @@ def _check_neuron_model(f: EnergyFile, energy: Tensor, dynamics: str, precond: s
         raise EnergyError(f"dynamics must be one of {', '.join(map(repr, DYNAMICS))}, got "
                           f"{dynamics!r}", where)
     g = f.graph
-    reads = {g.node(n).attr("name") for n in g.ancestors([energy.node]) if g.node(n).op == "input"}
+    inputs = [g.node(n) for n in g.ancestors([energy.node]) if g.node(n).op == "input"]
+    memory = next((node for node in inputs if node.attr("memory") is not None), None)
+    if memory is not None:
+        raise EnergyError("a neuron model reads no memory (its states are its neuron layers; "
+                          "a second sequence is not supported yet)", memory.where or where)
+    reads = {node.attr("name") for node in inputs}
     for n in f.neurons:
         if n.input not in reads:
             raise EnergyError(f"the energy does not read the neuron layer {n.public} (use "

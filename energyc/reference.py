@@ -128,6 +128,48 @@ def reference_step(layer: CompiledLayer, module: torch.nn.Module, x: torch.Tenso
             create_graph, valid, memory)
 
 
+def lagrangians(layer: CompiledLayer, params, hypers, xs: list[torch.Tensor]
+                ) -> list[torch.Tensor]:
+    """Each neuron layer's Lagrangian per token (B, T), evaluated from its declaration."""
+    names = [name for name, _ in layer.states]
+    return [evaluate_energy(layer, xs[0], xs[0], params, hypers, dict(zip(names[1:], xs[1:])),
+                            root=n.lagrangian) for n in layer.decl.neurons]
+
+
+def reference_activations(layer: CompiledLayer, params, hypers, xs: list[torch.Tensor],
+                          create_graph: bool) -> list[torch.Tensor]:
+    """Each neuron layer's activation g_l = dL_l/dx_l by torch.autograd of its Lagrangian."""
+    # a separate tensor per state (x * 1.0): a later state depends on the earlier steps' states,
+    # and the activation of each is the partial derivative along its own
+    xa = [x * 1.0 if create_graph else x.detach().requires_grad_(True) for x in xs]
+    with torch.enable_grad():
+        total = sum(L.sum() for L in lagrangians(layer, params, hypers, xa))
+        return list(torch.autograd.grad(total, xa, create_graph=create_graph))
+
+
+def reference_total_energy(layer: CompiledLayer, module: torch.nn.Module,
+                           xs: list[torch.Tensor], context: torch.Tensor | None = None,
+                           **data) -> torch.Tensor:
+    """A neuron model's total energy per token (B, T), differentiable twice: E at the
+    activations (its context role the first layer's activation at ``context``, or at the state,
+    held fixed), plus with "legendre" dynamics each layer's x . g - L(x); 0 at padding."""
+    params, hypers = module_values(layer, module)
+    names = [name for name, _ in layer.states]
+    call = call_data(xs[0], None, **data)
+    with calling(call):
+        gs = reference_activations(layer, params, hypers, xs, True)
+        gbar = gs[0] if context is None else reference_activations(
+            layer, params, hypers, [context, *xs[1:]], True)[0]
+        e = evaluate_energy(layer, gs[0], gbar.detach(), params, hypers,
+                            dict(zip(names[1:], gs[1:])))
+        if layer.decl.dynamics == "legendre":
+            for x, g, L in zip(xs, gs, lagrangians(layer, params, hypers, xs)):
+                e = e + (x * g).sum(-1) - L
+    if call is not None and call.valid is not None:
+        e = e * call.valid[:, :, 0].to(e.dtype)
+    return e
+
+
 def reference_neurons(layer: CompiledLayer, module: torch.nn.Module, xs: list[torch.Tensor],
                       create_graph: bool, clamp: tuple[str, ...] = (),
                       **data) -> list[torch.Tensor]:
@@ -145,14 +187,7 @@ def reference_neurons(layer: CompiledLayer, module: torch.nn.Module, xs: list[to
     valid = None if call is None or call.valid is None else call.valid.to(xs[0].dtype)
 
     def activations(xs: list[torch.Tensor]) -> list[torch.Tensor]:
-        # a separate tensor per state (x * 1.0): a later state depends on the earlier steps'
-        # states, and the activation of each is the partial derivative along its own
-        xa = [x * 1.0 if create_graph else x.detach().requires_grad_(True) for x in xs]
-        with torch.enable_grad():
-            total = sum(evaluate_energy(layer, xa[0], xa[0], params, hypers,
-                                        dict(zip(names[1:], xa[1:])), root=n.lagrangian).sum()
-                        for n in layer.decl.neurons)
-            return list(torch.autograd.grad(total, xa, create_graph=create_graph))
+        return reference_activations(layer, params, hypers, xs, create_graph)
 
     xs = list(xs)
     g0 = None

@@ -101,10 +101,10 @@ def run_dynamics(config: NeuronConfig, path: Any, kernels: Any, xs: list[torch.T
         us = [x + d for x, d in zip(xs, ds)] if config.dynamics == "legendre" else ds
         if valid is not None:
             us = [u * valid for u in us]
-        u0, precond_saved = precond_forward(us[0], P_diag, P_lowrank)
-        us[0] = u0
+        u0 = us[0]  # before P: the preconditioner's backward reads it
+        us[0], precond_saved = precond_forward(u0, P_diag, P_lowrank)
         if keep:
-            steps.append((xs, gs, act_saved, saved, precond_saved, us[0] if n else None))
+            steps.append((xs, gs, act_saved, saved, precond_saved, u0))
         xs = [x if fixed else torch.add(x, u, alpha=-eta)
               for x, u, eta, fixed in zip(xs, us, config.etas, config.clamped)]
     if record is not None:
@@ -211,6 +211,11 @@ class NeuronLayer(EnergyLayer):
         self.dynamics = module.DYNAMICS
         self.terms = tuple(module.TERMS)
         self.tau = {name: t for name, _, t in module.NEURONS}
+        if len(self.neurons) > 1 and self.config[2] != "identity":
+            raise ValueError(f"argument precond: {self.config[2]!r} with several neuron layers "
+                             f"({', '.join(self.neurons)}); a preconditioner acts on one state, "
+                             f"and a model of several steps each layer by eta / tau (use "
+                             f"precond='identity')")
         if tau is not None:
             if not isinstance(tau, Mapping):
                 raise TypeError(f"argument tau: expected a dict of time constants by neuron layer "
@@ -290,22 +295,27 @@ class NeuronLayer(EnergyLayer):
         *gs, _ = path._activation_forward(kernels, *xs, *self._params(), *self._hypers(xs[0]))
         return tuple(gs)
 
-    def energies(self, *states: torch.Tensor, per_token: bool = False, cu_seqlens: Any = None,
+    def energies(self, *states: torch.Tensor, per_token: bool = False,
+                 context: torch.Tensor | None = None, cu_seqlens: Any = None,
                  document_ids: Any = None, lengths: Any = None,
                  prefix: Any = None) -> dict[str, torch.Tensor]:
         """The energy at the given states, by term: each named term of E (or ``energy``),
         with "legendre" dynamics each layer's Legendre term ``legendre_<name>`` = x . g - L(x),
         and ``total``, their sum, the quantity the dynamics descend. Per batch element (or per
-        token); differentiable. E is evaluated at g with its context role g itself, held fixed
-        (gbar = g.detach()), as a step reads it."""
+        token); differentiable. E's context role (where it reads ``gbar[j]``) is the first
+        layer's activation at ``context`` (a state of that layer), held fixed; left out, at the
+        state itself (gbar = g.detach()), as a step from these states reads it."""
         xs = self._states(states, "energies")
+        if context is not None:
+            (context,) = self._states([context, *xs[1:]], "energies")[:1]
         data = self._data(xs, dict(cu_seqlens=cu_seqlens, document_ids=document_ids,
                                    lengths=lengths, prefix=prefix))
         module = self._declared.module
         weights = (*self._params(), *self._hypers(xs[0]))
         with calling(data):
             gs = self.activations(*xs)
-            args = (gs[0], gs[0].detach(), *gs[1:], *weights)
+            gbar = gs[0] if context is None else self.activations(context, *xs[1:])[0]
+            args = (gs[0], gbar.detach(), *gs[1:], *weights)
             if self.terms:
                 values = dict(zip(self.terms, module._energy_terms(*args)))
             else:
