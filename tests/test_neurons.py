@@ -234,10 +234,10 @@ def test_the_examples_pass_every_check_and_their_traces_descend():
                 result = run_check(layer, module, check, max_examples=4)
                 assert result.status == "ok", f"{layer.name} {check}: {result.error}"
     from generated.digits_memory import Layer as Digits
-    from generated.energy_transformer_block import Layer as ET
+    from generated.energy_transformer_block import Layer as EnergyTransformer
 
     torch.manual_seed(0)
-    et = ET(D=16, H=2, K=4, M=32, dtype=F64)
+    et = EnergyTransformer(D=16, H=2, K=4, M=32, dtype=F64)
     trace = et.trace(torch.randn(2, 6, 16, dtype=F64))
     assert len(trace) == et.config[1] + 1
     totals = [t["total"] for t in trace]
