@@ -12,6 +12,7 @@ the Triton backend the step functions again with its kernel-printing emitter
 from __future__ import annotations
 
 import functools
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -76,7 +77,8 @@ def split(graph: Graph, forward_outputs: list[str], upstream_inputs: list[str]) 
 #: module-level names of layer.py that the class alias ``<ClassName> = Layer`` must not replace
 MODULE_GLOBALS = frozenset({"DIMS", "PARAMS", "HYPERS", "STATE_DIM", "EVEN_DIMS", "LEARNED_HYPERS",
                             "PRECONDITIONERS", "Layer", "math", "torch", "DECODE_UNSUPPORTED",
-                            "DECODE_KEYS_FROM_CONTEXT"})
+                            "DECODE_KEYS_FROM_CONTEXT", "NEURONS", "DYNAMICS", "TERMS", "CONTEXT_DATA",
+                            "MEMORY"})
 
 
 def camel(name: str) -> str:
@@ -546,7 +548,12 @@ def _module_doc(layer: CompiledLayer) -> str:
     if decl.doc or layer.file.doc:
         parts.append((decl.doc or layer.file.doc).strip())
     energy = format_energy(layer.energy, "energy", layer.file.public)
+    if layer.neurons:  # the energy reads the first layer's activation where it reads "x"
+        energy = _rename_state(energy, "x", decl.neurons[0].public)
     parts.append("Energy (per updated token i):\n\n    E_i = " + energy)
+    if layer.neurons:
+        parts.append(_neurons_doc(layer))
+        return "\n\n".join(parts).replace('"""', "'''").replace("\\", "\\\\")
     role = ("both roles of x (joint energy)" if decl.joint
             else f"x_i only (the memory {layer.file.public_name(layer.memory)} is held fixed)"
             if layer.memory else "x_i only (xbar is held fixed)")
@@ -556,3 +563,30 @@ def _module_doc(layer: CompiledLayer) -> str:
         "_grad_backward."
     )
     return "\n\n".join(parts).replace('"""', "'''").replace("\\", "\\\\")
+
+
+def _neurons_doc(layer: CompiledLayer) -> str:
+    """A neuron model's docstring part: each layer's Lagrangian and the dynamics."""
+    decl = layer.decl
+    lines = ["Neuron layers (state x, Lagrangian L(x); the activation g = dL/dx and its Jacobian",
+             "J = dg/dx are derived):", ""]
+    for n in decl.neurons:
+        L = format_energy(layer.lagrangian, f"lagrangian:{n.input}", layer.file.public)
+        L = _rename_state(L, n.public if n.input != "x" else "x", "x")
+        lines.append(f"    {n.public} (over {layer.file.public_name(n.dim)}, tau {n.tau:g}): "
+                     f"L(x_i) = {L}")
+    step = ("x + dE/dg  (hamux's: the total energy adds each layer's x . g - L(x))"
+            if decl.dynamics == "legendre" else "dE/dg  (the Energy Transformer's)")
+    joint = " (E differentiated through both roles of g: joint)" if decl.joint else ""
+    lines += ["", f"Layer: `steps` steps  x <- x - (eta / tau) P u,  u = {step}{joint},",
+              "the activations recomputed from the Lagrangians inside the loop "
+              "(energyc.runtime.neurons).",
+              "The backward composes E's second derivatives (_grad_backward) with each "
+              "Lagrangian's Hessian-vector product",
+              "(_activation_backward), both derived symbolically."]
+    return "\n".join(lines)
+
+
+def _rename_state(formula: str, old: str, new: str) -> str:
+    """``old_i`` / ``old_j`` (a state at a token, as formulas print it) as ``new_i`` / ``new_j``."""
+    return re.sub(rf"(?<![\w.]){re.escape(old)}_([ij])(?!\w)", rf"{new}_\1", formula)
