@@ -139,8 +139,6 @@ def lagrangians(layer: CompiledLayer, params, hypers, xs: list[torch.Tensor]
 def reference_activations(layer: CompiledLayer, params, hypers, xs: list[torch.Tensor],
                           create_graph: bool) -> list[torch.Tensor]:
     """Each neuron layer's activation g_l = dL_l/dx_l by torch.autograd of its Lagrangian."""
-    # a separate tensor per state (x * 1.0): a later state depends on the earlier steps' states,
-    # and the activation of each is the partial derivative along its own
     xa = [x * 1.0 if create_graph else x.detach().requires_grad_(True) for x in xs]
     with torch.enable_grad():
         total = sum(L.sum() for L in lagrangians(layer, params, hypers, xa))
@@ -175,19 +173,59 @@ def reference_neurons(layer: CompiledLayer, module: torch.nn.Module, xs: list[to
                       **data) -> list[torch.Tensor]:
     """A neuron model's states after its dynamics, with torch.autograd on the declared graphs:
     each layer's activation g_l = grad of its Lagrangian (evaluated from its declaration), dE/dg
-    by autograd of :func:`evaluate_energy` at the activations (the first layer's state role a
-    separate tensor, its context role g_1 itself, or the input's with context "input"), the
-    step ``x_l <- x_l - (eta / tau_l) u_l`` with u_l = P dE/dg_l or, for "legendre" dynamics,
-    x_l + dE/dg_l; clamped layers held fixed. With ``create_graph`` the result is
-    differentiable again (autograd through the whole unrolled dynamics)."""
+    by autograd of :func:`evaluate_energy` at the activations. See :func:`autograd_neurons`."""
     params, hypers = module_values(layer, module)
-    config = module._neuron_config(clamp)
     names = [name for name, _ in layer.states]
+
+    def lagrangian_sum(xs: list[torch.Tensor]) -> torch.Tensor:
+        return sum(L.sum() for L in lagrangians(layer, params, hypers, xs))
+
+    def energy(g: torch.Tensor, gbar: torch.Tensor, further: list[torch.Tensor]) -> torch.Tensor:
+        return evaluate_energy(layer, g, gbar, params, hypers, dict(zip(names[1:], further)))
+
+    return autograd_neurons(module, xs, lagrangian_sum, energy, create_graph, clamp, **data)
+
+
+def package_neurons(module: torch.nn.Module, xs: list[torch.Tensor], create_graph: bool,
+                    clamp: tuple[str, ...] = (), **data) -> list[torch.Tensor]:
+    """:func:`autograd_neurons` on a generated package's own plain functions (``_lagrangians``
+    and ``_energy``, what a user would write in PyTorch): ``energyc bench``'s baseline."""
+    package = module._declared.module
+
+    def weights() -> tuple:
+        return (*module._params(), *module._hypers(xs[0]))
+
+    def lagrangian_sum(xs: list[torch.Tensor]) -> torch.Tensor:
+        Ls = package._lagrangians(*xs, *weights())
+        return sum(L.sum() for L in (Ls if isinstance(Ls, tuple) else (Ls,)))
+
+    def energy(g: torch.Tensor, gbar: torch.Tensor, further: list[torch.Tensor]) -> torch.Tensor:
+        return package._energy(g, gbar, *further, *weights())
+
+    return autograd_neurons(module, xs, lagrangian_sum, energy, create_graph, clamp, **data)
+
+
+def autograd_neurons(module: torch.nn.Module, xs: list[torch.Tensor], lagrangian_sum, energy,
+                     create_graph: bool, clamp: tuple[str, ...] = (),
+                     **data) -> list[torch.Tensor]:
+    """A neuron model's dynamics by torch.autograd: each step, the activations g_l as the
+    gradient of ``lagrangian_sum(xs)`` (a separate tensor per state), dE/dg by autograd of
+    ``energy(g_1, gbar, [g_2, ...])`` (per token; the first layer's state role a separate
+    tensor, its context role g_1 itself, or the input's with context "input"), then ``x_l <-
+    x_l - (eta / tau_l) u_l`` with u_l = P dE/dg_l or, for "legendre" dynamics, x_l + dE/dg_l;
+    clamped layers held fixed; ``module`` (the generated Layer) gives the settings and P. With
+    ``create_graph`` the result is differentiable again (autograd through the whole unrolled
+    dynamics)."""
+    config = module._neuron_config(clamp)
     call = call_data(xs[0], None, **data)
     valid = None if call is None or call.valid is None else call.valid.to(xs[0].dtype)
 
     def activations(xs: list[torch.Tensor]) -> list[torch.Tensor]:
-        return reference_activations(layer, params, hypers, xs, create_graph)
+        # a separate tensor per state (x * 1.0): a later state depends on the earlier steps'
+        # states, and the activation of each is the partial derivative along its own
+        xa = [x * 1.0 if create_graph else x.detach().requires_grad_(True) for x in xs]
+        with torch.enable_grad():
+            return list(torch.autograd.grad(lagrangian_sum(xa), xa, create_graph=create_graph))
 
     xs = list(xs)
     g0 = None
@@ -198,8 +236,7 @@ def reference_neurons(layer: CompiledLayer, module: torch.nn.Module, xs: list[to
             gbar = gs[0] if config.context == "current" else g0[0]
             ga = [g * 1.0 if create_graph else g.detach().requires_grad_(True) for g in gs]
             with torch.enable_grad():
-                e = evaluate_energy(layer, ga[0], gbar if create_graph else gbar.detach(),
-                                    params, hypers, dict(zip(names[1:], ga[1:])))
+                e = energy(ga[0], gbar if create_graph else gbar.detach(), ga[1:])
                 ds = torch.autograd.grad(e.sum(), ga, create_graph=create_graph)
             us = [x + d for x, d in zip(xs, ds)] if config.dynamics == "legendre" else list(ds)
             if valid is not None:

@@ -131,6 +131,10 @@ def test_every_example_compiles_fullgraph(name, backend):
     torch._dynamo.reset()
     Layer = importlib.import_module(f"generated.{name}").Layer
     torch.manual_seed(0)
+    neurons = getattr(Layer._declared.module, "NEURONS", ())
+    if len(neurons) > 1:  # a model of several neuron layers: its states, no preconditioner
+        _neurons_fullgraph(Layer, neurons, EXAMPLES[name], backend)
+        return
     layer = Layer(**EXAMPLES[name], precond="dplr", backend=backend).double()
     x = torch.randn(2, 7, EXAMPLES[name]["D"], dtype=torch.float64, requires_grad=True)
     call = {}
@@ -151,4 +155,22 @@ def test_every_example_compiles_fullgraph(name, backend):
         if b is None:
             assert a is None
             continue
+        torch.testing.assert_close(a, b, rtol=rtol, atol=atol)
+
+
+def _neurons_fullgraph(Layer, neurons, dims, backend) -> None:
+    """test_every_example_compiles_fullgraph for a neuron model of several layers."""
+    layer = Layer(**dims, backend=backend).double()
+    states = [torch.randn(2, 7, getattr(layer, dim), dtype=torch.float64, requires_grad=True)
+              for _, dim, _ in neurons]
+    params = [*states, *layer.parameters()]
+
+    def loss(*states):
+        return sum((y ** 2).sum() for y in layer(*states, clamp=neurons[0][0]))
+
+    eager = torch.autograd.grad(loss(*states), params, allow_unused=True)
+    compiled = torch.compile(loss, fullgraph=True)
+    got = torch.autograd.grad(compiled(*states), params, allow_unused=True)
+    rtol, atol = tolerance(torch.float64)
+    for a, b in zip(got, eager):
         torch.testing.assert_close(a, b, rtol=rtol, atol=atol)

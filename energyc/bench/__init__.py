@@ -82,7 +82,10 @@ DEFINITIONS = {
     "generated": "the generated Layer: its compiled descent step and derived backward",
     "autograd": "the baseline: y = x - eta P grad_x E by torch.autograd.grad(create_graph=True) "
                 "through the energy in plain PyTorch, the generated package's Layer.energy "
-                "(einsum contractions, masked log-sum-exps; a pair reduction over blocks of keys)",
+                "(einsum contractions, masked log-sum-exps; a pair reduction over blocks of keys); "
+                "for a neuron model, autograd through the unrolled dynamics, each step's "
+                "activations by autograd of the package's _lagrangians and dE/dg of its _energy "
+                "(its states side by side in x)",
     "interpreter": "the same by autograd through energyc.reference's interpreter of the energy "
                    "graph (every reduction materialised; timed with --interpreter, not the "
                    "baseline)",
@@ -301,7 +304,8 @@ def build_case(layer: CompiledLayer, module: ModuleType, opts: BenchOptions, tok
     with torch.no_grad():
         for p in lay.parameters():
             p.add_(0.1 * torch.randn(p.shape, generator=gen, dtype=torch.float64).to(p))
-    shape = (opts.batch, tokens, dims[layer.state_dim])
+    # a neuron model's states side by side along the last dim (``state_widths``)
+    shape = (opts.batch, tokens, sum(state_widths(layer, dims)))
     x = torch.randn(shape, generator=gen, dtype=torch.float64).to(opts.device, dtype)
     w = torch.randn(shape, generator=gen, dtype=torch.float64).to(opts.device, dtype)
     lay.bench_call = call_keywords(layer, opts, tokens, gen, dtype, dims)
@@ -350,6 +354,13 @@ def float64_case(layer: CompiledLayer, module: ModuleType, opts: BenchOptions,
     return lay64, x.detach().double().requires_grad_(True), w.double()
 
 
+def state_widths(layer: CompiledLayer, dims: dict[str, int]) -> list[int]:
+    """The widths of the states the layer updates: D, or a neuron model's dims, in order. The
+    benchmark's x holds them side by side along its last dim (one tensor for every variant,
+    split into the layer's states by :func:`run_variant`)."""
+    return [dims[dim] for _, dim in layer.states]
+
+
 def run_variant(variant: str, layer: CompiledLayer, lay: torch.nn.Module, x: torch.Tensor,
                 w: torch.Tensor) -> tuple[torch.Tensor, tuple]:
     """One call: y and the gradients of sum(y * w) to x and every parameter of ``lay``.
@@ -362,6 +373,8 @@ def run_variant(variant: str, layer: CompiledLayer, lay: torch.nn.Module, x: tor
     call = getattr(lay, "bench_call", {})  # the call's keywords (build_case)
     memory = call.get("memory")
     data = {k: v for k, v in call.items() if k != "memory"}
+    if layer.neurons:
+        return _run_neurons(variant, layer, lay, x, w, data)
     if variant == "generated":
         y = lay(x, **call)
     elif variant == "autograd":
@@ -376,6 +389,29 @@ def run_variant(variant: str, layer: CompiledLayer, lay: torch.nn.Module, x: tor
         y = reference_step(layer, lay, x, create_graph=True, memory=memory, **data)
     else:
         raise ValueError(f"unknown variant {variant!r} (choose from {', '.join(VARIANTS)})")
+    grads = torch.autograd.grad((y * w).sum(), [x, *lay.parameters()], allow_unused=True)
+    return y, grads
+
+
+def _run_neurons(variant: str, layer: CompiledLayer, lay: torch.nn.Module, x: torch.Tensor,
+                 w: torch.Tensor, data: dict) -> tuple[torch.Tensor, tuple]:
+    """:func:`run_variant` for a neuron model: x split into its states; ``autograd`` is
+    :func:`energyc.reference.package_neurons` (autograd through the unrolled dynamics, on the
+    package's plain ``_lagrangians`` and ``_energy``), ``interpreter`` the reference's."""
+    from energyc.reference import package_neurons, reference_neurons
+
+    widths = [getattr(lay, layer.file.attribute(dim)) for _, dim in layer.states]
+    xs = list(x.split(widths, dim=-1))
+    if variant == "generated":
+        ys = lay(*xs, **data)
+        ys = ys if isinstance(ys, tuple) else (ys,)
+    elif variant == "autograd":
+        ys = package_neurons(lay, xs, True, **data)
+    elif variant == "interpreter":
+        ys = reference_neurons(layer, lay, xs, True, **data)
+    else:
+        raise ValueError(f"unknown variant {variant!r} (choose from {', '.join(VARIANTS)})")
+    y = torch.cat(list(ys), dim=-1)
     grads = torch.autograd.grad((y * w).sum(), [x, *lay.parameters()], allow_unused=True)
     return y, grads
 
