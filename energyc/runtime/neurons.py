@@ -47,7 +47,7 @@ import torch
 
 from energyc.runtime import precond
 from energyc.runtime.arguments import check_input
-from energyc.runtime.autocast import autocast_dtype
+from energyc.runtime.autocast import autocast_as, autocast_dtype, autocast_state
 from energyc.runtime.backends import implementation
 from energyc.runtime.layer import EnergyLayer
 from energyc.runtime.rows import CallData, call_data, calling
@@ -125,6 +125,7 @@ class NeuronFunction(torch.autograd.Function):
         n = len(config.etas)
         xs, (*weights, P_diag, P_lowrank) = list(args[:n]), args[n:]
         valid = None if data is None or data.valid is None else data.valid.to(xs[0].dtype)
+        ctx.autocast = autocast_state(xs[0])
         with calling(data):
             path, kernels = implementation(config.backend, xs[0], config.package)
             out, steps, g0 = run_dynamics(config, path, kernels, xs, weights, (P_diag, P_lowrank),
@@ -137,7 +138,7 @@ class NeuronFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *grad_out: torch.Tensor | None):
-        with calling(ctx.data):
+        with autocast_as(ctx.autocast, ctx.saved_tensors[0]), calling(ctx.data):  # as forward
             return NeuronFunction._backward(ctx, list(grad_out))
 
     @staticmethod
@@ -183,17 +184,22 @@ class NeuronFunction(torch.autograd.Function):
                 g_first = sums.add(g_first, g_bar)
             else:
                 grad_context = sums.add(grad_context, g_bar)
-            grads_w = [sums.add(total, part) for total, part in zip(grads_w, parts)]
-            vs = _zeros_for([g_first, *g_further], gs)
+            grads_w = [sums.add(total, part, w) for total, part, w in zip(grads_w, parts, weights)]
+            # J v in the states' dtype: under autocast the energy's VJP may come in bfloat16,
+            # and the Lagrangians' element-wise backward (a LayerNorm's centring) is where
+            # autocast keeps float32
+            vs = [v.to(x.dtype) for v, x in zip(_zeros_for([g_first, *g_further], gs), xs)]
             act = path._activation_backward(kernels, act_saved, *vs, *xs, *weights)
-            grads_x = [sums.add(a, jv) for a, jv in zip(grads_x, act[:n])]
-            grads_w = [sums.add(total, part) for total, part in zip(grads_w, act[n:])]
+            grads_x = [sums.add(a, jv, x) for a, jv, x in zip(grads_x, act[:n], x0s)]
+            grads_w = [sums.add(total, part, w)
+                       for total, part, w in zip(grads_w, act[n:], weights)]
         if grad_context is not None:  # context "input": gbar = g_1 at the input
             gs, act_saved = ctx.g0
-            vs = [grad_context, *[torch.zeros_like(g) for g in gs[1:]]]
+            vs = [grad_context.to(x0s[0].dtype), *[torch.zeros_like(g) for g in gs[1:]]]
             act = path._activation_backward(kernels, act_saved, *vs, *x0s, *weights)
-            grads_x = [sums.add(a, jv) for a, jv in zip(grads_x, act[:n])]
-            grads_w = [sums.add(total, part) for total, part in zip(grads_w, act[n:])]
+            grads_x = [sums.add(a, jv, x) for a, jv, x in zip(grads_x, act[:n], x0s)]
+            grads_w = [sums.add(total, part, w)
+                       for total, part, w in zip(grads_w, act[n:], weights)]
         ctx.steps = ctx.g0 = None
         return (None, None, *grads_x, *grads_w, grad_P_diag, grad_P_lowrank)
 

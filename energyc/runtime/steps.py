@@ -22,10 +22,15 @@ class Sums:
     def __init__(self) -> None:
         self._owned: list[torch.Tensor] = []
 
-    def add(self, total: torch.Tensor | None, part: torch.Tensor | None) -> torch.Tensor | None:
-        """total + part, where either may be None (no contribution)."""
+    def add(self, total: torch.Tensor | None, part: torch.Tensor | None,
+            like: torch.Tensor | None = None) -> torch.Tensor | None:
+        """total + part, where either may be None (no contribution). ``like``: the tensor the
+        sum is the gradient of, whose dtype it is summed in (under autocast a part may come in
+        bfloat16, and a sum over many steps in bfloat16 loses the low bits of each)."""
         if part is None:
             return total
+        if like is not None and part.dtype != like.dtype and like.dtype.is_floating_point:
+            part = part.to(like.dtype)
         if total is None:
             return part
         if (any([total is t for t in self._owned]) and part.dtype == total.dtype
