@@ -19,10 +19,10 @@ import pytest
 import torch
 
 from energyc.backends import TRITON
-from energyc.check import Case, build, memory_of
+from energyc.check import Case, build, build_neurons, memory_of
 from energyc.compiler import compile_file
 from energyc.loader import load
-from energyc.reference import reference_step
+from energyc.reference import reference_neurons, reference_step
 from tests.conftest import assert_within_tolerance, context_data, example_files
 
 pytest.importorskip("triton")
@@ -61,6 +61,8 @@ def step_and_grads(layer, module, dtype, device, tokens: int = 7, backend: str =
     ``module``'s layer on ``backend``, and the same from torch.autograd on the float64 reference
     interpreter: ``(names, got, expected)``, got in float64 on the CPU."""
     case = _case(layer, tokens)
+    if layer.neurons:
+        return _neurons_step_and_grads(layer, module, case, dtype, device, backend)
     exact, x = build(layer, module, case)  # float64 parameters and input
     # the reference starts from the same inputs as the layer (rounded to dtype), so the comparison
     # measures the layer's arithmetic, not the rounding of its inputs
@@ -86,6 +88,38 @@ def step_and_grads(layer, module, dtype, device, tokens: int = 7, backend: str =
                                     [xt, *ct, *lay.parameters()], allow_unused=True)]
     got = [None if t is None else t.detach().cpu().double() for t in got]
     names = ["forward", "d/dx", *["d/dmemory"] * len(ct),
+             *(f"d/d{n}" for n, _ in lay.named_parameters())]
+    return names, got, [None if t is None else t.detach() for t in expected]
+
+
+def _neurons_step_and_grads(layer, module, case: Case, dtype, device, backend: str):
+    """``step_and_grads`` of a neuron model: its dynamics (DPLR where it has one layer) and their
+    backward to every state and parameter, against ``reference_neurons`` in float64. In float16
+    and bfloat16 one step (as most examples): over the Energy Transformer's twelve, the
+    half-precision backward drifts beyond the dtype's tolerance (test_autocast says how far)."""
+    case.precond = "dplr" if len(layer.states) == 1 else "identity"
+    case.eta = layer.decl.eta
+    if dtype != torch.float32:
+        case.steps = 1
+    exact, xs = build_neurons(layer, module, case)
+    exact.load_state_dict({k: v.to(dtype).double() for k, v in exact.state_dict().items()})
+    xs = [x.to(dtype).double().requires_grad_() for x in xs]
+    gen = torch.Generator().manual_seed(1)
+    ws = [torch.randn(x.shape, dtype=x.dtype, generator=gen) for x in xs]
+    ys = reference_neurons(layer, exact, xs, True)
+    loss = sum((y * w).sum() for y, w in zip(ys, ws))
+    expected = [*ys, *torch.autograd.grad(loss, [*xs, *exact.parameters()], allow_unused=True)]
+    lay = module.Layer(**case.dims, **case.hypers, eta=case.eta, steps=case.steps,
+                       precond=case.precond, precond_rank=2, context=case.context,
+                       backend=backend, dtype=dtype, device=device)
+    lay.load_state_dict({k: v.to(dtype) for k, v in exact.state_dict().items()})
+    xt = [x.detach().to(device, dtype).requires_grad_() for x in xs]
+    yt = lay(*xt)
+    yt = list(yt) if isinstance(yt, tuple) else [yt]
+    loss = sum((y * w.to(device, dtype)).sum() for y, w in zip(yt, ws))
+    got = [*yt, *torch.autograd.grad(loss, [*xt, *lay.parameters()], allow_unused=True)]
+    got = [None if t is None else t.detach().cpu().double() for t in got]
+    names = [*lay.neurons, *(f"d/d{n}" for n in lay.neurons),
              *(f"d/d{n}" for n, _ in lay.named_parameters())]
     return names, got, [None if t is None else t.detach() for t in expected]
 
@@ -144,9 +178,11 @@ def _tile_functions(package: str) -> dict[str, list[str]]:
 
 
 def _fusable_nodes(layer) -> int:
-    """Element-wise nodes with axes and reductions in the printed step functions."""
-    graph = layer.step
-    return sum(1 for n in graph.live() if graph.node(n).op in ("reduce", "fused_reduce")
+    """Element-wise nodes with axes and reductions in the printed step functions (a neuron
+    model's activation functions, from its Lagrangian's step graph, included)."""
+    graphs = [layer.step] + ([layer.lagrangian_step] if layer.neurons else [])
+    return sum(1 for graph in graphs for n in graph.live()
+               if graph.node(n).op in ("reduce", "fused_reduce")
                or (graph.node(n).op == "pointwise" and graph.node(n).axes))
 
 
