@@ -410,8 +410,8 @@ def check_neuron_descent(layer: CompiledLayer, module: ModuleType, case: Case) -
         us = [y - x for x, y in zip(xs, ys)]  # = -u at eta = 1
         step = 1e-4 / (1.0 + max(float(u.abs().max()) for u in us))
         new = [x + step * u for x, u in zip(xs, us)]
-        before = lay.energy(*xs, per_token=per_token, context=xs[0], **case.data)
-        after = lay.energy(*new, per_token=per_token, context=xs[0], **case.data)
+        before = lay.energy(*xs, per_token=per_token, xbar=xs[0], **case.data)
+        after = lay.energy(*new, per_token=per_token, xbar=xs[0], **case.data)
         moving = sum(u.abs().amax(dim=-1) for u in us)
         scale_ok = (moving < 1e-12) if per_token else (moving.amax(dim=1) < 1e-12)
         drop = before - after

@@ -146,18 +146,18 @@ def reference_activations(layer: CompiledLayer, params, hypers, xs: list[torch.T
 
 
 def reference_total_energy(layer: CompiledLayer, module: torch.nn.Module,
-                           xs: list[torch.Tensor], context: torch.Tensor | None = None,
+                           xs: list[torch.Tensor], xbar: torch.Tensor | None = None,
                            **data) -> torch.Tensor:
     """A neuron model's total energy per token (B, T), differentiable twice: E at the
-    activations (its context role the first layer's activation at ``context``, or at the state,
+    activations (its context role the first layer's activation at ``xbar``, or at the state,
     held fixed), plus with "legendre" dynamics each layer's x . g - L(x); 0 at padding."""
     params, hypers = module_values(layer, module)
     names = [name for name, _ in layer.states]
     call = call_data(xs[0], None, **data)
     with calling(call):
         gs = reference_activations(layer, params, hypers, xs, True)
-        gbar = gs[0] if context is None else reference_activations(
-            layer, params, hypers, [context, *xs[1:]], True)[0]
+        gbar = gs[0] if xbar is None else reference_activations(
+            layer, params, hypers, [xbar, *xs[1:]], True)[0]
         e = evaluate_energy(layer, gs[0], gbar.detach(), params, hypers,
                             dict(zip(names[1:], gs[1:])))
         if layer.decl.dynamics == "legendre":

@@ -21,11 +21,43 @@ PACKAGES = sorted(
 
 def build(package: str, size: int = 4, **settings) -> torch.nn.Module:
     """The package's Layer with every dim (its ``DIMS`` keywords, those with a declared default
-    size too) set to ``size``."""
+    size too) set to ``size``; a model of several neuron layers as :class:`OneState`."""
     Layer = importlib.import_module(f"generated.{package}").Layer
     dims = dict.fromkeys(importlib.import_module(f"generated.{package}.layer").DIMS, size)
     torch.manual_seed(0)
-    return Layer(**dims, **settings)
+    layer = Layer(**dims, **settings)
+    return OneState(layer) if len(getattr(layer, "neurons", ())) > 1 else layer
+
+
+class OneState(torch.nn.Module):
+    """A model of several neuron layers (every dim the same size) called as a layer of one
+    state, so that every package runs the same run-time properties: ``forward(x)`` gives the
+    first layer's state after the dynamics, the further layers starting from ``x / 2 ** k``
+    (so that x reaches every layer, NaN included, and its gradient flows through all), and
+    ``energy(x, xbar, per_token)`` the model's total energy at those states. Other attributes
+    are the layer's."""
+
+    def __init__(self, layer: torch.nn.Module) -> None:
+        super().__init__()
+        self.layer = layer
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self._modules["layer"], name)
+
+    def _states(self, x: torch.Tensor) -> list[torch.Tensor]:
+        if not isinstance(x, torch.Tensor):
+            return [x] * len(self.layer.neurons)  # the layer names what is wrong with x
+        return [x / 2 ** k for k in range(len(self.layer.neurons))]
+
+    def forward(self, x: torch.Tensor, **call) -> torch.Tensor:
+        return self.layer(*self._states(x), **call)[0]
+
+    def energy(self, x: torch.Tensor, xbar: torch.Tensor | None = None, per_token: bool = False,
+               **call) -> torch.Tensor:
+        return self.layer.energy(*self._states(x), xbar=xbar, per_token=per_token, **call)
 
 
 def memory(layer: torch.nn.Module, x: torch.Tensor, tokens: int = 3) -> dict:

@@ -302,25 +302,25 @@ class NeuronLayer(EnergyLayer):
         return tuple(gs)
 
     def energies(self, *states: torch.Tensor, per_token: bool = False,
-                 context: torch.Tensor | None = None, cu_seqlens: Any = None,
+                 xbar: torch.Tensor | None = None, cu_seqlens: Any = None,
                  document_ids: Any = None, lengths: Any = None,
                  prefix: Any = None) -> dict[str, torch.Tensor]:
         """The energy at the given states, by term: each named term of E (or ``energy``),
         with "legendre" dynamics each layer's Legendre term ``legendre_<name>`` = x . g - L(x),
         and ``total``, their sum, the quantity the dynamics descend. Per batch element (or per
         token); differentiable. E's context role (where it reads ``gbar[j]``) is the first
-        layer's activation at ``context`` (a state of that layer), held fixed; left out, at the
+        layer's activation at ``xbar`` (a state of that layer), held fixed; left out, at the
         state itself (gbar = g.detach()), as a step from these states reads it."""
         xs = self._states(states, "energies")
-        if context is not None:
-            (context,) = self._states([context, *xs[1:]], "energies")[:1]
+        if xbar is not None:
+            xbar = self._states([xbar, *xs[1:]], "energies")[0]
         data = self._data(xs, dict(cu_seqlens=cu_seqlens, document_ids=document_ids,
                                    lengths=lengths, prefix=prefix))
         module = self._declared.module
         weights = (*self._params(), *self._hypers(xs[0]))
         with calling(data):
             gs = self.activations(*xs)
-            gbar = gs[0] if context is None else self.activations(context, *xs[1:])[0]
+            gbar = gs[0] if xbar is None else self.activations(xbar, *xs[1:])[0]
             args = (gs[0], gbar.detach(), *gs[1:], *weights)
             if self.terms:
                 values = dict(zip(self.terms, module._energy_terms(*args)))
