@@ -106,6 +106,9 @@ def main(argv: list[str] | None = None) -> int:
         return path, path.KERNELS
 
     runtime_layer.implementation = triton_path  # where the step loop looks it up
+    from energyc.runtime import neurons as runtime_neurons
+
+    runtime_neurons.implementation = triton_path  # and a neuron model's dynamics
     sizes = {k: int(v) for k, v in (s.split("=") for s in args.sizes.split(","))}
     for package in args.packages:
         module = importlib.import_module(f"generated.{package}")
@@ -117,8 +120,13 @@ def main(argv: list[str] | None = None) -> int:
             dtype = getattr(torch, name)
             state["all_tiles"] = name in args.all_tiles
             for precond in ("identity", "diagonal", "dplr"):
+                neurons = getattr(module.Layer._declared.module, "NEURONS", ())
+                if len(neurons) > 1 and precond != "identity":
+                    continue  # several neuron layers step without a preconditioner
                 layer = module.Layer(**dims, precond=precond, backend="triton", dtype=dtype)
-                x = torch.randn(2, 5, dims["D"], dtype=dtype, requires_grad=True)
+                # a neuron model's states, one per layer; else x over D
+                widths = [getattr(layer, dim) for _, dim, _ in neurons] or [dims["D"]]
+                xs = [torch.randn(2, 5, w, dtype=dtype, requires_grad=True) for w in widths]
                 call = {}  # the documents or prefix its sets read (not conftest's helper:
                 reads = layer._declared.context_data  # importing it would interpret Triton)
                 if "same_document" in reads:
@@ -129,8 +137,10 @@ def main(argv: list[str] | None = None) -> int:
                 if declared is not None:  # more memory tokens than x's, padded in one row
                     call["memory"] = torch.randn(2, 7, getattr(layer, declared[1]), dtype=dtype)
                     call["memory_lengths"] = torch.tensor([7, 3])
-                y = layer(x, **call)
-                torch.autograd.grad(y.float().sum(), [x, *layer.parameters()], allow_unused=True)
+                ys = layer(*xs, **call)
+                ys = ys if isinstance(ys, tuple) else (ys,)
+                torch.autograd.grad(sum(y.float().sum() for y in ys), [*xs, *layer.parameters()],
+                                    allow_unused=True)
     failed = [key for key, err in built.items() if err is not None]
     print(f"{len(args.packages)} packages, {' '.join(args.dtypes)}: {len(built) - len(failed)} "
           f"distinct kernels built, {len(failed)} failed for sm_{args.arch}")

@@ -50,7 +50,7 @@ class OneState(torch.nn.Module):
     def _states(self, x: torch.Tensor) -> list[torch.Tensor]:
         if not isinstance(x, torch.Tensor):
             return [x] * len(self.layer.neurons)  # the layer names what is wrong with x
-        return [x / 2 ** k for k in range(len(self.layer.neurons))]
+        return [x if k == 0 else x / 2 ** k for k in range(len(self.layer.neurons))]
 
     def forward(self, x: torch.Tensor, **call) -> torch.Tensor:
         return self.layer(*self._states(x), **call)[0]

@@ -312,8 +312,11 @@ class NeuronLayer(EnergyLayer):
         layer's activation at ``xbar`` (a state of that layer), held fixed; left out, at the
         state itself (gbar = g.detach()), as a step from these states reads it."""
         xs = self._states(states, "energies")
-        if xbar is not None:
-            xbar = self._states([xbar, *xs[1:]], "energies")[0]
+        if xbar is not None:  # the first layer's state in the context role, like it
+            params = self._params()
+            compute = autocast_dtype(xbar, params) if isinstance(xbar, torch.Tensor) else None
+            check_input("xbar", xbar, self._dim_of(0), params, like=xs[0], compute=compute)
+            xbar = xbar.to(xs[0].dtype)
         data = self._data(xs, dict(cu_seqlens=cu_seqlens, document_ids=document_ids,
                                    lengths=lengths, prefix=prefix))
         module = self._declared.module
