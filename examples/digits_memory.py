@@ -7,9 +7,9 @@ dense synapses, with hamux's dynamics (each layer's Legendre term in the energy)
     hidden  h: softmax Lagrangian, inverse temperature beta (g_h = softmax(beta x_h))
     labels  c: softmax Lagrangian (g_c = softmax(x_c))
 
-x_l <- x_l - (eta / tau_l)(x_l + dE/dg_l). With the visible pixels clamped and the rest free,
-the dynamics complete a masked image and settle on a label (examples/train_digits.py trains it
-on scikit-learn's 8x8 digits).
+x_l <- x_l - (eta / tau_l)(x_l + dE/dg_l). With the pixels clamped to an image the labels settle
+on its digit; with every layer free from a masked image the pixels fill in what was masked
+(examples/train_digits.py trains both on scikit-learn's 8x8 digits).
 """
 
 from energyc.dsl import dims, dot, hyper, layer, neurons, param, tokens
