@@ -45,6 +45,15 @@ def _jax():
     return jax
 
 
+def x64(jax):
+    """A context with jax_enable_x64 on (``jax.enable_x64``; jax.experimental's before it)."""
+    if hasattr(jax, "enable_x64"):
+        return jax.enable_x64(True)
+    from jax.experimental import enable_x64
+
+    return enable_x64()
+
+
 # -- Energy Transformer: the official code ----------------------------------------------------
 
 
@@ -71,7 +80,7 @@ def test_et_block_equals_official(official):
     problem = bn.et_problem(ET, torch.float64, seed=3)
     layer = problem.layer
     x = torch.from_numpy(problem.arrays["x"])
-    with jax.enable_x64(True):
+    with x64(jax):
         arrays = {k: jnp.asarray(v) for k, v in problem.arrays.items()}
         et, lnorm = bn.et_official_model(official, ET, arrays)
         xs, energies = arrays["x"], []
@@ -119,7 +128,7 @@ def hamux_x64():
     """jax with jax_enable_x64 for the test's duration (hamux's arrays in float64)."""
     jax = _jax()
     pytest.importorskip("hamux")
-    with jax.enable_x64(True):
+    with x64(jax):
         yield jax
 
 
