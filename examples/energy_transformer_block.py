@@ -10,8 +10,19 @@ the token itself from its log-sum-exp (j != i); the official code (bhoov/energy-
 includes it: ``energy_transformer_block_official`` is that one.
 """
 
-from energyc.dsl import all_tokens, dims, dot, hyper, layer, logsumexp, neurons, param, relu
-from energyc.dsl import sqrt, tokens
+from energyc.dsl import (
+    all_tokens,
+    dims,
+    dot,
+    hyper,
+    layer,
+    logsumexp,
+    neurons,
+    param,
+    relu,
+    sqrt,
+    tokens,
+)
 from energyc.lagrangians import layernorm
 
 D, H, K, M = dims("D H K M")
