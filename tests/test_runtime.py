@@ -132,8 +132,9 @@ def test_generated_packages_hold_no_runtime_copy():
 
 def test_sums_add_in_place_into_their_own_tensor_only():
     """_rt.Sums: the first part is kept (never written: it may be the caller's gradient), the
-    first sum is a new tensor, later parts go into it in place; a part that would promote the
-    dtype or broadcast the shape makes a new tensor."""
+    first sum is a new tensor, later parts go into it in place (one of the same shape, or one
+    that broadcasts to it); a part that would promote the dtype or broadcast the shape makes a
+    new tensor."""
     import torch
 
     from energyc import runtime as rt
@@ -148,6 +149,8 @@ def test_sums_add_in_place_into_their_own_tensor_only():
     again = sums.add(first, torch.full((2, 3), 2.0))
     assert again is first and torch.equal(again, torch.full((2, 3), 4.0))
     assert sums.add(again, None) is again
+    row = sums.add(again, torch.ones(3))  # broadcasts into the sum's own shape: in place
+    assert row is again and torch.equal(row, torch.full((2, 3), 5.0))
     wider = sums.add(again, torch.ones(2, 3, dtype=torch.float64))
     assert wider is not again and wider.dtype == torch.float64
     broadcast = sums.add(torch.ones(3) + 0, torch.ones(2, 3))  # not one of its own: new

@@ -33,8 +33,11 @@ class Sums:
             part = part.to(like.dtype)
         if total is None:
             return part
+        # equal shapes first: torch.broadcast_shapes costs ~17 us of Python per call, which the
+        # digits memory's backward (57 sums per training step of ~7 ms) paid in full
         if (any([total is t for t in self._owned]) and part.dtype == total.dtype
-                and torch.broadcast_shapes(total.shape, part.shape) == total.shape):
+                and (part.shape == total.shape
+                     or torch.broadcast_shapes(total.shape, part.shape) == total.shape)):
             return total.add_(part)
         out = total + part
         self._owned.append(out)
