@@ -326,7 +326,9 @@ def _bodies():
     def made(f, *args):
         try:
             return f(*args)
-        except ValueError:  # Max(log(-3), ..), Heaviside(I): SymPy refuses a complex number
+        # Max(log(-3), ..), Heaviside(I): SymPy refuses a complex number (ValueError); so does
+        # a Piecewise condition log(-3) > 0 (TypeError: "Invalid comparison of non-real")
+        except (ValueError, TypeError):
             return args[0]
 
     @st.composite
