@@ -103,8 +103,9 @@ def run_dynamics(config: NeuronConfig, path: Any, kernels: Any, xs: list[torch.T
             us = [u * valid for u in us]
         u0 = us[0]  # before P: the preconditioner's backward reads it
         us[0], precond_saved = precond_forward(u0, P_diag, P_lowrank)
-        if keep:
-            steps.append((xs, gs, act_saved, saved, precond_saved, u0))
+        if keep:  # u before P only where P's backward reads it (not the identity's)
+            steps.append((xs, gs, act_saved, saved, precond_saved,
+                          None if config.precond == "identity" else u0))
         xs = [x if fixed else torch.add(x, u, alpha=-eta)
               for x, u, eta, fixed in zip(xs, us, config.etas, config.clamped)]
     if record is not None:
