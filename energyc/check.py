@@ -14,6 +14,13 @@ For drawn dims, batch, tokens, values, hyperparameters and layer settings (float
   and the gradients of their weighted sum again, equal autograd's on the reference (users
   differentiate energies: to monitor descent, regularise, or write their own dynamics).
 
+A neuron model (``neurons``) runs the same five checks on its states (``NEURON_CHECK_FUNCTIONS``):
+its dynamics and their backward against autograd through the unrolled steps
+(:func:`energyc.reference.reference_neurons`), clamped layers drawn; causality of every layer's
+outputs; descent of the total energy (E, plus the Legendre terms for "legendre" dynamics) for a
+small step with the identity preconditioner, which holds because each Lagrangian's Hessian is
+positive semi-definite; and the total energy with its first and second derivatives.
+
 Each case also draws the call's context data (``energyc.runtime.rows``): document boundaries
 (as ``cu_seqlens`` or per-row ``document_ids``) and prefix lengths for energies whose sets read
 them, and, for every layer, sometimes each row's length (padding). The reference builds its

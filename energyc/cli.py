@@ -208,7 +208,10 @@ def parser() -> argparse.ArgumentParser:
     k = sub.add_parser("check", help="property-check generated layers against torch.autograd",
                        description="Compile FILE and compare each layer's forward and backward "
                                    "with torch.autograd on drawn inputs (Hypothesis); check "
-                                   "causality and descent. Prints a table; exit 1 on failure.")
+                                   "causality and descent (for a neuron model: its dynamics "
+                                   "against autograd through the unrolled steps, and that a "
+                                   "small step lowers its total energy). Prints a table; exit 1 "
+                                   "on failure.")
     k.add_argument("file", metavar="FILE")
     k.add_argument("--thorough", action="store_true",
                    help="100 random examples per check instead of 12 reproducible ones")
