@@ -320,13 +320,12 @@ def check_descent(layer: CompiledLayer, module: ModuleType, case: Case) -> float
     return float(drop.min())
 
 
-def _energy_derivatives(energy, x: torch.Tensor, xbar: torch.Tensor, params: list,
-                        seed: int) -> list[torch.Tensor]:
-    """E (B, T), its gradients to ``[x, xbar, *params]`` and the gradients of their sum weighted
-    by drawn tensors, to the same leaves: what autograd's first and second order give."""
-    leaves = [x, xbar, *params]
+def _energy_derivatives(energy, leaves: list[torch.Tensor], seed: int) -> list[torch.Tensor]:
+    """E (B, T) of ``energy(*leaves)``, its gradients to the leaves and the gradients of their
+    sum weighted by drawn tensors, to the same leaves: what autograd's first and second order
+    give."""
     gen = torch.Generator().manual_seed(seed)
-    e = energy(x, xbar)
+    e = energy(*leaves)
     w = torch.randn(e.shape, dtype=e.dtype, generator=gen)
     # an energy of no leaf (e.g. j < i on one token: an empty set, E = 0) has zero derivatives
     first = (torch.autograd.grad((e * w).sum(), leaves, create_graph=True, allow_unused=True)
@@ -355,7 +354,7 @@ def check_energy(layer: CompiledLayer, module: ModuleType, case: Case) -> float:
     else:
         def energy(a, b):
             return lay.energy(a, b, per_token=True, **case.data)
-    got = _energy_derivatives(energy, x, xbar, leaves, case.seed)
+    got = _energy_derivatives(lambda a, b, *_: energy(a, b), [x, xbar, *leaves], case.seed)
     call = call_data(x, None, memory=xbar if layer.memory else None, **case.data)
     valid = 1.0 if call is None or call.valid is None else call.valid[:, :, 0].to(x.dtype)
 
@@ -363,7 +362,8 @@ def check_energy(layer: CompiledLayer, module: ModuleType, case: Case) -> float:
         with calling(call):
             return evaluate_energy(layer, a, b, params, hypers) * valid
 
-    want = _energy_derivatives(reference, x, xbar, leaves, case.seed)
+    want = _energy_derivatives(lambda a, b, *_: reference(a, b), [x, xbar, *leaves],
+                               case.seed)
     names = ["x", "xbar", *params, *learned]
     labels = ["E"] + [f"dE/d{n}" for n in names] + [f"d(dE . w)/d{n}" for n in names]
     return max(_close(f"energy {k}", a.detach(), b.detach()) for k, a, b in zip(labels, got, want))
@@ -438,14 +438,14 @@ def check_neuron_energy(layer: CompiledLayer, module: ModuleType, case: Case) ->
     lay, xs = build_neurons(layer, module, case)
     xs = [x.requires_grad_(True) for x in xs]
     params, hypers = module_values(layer, lay)
-    learned = [v for v in hypers.values() if isinstance(v, torch.Tensor) and v.requires_grad]
-    leaves = [*xs, *params.values(), *learned]
+    learned = {h: v for h, v in hypers.items() if isinstance(v, torch.Tensor) and v.requires_grad}
+    leaves = [*xs, *params.values(), *learned.values()]
     n = len(xs)
-    got = _derivatives(lambda *a: lay.energy(*a[:n], per_token=True, **case.data), leaves,
-                       case.seed)
-    want = _derivatives(lambda *a: reference_total_energy(layer, lay, list(a[:n]), **case.data),
-                        leaves, case.seed)
-    names = [m.public for m in layer.decl.neurons] + [*params] + [f"h{k}" for k in range(len(learned))]
+    got = _energy_derivatives(lambda *a: lay.energy(*a[:n], per_token=True, **case.data),
+                              leaves, case.seed)
+    want = _energy_derivatives(
+        lambda *a: reference_total_energy(layer, lay, list(a[:n]), **case.data), leaves, case.seed)
+    names = [m.public for m in layer.decl.neurons] + [*params, *learned]
     labels = ["E"] + [f"dE/d{m}" for m in names] + [f"d(dE . w)/d{m}" for m in names]
     return max(_close(f"energy {k}", a.detach(), b.detach()) for k, a, b in zip(labels, got, want))
 
@@ -465,21 +465,6 @@ def check_neuron_causal(layer: CompiledLayer, module: ModuleType, case: Case) ->
         y2 = _as_list(lay(*moved, clamp=case.clamp, **case.data))
     return max(_close(f"causal {n.public} (tokens <= {t})", b[:, :t + 1], a[:, :t + 1])
                for n, a, b in zip(layer.decl.neurons, y1, y2))
-
-
-def _derivatives(energy, leaves: list[torch.Tensor], seed: int) -> list[torch.Tensor]:
-    """E (B, T) of ``energy(*leaves)``, its gradients to the leaves and the gradients of their
-    sum weighted by drawn tensors (first and second order, as :func:`_energy_derivatives`)."""
-    gen = torch.Generator().manual_seed(seed)
-    e = energy(*leaves)
-    w = torch.randn(e.shape, dtype=e.dtype, generator=gen)
-    first = torch.autograd.grad((e * w).sum(), leaves, create_graph=True, allow_unused=True)
-    first = [torch.zeros_like(v) if g is None else g for v, g in zip(leaves, first)]
-    total = sum((g * torch.randn(g.shape, dtype=g.dtype, generator=gen)).sum() for g in first)
-    second = (torch.autograd.grad(total, leaves, allow_unused=True) if total.requires_grad
-              else [None] * len(leaves))
-    second = [torch.zeros_like(v) if g is None else g for v, g in zip(leaves, second)]
-    return [e, *first, *second]
 
 
 def _as_list(out) -> list[torch.Tensor]:

@@ -139,10 +139,18 @@ def lagrangians(layer: CompiledLayer, params, hypers, xs: list[torch.Tensor]
 def reference_activations(layer: CompiledLayer, params, hypers, xs: list[torch.Tensor],
                           create_graph: bool) -> list[torch.Tensor]:
     """Each neuron layer's activation g_l = dL_l/dx_l by torch.autograd of its Lagrangian."""
+    return gradients(lambda xa: sum(L.sum() for L in lagrangians(layer, params, hypers, xa)),
+                     xs, create_graph)
+
+
+def gradients(scalar, xs: list[torch.Tensor], create_graph: bool) -> list[torch.Tensor]:
+    """The gradient of ``scalar(xs)`` with respect to each of ``xs`` by torch.autograd, each
+    taken along its own tensor (``x * 1.0``: a later state depends on the earlier steps'
+    states, and the activation of each is the partial derivative along its own); without
+    ``create_graph``, at detached copies."""
     xa = [x * 1.0 if create_graph else x.detach().requires_grad_(True) for x in xs]
     with torch.enable_grad():
-        total = sum(L.sum() for L in lagrangians(layer, params, hypers, xa))
-        return list(torch.autograd.grad(total, xa, create_graph=create_graph))
+        return list(torch.autograd.grad(scalar(xa), xa, create_graph=create_graph))
 
 
 def reference_total_energy(layer: CompiledLayer, module: torch.nn.Module,
@@ -220,24 +228,15 @@ def autograd_neurons(module: torch.nn.Module, xs: list[torch.Tensor], lagrangian
     call = call_data(xs[0], None, **data)
     valid = None if call is None or call.valid is None else call.valid.to(xs[0].dtype)
 
-    def activations(xs: list[torch.Tensor]) -> list[torch.Tensor]:
-        # a separate tensor per state (x * 1.0): a later state depends on the earlier steps'
-        # states, and the activation of each is the partial derivative along its own
-        xa = [x * 1.0 if create_graph else x.detach().requires_grad_(True) for x in xs]
-        with torch.enable_grad():
-            return list(torch.autograd.grad(lagrangian_sum(xa), xa, create_graph=create_graph))
-
     xs = list(xs)
     g0 = None
     with calling(call):
         for _ in range(config.steps):
-            gs = activations(xs)
+            gs = gradients(lagrangian_sum, xs, create_graph)
             g0 = gs if g0 is None else g0
             gbar = gs[0] if config.context == "current" else g0[0]
-            ga = [g * 1.0 if create_graph else g.detach().requires_grad_(True) for g in gs]
-            with torch.enable_grad():
-                e = energy(ga[0], gbar if create_graph else gbar.detach(), ga[1:])
-                ds = torch.autograd.grad(e.sum(), ga, create_graph=create_graph)
+            gbar = gbar if create_graph else gbar.detach()  # the context role, held fixed
+            ds = gradients(lambda ga, gbar=gbar: energy(ga[0], gbar, ga[1:]).sum(), gs, create_graph)
             us = [x + d for x, d in zip(xs, ds)] if config.dynamics == "legendre" else list(ds)
             if valid is not None:
                 us = [u * valid for u in us]
