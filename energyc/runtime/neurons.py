@@ -162,6 +162,20 @@ class NeuronFunction(torch.autograd.Function):
         grads_x: list[torch.Tensor | None] = _zeros_for(grad_out, x0s)
         grads_w: list[torch.Tensor | None] = [None] * len(weights)
         grad_context = grad_P_diag = grad_P_lowrank = None
+
+        def through_activations(act_saved: Any, vs: list[torch.Tensor],
+                                xs: list[torch.Tensor]) -> None:
+            """a_l += J_l v_l at the states xs, and the Lagrangians' parameters' parts."""
+            nonlocal grads_x, grads_w
+            # J v in the states' dtype: under autocast the energy's VJP may come in bfloat16,
+            # and the Lagrangians' element-wise backward (a LayerNorm's centring) is where
+            # autocast keeps float32
+            vs = [v.to(x.dtype) for v, x in zip(vs, xs)]
+            act = path._activation_backward(kernels, act_saved, *vs, *xs, *weights)
+            grads_x = [sums.add(a, jv, x) for a, jv, x in zip(grads_x, act[:n], x0s)]
+            grads_w = [sums.add(total, part, w)
+                       for total, part, w in zip(grads_w, act[n:], weights)]
+
         for xs, gs, act_saved, saved_e, precond_saved, u0 in reversed(ctx.steps):
             grad_us = [None if fixed else -eta * a
                        for a, eta, fixed in zip(grads_x, config.etas, config.clamped)]
@@ -186,21 +200,10 @@ class NeuronFunction(torch.autograd.Function):
             else:
                 grad_context = sums.add(grad_context, g_bar)
             grads_w = [sums.add(total, part, w) for total, part, w in zip(grads_w, parts, weights)]
-            # J v in the states' dtype: under autocast the energy's VJP may come in bfloat16,
-            # and the Lagrangians' element-wise backward (a LayerNorm's centring) is where
-            # autocast keeps float32
-            vs = [v.to(x.dtype) for v, x in zip(_zeros_for([g_first, *g_further], gs), xs)]
-            act = path._activation_backward(kernels, act_saved, *vs, *xs, *weights)
-            grads_x = [sums.add(a, jv, x) for a, jv, x in zip(grads_x, act[:n], x0s)]
-            grads_w = [sums.add(total, part, w)
-                       for total, part, w in zip(grads_w, act[n:], weights)]
+            through_activations(act_saved, _zeros_for([g_first, *g_further], gs), xs)
         if grad_context is not None:  # context "input": gbar = g_1 at the input
             gs, act_saved = ctx.g0
-            vs = [grad_context.to(x0s[0].dtype), *[torch.zeros_like(g) for g in gs[1:]]]
-            act = path._activation_backward(kernels, act_saved, *vs, *x0s, *weights)
-            grads_x = [sums.add(a, jv, x) for a, jv, x in zip(grads_x, act[:n], x0s)]
-            grads_w = [sums.add(total, part, w)
-                       for total, part, w in zip(grads_w, act[n:], weights)]
+            through_activations(act_saved, [grad_context, *map(torch.zeros_like, gs[1:])], x0s)
         ctx.steps = ctx.g0 = None
         return (None, None, *grads_x, *grads_w, grad_P_diag, grad_P_lowrank)
 
@@ -288,9 +291,10 @@ class NeuronLayer(EnergyLayer):
         xs = self._states(states)
         data = self._data(xs, dict(cu_seqlens=cu_seqlens, document_ids=document_ids,
                                    lengths=lengths, prefix=prefix))
-        compute = autocast_dtype(states[0], self._params())
-        out = NeuronFunction.apply(self._neuron_config(clamp), data, *xs, *self._params(),
+        params = self._params()
+        out = NeuronFunction.apply(self._neuron_config(clamp), data, *xs, *params,
                                    *self._hypers(xs[0]), self.P_diag, self.P_lowrank)
+        compute = autocast_dtype(states[0], params)  # under autocast, the output's dtype
         if compute is not None:
             out = tuple(y.to(compute) for y in out)
         return out[0] if len(out) == 1 else tuple(out)
