@@ -80,3 +80,24 @@ def assert_within_tolerance(name: str, got, want, dtype) -> None:
     assert bool((err <= bound).all()), (
         f"{name}: max abs error {float(err.max()):.3e} beyond the {dtype} tolerance "
         f"(rtol={rtol}, atol={atol})")
+
+
+def neuron_reference(layer, module, case, dtype):
+    """A neuron model's drawn case (``energyc.check.build_neurons``) with its weights and states
+    rounded to ``dtype``, and the float64 reference of those rounded values: its states after
+    the dynamics and the gradients of sum(y * w) to every state and parameter
+    (``energyc.reference.reference_neurons``). Returns (layer, states, ws, expected)."""
+    import torch
+
+    from energyc.check import build_neurons
+    from energyc.reference import reference_neurons
+
+    exact, xs = build_neurons(layer, module, case)
+    exact.load_state_dict({k: v.to(dtype).double() for k, v in exact.state_dict().items()})
+    xs = [x.to(dtype).double().requires_grad_() for x in xs]
+    gen = torch.Generator().manual_seed(1)
+    ws = [torch.randn(x.shape, dtype=x.dtype, generator=gen) for x in xs]
+    ys = reference_neurons(layer, exact, xs, True)
+    loss = sum((y * w).sum() for y, w in zip(ys, ws))
+    expected = [*ys, *torch.autograd.grad(loss, [*xs, *exact.parameters()], allow_unused=True)]
+    return exact, xs, ws, expected

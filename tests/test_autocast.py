@@ -20,12 +20,12 @@ import pytest
 import torch
 
 from energyc.bench import ACCURACY_RATIO
-from energyc.check import Case, build, build_neurons, memory_of
+from energyc.check import Case, build, memory_of
 from energyc.compiler import compile_file
 from energyc.loader import load
-from energyc.reference import package_neurons, reference_neurons, reference_step
+from energyc.reference import package_neurons, reference_step
 from energyc.tolerances import tolerance
-from tests.conftest import assert_within_tolerance, context_data, example_files
+from tests.conftest import assert_within_tolerance, context_data, example_files, neuron_reference
 
 BF16 = torch.bfloat16
 
@@ -125,14 +125,7 @@ def _autocast_neurons(layer, module, case: Case, backend: str) -> None:
     # autograd's error, about 1e-2 of their largest value, for plain layers (energy_transformer
     # at steps=12) as for neuron models: a known limit of the bfloat16 backward, not of neurons
     case.steps = 1
-    exact, xs = build_neurons(layer, module, case)
-    exact.load_state_dict({k: v.to(BF16).double() for k, v in exact.state_dict().items()})
-    xs = [x.to(BF16).double().requires_grad_() for x in xs]
-    gen = torch.Generator().manual_seed(1)
-    ws = [torch.randn(x.shape, dtype=x.dtype, generator=gen) for x in xs]
-    ys = reference_neurons(layer, exact, xs, True)
-    loss = sum((y * w).sum() for y, w in zip(ys, ws))
-    expected = [*ys, *torch.autograd.grad(loss, [*xs, *exact.parameters()], allow_unused=True)]
+    exact, xs, ws, expected = neuron_reference(layer, module, case, BF16)
     keyword = layer.file.attribute
     lay = module.Layer(**{keyword(d): n for d, n in case.dims.items()},
                        **{keyword(h): v for h, v in case.hypers.items()}, eta=case.eta,

@@ -19,11 +19,11 @@ import pytest
 import torch
 
 from energyc.backends import TRITON
-from energyc.check import Case, build, build_neurons, memory_of
+from energyc.check import Case, build, memory_of
 from energyc.compiler import compile_file
 from energyc.loader import load
-from energyc.reference import reference_neurons, reference_step
-from tests.conftest import assert_within_tolerance, context_data, example_files
+from energyc.reference import reference_step
+from tests.conftest import assert_within_tolerance, context_data, example_files, neuron_reference
 
 pytest.importorskip("triton")
 
@@ -101,14 +101,7 @@ def _neurons_step_and_grads(layer, module, case: Case, dtype, device, backend: s
     case.eta = layer.decl.eta
     if dtype != torch.float32:
         case.steps = 1
-    exact, xs = build_neurons(layer, module, case)
-    exact.load_state_dict({k: v.to(dtype).double() for k, v in exact.state_dict().items()})
-    xs = [x.to(dtype).double().requires_grad_() for x in xs]
-    gen = torch.Generator().manual_seed(1)
-    ws = [torch.randn(x.shape, dtype=x.dtype, generator=gen) for x in xs]
-    ys = reference_neurons(layer, exact, xs, True)
-    loss = sum((y * w).sum() for y, w in zip(ys, ws))
-    expected = [*ys, *torch.autograd.grad(loss, [*xs, *exact.parameters()], allow_unused=True)]
+    exact, xs, ws, expected = neuron_reference(layer, module, case, dtype)
     lay = module.Layer(**case.dims, **case.hypers, eta=case.eta, steps=case.steps,
                        precond=case.precond, precond_rank=2, context=case.context,
                        backend=backend, dtype=dtype, device=device)
