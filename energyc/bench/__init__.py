@@ -374,8 +374,8 @@ def run_variant(variant: str, layer: CompiledLayer, lay: torch.nn.Module, x: tor
     memory = call.get("memory")
     data = {k: v for k, v in call.items() if k != "memory"}
     if layer.neurons:
-        return _run_neurons(variant, layer, lay, x, w, data)
-    if variant == "generated":
+        y = _neurons_output(variant, layer, lay, x, data)
+    elif variant == "generated":
         y = lay(x, **call)
     elif variant == "autograd":
         if memory is None:
@@ -393,9 +393,10 @@ def run_variant(variant: str, layer: CompiledLayer, lay: torch.nn.Module, x: tor
     return y, grads
 
 
-def _run_neurons(variant: str, layer: CompiledLayer, lay: torch.nn.Module, x: torch.Tensor,
-                 w: torch.Tensor, data: dict) -> tuple[torch.Tensor, tuple]:
-    """:func:`run_variant` for a neuron model: x split into its states; ``autograd`` is
+def _neurons_output(variant: str, layer: CompiledLayer, lay: torch.nn.Module, x: torch.Tensor,
+                    data: dict) -> torch.Tensor:
+    """:func:`run_variant`'s y for a neuron model: x split into its states, the states after
+    the dynamics side by side again; ``autograd`` is
     :func:`energyc.reference.package_neurons` (autograd through the unrolled dynamics, on the
     package's plain ``_lagrangians`` and ``_energy``), ``interpreter`` the reference's."""
     from energyc.reference import package_neurons, reference_neurons
@@ -411,9 +412,7 @@ def _run_neurons(variant: str, layer: CompiledLayer, lay: torch.nn.Module, x: to
         ys = reference_neurons(layer, lay, xs, True, **data)
     else:
         raise ValueError(f"unknown variant {variant!r} (choose from {', '.join(VARIANTS)})")
-    y = torch.cat(list(ys), dim=-1)
-    grads = torch.autograd.grad((y * w).sum(), [x, *lay.parameters()], allow_unused=True)
-    return y, grads
+    return torch.cat(list(ys), dim=-1)
 
 
 def _is_oom(exc: BaseException) -> bool:
