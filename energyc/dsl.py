@@ -735,14 +735,14 @@ class State:
     name the user reads it by, for messages."""
 
     def __init__(self, role: str, dim: str, public: str | None = None,
-                 context: str | None = None) -> None:
+                 context: str | None = None, is_context: bool = False) -> None:
         self.role = role
         self.dim = dim
         self.public = public or role
         #: why this value has no context role (None: it has one): a further neuron layer
         self.no_context = context
-        self.context_role = role == "xbar" or (context is not None and public is not None
-                                               and public.endswith("bar"))
+        #: whether this is the context role (``xbar``, ``gbar``), not the updated token's value
+        self.is_context = is_context
 
     def __repr__(self) -> str:
         return self.public
@@ -753,7 +753,7 @@ class State:
         where = user_location()
         if not isinstance(token, Token):
             raise _fail(f"index the state by a token: {self.public}[i] or {self.public}[j]")
-        if self.no_context is not None and (token.role == "j" or self.context_role):
+        if self.no_context is not None and (token.role == "j" or self.is_context):
             raise _fail(self.no_context)
         node = g.add("input", where=where, name=self.role, axes=("b", "i", self.dim))
         if token.role == "j":
@@ -778,7 +778,7 @@ def state(dim: Dim) -> tuple[State, State]:
         raise _fail("state(...) declared twice")
     f.state_dim = _dim_name(dim)
     f.state_where = user_location()
-    return State("x", f.state_dim), State("xbar", f.state_dim)
+    return State("x", f.state_dim), State("xbar", f.state_dim, is_context=True)
 
 
 @dataclass
@@ -853,11 +853,12 @@ def neurons(name: str, dim: Dim, lagrangian: Callable[[Tensor], Tensor],
     f.neurons.append(decl)
     if first:
         f.state_dim, f.state_where = d, where
-        return State("x", d, name), State("xbar", d, name + "bar")
+        return State("x", d, name), State("xbar", d, name + "bar", is_context=True)
     why = (f"{name} is a further neuron layer of the model: energies read it at the updated token "
            f"alone ({name}[i]); the first layer declared ({f.neurons[0].public}) has a context "
            f"role")
-    return State(role, d, name, context=why), State(role, d, name + "bar", context=why)
+    return (State(role, d, name, context=why),
+            State(role, d, name + "bar", context=why, is_context=True))
 
 
 @dataclass

@@ -396,3 +396,22 @@ def test_layer_argument_errors(tmp_path):
         lay(xs[0], torch.randn(2, 1, 5, dtype=F64), xs[2])
     with pytest.raises(ValueError, match="neuron model"):
         lay.decode(xs[0])
+
+
+def test_a_further_layer_is_read_at_i_whatever_its_name(tmp_path):
+    """A further layer's value reads at i, its second (context) value nowhere, by what it is,
+    not by its name: a layer called "foobar" is read as foobar[i]."""
+    source = """
+        from energyc.dsl import *
+        from energyc.lagrangians import identity, softmax
+        V, N = dims("V N")
+        i, j = tokens()
+        v, _ = neurons("pixels", V, identity())
+        h, hbar = neurons("foobar", N, softmax())
+        W = param("W", (N, V))
+        layer("m", -dot(h[i], W @ v[i], over=N), dynamics="legendre")
+        """
+    assert load(_write(tmp_path, source)).layers[0].name == "m"
+    refused = source.replace("h[i], W", "hbar[i], W")
+    with pytest.raises(EnergyError, match="further neuron layer"):
+        load(_write(tmp_path, refused, "refused.py"))
