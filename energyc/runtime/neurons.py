@@ -83,8 +83,8 @@ def run_dynamics(config: NeuronConfig, path: Any, kernels: Any, xs: list[torch.T
                  weights: Sequence[torch.Tensor | None], P: tuple[Any, Any],
                  valid: torch.Tensor | None, keep: bool = False, record: Any = None):
     """The forward of :class:`NeuronFunction` (the module docstring): the states after the
-    steps, the steps' saved values (with ``keep``) and the input's activations. ``record(xs,
-    gs)``, if given, is called before each step and after the last (the energy trace)."""
+    steps, the steps' saved values (with ``keep``) and the input's activations. ``record(xs)``,
+    if given, is called before each step and after the last (the energy trace)."""
     n = len(xs)
     P_diag, P_lowrank = P
     precond_forward = precond.FORWARD[config.precond]
@@ -95,7 +95,7 @@ def run_dynamics(config: NeuronConfig, path: Any, kernels: Any, xs: list[torch.T
         if g0 is None:
             g0 = (gs, act_saved)
         if record is not None:
-            record(xs, gs)
+            record(xs)
         gbar = gs[0] if current else g0[0][0]
         ds, saved = _outputs(path._grad_forward(kernels, gs[0], gbar, *gs[1:], *weights), n)
         us = [x + d for x, d in zip(xs, ds)] if config.dynamics == "legendre" else ds
@@ -109,8 +109,7 @@ def run_dynamics(config: NeuronConfig, path: Any, kernels: Any, xs: list[torch.T
         xs = [x if fixed else torch.add(x, u, alpha=-eta)
               for x, u, eta, fixed in zip(xs, us, config.etas, config.clamped)]
     if record is not None:
-        gs, _ = _outputs(path._activation_forward(kernels, *xs, *weights), n)
-        record(xs, gs)
+        record(xs)
     return xs, steps, g0
 
 
@@ -359,7 +358,7 @@ class NeuronLayer(EnergyLayer):
         config = self._neuron_config(clamp)
         out: list[dict[str, float]] = []
 
-        def record(xs: list[torch.Tensor], gs: list[torch.Tensor]) -> None:
+        def record(xs: list[torch.Tensor]) -> None:
             values = self.energies(*xs, **data)
             out.append({k: float(v.sum()) for k, v in values.items()})
 
